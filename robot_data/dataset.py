@@ -1,0 +1,156 @@
+"""RobotDataset: any reader -> samples in the format of :mod:`robot_data.sample`.
+
+One sample per frame t of the chosen episodes. Numeric arrays of an episode are normalised once
+and cached (small); frames are decoded per sample through ``reader.frames``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from robot_data import images
+from robot_data.language import PromptTokenizer
+from robot_data.normalize import Normalizer
+from robot_data.reader import Episode, Reader
+
+AUGMENT_KEYS = ("enabled", "crop_scale", "color_jitter")
+
+
+@dataclass
+class _Prepared:
+    """Normalised numeric arrays of one episode. state: (T, S), action: (T, A) float32 (NaN -> 0);
+    action_ok: (T,) bool, False where the raw action had a NaN/inf entry."""
+
+    state: np.ndarray
+    action: np.ndarray
+    action_ok: np.ndarray
+    text: list[str] | None
+
+
+def _check_augment(augment: dict[str, Any] | None) -> dict[str, Any] | None:
+    if augment is None or not augment.get("enabled", True):
+        return None
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"augment: unknown key(s) {unknown}; valid: {', '.join(AUGMENT_KEYS)}")
+    scale = tuple(float(v) for v in augment.get("crop_scale", (0.8, 1.0)))
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"augment.crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
+    return {"crop_scale": scale, "color_jitter": float(augment.get("color_jitter", 0.0))}
+
+
+class RobotDataset(Dataset):
+    """Samples of ``reader`` restricted to ``episodes`` (episode ids of the source dataset).
+
+    ``augment`` ({crop_scale, color_jitter}, optional ``enabled``) applies only when ``train``;
+    each sample draws from a Generator seeded with (seed, epoch, index), so augmentation does not
+    depend on DataLoader worker count or order. Call :meth:`set_epoch` at each epoch.
+    """
+
+    def __init__(
+        self,
+        reader: Reader,
+        episodes: Sequence[int],
+        chunk: int,
+        history: int,
+        normalizer: Normalizer,
+        image_size: int,
+        prompt_tokenizer: PromptTokenizer | None,
+        cameras: Sequence[str] | None = None,
+        augment: dict[str, Any] | None = None,
+        seed: int = 0,
+        train: bool = False,
+    ):
+        if chunk < 1 or history < 1:
+            raise ValueError(f"chunk and history must be >= 1, got chunk={chunk}, history={history}")
+        self.reader, self.chunk, self.history = reader, chunk, history
+        self.normalizer, self.image_size, self.prompt_tokenizer = normalizer, image_size, prompt_tokenizer
+        self.cameras = list(cameras) if cameras else list(reader.cameras)
+        unknown = [c for c in self.cameras if c not in reader.cameras]
+        if unknown:
+            raise ValueError(f"cameras: unknown camera(s) {unknown}; valid: {', '.join(reader.cameras)}")
+        self.augment = _check_augment(augment) if train else None
+        self.seed, self.train, self.epoch = seed, train, 0
+        self.episodes = self._select(reader.episodes(), episodes)
+        lengths = np.array([e.length for e in self.episodes], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])  # sample offset of each episode
+        self._cache: dict[int, _Prepared] = {}
+        wants_text = prompt_tokenizer is not None and prompt_tokenizer.target == "text"
+        if wants_text and self.episodes and self._prepared(self.episodes[0].index).text is None:
+            # fail at construction, not in a worker several minutes into training
+            raise ValueError("language_target=text but the dataset has no per-frame text (set data.text_key)")
+
+    @staticmethod
+    def _select(all_episodes: list[Episode], wanted: Sequence[int]) -> list[Episode]:
+        by_index = {e.index: e for e in all_episodes}
+        missing = [i for i in wanted if i not in by_index]
+        if missing:
+            raise ValueError(f"episodes: unknown episode(s) {missing[:10]}; the dataset has {len(by_index)} episodes")
+        return [by_index[i] for i in wanted]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[Episode, int]:
+        """Sample index -> (episode, frame index t)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        pos = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.episodes[pos], index - int(self._starts[pos])
+
+    def _prepared(self, episode_index: int) -> _Prepared:
+        if episode_index not in self._cache:
+            raw = self.reader.numeric(episode_index)
+            action_ok = np.isfinite(raw.action).all(axis=1)
+            state = np.nan_to_num(self.normalizer.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
+            action = np.nan_to_num(self.normalizer.normalize("action", raw.action), nan=0.0, posinf=0.0, neginf=0.0)
+            self._cache[episode_index] = _Prepared(state, action, action_ok, raw.text)
+        return self._cache[episode_index]
+
+    def _images(self, episode: Episode, t: int, rng: np.random.Generator | None) -> np.ndarray:
+        """(n_cam, 3, image_size, image_size) uint8."""
+        out = []
+        for camera in self.cameras:
+            frame = self.reader.frames(episode.index, camera, [t])[0]
+            if rng is not None and self.augment is not None:
+                aug = self.augment
+                out.append(images.augment(frame, self.image_size, rng, aug["crop_scale"], aug["color_jitter"]))
+            else:
+                out.append(images.to_chw(images.resize(frame, self.image_size)))
+        return np.stack(out)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        episode, t = self.locate(index)
+        prep = self._prepared(episode.index)
+        last = len(prep.action) - 1
+        steps = np.arange(t, t + self.chunk)
+        rows = np.minimum(steps, last)  # past the end: repeat the last action, masked out
+        mask = (steps <= last) & prep.action_ok[rows]
+        actions = prep.action[rows]
+        state = prep.state[np.maximum(np.arange(t - self.history + 1, t + 1), 0)]  # clamped at the start
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment is not None else None
+        if self.prompt_tokenizer is None:
+            prompt, target = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        else:
+            text = prep.text[t] if prep.text is not None else None
+            prompt, target = self.prompt_tokenizer(episode.task, text, actions, mask)
+        return {
+            "images": torch.from_numpy(self._images(episode, t, rng)),
+            "state": torch.from_numpy(np.ascontiguousarray(state, np.float32)),
+            "actions": torch.from_numpy(np.ascontiguousarray(actions, np.float32)),
+            "action_mask": torch.from_numpy(mask),
+            "prompt_ids": torch.from_numpy(prompt),
+            "target_ids": torch.from_numpy(target),
+            "episode_index": torch.tensor(episode.index, dtype=torch.int64),
+            "frame_index": torch.tensor(t, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }

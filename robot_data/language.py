@@ -1,0 +1,64 @@
+"""Prompt and language-target tokenisation.
+
+Targets: "text" trains the LM to say the frame's narration; "action_tokens" is OpenVLA-style,
+each normalised action value clipped to [-1, 1] and binned into ``n_bins`` token ids starting at
+``action_token_offset``; "none" trains no language output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+TARGETS = ("none", "text", "action_tokens")
+
+
+def action_to_bins(actions: np.ndarray, n_bins: int) -> np.ndarray:
+    """actions (..., A) in [-1, 1] (clipped) -> bin ids (..., A) int64 in [0, n_bins)."""
+    x = (np.clip(actions, -1.0, 1.0) + 1.0) / 2.0
+    return np.minimum((x * n_bins).astype(np.int64), n_bins - 1)
+
+
+def bins_to_action(bins: np.ndarray, n_bins: int) -> np.ndarray:
+    """Inverse of :func:`action_to_bins` up to quantisation: bin ids -> bin centres in [-1, 1]."""
+    return ((np.asarray(bins, np.float32) + 0.5) / n_bins * 2.0 - 1.0).astype(np.float32)
+
+
+class PromptTokenizer:
+    """Turns (instruction, text, actions) into (prompt_ids (Lp,), target_ids (Lt,)), both int64.
+
+    ``tokenizer`` is any HF tokenizer: it is called as ``tokenizer(text, add_special_tokens=False)``
+    and its ``eos_token_id`` (possibly None: then no eos) ends every non-empty target.
+    """
+
+    def __init__(
+        self, tokenizer: Any, template: str, target: str, action_token_offset: int = 0, n_bins: int = 256
+    ):
+        if "{instruction}" not in template:
+            raise ValueError(f"prompt_template: {template!r} has no {{instruction}} placeholder")
+        if target not in TARGETS:
+            raise ValueError(f"language_target: unknown target '{target}'; valid: {', '.join(TARGETS)}")
+        self.tokenizer, self.template, self.target = tokenizer, template, target
+        self.action_token_offset, self.n_bins = action_token_offset, n_bins
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self._eos = [] if eos is None else [int(eos)]
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(
+        self, instruction: str, text: str | None, actions_norm: np.ndarray, action_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """actions_norm: (chunk, A) normalised; action_mask: (chunk,) bool (False steps are not tokenised)."""
+        prompt = np.asarray(self._encode(self.template.format(instruction=instruction)), np.int64)
+        if self.target == "none":
+            target: list[int] = []
+        elif self.target == "text":
+            if text is None:
+                raise ValueError("language_target=text but this dataset has no per-frame text (set data.text_key)")
+            target = self._encode(text) + self._eos
+        else:
+            bins = action_to_bins(np.asarray(actions_norm)[np.asarray(action_mask, bool)], self.n_bins)
+            target = (bins.reshape(-1) + self.action_token_offset).tolist() + self._eos
+        return prompt, np.asarray(target, np.int64)

@@ -1,0 +1,194 @@
+"""LeRobot datasets (v3.0 and v2.1) from a local directory, without importing ``lerobot``.
+
+Numbers come from the data parquet files (only the columns needed, cached per file); frames
+come from image bytes stored in parquet (PNG/JPEG) or from MP4 videos decoded with PyAV and
+located by timestamp, optionally through an on-disk decoded-frame cache (``frame_cache``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from robot_data.frame_cache import FrameCache
+from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, load_meta
+from robot_data.reader import Episode, EpisodeArrays, Reader
+from robot_data.video import VideoDecoder
+
+IMAGE_COLUMNS_KEPT = 2  # image columns (per file and camera) held in memory per process
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32) -> np.ndarray:
+    """A scalar or list column of n rows -> (n, D) array; null rows become NaN rows."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+    nested = nested or pa.types.is_fixed_size_list(column.type)
+    if not nested:
+        return column.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), 1)
+    if column.null_count == 0:
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        if len(column) and len(values) % len(column) == 0:
+            return values.astype(dtype).reshape(len(column), -1)
+    rows = column.to_pylist()  # ragged or null rows: slow path, pads with NaN so checks can see them
+    width = max((len(r) for r in rows if r is not None), default=0)
+    out = np.full((len(rows), width), np.nan, dtype)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out[i, : len(r)] = np.asarray(r, dtype=np.float64).astype(dtype)
+    return out
+
+
+@dataclass
+class DataFile:
+    """Numeric columns of one data parquet file; ``rows[episode]`` = row ids sorted by frame_index."""
+
+    columns: dict[str, np.ndarray]
+    text: list[str] | None
+    rows: dict[int, np.ndarray]
+
+
+def read_data_file(path: Path, numeric: Sequence[str], text_key: str | None) -> DataFile:
+    """Read the index columns plus ``numeric`` (and ``text_key``) of one data file."""
+    if not path.is_file():
+        raise DatasetFormatError(f"{path}: data file missing")
+    wanted = ["episode_index", "frame_index", "timestamp", *numeric] + ([text_key] if text_key else [])
+    present = set(pq.read_schema(path).names)
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise DatasetFormatError(f"{path}: missing column(s) {missing}")
+    table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+    columns = {c: column_to_numpy(table[c], np.float64) for c in dict.fromkeys(wanted) if c != text_key}
+    episode, frame = columns["episode_index"][:, 0].astype(np.int64), columns["frame_index"][:, 0]
+    order = np.lexsort((frame, episode))
+    ids, starts = np.unique(episode[order], return_index=True)
+    bounds = [*starts[1:], len(order)]
+    rows = {int(e): order[s:b] for e, s, b in zip(ids, starts, bounds, strict=True)}
+    text = [str(t) for t in table[text_key].to_pylist()] if text_key else None
+    return DataFile(columns, text, rows)
+
+
+def gripper_dims(feature: dict[str, Any]) -> list[int]:
+    """Dims whose name mentions a gripper, from a feature's ``names`` (list or {group: list})."""
+    names = feature.get("names") or []
+    if isinstance(names, dict):
+        names = [n for group in names.values() for n in (group if isinstance(group, list) else [group])]
+    return [i for i, n in enumerate(names) if "gripper" in str(n).lower()]
+
+
+class LeRobotReader(Reader):
+    """A LeRobot v3.0 / v2.1 dataset directory. Keys pick features by name (see ``meta/info.json``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        state_key: str = "observation.state",
+        action_key: str = "action",
+        text_key: str | None = None,
+        video_tolerance_s: float = 1e-3,
+        frame_cache: str | Path | None = None,
+    ):
+        self.meta = load_meta(path)
+        features = self.meta.features
+        for role, key in (("state_key", state_key), ("action_key", action_key), ("text_key", text_key)):
+            if key is not None and key not in features:
+                raise ValueError(f"data.{role}: '{key}' is not a feature of {path}; features: {', '.join(features)}")
+        self.path, self.state_key, self.action_key, self.text_key = Path(path), state_key, action_key, text_key
+        self.cameras, self.fps = self.meta.cameras, self.meta.fps
+        self.gripper_dims = gripper_dims(features[action_key])
+        self._by_index = {e.index: e for e in self.meta.episodes}
+        self._decoder = VideoDecoder(video_tolerance_s)
+        self._frame_cache = FrameCache(frame_cache) if frame_cache else None
+        self._files: dict[Path, DataFile] = {}
+        self._images: OrderedDict[tuple[Path, str], pa.ChunkedArray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers rebuild caches lazily; shipping parquet columns through pickle would be slow.
+        return {**self.__dict__, "_files": {}, "_images": OrderedDict()}
+
+    def episodes(self) -> list[Episode]:
+        return [Episode(e.index, e.length, e.tasks[0] if e.tasks else "") for e in self.meta.episodes]
+
+    def _episode(self, episode_index: int) -> EpisodeMeta:
+        if episode_index not in self._by_index:
+            raise IndexError(f"{self.path}: no episode {episode_index}")
+        return self._by_index[episode_index]
+
+    def _data(self, episode: EpisodeMeta) -> tuple[DataFile, np.ndarray]:
+        path = episode.data_path
+        if path not in self._files:
+            self._files[path] = read_data_file(path, [self.state_key, self.action_key], self.text_key)
+        data = self._files[path]
+        if episode.index not in data.rows:
+            raise DatasetFormatError(f"{path}: no rows for episode {episode.index}")
+        return data, data.rows[episode.index]
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        data, rows = self._data(self._episode(episode_index))
+        text = [data.text[r] for r in rows] if data.text is not None else None
+        return EpisodeArrays(
+            data.columns[self.state_key][rows].astype(np.float32),
+            data.columns[self.action_key][rows].astype(np.float32),
+            data.columns["timestamp"][rows, 0],
+            text,
+        )
+
+    def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
+        if camera not in self.cameras:
+            raise KeyError(f"{self.path}: unknown camera '{camera}'; valid: {', '.join(self.cameras)}")
+        episode = self._episode(episode_index)
+        data, rows = self._data(episode)
+        bad = [t for t in frame_indices if not 0 <= t < len(rows)]
+        if bad:
+            raise IndexError(f"{episode.data_path}: episode {episode_index} has no frame {bad[0]}")
+        if self.meta.features[camera]["dtype"] == "video":
+            return self._video_frames(episode, camera, data.columns["timestamp"][rows, 0], frame_indices)
+        return self._image_frames(episode, camera, rows[np.asarray(frame_indices, np.int64)])
+
+    def _video_frames(
+        self, episode: EpisodeMeta, camera: str, timestamps: np.ndarray, frame_indices: Sequence[int]
+    ) -> np.ndarray:
+        ref = episode.videos[camera]
+        if self._frame_cache is None:
+            return self._decoder.decode(ref.path, ref.from_timestamp + timestamps[list(frame_indices)])
+        whole = self._frame_cache.get(
+            ref.path, camera, episode.index, lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps),
+            extra=f"{ref.from_timestamp}|{len(timestamps)}",
+        )
+        return np.array(whole[list(frame_indices)])
+
+    def _image_frames(self, episode: EpisodeMeta, camera: str, rows: np.ndarray) -> np.ndarray:
+        key = (episode.data_path, camera)
+        if key not in self._images:
+            self._images[key] = pq.read_table(episode.data_path, columns=[camera], memory_map=True)[camera]
+            if len(self._images) > IMAGE_COLUMNS_KEPT:
+                self._images.popitem(last=False)
+        column = self._images[key]
+        return np.stack([self._decode_image(column[int(r)].as_py(), episode) for r in rows])
+
+    def _decode_image(self, item: dict[str, Any] | bytes | None, episode: EpisodeMeta) -> np.ndarray:
+        """A parquet image cell ({bytes, path} struct, or raw bytes) -> (H, W, 3) uint8."""
+        blob = item.get("bytes") if isinstance(item, dict) else item
+        if not blob and isinstance(item, dict) and item.get("path"):  # image files beside the parquet (v2)
+            blob = (self.path / item["path"]).read_bytes()
+        if not blob:
+            raise DatasetFormatError(f"{episode.data_path}: empty image cell in episode {episode.index}")
+        with Image.open(io.BytesIO(blob)) as img:
+            return np.asarray(img.convert("RGB"))
+
+    def stats(self) -> dict[str, dict[str, np.ndarray]] | None:
+        shipped = self.meta.stats
+        if not shipped or self.state_key not in shipped or self.action_key not in shipped:
+            return None
+        pick = {"state": shipped[self.state_key], "action": shipped[self.action_key]}
+        return {k: {s: np.asarray(v, np.float32).reshape(-1) for s, v in d.items()} for k, d in pick.items()}

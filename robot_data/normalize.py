@@ -1,0 +1,195 @@
+"""Dataset statistics and the state/action normaliser saved into checkpoints.
+
+Stats layout (also what :meth:`Normalizer.to_dict` stores): ``{key: {stat: (D,) float32}}`` for
+key in ("state", "action") and stat in ("mean", "std", "min", "max", "q01", "q99", "count").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from robot_data.reader import Reader
+
+STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99", "count")
+NORM_KEYS = ("state", "action")
+MODES = ("mean_std", "min_max", "q01_q99", "none")
+EPS = 1e-6
+"""A std or half-range below EPS marks a constant dim: its scale becomes 1 instead of EPS, since
+dividing by a tiny number would turn any deviation at inference time into a huge input."""
+QUANTILE_ROWS = 1_000_000
+"""Quantiles are exact up to this many frames, then estimated from a uniform reservoir sample."""
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+class _Accumulator:
+    """Streaming per-dim count/mean/M2/min/max (float64, NaN/inf skipped) plus a reservoir for quantiles."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.seen = 0
+        self.sums: dict[str, np.ndarray] = {}
+        self.reservoir: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        """x: (T, D) float; rows are frames."""
+        x = np.asarray(x, np.float64)
+        finite = np.isfinite(x)
+        count = finite.sum(0).astype(np.float64)
+        zeroed = np.where(finite, x, 0.0)
+        mean = zeroed.sum(0) / np.maximum(count, 1)
+        part = {
+            "count": count,
+            "mean": mean,
+            "m2": (np.where(finite, x - mean, 0.0) ** 2).sum(0),
+            "min": np.where(finite, x, np.inf).min(0, initial=np.inf),
+            "max": np.where(finite, x, -np.inf).max(0, initial=-np.inf),
+        }
+        self.sums = part if not self.sums else self._merge(self.sums, part)
+        self._sample(np.where(finite, x, np.nan))
+
+    @staticmethod
+    def _merge(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Chan et al. pairwise update: stable where sum-of-squares would cancel (large offset, small spread).
+        n = a["count"] + b["count"]
+        safe = np.maximum(n, 1)
+        delta = b["mean"] - a["mean"]
+        return {
+            "count": n,
+            "mean": a["mean"] + delta * b["count"] / safe,
+            "m2": a["m2"] + b["m2"] + delta**2 * a["count"] * b["count"] / safe,
+            "min": np.minimum(a["min"], b["min"]),
+            "max": np.maximum(a["max"], b["max"]),
+        }
+
+    def _sample(self, x: np.ndarray) -> None:
+        # Algorithm R, vectorised; fancy assignment keeps the last duplicate, as the sequential loop would.
+        n_new = len(x)
+        if self.reservoir is None:
+            self.reservoir = np.empty((0, x.shape[1]))
+        room = max(0, QUANTILE_ROWS - len(self.reservoir))
+        self.reservoir = np.concatenate([self.reservoir, x[:room]])
+        if n_new > room:
+            positions = np.arange(self.seen + room, self.seen + n_new)
+            slots = self.rng.integers(0, positions + 1)
+            keep = slots < QUANTILE_ROWS
+            self.reservoir[slots[keep]] = x[room:][keep]
+        self.seen += n_new
+
+    def finish(self) -> dict[str, np.ndarray]:
+        s = self.sums
+        empty = s["count"] == 0
+        var = s["m2"] / np.maximum(s["count"], 1)
+        if empty.all():
+            q01 = q99 = np.zeros_like(s["mean"])
+        else:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dims; zeroed below
+                q01, q99 = np.nanquantile(self.reservoir, [0.01, 0.99], axis=0)
+        out = {"mean": s["mean"], "std": np.sqrt(var), "min": s["min"], "max": s["max"], "q01": q01, "q99": q99}
+        out = {k: np.where(empty, 0.0, v) for k, v in out.items()}  # all-NaN dims get neutral stats
+        out["count"] = s["count"]
+        return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def compute_stats(reader: Reader, episode_indices: Iterable[int]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-dim stats of state and action over the given episodes, in one pass over ``numeric()``.
+
+    NaN/inf entries are skipped per dim (``count`` says how many values each dim had). std is the
+    population std (ddof=0); q01/q99 use linear interpolation like ``np.quantile``.
+    """
+    acc = {key: _Accumulator() for key in NORM_KEYS}
+    episodes = list(episode_indices)
+    if not episodes:
+        raise ValueError("compute_stats: no episodes given")
+    for ep in episodes:
+        arrays = reader.numeric(ep)
+        acc["state"].add(arrays.state)
+        acc["action"].add(arrays.action)
+    return {key: a.finish() for key, a in acc.items()}
+
+
+def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, scale) with x_norm = (x - centre) / scale."""
+    if mode == "none":
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    if mode == "mean_std":
+        centre, scale = stats["mean"], stats["std"]
+    else:
+        lo, hi = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
+        centre, scale = (hi + lo) / 2, (hi - lo) / 2  # maps [lo, hi] onto [-1, 1]
+    scale = np.where(scale < EPS, 1.0, scale)
+    return np.asarray(centre, np.float32), np.asarray(scale, np.float32)
+
+
+class Normalizer:
+    """Normalises state and action per dim; ``raw_*_dims`` pass through untouched.
+
+    normalize/unnormalize take numpy arrays or torch tensors of shape (..., D) and return the
+    same kind (torch: same dtype and device).
+    """
+
+    def __init__(
+        self,
+        stats: dict[str, dict[str, Any]],
+        mode: str = "mean_std",
+        raw_action_dims: list[int] | None = None,
+        raw_state_dims: list[int] | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"normalize: unknown mode '{mode}'; valid: {', '.join(MODES)}")
+        self.mode = mode
+        self.stats = {k: {s: np.asarray(v, np.float32) for s, v in stats[k].items()} for k in NORM_KEYS}
+        self.raw_dims = {"action": sorted(raw_action_dims or []), "state": sorted(raw_state_dims or [])}
+        self._affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for key in NORM_KEYS:
+            dim = len(self.stats[key]["mean"])
+            bad = [d for d in self.raw_dims[key] if not 0 <= d < dim]
+            if bad:
+                raise ValueError(f"normalize: raw {key} dims {bad} out of range for {dim} {key} dims")
+            centre, scale = _scale(self.stats[key], mode, dim)
+            centre[self.raw_dims[key]], scale[self.raw_dims[key]] = 0.0, 1.0  # (x - 0) / 1 == x exactly
+            self._affine[key] = centre, scale
+
+    def _params(self, key: str, x: ArrayT) -> tuple[Any, Any]:
+        if key not in self._affine:
+            raise KeyError(f"normalize: unknown key '{key}'; valid: {', '.join(NORM_KEYS)}")
+        centre, scale = self._affine[key]
+        if x.shape[-1] != len(centre):
+            raise ValueError(f"normalize: {key} has {len(centre)} dims in the stats, got shape {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor):
+            return (
+                torch.as_tensor(centre, device=x.device, dtype=x.dtype),
+                torch.as_tensor(scale, device=x.device, dtype=x.dtype),
+            )
+        return centre, scale
+
+    def normalize(self, key: str, x: ArrayT) -> ArrayT:
+        """x: (..., D) in dataset units -> normalised."""
+        centre, scale = self._params(key, x)
+        out = (x - centre) / scale
+        return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
+
+    def unnormalize(self, key: str, x: ArrayT) -> ArrayT:
+        """x: (..., D) normalised -> dataset units."""
+        centre, scale = self._params(key, x)
+        out = x * scale + centre
+        return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; float32 -> Python float -> float32 is exact, so from_dict round-trips."""
+        return {
+            "mode": self.mode,
+            "raw_action_dims": list(self.raw_dims["action"]),
+            "raw_state_dims": list(self.raw_dims["state"]),
+            "stats": {k: {s: [float(v) for v in arr] for s, arr in self.stats[k].items()} for k in NORM_KEYS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"])

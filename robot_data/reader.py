@@ -1,0 +1,80 @@
+"""The reader interface that every dataset format implements.
+
+A reader exposes a dataset as episodes of numeric arrays plus camera frames decoded on demand.
+Numbers and pixels are separate calls on purpose: statistics, splits and validation touch only
+the cheap numeric path, and the training dataset decodes just the frames a sample needs.
+
+The name -> class registry (``READERS``, ``build_reader``) lives in :mod:`robot_data.registry`
+so that format modules can import this interface without an import cycle; it is re-exported
+here for convenience.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: ``index`` is its id in the source dataset, ``task`` its instruction."""
+
+    index: int
+    length: int
+    task: str
+
+
+@dataclass
+class EpisodeArrays:
+    """Numeric content of one episode of length T.
+
+    state: (T, S) float32, action: (T, A) float32 (may hold NaN for missing steps),
+    timestamp: (T,) float64 seconds from the episode start, text: T per-frame strings or None.
+    """
+
+    state: np.ndarray
+    action: np.ndarray
+    timestamp: np.ndarray
+    text: list[str] | None = None
+
+
+class Reader(ABC):
+    """A dataset format. Subclasses set ``cameras``, ``fps`` and ``gripper_dims`` in ``__init__``.
+
+    ``gripper_dims`` lists the action dims that hold a gripper command, when the format knows
+    them (the trainer keeps those raw by default); it is empty when unknown.
+    Readers must stay picklable (DataLoader workers): open file handles lazily, per process.
+    """
+
+    cameras: list[str]
+    fps: float
+    gripper_dims: list[int]
+
+    @abstractmethod
+    def episodes(self) -> list[Episode]:
+        """All episodes, in dataset order."""
+
+    @abstractmethod
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        """State, action, timestamps and text of one episode; never decodes images."""
+
+    @abstractmethod
+    def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
+        """Decoded frames ``(n, H, W, 3)`` uint8 of one camera, in the order asked."""
+
+    def stats(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """Statistics shipped with the dataset ({key: {stat: array}}), or None."""
+        return None
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy re-export: registry imports every format module, which import this one.
+    if name in ("READERS", "build_reader"):
+        from robot_data import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,127 @@
+"""MP4 video through PyAV: frames located by timestamp, and encoding for the writer.
+
+Decoding seeks to the keyframe before the first wanted timestamp and decodes forward, so the
+cost of one frame is the distance to the previous keyframe: writers should use a short GOP (the
+writer here uses 2, like LeRobot). A frame matches a wanted timestamp when its presentation time
+is within ``tolerance_s`` of it; anything else is an error naming the file and the timestamp.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+ENCODERS = {"h264": ("libx264", "h264"), "av1": ("libsvtav1", "libaom-av1", "av1")}
+"""Codec name -> PyAV encoders tried in order (the first one this PyAV build has wins)."""
+
+
+class VideoFrameError(ValueError):
+    """A wanted frame is missing from a video or cannot be decoded."""
+
+
+class VideoDecoder:
+    """Decodes frames by timestamp, keeping up to ``max_open`` containers open in this process.
+
+    Picklable: open containers are dropped on pickling, so each DataLoader worker opens its own.
+    """
+
+    def __init__(self, tolerance_s: float = 1e-3, max_open: int = 4):
+        self.tolerance_s, self.max_open = tolerance_s, max_open
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tolerance_s": self.tolerance_s, "max_open": self.max_open}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def _container(self, path: str) -> Any:
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        container = av.open(path)
+        self._open[path] = container
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return container
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def decode(self, path: str | Path, timestamps: Sequence[float]) -> np.ndarray:
+        """Frames at ``timestamps`` (seconds from the file start) -> (n, H, W, 3) uint8, in the order asked."""
+        path = str(path)
+        try:
+            container = self._container(path)
+            found = self._scan(container, sorted({float(t) for t in timestamps}))
+        except (av.error.FFmpegError, OSError) as err:
+            self._open.pop(path, None)
+            raise VideoFrameError(f"{path}: cannot decode ({err})") from None
+        missing = [t for t in timestamps if float(t) not in found]
+        if missing:
+            raise VideoFrameError(
+                f"{path}: no frame within {self.tolerance_s}s of t={missing[0]:.4f}s "
+                f"({len(missing)} of {len(timestamps)} wanted frames missing; video shorter than the episode?)"
+            )
+        return np.stack([found[float(t)] for t in timestamps])
+
+    def _scan(self, container: Any, wanted: list[float]) -> dict[float, np.ndarray]:
+        stream = container.streams.video[0]
+        tol, found = self.tolerance_s, {}
+        # Times are pts * time_base, as LeRobot stores them; seek lands on the keyframe before.
+        container.seek(max(0, int((wanted[0] - tol) / float(stream.time_base))), stream=stream)
+        pending = list(wanted)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * frame.time_base)
+            hits = [w for w in pending if abs(w - t) <= tol]
+            if hits:
+                image = frame.to_ndarray(format="rgb24")
+                for w in hits:
+                    found[w] = image
+                pending = [w for w in pending if w not in found]
+            if not pending or t > pending[-1] + tol:
+                break
+        return found
+
+
+def encode_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, codec: str = "h264", gop: int = 2) -> str:
+    """Write (H, W, 3) uint8 frames as an MP4 (yuv420p). Returns the encoder used.
+
+    ``gop``: keyframe interval; short keeps random access cheap (see the module docstring).
+    """
+    if codec not in ENCODERS:
+        raise ValueError(f"codec: unknown '{codec}'; valid: {', '.join(ENCODERS)}")
+    encoder = next((e for e in ENCODERS[codec] if e in av.codecs_available), None)
+    if encoder is None:
+        raise RuntimeError(f"this PyAV build has no {codec} encoder (tried {', '.join(ENCODERS[codec])})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))
+        stream.pix_fmt, stream.codec_context.gop_size = "yuv420p", gop
+        if encoder == "libx264":
+            stream.options = {"crf": "18", "preset": "veryfast"}
+        for i, image in enumerate(frames):
+            if i == 0:
+                stream.height, stream.width = image.shape[:2]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return encoder
+
+
+def video_duration(path: str | Path) -> tuple[int, float]:
+    """(frames, seconds) of the first video stream, from the container header (0 when unknown)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        return int(stream.frames or 0), seconds

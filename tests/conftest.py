@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny, fast version of the quickstart recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+# Shrinks the quickstart to a few seconds on 2 cores while keeping every part in play.
+TINY = [
+    "model.vision.kwargs.depth=1",
+    "model.vision.kwargs.embed_dim=32",
+    "model.vision.kwargs.num_heads=2",
+    "model.vision.kwargs.patch_size=16",
+    "model.language.config.hidden_size=32",
+    "model.language.config.intermediate_size=64",
+    "model.language.config.num_hidden_layers=1",
+    "model.language.config.num_attention_heads=2",
+    "model.language.config.num_key_value_heads=1",
+    "model.action_head_hidden=32",
+    "data.synthetic.episodes=6",
+    "data.synthetic.episode_length=10",
+    "data.val_ratio=0.34",
+    "data.chunk=3",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.val_every=3",
+    "train.threads=1",
+    "checkpoint.every=3",
+    "logging.every=1",
+    "logging.progress=none",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [*TINY, f"output_dir={tmp_path / 'run'}"]

@@ -1,0 +1,94 @@
+"""Recipes: every shipped recipe validates; each error case gives its named message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vla_ft.config import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_found_recursively():
+    assert ROOT / "recipes" / "quickstart.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(path: Path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path):
+    r = load_recipe(ROOT / "recipes/quickstart.yaml", ["optim.lr=5e-4", "freeze.vision_encoder=true",
+                                                       "loss.gripper.dims=[1, 2]", "output_dir=" + str(tmp_path)])
+    assert r.optim.lr == 5e-4 and r.freeze.vision_encoder is True
+    assert r.loss.gripper.dims == [1, 2] and r.output_dir == str(tmp_path)
+
+
+def test_int_is_accepted_for_float():
+    assert load_recipe(ROOT / "recipes/quickstart.yaml", ["optim.lr=1"]).optim.lr == 1.0
+
+
+def test_all_errors_reported_at_once_with_suggestions():
+    raw = {"optim": {"lrr": 1}, "train": {"steps": "many", "batch_size": True}, "modle": {}, "data": {"normalize": "meanstd"}}
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(raw)
+    problems = info.value.problems
+    assert "unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in problems
+    assert "unknown key 'modle' (did you mean 'model'?)" in problems
+    assert "train.steps: expected int, got str 'many'" in problems
+    assert "train.batch_size: expected int, got bool True" in problems
+    assert any(p.startswith("data.normalize: 'meanstd' is not one of") and "did you mean 'mean_std'" in p for p in problems)
+    assert len(problems) == 5
+
+
+def test_semantic_errors_name_the_key():
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"unfreeze": {"vison_encoder": {"at_step": 3}}, "data": {"format": "lerobto"}})
+    text = str(info.value)
+    assert "unfreeze.vison_encoder: unknown module (did you mean 'vision_encoder'?)" in text
+    assert "data.format: unknown reader 'lerobto' (did you mean 'lerobot'?)" in text
+
+
+def test_unfreeze_requires_frozen_module():
+    with pytest.raises(RecipeError, match="unfreeze.vision_encoder: module is not frozen"):
+        recipe_from_dict({"unfreeze": {"vision_encoder": {"at_step": 3}}})
+
+
+def test_round_trip_through_yaml():
+    r = load_recipe(ROOT / "recipes/quickstart.yaml")
+    again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(to_dict(r))))
+    assert again == r
+
+
+def test_apply_overrides_creates_nested_keys():
+    assert apply_overrides({}, ["a.b.c=3"]) == {"a": {"b": {"c": 3}}}
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vla_ft", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    cases = {
+        ("validate", str(tmp_path / "missing.yaml")): "recipe file not found",
+        ("validate", str(bad_yaml)): "invalid YAML at line",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "optim.lrr=1"): "did you mean 'optim.lr'",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "train.steps=abc"): "train.steps: expected int",
+    }
+    for args, message in cases.items():
+        proc = _cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    ok = _cli("validate", str(ROOT / "recipes/quickstart.yaml"), cwd=tmp_path)
+    assert ok.returncode == 0 and "valid recipe" in ok.stdout

@@ -1,0 +1,276 @@
+"""Core data pipeline: stats, normaliser, splits, prompts, dataset samples, collate, augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from robot_data import (
+    READERS,
+    SAMPLE_KEYS,
+    SYNTHETIC_VOCAB,
+    Normalizer,
+    PromptTokenizer,
+    RobotDataset,
+    SyntheticReader,
+    build_reader,
+    collate,
+    compute_stats,
+    split_episodes,
+)
+from robot_data.language import bins_to_action
+from robot_data.reader import EpisodeArrays
+from robot_data.synthetic import DEFAULT_TEMPLATE
+
+
+class WordTokenizer:
+    """The HF tokenizer call convention, over the synthetic vocabulary (ids 3.., 2 = eos)."""
+
+    def __init__(self, eos: int | None = 2):
+        self.vocab = {w: i + 3 for i, w in enumerate(SYNTHETIC_VOCAB)}
+        self.eos_token_id = eos
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        assert add_special_tokens is False
+        return {"input_ids": [self.vocab[w] for w in text.split()]}
+
+
+class NanActions(SyntheticReader):
+    """Synthetic episodes whose action at frame 3 is missing (NaN)."""
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        arrays = super().numeric(episode_index)
+        arrays.action[3] = np.nan
+        return arrays
+
+
+@pytest.fixture(scope="module")
+def reader() -> SyntheticReader:
+    return SyntheticReader(episodes=8, episode_length=12, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def stats(reader: SyntheticReader) -> dict:
+    return compute_stats(reader, range(8))
+
+
+def _dataset(reader, stats, **kw) -> RobotDataset:
+    args = {
+        "episodes": list(range(8)), "chunk": 4, "history": 2, "normalizer": Normalizer(stats, "mean_std", [2]),
+        "image_size": 40, "prompt_tokenizer": PromptTokenizer(WordTokenizer(), DEFAULT_TEMPLATE, "text"),
+    }
+    return RobotDataset(reader, **{**args, **kw})
+
+
+# ----------------------------------------------------------------------------- stats
+def test_stats_match_numpy(reader, stats):
+    for key in ("state", "action"):
+        x = np.concatenate([getattr(reader.numeric(e), key) for e in range(8)]).astype(np.float64)
+        s = stats[key]
+        assert all(v.dtype == np.float32 and v.shape == (3,) for v in s.values())
+        np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s["std"], x.std(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s["min"], x.min(0))
+        np.testing.assert_allclose(s["max"], x.max(0))
+        np.testing.assert_allclose(s["q01"], np.quantile(x, 0.01, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s["q99"], np.quantile(x, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+        assert np.all(s["count"] == len(x))
+
+
+def test_stats_skip_nan():
+    nan_reader = NanActions(episodes=2, episode_length=8)
+    s = compute_stats(nan_reader, [0, 1])["action"]
+    x = np.concatenate([nan_reader.numeric(e).action for e in (0, 1)]).astype(np.float64)
+    assert np.all(s["count"] == 14)
+    np.testing.assert_allclose(s["mean"], np.nanmean(x, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s["std"], np.nanstd(x, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_stats_stable_with_large_offset():
+    class Offset(SyntheticReader):
+        def numeric(self, episode_index: int) -> EpisodeArrays:
+            arrays = super().numeric(episode_index)
+            arrays.state = (arrays.state.astype(np.float64) * 1e-3 + 1e4).astype(np.float32)
+            return arrays
+
+    r = Offset(episodes=4)
+    x = np.concatenate([r.numeric(e).state for e in range(4)]).astype(np.float64)
+    np.testing.assert_allclose(compute_stats(r, range(4))["state"]["std"], x.std(0), rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- normaliser
+@pytest.mark.parametrize("mode", ["mean_std", "min_max", "q01_q99", "none"])
+def test_normalizer_round_trip(stats, reader, mode):
+    norm = Normalizer(stats, mode, raw_action_dims=[2])
+    x = reader.numeric(0).action
+    y = norm.normalize("action", x)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y[:, 2], x[:, 2])  # raw dim untouched
+    np.testing.assert_allclose(norm.unnormalize("action", y), x, atol=1e-6)
+    t = torch.from_numpy(x).double()
+    yt = norm.normalize("action", t)
+    assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float64
+    np.testing.assert_allclose(yt.numpy(), y, atol=1e-6)
+    np.testing.assert_allclose(norm.unnormalize("action", yt).numpy(), x, atol=1e-6)
+
+
+def test_normalizer_formulas(stats, reader):
+    x = np.concatenate([reader.numeric(e).state for e in range(8)])
+    s = stats["state"]
+    expected = (x - s["mean"]) / s["std"]
+    np.testing.assert_allclose(Normalizer(stats, "mean_std").normalize("state", x), expected, rtol=1e-5)
+    y = Normalizer(stats, "min_max").normalize("state", x)
+    np.testing.assert_allclose(y[:, :2].min(0), -1, atol=1e-5)
+    np.testing.assert_allclose(y[:, :2].max(0), 1, atol=1e-5)
+
+
+def test_normalizer_guards_constant_dims(stats):
+    flat = {k: {s: v.copy() for s, v in d.items()} for k, d in stats.items()}
+    for s in ("std", "min", "max", "q01", "q99"):
+        flat["state"][s][0] = 0.0 if s == "std" else 5.0
+    flat["state"]["mean"][0] = 5.0
+    for mode in ("mean_std", "min_max", "q01_q99"):
+        y = Normalizer(flat, mode).normalize("state", np.array([[5.5, 0.5, 0.0]], np.float32))
+        assert np.isfinite(y).all() and y[0, 0] == pytest.approx(0.5)  # scale 1, not 1/eps
+
+
+def test_normalizer_dict_round_trip_is_exact(stats):
+    norm = Normalizer(stats, "q01_q99", raw_action_dims=[2], raw_state_dims=[2])
+    again = Normalizer.from_dict(json.loads(json.dumps(norm.to_dict())))
+    assert again.to_dict() == norm.to_dict()
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    for key in ("state", "action"):
+        np.testing.assert_array_equal(again.normalize(key, x), norm.normalize(key, x))
+
+
+def test_normalizer_errors(stats):
+    with pytest.raises(ValueError, match="mean_std, min_max, q01_q99, none"):
+        Normalizer(stats, "zscore")
+    with pytest.raises(ValueError, match="out of range"):
+        Normalizer(stats, raw_action_dims=[7])
+    with pytest.raises(ValueError, match="action has 3 dims"):
+        Normalizer(stats).normalize("action", np.zeros((2, 5)))
+
+
+# ----------------------------------------------------------------------------- splits
+def test_split_deterministic_and_by_episode():
+    eps = list(range(20))
+    train, val = split_episodes(eps, 0.2, [], seed=1)
+    assert (train, val) == split_episodes(list(reversed(eps)), 0.2, [], seed=1)
+    assert len(val) == 4 and sorted(train + val) == eps
+    assert split_episodes(eps, 0.2, [], seed=2) != (train, val)
+    assert split_episodes(eps, 0.1, [3, 5], seed=1) == ([e for e in eps if e not in (3, 5)], [3, 5])
+    assert split_episodes([0], 0.5) == ([0], [])  # at least one train episode
+    assert split_episodes(eps, 0.0) == (eps, [])
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match=r"unknown episode\(s\) \[7, 9\]"):
+        split_episodes(range(5), 0.1, [9, 7, 1])
+    with pytest.raises(ValueError, match="keep one for training"):
+        split_episodes(range(2), 0.1, [0, 1])
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompt_tokenizer_targets():
+    tok = WordTokenizer()
+    ids = lambda text: tok(text)["input_ids"]  # noqa: E731
+    acts, mask = np.array([[-1.0, 0.0, 1.0], [2.0, -0.999, 0.5]], np.float32), np.array([True, False])
+    text_target = PromptTokenizer(tok, DEFAULT_TEMPLATE, "text")
+    prompt, target = text_target("pick up the red block", "close gripper", acts, mask)
+    assert prompt.dtype == target.dtype == np.int64
+    assert prompt.tolist() == ids("what should the robot do to pick up the red block ?")
+    assert target.tolist() == [*ids("close gripper"), 2]
+    action_target = PromptTokenizer(tok, DEFAULT_TEMPLATE, "action_tokens", 100, 256)
+    _, target = action_target("pick up the red block", None, acts, mask)
+    assert target.tolist() == [100, 228, 355, 2]  # bins 0, 128, 255 of the one valid step, then eos
+    np.testing.assert_allclose(bins_to_action(np.array([0, 128, 255]), 256), [-1, 0, 1], atol=1 / 256)
+    no_target = PromptTokenizer(WordTokenizer(eos=None), DEFAULT_TEMPLATE, "none")
+    _, target = no_target("pick up the red block", "hold", acts, mask)
+    assert target.shape == (0,)
+    with pytest.raises(ValueError, match="'do {task}' has no {instruction}"):
+        PromptTokenizer(tok, "do {task}", "text")
+
+
+# ----------------------------------------------------------------------------- dataset
+def test_sample_keys_shapes_dtypes(reader, stats):
+    ds = _dataset(reader, stats)
+    assert len(ds) == 8 * 12
+    s = ds[13]
+    assert tuple(s) == SAMPLE_KEYS
+    assert s["images"].shape == (1, 3, 40, 40) and s["images"].dtype == torch.uint8
+    assert s["state"].shape == (2, 3) and s["state"].dtype == torch.float32
+    assert s["actions"].shape == (4, 3) and s["action_mask"].dtype == torch.bool
+    assert (int(s["episode_index"]), int(s["frame_index"]), int(s["index"])) == (1, 1, 13)
+    raw = reader.numeric(1)
+    norm = ds.normalizer
+    np.testing.assert_allclose(s["actions"].numpy(), norm.normalize("action", raw.action[1:5]), atol=1e-6)
+    np.testing.assert_allclose(s["state"].numpy(), norm.normalize("state", raw.state[0:2]), atol=1e-6)
+
+
+def test_chunk_padding_and_history_clamp(reader, stats):
+    ds = _dataset(reader, stats, chunk=5, history=3, episodes=[2, 5])
+    last = ds[12 + 10]  # episode 5, frame 10 of 12
+    assert int(last["episode_index"]) == 5 and int(last["frame_index"]) == 10
+    assert last["action_mask"].tolist() == [True, True, False, False, False]
+    assert torch.equal(last["actions"][2:], last["actions"][1:2].expand(3, 3))  # last action repeated
+    first = ds[12]  # episode 5, frame 0: history clamped at the episode start
+    assert torch.equal(first["state"][0], first["state"][2]) and torch.equal(first["state"][1], first["state"][2])
+
+
+def test_nan_actions_are_masked_and_zeroed(stats):
+    ds = _dataset(NanActions(episodes=8, episode_length=12, image_size=32), stats, chunk=3)
+    s = ds[2]  # frames 2, 3, 4 of episode 0; frame 3 is NaN
+    assert s["action_mask"].tolist() == [True, False, True]
+    assert torch.all(s["actions"][1] == 0)
+
+
+def test_dataset_errors(reader, stats):
+    with pytest.raises(ValueError, match=r"unknown camera\(s\) \['wrist'\]; valid: observation.images.top"):
+        _dataset(reader, stats, cameras=["wrist"])
+    with pytest.raises(ValueError, match=r"unknown episode\(s\) \[99\]"):
+        _dataset(reader, stats, episodes=[0, 99])
+    with pytest.raises(ValueError, match="valid: synthetic"):
+        build_reader("lerobott")
+    assert isinstance(build_reader("synthetic", episodes=2), READERS["synthetic"])
+
+
+def test_collate_pads_prompt_left_and_target_right(reader, stats):
+    ds = _dataset(reader, stats)
+    samples = [ds[0], ds[8]]  # "move ..." and "lift <colour> block": targets of different lengths
+    batch = collate(samples, pad_id=0, pad_to_multiple=8)
+    lengths = [len(s["target_ids"]) for s in samples]
+    assert batch["target_ids"].shape[1] == 8 and batch["images"].shape == (2, 1, 3, 40, 40)
+    for row, s in enumerate(samples):
+        n = len(s["prompt_ids"])
+        assert torch.equal(batch["prompt_ids"][row, -n:], s["prompt_ids"])
+        assert batch["prompt_mask"][row].sum() == n and batch["prompt_mask"][row, -1]
+        assert torch.equal(batch["target_ids"][row, : lengths[row]], s["target_ids"])
+        assert batch["target_mask"][row].tolist() == [True] * lengths[row] + [False] * (8 - lengths[row])
+
+
+def test_augmentation_train_only_reproducible_order_free(reader, stats):
+    augment = {"crop_scale": [0.5, 0.9], "color_jitter": 0.3}
+    plain = _dataset(reader, stats)
+    val = _dataset(reader, stats, augment=augment, train=False)
+    train_a = _dataset(reader, stats, augment=augment, train=True, seed=1)
+    train_b = _dataset(reader, stats, augment=augment, train=True, seed=1)
+    assert torch.equal(val[5]["images"], plain[5]["images"])
+    assert not torch.equal(train_a[5]["images"], plain[5]["images"])
+    forward = [train_a[i]["images"] for i in range(6)]
+    backward = [train_b[i]["images"] for i in reversed(range(6))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(forward, backward, strict=True))
+    train_b.set_epoch(1)
+    assert not torch.equal(train_b[5]["images"], forward[5])
+    off = _dataset(reader, stats, augment={**augment, "enabled": False}, train=True)
+    assert torch.equal(off[5]["images"], plain[5]["images"])
+
+
+def test_workers_do_not_change_samples(reader, stats):
+    ds = _dataset(reader, stats, augment={"crop_scale": [0.5, 1.0], "color_jitter": 0.2}, train=True)
+    loaders = [torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate, num_workers=n) for n in (0, 2)]
+    for a, b in zip(*loaders, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)

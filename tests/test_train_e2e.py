@@ -1,0 +1,57 @@
+"""End to end on CPU: the quickstart at reduced size writes the documented run directory,
+then a second invocation with train.resume=true continues from the newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from conftest import QUICKSTART
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vla_ft.cli import main as cli
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_quickstart_run_directory_and_resume(tiny_overrides, capsys):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    assert cli(["train", str(QUICKSTART), *tiny_overrides]) == 0
+    out = capsys.readouterr().out
+    assert "held-out action L1" in out and "mean-action baseline" in out and "gripper accuracy" in out
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 6 and saved["output_dir"] == str(run_dir)
+    assert "vision_encoder" in (run_dir / "parameters.txt").read_text()
+
+    rows = _rows(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        assert {"loss/language", "loss/action", "loss/gripper", "grad_norm", "lr/action_head"} <= r.keys()
+    val_rows = [r for r in rows if "val/action_l1" in r]
+    assert [r["step"] for r in val_rows] == [3, 6]
+    assert {"val/loss/action", "val/gripper_acc", "val/baseline_l1"} <= val_rows[0].keys()
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "loss/action", "loss/gripper", "loss/language", "val/action_l1"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss/action")] == [1, 2, 3, 4, 5, 6]
+
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000006"
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json", "norm_stats.json", "config.yaml",
+                 "rng.pt", "COMPLETE", "tokenizer/tokenizer.json"):
+        assert (ckpts / "step_000006" / name).is_file(), name
+
+    # Resume: same command + train.resume=true and more steps continues at step 7.
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.resume=true", "train.steps=9"]) == 0
+    rows = _rows(run_dir)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 10))
+    state = json.loads((ckpts / "step_000009" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 9

@@ -1,0 +1,15 @@
+"""vla-ft: fine-tune vision-language-action robot policies from a YAML recipe."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["VLAPolicy", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import vla_ft` stays cheap for the CLI and for robot_data users.
+    if name == "VLAPolicy":
+        from vla_ft.policy import VLAPolicy
+
+        return VLAPolicy
+    raise AttributeError(f"module 'vla_ft' has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""``vla-ft`` command line: thin wrappers over the library.
+
+User errors (bad recipe, missing file, unusable data, a halted run) print one clear message
+and exit with status 2, without a traceback; bugs still show theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from vla_ft.config import RecipeError, describe_keys, load_recipe
+
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError)
+
+
+def _recipe(args: argparse.Namespace):
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vla_ft.train import main
+
+    main(_recipe(args))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    print(f"ok: {args.recipe} is a valid recipe (output_dir={recipe.output_dir})")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    print(describe_keys(args.section))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vla_ft.report import inspect_recipe
+
+    print(inspect_recipe(_recipe(args)))
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, bool]] = {
+    "train": (cmd_train, "train a recipe (output_dir=DIR sets the run directory; train.resume=true continues)", True),
+    "validate": (cmd_validate, "check a recipe and overrides without training", True),
+    "inspect": (cmd_inspect, "print the per-module parameter report of a recipe", True),
+}
+
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vla-ft", description="Fine-tune vision-language-action robot policies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, text, takes_recipe) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if takes_recipe:
+            _add_recipe_args(p)
+        p.set_defaults(func=fn)
+    keys = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
+    keys.add_argument("section", nargs="?", default="", help="only keys under this prefix, e.g. optim")
+    keys.set_defaults(func=cmd_keys)
+    for add in EXTRA_COMMANDS:
+        add(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from vla_ft.checkpoint import CheckpointError
+    from vla_ft.train import TrainingHalted
+
+    return (*USER_ERRORS, CheckpointError, TrainingHalted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        print(f"vla-ft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""Typed recipe schema: one YAML file = one run.
+
+The dataclasses below are the single source of truth for every recipe key. A recipe is
+loaded from YAML, then ``key.sub=value`` overrides from the command line are merged onto it,
+and the result is checked against the schema *in one pass*: every unknown key and every
+wrong type is reported together, each naming the key and suggesting the nearest valid one.
+Field docstrings (the ``doc`` metadata) double as ``vla-ft validate --help-keys`` text.
+
+Derived values (image size from the encoder, action dims from the data) are computed in
+:func:`validate`, never as class-level defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+MODULE_NAMES = (
+    "vision_encoder",
+    "projector",
+    "proprio_encoder",
+    "language_model",
+    "action_queries",
+    "action_head",
+    "gripper_head",
+)
+TRUNK_MODULES = ("vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries")
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe: printed without a traceback by the CLI."""
+
+    def __init__(self, problems: list[str] | str, source: str = "recipe"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            super().__init__(f"{source}: {self.problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(self.problems)} problems:\n  - " + "\n  - ".join(self.problems))
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its help text."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    name: str = doc("timm model name, e.g. vit_base_patch16_siglip_224", "vit_tiny_patch16_224")
+    pretrained: Union[bool, str] = doc(
+        "false: random init; true: weights from the hub by name; a path: local safetensors file or directory",
+        False,
+    )
+    img_size: int = doc("input image size (square); overrides the timm default", 64)
+    features: Literal["patch", "pooled"] = doc("patch tokens, or one pooled token per camera", "patch")
+    per_camera: bool = doc("one encoder per camera instead of a shared one", False)
+    kwargs: dict[str, Any] = doc("extra keyword arguments for timm.create_model (tiny models)", factory=dict)
+
+
+@dataclass
+class LanguageConfig:
+    name: str | None = doc("hub name or local directory of a causal LM; null builds from `config`", None)
+    config: dict[str, Any] = doc("transformers config kwargs incl. model_type, used when name is null", factory=dict)
+    tokenizer: str = doc("hub name or directory of the tokenizer; 'builtin:tiny' = the shipped offline one", "")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("attention kernel", "sdpa")
+    gradient_checkpointing: bool = doc("recompute LM activations in backward to save memory", False)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc("wrap the LM (and optionally the vision encoder) in LoRA adapters", False)
+    r: int = doc("LoRA rank", 16)
+    alpha: int = doc("LoRA alpha", 32)
+    dropout: float = doc("LoRA dropout", 0.0)
+    target_modules: list[str] = doc(
+        "LM module name patterns to adapt", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    vision: bool = doc("also adapt the vision encoder", False)
+    vision_target_modules: list[str] = doc("vision module name patterns to adapt", factory=lambda: ["qkv", "proj"])
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = doc("vision encoder", factory=VisionConfig)
+    language: LanguageConfig = doc("causal language model", factory=LanguageConfig)
+    lora: LoraConfig = doc("LoRA adapters through peft", factory=LoraConfig)
+    projector_hidden: int = doc("hidden width of the vision->LM MLP projector (0 = linear)", 0)
+    proprio: bool = doc("encode the robot state into one token", True)
+    action_head_hidden: int = doc("hidden width of the action-head MLP", 256)
+    gripper_head: bool = doc("separate gripper head with BCE logits (gripper dims leave the regression)", True)
+    action_tokens_bins: int = doc("bins for discretised action tokens (data.language_target=action_tokens)", 256)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    episodes: int = doc("number of synthetic episodes", 64)
+    episode_length: int = doc("frames per episode", 32)
+    image_size: int = doc("rendered image size (pixels)", 64)
+    seed: int = doc("seed of the synthetic task (independent of train.seed)", 0)
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = doc("augment training images (never validation)", False)
+    crop_scale: list[float] = doc("random resized crop area range", factory=lambda: [0.8, 1.0])
+    color_jitter: float = doc("brightness/contrast/saturation jitter strength (0 = off)", 0.1)
+
+
+@dataclass
+class DataConfig:
+    format: str = doc("dataset reader: synthetic | lerobot | hdf5", "synthetic")
+    path: str | None = doc("dataset location (directory or file)", None)
+    layout: str = doc("hdf5 layout: robomimic | aloha", "robomimic")
+    cameras: list[str] = doc("camera feature names (empty: all cameras of the dataset)", factory=list)
+    state_key: str = doc("state feature name", "observation.state")
+    action_key: str = doc("action feature name", "action")
+    text_key: str | None = doc("column with per-frame language targets (language_target=text)", None)
+    chunk: int = doc("future actions predicted per sample", 8)
+    history: int = doc("state frames per sample (1 = current only)", 1)
+    val_ratio: float = doc("fraction of episodes held out for validation", 0.1)
+    val_episodes: list[int] = doc("explicit validation episode indices (overrides val_ratio)", factory=list)
+    normalize: Literal["mean_std", "min_max", "q01_q99", "none"] = doc("normalisation of state and action", "mean_std")
+    raw_dims: list[int] | None = doc("action dims left raw (null: the gripper dims)", None)
+    prompt_template: str = doc("prompt; {instruction} is replaced by the task", "what should the robot do to {instruction} ?")
+    language_target: Literal["none", "text", "action_tokens"] = doc("what the LM is trained to say", "text")
+    augment: AugmentConfig = doc("training-image augmentation", factory=AugmentConfig)
+    num_workers: int = doc("DataLoader worker processes", 0)
+    pin_memory: bool = doc("pinned host memory (CUDA only)", True)
+    persistent_workers: bool = doc("keep workers alive between epochs", True)
+    prefetch_factor: int = doc("batches prefetched per worker", 4)
+    frame_cache: str | None = doc("directory for a decoded-frame cache of video datasets", None)
+    skip_bad_episodes: bool = doc("skip episodes that fail checks instead of refusing the dataset", False)
+    video_tolerance_s: float = doc("timestamp tolerance when locating video frames", 1e-3)
+    synthetic: SyntheticConfig = doc("the embedded synthetic task", factory=SyntheticConfig)
+
+
+# ----------------------------------------------------------------------------- loss
+@dataclass
+class TermWeights:
+    language: float = doc("weight of the language cross-entropy", 0.1)
+    action: float = doc("weight of the continuous-action regression", 1.0)
+    gripper: float = doc("weight of the gripper BCE", 0.5)
+
+
+@dataclass
+class ActionLossConfig:
+    type: Literal["mse", "l1", "smooth_l1"] = doc("regression loss", "l1")
+    beta: float = doc("smooth_l1 (Huber) transition point", 1.0)
+    dim_weights: list[float] | None = doc("per-action-dimension weights", None)
+    horizon_weights: list[float] | None = doc("per-chunk-step weights (near steps count more)", None)
+
+
+@dataclass
+class GripperLossConfig:
+    dims: list[int] = doc("action dims holding the gripper command (never assumed)", factory=list)
+    threshold: float = doc("raw gripper value above which the label is 'high'", 0.5)
+    closed_is_high: bool = doc("true: high value = closed (label 1 = closed)", True)
+    pos_weight: float | None = doc("BCE pos_weight for the 'closed' class", None)
+
+
+@dataclass
+class LanguageLossConfig:
+    label_smoothing: float = doc("cross-entropy label smoothing", 0.0)
+
+
+@dataclass
+class ScheduledWeight:
+    start_step: int = doc("step where the ramp starts", 0)
+    end_step: int = doc("step where the ramp ends", 1000)
+    start: float = doc("weight at start_step", 0.0)
+    end: float = doc("weight at end_step", 1.0)
+    shape: Literal["linear", "cosine"] = doc("ramp shape", "linear")
+
+
+@dataclass
+class LossConfig:
+    weights: TermWeights = doc("static term weights", factory=TermWeights)
+    strategy: Literal["static", "scheduled", "uncertainty", "dwa"] = doc("weighting strategy", "static")
+    schedule: dict[str, ScheduledWeight] = doc("per-term weight ramps (strategy=scheduled)", factory=dict)
+    dwa_temperature: float = doc("DWA softmax temperature", 2.0)
+    dwa_window: int = doc("steps averaged per DWA loss-ratio window", 50)
+    action: ActionLossConfig = doc("action regression", factory=ActionLossConfig)
+    gripper: GripperLossConfig = doc("gripper classification", factory=GripperLossConfig)
+    language: LanguageLossConfig = doc("language cross-entropy", factory=LanguageLossConfig)
+    grad_norm_every: int = doc("log each term's gradient norm on the last trunk layer every N steps (0 = off)", 0)
+
+
+# ----------------------------------------------------------------------------- optimisation
+@dataclass
+class GroupConfig:
+    lr: float | None = doc("learning rate of this module's group (null: optim.lr)", None)
+    weight_decay: float | None = doc("weight decay of this module's group (null: optim.weight_decay)", None)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = doc("optimizer", "adamw")
+    lr: float = doc("base learning rate", 3e-4)
+    weight_decay: float = doc("decoupled weight decay (biases, norms, embeddings get 0)", 0.01)
+    betas: list[float] = doc("Adam betas", factory=lambda: [0.9, 0.95])
+    eps: float = doc("Adam epsilon", 1e-8)
+    momentum: float = doc("SGD momentum", 0.9)
+    groups: dict[str, GroupConfig] = doc("per-module overrides, keyed by module name", factory=dict)
+    scheduler: Literal["cosine", "linear", "constant"] = doc("LR schedule after warmup", "cosine")
+    warmup_steps: int = doc("linear warmup steps", 20)
+    min_lr_ratio: float = doc("final LR as a fraction of the peak (cosine/linear)", 0.1)
+    grad_clip: float = doc("max global gradient norm (0 = off)", 1.0)
+    accumulation: int = doc("micro-batches per optimizer step", 1)
+
+
+@dataclass
+class UnfreezeConfig:
+    at_step: int = doc("optimizer step at which the module starts training", 0)
+    warmup_steps: int = doc("LR warmup of the module after it is unfrozen", 0)
+
+
+@dataclass
+class FreezeConfig:
+    vision_encoder: bool = doc("freeze the vision encoder", False)
+    projector: bool = doc("freeze the projector", False)
+    proprio_encoder: bool = doc("freeze the proprio encoder", False)
+    language_model: bool = doc("freeze the language model (with LoRA its adapters train regardless)", False)
+    action_queries: bool = doc("freeze the learnable action query tokens", False)
+    action_head: bool = doc("freeze the action head", False)
+    gripper_head: bool = doc("freeze the gripper head", False)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = doc("validations without improvement before stopping (0 = off)", 0)
+    min_delta: float = doc("smallest change that counts as an improvement", 0.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc("optimizer steps", 400)
+    batch_size: int = doc("samples per micro-batch per process", 32)
+    seed: int = doc("seed of model init, shuffling, augmentation and dropout", 0)
+    device: Literal["auto", "cpu", "cuda"] = doc("where to train", "auto")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto: bf16 on CUDA, fp32 on CPU", "auto")
+    compile: bool = doc("torch.compile the trunk", False)
+    val_every: int = doc("validate every N steps (0 = only at the end)", 100)
+    val_batches: int = doc("max validation batches (0 = all)", 0)
+    best_metric: str = doc("validation metric selecting the best checkpoint", "val/action_l1")
+    best_mode: Literal["min", "max"] = doc("whether lower or higher is better", "min")
+    early_stopping: EarlyStoppingConfig = doc("stop when best_metric stalls", factory=EarlyStoppingConfig)
+    resume: bool = doc("continue from the newest complete checkpoint in output_dir", False)
+    max_consecutive_skips: int = doc("halt after this many consecutive non-finite steps", 5)
+    cache_features: bool = doc("head-only runs: cache the frozen trunk's readout features", False)
+    feature_cache_dir: str | None = doc("on-disk feature cache (null: in memory)", None)
+    threads: int = doc("CPU threads for torch (0 = torch default)", 0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc("save every N steps (0 = only at the end)", 200)
+    keep_last: int = doc("complete checkpoints kept (the best and the resumed-from are never deleted)", 3)
+    save_optimizer: bool = doc("include optimizer state (needed to resume exactly)", True)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = doc("log train metrics every N optimizer steps", 10)
+    tensorboard: bool = doc("write TensorBoard event files under <output_dir>/tensorboard", True)
+    progress: Literal["auto", "bar", "plain", "none"] = doc("tqdm bar on a TTY, plain lines otherwise", "auto")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = doc("data-parallel strategy under torchrun", "ddp")
+    backend: Literal["auto", "nccl", "gloo"] = doc("process-group backend (auto: nccl on CUDA, gloo on CPU)", "auto")
+
+
+@dataclass
+class AblationConfig:
+    variants: dict[str, dict[str, Any]] = doc("variant name -> {key.sub: value} overrides", factory=dict)
+    metric: str = doc("metric compared in the bar chart", "val/action_l1")
+    mode: Literal["min", "max"] = doc("whether lower or higher is better", "min")
+
+
+@dataclass
+class Recipe:
+    output_dir: str = doc("run directory", "runs/quickstart")
+    model: ModelConfig = doc("model assembly", factory=ModelConfig)
+    data: DataConfig = doc("robot data", factory=DataConfig)
+    loss: LossConfig = doc("composite loss", factory=LossConfig)
+    optim: OptimConfig = doc("optimizer and schedule", factory=OptimConfig)
+    freeze: FreezeConfig = doc("modules frozen from the start", factory=FreezeConfig)
+    unfreeze: dict[str, UnfreezeConfig] = doc("staged unfreezing, keyed by module name", factory=dict)
+    train: TrainConfig = doc("training loop", factory=TrainConfig)
+    checkpoint: CheckpointConfig = doc("checkpointing", factory=CheckpointConfig)
+    logging: LoggingConfig = doc("metrics, TensorBoard, progress", factory=LoggingConfig)
+    distributed: DistributedConfig = doc("multi-process training", factory=DistributedConfig)
+    ablation: AblationConfig = doc("variants run by `vla-ft ablate`", factory=AblationConfig)
+
+
+# ----------------------------------------------------------------------------- the engine
+def _suggest(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against type ``tp``; return the converted value (problems appended)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            trial: list[str] = []
+            out = _convert(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = _suggest(str(value), [str(c) for c in choices])
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        _, item = typing.get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 5e-4 as a string; accept the usual scientific notation.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = _suggest(str(key), names)
+            full = close.replace("'", f"'{prefix}.", 1) if close and prefix else close
+            problems.append(f"unknown key '{path}'{full}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, problems)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Recipe (or any nested dataclass) -> plain dict, YAML-safe."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like key.sub=value", "command line")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Merge ``key.sub=value`` strings (values parsed as YAML) onto a raw recipe dict."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a RecipeError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a mapping of sections, got {type(raw).__name__}", str(path))
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a raw mapping; all problems are reported at once."""
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        problems += validate(recipe)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """YAML file + ``key.sub=value`` overrides -> validated Recipe."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return recipe_from_dict(raw, str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- semantic checks
+READERS = ("synthetic", "lerobot", "hdf5")
+
+
+def validate(r: Recipe) -> list[str]:
+    """Checks that need more than types. Returns problems (empty = valid)."""
+    p: list[str] = []
+    if r.data.format not in READERS:
+        p.append(f"data.format: unknown reader '{r.data.format}'{_suggest(r.data.format, READERS)}; valid: {', '.join(READERS)}")
+    elif r.data.format != "synthetic" and not r.data.path:
+        p.append(f"data.path: required for data.format={r.data.format}")
+    for key, value in [
+        ("train.steps", r.train.steps), ("train.batch_size", r.train.batch_size), ("data.chunk", r.data.chunk),
+        ("data.history", r.data.history), ("optim.accumulation", r.optim.accumulation),
+    ]:
+        if value < 1:
+            p.append(f"{key}: must be >= 1, got {value}")
+    if not 0.0 <= r.data.val_ratio < 1.0:
+        p.append(f"data.val_ratio: must be in [0, 1), got {r.data.val_ratio}")
+    if r.optim.lr <= 0:
+        p.append(f"optim.lr: must be > 0, got {r.optim.lr}")
+    if len(r.optim.betas) != 2:
+        p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
+    for section, keys in (("optim.groups", r.optim.groups), ("unfreeze", r.unfreeze)):
+        for name in keys:
+            if name not in MODULE_NAMES:
+                p.append(f"{section}.{name}: unknown module{_suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}")
+    for name, spec in r.unfreeze.items():
+        lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)
+        if lora:
+            p.append(f"unfreeze.{name}: module is LoRA-wrapped (its adapters train from the start)")
+        elif name in MODULE_NAMES and not getattr(r.freeze, name):
+            p.append(f"unfreeze.{name}: module is not frozen (set freeze.{name}: true)")
+        if spec.at_step < 0 or spec.warmup_steps < 0:
+            p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
+    for term in r.loss.schedule:
+        if term not in ("language", "action", "gripper"):
+            p.append(f"loss.schedule.{term}: unknown term{_suggest(term, ('language', 'action', 'gripper'))}")
+    if r.loss.strategy == "scheduled" and not r.loss.schedule:
+        p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
+    if r.model.gripper_head and not r.loss.gripper.dims:
+        p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
+    if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
+        p.append("data.text_key: required for data.language_target=text on recorded datasets")
+    if r.train.cache_features and r.data.augment.enabled:
+        p.append("train.cache_features: refused because data.augment.enabled is true (features would be stale)")
+    return p
+
+
+def describe_keys(prefix: str = "", cls: type = Recipe, path: str = "") -> str:
+    """Every recipe key with type, default and help text (``vla-ft keys``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{path}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe_keys(prefix, tp, key + "."))
+            continue
+        if key.startswith(prefix):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+    return "\n".join(line for line in lines if line)

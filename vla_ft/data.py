@@ -1,0 +1,166 @@
+"""From a recipe to train/val DataLoaders over :mod:`robot_data`, resumable to the sample.
+
+The sampler is a pure function of (seed, epoch): a permutation of the dataset, sharded
+round-robin over ranks. The data position saved in a checkpoint is the number of samples
+of the current epoch already consumed *globally*, so a run resumes on the very next batch,
+with any number of processes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import robot_data
+from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, compute_stats, split_episodes
+from vla_ft.config import Recipe, RecipeError
+
+
+@dataclass
+class DataBundle:
+    reader: Any
+    train_set: RobotDataset
+    val_set: RobotDataset | None
+    normalizer: Normalizer
+    train_episodes: list[int]
+    val_episodes: list[int]
+    state_dim: int
+    action_dim: int
+    cameras: list[str]
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic per-epoch permutation, sharded ``perm[rank::world]``, skippable.
+
+    With batch B per rank, global batch k holds ``perm[k*B*W : (k+1)*B*W]`` whatever W is,
+    so a single process with batch B*W sees the same samples per step as W processes.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Start ``epoch`` after ``consumed`` samples (global count) were already used."""
+        self.epoch, self.start = epoch, consumed // self.world
+
+    def _shard(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        usable = self.n - self.n % self.world if self.shuffle else self.n
+        return perm[:usable][self.rank :: self.world]
+
+    def __iter__(self):
+        # (epoch, index) pairs: DataLoader workers hold their own dataset copies, so the
+        # epoch (which seeds augmentation) travels with each index, see EpochDataset.
+        return iter([(self.epoch, i) for i in self._shard()[self.start :]])
+
+    def __len__(self) -> int:
+        return max(0, len(self._shard()) - self.start)
+
+
+class EpochDataset(Dataset):
+    """Indexes a RobotDataset by (epoch, index) so augmentation is the same in any worker."""
+
+    def __init__(self, dataset: RobotDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
+    d = recipe.data
+    if d.format == "synthetic":
+        s = d.synthetic
+        return {"episodes": s.episodes, "episode_length": s.episode_length, "image_size": s.image_size, "seed": s.seed}
+    kw: dict[str, Any] = {"path": d.path, "state_key": d.state_key, "action_key": d.action_key}
+    if d.format == "lerobot":
+        kw.update(text_key=d.text_key, video_tolerance_s=d.video_tolerance_s, frame_cache=d.frame_cache)
+    if d.format == "hdf5":
+        kw.update(layout=d.layout)
+    return kw
+
+
+def build_reader(recipe: Recipe):
+    try:
+        return robot_data.build_reader(recipe.data.format, **_reader_kwargs(recipe))
+    except FileNotFoundError as err:
+        raise RecipeError(f"data.path: {err}") from None
+
+
+def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict | None = None) -> DataBundle:
+    """Reader -> episode split -> normaliser -> train/val datasets.
+
+    ``stats`` (from a checkpoint) replaces fresh statistics so a resumed or evaluated run
+    normalises exactly as training did.
+    """
+    d = recipe.data
+    reader = build_reader(recipe)
+    episodes = [e.index for e in reader.episodes()]
+    train_eps, val_eps = split_episodes(episodes, d.val_ratio, d.val_episodes, recipe.train.seed)
+    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
+    raw = d.raw_dims if d.raw_dims is not None else gripper
+    if stats is not None:
+        normalizer = Normalizer.from_dict(stats)
+    else:
+        normalizer = Normalizer(reader.stats() or compute_stats(reader, train_eps), d.normalize, raw_action_dims=raw)
+    prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, action_token_offset,
+                              recipe.model.action_tokens_bins)
+    cameras = d.cameras or list(reader.cameras)
+    common = dict(chunk=d.chunk, history=d.history, normalizer=normalizer, image_size=recipe.model.vision.img_size,
+                  prompt_tokenizer=prompts, cameras=cameras, seed=recipe.train.seed)
+    augment = {"crop_scale": d.augment.crop_scale, "color_jitter": d.augment.color_jitter} if d.augment.enabled else None
+    train_set = RobotDataset(reader, train_eps, augment=augment, train=True, **common)
+    val_set = RobotDataset(reader, val_eps, train=False, **common) if val_eps else None
+    first = reader.numeric(train_eps[0])
+    return DataBundle(reader, train_set, val_set, normalizer, train_eps, val_eps,
+                      first.state.shape[1], first.action.shape[1], cameras)
+
+
+def _seed_worker(base_seed: int, worker_id: int) -> None:
+    # Per-sample augmentation RNGs are derived from (seed, epoch, index) in the dataset, so
+    # results never depend on workers; global RNGs are seeded anyway for user transforms.
+    seed = base_seed + worker_id
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(dataset: Dataset, recipe: Recipe, sampler: Sampler, pad_id: int, device: torch.device,
+                train: bool) -> DataLoader:
+    d = recipe.data
+    workers = d.num_workers
+    return DataLoader(
+        EpochDataset(dataset),
+        batch_size=recipe.train.batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=d.pin_memory and device.type == "cuda",
+        persistent_workers=d.persistent_workers and workers > 0,
+        prefetch_factor=d.prefetch_factor if workers > 0 else None,
+        worker_init_fn=partial(_seed_worker, recipe.train.seed) if workers > 0 else None,
+        collate_fn=partial(collate, pad_id=pad_id, pad_to_multiple=8 if recipe.train.compile else 1),
+        # Own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run's dropout stream would shift relative to a straight run.
+        generator=torch.Generator().manual_seed(recipe.train.seed),
+    )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

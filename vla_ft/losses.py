@@ -1,0 +1,401 @@
+"""The composite multi-objective loss of a VLA fine-tune: language, action and gripper terms.
+
+Contract: ``CompositeLoss.forward(outputs, batch) -> (total, parts)``
+
+  outputs  actions         (B, C, A) float  predicted normalised actions over all A dims
+           gripper_logits  (B, C, G) float  one logit per gripper dim (absent without a gripper head)
+           lm_logits       (N, V)    float  logits at the N supervised positions only (absent or N=0:
+           lm_labels       (N,)      int64  no language term); labels may hold -100 (ignored)
+  batch    actions         (B, C, A) float  targets, normalised except the gripper dims (raw units)
+           action_mask     (B, C) or (B, C, A) bool, False = padded or missing step (absent = all valid)
+
+  total    0-dim fp32 with grad: the weighting strategy's combination of the terms
+  parts    detached 0-dim tensors (no host sync here; the trainer syncs when it logs):
+           loss/<term>       unweighted term, for computed terms only
+           weight/<term>     effective weight applied to loss/<term>
+           metric/token_acc, metric/perplexity                               (language computed)
+           metric/gripper_acc, metric/gripper_f1, metric/gripper_transition_acc  (gripper computed)
+           gradnorm/<term>, gradnorm_weighted/<term>   on the watched layer, every grad_norm_every steps
+
+Gripper labels (the gripper dims of ``batch["actions"]``, raw units): label 1 = closed.
+``high = value > loss.gripper.threshold``; ``closed = high`` if ``closed_is_high`` else ``not high``
+(i.e. ``value <= threshold``). ``pos_weight`` multiplies the closed class. Predicted closed = logit > 0.
+
+Numerics: every term is computed in fp32 (fp64 inputs stay fp64) with autocast off. Masked means
+divide by the (weighted) count of valid elements, replaced by 1 where it is 0: a term with no valid
+element is exactly 0 with zero gradient, and is marked absent for the strategies (DWA averages,
+uncertainty regulariser). Masked targets are replaced before use, so NaNs there never leak.
+
+Trainer duties: ``loss.set_step(step)`` before each optimizer step (scheduled weights, DWA windows,
+gradient-norm cadence); ``loss.train()``/``loss.eval()`` with the model (DWA statistics are updated
+inside forward in training mode only); the model asks ``loss.wants(term)`` before computing a
+head's outputs; ``loss.watch(params)`` once with the last trunk layer's parameters to get the
+``gradnorm/*`` parts; ``loss.no_decay_parameters()`` go in an optimizer group with weight_decay 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vla_ft.config import ActionLossConfig, LossConfig, RecipeError
+from vla_ft.loss_weighting import TERMS, build_weighting
+
+IGNORE_INDEX = -100
+ElementLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def _smooth_l1(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    return F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+
+
+ACTION_LOSSES: dict[str, Callable[[ActionLossConfig], ElementLoss]] = {
+    "mse": lambda cfg: functools.partial(F.mse_loss, reduction="none"),
+    "l1": lambda cfg: functools.partial(F.l1_loss, reduction="none"),
+    "smooth_l1": lambda cfg: functools.partial(_smooth_l1, beta=cfg.beta),
+}
+
+
+@dataclass
+class TermResult:
+    """One term: its masked mean, its (weighted) valid count, and its detached metrics."""
+
+    value: Tensor
+    count: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+def _expect(term: str, ok: bool, message: str) -> None:
+    """Raise a ValueError naming the term when a shape or dtype is wrong."""
+    if not ok:
+        raise ValueError(f"loss term '{term}': {message}")
+
+
+def _same_shape(term: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    _expect(term, a.shape == b.shape, f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
+
+
+def _floating(term: str, name: str, x: Tensor) -> None:
+    _expect(term, x.is_floating_point(), f"{name} must be floating point, got {x.dtype} with shape {tuple(x.shape)}")
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Upcast half precision to fp32 (fp64 stays fp64, for gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _divide(total: Tensor, count: Tensor) -> Tensor:
+    """total / count, with 1 in place of a zero count (so an empty term is 0, not NaN)."""
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _grad_norm(value: Tensor, params: list[Tensor]) -> Tensor:
+    """L2 norm of d value / d params (0 when value does not depend on them); keeps the graph."""
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True) if value.requires_grad else ()
+    squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else params[0].new_zeros((), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _no_autocast(x: Tensor) -> Iterator[None]:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
+def element_mask(batch: dict[str, Tensor], shape: torch.Size, term: str) -> Tensor:
+    """``batch["action_mask"]`` (B, C) or (B, C, A) bool -> (B, C, A) bool; absent = all valid."""
+    mask = batch.get("action_mask")
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=batch["actions"].device)
+    _expect(term, mask.dtype == torch.bool, f"batch['action_mask'] must be bool, got {mask.dtype}")
+    ok = tuple(mask.shape) in (tuple(shape[:2]), tuple(shape))
+    _expect(
+        term, ok, f"batch['action_mask'] has shape {tuple(mask.shape)} but batch['actions'] has shape {tuple(shape)}"
+    )
+    return (mask[..., None] if mask.dim() == 2 else mask).expand(shape)
+
+
+def gripper_labels(raw: Tensor, threshold: float, closed_is_high: bool) -> Tensor:
+    """Raw gripper values (any shape) -> bool labels, True = closed (see the module docstring)."""
+    high = raw > threshold
+    return high if closed_is_high else ~high
+
+
+# ----------------------------------------------------------------------------- the three terms
+def language_term(logits: Tensor, labels: Tensor, label_smoothing: float) -> TermResult:
+    """Cross-entropy at the supervised positions. logits: (N, V), labels: (N,) int64 with -100 ignored."""
+    term = "language"
+    _expect(term, logits.dim() == 2, f"lm_logits must be (N, V), got shape {tuple(logits.shape)}")
+    _expect(
+        term,
+        labels.dim() == 1 and labels.shape[0] == logits.shape[0],
+        f"lm_logits has shape {tuple(logits.shape)} but lm_labels has shape {tuple(labels.shape)}",
+    )
+    _floating(term, "lm_logits", logits)
+    _expect(term, labels.dtype == torch.int64, f"lm_labels must be int64, got {labels.dtype}")
+    logits = _fp32(logits)
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().to(logits.dtype)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="none")
+    value = _divide(ce.sum(), count)
+    with torch.no_grad():
+        plain = functools.partial(F.cross_entropy, ignore_index=IGNORE_INDEX, reduction="none")
+        nll = ce if label_smoothing == 0 else plain(logits, labels)
+        hits = (logits.argmax(dim=-1) == labels) & valid
+        metrics = {
+            "metric/token_acc": _divide(hits.sum().to(count.dtype), count),
+            "metric/perplexity": torch.exp(_divide(nll.sum(), count)),
+        }
+    return TermResult(value, count, metrics)
+
+
+def action_term(pred: Tensor, target: Tensor, mask: Tensor, weights: Tensor, loss_fn: ElementLoss) -> TermResult:
+    """Weighted masked mean of an element-wise regression loss.
+
+    pred, target: (B, C, A') regressed dims only; mask: (B, C, A') bool; weights: (B, C, A') or
+    broadcastable (per-horizon x per-dim). The mean divides by the summed weights of valid elements,
+    so the weights are relative and the term's scale is set by ``loss.weights.action`` alone.
+    """
+    pred, target = _fp32(pred), _fp32(target)
+    target = torch.where(mask, target, pred.detach())  # padded/missing targets may be NaN
+    w = torch.where(mask, weights.to(pred.dtype), 0.0)
+    count = w.sum()
+    return TermResult(_divide((loss_fn(pred, target) * w).sum(), count), count)
+
+
+def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tensor | None) -> TermResult:
+    """BCE-with-logits over valid steps, plus accuracy, F1 (closed = positive) and transition accuracy.
+
+    logits: (B, C, G); labels, mask: (B, C, G) bool. Transitions are steps t >= 1 whose label differs
+    from step t-1, with both steps valid: the rare open/close frames that matter most.
+    """
+    logits = _fp32(logits)
+    m = mask.to(logits.dtype)
+    pos_weight = None if pos_weight is None else pos_weight.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=pos_weight, reduction="none")
+    count = m.sum()
+    value = _divide((bce * m).sum(), count)
+    with torch.no_grad():
+        pred = logits > 0
+        correct = pred == labels
+        tp, fp, fn = ((pred & labels & mask).sum(), (pred & ~labels & mask).sum(), (~pred & labels & mask).sum())
+        trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1]
+        metrics = {
+            "metric/gripper_acc": _divide((correct & mask).sum().to(count.dtype), count),
+            "metric/gripper_f1": _divide((2 * tp).to(count.dtype), (2 * tp + fp + fn).to(count.dtype)),
+            "metric/gripper_transition_acc": _divide(
+                (correct[:, 1:] & trans).sum().to(count.dtype), trans.sum().to(count.dtype)
+            ),
+        }
+    return TermResult(value, count, metrics)
+
+
+# ----------------------------------------------------------------------------- configuration checks
+def check_loss_config(cfg: LossConfig, action_dim: int, chunk: int, gripper_head: bool) -> list[str]:
+    """Problems of the loss section against the data shapes (empty = valid)."""
+    p = []
+    if cfg.action.type not in ACTION_LOSSES:
+        p.append(f"loss.action.type: unknown loss '{cfg.action.type}'; valid: {', '.join(ACTION_LOSSES)}")
+    if cfg.action.beta < 0:
+        p.append(f"loss.action.beta: must be >= 0, got {cfg.action.beta}")
+    for key, weights, length, what in (
+        ("dim_weights", cfg.action.dim_weights, action_dim, "action dims"),
+        ("horizon_weights", cfg.action.horizon_weights, chunk, "chunk steps"),
+    ):
+        if weights is not None and len(weights) != length:
+            p.append(f"loss.action.{key}: {len(weights)} values for {length} {what} (lengths must match)")
+        elif weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+            p.append(f"loss.action.{key}: must be >= 0 with at least one > 0, got {weights}")
+    dims = cfg.gripper.dims
+    if gripper_head and not dims:
+        p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
+    if gripper_head and any(not 0 <= d < action_dim for d in dims):
+        p.append(f"loss.gripper.dims: {dims} out of range for {action_dim} action dims")
+    if gripper_head and len(set(dims)) != len(dims):
+        p.append(f"loss.gripper.dims: repeated dim in {dims}")
+    if gripper_head and cfg.weights.action != 0 and len(set(dims)) >= action_dim:
+        p.append("loss.gripper.dims: every action dim is a gripper dim, nothing is left to regress")
+    if cfg.gripper.pos_weight is not None and cfg.gripper.pos_weight <= 0:
+        p.append(f"loss.gripper.pos_weight: must be > 0, got {cfg.gripper.pos_weight}")
+    if not 0.0 <= cfg.language.label_smoothing < 1.0:
+        p.append(f"loss.language.label_smoothing: must be in [0, 1), got {cfg.language.label_smoothing}")
+    if cfg.grad_norm_every < 0:
+        p.append(f"loss.grad_norm_every: must be >= 0, got {cfg.grad_norm_every}")
+    return p
+
+
+def regressed_dims(action_dim: int, gripper_dims: Iterable[int], gripper_head: bool) -> list[int]:
+    """Action dims in the regression: all of them, less the gripper dims when the gripper head is on."""
+    excluded = set(gripper_dims) if gripper_head else set()
+    return [a for a in range(action_dim) if a not in excluded]
+
+
+# ----------------------------------------------------------------------------- the module
+class CompositeLoss(nn.Module):
+    """Language + action + gripper terms, combined by the ``loss.strategy`` weighting.
+
+    ``state_dict()`` holds only the strategy state (uncertainty log-variances, DWA averages); the
+    per-dim/per-horizon weights are rebuilt from the recipe. See the module docstring for the contract.
+    """
+
+    def __init__(self, cfg: LossConfig, action_dim: int, chunk: int, gripper_head: bool):
+        super().__init__()
+        problems = check_loss_config(cfg, action_dim, chunk, gripper_head)
+        regress = regressed_dims(action_dim, cfg.gripper.dims, gripper_head)
+        dim_w = cfg.action.dim_weights
+        if not problems and dim_w is not None and cfg.weights.action != 0 and sum(dim_w[a] for a in regress) <= 0:
+            problems.append(f"loss.action.dim_weights: all regressed dims {regress} have weight 0")
+        if problems:
+            raise RecipeError(problems, "loss")
+        self.cfg, self.action_dim, self.chunk, self.gripper_head = cfg, action_dim, chunk, gripper_head
+        self.action_loss = ACTION_LOSSES[cfg.action.type](cfg.action)
+        self.register_buffer("regress_dims", torch.tensor(regress, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "gripper_dims", torch.tensor(cfg.gripper.dims if gripper_head else [], dtype=torch.long), persistent=False
+        )
+        dims = torch.tensor(dim_w if dim_w is not None else [1.0] * action_dim)[regress]
+        horizon = torch.tensor(cfg.action.horizon_weights or [1.0] * chunk)
+        self.register_buffer("action_weights", horizon[:, None] * dims[None, :], persistent=False)  # (C, A')
+        pos = cfg.gripper.pos_weight
+        self.register_buffer("pos_weight", None if pos is None else torch.tensor(pos), persistent=False)
+        self.weighting = build_weighting(cfg, ("language", "action") + (("gripper",) if gripper_head else ()))
+        if not any(self.weighting.active(t) for t in TERMS) and cfg.strategy != "scheduled":
+            raise RecipeError("loss.weights: every term has weight 0", "loss")
+        self._step: int | None = None
+        self._new_step = True
+        self._watched: list[Tensor] = []
+
+    # ------------------------------------------------------------------ trainer-facing controls
+    def set_step(self, step: int) -> None:
+        """Tell the loss the optimizer step about to run (weights ramps, DWA windows, grad-norm cadence)."""
+        self._new_step = self._new_step or step != self._step
+        self._step = step
+        self.weighting.step = step
+
+    def wants(self, term: str) -> bool:
+        """Whether ``term`` is computed at the current step; the model skips a head's outputs if not."""
+        if term not in TERMS:
+            raise ValueError(f"unknown loss term '{term}'; terms: {', '.join(TERMS)}")
+        return self.weighting.active(term)
+
+    def watch(self, params: Iterable[Tensor]) -> None:
+        """Parameters of the shared layer (the last trunk layer) for the ``gradnorm/*`` diagnostic."""
+        self._watched = list(params)  # a plain list: not registered, not in state_dict
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Learned weighting parameters (uncertainty log-variances) for a group with weight_decay 0."""
+        return self.weighting.no_decay_parameters()
+
+    # ------------------------------------------------------------------ computation
+    def evaluate(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, TermResult]:
+        """Every active term with its valid count and metrics."""
+        results: dict[str, TermResult] = {}
+        anchor = batch["actions"]
+        with _no_autocast(anchor):
+            if self.wants("language") and self._has_language(outputs):
+                results["language"] = language_term(
+                    outputs["lm_logits"], outputs["lm_labels"], self.cfg.language.label_smoothing
+                )
+            if self.wants("action"):
+                results["action"] = self._action(outputs, batch)
+            if self.wants("gripper"):
+                results["gripper"] = self._gripper(outputs, batch)
+        return results
+
+    def terms(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted, undetached 0-dim terms, active terms only."""
+        return {k: r.value for k, r in self.evaluate(outputs, batch).items()}
+
+    def combine(self, terms: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+        """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid elements."""
+        if not terms:  # nothing to learn from in this batch: a leaf zero keeps backward() valid
+            return torch.zeros((), device=self.regress_dims.device, requires_grad=True)
+        with _no_autocast(next(iter(terms.values()))):
+            return self.weighting.combine(terms, present)
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total, parts); in training mode also feeds the strategy's statistics (DWA)."""
+        results = self.evaluate(outputs, batch)
+        values = {k: r.value for k, r in results.items()}
+        present = {k: r.count > 0 for k, r in results.items()}
+        new_step = self._consume_new_step() if self.training else False
+        if self.training:
+            self.weighting.observe({k: v.detach() for k, v in values.items()}, present, new_step)
+        total = self.combine(values, present)
+        parts = self._parts(results, total.device)
+        if self.training and new_step and self._grad_norm_due():
+            parts.update(self.term_grad_norms(values, self._watched))
+        return total, parts
+
+    def term_grad_norms(self, terms: dict[str, Tensor], params: list[Tensor]) -> dict[str, Tensor]:
+        """Gradient norm of each term on ``params``: ``gradnorm/<term>`` (unweighted) and
+        ``gradnorm_weighted/<term>`` (times its effective weight: what the optimizer actually sees)."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return {}
+        weights = self.weighting.effective_weights(list(terms), params[0].device)
+        out = {}
+        for name, value in terms.items():
+            out[f"gradnorm/{name}"] = norm = _grad_norm(value, params)
+            out[f"gradnorm_weighted/{name}"] = norm * weights[name].to(norm.device)
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _has_language(self, outputs: dict[str, Tensor]) -> bool:
+        logits, labels = outputs.get("lm_logits"), outputs.get("lm_labels")
+        _expect("language", (logits is None) == (labels is None), "lm_logits and lm_labels must come together")
+        return logits is not None and labels is not None and logits.shape[0] > 0
+
+    def _action(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> TermResult:
+        term = "action"
+        _expect(term, "actions" in outputs, "outputs['actions'] is missing")
+        pred, target = outputs["actions"], batch["actions"]
+        _same_shape(term, "outputs['actions']", pred, "batch['actions']", target)
+        expected = (pred.shape[0], self.chunk, self.action_dim)
+        _expect(
+            term,
+            tuple(pred.shape) == expected,
+            f"outputs['actions'] has shape {tuple(pred.shape)}, expected (B, chunk, action_dim) = {expected}",
+        )
+        _floating(term, "outputs['actions']", pred)
+        _floating(term, "batch['actions']", target)
+        mask = element_mask(batch, target.shape, term)
+        pick = functools.partial(torch.index_select, dim=-1, index=self.regress_dims)
+        return action_term(pick(pred), pick(target), pick(mask), self.action_weights, self.action_loss)
+
+    def _gripper(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> TermResult:
+        term = "gripper"
+        _expect(
+            term, "gripper_logits" in outputs, "outputs['gripper_logits'] missing though model.gripper_head is true"
+        )
+        logits, actions = outputs["gripper_logits"], batch["actions"]
+        raw = actions.index_select(-1, self.gripper_dims)
+        _same_shape(term, "outputs['gripper_logits']", logits, f"batch['actions'][..., {self.cfg.gripper.dims}]", raw)
+        _floating(term, "outputs['gripper_logits']", logits)
+        mask = element_mask(batch, actions.shape, term).index_select(-1, self.gripper_dims)
+        labels = gripper_labels(raw, self.cfg.gripper.threshold, self.cfg.gripper.closed_is_high)
+        return gripper_term(logits, labels, mask, self.pos_weight)
+
+    def _parts(self, results: dict[str, TermResult], device: torch.device) -> dict[str, Tensor]:
+        parts = {f"loss/{k}": r.value.detach() for k, r in results.items()}
+        for r in results.values():
+            parts.update(r.metrics)
+        parts.update({f"weight/{k}": w for k, w in self.weighting.effective_weights(list(results), device).items()})
+        return parts
+
+    def _consume_new_step(self) -> bool:
+        """True for the first training forward of an optimizer step (every forward if set_step is never called)."""
+        new = self._new_step or self._step is None
+        self._new_step = False
+        return new
+
+    def _grad_norm_due(self) -> bool:
+        every = self.cfg.grad_norm_every
+        return bool(self._watched) and every > 0 and self._step is not None and self._step % every == 0

@@ -1,0 +1,110 @@
+"""Action metrics in the dataset's real units, accumulated over validation batches.
+
+Used by validation during training and by ``vla-ft eval``. Predictions are de-normalised
+with the run's statistics; with a gripper head the gripper dims are predicted as the
+dataset's open/closed values (min/max of that dim), which is what a robot would receive.
+Also reported: the L1 of the *mean-action baseline* (always predicting the training mean),
+so "is it learning?" has an answer on the same line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vla_ft.config import GripperLossConfig
+
+
+def gripper_labels(values: torch.Tensor, cfg: GripperLossConfig) -> torch.Tensor:
+    """Raw gripper values (..., G) -> bool labels, True = closed."""
+    high = values > cfg.threshold
+    return high if cfg.closed_is_high else ~high
+
+
+class ActionMetrics:
+    """Accumulates sums over batches; :meth:`compute` returns ``{name: float}``."""
+
+    def __init__(self, normalizer, action_dim: int, chunk: int, gripper_dims: list[int], gripper_cfg: GripperLossConfig,
+                 gripper_head: bool):
+        self.norm, self.gripper_dims, self.gcfg, self.gripper_head = normalizer, list(gripper_dims), gripper_cfg, gripper_head
+        self.reg_dims = [i for i in range(action_dim) if not (gripper_head and i in self.gripper_dims)]
+        self.abs = torch.zeros(action_dim, dtype=torch.float64)
+        self.sq = torch.zeros(action_dim, dtype=torch.float64)
+        self.base_abs = torch.zeros(action_dim, dtype=torch.float64)
+        self.by_horizon = torch.zeros(chunk, dtype=torch.float64)
+        self.count_h = torch.zeros(chunk, dtype=torch.float64)
+        self.count = 0.0
+        self.g_tp = self.g_fp = self.g_fn = self.g_correct = self.g_total = 0.0
+        self.t_correct = self.t_total = 0.0
+        self.tok_correct = self.tok_total = 0.0
+
+    def _real(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.norm.unnormalize("action", actions.detach().float().cpu()).double()
+
+    def predicted_real(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predicted actions in real units (B, C, A), gripper dims as open/closed values."""
+        pred = self._real(outputs["actions"])
+        if self.gripper_head and self.gripper_dims and "gripper_logits" in outputs:
+            closed = outputs["gripper_logits"].detach().float().cpu() > 0
+            stats = self.norm.stats["action"]
+            for j, dim in enumerate(self.gripper_dims):
+                lo, hi = float(stats["min"][dim]), float(stats["max"][dim])
+                closed_value, open_value = (hi, lo) if self.gcfg.closed_is_high else (lo, hi)
+                pred[..., dim] = torch.where(closed[..., j], closed_value, open_value).double()
+        return pred
+
+    def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        pred, true = self.predicted_real(outputs), self._real(batch["actions"])
+        mask = batch["action_mask"].cpu().double()  # (B, C)
+        err = (pred - true).abs()
+        mean = torch.as_tensor(self.norm.stats["action"]["mean"], dtype=torch.float64)
+        self.abs += (err * mask[..., None]).sum((0, 1))
+        self.sq += (err.square() * mask[..., None]).sum((0, 1))
+        self.base_abs += ((mean - true).abs() * mask[..., None]).sum((0, 1))
+        self.by_horizon += (err[..., self.reg_dims].mean(-1) * mask).sum(0)
+        self.count_h += mask.sum(0)
+        self.count += float(mask.sum())
+        if self.gripper_dims:
+            self._update_gripper(pred, true, mask.bool())
+        if "lm_logits" in outputs and outputs["lm_logits"].numel():
+            labels = outputs["lm_labels"].cpu()
+            valid = labels != -100
+            hit = (outputs["lm_logits"].detach().argmax(-1).cpu() == labels) & valid
+            self.tok_correct += float(hit.sum())
+            self.tok_total += float(valid.sum())
+
+    def _update_gripper(self, pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> None:
+        p = gripper_labels(pred[..., self.gripper_dims], self.gcfg)
+        t = gripper_labels(true[..., self.gripper_dims], self.gcfg)
+        m = mask[..., None].expand_as(t)
+        self.g_tp += float((p & t & m).sum())
+        self.g_fp += float((p & ~t & m).sum())
+        self.g_fn += float((~p & t & m).sum())
+        self.g_correct += float(((p == t) & m).sum())
+        self.g_total += float(m.sum())
+        trans = (t[:, 1:] != t[:, :-1]) & m[:, 1:] & m[:, :-1]  # label changes inside the chunk
+        self.t_correct += float(((p[:, 1:] == t[:, 1:]) & trans).sum())
+        self.t_total += float(trans.sum())
+
+    def compute(self, prefix: str = "val/") -> dict[str, float]:
+        n = max(self.count, 1.0)
+        reg = self.reg_dims
+        out = {
+            f"{prefix}action_l1": float(self.abs[reg].sum() / (n * len(reg))),
+            f"{prefix}action_mse": float(self.sq[reg].sum() / (n * len(reg))),
+            f"{prefix}baseline_l1": float(self.base_abs[reg].sum() / (n * len(reg))),
+        }
+        for i in range(len(self.abs)):
+            out[f"{prefix}action_l1/dim{i}"] = float(self.abs[i] / n)
+            out[f"{prefix}action_mse/dim{i}"] = float(self.sq[i] / n)
+        for t in range(len(self.by_horizon)):
+            out[f"{prefix}action_l1/h{t}"] = float(self.by_horizon[t] / max(float(self.count_h[t]), 1.0))
+        if self.g_total:
+            out[f"{prefix}gripper_acc"] = self.g_correct / self.g_total
+            denom = 2 * self.g_tp + self.g_fp + self.g_fn
+            out[f"{prefix}gripper_f1"] = 2 * self.g_tp / denom if denom else 1.0
+            out[f"{prefix}gripper_transition_acc"] = self.t_correct / self.t_total if self.t_total else math.nan
+        if self.tok_total:
+            out[f"{prefix}token_acc"] = self.tok_correct / self.tok_total
+        return out

@@ -1,0 +1,313 @@
+"""VLA assembly: a timm vision encoder, a projector, a transformers causal LM, action readout.
+
+Sequence fed to the LM (one row of the batch)::
+
+    [vision tokens | state token | prompt (left-padded) | action queries (C) | target (right-padded)]
+
+Because prompts are left-padded and targets right-padded (``robot_data.collate``), the C
+action queries sit at the same positions in every row, so the readout is a slice, not a
+gather. Queries see the image, state and prompt but never the language target (causal
+attention); the target sees everything before it. The LM's hidden states at the query
+positions feed the action head ``(B, C, A)`` and the gripper head ``(B, C, G)``; LM logits
+are computed only at the target positions ``(B * Lt, V)``, never over the whole sequence.
+
+Named children (freezing, LR groups, LoRA and reports all use these names):
+``vision_encoder, projector, proprio_encoder, language_model, action_queries, action_head,
+gripper_head``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_ft.config import ModelConfig, RecipeError
+
+# Upstream modules of each trunk module: a frozen module may run without autograd only
+# when everything feeding it is frozen too.
+UPSTREAM = {
+    "vision_encoder": (),
+    "projector": ("vision_encoder",),
+    "proprio_encoder": (),
+    "action_queries": (),
+    "language_model": ("vision_encoder", "projector", "proprio_encoder", "action_queries"),
+}
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Module:
+    if d_hidden <= 0:
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class ActionQueries(nn.Module):
+    """C learnable query embeddings, one per chunk step: (C, D)."""
+
+    def __init__(self, chunk: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(chunk, width) * 0.02)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class VisionEncoder(nn.Module):
+    """timm backbone(s) -> tokens (B, n_cam * N, Dv), N = patch tokens or 1 pooled token.
+
+    Pixel normalisation (the backbone's own mean/std) happens here, on the device, so the
+    data pipeline ships uint8.
+    """
+
+    def __init__(self, backbones: nn.ModuleList, features: str, mean: tuple, std: tuple):
+        super().__init__()
+        self.backbones = backbones
+        self.features = features
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def width(self) -> int:
+        return self.backbones[0].num_features
+
+    def encode(self, backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        feats = backbone.forward_features(pixels)  # (B, prefix + N, Dv)
+        if self.features == "pooled":
+            return backbone.forward_head(feats, pre_logits=True).unsqueeze(1)
+        return feats[:, getattr(backbone, "num_prefix_tokens", 0):]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (B, n_cam, 3, H, W) -> (B, n_cam * N, Dv)."""
+        b, n_cam = images.shape[:2]
+        pixels = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
+        if len(self.backbones) == 1:  # shared encoder: one batched call over all cameras
+            tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
+            return tokens.reshape(b, n_cam * tokens.shape[1], -1)
+        if len(self.backbones) != n_cam:
+            raise ValueError(f"model.vision.per_camera: {len(self.backbones)} encoders but {n_cam} cameras in the batch")
+        return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+
+
+def _timm_pretrained_kwargs(pretrained: bool | str) -> dict[str, Any]:
+    if pretrained is False:
+        return {"pretrained": False}
+    if pretrained is True:
+        return {"pretrained": True}
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
+        if not found:
+            raise RecipeError(f"model.vision.pretrained: no .safetensors/.bin/.pth file in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise RecipeError(f"model.vision.pretrained: path does not exist: {pretrained}")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+
+
+def build_vision_encoder(cfg: ModelConfig, n_cameras: int) -> VisionEncoder:
+    import timm
+
+    v = cfg.vision
+    if not timm.is_model(v.name):
+        close = difflib.get_close_matches(v.name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise RecipeError(f"model.vision.name: unknown timm model '{v.name}'{hint}")
+    kwargs = {"num_classes": 0, "img_size": v.img_size, **_timm_pretrained_kwargs(v.pretrained), **v.kwargs}
+    backbones = nn.ModuleList(timm.create_model(v.name, **kwargs) for _ in range(n_cameras if v.per_camera else 1))
+    data_cfg = timm.data.resolve_data_config({}, model=backbones[0])
+    return VisionEncoder(backbones, v.features, data_cfg["mean"], data_cfg["std"])
+
+
+def build_language_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """AutoModelForCausalLM from a local directory, a hub name, or a config (tiny)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lang = cfg.language
+    attn = {"attn_implementation": lang.attn_implementation}
+    if lang.name is None:
+        if "model_type" not in lang.config:
+            raise RecipeError("model.language.config: needs model_type (e.g. qwen2) when model.language.name is null")
+        kwargs = {"vocab_size": vocab_size, **lang.config}
+        try:
+            config = AutoConfig.for_model(**kwargs)
+        except ValueError as err:
+            raise RecipeError(f"model.language.config: {err}") from None
+        lm = AutoModelForCausalLM.from_config(config, **attn)
+    else:
+        path = Path(lang.name).expanduser()
+        if not path.exists() and (lang.name.startswith((".", "/", "~")) or lang.name.count("/") > 1):
+            raise RecipeError(f"model.language.name: directory not found: {lang.name}")
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else lang.name, **attn)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    if lang.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+class VLA(nn.Module):
+    """Vision-language-action policy network; see the module docstring for the layout."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, state_dim: int, action_dim: int, chunk: int, n_cameras: int,
+        n_history: int, vocab_size: int, n_gripper: int,
+    ):
+        super().__init__()
+        self.cfg, self.chunk, self.action_dim, self.n_gripper = cfg, chunk, action_dim, n_gripper
+        self.vision_encoder = build_vision_encoder(cfg, n_cameras)
+        self.language_model = build_language_model(cfg, vocab_size)
+        width = self.language_model.get_input_embeddings().embedding_dim
+        self.projector = _mlp(self.vision_encoder.width, cfg.projector_hidden, width)
+        self.proprio_encoder = _mlp(state_dim * n_history, width, width) if cfg.proprio else None
+        self.action_queries = ActionQueries(chunk, width)
+        self.action_head = _mlp(width, cfg.action_head_hidden, action_dim)
+        self.gripper_head = _mlp(width, cfg.action_head_hidden, n_gripper) if cfg.gripper_head else None
+        self.frozen: set[str] = set()
+        self.lora_modules: set[str] = set()  # filled by vla_ft.lora.apply_lora
+        self.wants_language = True  # set by the trainer from the loss (zero-weight terms are skipped)
+
+    # ------------------------------------------------------------------ structure
+    def named_modules_of_interest(self) -> dict[str, nn.Module]:
+        """The named children that exist in this model (proprio/gripper may be off)."""
+        from vla_ft.config import MODULE_NAMES
+
+        return {n: getattr(self, n) for n in MODULE_NAMES if getattr(self, n, None) is not None}
+
+    def set_frozen(self, names: set[str]) -> None:
+        """Freeze exactly ``names``: no gradients, eval mode (dropout off, norms fixed).
+
+        A LoRA-wrapped module (``lora_modules``) trains its adapters whatever ``names`` says.
+        """
+        self.frozen = set(names)
+        for name, module in self.named_modules_of_interest().items():
+            for pname, p in module.named_parameters():
+                # LoRA-wrapped modules: base weights always frozen, adapters always train.
+                p.requires_grad_("lora_" in pname if name in self.lora_modules else name not in names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VLA:
+        super().train(mode)
+        for name in self.frozen:  # frozen modules stay in eval mode when the model trains
+            module = getattr(self, name, None)
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    def _needs_grad(self, name: str) -> bool:
+        """Whether autograd must run through module ``name`` (it or something upstream trains)."""
+        chain = (name, *UPSTREAM.get(name, ()))
+        modules = [getattr(self, n, None) for n in chain]
+        return any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+    def _grad_ctx(self, name: str):
+        return contextlib.nullcontext() if self._needs_grad(name) else torch.no_grad()
+
+    @property
+    def decoder(self) -> nn.Module:
+        lm = self.language_model
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        return base.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        lm = self.language_model
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        return base.get_output_embeddings()
+
+    def shared_layer_parameters(self) -> list[torch.Tensor]:
+        """Trainable parameters of the last trunk layer (for per-term gradient norms)."""
+        layers = getattr(self.decoder, "layers", None)
+        module = layers[-1] if layers is not None else self.decoder
+        params = [p for p in module.parameters() if p.requires_grad]
+        return params or [p for p in self.action_queries.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ forward
+    def embed_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision + state tokens: (B, Nv + 1, D) embeddings and their (B, Nv + 1) mask."""
+        with self._grad_ctx("vision_encoder"):
+            vis = self.vision_encoder(batch["images"])
+        with self._grad_ctx("projector"):
+            tokens = [self.projector(vis)]
+        if self.proprio_encoder is not None:
+            with self._grad_ctx("proprio_encoder"):
+                tokens.append(self.proprio_encoder(batch["state"].flatten(1)).unsqueeze(1))
+        prefix = torch.cat(tokens, dim=1)
+        return prefix, torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+
+    def trunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything up to the heads: returns ``readout`` (B, C, D) and, when the language
+        term is wanted, ``target_hidden`` (B, Lt, D) at the positions predicting the target."""
+        prefix, prefix_mask = self.embed_prefix(batch)
+        embed = self.language_model.get_input_embeddings()
+        b, c = prefix.shape[0], self.chunk
+        want_text = self.wants_language and batch["target_ids"].shape[1] > 0
+        parts = [prefix, embed(batch["prompt_ids"]), self.action_queries(b).to(prefix.dtype)]
+        masks = [prefix_mask, batch["prompt_mask"], prefix_mask.new_ones((b, c))]
+        if want_text:
+            parts.append(embed(batch["target_ids"]))
+            masks.append(batch["target_mask"])
+        seq, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        with self._grad_ctx("language_model"):
+            hidden = self.decoder(inputs_embeds=seq, attention_mask=mask.long(), position_ids=positions).last_hidden_state
+        q0 = prefix.shape[1] + batch["prompt_ids"].shape[1]
+        out = {"readout": hidden[:, q0 : q0 + c]}
+        if want_text:  # position p predicts token p + 1: the last query predicts target[0]
+            out["target_hidden"] = hidden[:, q0 + c - 1 : q0 + c - 1 + batch["target_ids"].shape[1]]
+        return out
+
+    def heads(self, readout: torch.Tensor) -> dict[str, torch.Tensor]:
+        """readout (B, C, D) -> actions (B, C, A) [+ gripper_logits (B, C, G)]."""
+        out = {"actions": self.action_head(readout)}
+        if self.gripper_head is not None:
+            out["gripper_logits"] = self.gripper_head(readout)
+        return out
+
+    def language_logits(self, target_hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logits only at target positions: lm_logits (B * Lt, V), lm_labels (B * Lt,) with -100 at pads."""
+        labels = batch["target_ids"].masked_fill(~batch["target_mask"], -100)
+        return {"lm_logits": self.lm_head(target_hidden).flatten(0, 1), "lm_labels": labels.flatten()}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch (see robot_data.sample) -> outputs for :class:`vla_ft.losses.CompositeLoss`.
+
+        A batch carrying ``readout`` (cached frozen-trunk features) runs the heads only.
+        """
+        trunk = {"readout": batch["readout"]} if "readout" in batch else self.trunk(batch)
+        out = self.heads(trunk["readout"])
+        if "target_hidden" in trunk:
+            out.update(self.language_logits(trunk["target_hidden"], batch))
+        return out
+
+
+def pad_token_id(tokenizer) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def check_cameras(n_model: int, n_data: int) -> None:
+    if n_model != n_data:
+        raise RecipeError(f"data.cameras: the model expects {n_model} camera(s) but the data provides {n_data}")
+
+
+def build_model(recipe, *, state_dim: int, action_dim: int, n_cameras: int, vocab_size: int) -> VLA:
+    """The VLA for a recipe and the data's dimensions, with LoRA applied when asked."""
+    from vla_ft.lora import apply_lora
+
+    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
+    bad = [d for d in gripper if not 0 <= d < action_dim]
+    if bad:
+        raise RecipeError(f"loss.gripper.dims: {bad} out of range for {action_dim} action dims")
+    model = VLA(recipe.model, state_dim=state_dim, action_dim=action_dim, chunk=recipe.data.chunk,
+                n_cameras=n_cameras, n_history=recipe.data.history, vocab_size=vocab_size, n_gripper=len(gripper))
+    apply_lora(model, recipe.model.lora)
+    return model

@@ -1,0 +1,178 @@
+"""Everything a run holds (:class:`Run`) and how it is assembled from a recipe (:func:`setup`).
+
+Order matters for exact resume: the model is built from the seed, then the checkpoint (if
+any) overwrites weights, optimizer, RNG and data position; nothing after that draws from
+the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_ft import checkpoint as ck
+from vla_ft import optim
+from vla_ft.config import Recipe, RecipeError, save_recipe
+from vla_ft.data import DataBundle, EpochSampler, build_data, make_loader
+from vla_ft.losses import CompositeLoss
+from vla_ft.model import VLA, build_model, pad_token_id
+from vla_ft.report import format_table, parameter_rows
+from vla_ft.run_state import (
+    TrainState,
+    check_resume_compatible,
+    load_training_checkpoint,
+    read_norm_stats,
+    read_saved_recipe,
+)
+from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown
+from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
+from vla_ft.tracking import MetricsLogger, Progress
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    rt: Runtime
+    run_dir: Path
+    model: VLA
+    loss_fn: CompositeLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    data: DataBundle
+    sampler: EpochSampler
+    train_loader: Any
+    val_loader: Any
+    logger: MetricsLogger
+    progress: Progress
+    tokenizer: Any
+    gripper_dims: list[int]
+    state: TrainState = field(default_factory=TrainState)
+    resumed_from: Path | None = None
+    early_stop: bool = False
+    wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ hooks used by the loop
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return (self.wrapped or self.model)(batch)
+
+    def no_sync(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.wrapped is not None and not last and hasattr(self.wrapped, "no_sync"):
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def trainable_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    @property
+    def shared_params(self) -> list[torch.Tensor]:
+        return self.model.shared_layer_parameters()
+
+    def on_freeze_change(self) -> None:
+        """Called after a staged unfreeze; distributed wrappers re-register parameters here."""
+        hook = self.extras.get("on_freeze_change")
+        if hook is not None:
+            hook(self)
+
+    def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        hook = self.extras.get("reduce_metrics")
+        return hook(self, values) if hook is not None else values
+
+    def perf_metrics(self, samples: int, elapsed: float) -> dict[str, float]:
+        out = {}
+        if self.rt.device.type == "cuda":
+            out["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        hook = self.extras.get("perf_metrics")
+        if hook is not None:
+            out.update(hook(self, samples, elapsed))
+        return out
+
+
+def _default_tokenizer(recipe: Recipe) -> str:
+    lang = recipe.model.language
+    return lang.tokenizer or lang.name or BUILTIN_TINY
+
+
+def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
+    if not recipe.train.resume:
+        return None
+    path = ck.latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        print(f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
+    return path
+
+
+def build_components(recipe: Recipe, device: torch.device, resume_from: Path | None = None):
+    """Tokenizer, data, model, loss and optimizer, seeded: the part shared with ``inspect``.
+
+    Returns (model, loss_fn, optimizer, (tokenizer, data)).
+    """
+    seed_everything(recipe.train.seed)
+    tokenizer = load_tokenizer(str(resume_from / "tokenizer") if resume_from else _default_tokenizer(recipe))
+    offset = len(tokenizer) - recipe.model.action_tokens_bins
+    stats = read_norm_stats(resume_from) if resume_from else None
+    data = build_data(recipe, tokenizer, offset, stats)
+    model = build_model(recipe, state_dim=data.state_dim, action_dim=data.action_dim,
+                        n_cameras=len(data.cameras), vocab_size=len(tokenizer)).to(device)
+    loss_fn = CompositeLoss(recipe.loss, data.action_dim, recipe.data.chunk, recipe.model.gripper_head).to(device)
+    model.wants_language = recipe.data.language_target != "none" and loss_fn.wants("language")
+    groups = optim.build_param_groups(recipe, model, list(loss_fn.no_decay_parameters()))
+    if not groups:
+        raise RecipeError("freeze: every module is frozen and nothing would train")
+    return model, loss_fn, optim.build_optimizer(recipe, groups, device), (tokenizer, data)
+
+
+def setup(recipe: Recipe) -> Run:
+    rt = init_runtime(recipe)
+    run_dir = Path(recipe.output_dir)
+    resume_from = find_resume_checkpoint(recipe, run_dir)
+    if resume_from is not None:
+        check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from)
+    model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from)
+    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size)
+    pad = pad_token_id(tokenizer)
+    train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
+    val_loader = None
+    if data.val_set is not None:
+        val_sampler = EpochSampler(len(data.val_set), recipe.train.seed, False)
+        val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(run_dir, recipe.logging.tensorboard, enabled=rt.is_main)
+    run = Run(recipe, rt, run_dir, model, loss_fn, optimizer, scaler, data, sampler, train_loader, val_loader, logger,
+              Progress(recipe.train.steps, 0, recipe.logging.progress, rt.is_main), tokenizer, gripper)
+    if resume_from is not None:
+        load_training_checkpoint(run, resume_from)
+        run.resumed_from = resume_from
+        logger.truncate_after(run.state.step)
+        run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
+        run.progress.write(f"resumed from {resume_from} at step {run.state.step}")
+    model.set_frozen(optim.frozen_at(recipe, model, run.state.step))
+    optim.set_lr(recipe, optimizer, run.state.step)
+    _install_extensions(run)
+    if rt.is_main:
+        save_recipe(recipe, run_dir / "config.yaml")
+        table = format_table(parameter_rows(model, optimizer))
+        (run_dir / "parameters.txt").write_text(table + "\n")
+        run.progress.write(table)
+    return run
+
+
+def _install_extensions(run: Run) -> None:
+    """Optional parts (distributed wrapping, feature cache, MFU) hook into the run here."""
+    from vla_ft import extensions
+
+    extensions.install(run)
+
+
+def teardown(run: Run) -> None:
+    run.logger.close()
+    shutdown(run.rt)

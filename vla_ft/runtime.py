@@ -1,0 +1,93 @@
+"""Where and how a run executes: device, precision, seeding, and the process group.
+
+One code path for CPU and GPU, one process or many: under torchrun (``RANK``/``WORLD_SIZE``
+set) the process group is initialised here and every other module asks this object, never
+the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vla_ft.config import Recipe, RecipeError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None = fp32, no autocast
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def all_true(self, flag: bool) -> bool:
+        """Every rank agrees on a stop/skip decision: true only if true everywhere."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_runtime(recipe: Recipe) -> Runtime:
+    """Pick the device and precision; join the process group when launched by torchrun."""
+    t = recipe.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device: cuda requested but no CUDA device is available")
+    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = t.precision if t.precision != "auto" else ("bf16" if want_cuda else "fp32")
+    if precision == "fp16" and not want_cuda:
+        raise RecipeError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if world > 1 and not dist.is_initialized():
+        backend = recipe.distributed.backend
+        backend = ("nccl" if want_cuda else "gloo") if backend == "auto" else backend
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return Runtime(device, amp, rank, world, local)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
