@@ -28,13 +28,15 @@ from robot_data.video import VideoDecoder
 IMAGE_COLUMNS_KEPT = 2  # image columns (per file and camera) held in memory per process
 
 
+def is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
 def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32) -> np.ndarray:
     """A scalar or list column of n rows -> (n, D) array; null rows become NaN rows."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-    nested = nested or pa.types.is_fixed_size_list(column.type)
-    if not nested:
+    if not is_list_type(column.type):
         return column.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), 1)
     if column.null_count == 0:
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False)

@@ -18,6 +18,7 @@ from robot_data.reader import Reader
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99", "count")
 NORM_KEYS = ("state", "action")
 MODES = ("mean_std", "min_max", "q01_q99", "none")
+MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "q01_q99": ("q01", "q99"), "none": ()}
 EPS = 1e-6
 """A std or half-range below EPS marks a constant dim: its scale becomes 1 instead of EPS, since
 dividing by a tiny number would turn any deviation at inference time into a huge input."""
@@ -144,11 +145,15 @@ class Normalizer:
         if mode not in MODES:
             raise ValueError(f"normalize: unknown mode '{mode}'; valid: {', '.join(MODES)}")
         self.mode = mode
-        self.stats = {k: {s: np.asarray(v, np.float32) for s, v in stats[k].items()} for k in NORM_KEYS}
+        self.stats = {k: {s: np.asarray(v, np.float32).reshape(-1) for s, v in stats[k].items()} for k in NORM_KEYS}
         self.raw_dims = {"action": sorted(raw_action_dims or []), "state": sorted(raw_state_dims or [])}
         self._affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key in NORM_KEYS:
-            dim = len(self.stats[key]["mean"])
+            missing = [s for s in MODE_STATS[mode] if s not in self.stats[key]]
+            if missing:
+                have = ", ".join(self.stats[key]) or "none"
+                raise ValueError(f"normalize={mode} needs {key} stats {', '.join(missing)}; the stats have {have}")
+            dim = len(next(iter(self.stats[key].values())))
             bad = [d for d in self.raw_dims[key] if not 0 <= d < dim]
             if bad:
                 raise ValueError(f"normalize: raw {key} dims {bad} out of range for {dim} {key} dims")
@@ -193,3 +198,50 @@ class Normalizer:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
         return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"])
+
+
+def compare_stats(shipped: dict[str, dict[str, np.ndarray]], fresh: dict[str, dict[str, np.ndarray]],
+                  tolerance: float = 0.05) -> list[str]:
+    """Where shipped stats disagree with freshly computed ones, one line per (key, stat, dim).
+
+    A difference counts when it exceeds ``tolerance`` times the fresh std of that dim (floored
+    at EPS), i.e. disagreements are measured in units of the data's own spread.
+    """
+    lines = []
+    for key in NORM_KEYS:
+        spread = np.maximum(np.asarray(fresh[key]["std"], np.float64).reshape(-1), EPS)
+        for stat in ("mean", "std", "min", "max", "q01", "q99"):
+            if stat not in shipped.get(key, {}) or stat not in fresh[key]:
+                continue
+            a = np.asarray(shipped[key][stat], np.float64).reshape(-1)
+            b = np.asarray(fresh[key][stat], np.float64).reshape(-1)
+            if a.shape != b.shape:
+                lines.append(f"{key}.{stat}: shipped has {a.size} dims, the data has {b.size}")
+                continue
+            for d in np.flatnonzero(np.abs(a - b) > tolerance * spread):
+                lines.append(f"{key}.{stat}[{d}]: shipped {a[d]:.6g}, computed {b[d]:.6g}")
+    return lines
+
+
+def resolve_stats(reader: Reader, train_episodes: Iterable[int],
+                  tolerance: float = 0.05) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+    """The stats to normalise with, plus a report of shipped-vs-computed disagreements.
+
+    With a stats file shipped (``reader.stats()``), it is used, and compared with stats computed
+    over *all* episodes (what the file claims to describe); stats it lacks (e.g. q01/q99 in
+    v2.1) are filled from that computation, and so are stats whose shape no longer matches the
+    data. Without a file, stats come from the train episodes only, so validation data never
+    leaks into normalisation.
+    """
+    shipped = reader.stats()
+    if shipped is None:
+        return compute_stats(reader, train_episodes), []
+    fresh = compute_stats(reader, [e.index for e in reader.episodes()])
+    report = compare_stats(shipped, fresh, tolerance)
+    merged = {k: dict(fresh[k]) for k in NORM_KEYS}
+    for key in NORM_KEYS:
+        for stat, value in shipped[key].items():
+            value = np.asarray(value, np.float32).reshape(-1)
+            if stat == "count" or value.shape == fresh[key]["mean"].shape:  # a stale shape is unusable
+                merged[key][stat] = value
+    return merged, report

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from robot_data.hdf5 import HDF5Reader
+from robot_data.lerobot import LeRobotReader
 from robot_data.reader import Reader
 from robot_data.synthetic import SyntheticReader
 
 READERS: dict[str, type[Reader]] = {
     "synthetic": SyntheticReader,
+    "lerobot": LeRobotReader,
+    "hdf5": HDF5Reader,
 }
 
 

@@ -5,7 +5,7 @@ the *image* shows where the blocks are, the *instruction* says which colour to p
 *state* says where the end effector (EE) is and whether the gripper is closed.
 
 Coordinates are normalised to [0, 1]: x grows to the right, y grows *downwards* (image rows),
-so "up" means smaller y and the lift phase carries the block towards y = ``LIFT_Y``.
+so "up" means smaller y; the bin where blocks are released sits at ``BIN`` (top centre).
 Every episode is a pure function of ``(seed, episode_index)`` through a numpy Generator, so it
 is identical in every process, worker and run.
 """
@@ -34,14 +34,15 @@ N_BLOCKS = 3
 WORKSPACE = (0.15, 0.85)  # block centres
 EE_START = (0.1, 0.9)  # EE start range, per axis
 MIN_BLOCK_GAP = 0.2  # centre distance (inf-norm) > block width 1/8, so blocks never overlap
-MAX_STEP = 0.06  # per-axis EE displacement per frame
-LIFT_Y = 0.1
+MAX_STEP = 0.035  # per-axis EE displacement per frame
+BIN = np.array([0.5, 0.06])  # where blocks are carried and released (top centre)
+BIN_RGB = (70, 60, 50)
 FPS = 10.0
 CAMERA = "observation.images.top"
 DEFAULT_TEMPLATE = "what should the robot do to {instruction} ?"
 
 _MOVE_WORDS = ["move", "left", "right", "up", "down"]
-_PHRASE_WORDS = ["pick", "up", "the", "block", "close", "gripper", "lift", "hold"]
+_PHRASE_WORDS = ["pick", "up", "the", "block", "close", "gripper", "carry", "release", "done"]
 _TEMPLATE_WORDS = DEFAULT_TEMPLATE.replace("{instruction}", "").split()
 SYNTHETIC_VOCAB: list[str] = list(dict.fromkeys(_PHRASE_WORDS + list(COLOUR_NAMES) + _MOVE_WORDS + _TEMPLATE_WORDS))
 """Every whitespace-separated word of instructions, narrations and the default prompt template."""
@@ -97,38 +98,46 @@ def _move_phrase(delta: np.ndarray) -> str:
     return " ".join(words)
 
 
-def expert_step(scene: Scene, ee: np.ndarray, grasped: bool) -> tuple[np.ndarray, float, str]:
-    """The scripted policy: (move (2,), gripper_cmd, narration) for one frame."""
+def expert_step(scene: Scene, ee: np.ndarray, phase: str) -> tuple[np.ndarray, float, str]:
+    """The scripted policy for one frame: (move (2,), gripper_cmd, narration).
+
+    ``phase`` is "reach" (gripper open, heading for the named block), "carry" (block grasped,
+    heading for the bin) or "done" (block released in the bin). The gripper closes on the
+    step that lands on the block and opens on the step that lands on the bin, so every
+    episode has both kinds of gripper transition.
+    """
     colour = scene.colours[scene.target]
-    if grasped:  # lift straight up, carrying the block
-        delta = np.array([0.0, LIFT_Y - ee[1]])
-        phrase = f"lift {colour} block" if abs(delta[1]) > 1e-6 else f"hold {colour} block"
-        return np.clip(delta, -MAX_STEP, MAX_STEP), 1.0, phrase
-    delta = scene.blocks[scene.target] - ee
+    if phase == "done":
+        return np.zeros(2), 0.0, "done"
+    goal = BIN if phase == "carry" else scene.blocks[scene.target]
+    delta = goal - ee
     move = np.clip(delta, -MAX_STEP, MAX_STEP)
-    if np.abs(delta).max() <= MAX_STEP:  # this step lands on the block: close on it
-        return move, 1.0, "close gripper"
-    return move, 0.0, _move_phrase(delta)
+    arrives = np.abs(delta).max() <= MAX_STEP
+    if phase == "carry":
+        return move, (0.0 if arrives else 1.0), (f"release {colour} block" if arrives else f"carry {colour} block")
+    return move, (1.0 if arrives else 0.0), ("close gripper" if arrives else _move_phrase(delta))
 
 
 def rollout(scene: Scene, length: int) -> Trajectory:
-    """Run the expert for ``length`` frames. A closed gripper on the target grasps it for good."""
+    """Run the expert for ``length`` frames: reach, grasp, carry to the bin, release."""
     state = np.zeros((length, 3), np.float32)
     action = np.zeros((length, 3), np.float32)
     blocks_t = np.zeros((length, N_BLOCKS, 2), np.float32)
     text: list[str] = []
-    ee, grip, grasped = scene.ee_start.astype(np.float64), 0.0, False
+    ee, grip, phase = scene.ee_start.astype(np.float64), 0.0, "reach"
     blocks = scene.blocks.astype(np.float64)
     for t in range(length):
         state[t] = (ee[0], ee[1], grip)
         blocks_t[t] = blocks
-        move, cmd, phrase = expert_step(scene, ee, grasped)
+        move, cmd, phrase = expert_step(scene, ee, phase)
         action[t] = (move[0], move[1], cmd)
         text.append(phrase)
-        ee, grip = ee + move, cmd
-        grasped = grasped or cmd == 1.0  # the closing step moved the EE exactly onto the block
-        if grasped:
-            blocks[scene.target] = ee
+        ee = ee + move
+        if phase != "done" and cmd != grip:  # a gripper transition ends the phase
+            phase = "carry" if phase == "reach" else "done"
+        grip = cmd
+        if phase == "carry" or (phase == "done" and phrase.startswith("release")):
+            blocks[scene.target] = ee  # the closing step moved the EE exactly onto the block
     return Trajectory(state, action, blocks_t, text)
 
 
@@ -157,6 +166,7 @@ def render(scene: Scene, blocks: np.ndarray, state: np.ndarray, size: int) -> np
     img = np.empty((size, size, 3), np.uint8)
     img[:] = TABLE_RGB
     half = max(1, size // 16)  # block width = size / 8
+    _ring(img, _to_px(BIN[0], size), _to_px(BIN[1], size), 2 * half, max(1, size // 64), BIN_RGB)
     order = [i for i in range(N_BLOCKS) if i != scene.target] + [scene.target]
     for i in order:
         _square(img, _to_px(blocks[i, 0], size), _to_px(blocks[i, 1], size), half, COLOURS[scene.colours[i]])

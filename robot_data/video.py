@@ -8,6 +8,7 @@ is within ``tolerance_s`` of it; anything else is an error naming the file and t
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
@@ -103,6 +104,9 @@ def encode_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, cod
     encoder = next((e for e in ENCODERS[codec] if e in av.codecs_available), None)
     if encoder is None:
         raise RuntimeError(f"this PyAV build has no {codec} encoder (tried {', '.join(ENCODERS[codec])})")
+    if encoder == "libsvtav1":
+        # SVT-AV1 prints a config banner per file to stderr; 1 = errors only (a user's setting wins).
+        os.environ.setdefault("SVT_LOG", "1")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))

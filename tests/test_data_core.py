@@ -233,14 +233,14 @@ def test_dataset_errors(reader, stats):
         _dataset(reader, stats, cameras=["wrist"])
     with pytest.raises(ValueError, match=r"unknown episode\(s\) \[99\]"):
         _dataset(reader, stats, episodes=[0, 99])
-    with pytest.raises(ValueError, match="valid: synthetic"):
+    with pytest.raises(ValueError, match="valid: synthetic, lerobot, hdf5"):
         build_reader("lerobott")
     assert isinstance(build_reader("synthetic", episodes=2), READERS["synthetic"])
 
 
 def test_collate_pads_prompt_left_and_target_right(reader, stats):
     ds = _dataset(reader, stats)
-    samples = [ds[0], ds[8]]  # "move ..." and "lift <colour> block": targets of different lengths
+    samples = [ds[0], ds[8]]  # "move ..." and "carry <colour> block": targets of different lengths
     batch = collate(samples, pad_id=0, pad_to_multiple=8)
     lengths = [len(s["target_ids"]) for s in samples]
     assert batch["target_ids"].shape[1] == 8 and batch["images"].shape == (2, 1, 3, 40, 40)

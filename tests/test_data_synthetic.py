@@ -14,7 +14,7 @@ from robot_data.synthetic import (
     CAMERA,
     COLOURS,
     DEFAULT_TEMPLATE,
-    LIFT_Y,
+    BIN,
     MAX_STEP,
     SYNTHETIC_VOCAB,
     SyntheticReader,
@@ -82,18 +82,24 @@ def test_action_depends_on_instruction():
     assert n_first_differs > 20  # of 40 pairs
 
 
-def test_expert_grasps_and_lifts_in_time():
+def test_expert_grasps_carries_and_releases():
     reader = SyntheticReader(episodes=64)
+    released = 0
     for ep in range(64):
         scene, traj = reader._episode(ep)
         closed = np.flatnonzero(traj.state[:, 2] == 1)
         assert len(closed) > 0, f"episode {ep} never grasps"
-        grasp = closed[0]
-        ee = traj.state[grasp:, :2]
-        assert np.allclose(traj.blocks[grasp:, scene.target], ee)  # the block moves with the EE
-        assert np.all(traj.state[grasp:, 2] == 1)  # and stays grasped
-        assert abs(traj.state[-1, 1] - LIFT_Y) < 1e-6  # lifted by the end
+        grasp, last_closed = closed[0], closed[-1]
+        assert np.all(traj.state[grasp : last_closed + 1, 2] == 1)  # one contiguous grasp
+        ee = traj.state[grasp : last_closed + 1, :2]
+        assert np.allclose(traj.blocks[grasp : last_closed + 1, scene.target], ee)  # the block moves with the EE
+        if last_closed < len(traj.state) - 1:  # opened again: only at the bin, and the block stays there
+            released += 1
+            assert np.allclose(traj.state[last_closed + 1, :2], BIN)
+            assert np.allclose(traj.blocks[-1, scene.target], BIN)
+            assert traj.text[last_closed] == f"release {scene.colours[scene.target]} block"
         assert np.abs(traj.action[:, :2]).max() <= MAX_STEP + 1e-6
+    assert released > 40  # most episodes have both gripper transitions
 
 
 def test_blocks_and_gripper_are_visible():

@@ -115,11 +115,10 @@ class Weighting(nn.Module):
         out = {}
         for k in names:
             weight = self.base_weight(k) * self.factor(k)
-            # torch.full launches a fill kernel; as_tensor(float) would be a blocking host-to-device copy
-            is_tensor = isinstance(weight, Tensor)
-            out[k] = (
-                weight.detach().float() if is_tensor else torch.full((), weight, dtype=torch.float32, device=device)
-            )
+            if isinstance(weight, Tensor):
+                out[k] = weight.detach().float()
+            else:  # torch.full runs a fill kernel; as_tensor(float) would be a blocking host-to-device copy
+                out[k] = torch.full((), weight, dtype=torch.float32, device=device)
         return out
 
     def observe(self, values: dict[str, Tensor], present: dict[str, Tensor], new_step: bool) -> None:

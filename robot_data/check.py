@@ -1,0 +1,164 @@
+"""Dataset validation: every problem at once, each naming the file and the episode.
+
+``check_dataset`` returns a list of :class:`Problem`; the trainer calls
+``episodes_to_skip(problems, skip_bad_episodes)``, which refuses the dataset (raising
+:class:`DatasetCheckError` with the full list) unless ``skip_bad_episodes`` is set and every
+problem belongs to an episode, and then returns the episodes to leave out.
+
+Frame decoding is the expensive part: ``decode="ends"`` (default) decodes the first and last
+frame of every episode and camera, ``"all"`` every frame, ``"none"`` none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robot_data.hdf5 import HDF5Reader
+
+KINDS = (
+    "missing_file", "unreadable", "bad_feature", "non_finite", "index_gap", "timestamp",
+    "video_short", "undecodable", "unknown_task",
+)
+DECODE_MODES = ("ends", "all", "none")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. ``episode`` is None when it concerns the whole dataset (never skippable)."""
+
+    kind: str
+    file: str
+    episode: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.episode is None else f"{self.file} (episode {self.episode})"
+        return f"[{self.kind}] {where}: {self.message}"
+
+
+class DatasetCheckError(ValueError):
+    """The dataset failed its checks; ``problems`` holds them all."""
+
+    def __init__(self, problems: list[Problem], hint: str = ""):
+        self.problems = problems
+        lines = "\n  - ".join(str(p) for p in problems)
+        super().__init__(f"dataset check: {len(problems)} problem(s):\n  - {lines}{hint}")
+
+
+def bad_episodes(problems: Iterable[Problem]) -> set[int]:
+    """Episodes that have at least one problem."""
+    return {p.episode for p in problems if p.episode is not None}
+
+
+def episodes_to_skip(problems: list[Problem], skip_bad_episodes: bool) -> set[int]:
+    """Refuse a failing dataset, or (``skip_bad_episodes``) return the bad episodes to leave out."""
+    if not problems:
+        return set()
+    whole = [p for p in problems if p.episode is None]
+    if whole or not skip_bad_episodes:
+        hint = "" if whole else f"\nset data.skip_bad_episodes=true to skip episodes {sorted(bad_episodes(problems))}"
+        raise DatasetCheckError(problems, hint)
+    return bad_episodes(problems)
+
+
+def non_finite(values: np.ndarray, name: str, file: str, episode: int) -> list[Problem]:
+    """A problem if ``values`` (T, D) holds NaN/inf, naming the first frame and dim."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return []
+    frame, dim = (int(v) for v in np.argwhere(bad)[0])
+    msg = f"{name} has {int(bad.sum())} NaN/inf value(s), first at frame {frame} dim {dim}"
+    return [Problem("non_finite", file, episode, msg)]
+
+
+def decode_checks(
+    frames: Callable[[list[int]], np.ndarray], length: int, shape: tuple[int, ...] | None, decode: str,
+    where: str, episode: int, camera: str,
+) -> list[Problem]:
+    """Decode the ends (or all) of one episode's camera; report failures and wrong shapes."""
+    if decode == "none" or length == 0:
+        return []
+    wanted = sorted({0, length - 1}) if decode == "ends" else list(range(length))
+    try:
+        images = frames(wanted)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+        text = str(err)
+        kind = "video_short" if "no frame within" in text or "has no frame" in text else "undecodable"
+        return [Problem(kind, where, episode, f"camera {camera}: {text}")]
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        msg = f"camera {camera}: frames are {tuple(images.shape[1:])}, the features say {tuple(shape)}"
+        return [Problem("bad_feature", where, episode, msg)]
+    return []
+
+
+def check_hdf5(
+    path: str | Path, layout: str = "robomimic", state_key: str = "observation.state", action_key: str = "action",
+    text_key: str | None = None, decode: str = "ends", **_: Any,
+) -> list[Problem]:
+    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images."""
+    if not Path(path).exists():
+        return [Problem("missing_file", str(path), None, "dataset not found")]
+    try:
+        reader = HDF5Reader(path, layout, state_key, action_key, text_key)
+    except (ValueError, OSError, KeyError) as err:
+        return [Problem("unreadable", str(path), None, str(err))]
+    problems: list[Problem] = []
+    first = reader.numeric(reader.episodes()[0].index)
+    dims = (first.state.shape[1], first.action.shape[1])
+    for ep in reader.episodes():
+        problems += _check_hdf5_episode(reader, ep.index, ep.length, dims, decode)
+    return problems
+
+
+def _check_hdf5_episode(
+    reader: HDF5Reader, episode: int, length: int, dims: tuple[int, int], decode: str
+) -> list[Problem]:
+    where, group = reader.location(episode), reader.group(episode)
+    missing = [k for k in [*reader.state_keys, reader.action_key] if k not in group]
+    if missing:
+        return [Problem("bad_feature", where, episode, f"missing dataset(s) {missing}")]
+    problems = []
+    for key in reader.state_keys:
+        if len(group[key]) != length:
+            problems.append(Problem("index_gap", where, episode, f"{key} has {len(group[key])} rows, actions {length}"))
+    if problems:
+        return problems
+    arrays = reader.numeric(episode)
+    for name, values, dim in (("state", arrays.state, dims[0]), ("action", arrays.action, dims[1])):
+        if values.shape[1] != dim:
+            msg = f"{name} has {values.shape[1]} dims, the first episode {dim}"
+            problems.append(Problem("bad_feature", where, episode, msg))
+        problems += non_finite(values, name, where, episode)
+    for camera, key in reader.camera_keys.items():
+        data = group.get(key)
+        if data is None:
+            problems.append(Problem("missing_file", where, episode, f"camera {camera}: dataset {key} missing"))
+            continue
+        if not (data.ndim == 4 and data.shape[-1] == 3 or data.ndim == 2) or data.dtype != np.uint8:
+            msg = f"camera {camera}: {data.shape} {data.dtype}, expected (T, H, W, 3) uint8 or (T, L) encoded uint8"
+            problems.append(Problem("bad_feature", where, episode, msg))
+            continue
+        if len(data) < length:
+            msg = f"camera {camera}: {len(data)} frames, shorter than the episode ({length})"
+            problems.append(Problem("video_short", where, episode, msg))
+            continue
+        frames = lambda idx, cam=camera: reader.frames(episode, cam, idx)  # noqa: E731
+        problems += decode_checks(frames, length, None, decode, where, episode, camera)
+    return problems
+
+
+def check_dataset(path: str | Path, format: str, decode: str = "ends", **kwargs: Any) -> list[Problem]:
+    """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...)."""
+    from robot_data.check_lerobot import check_lerobot
+
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode: unknown '{decode}'; valid: {', '.join(DECODE_MODES)}")
+    checks = {"lerobot": check_lerobot, "hdf5": check_hdf5, "synthetic": lambda *a, **k: []}
+    if format not in checks:
+        raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
+    return checks[format](path, decode=decode, **kwargs)

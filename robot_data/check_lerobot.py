@@ -1,0 +1,198 @@
+"""Checks of a LeRobot v3.0 / v2.1 directory (see :mod:`robot_data.check` for the contract).
+
+Reads the metadata, then every data file once (index and numeric columns only), then decodes
+the ends (or all) of every episode and camera through :class:`LeRobotReader`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from robot_data.check import Problem, decode_checks, non_finite
+from robot_data.lerobot import LeRobotReader, column_to_numpy, is_list_type
+from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
+from robot_data.video import video_duration
+
+INDEX_COLUMNS = ("episode_index", "frame_index", "timestamp", "index", "task_index")
+NUMPY_DTYPES = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "int32": pa.int32()}
+
+
+def _meta_problems(root: Path) -> list[Problem]:
+    """Missing or unreadable metadata files: all of them, before anything else is read."""
+    if not (root / "meta/info.json").is_file():
+        return [Problem("missing_file", str(root / "meta/info.json"), None, "missing")]
+    try:
+        info = read_json(root / "meta/info.json")
+    except DatasetFormatError as err:
+        return [Problem("unreadable", str(root / "meta/info.json"), None, str(err))]
+    needed = ["meta/tasks.parquet"] if is_v3(info) else ["meta/tasks.jsonl", "meta/episodes.jsonl"]
+    problems = [Problem("missing_file", str(root / n), None, "missing") for n in needed if not (root / n).is_file()]
+    if is_v3(info) and not list((root / "meta/episodes").glob("*/*.parquet")):
+        problems.append(Problem("missing_file", str(root / "meta/episodes"), None, "no episode metadata files"))
+    return problems
+
+
+def _episode_gaps(meta: LeRobotMeta) -> list[Problem]:
+    indices = [e.index for e in meta.episodes]
+    expected = list(range(len(indices)))
+    if indices == expected:
+        return []
+    missing = sorted(set(expected) - set(indices))
+    extra = sorted(set(indices) - set(expected))
+    msg = f"episode indices are not 0..{len(indices) - 1}: missing {missing[:10]}, unexpected {extra[:10]}"
+    return [Problem("index_gap", str(meta.root / "meta"), None, msg)]
+
+
+def _type_problems(schema: pa.Schema, meta: LeRobotMeta, keys: list[str]) -> list[str]:
+    """Columns whose parquet type disagrees with the feature's dtype (scalar or list of it)."""
+    out = []
+    for key in keys:
+        field_type = schema.field(key).type
+        value_type = field_type.value_type if is_list_type(field_type) else field_type
+        want = NUMPY_DTYPES.get(meta.features[key].get("dtype", ""))
+        if want is not None and value_type != want:
+            out.append(f"column {key} holds {value_type}, the features say {meta.features[key]['dtype']}")
+    return out
+
+
+def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict[str, np.ndarray]:
+    """Per key: row ids whose vector length differs from the feature shape."""
+    out = {}
+    for key in keys:
+        width = int(np.prod(meta.features[key].get("shape", [1])))
+        column = table[key].combine_chunks()
+        if is_list_type(column.type):
+            lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+        else:
+            lengths = np.ones(len(column), np.int64)
+        out[key] = np.flatnonzero(lengths != width)
+    return out
+
+
+def _check_data_file(meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str],
+                     tol: float) -> list[Problem]:
+    where = str(path)
+    if not path.is_file():
+        return [Problem("missing_file", where, e.index, "data file missing") for e in episodes]
+    schema = pq.read_schema(path)
+    missing = [c for c in [*INDEX_COLUMNS, *keys] if c not in schema.names]
+    if missing:
+        return [Problem("bad_feature", where, e.index, f"missing column(s) {missing}") for e in episodes]
+    table = pq.read_table(path, columns=[*INDEX_COLUMNS, *keys])
+    type_msgs = _type_problems(schema, meta, keys)
+    widths = _width_problems(table, meta, keys)
+    cols = {c: column_to_numpy(table[c], np.float64)[:, 0] for c in INDEX_COLUMNS}
+    problems = []
+    for ep in episodes:
+        rows = np.flatnonzero(cols["episode_index"] == ep.index)
+        rows = rows[np.argsort(cols["frame_index"][rows], kind="stable")]
+        problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
+        problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol)
+    return problems
+
+
+def _episode_problems(meta: LeRobotMeta, table: pa.Table, cols: dict[str, np.ndarray],
+                      widths: dict[str, np.ndarray], rows: np.ndarray, ep: EpisodeMeta, keys: list[str],
+                      where: str, tol: float) -> list[Problem]:
+    p = []
+    if len(rows) != ep.length:
+        p.append(Problem("index_gap", where, ep.index, f"{len(rows)} frames in the data, metadata says {ep.length}"))
+    frames = cols["frame_index"][rows]
+    if len(rows) and not np.array_equal(frames, np.arange(len(rows))):
+        k = int(np.flatnonzero(frames != np.arange(len(rows)))[0])
+        p.append(Problem("index_gap", where, ep.index, f"frame_index not contiguous: row {k} has {int(frames[k])}"))
+    index = cols["index"][rows]
+    if len(rows) > 1 and not np.all(np.diff(index) == 1):
+        k = int(np.flatnonzero(np.diff(index) != 1)[0])
+        msg = f"global index jumps from {int(index[k])} to {int(index[k + 1])}"
+        p.append(Problem("index_gap", where, ep.index, msg))
+    drift = np.abs(cols["timestamp"][rows] - frames / meta.fps)
+    if len(rows) and drift.max() > tol:
+        k = int(np.argmax(drift > tol))
+        msg = f"timestamp {cols['timestamp'][rows][k]:.4f}s at frame {int(frames[k])} disagrees with fps {meta.fps}"
+        p.append(Problem("timestamp", where, ep.index, msg))
+    unknown = sorted({int(t) for t in cols["task_index"][rows]} - set(meta.tasks))
+    unknown_text = [t for t in ep.tasks if t not in meta.tasks.values()]
+    if unknown or unknown_text:
+        p.append(Problem("unknown_task", where, ep.index, f"unknown task index(es) {unknown} / task(s) {unknown_text}"))
+    for key in keys:
+        bad = np.intersect1d(widths[key], rows)
+        if len(bad):
+            shape = meta.features[key].get("shape")
+            p.append(Problem("bad_feature", where, ep.index, f"{key}: {len(bad)} row(s) not of shape {shape}"))
+        else:
+            p += non_finite(column_to_numpy(table[key].take(pa.array(rows)), np.float64), key, where, ep.index)
+    return p
+
+
+def _expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
+    shape, names = feature.get("shape"), feature.get("names")
+    if not shape or len(shape) != 3:
+        return None
+    if isinstance(names, list) and sorted(names) == ["channels", "height", "width"]:
+        return tuple(shape[names.index(n)] for n in ("height", "width", "channels"))
+    return tuple(shape)
+
+
+def _check_camera(reader: LeRobotReader, ep: EpisodeMeta, camera: str, decode: str, tol: float,
+                  durations: dict[Path, tuple[int, float]]) -> list[Problem]:
+    feature = reader.meta.features[camera]
+    if feature["dtype"] == "video":
+        ref = ep.videos[camera]
+        if not ref.path.is_file():
+            return [Problem("missing_file", str(ref.path), ep.index, f"camera {camera}: video missing")]
+        if ref.path not in durations:
+            durations[ref.path] = video_duration(ref.path)
+        _, seconds = durations[ref.path]
+        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp[-1]) if ep.length else 0.0
+        if seconds and last > seconds - 0.5 / reader.fps + tol:
+            msg = f"camera {camera}: the episode needs t={last:.3f}s, the video lasts {seconds:.3f}s"
+            return [Problem("video_short", str(ref.path), ep.index, msg)]
+        where = str(ref.path)
+    else:
+        where = str(ep.data_path)
+    frames = lambda idx: reader.frames(ep.index, camera, idx)  # noqa: E731
+    return decode_checks(frames, ep.length, _expected_hwc(feature), decode, where, ep.index, camera)
+
+
+def check_lerobot(
+    path: str | Path, state_key: str = "observation.state", action_key: str = "action", text_key: str | None = None,
+    video_tolerance_s: float = 1e-3, decode: str = "ends", **_: Any,
+) -> list[Problem]:
+    """Every problem of a LeRobot directory (metadata, data files, videos/images)."""
+    root = Path(path)
+    if not root.is_dir():
+        return [Problem("missing_file", str(root), None, "dataset directory not found")]
+    problems = _meta_problems(root)
+    if problems:
+        return problems
+    try:
+        meta = load_meta(root)
+    except (DatasetFormatError, KeyError, ValueError, OSError, pa.ArrowException) as err:
+        return [Problem("unreadable", str(root / "meta"), None, f"{type(err).__name__}: {err}")]
+    keys = [k for k in (state_key, action_key) if k]
+    absent = [k for k in [*keys, text_key] if k and k not in meta.features]
+    if absent:
+        msg = f"feature(s) {absent} not in meta/info.json; features: {', '.join(meta.features)}"
+        return [Problem("bad_feature", str(root / "meta/info.json"), None, msg)]
+    problems += _episode_gaps(meta)
+    tol = max(video_tolerance_s, 1e-4)
+    by_file: dict[Path, list[EpisodeMeta]] = {}
+    for ep in meta.episodes:
+        by_file.setdefault(ep.data_path, []).append(ep)
+    for data_path, episodes in by_file.items():
+        problems += _check_data_file(meta, data_path, episodes, keys, tol)
+    unusable = {p.episode for p in problems if p.kind in ("missing_file", "bad_feature", "index_gap")}
+    reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
+    durations: dict[Path, tuple[int, float]] = {}
+    for ep in meta.episodes:
+        if ep.index not in unusable:
+            for camera in meta.cameras:
+                problems += _check_camera(reader, ep, camera, decode, tol, durations)
+    return problems

@@ -1,0 +1,205 @@
+"""HDF5 robot datasets through h5py: the robomimic and the ALOHA layouts.
+
+robomimic (one file)::                      ALOHA (one file per episode, in a directory)::
+
+    data/demo_<i>/actions      (T, A)           episode_<i>.hdf5
+    data/demo_<i>/obs/<key>    (T, ...)             action                    (T, 14)
+    data.attrs["env_args"]     JSON, env_name       observations/qpos         (T, 14)
+                                                    observations/images/<cam> (T, H, W, 3) uint8,
+                                                        or (T, L) JPEG bytes padded (attrs compress)
+
+Keys name datasets relative to the episode group (robomimic: demo_<i>; ALOHA: the file root);
+a bare name is looked up under ``obs/`` / ``observations/`` first. Several state keys may be
+joined with commas and are concatenated. The recipe defaults ``observation.state`` and
+``action`` map to each layout's usual keys (``LAYOUTS``). The episode index is the number in the
+demo group / file name. Instructions come from an attribute ``task`` or ``language_instruction``
+on the episode (robomimic: falls back to the env name; ALOHA: to "").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from robot_data.reader import Episode, EpisodeArrays, Reader
+
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "robomimic": {
+        "state": ["obs/robot0_eef_pos", "obs/robot0_eef_quat", "obs/robot0_gripper_qpos"],
+        "action": "actions", "obs": "obs", "fps": 20.0,
+    },
+    "aloha": {"state": ["observations/qpos"], "action": "action", "obs": "observations", "fps": 50.0},
+}
+TASK_ATTRS = ("task", "language_instruction")
+OPEN_FILES = 8  # ALOHA: files kept open per process
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an episode lives: a file and the group path inside it."""
+
+    file: Path
+    group: str
+
+
+def _number(name: str) -> int | None:
+    digits = re.findall(r"\d+", name)
+    return int(digits[-1]) if digits else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class HDF5Reader(Reader):
+    """robomimic or ALOHA HDF5 data (see the module docstring for keys and layouts)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        layout: str = "robomimic",
+        state_key: str = "observation.state",
+        action_key: str = "action",
+        text_key: str | None = None,
+        fps: float | None = None,
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout: unknown hdf5 layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+        self.path, self.layout, self.text_key = Path(path), layout, text_key
+        if not self.path.exists():
+            raise FileNotFoundError(f"HDF5 dataset not found: {self.path}")
+        spec = LAYOUTS[layout]
+        self.state_keys = spec["state"] if state_key == "observation.state" else state_key.split(",")
+        self.action_key = spec["action"] if action_key == "action" else action_key
+        self._handles: OrderedDict[Path, h5py.File] = OrderedDict()
+        self._sources, tasks = self._index()
+        if not self._sources:
+            raise ValueError(f"{self.path}: no episodes found for the {layout} layout")
+        first = self.group(next(iter(self._sources)))
+        self.state_keys = [self._resolve(first, k) for k in self.state_keys]
+        self.action_key = self._resolve(first, self.action_key)
+        self.text_key = self._resolve(first, text_key) if text_key else None
+        self.camera_keys = self._find_cameras(first)
+        self.cameras = list(self.camera_keys)
+        holders = [first, first.parent, first.file]  # robomimic: demo, data group, file; ALOHA: the file
+        self.fps = float(fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), spec["fps"]))
+        lengths = {i: int(self.group(i)[self.action_key].shape[0]) for i in self._sources}
+        self._episodes = [Episode(i, lengths[i], tasks[i]) for i in sorted(self._sources)]
+        action_dim = first[self.action_key].shape[1]
+        self.gripper_dims = {"aloha": [6, 13] if action_dim == 14 else [], "robomimic": [action_dim - 1]}[layout]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": OrderedDict()}  # h5py handles do not cross processes
+
+    def _file(self, path: Path) -> h5py.File:
+        if path not in self._handles:
+            self._handles[path] = h5py.File(path, "r")
+            if len(self._handles) > OPEN_FILES:
+                self._handles.popitem(last=False)[1].close()
+        self._handles.move_to_end(path)
+        return self._handles[path]
+
+    def location(self, episode_index: int) -> str:
+        """'file:group' of an episode, for messages."""
+        source = self._sources[episode_index]
+        return f"{source.file}:{source.group}"
+
+    def group(self, episode_index: int) -> h5py.Group:
+        """The h5py group of an episode (keys ``state_keys``, ``action_key``, ``camera_keys`` live in it)."""
+        if episode_index not in self._sources:
+            raise IndexError(f"{self.path}: no episode {episode_index}")
+        source = self._sources[episode_index]
+        return self._file(source.file)[source.group]
+
+    def _index(self) -> tuple[dict[int, _Source], dict[int, str]]:
+        """Episode index -> where it lives, and its instruction."""
+        sources, tasks = {}, {}
+        if self.layout == "robomimic":
+            f = self._file(self.path)
+            if "data" not in f:
+                raise ValueError(f"{self.path}: no 'data' group (not a robomimic file)")
+            env = json.loads(_text(f["data"].attrs.get("env_args", "{}"))).get("env_name", "")
+            for name in f["data"]:
+                if name.startswith("demo_") and _number(name) is not None:
+                    group = f["data"][name]
+                    sources[_number(name)] = _Source(self.path, f"data/{name}")
+                    tasks[_number(name)] = self._task(group, f["data"], env)
+        else:
+            files = sorted(self.path.glob("*.hdf5")) if self.path.is_dir() else [self.path]
+            numbers = [_number(p.stem) for p in files]
+            if None in numbers or len(set(numbers)) != len(numbers):
+                numbers = list(range(len(files)))  # no usable numbering: order by name
+            for number, file in zip(numbers, files, strict=True):
+                sources[number] = _Source(file, "/")
+                tasks[number] = self._task(self._file(file), None, "")
+        return sources, tasks
+
+    @staticmethod
+    def _task(group: h5py.Group, parent: h5py.Group | None, fallback: str) -> str:
+        for holder in (group, parent):
+            for attr in TASK_ATTRS:
+                if holder is not None and attr in holder.attrs:
+                    return _text(holder.attrs[attr])
+        return fallback
+
+    def _resolve(self, group: h5py.Group, key: str) -> str:
+        obs = LAYOUTS[self.layout]["obs"]
+        for candidate in (f"{obs}/{key}", key):
+            if candidate in group:
+                return candidate
+        available = sorted(f"{obs}/{k}" for k in group.get(obs, {})) + sorted(k for k in group if k != obs)
+        raise ValueError(f"{self.path}: key '{key}' not found in {group.name}; available: {', '.join(available)}")
+
+    def _find_cameras(self, group: h5py.Group) -> dict[str, str]:
+        """Camera name -> dataset path inside an episode group."""
+        if self.layout == "aloha":
+            images = group.get("observations/images", {})
+            return {name: f"observations/images/{name}" for name in images}
+        obs = group.get("obs", {})
+        return {k: f"obs/{k}" for k in obs if obs[k].ndim == 4 and obs[k].shape[-1] == 3}
+
+    def episodes(self) -> list[Episode]:
+        return list(self._episodes)
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        group = self.group(episode_index)
+        parts = [np.asarray(group[k], np.float32) for k in self.state_keys]
+        state = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+        action = np.asarray(group[self.action_key], np.float32)
+        if "timestamp" in group:
+            timestamp = np.asarray(group["timestamp"], np.float64)
+        else:
+            timestamp = np.arange(len(action), dtype=np.float64) / self.fps
+        text = [_text(t) for t in group[self.text_key][()]] if self.text_key else None
+        return EpisodeArrays(state, action, timestamp, text)
+
+    def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
+        if camera not in self.camera_keys:
+            raise KeyError(f"{self.path}: unknown camera '{camera}'; valid: {', '.join(self.cameras)}")
+        data = self.group(episode_index)[self.camera_keys[camera]]
+        wanted = np.asarray(frame_indices, np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= len(data)):
+            raise IndexError(f"{self.path}: episode {episode_index} camera {camera} has {len(data)} frames")
+        unique, inverse = np.unique(wanted, return_inverse=True)  # h5py wants increasing indices
+        rows = data[unique] if len(unique) else np.zeros((0, *data.shape[1:]), data.dtype)
+        if data.ndim == 2:  # ALOHA compressed: padded encoded images, one per row
+            rows = np.stack([_decode(r, f"{data.file.filename} {data.name}") for r in rows])
+        return np.ascontiguousarray(rows[inverse], np.uint8)
+
+
+def _decode(buffer: np.ndarray, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(buffer.tobytes())) as img:  # JPEG/PNG ignore the zero padding
+            return np.asarray(img.convert("RGB"))
+    except OSError as err:
+        raise ValueError(f"{where}: undecodable image ({err})") from None

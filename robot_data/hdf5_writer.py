@@ -1,0 +1,86 @@
+"""Write any reader in the robomimic or ALOHA HDF5 layout (see :mod:`robot_data.hdf5`).
+
+Used for test fixtures and to try the HDF5 recipes on the synthetic task. robomimic gets
+``obs/state``, ``obs/<camera>_image`` and ``actions``; ALOHA gets ``observations/qpos``,
+``observations/images/<camera>`` (raw, or PNG bytes padded per row when ``compress``) and
+``action``. Per-frame text goes to a ``narration`` string dataset, the instruction to a ``task``
+attribute.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from robot_data.reader import Reader
+
+TEXT = "narration"
+
+
+def camera_name(camera: str) -> str:
+    """Dataset-friendly camera name: the last dotted part (observation.images.top -> top)."""
+    return camera.rsplit(".", 1)[-1]
+
+
+def _strings(group: h5py.Group, name: str, text: list[str]) -> None:
+    group.create_dataset(name, data=np.array(text, dtype=object), dtype=h5py.string_dtype())
+
+
+def write_robomimic(reader: Reader, path: str | Path) -> Path:
+    """One file: data/demo_<episode>/{actions, obs/state, obs/<camera>_image, narration}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "SyntheticPick", "type": 1, "env_kwargs": {}})
+        data.attrs["fps"] = reader.fps
+        for ep in reader.episodes():
+            arrays = reader.numeric(ep.index)
+            demo = data.create_group(f"demo_{ep.index}")
+            demo.attrs["num_samples"], demo.attrs["task"] = ep.length, ep.task
+            demo.create_dataset("actions", data=arrays.action)
+            demo.create_dataset("obs/state", data=arrays.state)
+            for camera in reader.cameras:
+                images = reader.frames(ep.index, camera, range(ep.length))
+                demo.create_dataset(f"obs/{camera_name(camera)}_image", data=images, chunks=(1, *images.shape[1:]))
+            if arrays.text is not None:
+                _strings(demo, TEXT, arrays.text)
+        data.attrs["total"] = sum(e.length for e in reader.episodes())
+    return path
+
+
+def _png_rows(images: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) -> (T, L) uint8: PNG bytes zero-padded to the longest, as ALOHA stores JPEG."""
+    blobs = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    out = np.zeros((len(blobs), max(len(b) for b in blobs)), np.uint8)
+    for row, blob in zip(out, blobs, strict=True):
+        row[: len(blob)] = blob
+    return out
+
+
+def write_aloha(reader: Reader, directory: str | Path, compress: bool = False) -> Path:
+    """One file per episode: episode_<i>.hdf5 with action, observations/{qpos, images/<cam>}."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for ep in reader.episodes():
+        arrays = reader.numeric(ep.index)
+        with h5py.File(directory / f"episode_{ep.index}.hdf5", "w") as f:
+            f.attrs["sim"], f.attrs["compress"], f.attrs["fps"], f.attrs["task"] = True, compress, reader.fps, ep.task
+            f.create_dataset("action", data=arrays.action)
+            f.create_dataset("observations/qpos", data=arrays.state)
+            for camera in reader.cameras:
+                images = reader.frames(ep.index, camera, range(ep.length))
+                data = _png_rows(images) if compress else images
+                f.create_dataset(f"observations/images/{camera_name(camera)}", data=data)
+            if arrays.text is not None:
+                _strings(f, TEXT, arrays.text)
+    return directory
