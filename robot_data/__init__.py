@@ -3,9 +3,13 @@
 Never imports ``vla_ft``: the trainer depends on this package, not the other way round.
 """
 
+from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
 from robot_data.dataset import RobotDataset
+from robot_data.hdf5 import HDF5Reader
 from robot_data.language import PromptTokenizer
-from robot_data.normalize import Normalizer, compute_stats
+from robot_data.lerobot import LeRobotReader
+from robot_data.lerobot_writer import write_lerobot
+from robot_data.normalize import Normalizer, compare_stats, compute_stats, resolve_stats
 from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.registry import READERS, build_reader
 from robot_data.sample import SAMPLE_KEYS, collate
@@ -16,15 +20,25 @@ __all__ = [
     "READERS",
     "SAMPLE_KEYS",
     "SYNTHETIC_VOCAB",
+    "DatasetCheckError",
     "Episode",
     "EpisodeArrays",
+    "HDF5Reader",
+    "LeRobotReader",
     "Normalizer",
+    "Problem",
     "PromptTokenizer",
     "Reader",
     "RobotDataset",
     "SyntheticReader",
+    "bad_episodes",
     "build_reader",
+    "check_dataset",
     "collate",
+    "compare_stats",
     "compute_stats",
+    "episodes_to_skip",
+    "resolve_stats",
     "split_episodes",
+    "write_lerobot",
 ]

@@ -21,8 +21,15 @@ import numpy as np
 from robot_data.hdf5 import HDF5Reader
 
 KINDS = (
-    "missing_file", "unreadable", "bad_feature", "non_finite", "index_gap", "timestamp",
-    "video_short", "undecodable", "unknown_task",
+    "missing_file",
+    "unreadable",
+    "bad_feature",
+    "non_finite",
+    "index_gap",
+    "timestamp",
+    "video_short",
+    "undecodable",
+    "unknown_task",
 )
 DECODE_MODES = ("ends", "all", "none")
 
@@ -77,8 +84,13 @@ def non_finite(values: np.ndarray, name: str, file: str, episode: int) -> list[P
 
 
 def decode_checks(
-    frames: Callable[[list[int]], np.ndarray], length: int, shape: tuple[int, ...] | None, decode: str,
-    where: str, episode: int, camera: str,
+    frames: Callable[[list[int]], np.ndarray],
+    length: int,
+    shape: tuple[int, ...] | None,
+    decode: str,
+    where: str,
+    episode: int,
+    camera: str,
 ) -> list[Problem]:
     """Decode the ends (or all) of one episode's camera; report failures and wrong shapes."""
     if decode == "none" or length == 0:
@@ -97,8 +109,13 @@ def decode_checks(
 
 
 def check_hdf5(
-    path: str | Path, layout: str = "robomimic", state_key: str = "observation.state", action_key: str = "action",
-    text_key: str | None = None, decode: str = "ends", **_: Any,
+    path: str | Path,
+    layout: str = "robomimic",
+    state_key: str = "observation.state",
+    action_key: str = "action",
+    text_key: str | None = None,
+    decode: str = "ends",
+    **_: Any,
 ) -> list[Problem]:
     """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images."""
     if not Path(path).exists():

@@ -75,8 +75,9 @@ def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict
     return out
 
 
-def _check_data_file(meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str],
-                     tol: float) -> list[Problem]:
+def _check_data_file(
+    meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str], tol: float
+) -> list[Problem]:
     where = str(path)
     if not path.is_file():
         return [Problem("missing_file", where, e.index, "data file missing") for e in episodes]
@@ -97,9 +98,17 @@ def _check_data_file(meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta],
     return problems
 
 
-def _episode_problems(meta: LeRobotMeta, table: pa.Table, cols: dict[str, np.ndarray],
-                      widths: dict[str, np.ndarray], rows: np.ndarray, ep: EpisodeMeta, keys: list[str],
-                      where: str, tol: float) -> list[Problem]:
+def _episode_problems(
+    meta: LeRobotMeta,
+    table: pa.Table,
+    cols: dict[str, np.ndarray],
+    widths: dict[str, np.ndarray],
+    rows: np.ndarray,
+    ep: EpisodeMeta,
+    keys: list[str],
+    where: str,
+    tol: float,
+) -> list[Problem]:
     p = []
     if len(rows) != ep.length:
         p.append(Problem("index_gap", where, ep.index, f"{len(rows)} frames in the data, metadata says {ep.length}"))
@@ -140,8 +149,14 @@ def _expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def _check_camera(reader: LeRobotReader, ep: EpisodeMeta, camera: str, decode: str, tol: float,
-                  durations: dict[Path, tuple[int, float]]) -> list[Problem]:
+def _check_camera(
+    reader: LeRobotReader,
+    ep: EpisodeMeta,
+    camera: str,
+    decode: str,
+    tol: float,
+    durations: dict[Path, tuple[int, float]],
+) -> list[Problem]:
     feature = reader.meta.features[camera]
     if feature["dtype"] == "video":
         ref = ep.videos[camera]
@@ -162,8 +177,13 @@ def _check_camera(reader: LeRobotReader, ep: EpisodeMeta, camera: str, decode: s
 
 
 def check_lerobot(
-    path: str | Path, state_key: str = "observation.state", action_key: str = "action", text_key: str | None = None,
-    video_tolerance_s: float = 1e-3, decode: str = "ends", **_: Any,
+    path: str | Path,
+    state_key: str = "observation.state",
+    action_key: str = "action",
+    text_key: str | None = None,
+    video_tolerance_s: float = 1e-3,
+    decode: str = "ends",
+    **_: Any,
 ) -> list[Problem]:
     """Every problem of a LeRobot directory (metadata, data files, videos/images)."""
     root = Path(path)

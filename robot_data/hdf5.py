@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,11 +33,14 @@ import numpy as np
 from PIL import Image
 
 from robot_data.reader import Episode, EpisodeArrays, Reader
+from robot_data.video import drop_if_forked
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "robomimic": {
         "state": ["obs/robot0_eef_pos", "obs/robot0_eef_quat", "obs/robot0_gripper_qpos"],
-        "action": "actions", "obs": "obs", "fps": 20.0,
+        "action": "actions",
+        "obs": "obs",
+        "fps": 20.0,
     },
     "aloha": {"state": ["observations/qpos"], "action": "action", "obs": "observations", "fps": 50.0},
 }
@@ -82,6 +86,7 @@ class HDF5Reader(Reader):
         self.state_keys = spec["state"] if state_key == "observation.state" else state_key.split(",")
         self.action_key = spec["action"] if action_key == "action" else action_key
         self._handles: OrderedDict[Path, h5py.File] = OrderedDict()
+        self._pid = os.getpid()
         self._sources, tasks = self._index()
         if not self._sources:
             raise ValueError(f"{self.path}: no episodes found for the {layout} layout")
@@ -102,6 +107,7 @@ class HDF5Reader(Reader):
         return {**self.__dict__, "_handles": OrderedDict()}  # h5py handles do not cross processes
 
     def _file(self, path: Path) -> h5py.File:
+        self._pid = drop_if_forked(self._pid, self._handles)  # HDF5 handles are not fork-safe either
         if path not in self._handles:
             self._handles[path] = h5py.File(path, "r")
             if len(self._handles) > OPEN_FILES:

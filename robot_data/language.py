@@ -32,9 +32,7 @@ class PromptTokenizer:
     and its ``eos_token_id`` (possibly None: then no eos) ends every non-empty target.
     """
 
-    def __init__(
-        self, tokenizer: Any, template: str, target: str, action_token_offset: int = 0, n_bins: int = 256
-    ):
+    def __init__(self, tokenizer: Any, template: str, target: str, action_token_offset: int = 0, n_bins: int = 256):
         if "{instruction}" not in template:
             raise ValueError(f"prompt_template: {template!r} has no {{instruction}} placeholder")
         if target not in TARGETS:

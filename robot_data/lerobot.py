@@ -164,7 +164,10 @@ class LeRobotReader(Reader):
         if self._frame_cache is None:
             return self._decoder.decode(ref.path, ref.from_timestamp + timestamps[list(frame_indices)])
         whole = self._frame_cache.get(
-            ref.path, camera, episode.index, lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps),
+            ref.path,
+            camera,
+            episode.index,
+            lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps),
             extra=f"{ref.from_timestamp}|{len(timestamps)}",
         )
         return np.array(whole[list(frame_indices)])

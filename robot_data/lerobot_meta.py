@@ -122,7 +122,8 @@ def _episodes_v3(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
             data = info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
             videos = {
                 cam: VideoRef(
-                    root / info["video_path"].format(
+                    root
+                    / info["video_path"].format(
                         video_key=cam,
                         chunk_index=row[f"videos/{cam}/chunk_index"],
                         file_index=row[f"videos/{cam}/file_index"],

@@ -59,9 +59,13 @@ def _write_tasks_v3(path: Path, tasks: list[str]) -> None:
     # pandas metadata marks "task" as the index, as lerobot's pd.read_parquet expects.
     column = {"metadata": None, "pandas_type": "int64", "numpy_type": "int64"}
     pandas_meta = {
-        "index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.0",
-        "columns": [{**column, "name": "task_index", "field_name": "task_index"},
-                    {**column, "name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object"}],
+        "index_columns": ["task"],
+        "column_indexes": [],
+        "pandas_version": "2.2.0",
+        "columns": [
+            {**column, "name": "task_index", "field_name": "task_index"},
+            {**column, "name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object"},
+        ],
     }
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
     pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)}), path)
@@ -70,8 +74,17 @@ def _write_tasks_v3(path: Path, tasks: list[str]) -> None:
 class _Writer:
     """Shared settings of one write; ``write_file`` writes one data file and its videos."""
 
-    def __init__(self, reader: Reader, out: Path, version: str, video: bool, codec: str, gop: int,
-                 text_name: str | None, tasks: list[str]):
+    def __init__(
+        self,
+        reader: Reader,
+        out: Path,
+        version: str,
+        video: bool,
+        codec: str,
+        gop: int,
+        text_name: str | None,
+        tasks: list[str],
+    ):
         self.reader, self.out, self.version, self.video = reader, out, version, video
         self.codec, self.gop, self.text_name = codec, gop, text_name
         self.task_ids = {t: i for i, t in enumerate(tasks)}
@@ -106,13 +119,20 @@ class _Writer:
             table = self._table(ep, index)
             writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
-            rows.append({
-                "episode_index": ep.index, "tasks": [ep.task], "length": ep.length,
-                "data/chunk_index": chunk, "data/file_index": file_index,
-                "dataset_from_index": index, "dataset_to_index": index + ep.length,
-                "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
-                "stats": _stats_json(self.reader, [ep.index]),
-            })
+            rows.append(
+                {
+                    "episode_index": ep.index,
+                    "tasks": [ep.task],
+                    "length": ep.length,
+                    "data/chunk_index": chunk,
+                    "data/file_index": file_index,
+                    "dataset_from_index": index,
+                    "dataset_to_index": index + ep.length,
+                    "meta/episodes/chunk_index": 0,
+                    "meta/episodes/file_index": 0,
+                    "stats": _stats_json(self.reader, [ep.index]),
+                }
+            )
             index += ep.length
         if writer is not None:
             writer.close()
@@ -125,7 +145,9 @@ class _Writer:
         if self.version == "v3.0":
             path = self.out / V3_VIDEO.format(video_key=camera, chunk_index=chunk, file_index=file_index)
         else:
-            path = self.out / V2_VIDEO.format(episode_chunk=chunk, video_key=camera, episode_index=group[0].index)
+            path = self.out / V2_VIDEO.format(
+                episode_chunk=group[0].index // CHUNKS_SIZE, video_key=camera, episode_index=group[0].index
+            )
         frames = (im for ep in group for im in self.reader.frames(ep.index, camera, range(ep.length)))
         encode_video(frames, path, self.reader.fps, self.codec, self.gop)
         offset = 0
@@ -144,17 +166,31 @@ class _Writer:
         }
         for camera in reader.cameras:
             h, w, c = reader.frames(reader.episodes()[0].index, camera, [0]).shape[1:]
-            features[camera] = {"dtype": "video" if self.video else "image", "shape": [h, w, c],
-                                "names": ["height", "width", "channels"]}
+            features[camera] = {
+                "dtype": "video" if self.video else "image",
+                "shape": [h, w, c],
+                "names": ["height", "width", "channels"],
+            }
             if self.video:
                 features[camera]["info"] = {
-                    "video.height": h, "video.width": w, "video.codec": self.codec, "video.pix_fmt": "yuv420p",
-                    "video.is_depth_map": False, "video.fps": reader.fps, "video.channels": c, "has_audio": False,
+                    "video.height": h,
+                    "video.width": w,
+                    "video.codec": self.codec,
+                    "video.pix_fmt": "yuv420p",
+                    "video.is_depth_map": False,
+                    "video.fps": reader.fps,
+                    "video.channels": c,
+                    "has_audio": False,
                 }
         if self.text_name:
             features[self.text_name] = {"dtype": "string", "shape": [1], "names": None}
-        for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                            ("index", "int64"), ("task_index", "int64")):
+        for name, dtype in (
+            ("timestamp", "float32"),
+            ("frame_index", "int64"),
+            ("episode_index", "int64"),
+            ("index", "int64"),
+            ("task_index", "int64"),
+        ):
             features[name] = {"dtype": dtype, "shape": [1], "names": None}
         return features
 
@@ -191,8 +227,13 @@ def write_lerobot(
         rows += writer.write_file(number, group, index)
         index += sum(e.length for e in group)
     info: dict[str, Any] = {
-        "codebase_version": version, "robot_type": "synthetic", "total_episodes": len(episodes),
-        "total_frames": index, "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE, "fps": reader.fps,
+        "codebase_version": version,
+        "robot_type": "synthetic",
+        "total_episodes": len(episodes),
+        "total_frames": index,
+        "total_tasks": len(tasks),
+        "chunks_size": CHUNKS_SIZE,
+        "fps": reader.fps,
         "splits": {"train": f"0:{len(episodes)}"},
         "data_path": V3_DATA if version == "v3.0" else V2_DATA,
         "video_path": (V3_VIDEO if version == "v3.0" else V2_VIDEO) if video else None,
@@ -211,6 +252,8 @@ def write_lerobot(
     else:
         _jsonl(out / "meta/tasks.jsonl", [{"task_index": i, "task": t} for i, t in enumerate(tasks)])
         _jsonl(out / "meta/episodes.jsonl", [{k: r[k] for k in ("episode_index", "tasks", "length")} for r in rows])
-        _jsonl(out / "meta/episodes_stats.jsonl", [{"episode_index": r["episode_index"], "stats": r["stats"]}
-                                                   for r in rows])
+        _jsonl(
+            out / "meta/episodes_stats.jsonl",
+            [{"episode_index": r["episode_index"], "stats": r["stats"]} for r in rows],
+        )
     return out

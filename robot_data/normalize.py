@@ -200,8 +200,9 @@ class Normalizer:
         return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"])
 
 
-def compare_stats(shipped: dict[str, dict[str, np.ndarray]], fresh: dict[str, dict[str, np.ndarray]],
-                  tolerance: float = 0.05) -> list[str]:
+def compare_stats(
+    shipped: dict[str, dict[str, np.ndarray]], fresh: dict[str, dict[str, np.ndarray]], tolerance: float = 0.05
+) -> list[str]:
     """Where shipped stats disagree with freshly computed ones, one line per (key, stat, dim).
 
     A difference counts when it exceeds ``tolerance`` times the fresh std of that dim (floored
@@ -223,8 +224,9 @@ def compare_stats(shipped: dict[str, dict[str, np.ndarray]], fresh: dict[str, di
     return lines
 
 
-def resolve_stats(reader: Reader, train_episodes: Iterable[int],
-                  tolerance: float = 0.05) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+def resolve_stats(
+    reader: Reader, train_episodes: Iterable[int], tolerance: float = 0.05
+) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
     """The stats to normalise with, plus a report of shipped-vs-computed disagreements.
 
     With a stats file shipped (``reader.stats()``), it is used, and compared with stats computed

@@ -200,9 +200,7 @@ class SyntheticReader(Reader):
         return self._cache[episode_index]
 
     def episodes(self) -> list[Episode]:
-        return [
-            Episode(i, self.episode_length, make_scene(self.seed, i).instruction) for i in range(self.n_episodes)
-        ]
+        return [Episode(i, self.episode_length, make_scene(self.seed, i).instruction) for i in range(self.n_episodes)]
 
     def numeric(self, episode_index: int) -> EpisodeArrays:
         _, traj = self._episode(episode_index)

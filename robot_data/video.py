@@ -22,6 +22,19 @@ ENCODERS = {"h264": ("libx264", "h264"), "av1": ("libsvtav1", "libaom-av1", "av1
 """Codec name -> PyAV encoders tried in order (the first one this PyAV build has wins)."""
 
 
+_INHERITED: list[Any] = []
+"""Handles a forked child inherited from its parent. They are kept alive, never used or closed:
+closing an FFmpeg/dav1d context whose threads live only in the parent can crash the child."""
+
+
+def drop_if_forked(owner_pid: int, handles: OrderedDict[Any, Any]) -> int:
+    """In a forked DataLoader worker, move the parent's open handles aside; returns this pid."""
+    if owner_pid != os.getpid():
+        _INHERITED.extend(handles.values())
+        handles.clear()
+    return os.getpid()
+
+
 class VideoFrameError(ValueError):
     """A wanted frame is missing from a video or cannot be decoded."""
 
@@ -29,12 +42,14 @@ class VideoFrameError(ValueError):
 class VideoDecoder:
     """Decodes frames by timestamp, keeping up to ``max_open`` containers open in this process.
 
-    Picklable: open containers are dropped on pickling, so each DataLoader worker opens its own.
+    Each DataLoader worker opens its own containers: they are dropped on pickling (spawn) and
+    set aside after a fork (see ``drop_if_forked``).
     """
 
     def __init__(self, tolerance_s: float = 1e-3, max_open: int = 4):
         self.tolerance_s, self.max_open = tolerance_s, max_open
         self._open: OrderedDict[str, Any] = OrderedDict()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tolerance_s": self.tolerance_s, "max_open": self.max_open}
@@ -43,6 +58,7 @@ class VideoDecoder:
         self.__init__(**state)
 
     def _container(self, path: str) -> Any:
+        self._pid = drop_if_forked(self._pid, self._open)
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
@@ -53,8 +69,15 @@ class VideoDecoder:
         return container
 
     def close(self) -> None:
+        self._pid = drop_if_forked(self._pid, self._open)
         while self._open:
             self._open.popitem()[1].close()
+
+    def __del__(self) -> None:
+        # PyAV containers sit in reference cycles, so without this they would wait for the cyclic
+        # GC, which may run in a forked worker, where freeing them crashes (see _INHERITED).
+        if hasattr(self, "_open"):
+            self.close()
 
     def decode(self, path: str | Path, timestamps: Sequence[float]) -> np.ndarray:
         """Frames at ``timestamps`` (seconds from the file start) -> (n, H, W, 3) uint8, in the order asked."""
@@ -63,7 +86,9 @@ class VideoDecoder:
             container = self._container(path)
             found = self._scan(container, sorted({float(t) for t in timestamps}))
         except (av.error.FFmpegError, OSError) as err:
-            self._open.pop(path, None)
+            broken = self._open.pop(path, None)
+            if broken is not None:
+                broken.close()
             raise VideoFrameError(f"{path}: cannot decode ({err})") from None
         missing = [t for t in timestamps if float(t) not in found]
         if missing:

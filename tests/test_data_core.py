@@ -59,8 +59,12 @@ def stats(reader: SyntheticReader) -> dict:
 
 def _dataset(reader, stats, **kw) -> RobotDataset:
     args = {
-        "episodes": list(range(8)), "chunk": 4, "history": 2, "normalizer": Normalizer(stats, "mean_std", [2]),
-        "image_size": 40, "prompt_tokenizer": PromptTokenizer(WordTokenizer(), DEFAULT_TEMPLATE, "text"),
+        "episodes": list(range(8)),
+        "chunk": 4,
+        "history": 2,
+        "normalizer": Normalizer(stats, "mean_std", [2]),
+        "image_size": 40,
+        "prompt_tokenizer": PromptTokenizer(WordTokenizer(), DEFAULT_TEMPLATE, "text"),
     }
     return RobotDataset(reader, **{**args, **kw})
 

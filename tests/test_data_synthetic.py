@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from robot_data.synthetic import (
+    BIN,
     CAMERA,
     COLOURS,
     DEFAULT_TEMPLATE,
-    BIN,
     MAX_STEP,
     SYNTHETIC_VOCAB,
     SyntheticReader,

@@ -4,6 +4,7 @@ then a second invocation with train.resume=true continues from the newest checkp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -48,10 +49,15 @@ def test_quickstart_run_directory_and_resume(tiny_overrides, capsys):
                  "rng.pt", "COMPLETE", "tokenizer/tokenizer.json"):
         assert (ckpts / "step_000006" / name).is_file(), name
 
-    # Resume: same command + train.resume=true and more steps continues at step 7.
+    # A run killed after step 6 but before its checkpoint: the newest checkpoint is step 3. The
+    # same command + train.resume=true continues at step 4 and both logs read as one run.
+    shutil.rmtree(ckpts / "step_000006")
     assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.resume=true", "train.steps=9"]) == 0
     rows = _rows(run_dir)
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 10))
     state = json.loads((ckpts / "step_000009" / "trainer_state.json").read_text())
     assert state["state"]["step"] == 9
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/action")] == list(range(1, 10))  # stale 4-6 purged

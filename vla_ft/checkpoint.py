@@ -1,26 +1,31 @@
-"""Checkpoints: atomic directories, keep-last-K rotation, a ``latest`` pointer, safe loading.
+"""Checkpoints: atomic directories, keep-last-K rotation, ``latest``/``best`` pointers, safe loading.
 
 A run directory's checkpoints::
 
     checkpoints/
       latest                    text file: name of the newest complete checkpoint
+      best                      text file: name of the checkpoint with the best validation metric
       step_000200/
         model.safetensors       every weight of the VLA (tied tensors stored once)
-        adapter/                LoRA adapters in PEFT's format (only with model.lora)
+        model_meta.json         dims, cameras, image size, chunk, history, gripper convention,
+                                prompt template, the model recipe section (for inference)
+        language_model/         config.json of the LM: inference rebuilds it from this, offline
+        adapter/                LM LoRA adapters in PEFT's format (only with model.lora.enabled)
+        vision_adapter/         vision LoRA adapters in PEFT's format (only with model.lora.vision)
         optimizer.pt            optimizer state (torch.save of tensors; loaded weights_only)
         loss_state.safetensors  loss-weighting state (uncertainty log-vars, DWA averages)
         rng.pt                  torch CPU/CUDA RNG states (loaded weights_only)
         trainer_state.json      step, data position, best metric, skip counters, scaler,
-                                python/numpy RNG states, world size
+                                python/numpy RNG states, world size, frozen modules
         norm_stats.json         normalisation statistics (the policy inverts with these)
         config.yaml             the resolved recipe
         tokenizer/              the tokenizer (save_pretrained)
         COMPLETE                written last: a directory without it is never loaded
 
-Writes go to ``.tmp_step_N`` first; ``COMPLETE`` is written and fsync'ed last, then the
-directory is renamed into place, so a crash (even SIGKILL) mid-save leaves the previous
-checkpoint as the newest complete one. Nothing is ever unpickled: weights come from
-safetensors and the rest from ``torch.load(weights_only=True)`` or JSON.
+Writes go to ``.tmp_step_N`` first; every file is fsync'ed, then ``COMPLETE`` is written and
+fsync'ed last, then the directory is renamed into place, so a crash (even SIGKILL) mid-save
+leaves the previous checkpoint as the newest complete one. Nothing is ever unpickled:
+weights come from safetensors and the rest from ``torch.load(weights_only=True)`` or JSON.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 COMPLETE = "COMPLETE"
+# Errors that mean "the disk is full" however the writing library reports them: torch.save
+# raises a RuntimeError without errno, safetensors a SafetensorError quoting "os error 28".
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +55,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,11 +67,44 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], estimate_bytes: int = 0) -> Path:
-    """Atomically create ``root/step_<N>`` by calling ``write_files(tmp_dir)``.
+def _is_disk_full(err: BaseException, root: Path, need: int) -> bool:
+    """Whether ``err`` (or an error it chains to) says the disk is full, or the disk is simply
+    too full for ``need`` bytes (libraries that report a failed write without a reason)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(seen).lower() for t in DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(root).free < need
+    except OSError:
+        return False
 
-    On any failure the temporary directory is removed and the previous checkpoints stay as
-    they were; a full disk is reported with the space the checkpoint needed.
+
+def write_pointer(root: Path, name: str, target: str) -> None:
+    """Atomically point ``root/name`` (e.g. ``latest``) at checkpoint directory ``target``."""
+    tmp = root / f".{name}.tmp"
+    tmp.write_text(target)
+    os.replace(tmp, root / name)
+
+
+def read_pointer(root: Path, name: str) -> Path | None:
+    """The complete checkpoint ``root/name`` points at, or None."""
+    pointer = root / name
+    if not pointer.is_file():
+        return None
+    candidate = root / pointer.read_text().strip()
+    return candidate if is_complete(candidate) else None
+
+
+def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], estimate_bytes: int = 0) -> Path:
+    """Atomically create ``root/step_<N>`` by calling ``write_files(tmp_dir)``; returns its path.
+
+    On any failure (even KeyboardInterrupt) the temporary directory is removed and the earlier
+    checkpoints stay as they were; a full disk is reported as a :class:`CheckpointError` giving
+    the space the checkpoint needed (``estimate_bytes`` or what was written, whichever is larger).
     """
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
@@ -69,29 +112,37 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     tmp.mkdir()
     try:
         write_files(tmp)
-        (tmp / COMPLETE).write_text(str(step))
-        for f in tmp.rglob("*"):
+        for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as err:
-        written = _tree_bytes(tmp)
+                _fsync(f)
+        (tmp / COMPLETE).write_text(str(step))  # last: its presence vouches for every other file
+        _fsync(tmp / COMPLETE)
+        _replace_dir(tmp, final)
+        _fsync(root)
+    except BaseException as err:
+        need = max(estimate_bytes, _tree_bytes(tmp))
+        full = isinstance(err, Exception) and _is_disk_full(err, root, need)  # before the cleanup frees space
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            need = max(estimate_bytes, written)
+        if full:
             free = shutil.disk_usage(root).free
             raise CheckpointError(
-                f"disk full while saving checkpoint step {step} to {root}: it needs about {need / 2**20:.1f} MiB, "
-                f"{free / 2**20:.1f} MiB free; earlier checkpoints are intact"
+                f"disk full while saving checkpoint step {step} to {root}: it needs about {need / 2**20:.1f} MiB "
+                f"and {free / 2**20:.1f} MiB are free; the earlier checkpoints are intact ({err})"
             ) from err
         raise
-    (root / "latest.tmp").write_text(final.name)
-    os.replace(root / "latest.tmp", root / "latest")
+    write_pointer(root, "latest", final.name)
     return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``; an existing ``dst`` (same step saved again) is moved
+    aside first and deleted after, so a crash in between never leaves a half-deleted ``dst``."""
+    old = dst.with_name(f".old_{dst.name}")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -107,44 +158,44 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` pointer if it is complete, else a scan."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        ckpts = complete_checkpoints(root)
-        if is_complete(candidate) and (not ckpts or ckpts[-1] == candidate):
-            return candidate
+    """The newest complete checkpoint: the ``latest`` pointer if it names it, else a scan.
+
+    The scan wins over a stale pointer (e.g. a crash between the rename and the pointer update).
+    """
     ckpts = complete_checkpoints(root)
+    pointed = read_pointer(root, "latest")
+    if pointed is not None and (not ckpts or ckpts[-1] == pointed):
+        return pointed
     return ckpts[-1] if ckpts else None
 
 
 def rotate(root: Path, keep_last: int, protect: set[Path]) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep_last``, never one in ``protect``
-    (the best, the one resumed from). Leftover ``.tmp_*`` directories are removed too."""
-    for tmp in root.glob(".tmp_step_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Delete complete checkpoints beyond the newest ``keep_last`` (0 = keep all), never one
+    in ``protect`` (the best, the one resumed from). Leftovers of interrupted saves
+    (``.tmp_*``, ``.old_*``) are removed too. Returns the deleted directories."""
+    for leftover in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return []
-    ckpts = complete_checkpoints(root)
     protected = {p.resolve() for p in protect if p is not None}
-    doomed = [p for p in ckpts[:-keep_last] if p.resolve() not in protected]
+    doomed = [p for p in complete_checkpoints(root)[:-keep_last] if p.resolve() not in protected]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
 
 
-def save_json(path: Path, obj) -> None:
+def save_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
-def load_json(path: Path):
+def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file missing: {path}") from None
 
 
-def torch_load(path: Path):
+def torch_load(path: Path) -> Any:
     """Load tensors/containers saved with torch.save; refuses arbitrary pickled objects."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")

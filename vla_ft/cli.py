@@ -58,6 +58,65 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, bool]] = {
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.data_cli import add_data_commands
+
+    add_data_commands(sub)
+
+
+EXTRA_COMMANDS.append(_add_data)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vla_ft.export import export_policy
+
+    out = export_policy(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (load it with vla_ft.VLAPolicy.from_pretrained('{out}'))")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    text = "merge LoRA and write a deployable policy directory (see vla_ft.export)"
+    p = sub.add_parser("export", help=text, description=text)
+    p.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N), or a run directory: its newest")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.set_defaults(func=cmd_export)
+
+
+EXTRA_COMMANDS.append(_add_export)
+
+
+def _add_ablate_eval_plot(sub: argparse._SubParsersAction) -> None:
+    from vla_ft import ablate, evaluate, plots  # light to import: torch and matplotlib load when a command runs
+
+    for module in (ablate, evaluate, plots):
+        module.add_parser(sub)
+
+
+EXTRA_COMMANDS.append(_add_ablate_eval_plot)
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vla_ft.distributed import consolidate
+
+    out = consolidate(Path(args.checkpoint), Path(args.out) if args.out else None)
+    print(f"consolidated {args.checkpoint} -> {out}")
+    return 0
+
+
+def _add_consolidate(sub: argparse._SubParsersAction) -> None:
+    text = "merge an FSDP checkpoint's shards (model_dcp/) into one model.safetensors (see vla_ft.distributed)"
+    p = sub.add_parser("consolidate", help=text, description=text)
+    p.add_argument("checkpoint", help="checkpoint directory written with distributed.strategy=fsdp")
+    p.add_argument("--out", default=None, help="output file (default: model.safetensors inside the checkpoint)")
+    p.set_defaults(func=cmd_consolidate)
+
+
+EXTRA_COMMANDS.append(_add_consolidate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-ft", description="Fine-tune vision-language-action robot policies.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -280,6 +280,14 @@ class LoggingConfig:
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = doc("data-parallel strategy under torchrun", "ddp")
     backend: Literal["auto", "nccl", "gloo"] = doc("process-group backend (auto: nccl on CUDA, gloo on CPU)", "auto")
+    find_unused_parameters: bool = doc(
+        "ddp: tolerate trainable parameters without a gradient in a step (a zero-weight term's head, an unused "
+        "pooling head); false saves a graph walk per step when every trainable parameter is always used",
+        True,
+    )
+    fsdp_reshard_after_forward: bool = doc(
+        "fsdp: free gathered parameters after forward (less memory, one more all-gather in backward)", True
+    )
 
 
 @dataclass
@@ -506,8 +514,33 @@ def validate(r: Recipe) -> list[str]:
         p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
-    if r.train.cache_features and r.data.augment.enabled:
-        p.append("train.cache_features: refused because data.augment.enabled is true (features would be stale)")
+    return p + cache_problems(r)
+
+
+def cache_problems(r: Recipe) -> list[str]:
+    """Why ``train.cache_features`` would train differently from running the frozen trunk (empty = cacheable).
+
+    The model-level check (dropout active in the trunk) is in :mod:`vla_ft.feature_cache`.
+    """
+    if not r.train.cache_features:
+        return []
+    why = "train.cache_features: refused because"
+    p = []
+    if r.data.augment.enabled:
+        p.append(f"{why} data.augment.enabled is true (every epoch sees new images; cached features would be stale)")
+    for name in TRUNK_MODULES:
+        if name == "proprio_encoder" and not r.model.proprio:
+            continue
+        if not getattr(r.freeze, name):
+            p.append(f"{why} freeze.{name} is false (a trained trunk module changes its features): set it true")
+        elif name in r.unfreeze:
+            p.append(f"{why} unfreeze.{name} trains the trunk from step {r.unfreeze[name].at_step}")
+    for key, on in (("model.lora.enabled", r.model.lora.enabled), ("model.lora.vision", r.model.lora.vision)):
+        if on:
+            p.append(f"{why} {key} is true (LoRA adapters train inside the trunk)")
+    if r.data.language_target != "none" and (r.loss.weights.language > 0 or "language" in r.loss.schedule):
+        p.append(f"{why} the language term needs the LM run on the target tokens, and with a frozen LM it trains "
+                 "nothing: set loss.weights.language: 0 (or data.language_target: none)")
     return p
 
 

@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import robot_data
-from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, compute_stats, split_episodes
+from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
+from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
+from robot_data.normalize import resolve_stats
 from vla_ft.config import Recipe, RecipeError
 
 
@@ -92,7 +94,7 @@ def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
     if d.format == "lerobot":
         kw.update(text_key=d.text_key, video_tolerance_s=d.video_tolerance_s, frame_cache=d.frame_cache)
     if d.format == "hdf5":
-        kw.update(layout=d.layout)
+        kw.update(layout=d.layout, text_key=d.text_key)
     return kw
 
 
@@ -111,25 +113,51 @@ def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict 
     """
     d = recipe.data
     reader = build_reader(recipe)
-    episodes = [e.index for e in reader.episodes()]
+    skip = checked_skip_list(recipe)
+    episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_episodes(episodes, d.val_ratio, d.val_episodes, recipe.train.seed)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     raw = d.raw_dims if d.raw_dims is not None else gripper
     if stats is not None:
         normalizer = Normalizer.from_dict(stats)
     else:
-        normalizer = Normalizer(reader.stats() or compute_stats(reader, train_eps), d.normalize, raw_action_dims=raw)
+        fresh, report = resolve_stats(reader, train_eps)
+        for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
+            print(f"data stats: {line}")
+        normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
     prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, action_token_offset,
                               recipe.model.action_tokens_bins)
     cameras = d.cameras or list(reader.cameras)
     common = dict(chunk=d.chunk, history=d.history, normalizer=normalizer, image_size=recipe.model.vision.img_size,
                   prompt_tokenizer=prompts, cameras=cameras, seed=recipe.train.seed)
     augment = {"crop_scale": d.augment.crop_scale, "color_jitter": d.augment.color_jitter} if d.augment.enabled else None
-    train_set = RobotDataset(reader, train_eps, augment=augment, train=True, **common)
-    val_set = RobotDataset(reader, val_eps, train=False, **common) if val_eps else None
+    try:
+        train_set = RobotDataset(reader, train_eps, augment=augment, train=True, **common)
+        val_set = RobotDataset(reader, val_eps, train=False, **common) if val_eps else None
+    except ValueError as err:  # unknown camera, missing text column, ...: name the recipe key
+        key = "data.cameras" if str(err).startswith("cameras") else "data"
+        raise RecipeError(f"{key}: {err}") from None
     first = reader.numeric(train_eps[0])
     return DataBundle(reader, train_set, val_set, normalizer, train_eps, val_eps,
                       first.state.shape[1], first.action.shape[1], cameras)
+
+
+def checked_skip_list(recipe: Recipe) -> set[int]:
+    """Run ``robot_data.check_dataset``; refuse a failing dataset unless ``data.skip_bad_episodes``.
+
+    Returns the episodes to leave out (listed on stdout so the user sees what was dropped).
+    """
+    d = recipe.data
+    if d.format == "synthetic":
+        return set()
+    kwargs = {k: v for k, v in _reader_kwargs(recipe).items() if k != "path"}
+    try:
+        skip = episodes_to_skip(check_dataset(d.path, d.format, **kwargs), d.skip_bad_episodes)
+    except DatasetCheckError as err:
+        raise RecipeError(f"data.path: {d.path} failed its checks (vla-ft data check {d.path}):\n{err}") from None
+    if skip:
+        print(f"data.skip_bad_episodes: skipping {len(skip)} episode(s): {sorted(skip)}")
+    return skip
 
 
 def _seed_worker(base_seed: int, worker_id: int) -> None:
@@ -160,6 +188,27 @@ def make_loader(dataset: Dataset, recipe: Recipe, sampler: Sampler, pad_id: int,
         # run's dropout stream would shift relative to a straight run.
         generator=torch.Generator().manual_seed(recipe.train.seed),
     )
+
+
+def step_groups(loader: DataLoader, sampler: EpochSampler, state: Any, accumulation: int):
+    """Yield lists of micro-batches, one list per optimizer step, epoch after epoch, forever.
+
+    The last group of an epoch may be shorter than ``accumulation`` (a final partial
+    accumulation: the trainer weights its micro-batches 1/len(group)). ``state.epoch`` and
+    ``state.consumed`` (samples of the epoch already used, all ranks; the trainer adds each
+    group's samples) say where to start, so a resumed run continues with the very next batch.
+    """
+    while True:
+        sampler.set_epoch(state.epoch, state.consumed)
+        group: list[dict[str, torch.Tensor]] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == accumulation:
+                yield group
+                group = []
+        if group:
+            yield group
+        state.epoch, state.consumed = state.epoch + 1, 0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@
 peft errors only when *no* target matches; a recipe listing ``q_proj, qkv_proj`` where only
 one exists would silently adapt less than asked. We check each pattern on its own with
 peft's matching rule (exact name or a ``.pattern`` suffix) and refuse the ones that match
-nothing, naming the key.
+nothing, naming the key. peft's ``all-linear`` shorthand is passed through as is.
+
+Adapters are saved in PEFT's own format next to every checkpoint (``adapter/``, see
+:mod:`vla_ft.model_files`), so ``peft.PeftModel.from_pretrained(base_lm, ".../adapter")`` opens them.
 """
 
 from __future__ import annotations
@@ -12,12 +15,19 @@ from torch import nn
 
 from vla_ft.config import LoraConfig, RecipeError
 
+ALL_LINEAR = "all-linear"
+
 
 def _matches(pattern: str, module_names: list[str]) -> bool:
     return any(n == pattern or n.endswith("." + pattern) for n in module_names)
 
 
 def check_targets(module: nn.Module, patterns: list[str], key: str) -> None:
+    """Every pattern must match at least one module of ``module``; the error lists the linear layers."""
+    if not patterns:
+        raise RecipeError(f"{key}: empty; name the modules to adapt (e.g. q_proj, v_proj) or use {ALL_LINEAR}")
+    if patterns == [ALL_LINEAR]:
+        return
     names = [n for n, _ in module.named_modules()]
     missing = [p for p in patterns if not _matches(p, names)]
     if missing:
@@ -25,22 +35,39 @@ def check_targets(module: nn.Module, patterns: list[str], key: str) -> None:
         raise RecipeError(f"{key}: pattern(s) {missing} match no module; linear layers here: {', '.join(leaves)}")
 
 
-def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str) -> nn.Module:
+def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_type: str | None = None) -> nn.Module:
+    """``module`` -> a peft model whose adapters are the only trainable parameters."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     check_targets(module, targets, key)
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets))
+    target_modules = ALL_LINEAR if targets == [ALL_LINEAR] else list(targets)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_modules, task_type=task_type
+    )
     return get_peft_model(module, peft_cfg)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
     """Wrap ``model.language_model`` (and the vision backbones) in peft LoRA, in place."""
     if cfg.enabled:
-        model.language_model = wrap(model.language_model, cfg, cfg.target_modules, "model.lora.target_modules")
+        # CAUSAL_LM: the saved adapter_config.json is what AutoPeftModelForCausalLM expects.
+        lm = wrap(model.language_model, cfg, cfg.target_modules, "model.lora.target_modules", "CAUSAL_LM")
+        model.language_model = lm
         model.lora_modules.add("language_model")
     if cfg.vision:
         backbones = model.vision_encoder.backbones
         for i, bb in enumerate(backbones):
             backbones[i] = wrap(bb, cfg, cfg.vision_target_modules, "model.lora.vision_target_modules")
         model.lora_modules.add("vision_encoder")
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weights and unwrap, in place (for export)."""
+    if "language_model" in model.lora_modules:
+        model.language_model = model.language_model.merge_and_unload()
+    if "vision_encoder" in model.lora_modules:
+        backbones = model.vision_encoder.backbones
+        for i, bb in enumerate(backbones):
+            backbones[i] = bb.merge_and_unload()
+    model.lora_modules.clear()

@@ -22,6 +22,26 @@ def gripper_labels(values: torch.Tensor, cfg: GripperLossConfig) -> torch.Tensor
     return high if cfg.closed_is_high else ~high
 
 
+def real_actions(outputs: dict[str, torch.Tensor], normalizer, gripper_dims: list[int],
+                 closed_is_high: bool) -> torch.Tensor:
+    """Model outputs -> actions in the dataset's units, (B, C, A) float32 on the CPU.
+
+    ``outputs["actions"]`` (B, C, A) is de-normalised; with ``outputs["gripper_logits"]`` (B, C, G),
+    gripper dim ``gripper_dims[j]`` becomes the dataset's closed value where logit j > 0, else its
+    open value (the max / min of that dim; swapped when ``closed_is_high`` is false): what a robot
+    is sent. Shared by validation metrics and :class:`vla_ft.policy.VLAPolicy`.
+    """
+    pred = normalizer.unnormalize("action", outputs["actions"].detach().float().cpu())
+    if gripper_dims and "gripper_logits" in outputs:
+        closed = outputs["gripper_logits"].detach().float().cpu() > 0
+        stats = normalizer.stats["action"]
+        for j, dim in enumerate(gripper_dims):
+            lo, hi = float(stats["min"][dim]), float(stats["max"][dim])
+            closed_value, open_value = (hi, lo) if closed_is_high else (lo, hi)
+            pred[..., dim] = torch.where(closed[..., j], closed_value, open_value)
+    return pred
+
+
 class ActionMetrics:
     """Accumulates sums over batches; :meth:`compute` returns ``{name: float}``."""
 
@@ -44,15 +64,8 @@ class ActionMetrics:
 
     def predicted_real(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted actions in real units (B, C, A), gripper dims as open/closed values."""
-        pred = self._real(outputs["actions"])
-        if self.gripper_head and self.gripper_dims and "gripper_logits" in outputs:
-            closed = outputs["gripper_logits"].detach().float().cpu() > 0
-            stats = self.norm.stats["action"]
-            for j, dim in enumerate(self.gripper_dims):
-                lo, hi = float(stats["min"][dim]), float(stats["max"][dim])
-                closed_value, open_value = (hi, lo) if self.gcfg.closed_is_high else (lo, hi)
-                pred[..., dim] = torch.where(closed[..., j], closed_value, open_value).double()
-        return pred
+        dims = self.gripper_dims if self.gripper_head else []
+        return real_actions(outputs, self.norm, dims, self.gcfg.closed_is_high).double()
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         pred, true = self.predicted_real(outputs), self._real(batch["actions"])

@@ -19,14 +19,13 @@ gripper_head``.
 from __future__ import annotations
 
 import contextlib
-import difflib
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vla_ft.config import ModelConfig, RecipeError
+from vla_ft.backbones import build_language_model, build_vision_encoder
+from vla_ft.config import ModelConfig, Recipe, RecipeError
 
 # Upstream modules of each trunk module: a frozen module may run without autograd only
 # when everything feeding it is frozen too.
@@ -56,113 +55,38 @@ class ActionQueries(nn.Module):
         return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
 
 
-class VisionEncoder(nn.Module):
-    """timm backbone(s) -> tokens (B, n_cam * N, Dv), N = patch tokens or 1 pooled token.
-
-    Pixel normalisation (the backbone's own mean/std) happens here, on the device, so the
-    data pipeline ships uint8.
-    """
-
-    def __init__(self, backbones: nn.ModuleList, features: str, mean: tuple, std: tuple):
-        super().__init__()
-        self.backbones = backbones
-        self.features = features
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
-
-    @property
-    def width(self) -> int:
-        return self.backbones[0].num_features
-
-    def encode(self, backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        feats = backbone.forward_features(pixels)  # (B, prefix + N, Dv)
-        if self.features == "pooled":
-            return backbone.forward_head(feats, pre_logits=True).unsqueeze(1)
-        return feats[:, getattr(backbone, "num_prefix_tokens", 0):]
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: uint8 (B, n_cam, 3, H, W) -> (B, n_cam * N, Dv)."""
-        b, n_cam = images.shape[:2]
-        pixels = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
-        if len(self.backbones) == 1:  # shared encoder: one batched call over all cameras
-            tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
-            return tokens.reshape(b, n_cam * tokens.shape[1], -1)
-        if len(self.backbones) != n_cam:
-            raise ValueError(f"model.vision.per_camera: {len(self.backbones)} encoders but {n_cam} cameras in the batch")
-        return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
-
-
-def _timm_pretrained_kwargs(pretrained: bool | str) -> dict[str, Any]:
-    if pretrained is False:
-        return {"pretrained": False}
-    if pretrained is True:
-        return {"pretrained": True}
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
-        if not found:
-            raise RecipeError(f"model.vision.pretrained: no .safetensors/.bin/.pth file in {path}")
-        path = found[0]
-    if not path.is_file():
-        raise RecipeError(f"model.vision.pretrained: path does not exist: {pretrained}")
-    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
-
-
-def build_vision_encoder(cfg: ModelConfig, n_cameras: int) -> VisionEncoder:
-    import timm
-
-    v = cfg.vision
-    if not timm.is_model(v.name):
-        close = difflib.get_close_matches(v.name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise RecipeError(f"model.vision.name: unknown timm model '{v.name}'{hint}")
-    kwargs = {"num_classes": 0, "img_size": v.img_size, **_timm_pretrained_kwargs(v.pretrained), **v.kwargs}
-    backbones = nn.ModuleList(timm.create_model(v.name, **kwargs) for _ in range(n_cameras if v.per_camera else 1))
-    data_cfg = timm.data.resolve_data_config({}, model=backbones[0])
-    return VisionEncoder(backbones, v.features, data_cfg["mean"], data_cfg["std"])
-
-
-def build_language_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """AutoModelForCausalLM from a local directory, a hub name, or a config (tiny)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    lang = cfg.language
-    attn = {"attn_implementation": lang.attn_implementation}
-    if lang.name is None:
-        if "model_type" not in lang.config:
-            raise RecipeError("model.language.config: needs model_type (e.g. qwen2) when model.language.name is null")
-        kwargs = {"vocab_size": vocab_size, **lang.config}
-        try:
-            config = AutoConfig.for_model(**kwargs)
-        except ValueError as err:
-            raise RecipeError(f"model.language.config: {err}") from None
-        lm = AutoModelForCausalLM.from_config(config, **attn)
-    else:
-        path = Path(lang.name).expanduser()
-        if not path.exists() and (lang.name.startswith((".", "/", "~")) or lang.name.count("/") > 1):
-            raise RecipeError(f"model.language.name: directory not found: {lang.name}")
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else lang.name, **attn)
-        except (OSError, ValueError) as err:
-            raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
-    if lm.get_input_embeddings().num_embeddings < vocab_size:
-        lm.resize_token_embeddings(vocab_size)
-    if lang.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return lm
-
-
 class VLA(nn.Module):
     """Vision-language-action policy network; see the module docstring for the layout."""
 
     def __init__(
-        self, cfg: ModelConfig, *, state_dim: int, action_dim: int, chunk: int, n_cameras: int,
-        n_history: int, vocab_size: int, n_gripper: int,
+        self,
+        cfg: ModelConfig,
+        *,
+        state_dim: int,
+        action_dim: int,
+        chunk: int,
+        n_cameras: int,
+        n_history: int,
+        vocab_size: int,
+        n_gripper: int,
+        pretrained: bool = True,
+        lm_config: Any = None,
     ):
+        """``pretrained=False`` / ``lm_config`` rebuild the architecture only (weights come from a
+        checkpoint next): no hub or local weights are read, see :mod:`vla_ft.model_files`."""
         super().__init__()
         self.cfg, self.chunk, self.action_dim, self.n_gripper = cfg, chunk, action_dim, n_gripper
-        self.vision_encoder = build_vision_encoder(cfg, n_cameras)
-        self.language_model = build_language_model(cfg, vocab_size)
+        self.dims = {
+            "state_dim": state_dim,
+            "action_dim": action_dim,
+            "chunk": chunk,
+            "n_cameras": n_cameras,
+            "n_history": n_history,
+            "vocab_size": vocab_size,
+            "n_gripper": n_gripper,
+        }
+        self.vision_encoder = build_vision_encoder(cfg, n_cameras, pretrained)
+        self.language_model = build_language_model(cfg, vocab_size, lm_config)
         width = self.language_model.get_input_embeddings().embedding_dim
         self.projector = _mlp(self.vision_encoder.width, cfg.projector_hidden, width)
         self.proprio_encoder = _mlp(state_dim * n_history, width, width) if cfg.proprio else None
@@ -256,7 +180,8 @@ class VLA(nn.Module):
         seq, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
         with self._grad_ctx("language_model"):
-            hidden = self.decoder(inputs_embeds=seq, attention_mask=mask.long(), position_ids=positions).last_hidden_state
+            out_lm = self.decoder(inputs_embeds=seq, attention_mask=mask.long(), position_ids=positions)
+        hidden = out_lm.last_hidden_state
         q0 = prefix.shape[1] + batch["prompt_ids"].shape[1]
         out = {"readout": hidden[:, q0 : q0 + c]}
         if want_text:  # position p predicts token p + 1: the last query predicts target[0]
@@ -287,19 +212,15 @@ class VLA(nn.Module):
         return out
 
 
-def pad_token_id(tokenizer) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id prompts are padded with: the tokenizer's pad token, else eos (Llama has no pad), else 0."""
     for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tok_id is not None:
             return int(tok_id)
     return 0
 
 
-def check_cameras(n_model: int, n_data: int) -> None:
-    if n_model != n_data:
-        raise RecipeError(f"data.cameras: the model expects {n_model} camera(s) but the data provides {n_data}")
-
-
-def build_model(recipe, *, state_dim: int, action_dim: int, n_cameras: int, vocab_size: int) -> VLA:
+def build_model(recipe: Recipe, *, state_dim: int, action_dim: int, n_cameras: int, vocab_size: int) -> VLA:
     """The VLA for a recipe and the data's dimensions, with LoRA applied when asked."""
     from vla_ft.lora import apply_lora
 
@@ -307,7 +228,15 @@ def build_model(recipe, *, state_dim: int, action_dim: int, n_cameras: int, voca
     bad = [d for d in gripper if not 0 <= d < action_dim]
     if bad:
         raise RecipeError(f"loss.gripper.dims: {bad} out of range for {action_dim} action dims")
-    model = VLA(recipe.model, state_dim=state_dim, action_dim=action_dim, chunk=recipe.data.chunk,
-                n_cameras=n_cameras, n_history=recipe.data.history, vocab_size=vocab_size, n_gripper=len(gripper))
+    model = VLA(
+        recipe.model,
+        state_dim=state_dim,
+        action_dim=action_dim,
+        chunk=recipe.data.chunk,
+        n_cameras=n_cameras,
+        n_history=recipe.data.history,
+        vocab_size=vocab_size,
+        n_gripper=len(gripper),
+    )
     apply_lora(model, recipe.model.lora)
     return model

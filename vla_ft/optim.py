@@ -7,34 +7,38 @@ LR 0 until its step: its parameters have no gradient, so the optimizer leaves th
 allocates no state for them) until then. Unfreezing therefore flips ``requires_grad`` and
 never rebuilds the other groups' optimizer state, and a resumed run builds the very same
 groups.
+
+Schedule: the LR of update ``s`` (0-based count of updates applied before it) is
+``base_lr * lr_factor(s)``; the trainer sets it right before each update, so the LR logged
+at step ``s + 1`` is the one that update used.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
+from collections.abc import Sequence
 import torch
 from torch import nn
 
 from vla_ft.config import MODULE_NAMES, Recipe
 
-
-@dataclass
-class GroupSpec:
-    name: str
-    module: str
-    lr: float
-    weight_decay: float
-    start_step: int = 0  # 0 for modules trained from the start
-    warmup_steps: int = 0
+# Parameters that are lookup tables rather than maps: their rows should not shrink to 0.
+TABLE_LEAVES = ("token", "pos_embed", "position_embedding")
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    # Biases and norm scales are 1-D; embeddings, position embeddings, cls/register tokens
-    # and action queries are lookup tables whose rows should not shrink towards zero.
-    lowered = name.lower()
-    return p.ndim < 2 or any(k in lowered for k in ("norm", "embed", "token", "action_queries", "wte", "wpe"))
+def no_decay_ids(name: str, module: nn.Module) -> set[int]:
+    """ids of ``module``'s parameters that get weight decay 0 (nanoGPT's rule, made explicit):
+    biases and norm scales (ndim < 2), weights of embedding and norm layers (a tied LM head
+    shares the embedding's), positional embeddings and cls/register tokens, and the action
+    query table."""
+    out: set[int] = set()
+    for sub_name, sub in module.named_modules():
+        kind = type(sub).__name__.lower()
+        table_module = isinstance(sub, nn.Embedding) or "embedding" in kind or "norm" in kind
+        for leaf, p in sub.named_parameters(recurse=False):
+            if p.ndim < 2 or table_module or name == "action_queries" or any(t in leaf for t in TABLE_LEAVES):
+                out.add(id(p))
+    return out
 
 
 def trained_modules(recipe: Recipe, model: nn.Module) -> dict[str, int]:
@@ -51,11 +55,11 @@ def trained_modules(recipe: Recipe, model: nn.Module) -> dict[str, int]:
     return out
 
 
-def build_param_groups(recipe: Recipe, model: nn.Module, extra_no_decay: list[torch.Tensor] = ()) -> list[dict]:
+def build_param_groups(recipe: Recipe, model: nn.Module, extra_no_decay: Sequence[torch.Tensor] = ()) -> list[dict]:
     """Optimizer param groups, named, with ``base_lr``, ``start_step`` and ``warmup_steps``.
 
     ``extra_no_decay`` (e.g. the loss's learned log-variances) forms the ``loss_weights`` group.
-    Raises if any trainable-at-some-point parameter lands in zero or two groups.
+    Raises if a parameter lands in two groups.
     """
     o = recipe.optim
     groups: list[dict] = []
@@ -66,30 +70,48 @@ def build_param_groups(recipe: Recipe, model: nn.Module, extra_no_decay: list[to
         wd = override.weight_decay if override and override.weight_decay is not None else o.weight_decay
         spec = recipe.unfreeze.get(name)
         warmup = spec.warmup_steps if spec else o.warmup_steps
-        decay, no_decay = [], []
+        skip_decay = no_decay_ids(name, modules[name])
         lora_only = name in getattr(model, "lora_modules", ())
+        decay, no_decay = [], []
         for pname, p in modules[name].named_parameters():
             if lora_only and "lora_" not in pname:
-                continue
-            (no_decay if _no_decay(pname, p) else decay).append(p)
+                continue  # LoRA: the base weights never train
+            (no_decay if id(p) in skip_decay else decay).append(p)
         for suffix, params, group_wd in (("", decay, wd), ("/no_decay", no_decay, 0.0)):
             if params:
                 groups.append({"params": params, "name": name + suffix, "module": name, "base_lr": lr,
                                "lr": 0.0, "weight_decay": group_wd, "start_step": start, "warmup_steps": warmup})
     if extra_no_decay:
-        groups.append({"params": list(extra_no_decay), "name": "loss_weights", "module": "loss", "base_lr": o.lr,
-                       "lr": 0.0, "weight_decay": 0.0, "start_step": 0, "warmup_steps": o.warmup_steps})
-    _assert_partition(groups)
+        groups.append({"params": list(extra_no_decay), "name": "loss_weights", "module": "loss_weights",
+                       "base_lr": o.lr, "lr": 0.0, "weight_decay": 0.0, "start_step": 0,
+                       "warmup_steps": o.warmup_steps})
+    _assert_disjoint(groups)
     return groups
 
 
-def _assert_partition(groups: list[dict]) -> None:
+def _assert_disjoint(groups: list[dict]) -> None:
     seen: dict[int, str] = {}
     for g in groups:
         for p in g["params"]:
             if id(p) in seen:
-                raise AssertionError(f"parameter in two groups: {seen[id(p)]} and {g['name']}")
+                raise AssertionError(f"parameter in two optimizer groups: {seen[id(p)]} and {g['name']}")
             seen[id(p)] = g["name"]
+
+
+def check_trainable_covered(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter that currently requires grad is in exactly one optimizer group.
+
+    Checked at setup and after each unfreeze: a trainable parameter outside every group
+    would get gradients and never move, silently.
+    """
+    count: dict[int, int] = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            count[id(p)] = count.get(id(p), 0) + 1
+    bad = [(n, count.get(id(p), 0)) for n, p in model.named_parameters() if p.requires_grad and count.get(id(p)) != 1]
+    if bad:
+        shown = ", ".join(f"{n} (in {c} groups)" for n, c in bad[:8])
+        raise AssertionError(f"trainable parameters not in exactly one optimizer group: {shown}")
 
 
 def build_optimizer(recipe: Recipe, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -103,10 +125,12 @@ def build_optimizer(recipe: Recipe, groups: list[dict], device: torch.device) ->
 
 
 def lr_factor(recipe: Recipe, step: int, start_step: int, warmup_steps: int) -> float:
-    """Multiplier of a group's base LR at optimizer step ``step`` (0-based).
+    """Multiplier of a group's base LR for update ``step`` (0-based).
 
-    0 before the group's start; linear warmup over its own ``warmup_steps`` from its start;
-    then the run's global decay (cosine / linear / constant down to ``min_lr_ratio``).
+    0 before the group's start; linear warmup over its own ``warmup_steps`` from its start
+    (``(step - start + 1) / warmup``); times the run's global decay after the global warmup:
+    ``min_lr_ratio + (1 - min_lr_ratio) * shape(p)``, ``p = (step - warmup) / (steps - warmup)``,
+    shape ``(1 + cos(pi p)) / 2`` (cosine), ``1 - p`` (linear) or 1 (constant).
     """
     o = recipe.optim
     if step < start_step:
@@ -121,15 +145,17 @@ def lr_factor(recipe: Recipe, step: int, start_step: int, warmup_steps: int) -> 
 
 
 def set_lr(recipe: Recipe, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Set every group's LR for update ``step`` (0-based)."""
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * lr_factor(recipe, step, g["start_step"], g["warmup_steps"])
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if not g["name"].endswith("/no_decay")}
+    """``lr/<module>`` for every module with a group (a module's two twins share one LR)."""
+    return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
 
 
 def frozen_at(recipe: Recipe, model: nn.Module, step: int) -> set[str]:
-    """Modules frozen at ``step`` under the freeze + unfreeze plan."""
+    """Modules frozen for update ``step`` (0-based) under the freeze + unfreeze plan."""
     starts = trained_modules(recipe, model)
     return {n for n in model.named_modules_of_interest() if n not in starts or starts[n] > step}

@@ -31,11 +31,17 @@ def parameter_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
             mode = "full"
         else:
             mode = f"frozen->step {starts[0]}" if starts else "frozen"
-        rows.append({
-            "module": name, "params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
-            "lr": ",".join(f"{v:g}" for v in lrs) or "-", "weight_decay": ",".join(f"{v:g}" for v in wds) or "-",
-            "dtype": ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})), "mode": mode,
-        })
+        rows.append(
+            {
+                "module": name,
+                "params": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in trainable),
+                "lr": ",".join(f"{v:g}" for v in lrs) or "-",
+                "weight_decay": ",".join(f"{v:g}" for v in wds) or "-",
+                "dtype": ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})),
+                "mode": mode,
+            }
+        )
     return rows
 
 
@@ -46,8 +52,11 @@ def format_table(rows: list[dict]) -> str:
     train = sum(r["trainable"] for r in rows)
     cells.append(["total", f"{total:,}", f"{train:,}", "", "", "", f"{100 * train / max(total, 1):.1f}% trainable"])
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    body = ["  ".join(v.rjust(w) if v[:1].isdigit() else v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    body = [
+        "  ".join(v.rjust(w) if v[:1].isdigit() else v.ljust(w) for v, w in zip(row, widths, strict=True))
+        for row in cells
+    ]
     return "\n".join([line, "-" * len(line), *body])
 
 

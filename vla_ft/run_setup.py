@@ -80,6 +80,14 @@ class Run:
         if hook is not None:
             hook(self)
 
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip all trainable gradients by their global L2 norm; returns the norm before clipping.
+        Distributed strategies replace it (sharded gradients, state outside the wrapper)."""
+        hook = self.extras.get("clip_grad_norm")
+        if hook is not None:
+            return hook(self, max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.trainable_params(), max_norm)
+
     def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
         hook = self.extras.get("reduce_metrics")
         return hook(self, values) if hook is not None else values
@@ -133,7 +141,7 @@ def setup(recipe: Recipe) -> Run:
     run_dir = Path(recipe.output_dir)
     resume_from = find_resume_checkpoint(recipe, run_dir)
     if resume_from is not None:
-        check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from)
+        check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
@@ -156,7 +164,9 @@ def setup(recipe: Recipe) -> Run:
         run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
         run.progress.write(f"resumed from {resume_from} at step {run.state.step}")
     model.set_frozen(optim.frozen_at(recipe, model, run.state.step))
+    optim.check_trainable_covered(model, optimizer)
     optim.set_lr(recipe, optimizer, run.state.step)
+    loss_fn.watch(run.shared_params)  # gradnorm/* diagnostics every loss.grad_norm_every steps
     _install_extensions(run)
     if rt.is_main:
         save_recipe(recipe, run_dir / "config.yaml")

@@ -6,6 +6,7 @@ The directory layout is drawn in :mod:`vla_ft.checkpoint`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
+from vla_ft.model_files import write_model_files
 
 if TYPE_CHECKING:
     from vla_ft.run_setup import Run
@@ -37,10 +39,35 @@ class TrainState:
     evals_since_best: int = 0
 
 
-# Keys whose change makes a resumed run a different experiment (refused), by prefix.
-BREAKING = ("model.", "data.format", "data.path", "data.cameras", "data.state_key", "data.action_key", "data.chunk",
-            "data.history", "data.normalize", "data.raw_dims", "data.language_target", "data.synthetic.",
-            "loss.gripper.dims", "optim.accumulation", "train.batch_size", "train.seed")
+# Keys whose change makes a resumed run a different experiment (refused), by prefix: the
+# model's shape, what the data is and how it is normalised and split, the loss's learned
+# state, the optimizer's state layout (groups come from freeze/unfreeze), the batch stream.
+BREAKING = (
+    "model.",
+    "data.format",
+    "data.path",
+    "data.layout",
+    "data.cameras",
+    "data.state_key",
+    "data.action_key",
+    "data.chunk",
+    "data.history",
+    "data.val_ratio",
+    "data.val_episodes",
+    "data.normalize",
+    "data.raw_dims",
+    "data.language_target",
+    "data.skip_bad_episodes",
+    "data.synthetic.",
+    "loss.strategy",
+    "loss.gripper.dims",
+    "optim.name",
+    "freeze.",
+    "unfreeze",
+    "train.seed",
+)  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)
+# Exceptions inside BREAKING: how the model computes, not what it is.
+HARMLESS = ("model.language.attn_implementation", "model.language.gradient_checkpointing")
 IGNORED = ("train.resume", "output_dir")
 
 
@@ -55,32 +82,63 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path) -> None:
-    """Error for changes that break equivalence with the saved run; warning for the rest."""
+def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path, world_size: int = 1) -> None:
+    """Error for changes that break equivalence with the saved run; warning for the rest.
+
+    The global batch (``train.batch_size x optim.accumulation x processes``) must stay: a run
+    resumes on another number of processes with ``train.batch_size`` adjusted.
+    """
     old, new = _flatten(saved), _flatten(to_dict(current))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
-    breaking = [k for k in changed if k.startswith(BREAKING)]
-    if breaking:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking)
+    breaking = [k for k in changed if k.startswith(BREAKING) and not k.startswith(HARMLESS)]
+    problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
+    problems += _global_batch_change(old, current, where, world_size)
+    if problems:
+        detail = "; ".join(problems)
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
     if changed:
         warnings.warn(f"resuming from {where} with changed keys: {', '.join(changed)}", stacklevel=2)
 
 
+def _global_batch_change(old: dict[str, Any], current: Recipe, where: Path, world_size: int) -> list[str]:
+    meta = where / "trainer_state.json"
+    saved_world = ck.load_json(meta).get("world_size", 1) if meta.is_file() else 1
+    b, a = old.get("train.batch_size", 1), old.get("optim.accumulation", 1)
+    before, after = b * a * saved_world, current.train.batch_size * current.optim.accumulation * world_size
+    if before == after:
+        return []
+    per_device = current.optim.accumulation * world_size
+    hint = f" (train.batch_size={before // per_device} keeps it)" if before % per_device == 0 else ""
+    return [
+        f"global batch (train.batch_size x optim.accumulation x processes): {b} x {a} x {saved_world} = {before} "
+        f"-> {current.train.batch_size} x {current.optim.accumulation} x {world_size} = {after}{hint}"
+    ]
+
+
 def save_training_checkpoint(run: Run) -> Path | None:
-    """Write ``checkpoints/step_<N>`` (rank 0), rotate, and return its path."""
+    """Write ``checkpoints/step_<N>`` (rank 0), rotate, and return its path (None on other ranks).
+
+    Under FSDP every rank first writes its shards (the ``stage_model_state`` hook); rank 0 moves
+    them into the temporary directory, so the checkpoint still appears atomically.
+    """
     path = None
+    stage = run.extras.get("stage_model_state")
+    staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:
         root = run.run_dir / "checkpoints"
         model = run.model
-        estimate = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        estimate = checkpoint_bytes(run)
 
         def write(tmp: Path) -> None:
-            save_model(model, str(tmp / "model.safetensors"))
-            if model.lora_modules and "language_model" in model.lora_modules:
-                model.language_model.save_pretrained(str(tmp / "adapter"))
-            if run.recipe.checkpoint.save_optimizer:
-                torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            if staged is not None:
+                from vla_ft.distributed import DCP_DIR
+
+                os.replace(staged, tmp / DCP_DIR)  # sharded weights and optimizer state
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
+                if run.recipe.checkpoint.save_optimizer:
+                    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+            write_model_files(run, tmp)  # model_meta.json, language_model/, PEFT adapters
             loss_state = {k: v.detach().cpu().contiguous() for k, v in run.loss_fn.state_dict().items()}
             if loss_state:
                 save_file(loss_state, str(tmp / "loss_state.safetensors"))
@@ -92,9 +150,18 @@ def save_training_checkpoint(run: Run) -> Path | None:
 
         path = ck.write_checkpoint(root, run.state.step, write, estimate_bytes=estimate)
         best = root / ck.step_dir_name(run.state.best_step) if run.state.best_step is not None else None
+        if run.state.best_step == run.state.step:
+            ck.write_pointer(root, "best", path.name)
         ck.rotate(root, run.recipe.checkpoint.keep_last, {p for p in (best, run.resumed_from) if p is not None})
     run.rt.barrier()
     return path
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what a checkpoint takes on disk: weights, plus two Adam moments per trainable weight."""
+    weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in run.trainable_params())
+    return weights + (moments if run.recipe.checkpoint.save_optimizer else 0)
 
 
 def trainer_json(run: Run) -> dict[str, Any]:
@@ -113,15 +180,17 @@ def trainer_json(run: Run) -> dict[str, Any]:
 
 def load_training_checkpoint(run: Run, path: Path) -> None:
     """Restore weights, optimizer, loss strategy, scaler, RNG and data position from ``path``."""
-    load_model(run.model, str(path / "model.safetensors"), strict=True)
-    if (path / "optimizer.pt").is_file():
-        run.optimizer.load_state_dict(ck.torch_load(path / "optimizer.pt"))
-    elif run.recipe.checkpoint.save_optimizer:
-        warnings.warn(f"{path} has no optimizer state: resuming with a fresh optimizer", stacklevel=2)
+    load_weights_and_optimizer(run, path)
     if (path / "loss_state.safetensors").is_file():
         run.loss_fn.load_state_dict(load_file(str(path / "loss_state.safetensors")))
     meta = ck.load_json(path / "trainer_state.json")
     run.state = TrainState(**meta["state"])
+    if meta.get("world_size", run.rt.world_size) != run.rt.world_size:
+        warnings.warn(
+            f"{path} was saved by {meta['world_size']} processes, resuming with {run.rt.world_size}: "
+            "the data position and the global batch carry over",
+            stacklevel=2,
+        )
     if run.scaler and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     ck.set_rng_state(ck.torch_load(path / "rng.pt"))
@@ -129,6 +198,34 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def load_weights_and_optimizer(run: Run, path: Path) -> None:
+    """``model.safetensors`` + ``optimizer.pt``, or the FSDP shards in ``model_dcp/`` (any world size)."""
+    if (path / "model_dcp").is_dir():
+        from vla_ft.distributed import DCP_DIR, load_dcp_state
+
+        load_dcp_state(run, path / DCP_DIR)
+        return
+    load_model(run.model, str(path / "model.safetensors"), strict=True)
+    if (path / "optimizer.pt").is_file():
+        load_optimizer_state(run.optimizer, ck.torch_load(path / "optimizer.pt"), path)
+    elif run.recipe.checkpoint.save_optimizer:
+        warnings.warn(f"{path} has no optimizer state: resuming with a fresh optimizer", stacklevel=2)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Optimizer moments and step counts from ``state``; the group settings (base LR, weight
+    decay, start and warmup steps) stay those of the current recipe, which
+    ``Optimizer.load_state_dict`` would otherwise silently replace with the saved ones."""
+    names = [g["name"] for g in optimizer.param_groups]
+    saved = [g.get("name") for g in state["param_groups"]]
+    if saved != names:
+        raise ck.CheckpointError(f"{path}: optimizer groups {saved} do not match this recipe's {names}")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
 
 
 def read_saved_recipe(path: Path) -> dict[str, Any]:

@@ -48,6 +48,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def all_true_each(self, flags: list[bool]) -> list[bool]:
+        """:meth:`all_true` for several flags in one collective."""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in t.tolist()]
+
     def any_true(self, flag: bool) -> bool:
         return not self.all_true(not flag)
 

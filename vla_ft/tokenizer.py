@@ -33,19 +33,21 @@ def build_tiny_tokenizer(words: list[str], n_action_tokens: int = 256) -> PreTra
 def load_tokenizer(source: str, key: str = "model.language.tokenizer"):
     """A tokenizer from ``builtin:tiny``, a local directory, or a hub name.
 
-    Errors name the recipe ``key``: a path that does not exist is reported as such rather
-    than as a failed hub download.
+    Hub names resolve through the Hugging Face cache like the LM's (offline: ``HF_HUB_OFFLINE=1``
+    with a filled cache, see :mod:`vla_ft.backbones`). Errors are RecipeErrors naming ``key``: a
+    path that does not exist is reported as such rather than as a failed hub download.
     """
+    from vla_ft.config import RecipeError
+
     if source == BUILTIN_TINY:
         from robot_data import SYNTHETIC_VOCAB
 
         return build_tiny_tokenizer(list(SYNTHETIC_VOCAB))
     path = Path(source).expanduser()
-    if path.exists():
-        return AutoTokenizer.from_pretrained(str(path))
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"{key}: tokenizer directory not found: {source}")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise RecipeError(f"{key}: tokenizer directory not found: {source}")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else source)
     except (OSError, ValueError) as err:
-        raise OSError(f"{key}: cannot load tokenizer '{source}' (no local directory by that name, hub: {err})") from None
+        where = "directory" if path.exists() else "hub name (no local directory by that name)"
+        raise RecipeError(f"{key}: cannot load a tokenizer from {where} '{source}': {err}") from None

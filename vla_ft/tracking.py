@@ -1,40 +1,107 @@
 """Where numbers go: ``metrics.jsonl``, TensorBoard, and a progress display.
 
-Only rank 0 writes. Values arrive as floats (the trainer syncs with the device once per
-log interval, never inside a step).
+Only rank 0 writes. Values arrive as floats or 0-dim tensors; :class:`Averager` keeps
+tensors on the device, so the trainer syncs with the device once per log interval, never
+inside a step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Averager:
+    """Per-key running means of scalars that may arrive on some steps only (e.g. ``gradnorm/*``
+    every N steps): each key is divided by its own count, not by the number of steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            if v is None:
+                continue
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean_values(self) -> dict[str, Any]:
+        """Means as they are (tensors stay on the device: no sync)."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def means(self) -> dict[str, float]:
+        """Host floats: the one device sync of a log interval."""
+        return {k: float(v) for k, v in self.mean_values().items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+
+class TrainWindow:
+    """What happened since the last train log line: values, samples, time spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.values = Averager()
+        self.samples = 0
+        self.wait_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def perf(self) -> dict[str, float]:
+        """``perf/samples_per_s`` and ``perf/data_wait_frac`` (share of wall time spent waiting for batches)."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        return {"perf/samples_per_s": self.samples / elapsed, "perf/data_wait_frac": self.wait_s / elapsed}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 class MetricsLogger:
-    """One JSON object per logged step in ``metrics.jsonl``; the same scalars in TensorBoard."""
+    """One JSON object per logged step in ``metrics.jsonl``; the same scalars in TensorBoard.
+
+    The TensorBoard writer is opened on first use so that a resumed run can tell it where
+    the checkpoint was (``purge_step``): TensorBoard then hides the stale events the crashed
+    run wrote after it, as ``truncate_after`` does for ``metrics.jsonl``.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = enabled and tensorboard
         self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.purge_step: int | None = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
+        if self.tensorboard:
+            writer = self._writer()
             for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+                writer.add_scalar(key, value, step)
+
+    def _writer(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+        return self.writer
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the file reads as one run."""
+        self.purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -43,42 +110,71 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 class Progress:
-    """tqdm bar with ETA on a TTY; periodic plain lines otherwise (CI logs, nohup)."""
+    """tqdm bar with ETA on a TTY; plain lines (step, values, ETA) every log interval otherwise
+    (CI logs, nohup, Slurm output files, where a bar would print one line per refresh)."""
 
-    def __init__(self, total: int, initial: int, mode: str, enabled: bool = True):
+    def __init__(self, total: int, initial: int, mode: str, enabled: bool = True, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
         self.mode = "none" if not enabled else mode
         if self.mode == "auto":
-            self.mode = "bar" if sys.stderr.isatty() else "plain"
+            self.mode = "bar" if self.stream.isatty() else "plain"
         self.total, self.start_step, self.t0 = total, initial, time.monotonic()
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=self.stream)
+
+    def eta_s(self, step: int) -> float:
+        """Seconds left at the average rate since this process started (nan before the first step)."""
+        rate = (step - self.start_step) / max(1e-9, time.monotonic() - self.t0)
+        return (self.total - step) / rate if rate > 0 else math.nan
 
     def update(self, step: int, summary: dict[str, float] | None = None) -> None:
+        """Advance to ``step``; ``summary`` (given at log steps) is shown next to the bar / printed."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if summary:
                 self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in summary.items()}, refresh=False)
         elif self.mode == "plain" and summary:
-            done = step - self.start_step
-            rate = done / max(1e-9, time.monotonic() - self.t0)
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
             text = " ".join(f"{k}={v:.4g}" for k, v in summary.items())
-            print(f"step {step}/{self.total} {text} eta {eta:.0f}s", flush=True)
+            print(f"step {step}/{self.total} {text} eta {format_eta(self.eta_s(step))}", file=sys.stdout, flush=True)
 
     def write(self, text: str) -> None:
         if self.mode == "none":
             return
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=self.stream)
         else:
             print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def format_eta(seconds: float) -> str:
+    """``1h02m``, ``3m05s``, ``42s`` or ``?``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def summary_line(values: dict[str, float], best: float | None, best_metric: str) -> str:
+    """The closing line: is the policy better than always predicting the mean action?"""
+    if "val/action_l1" not in values:
+        return "done (no validation episodes)"
+    l1, base = values["val/action_l1"], values["val/baseline_l1"]
+    text = f"held-out action L1 {l1:.4g} vs mean-action baseline {base:.4g} ({l1 / max(base, 1e-12):.0%} of baseline)"
+    if "val/gripper_acc" in values:
+        text += f", gripper accuracy {values['val/gripper_acc']:.1%}"
+    if best is not None:
+        text += f"; best {best_metric} {best:.4g}"
+    return text

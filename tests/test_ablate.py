@@ -1,0 +1,146 @@
+"""``vla-ft ablate``: variants from the recipe and --grid, a two-variant sweep on the tiny model
+with its table and plots, skipping finished variants and resuming an interrupted one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import QUICKSTART, ROOT, TINY
+
+from vla_ft import ablate, train
+from vla_ft.cli import main as cli
+from vla_ft.config import RecipeError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TWO = "ablation.variants={full: {}, frozen_vision: {freeze.vision_encoder: true}}"
+
+
+def test_grid_is_every_combination_with_yaml_values():
+    variants = ablate.grid_variants(["optim.lr=1e-3,3e-4", "data.cameras=[a,b],[c]", "freeze.projector=true,false"])
+    assert len(variants) == 2 * 2 * 2
+    first = variants[0]
+    assert first.overrides == {"optim.lr": "1e-3", "data.cameras": ["a", "b"], "freeze.projector": True}
+    assert first.name == 'optim.lr=1e-3+data.cameras=__a___b__+freeze.projector=true'
+    assert len({v.name for v in variants}) == 8
+    with pytest.raises(RecipeError, match="--grid 'optim.lr' must look like"):
+        ablate.grid_variants(["optim.lr"])
+
+
+def test_recipe_variants_cross_the_grid_and_all_are_validated_first(tmp_path):
+    recipe = ROOT / "recipes" / "ablation_freeze.yaml"
+    _, planned = ablate.plan(recipe, [f"output_dir={tmp_path}"], ["optim.lr=0.001,0.0003"])
+    names = [v.name for v, _ in planned]
+    assert names[:2] == ["full+optim.lr=0.001", "full+optim.lr=0.0003"] and len(names) == 10
+    by_name = {v.name: r for v, r in planned}
+    head = by_name["head_only+optim.lr=0.0003"]
+    assert head.train.cache_features and head.optim.lr == 0.0003 and head.train.resume
+    assert head.output_dir == str(tmp_path / "head_only+optim.lr=0.0003")
+    staged = by_name["staged_unfreeze+optim.lr=0.001"].unfreeze["vision_encoder"]
+    assert (staged.at_step, staged.warmup_steps) == (200, 50)
+
+    # One bad variant key (with a suggestion) and one bad name are reported together, before any training.
+    bad = ["ablation.variants={good: {}, typo: {optim.lrr: 0.1}, 'bad name': {}}"]
+    with pytest.raises(RecipeError) as err:
+        ablate.plan(QUICKSTART, [*bad, f"output_dir={tmp_path}"], [])
+    text = str(err.value)
+    assert "variant 'typo': unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in text
+    assert "ablation.variants.bad name: use letters" in text
+
+
+def test_summary_row_from_metrics_by_hand(tmp_path):
+    run = tmp_path / "v"
+    run.mkdir()
+    rows = [
+        {"step": 1, "loss": 2.0, "perf/samples_per_s": 10.0},
+        {"step": 2, "loss": 1.5, "perf/samples_per_s": 30.0},
+        {"step": 2, "val/action_l1": 0.5, "val/gripper_acc": 0.6},
+        {"step": 3, "loss": 1.2, "perf/samples_per_s": 20.0},
+        {"step": 4, "val/action_l1": 0.3, "val/gripper_acc": 0.7},
+        {"step": 6, "val/action_l1": 0.4, "val/gripper_acc": 0.9},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = {"trainable_params": 123, "wall_s": 9.5, "peak_mem_gb": 1.25, "peak_mem_kind": "cpu_peak_rss"}
+    (run / "run_summary.json").write_text(json.dumps(info))
+    row = ablate.summary_row("v", run, "val/action_l1", "min")
+    assert row["best val/action_l1"] == 0.3 and row["best_step"] == 4
+    assert row["final val/action_l1"] == 0.4 and row["final val/gripper_acc"] == 0.9
+    assert row["samples_per_s"] == 20.0  # median of 10, 30, 20
+    assert (row["steps"], row["trainable_params"], row["wall_s"], row["peak_mem_gb"]) == (6, 123, 9.5, 1.25)
+    best_acc = ablate.summary_row("v", run, "val/gripper_acc", "max")
+    assert (best_acc["best val/gripper_acc"], best_acc["best_step"]) == (0.9, 6)
+
+
+def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "abl"
+    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=4", "train.val_every=2", "checkpoint.every=2",
+            "checkpoint.keep_last=0", "logging.tensorboard=false", TWO, f"output_dir={root}"]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] full: training" in out and "[ablate 2/2] frozen_vision: training" in out
+
+    with open(root / "summary.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["variant"] for r in table] == ["full", "frozen_vision"]
+    full, frozen = table
+    params = {name: sum(int(v.replace(",", "")) for v in _param_column(root / name)) for name in ("full", "frozen_vision")}
+    assert int(full["trainable_params"]) == params["full"]
+    assert int(frozen["trainable_params"]) == params["frozen_vision"] < params["full"]
+    for r in table:
+        assert r["steps"] == "4" and float(r["wall_s"]) > 0 and float(r["samples_per_s"]) > 0
+        assert float(r["peak_mem_gb"]) > 0.05
+        val = [json.loads(line) for line in (root / r["variant"] / "metrics.jsonl").read_text().splitlines()]
+        val = [v["val/action_l1"] for v in val if "val/action_l1" in v]
+        assert float(r["best val/action_l1"]) == pytest.approx(min(val))
+        assert float(r["final val/action_l1"]) == pytest.approx(val[-1])
+    md = (root / "summary.md").read_text()
+    assert md.startswith("| variant | steps | trainable_params | best val/action_l1 |") and "Best by val/action_l1" in md
+    for name in ("val_curves.png", "metric_bars.png"):
+        assert (root / name).read_bytes()[:8] == PNG_SIGNATURE
+
+    # Rerun: both finished, nothing trains.
+    def no_training(recipe):
+        raise AssertionError(f"{recipe.output_dir} should have been skipped")
+
+    monkeypatch.setattr(train, "main", no_training)
+    assert cli(argv) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    monkeypatch.undo()
+
+    # Interrupted: frozen_vision's final checkpoint is gone, its summary says "not finished".
+    ckpts = root / "frozen_vision" / "checkpoints"
+    shutil.rmtree(ckpts / "step_000004")
+    (ckpts / "latest").write_text("step_000002")
+    summary = json.loads((root / "frozen_vision" / "run_summary.json").read_text())
+    (root / "frozen_vision" / "run_summary.json").write_text(json.dumps({**summary, "finished": False}))
+    trained = []
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda recipe: trained.append(recipe.output_dir) or real_main(recipe))
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "full: finished earlier, skipped" in out and "frozen_vision: resuming" in out
+    assert trained == [str(root / "frozen_vision")]
+    rows = [json.loads(line) for line in (root / "frozen_vision" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # resumed at 3, not restarted
+    after = json.loads((root / "frozen_vision" / "run_summary.json").read_text())
+    assert after["finished"] and after["segments"] == 2 and after["wall_s"] > summary["wall_s"]
+
+
+def _param_column(run_dir: Path) -> list[str]:
+    """The 'trainable' column of parameters.txt, module rows only (what the optimizer updates here)."""
+    lines = (run_dir / "parameters.txt").read_text().splitlines()[2:-1]
+    return [line.split()[2] for line in lines]
+
+
+def test_a_variant_stopped_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(train, "main", lambda recipe: calls.append(recipe.output_dir) or {})  # returns early
+    status = ablate.run_ablation(QUICKSTART, [*TINY, TWO, f"output_dir={tmp_path}"])
+    assert status == 130 and calls == [str(tmp_path / "full")]
+    assert "full: stopped before the end; rerun the same command to resume" in capsys.readouterr().out
+    assert json.loads((tmp_path / "full" / "run_summary.json").read_text())["finished"] is False
+    assert not (tmp_path / "summary.csv").exists()  # nothing trained, nothing to compare

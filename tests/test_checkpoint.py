@@ -1,0 +1,135 @@
+"""Checkpoint directories: atomic writes, pointers, rotation, safe loading, and a bit-exact round trip."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICKSTART, TINY
+
+from vla_ft import checkpoint as ck
+from vla_ft.checkpoint import CheckpointError
+from vla_ft.config import load_recipe
+from vla_ft.run_setup import setup
+from vla_ft.train import fit
+
+
+def files(content: str):
+    def write(tmp: Path) -> None:
+        (tmp / "weights.bin").write_text(content)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "more.json").write_text("{}")
+
+    return write
+
+
+def test_a_checkpoint_appears_complete_and_pointed_at_or_not_at_all(tmp_path):
+    root = tmp_path / "checkpoints"
+    first = ck.write_checkpoint(root, 1, files("one"))
+    assert first == root / "step_000001" and ck.is_complete(first)
+    assert (root / "latest").read_text() == "step_000001"
+
+    def fails_midway(tmp: Path) -> None:
+        files("two")(tmp)
+        raise ValueError("serialisation bug")
+
+    with pytest.raises(ValueError, match="serialisation bug"):
+        ck.write_checkpoint(root, 2, fails_midway)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
+    assert (first / "weights.bin").read_text() == "one"
+    assert ck.latest_checkpoint(root) == first
+
+
+def test_complete_is_written_after_every_other_file_is_synced(tmp_path, monkeypatch):
+    synced = []
+    real = ck._fsync
+    monkeypatch.setattr(ck, "_fsync", lambda p: synced.append(Path(p).name) or real(p))
+    ck.write_checkpoint(tmp_path, 3, files("x"))
+    assert synced[-2:] == [ck.COMPLETE, tmp_path.name]  # the marker, then the directory rename
+    assert {"weights.bin", "more.json"} <= set(synced[:-2])
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+])
+def test_a_full_disk_names_the_space_needed(tmp_path, error):
+    ck.write_checkpoint(tmp_path, 1, files("one"))
+
+    def full(tmp: Path) -> None:
+        (tmp / "partial").write_bytes(b"\0" * 1000)
+        raise error
+
+    with pytest.raises(CheckpointError, match=r"disk full .* needs about 3\.0 MiB .* earlier checkpoints are intact"):
+        ck.write_checkpoint(tmp_path, 2, full, estimate_bytes=3 * 2**20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    ck.write_checkpoint(tmp_path, 5, files("old"))
+    ck.write_checkpoint(tmp_path, 5, files("new"))
+    assert (tmp_path / "step_000005" / "weights.bin").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000005"]
+
+
+def test_latest_prefers_the_newest_complete_directory_over_a_stale_pointer(tmp_path):
+    for step in (1, 2):
+        ck.write_checkpoint(tmp_path, step, files(str(step)))
+    (tmp_path / "step_000003").mkdir()  # a directory without COMPLETE is never a checkpoint
+    ck.write_pointer(tmp_path, "latest", "step_000003")
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_000002"
+    ck.write_pointer(tmp_path, "latest", "step_000001")  # crash between the rename and the pointer update
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_000002"
+    assert ck.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_rotation_keeps_the_newest_the_best_and_the_resumed_from(tmp_path):
+    for step in range(1, 7):
+        ck.write_checkpoint(tmp_path, step, files(str(step)))
+    (tmp_path / ".tmp_step_000007").mkdir()  # leftovers of a killed save
+    (tmp_path / ".old_step_000003").mkdir()
+    assert ck.rotate(tmp_path, 0, set()) == []  # keep_last 0 keeps all
+    deleted = ck.rotate(tmp_path, 2, {tmp_path / "step_000002", tmp_path / "step_000004"})
+    assert [p.name for p in deleted] == ["step_000001", "step_000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002", "step_000004", "step_000005",
+                                                          "step_000006"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ck.torch_load(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        ck.torch_load(tmp_path / "absent.pt")
+
+
+def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
+    overrides = [*TINY, "train.steps=2", "train.val_every=0", "logging.tensorboard=false", "loss.strategy=uncertainty",
+                 f"output_dir={tmp_path / 'run'}"]
+    run = setup(load_recipe(QUICKSTART, overrides))
+    fit(run)
+    path = tmp_path / "run" / "checkpoints" / "step_000002"
+    expected = {"model.safetensors", "optimizer.pt", "loss_state.safetensors", "rng.pt", "trainer_state.json",
+                "norm_stats.json", "config.yaml", "tokenizer", "COMPLETE"}
+    assert expected <= {p.name for p in path.iterdir()}
+
+    back = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true"]))
+    assert back.resumed_from == path and back.state == run.state
+    for a, b in ((run.model, back.model), (run.loss_fn, back.loss_fn)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = run.optimizer.state_dict(), back.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, state in oa["state"].items():
+        assert all(torch.equal(v, ob["state"][i][k]) for k, v in state.items())
+    assert torch.equal(torch.get_rng_state(), ck.torch_load(path / "rng.pt")["cpu"])
+    assert json.loads((path / "norm_stats.json").read_text()) == back.data.normalizer.to_dict()

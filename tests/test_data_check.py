@@ -1,0 +1,196 @@
+"""check_dataset: each corruption gives its named problem, naming the file and the episode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from robot_data import SyntheticReader
+from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
+from robot_data.hdf5_writer import write_aloha, write_robomimic
+from robot_data.lerobot_writer import write_lerobot
+from robot_data.synthetic import CAMERA
+from robot_data.video import encode_video
+
+FILE0, FILE1 = "data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet"  # episodes 0-1, 2-3
+
+
+def _source() -> SyntheticReader:
+    return SyntheticReader(episodes=4, episode_length=8, image_size=16, seed=1)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return write_lerobot(_source(), tmp_path / "images", video=False, episodes_per_file=2)
+
+
+@pytest.fixture
+def videos(tmp_path) -> Path:
+    return write_lerobot(_source(), tmp_path / "videos", video=True, episodes_per_file=2)
+
+
+def _edit_column(path: Path, column: str, edit) -> None:
+    """Rewrite one column of a parquet file through numpy: edit(values (n, D) or (n,)) -> values."""
+    table = pq.read_table(path)
+    col = table[column].combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        values = edit(col.flatten().to_numpy().reshape(len(col), -1).copy())
+        new = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    else:
+        new = pa.array(edit(col.to_numpy().copy()))
+    pq.write_table(table.set_column(table.column_names.index(column), column, new), path)
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _kinds(problems: list[Problem]) -> set[tuple[str, int | None]]:
+    return {(p.kind, p.episode) for p in problems}
+
+
+def test_clean_datasets_pass(images, videos, tmp_path):
+    assert check_dataset(images, "lerobot", decode="all") == []
+    assert check_dataset(videos, "lerobot", decode="all") == []
+    v21 = write_lerobot(_source(), tmp_path / "v21", video=True, version="v2.1")
+    assert check_dataset(v21, "lerobot") == []
+    write_robomimic(_source(), tmp_path / "rm.hdf5")
+    assert check_dataset(tmp_path / "rm.hdf5", "hdf5", layout="robomimic", state_key="state", decode="all") == []
+    write_aloha(_source(), tmp_path / "aloha", compress=True)
+    assert check_dataset(tmp_path / "aloha", "hdf5", layout="aloha", decode="all") == []
+    assert check_dataset(None, "synthetic") == []
+    with pytest.raises(ValueError, match="valid: lerobot, hdf5, synthetic"):
+        check_dataset(images, "rlds")
+
+
+def test_missing_files(images, videos):
+    (images / FILE1).unlink()
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("missing_file", 2), ("missing_file", 3)}
+    assert all(p.file.endswith(FILE1) for p in problems)
+    video = videos / "videos" / CAMERA / "chunk-000/file-000.mp4"
+    video.unlink()
+    problems = check_dataset(videos, "lerobot")
+    assert _kinds(problems) == {("missing_file", 0), ("missing_file", 1)} and problems[0].file == str(video)
+    (images / "meta/tasks.parquet").unlink()
+    (images / "meta/info.json").unlink()
+    assert _kinds(check_dataset(images, "lerobot")) == {("missing_file", None)}
+
+
+def test_wrong_shape_and_dtype(images):
+    _edit_json(images / "meta/info.json", lambda info: info["features"]["observation.state"].update(shape=[4]))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("bad_feature", e) for e in range(4)}
+    assert "observation.state: 8 row(s) not of shape [4]" in problems[0].message
+    _edit_json(images / "meta/info.json", lambda info: info["features"]["observation.state"].update(shape=[3]))
+    _edit_column(images / FILE0, "action", lambda a: a.astype(np.float64))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("bad_feature", 0), ("bad_feature", 1)}
+    assert "column action holds double, the features say float32" in problems[0].message
+
+
+def test_nan_and_inf(images):
+    def poison(a):
+        a[8 + 3, 1] = np.nan  # episode 1, frame 3
+        return a
+
+    _edit_column(images / FILE0, "action", poison)
+    _edit_column(images / FILE1, "observation.state", lambda s: np.where(np.arange(len(s))[:, None] == 12, np.inf, s))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("non_finite", 1), ("non_finite", 3)}
+    assert "action has 1 NaN/inf value(s), first at frame 3 dim 1" in str(problems[0])
+    assert str(problems[0]).startswith(f"[non_finite] {images / FILE0} (episode 1)")
+
+
+def test_non_contiguous_indices(images):
+    _edit_column(images / FILE1, "frame_index", lambda f: np.where(np.arange(len(f)) == 5, 7, f))
+    problems = check_dataset(images, "lerobot")
+    assert ("index_gap", 2) in _kinds(problems) and bad_episodes(problems) == {2}  # (timestamps then disagree too)
+    assert any("frame_index not contiguous" in p.message for p in problems)
+    table = pq.read_table(images / "meta/episodes/chunk-000/file-000.parquet")
+    pq.write_table(
+        table.filter(pa.compute.not_equal(table["episode_index"], 1)),
+        images / "meta/episodes/chunk-000/file-000.parquet",
+    )
+    problems = check_dataset(images, "lerobot")
+    assert ("index_gap", None) in _kinds(problems)
+    assert any("missing [1]" in p.message for p in problems)
+
+
+def test_timestamps_disagree_with_fps(images):
+    _edit_column(images / FILE1, "timestamp", lambda t: np.where(np.arange(len(t)) == 12, t + 0.05, t))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("timestamp", 3)}
+    assert "at frame 4 disagrees with fps 10.0" in problems[0].message
+
+
+def test_video_shorter_than_episode(videos):
+    video = videos / "videos" / CAMERA / "chunk-000/file-001.mp4"
+    source = _source()
+    frames = [im for ep in (2, 3) for im in source.frames(ep, CAMERA, range(8))][:12]  # episode 3 loses 4
+    video.unlink()
+    encode_video(frames, video, source.fps)
+    problems = check_dataset(videos, "lerobot")
+    assert _kinds(problems) == {("video_short", 3)} and problems[0].file == str(video)
+
+
+def test_undecodable_frames(images):
+    table = pq.read_table(images / FILE0)
+    cells = table[CAMERA].to_pylist()
+    cells[8] = {"bytes": b"\x89PNG not really", "path": None}  # episode 1, frame 0
+    column = pa.array(cells, table.schema.field(CAMERA).type)
+    pq.write_table(table.set_column(table.column_names.index(CAMERA), CAMERA, column), images / FILE0)
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("undecodable", 1)} and problems[0].file.endswith(FILE0)
+    assert CAMERA in problems[0].message
+
+
+def test_unknown_task_index(images):
+    _edit_column(images / FILE1, "task_index", lambda t: np.where(np.arange(len(t)) < 8, 42, t))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("unknown_task", 2)} and "[42]" in problems[0].message
+
+
+def test_every_problem_at_once_and_the_skip_policy(images):
+    _edit_column(images / FILE0, "action", lambda a: np.where(np.arange(len(a))[:, None] == 2, np.nan, a))
+    _edit_column(images / FILE1, "task_index", lambda t: np.where(np.arange(len(t)) >= 8, 42, t))
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("non_finite", 0), ("unknown_task", 3)}
+    assert bad_episodes(problems) == {0, 3}
+    refused = r"2 problem\(s\)[\s\S]*skip_bad_episodes=true to skip episodes \[0, 3\]"
+    with pytest.raises(DatasetCheckError, match=refused):
+        episodes_to_skip(problems, skip_bad_episodes=False)
+    assert episodes_to_skip(problems, skip_bad_episodes=True) == {0, 3}
+    assert episodes_to_skip([], skip_bad_episodes=False) == set()
+    whole = [*problems, Problem("missing_file", "meta/tasks.parquet", None, "missing")]
+    with pytest.raises(DatasetCheckError, match="3 problem"):
+        episodes_to_skip(whole, skip_bad_episodes=True)  # a dataset-level problem is never skippable
+
+
+def test_hdf5_corruptions(tmp_path):
+    write_robomimic(_source(), tmp_path / "rm.hdf5")
+    with h5py.File(tmp_path / "rm.hdf5", "a") as f:
+        f["data/demo_1/actions"][4, 0] = np.nan
+        del f["data/demo_2/obs/state"]
+    problems = check_dataset(tmp_path / "rm.hdf5", "hdf5", layout="robomimic", state_key="state")
+    assert _kinds(problems) == {("non_finite", 1), ("bad_feature", 2)}
+    assert problems[0].file.endswith("rm.hdf5:data/demo_1")
+    write_aloha(_source(), tmp_path / "aloha", compress=True)
+    with h5py.File(tmp_path / "aloha/episode_1.hdf5", "a") as f:
+        images = f["observations/images/top"][:5]
+        del f["observations/images/top"]
+        f["observations/images/top"] = images
+    with h5py.File(tmp_path / "aloha/episode_2.hdf5", "a") as f:
+        f["observations/images/top"][7] = 7  # garbage bytes in the last frame
+    problems = check_dataset(tmp_path / "aloha", "hdf5", layout="aloha")
+    assert _kinds(problems) == {("video_short", 1), ("undecodable", 2)}
+    assert problems[1].file.endswith("episode_2.hdf5:/")
+    assert _kinds(check_dataset(tmp_path / "nowhere", "hdf5")) == {("missing_file", None)}

@@ -1,0 +1,45 @@
+"""`vla-ft data synth/check` and the trainer's refusal of a failing dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import QUICKSTART
+from test_data_check import _edit_column
+
+from vla_ft.cli import main as cli
+
+
+def _synth(tmp_path: Path) -> Path:
+    out = tmp_path / "ds"
+    assert cli(["data", "synth", str(out), "--episodes", "6", "--length", "10", "--image-size", "32"]) == 0
+    return out
+
+
+def test_synth_then_check_then_train_from_disk(tmp_path, tiny_overrides, capsys):
+    ds = _synth(tmp_path)
+    info = json.loads((ds / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 6
+    assert cli(["data", "check", str(ds)]) == 0
+    assert "passed every check" in capsys.readouterr().out
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "train.steps=2"]) == 0
+
+
+def test_failing_dataset_is_refused_unless_skipped(tmp_path, tiny_overrides, capsys):
+    ds = _synth(tmp_path)
+    data_file = next((ds / "data").rglob("*.parquet"))
+    _edit_column(data_file, "action", lambda a: np.where(np.arange(len(a))[:, None] == 12, np.nan, a))  # episode 1
+    assert cli(["data", "check", str(ds)]) == 1
+    err = capsys.readouterr().err
+    assert "episode 1" in err and data_file.name in err
+
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk]) == 2
+    err = capsys.readouterr().err
+    assert "failed its checks" in err and "skip_bad_episodes" in err and "Traceback" not in err
+
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
+    assert "skipping 1 episode(s): [1]" in capsys.readouterr().out

@@ -1,0 +1,226 @@
+"""Readers across formats: the same synthetic episodes written as LeRobot v3.0 (images, H.264,
+AV1), v2.1, robomimic and ALOHA HDF5 read back as the same samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from robot_data import Normalizer, RobotDataset, SyntheticReader, build_reader, compute_stats, split_episodes
+from robot_data.hdf5_writer import write_aloha, write_robomimic
+from robot_data.lerobot_writer import write_lerobot
+from robot_data.normalize import resolve_stats
+from robot_data.synthetic import CAMERA
+
+N_EPISODES, LENGTH, SIZE = 5, 10, 32
+GOLDEN_NUMERIC = "d10ae6efdb255717"  # sha256[:16] of state+action bytes of episodes 0..4
+GOLDEN_FRAMES = "2cd1b564b3e86e21"  # sha256[:16] of every decoded frame of episodes 0..4
+VIDEO_MEAN_ABS_ERROR = 8.0  # yuv420p chroma subsampling blurs 1-px edges of a 32x32 image
+
+
+def _source() -> SyntheticReader:
+    return SyntheticReader(episodes=N_EPISODES, episode_length=LENGTH, image_size=SIZE, seed=0)
+
+
+def _digests(reader, camera: str) -> tuple[str, str]:
+    numeric, frames = hashlib.sha256(), hashlib.sha256()
+    for ep in range(N_EPISODES):
+        arrays = reader.numeric(ep)
+        numeric.update(np.ascontiguousarray(arrays.state, np.float32).tobytes())
+        numeric.update(np.ascontiguousarray(arrays.action, np.float32).tobytes())
+        frames.update(reader.frames(ep, camera, range(LENGTH)).tobytes())
+    return numeric.hexdigest()[:16], frames.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, tuple[str, dict, bool]]:
+    """name -> (path, build_reader kwargs, lossless)."""
+    root, source = tmp_path_factory.mktemp("formats"), _source()
+    out: dict[str, tuple[str, dict, bool]] = {}
+    lerobot = {"text_key": "narration"}
+    for name, kw in {
+        "v3_image": {"video": False},
+        "v3_h264": {"video": True},
+        "v3_av1": {"video": True, "codec": "av1"},
+        "v21_image": {"video": False, "version": "v2.1"},
+        "v21_h264": {"video": True, "version": "v2.1"},
+    }.items():
+        write_lerobot(source, root / name, episodes_per_file=2, **kw)
+        out[name] = ("lerobot", {"path": str(root / name), **lerobot}, not kw["video"])
+    write_robomimic(source, root / "robomimic.hdf5")
+    out["robomimic"] = (
+        "hdf5",
+        {"path": str(root / "robomimic.hdf5"), "layout": "robomimic", "state_key": "state", "text_key": "narration"},
+        True,
+    )
+    write_aloha(source, root / "aloha")
+    out["aloha"] = ("hdf5", {"path": str(root / "aloha"), "layout": "aloha", "text_key": "narration"}, True)
+    write_aloha(source, root / "aloha_png", compress=True)
+    out["aloha_png"] = ("hdf5", {"path": str(root / "aloha_png"), "layout": "aloha"}, True)
+    return out
+
+
+def _reader(datasets, name: str):
+    fmt, kwargs, lossless = datasets[name]
+    return build_reader(fmt, **kwargs), lossless
+
+
+def test_synthetic_matches_golden():
+    assert _digests(_source(), CAMERA) == (GOLDEN_NUMERIC, GOLDEN_FRAMES)
+
+
+@pytest.mark.parametrize(
+    "name", ["v3_image", "v3_h264", "v3_av1", "v21_image", "v21_h264", "robomimic", "aloha", "aloha_png"]
+)
+def test_reader_matches_synthetic(datasets, name):
+    reader, lossless = _reader(datasets, name)
+    source = _source()
+    assert [(e.index, e.length, e.task) for e in reader.episodes()] == [
+        (e.index, e.length, e.task) for e in source.episodes()
+    ]
+    assert reader.fps == source.fps and len(reader.cameras) == 1
+    numeric, frames = _digests(reader, reader.cameras[0])
+    assert numeric == GOLDEN_NUMERIC
+    if lossless:
+        assert frames == GOLDEN_FRAMES
+    else:
+        for ep in range(N_EPISODES):
+            got = reader.frames(ep, reader.cameras[0], range(LENGTH)).astype(np.int16)
+            assert np.abs(got - source.frames(ep, CAMERA, range(LENGTH))).mean() < VIDEO_MEAN_ABS_ERROR
+    arrays, expected = reader.numeric(3), source.numeric(3)
+    np.testing.assert_allclose(arrays.timestamp, expected.timestamp, atol=1e-6)
+    if datasets[name][1].get("text_key"):
+        assert arrays.text == expected.text
+
+
+def _samples(reader, stats, episodes):
+    ds = RobotDataset(
+        reader,
+        episodes,
+        chunk=4,
+        history=2,
+        normalizer=Normalizer(stats, "mean_std", [2]),
+        image_size=24,
+        prompt_tokenizer=None,
+    )
+    return [ds[i] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("name", ["v3_image", "v21_h264", "robomimic", "aloha_png"])
+def test_same_samples_across_formats(datasets, name):
+    reader, lossless = _reader(datasets, name)
+    source = _source()
+    stats = compute_stats(source, range(N_EPISODES))
+    train, _ = split_episodes([e.index for e in reader.episodes()], 0.4, [], seed=3)
+    assert (train, _) == split_episodes(range(N_EPISODES), 0.4, [], seed=3)
+    for got, want in zip(_samples(reader, stats, train), _samples(source, stats, train), strict=True):
+        for key in want:
+            if key == "images" and not lossless:
+                assert (got[key].float() - want[key].float()).abs().mean() < VIDEO_MEAN_ABS_ERROR
+            else:
+                assert torch.equal(got[key], want[key]), key
+    last = _samples(reader, stats, [train[0]])[-1]  # chunk padding at the episode end
+    assert last["action_mask"].tolist() == [True, False, False, False]
+
+
+def test_stats_shipped_with_the_dataset(datasets):
+    x = {
+        k: np.concatenate([getattr(_source().numeric(e), k) for e in range(N_EPISODES)]).astype(np.float64)
+        for k in ("state", "action")
+    }
+    for name in ("v3_image", "v21_image"):  # v3.0: meta/stats.json; v2.1: pooled episodes_stats.jsonl
+        shipped = _reader(datasets, name)[0].stats()
+        for key in ("state", "action"):
+            np.testing.assert_allclose(shipped[key]["mean"], x[key].mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(shipped[key]["std"], x[key].std(0), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(shipped[key]["min"], x[key].min(0))
+            np.testing.assert_allclose(shipped[key]["max"], x[key].max(0))
+    v3 = _reader(datasets, "v3_image")[0].stats()
+    np.testing.assert_allclose(v3["action"]["q99"], np.quantile(x["action"], 0.99, axis=0), rtol=1e-5, atol=1e-6)
+    assert _reader(datasets, "robomimic")[0].stats() is None
+
+
+def test_resolve_stats_reports_disagreement(datasets, tmp_path):
+    reader = _reader(datasets, "v21_image")[0]
+    stats, report = resolve_stats(reader, [0, 1])
+    assert report == [] and "q01" in stats["action"]  # filled in from a fresh computation
+    path = datasets["v3_image"][1]["path"]
+    stats_file = Path(path) / "meta/stats.json"
+    meta = json.loads(stats_file.read_text())
+    meta["action"]["mean"][1] += 1.0
+    stats_file.write_text(json.dumps(meta))
+    try:
+        stats, report = resolve_stats(_reader(datasets, "v3_image")[0], [0, 1])
+        assert len(report) == 1 and report[0].startswith("action.mean[1]: shipped")
+        assert stats["action"]["mean"][1] == pytest.approx(meta["action"]["mean"][1])  # the shipped file wins
+    finally:
+        meta["action"]["mean"][1] -= 1.0
+        stats_file.write_text(json.dumps(meta))
+
+
+def test_video_frame_cache(datasets, tmp_path):
+    fmt, kwargs, _ = datasets["v3_h264"]
+    plain = build_reader(fmt, **kwargs)
+    cached = build_reader(fmt, **{**kwargs, "frame_cache": str(tmp_path / "cache")})
+    for ep in (4, 1):
+        assert np.array_equal(cached.frames(ep, CAMERA, [9, 0, 5]), plain.frames(ep, CAMERA, [9, 0, 5]))
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+    again = build_reader(fmt, **{**kwargs, "frame_cache": str(tmp_path / "cache")})
+    assert np.array_equal(again.frames(4, CAMERA, range(LENGTH)), plain.frames(4, CAMERA, range(LENGTH)))
+
+
+def test_video_reader_in_workers(datasets):
+    reader, _ = _reader(datasets, "v3_av1")
+    stats = compute_stats(reader, range(N_EPISODES))
+    ds = RobotDataset(
+        reader, [0, 3], chunk=2, history=1, normalizer=Normalizer(stats), image_size=16, prompt_tokenizer=None
+    )
+    from robot_data import collate
+
+    loaders = [torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=n) for n in (0, 2)]
+    for a, b in zip(*loaders, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["actions"], b["actions"])
+
+
+def test_reader_errors(datasets, tmp_path):
+    path = datasets["v3_image"][1]["path"]
+    with pytest.raises(ValueError, match="state_key: 'obs.joints' is not a feature"):
+        build_reader("lerobot", path=path, state_key="obs.joints")
+    with pytest.raises(FileNotFoundError):
+        build_reader("lerobot", path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="valid: robomimic, aloha"):
+        build_reader("hdf5", path=datasets["aloha"][1]["path"], layout="rlds")
+    with pytest.raises(ValueError, match="key 'joints' not found .* available: obs/state"):
+        build_reader("hdf5", path=datasets["robomimic"][1]["path"], state_key="joints")
+
+
+def test_robomimic_hand_written(tmp_path):
+    """A file written with plain h5py, robomimic's default keys, no fps/task attributes."""
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "demo.hdf5", "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift"})
+        for i, n in ((2, 6), (0, 4)):
+            demo = data.create_group(f"demo_{i}")
+            demo["actions"] = rng.normal(size=(n, 7)).astype(np.float32)
+            demo["obs/robot0_eef_pos"] = rng.normal(size=(n, 3))
+            demo["obs/robot0_eef_quat"] = rng.normal(size=(n, 4))
+            demo["obs/robot0_gripper_qpos"] = rng.normal(size=(n, 2))
+            demo["obs/agentview_image"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    reader = build_reader("hdf5", path=str(tmp_path / "demo.hdf5"))
+    assert [(e.index, e.length, e.task) for e in reader.episodes()] == [(0, 4, "Lift"), (2, 6, "Lift")]
+    assert reader.cameras == ["agentview_image"] and reader.fps == 20.0 and reader.gripper_dims == [6]
+    with h5py.File(tmp_path / "demo.hdf5") as f:
+        demo = f["data/demo_2"]
+        want = np.concatenate(
+            [demo["obs/robot0_eef_pos"], demo["obs/robot0_eef_quat"], demo["obs/robot0_gripper_qpos"]], 1
+        ).astype(np.float32)
+        np.testing.assert_array_equal(reader.numeric(2).state, want)
+        images = demo["obs/agentview_image"][[1, 5]]
+        np.testing.assert_array_equal(reader.frames(2, "agentview_image", [5, 1]), images[::-1])

@@ -1,0 +1,241 @@
+"""Data-parallel training on CPU: gloo, 2 processes forked from the test process (no re-import).
+
+The reference is an independent single-process run of the same recipe with the same global
+batch (2 processes x batch 2 = 1 process x batch 4): the sampler gives both the same samples
+per step, so losses and weights must agree up to float32 rounding. Tolerance: 1e-5 relative on
+per-step losses and 1e-5 absolute on weights (measured ~2e-7 and ~6e-7): the global mean is
+summed in another order (two means of 2 averaged by gloo vs one mean of 4), and over 9 Adam
+steps that stays at rounding level. The recipe makes that equality exact in principle:
+``data.chunk=1`` and no language term give every sample exactly one valid element per term,
+so the mean of the per-rank means is the global mean (see vla_ft.distributed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import QUICKSTART, TINY
+from safetensors.torch import load_file
+
+from vla_ft import distributed, extensions
+from vla_ft.cli import main as cli
+from vla_ft.config import RecipeError, load_recipe
+from vla_ft.run_setup import build_components
+from vla_ft.run_state import check_resume_compatible, read_saved_recipe
+from vla_ft.train import main
+
+# Vision frozen until update 3 (staged unfreeze); the gripper head trains but its term has
+# weight 0, so it never gets a gradient (DDP's unused-parameter case); the action term's
+# weight is learned (uncertainty): a parameter outside DDP whose gradient must be averaged.
+RECIPE = [
+    *TINY,
+    "data.chunk=1",
+    "loss.weights.language=0",
+    "loss.weights.gripper=0",
+    "loss.strategy=uncertainty",
+    "freeze.vision_encoder=true",
+    "unfreeze.vision_encoder.at_step=3",
+    "train.steps=9",
+    "checkpoint.keep_last=5",
+]
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict[str, int]) -> None:
+    """One rank, as torchrun would start it: environment, then the ordinary ``train.main``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    torch.set_num_threads(1)
+    runs = []
+    extensions.INSTALLERS.append(runs.append)  # after distributed.install: sees the wrapped run
+    if faults:
+        extensions.INSTALLERS.append(lambda run: _inject(run, faults))
+    main(load_recipe(QUICKSTART, overrides))
+    run = runs[0]
+    report = {"step": run.state.step, "skipped": run.state.skipped}
+    if run.recipe.distributed.strategy == "ddp":  # FSDP ranks hold different shards
+        digest = hashlib.sha256()
+        for value in run.model.state_dict().values():
+            digest.update(value.detach().contiguous().numpy().tobytes())
+        report["digest"] = digest.hexdigest()
+    (Path(run.run_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _inject(run, faults: dict[str, int]) -> None:
+    """Poison one rank's gradient *after* DDP's all-reduce, so only the rank agreement can save
+    the other rank from stepping alone; send SIGTERM to one rank only."""
+    clip, fired = run.extras["clip_grad_norm"], set()
+
+    def once(kind: str) -> bool:  # a skipped update is retried with the same index: fire one time
+        due = run.rt.rank == faults[f"{kind}_rank"] and run.state.step == faults[f"{kind}_update"]
+        if due and kind not in fired:
+            fired.add(kind)
+            return True
+        return False
+
+    def faulty_clip(run, max_norm):
+        if once("poison"):
+            run.trainable_params()[0].grad.fill_(float("nan"))
+        if once("sigterm"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(run, max_norm)
+
+    run.extras["clip_grad_norm"] = faulty_clip
+
+
+def train_2_processes(run_dir: Path, overrides: list[str], faults: dict[str, int] | None = None) -> list[dict]:
+    args = (2, _free_port(), [*overrides, f"output_dir={run_dir}"], faults or {})
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")  # raises if a rank failed
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def assert_losses_match(got: dict[int, float], ref: dict[int, float], steps: range) -> None:
+    assert sorted(got) == list(steps)
+    for s in steps:
+        assert got[s] == pytest.approx(ref[s], rel=LOSS_RTOL), f"step {s}: {got[s]} vs {ref[s]}"
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def resume_on_one_process(src: Path, dst: Path, from_step: int) -> None:
+    """Copy a 2-process run, drop what it wrote after ``from_step``, continue with batch 4."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > from_step:
+            shutil.rmtree(ckpt)
+    (dst / "checkpoints" / "latest").write_text(f"step_{from_step:06d}")
+    with pytest.warns(UserWarning, match="saved by 2 processes"):
+        main(load_recipe(QUICKSTART, [*RECIPE, "train.batch_size=4", "train.resume=true", f"output_dir={dst}"]))
+
+
+# ----------------------------------------------------------------------------- runs shared by the tests
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference: one process, batch 4 (also imports everything before the forks)."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    main(load_recipe(QUICKSTART, [*RECIPE, "train.batch_size=4", f"output_dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ddp(single, tmp_path_factory) -> tuple[Path, list[dict]]:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return run_dir, train_2_processes(run_dir, [*RECIPE, "train.batch_size=2"])
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_ddp_losses_equal_one_process_with_the_global_batch(single, ddp):
+    run_dir, ranks = ddp
+    assert_losses_match(losses(run_dir), losses(single), range(1, 10))
+    assert max_weight_diff(weights(run_dir, 9), weights(single, 9)) < WEIGHT_ATOL
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == 9  # same step count and bit-identical weights
+
+
+def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
+    run_dir, _ = ddp
+    recipe = load_recipe(QUICKSTART, [*RECIPE, f"output_dir={run_dir}"])
+    initial = build_components(recipe, torch.device("cpu"))[0].state_dict()  # the seeded init
+    at3, at6, at9 = weights(run_dir, 3), weights(run_dir, 6), weights(run_dir, 9)
+    vision = [k for k in at3 if k.startswith("vision_encoder.")]
+    gripper = [k for k in at3 if k.startswith("gripper_head.")]
+    assert vision and gripper
+    # frozen for updates 0-2, trained from update 3 on: DDP was re-wrapped with its parameters
+    assert all(torch.equal(at3[k], initial[k]) for k in vision)
+    assert all(not torch.equal(at3[k], at6[k]) for k in vision)
+    # trainable but without a gradient (its term has weight 0): tolerated by DDP, never moved
+    assert all(torch.equal(initial[k], at9[k]) for k in gripper)
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss":' in row for row in rows) == 9  # rank 0 logs, rank 1 does not
+
+
+def test_two_process_checkpoint_resumes_on_one_process(single, ddp, tmp_path):
+    run_dir, _ = ddp
+    resumed = tmp_path / "resumed"
+    resume_on_one_process(run_dir, resumed, from_step=6)
+    assert_losses_match(losses(resumed), losses(single), range(1, 10))  # 1-6 copied, 7-9 trained here
+    assert max_weight_diff(weights(resumed, 9), weights(single, 9)) < WEIGHT_ATOL
+
+
+def test_resume_refuses_a_changed_global_batch(ddp):
+    run_dir, _ = ddp
+    ckpt = run_dir / "checkpoints" / "step_000006"
+    same_per_device = load_recipe(QUICKSTART, [*RECIPE, "train.batch_size=2", f"output_dir={run_dir}"])
+    with pytest.raises(RecipeError, match=r"global batch .* 2 x 1 x 2 = 4 -> 2 x 1 x 1 = 2 \(train.batch_size=4"):
+        check_resume_compatible(read_saved_recipe(ckpt), same_per_device, ckpt, world_size=1)
+
+
+def test_ranks_agree_on_a_gradient_poisoned_on_one_rank(single, tmp_path, capfd):
+    faults = {"poison_rank": 1, "poison_update": 1, "sigterm_rank": 0, "sigterm_update": 3}
+    ranks = train_2_processes(tmp_path / "run", [*RECIPE, "train.batch_size=2"], faults)
+    # Both skipped update 1, then both stopped after SIGTERM reached rank 0 only, in step.
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["skipped"] == 1 and ranks[0]["step"] == 4
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000004"
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    out = capfd.readouterr().out
+    assert "ddp over 2 processes (gloo, cpu); global batch 4 = 2 per device x 1 accumulation x 2 processes" in out
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
+    run_dir = tmp_path / "fsdp"
+    ranks = train_2_processes(run_dir, [*RECIPE, "train.batch_size=2", "distributed.strategy=fsdp"])
+    assert ranks[0] == ranks[1] == {"step": 9, "skipped": 0}
+    assert_losses_match(losses(run_dir), losses(single), range(1, 10))
+    ckpt = run_dir / "checkpoints" / "step_000009"
+    assert (ckpt / distributed.DCP_DIR).is_dir() and not (ckpt / "model.safetensors").exists()
+
+    resumed = tmp_path / "resumed"  # the sharded checkpoint of update 6, read whole by one process
+    resume_on_one_process(run_dir, resumed, from_step=6)
+    assert_losses_match(losses(resumed), losses(single), range(1, 10))
+    assert max_weight_diff(weights(resumed, 9), weights(single, 9)) < WEIGHT_ATOL
+
+    assert cli(["consolidate", str(ckpt)]) == 0  # the shards -> the single-file format inference loads
+    assert max_weight_diff(weights(run_dir, 9), weights(single, 9)) < WEIGHT_ATOL
+    from vla_ft.model_files import load_model
+
+    model, _ = load_model(ckpt)  # strict load: tied LM embeddings are stored once, as save_model does
+    loaded, saved = model.state_dict(), weights(run_dir, 9)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_fsdp_refuses_what_it_cannot_run():
+    recipe = load_recipe(QUICKSTART, ["distributed.strategy=fsdp", "model.lora.enabled=true", "loss.grad_norm_every=5"])
+    with pytest.raises(RecipeError, match="model.lora") as err:
+        distributed.check_supported(recipe)
+    assert "loss.grad_norm_every" in str(err.value)

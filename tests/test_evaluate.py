@@ -1,0 +1,129 @@
+"""``vla-ft eval``: metrics of a fixed tiny checkpoint against a hand computation from the raw data.
+
+The checkpoint's heads are overwritten so the policy predicts one known action everywhere (a
+constant normalised action, gripper always closed); every expected number below is then computed
+from the synthetic episodes' raw actions and the checkpoint's norm_stats.json with plain numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import QUICKSTART, TINY
+from safetensors.torch import load_file, save_file
+
+from robot_data import SyntheticReader, split_episodes
+from vla_ft import train
+from vla_ft.cli import main as cli
+from vla_ft.config import RecipeError, load_recipe
+from vla_ft.evaluate import evaluate_checkpoint, select_episodes
+
+HEAD_OUTPUT = np.array([0.5, -1.0, 0.3])  # normalised; dim 2 (gripper) is replaced by the gripper head
+CHUNK, THRESHOLD = 3, 0.5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A 2-step tiny run whose heads are then fixed: constant action, gripper logit +2 (closed)."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    recipe = load_recipe(QUICKSTART, [*TINY, "train.steps=2", "train.val_every=2", "checkpoint.every=2",
+                                      "logging.tensorboard=false", f"output_dir={run_dir}"])
+    train.main(recipe)
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for head, bias in (("action_head", HEAD_OUTPUT), ("gripper_head", [2.0])):
+        weights[f"{head}.2.weight"].zero_()
+        weights[f"{head}.2.bias"].copy_(weights[f"{head}.2.bias"].new_tensor(bias))
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    return ckpt
+
+
+def expected_metrics(ckpt: Path, episodes: list[int]) -> dict[str, float]:
+    """Every metric by hand from the raw actions: for each frame t and chunk step h, the target is the
+    raw action at t + h, valid while t + h is inside the episode."""
+    stats = json.loads((ckpt / "norm_stats.json").read_text())["stats"]["action"]
+    mean, std, top = (np.array(stats[k], np.float64) for k in ("mean", "std", "max"))
+    pred = HEAD_OUTPUT * std + mean  # mean_std de-normalisation of dims 0 and 1
+    pred[2] = top[2]  # gripper closed -> the dataset's closed (max) value
+    reader = SyntheticReader(episodes=6, episode_length=10, image_size=64, seed=0)
+    err, base, by_h, grip, trans = [], [], {h: [] for h in range(CHUNK)}, [], []
+    for e in episodes:
+        actions = reader.numeric(e).action.astype(np.float64)
+        length = len(actions)
+        for t in range(length):
+            for h in range(CHUNK):
+                if t + h >= length:
+                    continue
+                true = actions[t + h]
+                err.append(pred - true)
+                base.append(mean - true)
+                by_h[h].append(np.abs(pred - true)[:2].mean())
+                grip.append(true[2] > THRESHOLD)
+                if h > 0 and (actions[t + h - 1][2] > THRESHOLD) != (true[2] > THRESHOLD):
+                    trans.append(true[2] > THRESHOLD)  # predicted closed: right iff it is closed now
+    err, base, grip = np.array(err), np.array(base), np.array(grip)
+    tp, fp = grip.sum(), (~grip).sum()
+    out = {
+        "action_l1": np.abs(err[:, :2]).mean(),
+        "action_mse": np.square(err[:, :2]).mean(),
+        "baseline_l1": np.abs(base[:, :2]).mean(),
+        "gripper_acc": grip.mean(),
+        "gripper_f1": 2 * tp / (2 * tp + fp),
+        "gripper_transition_acc": np.mean(trans),
+    }
+    for d in range(3):
+        out[f"action_l1/dim{d}"] = np.abs(err[:, d]).mean()
+        out[f"action_mse/dim{d}"] = np.square(err[:, d]).mean()
+    out.update({f"action_l1/h{h}": np.mean(v) for h, v in by_h.items()})
+    return out
+
+
+def test_eval_metrics_match_a_hand_computation(checkpoint, tmp_path):
+    result = evaluate_checkpoint(checkpoint, out=tmp_path / "eval", plot_episodes=2)
+    _, held_out = split_episodes(range(6), 0.34, seed=0)
+    assert result["episodes"] == held_out and result["samples"] == 10 * len(held_out) and result["step"] == 2
+
+    expected = expected_metrics(checkpoint, held_out)
+    assert 0 < expected["gripper_acc"] < 1 and expected["gripper_transition_acc"] == 1.0  # not degenerate
+    got = result["metrics"]
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+    # Token accuracy depends on the LM only (the heads were replaced): equal to training's validation.
+    rows = [json.loads(line) for line in (checkpoint.parents[1] / "metrics.jsonl").read_text().splitlines()]
+    assert got["token_acc"] == pytest.approx([r for r in rows if "val/token_acc" in r][-1]["val/token_acc"])
+
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["metrics"]["action_l1"] == pytest.approx(expected["action_l1"], rel=1e-5)
+    assert (tmp_path / "eval" / "trajectories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reader = SyntheticReader(episodes=6, episode_length=10, image_size=64, seed=0)
+    first = held_out[0]
+    traj = result["trajectories"][first]
+    assert sorted(result["trajectories"]) == held_out[:2] and traj["frames"].tolist() == list(range(10))
+    np.testing.assert_allclose(traj["true"], reader.numeric(first).action, rtol=1e-5, atol=1e-6)
+    assert np.ptp(traj["pred"], axis=0).max() < 1e-5  # the constant policy
+
+
+def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys):
+    assert cli(["eval", str(checkpoint.parents[1]), "data.val_episodes=[0,1]", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 episodes, 20 samples" in out and "gripper_acc" in out and "horizon" in out
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["episodes"] == [0, 1] and saved["overrides"] == ["data.val_episodes=[0,1]"]
+    assert saved["metrics"]["action_l1"] == pytest.approx(expected_metrics(checkpoint, [0, 1])["action_l1"], rel=1e-5)
+
+    assert cli(["eval", str(checkpoint), "model.lora.enabled=true"]) == 2
+    assert "eval overrides may change data." in capsys.readouterr().err
+
+
+def test_episode_selection():
+    assert select_episodes("val", [0, 2, 3], [1, 4]) == [1, 4]
+    assert select_episodes("all", [0, 2, 3], [1, 4]) == [0, 1, 2, 3, 4]
+    assert select_episodes("4,0", [0, 2, 3], [1, 4]) == [0, 4]
+    with pytest.raises(RecipeError, match="unknown episode"):
+        select_episodes("9", [0], [1])
+    with pytest.raises(RecipeError, match="holds out no episodes"):
+        select_episodes("val", [0, 1], [])

@@ -1,0 +1,99 @@
+"""``vla-ft export``: LoRA merged into the weights, a standalone LM directory, and the same
+actions from the export as from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_recipe
+
+from vla_ft import VLAPolicy
+from vla_ft.cli import main as cli
+from vla_ft.train import main as train
+
+R, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-step LoRA run (LM and vision adapters, large LM LR so adapters move) and its export."""
+    tmp = tmp_path_factory.mktemp("export")
+    torch.set_num_threads(1)
+    train(
+        tiny_recipe(
+            tmp,
+            "model.lora.enabled=true",
+            f"model.lora.r={R}",
+            f"model.lora.alpha={ALPHA}",
+            "model.lora.vision=true",
+            "model.lora.vision_target_modules=[qkv]",
+            "optim.groups.language_model.lr=0.05",
+            "optim.groups.vision_encoder.lr=0.05",
+            "train.steps=2",
+            "checkpoint.every=2",
+            "train.val_every=2",
+        )
+    )
+    ckpt = tmp / "run" / "checkpoints" / "step_000002"
+    assert cli(["export", str(ckpt), str(tmp / "export")]) == 0
+    return ckpt, tmp / "export"
+
+
+def test_export_gives_the_same_actions_as_the_checkpoint(exported):
+    ckpt, out = exported
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
+    tasks = ["pick up the red block", "pick up the green block"]
+    from_ckpt = VLAPolicy.from_pretrained(ckpt).predict_action(frames, tasks, state)
+    from_export = VLAPolicy.from_pretrained(out).predict_action(frames, tasks, state)
+    np.testing.assert_allclose(from_export, from_ckpt, atol=1e-5)  # merged W + BA vs W x + B(Ax): rounding only
+
+
+def test_the_merged_lm_is_base_plus_scaled_adapter_product(exported):
+    ckpt, out = exported
+    trained = load_file(str(ckpt / "model.safetensors"))
+    prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj."
+    base, a, b = (trained[prefix + k] for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"))
+    merged = load_file(str(out / "language_model" / "model.safetensors"))
+    assert not any("lora" in k for k in merged)
+    expected = base + (ALPHA / R) * b @ a  # LoRA's definition: W' = W + (alpha / r) B A
+    assert (expected - base).abs().max() > 1e-3  # the adapter moved, so the check below means something
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_export_layout_and_a_standalone_lm(exported):
+    from transformers import AutoModelForCausalLM
+
+    _, out = exported
+    assert sorted(p.name for p in out.iterdir()) == [
+        "language_model",
+        "model_meta.json",
+        "norm_stats.json",
+        "policy.safetensors",
+        "tokenizer",
+    ]
+    meta = json.loads((out / "model_meta.json").read_text())
+    assert meta["merged"] is True and meta["model"]["lora"]["enabled"] is False
+    parts = load_file(str(out / "policy.safetensors"))
+    assert {k.split(".")[0] for k in parts} == {
+        "vision_encoder",
+        "projector",
+        "proprio_encoder",
+        "action_queries",
+        "action_head",
+        "gripper_head",
+    }
+    assert not any("lora" in k for k in parts)
+    lm = AutoModelForCausalLM.from_pretrained(str(out / "language_model"))
+    assert lm.config.model_type == "qwen2" and lm.get_input_embeddings().num_embeddings == 284
+
+
+def test_export_refuses_a_non_empty_output_directory(exported, capsys):
+    ckpt, out = exported
+    assert cli(["export", str(ckpt), str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""Head-only runs on cached trunk features: the same numbers as the uncached run, the right
+refusals, and a disk cache that is reused only while it is valid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, TINY
+
+from robot_data import collate
+from vla_ft import feature_cache, train
+from vla_ft.config import RecipeError, load_recipe
+from vla_ft.model import VLA, pad_token_id
+from vla_ft.run_setup import build_components, setup, teardown
+
+HEAD_ONLY = ROOT / "recipes" / "head_only.yaml"
+SHORT = [*TINY, "train.steps=4", "train.val_every=2", "checkpoint.every=2", "logging.tensorboard=false"]
+
+
+def _recipe(tmp_path: Path, *extra: str):
+    return load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cached_and_uncached_head_only_runs_agree(tmp_path):
+    results, rows = {}, {}
+    for cached in (False, True):
+        recipe = load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / str(cached)}",
+                                         f"train.cache_features={str(cached).lower()}"])
+        results[cached] = train.main(recipe)
+        rows[cached] = _rows(tmp_path / str(cached))
+    assert {"val/action_l1", "val/gripper_acc", "val/loss/action", "val/action_l1/h2"} <= results[True].keys()
+    assert results[True].keys() == results[False].keys()
+    for key, value in results[False].items():
+        assert results[True][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # Not just the end: every logged training loss and every validation agrees, step by step.
+    for plain, cached in zip(rows[False], rows[True], strict=True):
+        assert plain["step"] == cached["step"]
+        for key in (k for k in plain if k.startswith(("loss", "val/"))):
+            assert cached[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (plain["step"], key)
+
+
+def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path):
+    run = setup(_recipe(tmp_path))
+    try:
+        batch = next(iter(run.train_loader))
+        assert set(batch) == {"readout", "actions", "action_mask", "episode_index", "frame_index", "index"}
+        # Reference: the same samples straight from the dataset, through the trunk in eval mode.
+        samples = [run.data.train_set[i] for i in batch["index"].tolist()]
+        reference = collate(samples, pad_id=pad_token_id(run.tokenizer))
+        run.model.eval()
+        with torch.no_grad():
+            expected = run.model.trunk(reference)["readout"]
+        assert batch["readout"].shape == (4, 3, 32)
+        torch.testing.assert_close(batch["readout"], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch["actions"], reference["actions"])
+        assert torch.equal(batch["action_mask"], reference["action_mask"])
+        # Same sample order as the uncached loader would use: the run's own sampler.
+        run.sampler.set_epoch(0)
+        assert batch["index"].tolist() == [i for _, i in run.sampler][:4]
+    finally:
+        teardown(run)
+
+
+def test_disk_cache_is_sharded_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    recipe = _recipe(tmp_path, f"train.feature_cache_dir={cache_dir}")
+    run = setup(recipe)
+    try:
+        dataset = run.data.train_set
+        per_row = 3 * 32 * 4  # (C, D) fp32 bytes of one readout row
+        monkeypatch.setattr(feature_cache, "SHARD_BYTES", 7 * per_row)  # 7 rows per shard: several shards
+        store, built = feature_cache.disk_store(run, "shardtest", dataset, cache_dir)
+        assert built and len(store) == len(dataset) == 40
+        manifest = json.loads((cache_dir / "shardtest" / "manifest.json").read_text())
+        assert manifest["shard_size"] == 7 and len(manifest["shards"]) == math.ceil(40 / 7)
+        memory = feature_cache.build_memory(run, dataset)
+        idx = torch.tensor([39, 0, 7, 6, 13, 14, 22])  # across shard boundaries, unordered
+        from_disk, from_memory = store.batch(idx), memory.batch(idx)
+        assert from_disk.keys() == from_memory.keys()
+        for key in from_memory:
+            assert torch.equal(from_disk[key], from_memory[key]), key
+
+        _, built_again = feature_cache.disk_store(run, "shardtest", dataset, cache_dir)
+        assert not built_again  # same weights and data: reused
+        with torch.no_grad():
+            run.model.projector.weight.add_(0.01)  # other trunk weights: the cache is stale
+        changed, rebuilt = feature_cache.disk_store(run, "shardtest", dataset, cache_dir)
+        assert rebuilt
+        assert not torch.equal(changed.batch(idx)["readout"], from_disk["readout"])
+    finally:
+        teardown(run)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["data.augment.enabled=true"], "because data.augment.enabled is true"),
+        (["freeze.projector=false"], "because freeze.projector is false"),
+        (["freeze.action_queries=false"], "because freeze.action_queries is false"),
+        (["unfreeze.language_model.at_step=2"], "because unfreeze.language_model trains the trunk from step 2"),
+        (["model.lora.enabled=true"], "because model.lora.enabled is true"),
+        (["model.lora.vision=true"], "because model.lora.vision is true"),
+        (["data.language_target=text", "loss.weights.language=0.1"], "set loss.weights.language: 0"),
+    ],
+)
+def test_cache_refused_with_the_key_that_blocks_it(overrides, why):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(HEAD_ONLY, [*TINY, *overrides])
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("train.cache_features: refused because")
+    assert why in err.value.problems[0]
+    load_recipe(HEAD_ONLY, [*TINY, *overrides, "train.cache_features=false"])  # fine without the cache
+
+
+def test_cache_refused_when_dropout_is_active_in_the_trunk(monkeypatch):
+    recipe = load_recipe(HEAD_ONLY, [*TINY, "model.vision.kwargs.drop_rate=0.1",
+                                     "model.language.config.attention_dropout=0.1"])
+    model, *_ = build_components(recipe, torch.device("cpu"))
+    model.set_frozen({"vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries"})
+    model.eval()
+    run = SimpleNamespace(recipe=recipe, model=model)
+    # Frozen modules run in eval mode in the loop, so configured dropout is inactive: caching is exact.
+    assert feature_cache.stochastic_trunk_layers(model) == []
+    feature_cache.check_cacheable(run)
+    assert model.training is False  # the check leaves the mode as it found it
+
+    # A trunk that would still sample while training (here: VLA.train no longer keeps frozen
+    # modules in eval) makes cached features differ from the live trunk: refused.
+    monkeypatch.setattr(VLA, "train", torch.nn.Module.train)
+    layers = feature_cache.stochastic_trunk_layers(model)
+    assert any(name.startswith("vision_encoder.") and name.endswith("_drop") for name in layers)
+    assert any(name.startswith("language_model.") and name.endswith("self_attn") for name in layers)
+    with pytest.raises(RecipeError, match="dropout is active in the trunk"):
+        feature_cache.check_cacheable(run)

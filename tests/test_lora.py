@@ -1,0 +1,119 @@
+"""LoRA through peft: targets checked one by one, only adapters train, and the adapters we
+save open with peft's own loader on a freshly loaded base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import fake_batch, save_lm_dir, save_vit_file, tiny_recipe, tiny_vit
+
+from vla_ft import optim
+from vla_ft.config import RecipeError
+from vla_ft.model import build_model
+from vla_ft.model_files import ADAPTER_DIR, write_model_files
+
+DIMS = {"state_dim": 4, "action_dim": 3, "vocab_size": 284}
+
+
+def _lora_model(tmp_path: Path, *overrides: str):
+    recipe = tiny_recipe(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", *overrides)
+    torch.manual_seed(0)
+    model = build_model(recipe, n_cameras=1, **DIMS)
+    model.set_frozen(optim.frozen_at(recipe, model, 0))
+    return recipe, model
+
+
+def _perturb_adapters(module: torch.nn.Module) -> None:
+    """peft initialises lora_B to zero (adapters start as a no-op); make them do something."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_only_the_adapters_of_the_targeted_layers_train(tmp_path):
+    recipe, model = _lora_model(tmp_path, "model.lora.target_modules=[q_proj, v_proj]")
+    base = model.language_model.get_base_model()
+    # Independent count: r * (in + out) per adapted Linear, from the base model's layer shapes.
+    expected = sum(
+        4 * (m.base_layer.in_features + m.base_layer.out_features)
+        for n, m in base.named_modules()
+        if n.endswith(("q_proj", "v_proj"))
+    )
+    trainable = {n: p for n, p in model.language_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for p in trainable.values()) == expected == 4 * ((32 + 32) + (32 + 16))
+    assert all(p.requires_grad for p in model.action_head.parameters())  # the rest trains as usual
+    groups = optim.build_param_groups(recipe, model)
+    in_lm_groups = {id(p) for g in groups if g["module"] == "language_model" for p in g["params"]}
+    assert in_lm_groups == {id(p) for p in trainable.values()}
+
+
+def test_a_target_that_matches_nothing_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"model.lora.target_modules: pattern\(s\) \['qkv_proj'\] match no module"):
+        _lora_model(tmp_path, "model.lora.target_modules=[q_proj, qkv_proj]")
+    with pytest.raises(RecipeError, match=r"model.lora.vision_target_modules: pattern\(s\) \['q_proj'\]"):
+        _lora_model(tmp_path, "model.lora.vision=true", "model.lora.vision_target_modules=[qkv, q_proj]")
+    with pytest.raises(RecipeError, match="model.lora.target_modules: empty"):
+        _lora_model(tmp_path, "model.lora.target_modules=[]")
+
+
+def test_all_linear_shorthand_adapts_every_linear_layer_of_the_lm(tmp_path):
+    _, model = _lora_model(tmp_path, "model.lora.target_modules=[all-linear]")
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules() if hasattr(m, "lora_A")}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted
+    assert "lm_head" not in adapted  # peft keeps the output layer out of all-linear
+
+
+def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    save_lm_dir(tmp_path / "lm")
+    recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}")
+    _perturb_adapters(model.language_model)
+    run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
+    write_model_files(run, tmp_path / "ckpt")
+
+    config = json.loads((tmp_path / "ckpt" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["task_type"] == "CAUSAL_LM"
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm"), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "ckpt" / ADAPTER_DIR)).eval()
+    ids = torch.randint(4, 284, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.language_model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), theirs.disable_adapter():
+        assert not torch.allclose(theirs(input_ids=ids).logits, ours, atol=1e-3)  # the adapter matters
+
+
+def test_vision_lora_adapters_train_and_are_saved_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    saved = save_vit_file(tmp_path / "vit.safetensors")
+    recipe, model = _lora_model(
+        tmp_path,
+        "model.lora.vision=true",
+        "model.lora.vision_target_modules=[qkv]",
+        f"model.vision.pretrained={tmp_path / 'vit.safetensors'}",
+    )
+    trainable = [n for n, p in model.vision_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    _perturb_adapters(model.vision_encoder)
+    run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
+    write_model_files(run, tmp_path / "ckpt")
+    fresh = tiny_vit(seed=123)
+    fresh.load_state_dict(saved)  # the pretrained weights, then our adapter on top
+    theirs = PeftModel.from_pretrained(fresh, str(tmp_path / "ckpt" / "vision_adapter")).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.vision_encoder.backbones[0].eval().forward_features(pixels)
+        torch.testing.assert_close(theirs.forward_features(pixels), ours, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tiny_vit(seed=123).eval().forward_features(pixels), ours, atol=1e-3)
+    model.train()(fake_batch(model))["actions"].sum().backward()
+    assert all(p.grad is not None for p in model.vision_encoder.parameters() if p.requires_grad)

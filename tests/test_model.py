@@ -1,0 +1,232 @@
+"""VLA assembly: pretrained parts loaded from disk through recipe keys, forward shapes, the
+action readout, and the errors a wrong recipe gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from tiny_models import (
+    add_to_hf_cache,
+    fake_batch,
+    save_lm_dir,
+    save_tokenizer_dir,
+    save_vit_dir,
+    save_vit_file,
+    tiny_recipe,
+)
+
+from vla_ft.backbones import build_language_model, build_vision_encoder
+from vla_ft.config import RecipeError
+from vla_ft.model import build_model
+from vla_ft.tokenizer import load_tokenizer
+
+DIMS = {"state_dim": 4, "action_dim": 3, "vocab_size": 284}  # gripper = action dim 2 (quickstart)
+
+
+def _model(tmp_path: Path, *overrides: str, n_cameras: int = 1):
+    torch.manual_seed(0)
+    return build_model(tiny_recipe(tmp_path, *overrides), n_cameras=n_cameras, **DIMS).eval()
+
+
+# ----------------------------------------------------------------------------- vision encoder
+@pytest.mark.parametrize("layout", ["file", "dir"])
+def test_vision_weights_load_from_a_local_file_or_directory(tmp_path, layout):
+    saved = save_vit_file(tmp_path / "vit.safetensors") if layout == "file" else save_vit_dir(tmp_path / "vit")
+    source = tmp_path / ("vit.safetensors" if layout == "file" else "vit")
+    cfg = tiny_recipe(tmp_path, f"model.vision.pretrained={source}").model
+    loaded = build_vision_encoder(cfg, n_cameras=1).backbones[0].state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_vision_image_size_override_resamples_position_embeddings(tmp_path):
+    saved = save_vit_file(tmp_path / "vit.safetensors")  # trained at 64 px: 4x4 patches
+    weights = f"model.vision.pretrained={tmp_path / 'vit.safetensors'}"
+    cfg = tiny_recipe(tmp_path, weights, "model.vision.img_size=32").model
+    enc = build_vision_encoder(cfg, n_cameras=1)
+    loaded = enc.backbones[0].state_dict()
+    assert loaded["pos_embed"].shape == (1, 1 + 2 * 2, 32)  # class token + 2x2 patches
+    assert torch.equal(loaded["pos_embed"][:, 0], saved["pos_embed"][:, 0])  # the class token's is kept
+    assert torch.equal(loaded["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
+    assert enc(torch.zeros(2, 1, 3, 32, 32, dtype=torch.uint8)).shape == (2, 4, 32)
+
+
+def test_vision_weights_of_another_architecture_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(tmp_path / "resnet.safetensors"))
+    cfg = tiny_recipe(tmp_path, f"model.vision.pretrained={tmp_path / 'resnet.safetensors'}").model
+    with pytest.raises(RecipeError, match=r"model.vision.pretrained: .* lacks \d+ of \d+ weights"):
+        build_vision_encoder(cfg, n_cameras=1)
+    save_vit_file(tmp_path / "vit.safetensors")
+    wider = tiny_recipe(
+        tmp_path, f"model.vision.pretrained={tmp_path / 'vit.safetensors'}", "model.vision.kwargs.embed_dim=48"
+    ).model
+    with pytest.raises(RecipeError, match="model.vision.pretrained: .* does not fit"):
+        build_vision_encoder(wider, n_cameras=1)
+
+
+def test_any_timm_model_cnn_patch_and_pooled_tokens(tmp_path):
+    for features, tokens in (("patch", 2 * 2), ("pooled", 1)):  # resnet: stride 32 -> 64 px gives 2x2 cells
+        cfg = tiny_recipe(
+            tmp_path, "model.vision.name=resnet10t", "model.vision.kwargs={}", f"model.vision.features={features}"
+        ).model
+        enc = build_vision_encoder(cfg, n_cameras=2)
+        out = enc(torch.zeros(3, 2, 3, 64, 64, dtype=torch.uint8))
+        assert out.shape == (3, 2 * tokens, 512) and enc.width == 512
+
+
+# ----------------------------------------------------------------------------- language model
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, model_type):
+    saved = save_lm_dir(tmp_path / "lm", model_type, dtype=torch.bfloat16)  # as hub LMs ship
+    save_tokenizer_dir(tmp_path / "tok")
+    # TINY's model.language.config (a qwen2 config) stays in the recipe: with a name it is not used.
+    recipe = tiny_recipe(
+        tmp_path, f"model.language.name={tmp_path / 'lm'}", f"model.language.tokenizer={tmp_path / 'tok'}"
+    )
+    lm = build_language_model(recipe.model, vocab_size=284)
+    assert lm.config.model_type == model_type and lm.config._attn_implementation == "sdpa"
+    loaded = lm.state_dict()
+    for k, v in saved.items():  # float32 master weights holding exactly the bf16 values
+        assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), k
+    tokenizer = load_tokenizer(recipe.model.language.tokenizer)
+    assert len(tokenizer) == 284 and tokenizer("pick up the red block")["input_ids"][:2] == [4, 5]
+
+
+def test_a_larger_tokenizer_grows_the_embeddings(tmp_path):
+    save_lm_dir(tmp_path / "lm")  # 284 rows
+    lm = build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}").model, vocab_size=300)
+    assert lm.get_input_embeddings().num_embeddings == 300 and lm.get_output_embeddings().out_features == 300
+
+
+def test_lm_weights_missing_from_the_directory_are_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_lm_dir(tmp_path / "lm")
+    weights = load_file(str(tmp_path / "lm" / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "q_proj" not in k}, str(tmp_path / "lm" / "model.safetensors"))
+    with pytest.raises(RecipeError, match=r"model.language.name: 2 weights missing .*q_proj"):
+        build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}").model, 284)
+
+
+def test_gradient_checkpointing_is_on_and_backward_runs(tmp_path):
+    model = _model(tmp_path, "model.language.gradient_checkpointing=true").train()
+    lm = model.language_model
+    assert getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
+    model(fake_batch(model))["actions"].sum().backward()
+    assert model.action_queries.weight.grad is not None
+
+
+def test_hub_names_resolve_offline_from_a_filled_cache(tmp_path, monkeypatch):
+    """model.language.name=org/name and model.vision.pretrained=true on a machine without network:
+    the documented way is a filled cache under HF_HOME plus HF_HUB_OFFLINE=1. huggingface_hub reads
+    those variables at import, so the test sets the two constants they become."""
+    lm_state = save_lm_dir(tmp_path / "lm")
+    add_to_hf_cache(tmp_path / "hf", "tiny-org/tiny-lm", tmp_path / "lm")
+    vit_state = save_vit_dir(tmp_path / "vit")
+    add_to_hf_cache(tmp_path / "hf", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", tmp_path / "vit")  # timm's id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = tiny_recipe(tmp_path, "model.language.name=tiny-org/tiny-lm", "model.vision.pretrained=true")
+    lm = build_language_model(recipe.model, 284).state_dict()
+    vit = build_vision_encoder(recipe.model, 1).backbones[0].state_dict()
+    assert all(torch.equal(lm[k], v) for k, v in lm_state.items())
+    assert all(torch.equal(vit[k], v) for k, v in vit_state.items())
+
+
+# ----------------------------------------------------------------------------- assembly and readout
+@pytest.mark.parametrize(
+    ("n_cameras", "overrides", "prefix_tokens"),
+    [
+        (1, [], 16 + 1),  # 64 px / patch 16 -> 16 patch tokens, + the state token
+        (2, [], 2 * 16 + 1),
+        (2, ["model.proprio=false", "model.vision.per_camera=true"], 2 * 16),
+        (2, ["model.vision.features=pooled", "model.gripper_head=false", "data.history=2"], 2 * 1 + 1),
+    ],
+)
+def test_forward_shapes(tmp_path, n_cameras, overrides, prefix_tokens):
+    model = _model(tmp_path, *overrides, n_cameras=n_cameras)
+    batch = fake_batch(model, batch_size=2, target_len=3)
+    prefix, mask = model.embed_prefix(batch)
+    assert prefix.shape == (2, prefix_tokens, 32) and mask.all()
+    out = model(batch)
+    assert out["actions"].shape == (2, 3, 3)  # (B, chunk, action_dim)
+    assert ("gripper_logits" in out) == (model.gripper_head is not None)
+    if model.gripper_head is not None:
+        assert out["gripper_logits"].shape == (2, 3, 1)
+    assert out["lm_logits"].shape == (2 * 3, 284) and out["lm_labels"].shape == (6,)
+    assert len(model.vision_encoder.backbones) == (n_cameras if "model.vision.per_camera=true" in overrides else 1)
+
+
+def test_readout_ignores_prompt_padding_and_the_language_target(tmp_path):
+    model = _model(tmp_path)
+    batch = fake_batch(model, batch_size=2, prompt_lens=(3, 5))  # row 0 carries 2 pad tokens
+    together = model.trunk(batch)["readout"]
+    alone = {k: v[:1] for k, v in batch.items()}
+    alone["prompt_ids"], alone["prompt_mask"] = batch["prompt_ids"][:1, 2:], batch["prompt_mask"][:1, 2:]
+    alone["target_ids"] = torch.randint(4, 40, (1, 4))  # a different target must not leak into the readout
+    alone["target_mask"] = torch.ones(1, 4, dtype=torch.bool)
+    torch.testing.assert_close(model.trunk(alone)["readout"], together[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_target_hidden_states_predict_the_next_token(tmp_path):
+    """The last query position predicts target[0]; target position t predicts target[t + 1]."""
+    model = _model(tmp_path)
+    batch = fake_batch(model, batch_size=1, prompt_lens=(3,), target_len=3)
+    out = model.trunk(batch)
+    embeds = model.language_model.get_input_embeddings()
+    prefix, _ = model.embed_prefix(batch)
+    seq = torch.cat([prefix, embeds(batch["prompt_ids"]), model.action_queries(1), embeds(batch["target_ids"])], 1)
+    hidden = model.decoder(inputs_embeds=seq).last_hidden_state  # no padding: plain causal LM
+    q_end = prefix.shape[1] + 3 + 3  # prefix + prompt + 3 queries
+    torch.testing.assert_close(out["readout"], hidden[:, q_end - 3 : q_end], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["target_hidden"], hidden[:, q_end - 1 : q_end + 2], atol=1e-5, rtol=1e-5)
+
+
+def test_action_tokens_target_uses_the_reserved_last_ids(tmp_path):
+    from vla_ft.run_setup import build_components
+
+    recipe = tiny_recipe(tmp_path, "data.language_target=action_tokens")
+    model, loss_fn, _, (tokenizer, data) = build_components(recipe, torch.device("cpu"))
+    sample = data.train_set[0]
+    bins, first = recipe.model.action_tokens_bins, len(tokenizer) - recipe.model.action_tokens_bins
+    ids = sample["target_ids"][:-1]  # the last one is eos
+    assert len(ids) == int(sample["action_mask"].sum()) * data.action_dim
+    assert ((ids >= first) & (ids < first + bins)).all()
+    assert tokenizer.convert_ids_to_tokens(int(ids[0])).startswith("<act_")
+    from robot_data import collate
+
+    out = model(collate([sample, data.train_set[1]], pad_id=0))
+    total, parts = loss_fn(out, collate([sample, data.train_set[1]], pad_id=0))
+    assert torch.isfinite(total) and "loss/language" in parts
+
+
+# ----------------------------------------------------------------------------- errors naming the key
+def test_wrong_recipes_are_errors_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never try the network
+    with pytest.raises(RecipeError, match=r"model.vision.name: unknown timm model 'vit_tiny_patch16_22'.*did you mean"):
+        build_vision_encoder(tiny_recipe(tmp_path, "model.vision.name=vit_tiny_patch16_22").model, 1)
+    with pytest.raises(RecipeError, match="model.vision.pretrained: path does not exist"):
+        build_vision_encoder(tiny_recipe(tmp_path, f"model.vision.pretrained={tmp_path / 'no.safetensors'}").model, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="model.vision.pretrained: no weights file in"):
+        build_vision_encoder(tiny_recipe(tmp_path, f"model.vision.pretrained={tmp_path / 'empty'}").model, 1)
+    with pytest.raises(RecipeError, match="model.language.name: directory not found"):
+        build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'nope'}").model, 284)
+    with pytest.raises(RecipeError, match="model.language.name: cannot load 'no-such-org/no-such-lm'"):
+        build_language_model(tiny_recipe(tmp_path, "model.language.name=no-such-org/no-such-lm").model, 284)
+    with pytest.raises(RecipeError, match="model.language.tokenizer: tokenizer directory not found"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(RecipeError, match="model.language.tokenizer: cannot load a tokenizer from directory"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_a_camera_count_that_does_not_match_the_model_is_an_error(tmp_path):
+    for overrides in ([], ["model.vision.per_camera=true"]):
+        model = _model(tmp_path, *overrides, n_cameras=2)
+        with pytest.raises(RecipeError, match=r"data.cameras: the model was built for 2 camera\(s\).* provides 1"):
+            model(fake_batch(model, n_cameras=1))

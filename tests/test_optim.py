@@ -1,0 +1,146 @@
+"""Parameter groups, the LR schedule, and freezing (what trains, in which mode, with or without autograd)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import QUICKSTART, TINY
+
+from vla_ft import optim
+from vla_ft.config import load_recipe
+from vla_ft.run_setup import build_components, setup
+from vla_ft.train import fit
+
+STAGED = [
+    *TINY,
+    "freeze.vision_encoder=true",
+    "unfreeze.vision_encoder.at_step=4",
+    "unfreeze.vision_encoder.warmup_steps=3",
+    "optim.groups.vision_encoder.lr=5.0e-4",
+    "freeze.proprio_encoder=true",  # frozen for the whole run: in no group
+]
+# 2-D parameters that are lookup tables, not maps (everything 1-D is no-decay too)
+TABLES = {
+    "vision_encoder.backbones.0.cls_token",
+    "vision_encoder.backbones.0.pos_embed",
+    "language_model.model.embed_tokens.weight",  # also the tied LM head
+    "action_queries.weight",
+}
+
+
+def recipe(*overrides: str):
+    return load_recipe(QUICKSTART, list(overrides))
+
+
+def test_every_trainable_parameter_is_in_exactly_one_named_group():
+    r = recipe(*STAGED, "optim.groups.action_head.weight_decay=0.05", "loss.strategy=uncertainty")
+    model, loss_fn, opt, _ = build_components(r, torch.device("cpu"))
+    group_of = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert id(p) not in group_of, f"in {group_of[id(p)]} and {g['name']}"
+            group_of[id(p)] = g["name"]
+
+    for name, p in model.named_parameters():
+        module = name.split(".")[0]
+        if module == "proprio_encoder":
+            assert id(p) not in group_of, name
+        else:
+            twin = "/no_decay" if p.ndim < 2 or name in TABLES else ""
+            assert group_of.get(id(p)) == module + twin, name
+    assert all(group_of[id(p)] == "loss_weights" for p in loss_fn.no_decay_parameters())
+
+    settings = {g["name"]: (g["base_lr"], g["weight_decay"], g["start_step"], g["warmup_steps"]) for g in opt.param_groups}
+    assert settings["vision_encoder"] == (5e-4, 0.01, 4, 3)
+    assert settings["vision_encoder/no_decay"] == (5e-4, 0.0, 4, 3)
+    assert settings["action_head"] == (2e-3, 0.05, 0, 2)  # quickstart's action-head LR, own weight decay
+    assert settings["action_head/no_decay"] == (2e-3, 0.0, 0, 2)
+    assert settings["projector"] == (1e-3, 0.01, 0, 2)
+    assert settings["action_queries/no_decay"] == (1e-3, 0.0, 0, 2)
+    assert "action_queries" not in settings
+
+
+def test_a_trainable_parameter_outside_every_group_is_caught():
+    model, _, opt, _ = build_components(recipe(*TINY, "freeze.projector=true"), torch.device("cpu"))
+    model.set_frozen(set())  # the projector now requires grad but has no group
+    with pytest.raises(AssertionError, match="projector.weight"):
+        optim.check_trainable_covered(model, opt)
+
+
+def test_lr_factor_against_hand_computed_values():
+    cos = recipe(*TINY, "train.steps=12", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1")
+    f = optim.lr_factor
+    assert [f(cos, s, 0, 2) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert f(cos, 7, 0, 2) == pytest.approx(0.55)  # halfway through the decay: 0.1 + 0.9 * 0.5
+    assert f(cos, 12, 0, 2) == pytest.approx(0.1)
+    assert f(cos, 3, 4, 3) == 0.0  # before its start
+    assert f(cos, 5, 4, 3) == pytest.approx(2 / 3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.3))))
+    lin = recipe(*TINY, "train.steps=12", "optim.warmup_steps=2", "optim.scheduler=linear", "optim.min_lr_ratio=0.0")
+    assert f(lin, 7, 0, 2) == pytest.approx(0.5)
+    const = recipe(*TINY, "train.steps=12", "optim.warmup_steps=4", "optim.scheduler=constant")
+    assert [f(const, s, 0, 4) for s in (0, 3, 11)] == [0.25, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
+                                           ("sgd", torch.optim.SGD)])
+def test_optimizers_by_name(name, cls):
+    _, _, opt, _ = build_components(recipe(*TINY, f"optim.name={name}"), torch.device("cpu"))
+    assert type(opt) is cls
+    assert not opt.defaults.get("fused")  # fused kernels are for CUDA only
+
+
+def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
+    steps = 8
+    run = setup(recipe(*STAGED, f"train.steps={steps}", "checkpoint.every=0", "data.val_ratio=0",
+                       "logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"))
+    vision = run.model.vision_encoder
+    seen = []  # per forward: (vision in train mode, autograd on inside it)
+    vision.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)))
+    grads = []  # per update, before the optimizer step: which modules have gradients
+    run.optimizer.register_step_pre_hook(lambda *_: grads.append({
+        n: any(p.grad is not None for p in getattr(run.model, n).parameters())
+        for n in ("vision_encoder", "projector", "proprio_encoder", "action_head")}))
+    start = [p.detach().clone() for p in vision.parameters()]
+    fit(run)
+
+    frozen, thawed = [(False, False, False)] * 4, [(True, True, True)] * 4
+    assert seen == frozen + thawed  # eval + no autograd while frozen (nothing upstream trains)
+    assert [g["vision_encoder"] for g in grads] == [False] * 4 + [True] * 4
+    assert all(g["projector"] and g["action_head"] and not g["proprio_encoder"] for g in grads)
+    assert not run.model.proprio_encoder.training  # frozen all run: eval, even after model.train()
+    assert any(not torch.equal(a, p) for a, p in zip(start, vision.parameters(), strict=True))
+
+    # the LR each update used, as logged: global warmup 2 then cosine to 0.1 over steps 2..8;
+    # the vision encoder from update index 4 with its own 3-step warmup
+    def cosine(s):
+        p = min(1.0, max(0.0, (s - 2) / (steps - 2)))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    rows = [json.loads(line) for line in run.logger.path.read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for s, row in enumerate(rows):  # s: 0-based update index
+        warm = min(1.0, (s + 1) / 2)
+        assert row["lr/projector"] == pytest.approx(1e-3 * warm * cosine(s), rel=1e-12)
+        assert row["lr/action_head"] == pytest.approx(2e-3 * warm * cosine(s), rel=1e-12)
+        vis = 0.0 if s < 4 else 5e-4 * min(1.0, (s - 4 + 1) / 3) * cosine(s)
+        assert row["lr/vision_encoder"] == pytest.approx(vis, rel=1e-12, abs=0)
+    assert "lr/proprio_encoder" not in rows[0]
+
+
+def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_gradient(tmp_path):
+    run = setup(recipe(*TINY, "freeze.language_model=true", "train.steps=1", "data.val_ratio=0",
+                       "checkpoint.every=0", "logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"))
+    lm = run.model.language_model
+    seen = []
+    run.model.decoder.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
+    grads = []
+    run.optimizer.register_step_pre_hook(lambda *_: grads.append(
+        (any(p.grad is not None for p in lm.parameters()),
+         all(p.grad is not None for p in run.model.vision_encoder.parameters()))))
+    fit(run)
+    assert seen == [(False, True)]  # eval mode, but autograd runs through it for the vision encoder
+    assert grads == [(False, True)]

@@ -1,0 +1,160 @@
+"""VLAPolicy: loads from the checkpoint directory alone, prepares inputs exactly like training,
+and returns actions in the dataset's units."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import save_lm_dir, save_vit_file, tiny_recipe
+
+from vla_ft import VLAPolicy
+from vla_ft.checkpoint import CheckpointError
+from vla_ft.train import main as train
+
+TASK = "pick up the red block"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 2-step run from local pretrained parts (deleted afterwards), with 2 state frames per sample."""
+    tmp = tmp_path_factory.mktemp("policy")
+    save_vit_file(tmp / "parts" / "vit.safetensors")
+    save_lm_dir(tmp / "parts" / "lm")
+    torch.set_num_threads(1)
+    train(
+        tiny_recipe(
+            tmp,
+            f"model.vision.pretrained={tmp / 'parts' / 'vit.safetensors'}",
+            f"model.language.name={tmp / 'parts' / 'lm'}",
+            "data.history=2",
+            "train.steps=2",
+            "checkpoint.every=2",
+            "train.val_every=2",
+        )
+    )
+    shutil.rmtree(tmp / "parts")  # inference must not need the pretrained parts again
+    return tmp / "run"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network and no dataset: loading a policy must need neither."""
+    import robot_data
+    import vla_ft.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the policy tried to read the dataset")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(robot_data, "build_reader", refuse)
+    monkeypatch.setattr(vla_ft.data, "build_reader", refuse)
+
+
+def _frame(seed: int, size: int = 80) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_checkpoint_carries_what_inference_needs(trained):
+    ckpt = trained / "checkpoints" / "step_000002"
+    meta = json.loads((ckpt / "model_meta.json").read_text())
+    assert (meta["state_dim"], meta["action_dim"], meta["chunk"], meta["history"]) == (3, 3, 3, 2)
+    assert meta["cameras"] == ["observation.images.top"] and meta["image_size"] == 64
+    assert meta["gripper"] == {"dims": [2], "closed_is_high": True, "threshold": 0.5}
+    assert json.loads((ckpt / "language_model" / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_load_is_bit_exact_from_the_directory_alone(trained, offline):
+    ckpt = trained / "checkpoints" / "step_000002"
+    policy = VLAPolicy.from_pretrained(ckpt)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    loaded = policy.model.state_dict()
+    assert saved.keys() <= loaded.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    pair = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}  # tied in this LM
+    assert len(loaded.keys() - saved.keys()) == 1 and loaded.keys() - saved.keys() <= pair  # stored once
+    assert torch.equal(*(loaded[k] for k in pair))
+    assert VLAPolicy.from_pretrained(trained).meta == policy.meta  # a run directory -> its newest checkpoint
+
+
+def test_predict_action_matches_the_training_pipeline(trained, offline, monkeypatch):
+    """Raw frame + instruction + raw state through the policy == the dataset sample through the model."""
+    from robot_data import collate
+    from vla_ft.config import load_recipe
+    from vla_ft.data import build_data
+    from vla_ft.metrics import real_actions
+
+    policy = VLAPolicy.from_pretrained(trained)
+    monkeypatch.undo()  # the reference below reads the dataset; the policy is already loaded
+    ckpt = trained / "checkpoints" / "step_000002"
+    recipe = load_recipe(ckpt / "config.yaml")
+    data = build_data(recipe, policy.prompts.tokenizer, 0, json.loads((ckpt / "norm_stats.json").read_text()))
+    ds = data.val_set
+    for index in (0, 1, 5):  # frame 0 and 1: the state history is clamped at the episode start
+        episode, t = ds.locate(index)
+        frame = data.reader.frames(episode.index, "observation.images.top", [t])[0]
+        states = data.reader.numeric(episode.index).state[[max(t - 1, 0), t]]
+        got = policy.predict_action({"observation.images.top": frame}, episode.task, states)
+        with torch.no_grad():
+            want = real_actions(policy.model(collate([ds[index]])), data.normalizer, [2], True)[0].numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_actions_come_back_in_real_units(trained, offline, closed):
+    policy = VLAPolicy.from_pretrained(trained)
+    bias = torch.tensor([0.5, -1.5, 7.0])  # normalised action the head will output at every step
+    with torch.no_grad():
+        policy.model.action_head[-1].weight.zero_()
+        policy.model.action_head[-1].bias.copy_(bias)
+        policy.model.gripper_head[-1].weight.zero_()
+        policy.model.gripper_head[-1].bias.fill_(3.0 if closed else -3.0)
+    stats = json.loads((trained / "checkpoints" / "step_000002" / "norm_stats.json").read_text())
+    assert stats["mode"] == "mean_std" and stats["raw_action_dims"] == [2]
+    mean, std = stats["stats"]["action"]["mean"], stats["stats"]["action"]["std"]
+    gripper = stats["stats"]["action"]["max" if closed else "min"][2]  # closed = high for this task
+    expected = [0.5 * std[0] + mean[0], -1.5 * std[1] + mean[1], gripper]
+    actions = policy.predict_action(_frame(0), TASK, np.zeros((2, 3), np.float32))
+    assert actions.shape == (3, 3) and actions.dtype == np.float32
+    np.testing.assert_allclose(actions, np.tile(expected, (3, 1)), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_gives_the_rows_of_single_calls(trained, offline):
+    policy = VLAPolicy.from_pretrained(trained)
+    frames = np.stack([_frame(i) for i in range(3)])
+    tasks = [TASK, "pick up the blue block", "release the green block over the bin"]  # different lengths: padding
+    states = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
+    batch = policy.predict_action(frames, tasks, states)
+    assert batch.shape == (3, 3, 3)
+    for i in range(3):
+        np.testing.assert_allclose(batch[i], policy.predict_action(frames[i], tasks[i], states[i]), atol=1e-5)
+    one_task = policy.predict_action([frames], TASK, states)  # a list of cameras, one instruction for all rows
+    np.testing.assert_allclose(one_task[0], batch[0], atol=1e-5)
+
+
+def test_wrong_inputs_are_errors_naming_the_argument(trained, offline):
+    policy = VLAPolicy.from_pretrained(trained)
+    state = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"images: this policy needs 1 camera\(s\)"):
+        policy.predict_action([_frame(0), _frame(1)], TASK, state)
+    with pytest.raises(ValueError, match=r"images: expected cameras \['observation.images.top'\], got \['wrist'\]"):
+        policy.predict_action({"wrist": _frame(0)}, TASK, state)
+    with pytest.raises(ValueError, match="images\\['observation.images.top'\\]: expected uint8"):
+        policy.predict_action(_frame(0).astype(np.float32), TASK, state)
+    with pytest.raises(ValueError, match=r"state: expected shape \(2, 3\)"):
+        policy.predict_action(_frame(0), TASK, np.zeros(3, np.float32))  # history is 2
+    with pytest.raises(ValueError, match="instruction: 2 instructions for a batch of 3"):
+        policy.predict_action(np.stack([_frame(i) for i in range(3)]), [TASK, TASK], np.zeros((3, 2, 3), np.float32))
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        VLAPolicy.from_pretrained(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="no model_meta.json and no complete checkpoint"):
+        VLAPolicy.from_pretrained(tmp_path)

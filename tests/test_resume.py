@@ -1,0 +1,141 @@
+"""Exact resume: N steps straight == k steps + resume in a new process + N - k steps, bitwise on
+CPU, for every parameter and every logged per-step value; and the recipe check on resume.
+
+One configuration exercises everything at once: shuffled epochs, image augmentation, DataLoader
+workers, gradient accumulation with a final partial group, and a staged unfreeze in the middle.
+The straight run saves a checkpoint after every step; each resume starts a new process from
+its checkpoint k and must reproduce the rest of the straight run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART, TINY
+from train_helpers import assert_same_weights, deterministic, metric_rows, run_forked, run_fresh, train_argv
+
+from vla_ft import checkpoint as ck
+from vla_ft.config import RecipeError, load_recipe
+from vla_ft.run_setup import setup
+from vla_ft.train import fit
+
+N = 7
+MATRIX = [
+    *TINY,
+    "data.augment.enabled=true",
+    "data.num_workers=2",
+    "model.language.config.attention_dropout=0.1",  # draws from the torch RNG every training step
+    # 40 training samples / batch 4 = 10 micro-batches per epoch -> steps of 3, 3, 3 and 1 (partial)
+    "optim.accumulation=3",
+    "freeze.vision_encoder=true",
+    "unfreeze.vision_encoder.at_step=3",  # trains from the 4th update on, with its own 2-step warmup
+    "unfreeze.vision_encoder.warmup_steps=2",
+    f"train.steps={N}",
+    "train.val_every=3",
+    "checkpoint.every=1",
+    "checkpoint.keep_last=0",
+    "logging.tensorboard=false",
+    "logging.progress=plain",
+]
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / ck.step_dir_name(step)
+
+
+def trainer_state(run_dir: Path, step: int) -> dict:
+    return json.loads((ckpt(run_dir, step) / "trainer_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("straight")
+    run_dir = root / "run"
+    code = run_forked(train_argv(run_dir, MATRIX), root / "log.txt")
+    assert code == 0, (root / "log.txt").read_text()[-3000:]
+    return run_dir
+
+
+def copy_at(straight: Path, k: int, dst: Path) -> Path:
+    """The straight run's directory as a run interrupted right after checkpoint k."""
+    shutil.copytree(straight, dst)
+    for path in (dst / "checkpoints").glob("step_*"):
+        if int(path.name.split("_")[1]) > k:
+            shutil.rmtree(path)
+    ck.write_pointer(dst / "checkpoints", "latest", ck.step_dir_name(k))
+    return dst
+
+
+def as_text(rows: list[dict]) -> list[str]:
+    # JSON text compares NaN (e.g. a transition accuracy without transitions) as equal to itself
+    return [json.dumps(deterministic(r), sort_keys=True) for r in rows]
+
+
+def test_the_straight_run_exercises_the_matrix(straight: Path):
+    rows = [r for r in metric_rows(straight) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, N + 1))
+    # vision encoder frozen for updates 1-3 (LR 0), then warming up over 2 updates
+    assert [r["lr/vision_encoder"] > 0 for r in rows] == [False, False, False, True, True, True, True]
+    assert rows[3]["lr/vision_encoder"] < rows[4]["lr/vision_encoder"]
+    # data position: k=2 mid-epoch, k=4 after the partial group ends epoch 0, k=5 mid-epoch 1
+    position = {k: (trainer_state(straight, k)["state"]["epoch"], trainer_state(straight, k)["state"]["consumed"])
+                for k in (2, 4, 5)}
+    assert position == {2: (0, 24), 4: (0, 40), 5: (1, 12)}
+    assert trainer_state(straight, 2)["frozen"] == ["vision_encoder"]
+    assert trainer_state(straight, 4)["frozen"] == []
+
+
+@pytest.mark.parametrize(
+    ("k", "how"),
+    [(2, "fork"), (4, "fork"), (5, "fresh")],
+    ids=["k2-mid-epoch-before-unfreeze", "k4-after-partial-accumulation", "k5-mid-epoch-new-interpreter"],
+)
+def test_resume_reproduces_the_straight_run(straight: Path, tmp_path: Path, k: int, how: str):
+    resumed = copy_at(straight, k, tmp_path / "run")
+    argv = train_argv(resumed, [*MATRIX, "train.resume=true"])
+    if how == "fresh":
+        proc = run_fresh(argv)
+        code, log = proc.returncode, proc.stdout + proc.stderr
+    else:
+        code = run_forked(argv, tmp_path / "log.txt")
+        log = (tmp_path / "log.txt").read_text()
+    assert code == 0, log[-3000:]
+    assert f"resumed from {ckpt(resumed, k)} at step {k}" in log
+
+    assert as_text(metric_rows(resumed)) == as_text(metric_rows(straight))
+    assert_same_weights(ckpt(straight, N), ckpt(resumed, N))
+    assert trainer_state(resumed, N)["state"] == trainer_state(straight, N)["state"]
+
+
+def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    for change, key in (("model.action_head_hidden=16", "model.action_head_hidden"),
+                        ("data.normalize=min_max", "data.normalize"),
+                        ("unfreeze.vision_encoder.at_step=5", "unfreeze.vision_encoder.at_step")):
+        recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
+        with pytest.raises(RecipeError, match=f"break equivalence: {key}"):
+            setup(recipe)
+
+
+def test_a_harmless_change_warns_and_rotation_keeps_best_and_resumed(straight: Path, tmp_path: Path):
+    resumed = copy_at(straight, 2, tmp_path / "run")
+    overrides = [*MATRIX, "logging.every=2", "checkpoint.keep_last=1", "data.num_workers=0", "train.resume=true"]
+    recipe = load_recipe(QUICKSTART, [*overrides, f"output_dir={resumed}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = setup(recipe)
+    assert any("changed keys" in str(w.message) and "logging.every" in str(w.message) for w in caught)
+    fit(run)
+    run.logger.close()
+
+    best = run.state.best_step
+    assert best in (3, 6)  # validations at 3 and 6
+    kept = {int(p.name.split("_")[1]) for p in (resumed / "checkpoints").glob("step_*")}
+    assert kept == {2, best, N}  # newest 1, plus the one resumed from and the best
+    assert ck.latest_checkpoint(resumed / "checkpoints") == ckpt(resumed, N)
+    assert ck.read_pointer(resumed / "checkpoints", "best") == ckpt(resumed, best)
+    assert_same_weights(ckpt(straight, N), ckpt(resumed, N))  # workers and log interval change nothing

@@ -1,0 +1,147 @@
+"""The loop's mechanics: accumulation scaling, diagnostics in the log, best checkpoint and early
+stopping, precision, and the progress display off a TTY."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICKSTART, TINY
+from train_helpers import metric_rows
+
+import vla_ft.train as train_mod
+from vla_ft import checkpoint as ck
+from vla_ft.config import load_recipe
+from vla_ft.data import to_device
+from vla_ft.losses import CompositeLoss
+from vla_ft.run_setup import setup
+from vla_ft.tracking import Progress, format_eta
+from vla_ft.train import fit, train_step
+
+FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
+
+
+def tiny_run(run_dir: Path, *overrides: str):
+    return setup(load_recipe(QUICKSTART, [*FAST, *overrides, f"output_dir={run_dir}"]))
+
+
+def captured_gradients(run, group) -> list[torch.Tensor]:
+    """Run ``train_step`` on ``group`` and return the gradients the optimizer step received."""
+    grads = []
+    run.optimizer.step = lambda *a, **k: grads.extend(p.grad.clone() for p in run.trainable_params())
+    train_step(run, group)
+    return grads
+
+
+def reference_gradients(run, batches) -> list[torch.Tensor]:
+    """d mean(loss of each batch) / d params, computed directly."""
+    run.model.train()
+    run.loss_fn.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    losses = [run.loss_fn(run.model(to_device(b, run.rt.device)), b)[0] for b in batches]
+    (sum(losses) / len(losses)).backward()
+    grads = [p.grad.clone() for p in run.trainable_params()]
+    run.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_accumulation_weights_each_micro_batch_by_its_group_size(tmp_path):
+    run = tiny_run(tmp_path / "run", "optim.accumulation=2", "optim.grad_clip=0")
+    b1, b2, b3 = itertools.islice(iter(run.train_loader), 3)
+    for group in ([b1, b2], [b3]):  # a full group, and a final partial one (1 of 2)
+        expected = reference_gradients(run, group)
+        got = captured_gradients(run, group)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_gradnorm_diagnostics_are_computed_once_per_step_and_logged(tmp_path, monkeypatch):
+    calls = []
+    norms = CompositeLoss.term_grad_norms
+    monkeypatch.setattr(CompositeLoss, "term_grad_norms", lambda self, *a: calls.append(self._step) or norms(self, *a))
+    rows = {}
+    for every in (1, 2):
+        run = tiny_run(tmp_path / f"every{every}", "train.steps=4", "loss.grad_norm_every=2",
+                       f"logging.every={every}", "checkpoint.every=0")
+        fit(run)
+        rows[every] = {r["step"]: r for r in metric_rows(tmp_path / f"every{every}") if "loss" in r}
+    assert calls == [0, 2] * 2  # updates 0 and 2 of each run, one computation each
+    one, two = rows[1], rows[2]
+    assert [s for s, r in one.items() if "gradnorm/action" in r] == [1, 3]
+    assert {"gradnorm/language", "gradnorm/gripper", "gradnorm_weighted/action"} <= one[1].keys()
+    # a window averages each key over the steps that have it: the norm is not diluted
+    assert two[2]["gradnorm/action"] == one[1]["gradnorm/action"]
+    assert two[4]["gradnorm/action"] == one[3]["gradnorm/action"]
+    assert two[2]["loss"] == pytest.approx((one[1]["loss"] + one[2]["loss"]) / 2, rel=1e-6)
+    assert two[2]["grad_norm"] == pytest.approx((one[1]["grad_norm"] + one[2]["grad_norm"]) / 2, rel=1e-6)
+
+
+def test_a_frozen_trunk_with_gradnorm_diagnostics_trains_without_them(tmp_path):
+    trunk = ["vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries"]
+    run = tiny_run(tmp_path / "run", *(f"freeze.{m}=true" for m in trunk), "loss.weights.language=0",
+                   "loss.grad_norm_every=1", "train.steps=2", "checkpoint.every=0")
+    fit(run)
+    rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 2 and not any(k.startswith("gradnorm") for r in rows for k in r)
+
+
+@pytest.mark.parametrize(("mode", "values", "best", "stop"), [
+    ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4),  # 0.949 improves by less than min_delta
+    ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4),
+])
+def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop):
+    scripted = iter(values)
+    monkeypatch.setattr(train_mod, "evaluate", lambda run: {"val/action_l1": next(scripted), "val/baseline_l1": 1.0})
+    run = tiny_run(tmp_path / "run", "train.steps=10", "train.val_every=1", f"train.best_mode={mode}",
+                   "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.01",
+                   "checkpoint.every=0", "checkpoint.keep_last=1")
+    fit(run)
+    assert (run.state.step, run.state.best_step, run.early_stop) == (stop, best, True)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == [ck.step_dir_name(best), ck.step_dir_name(stop)]
+    assert ck.read_pointer(root, "best") == root / ck.step_dir_name(best)
+    assert ck.latest_checkpoint(root) == root / ck.step_dir_name(stop)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    run = tiny_run(tmp_path / "run", "train.precision=bf16", "train.steps=2", "checkpoint.every=0")
+    dtypes = []
+    run.model.action_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = [p.detach().clone() for p in run.model.action_head.parameters()]
+    fit(run)
+    assert set(dtypes) == {torch.bfloat16}
+    rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # weights stay fp32
+    assert any(not torch.equal(a, p) for a, p in zip(before, run.model.action_head.parameters(), strict=True))
+
+
+def test_progress_prints_plain_lines_with_eta_off_a_tty(capsys):
+    progress = Progress(total=10, initial=0, mode="auto")  # captured stderr is not a TTY
+    assert progress.mode == "plain"
+    progress.update(1)  # no summary: nothing printed between log steps
+    progress.update(3, {"loss": 0.5, "loss/action": 0.25})
+    progress.write("step 3: val action_l1=0.1")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 3/10 loss=0.5 loss/action=0.25 eta ") and out[0].endswith("s")
+    assert out[1:] == ["step 3: val action_l1=0.1"]
+
+
+def test_progress_draws_a_bar_on_a_tty():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = Progress(total=10, initial=2, mode="auto", stream=screen)
+    progress.update(5, {"loss": 0.5})
+    progress.close()
+    assert progress.mode == "bar" and "5/10" in screen.getvalue() and "loss=0.5" in screen.getvalue()
+
+
+def test_format_eta():
+    assert [format_eta(s) for s in (float("nan"), 42.4, 185, 3725)] == ["?", "42s", "3m05s", "1h02m"]

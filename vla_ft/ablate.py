@@ -1,0 +1,410 @@
+"""``vla-ft ablate``: run the variants of one recipe one after another, then compare them.
+
+A variant is the base recipe plus ``{key.sub: value}`` overrides, named in the recipe's
+``ablation.variants`` and/or by ``--grid key=v1,v2`` (every combination; crossed with the
+recipe's variants when both are given). Each runs through the one training loop
+(:func:`vla_ft.train.main`) in its own run directory, always with ``train.resume=true``, so
+rerunning the same command skips finished variants and resumes an interrupted one::
+
+    <output_dir>/
+      <variant>/              a normal run directory: checkpoints/, metrics.jsonl, config.yaml, ...
+        run_summary.json      written after each segment: finished?, wall time, peak memory, params
+      summary.csv             one row per variant (columns: see SUMMARY_COLUMNS)
+      summary.md              the same table in Markdown, plus the best variant
+      val_curves.png          the chosen validation metric of every variant, overlaid
+      metric_bars.png         best value of the chosen metric per variant
+
+Every variant recipe is validated before the first one trains. Variants run in this process;
+peak memory is per variant (CUDA: max allocated; CPU: the process's peak RSS, reset between
+variants where Linux allows it, see :func:`reset_peak_memory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import gc
+import itertools
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vla_ft.config import Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
+
+NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
+
+
+# ----------------------------------------------------------------------------- variants
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets/braces/quotes: ``[1,2],[3]`` -> ``['[1,2]', '[3]']``."""
+    parts, depth, quote, current = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    return [*parts, current]
+
+
+def grid_variants(specs: list[str]) -> list[Variant]:
+    """``["optim.lr=1e-3,3e-4", "freeze.vision_encoder=true,false"]`` -> every combination (values parsed as YAML)."""
+    if not specs:
+        return []
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise RecipeError(f"--grid '{spec}' must look like key.sub=v1,v2", "command line")
+        axes.append([(key.strip(), yaml.safe_load(v) if v.strip() else None) for v in split_top_level(values)])
+    variants = []
+    for combo in itertools.product(*axes):
+        name = "+".join(f"{key}={_short(value)}" for key, value in combo)
+        variants.append(Variant(name, dict(combo)))
+    return variants
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value).lower()
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+
+
+def combine(recipe_variants: list[Variant], grid: list[Variant]) -> list[Variant]:
+    """The recipe's variants, the grid's, or (both given) every recipe variant x every grid point."""
+    if recipe_variants and grid:
+        return [Variant(f"{a.name}+{b.name}", {**a.overrides, **b.overrides}) for a in recipe_variants for b in grid]
+    return recipe_variants or grid
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = copy.deepcopy(value)
+
+
+def variant_recipe(base_raw: dict[str, Any], variant: Variant, root: Path) -> Recipe:
+    """Base recipe + the variant's overrides, in ``root/<name>``, resumable. Errors name the variant."""
+    raw = copy.deepcopy(base_raw)
+    raw.pop("ablation", None)  # a variant is a plain training run
+    for key, value in variant.overrides.items():
+        _set(raw, key, value)
+    _set(raw, "output_dir", str(root / variant.name))
+    _set(raw, "train.resume", True)
+    return recipe_from_dict(raw, f"variant '{variant.name}'")
+
+
+def plan(recipe_path: str | Path, overrides: list[str], grid: list[str]) -> tuple[Recipe, list[tuple[Variant, Recipe]]]:
+    """Validate the base recipe and every variant (all problems at once) before anything trains."""
+    base_raw = apply_overrides(read_yaml(recipe_path), overrides)
+    base = recipe_from_dict(base_raw, str(recipe_path))
+    named = [Variant(name, dict(ov)) for name, ov in base.ablation.variants.items()]
+    variants = combine(named, grid_variants(grid))
+    if not variants:
+        raise RecipeError("ablation.variants: no variants; name them in the recipe or pass --grid key=v1,v2",
+                          str(recipe_path))
+    problems = [f"ablation.variants.{v.name}: use letters, digits and _ . = + - in variant names"
+                for v in variants if not NAME_OK.match(v.name)]
+    seen = [v.name for v in variants]
+    problems += [f"ablation.variants: duplicate variant '{n}'" for n in sorted({n for n in seen if seen.count(n) > 1})]
+    planned = []
+    root = Path(base.output_dir)
+    for variant in variants:
+        try:
+            planned.append((variant, variant_recipe(base_raw, variant, root)))
+        except RecipeError as err:
+            problems += [f"variant '{variant.name}': {p}" for p in err.problems]
+    if problems:
+        raise RecipeError(problems, str(recipe_path))
+    return base, planned
+
+
+# ----------------------------------------------------------------------------- one variant
+def reset_peak_memory(device_type: str) -> bool:
+    """Start a new peak-memory window; False when only the process-lifetime CPU peak is available."""
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gb(device_type: str) -> float:
+    """CUDA max allocated, or the CPU peak resident set (VmHWM; ru_maxrss where /proc is absent)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+@contextlib.contextmanager
+def observe_run(info: dict[str, Any]):
+    """Record what the trainer built (parameter counts, device) through a temporary installer."""
+    from vla_ft import extensions
+
+    def observe(run) -> None:
+        info["trainable_params"] = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
+        info["total_params"] = sum(p.numel() for p in run.model.parameters())
+        info["device"] = run.rt.device.type
+
+    extensions.INSTALLERS.append(observe)
+    try:
+        yield info
+    finally:
+        extensions.INSTALLERS.remove(observe)
+
+
+def checkpoint_state(recipe: Recipe) -> dict[str, Any] | None:
+    """trainer_state.json of the newest complete checkpoint of a variant, or None."""
+    from vla_ft.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(Path(recipe.output_dir) / "checkpoints")
+    return json.loads((path / "trainer_state.json").read_text())["state"] if path else None
+
+
+def is_finished(recipe: Recipe, state: dict[str, Any] | None) -> bool:
+    """Trained to ``train.steps``, or stopped early by patience (not by a signal)."""
+    if state is None:
+        return False
+    patience = recipe.train.early_stopping.patience
+    return state["step"] >= recipe.train.steps or bool(patience and state["evals_since_best"] >= patience)
+
+
+def _comparable(recipe: Recipe) -> dict[str, Any]:
+    d = to_dict(recipe)
+    d["train"].pop("resume", None)
+    return d
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_done(recipe: Recipe) -> bool:
+    """Skip a variant whose last segment finished this very recipe and whose checkpoint is still there."""
+    summary = read_summary(Path(recipe.output_dir))
+    state = checkpoint_state(recipe)
+    return bool(summary.get("finished")) and summary.get("recipe") == _comparable(recipe) and is_finished(recipe, state)
+
+
+def run_variant(recipe: Recipe) -> dict[str, Any]:
+    """Train (or resume) one variant; update and return its run_summary.json."""
+    from vla_ft import train
+
+    run_dir = Path(recipe.output_dir)
+    previous = read_summary(run_dir)
+    device = previous.get("device", "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu")
+    exact = reset_peak_memory(device)
+    t0 = time.perf_counter()
+    with observe_run({}) as info:
+        train.main(recipe)
+    wall = time.perf_counter() - t0
+    device = info.get("device", device)
+    summary = {
+        **previous,
+        **info,
+        "finished": is_finished(recipe, checkpoint_state(recipe)),
+        "segments": previous.get("segments", 0) + 1,
+        "wall_s": previous.get("wall_s", 0.0) + wall,
+        "peak_mem_gb": max(previous.get("peak_mem_gb", 0.0), peak_memory_gb(device)),
+        "peak_mem_kind": "cuda_max_allocated" if device == "cuda" else ("cpu_peak_rss" if exact else
+                                                                         "cpu_peak_rss_process"),
+        "recipe": _comparable(recipe),
+    }
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return summary
+
+
+def is_main_process() -> bool:
+    # Under torchrun every rank runs the sweep; only rank 0 writes. The run's Runtime is torn down
+    # by the time the summaries are written, so the launcher's variable is what is left to ask.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- the table
+def read_rows(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def metric_curve(rows: list[dict[str, float]], metric: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``metric`` over the rows that have it."""
+    pairs = [(int(r["step"]), float(r[metric])) for r in rows if metric in r]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, Any]:
+    """One table row from a variant's metrics.jsonl and run_summary.json."""
+    rows, info = read_rows(run_dir), read_summary(run_dir)
+    steps, values = metric_curve(rows, metric)
+    finite = [(v, s) for s, v in zip(steps, values) if math.isfinite(v)]
+    best_value, best_step = (min(finite) if mode == "min" else max(finite)) if finite else (math.nan, None)
+    val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
+    final = val_rows[-1] if val_rows else {}
+    rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
+    row = {
+        "variant": name,
+        "steps": max((int(r["step"]) for r in rows), default=0),
+        "trainable_params": info.get("trainable_params"),
+        f"best {metric}": best_value,
+        "best_step": best_step,
+        f"final {metric}": final.get(metric, math.nan),
+    }
+    row.update({f"final {k}": final[k] for k in HEADLINE if k != metric and k in final})
+    row.update({
+        "samples_per_s": statistics.median(rates) if rates else math.nan,
+        "wall_s": info.get("wall_s", math.nan),
+        "peak_mem_gb": info.get("peak_mem_gb", math.nan),
+        "peak_mem_kind": info.get("peak_mem_kind", ""),
+    })
+    return row
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    return cols
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    cols = _columns(rows)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows([{c: row.get(c, "") for c in cols} for row in rows])
+
+
+def best_variant(rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
+    scored = [(r[f"best {metric}"], r["variant"]) for r in rows if math.isfinite(r[f"best {metric}"])]
+    if not scored:
+        return None
+    return (min(scored) if mode == "min" else max(scored))[1]
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, mode: str) -> str:
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
+    best = best_variant(rows, metric, mode)
+    if best is not None:
+        lines += ["", f"Best by {metric} ({mode}): **{best}**."]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
+    """summary.csv, summary.md, val_curves.png and metric_bars.png under ``root``; returns the rows."""
+    from vla_ft import plots
+
+    rows = [summary_row(name, root / name, metric, mode) for name in names]
+    write_csv(rows, root / "summary.csv")
+    (root / "summary.md").write_text(markdown_table(rows, metric, mode))
+    curves = {name: metric_curve(read_rows(root / name), metric) for name in names}
+    plots.plot_overlay(curves, metric, root / "val_curves.png")
+    plots.plot_bars({r["variant"]: r[f"best {metric}"] for r in rows}, f"best {metric}", mode,
+                    root / "metric_bars.png")
+    return rows
+
+
+# ----------------------------------------------------------------------------- the command
+def run_ablation(recipe_path: str | Path, overrides: list[str] = (), grid: list[str] = ()) -> int:
+    """Run every variant not yet finished, then write the summary. Returns the exit status:
+    0, or 130 when a variant stopped on a signal (rerun the same command to resume)."""
+    base, planned = plan(recipe_path, list(overrides), list(grid))
+    root = Path(base.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for i, (variant, recipe) in enumerate(planned, 1):
+        head = f"[ablate {i}/{len(planned)}] {variant.name}"
+        if is_done(recipe):
+            print(f"{head}: finished earlier, skipped", flush=True)
+            continue
+        print(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}", flush=True)
+        summary = run_variant(recipe)
+        if not summary["finished"]:
+            print(f"{head}: stopped before the end; rerun the same command to resume", flush=True)
+            status = 130
+            break
+    names = [v.name for v, r in planned if read_rows(Path(r.output_dir))]
+    if names and is_main_process():
+        rows = write_summary(root, names, base.ablation.metric, base.ablation.mode)
+        print(markdown_table(rows, base.ablation.metric, base.ablation.mode), end="")
+        print(f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
+              f"{root / 'metric_bars.png'}")
+    return status
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    return run_ablation(args.recipe, args.overrides, args.grid)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    text = "run the ablation variants of a recipe (ablation.variants and/or --grid), resumable, and compare them"
+    p = sub.add_parser("ablate", help=text, description=text)
+    p.add_argument("recipe", help="recipe YAML file (its ablation: section names the variants)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every variant")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept key (repeatable: every combination; crossed with the recipe's variants)")
+    p.set_defaults(func=cmd_ablate)

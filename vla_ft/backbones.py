@@ -1,0 +1,237 @@
+"""Backbones from recipe keys: the timm vision encoder and the transformers causal LM.
+
+Where weights come from (``model.vision.pretrained``, ``model.language.name``):
+
+* a local path: a timm weights file or directory (``save_for_hf`` layout), or an LM directory
+  (``save_pretrained`` layout);
+* a hub name: resolved through the Hugging Face cache (``HF_HOME``). On a machine without network,
+  fill the cache first (``hf download org/name``, or copy a cache over) and set ``HF_HUB_OFFLINE=1``;
+  the same recipe then runs unchanged, nothing is fetched;
+* nothing (random init): ``pretrained: false``, or an LM built from ``model.language.config``.
+
+Every failure is a :class:`~vla_ft.config.RecipeError` naming the recipe key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_ft.config import LanguageConfig, ModelConfig, RecipeError
+
+
+class VisionEncoder(nn.Module):
+    """timm backbone(s) -> tokens (B, n_cam * N, Dv), N = patch tokens or 1 pooled token per camera.
+
+    Pixel normalisation (the backbone's own mean/std) happens here, on the device, so the
+    data pipeline ships uint8.
+    """
+
+    def __init__(self, backbones: nn.ModuleList, features: str, mean: tuple, std: tuple, n_cameras: int):
+        super().__init__()
+        self.backbones = backbones
+        self.features = features
+        self.n_cameras = n_cameras
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def width(self) -> int:
+        bb = self.backbones[0]
+        # Pooled features come out of the head's pre-logits layer, wider than the trunk on some models.
+        return getattr(bb, "head_hidden_size", bb.num_features) if self.features == "pooled" else bb.num_features
+
+    def encode(self, backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) -> (B, N, Dv)."""
+        feats = backbone.forward_features(pixels)  # ViTs: (B, prefix + N, Dv); CNNs: (B, Dv, h, w) or NHWC
+        if self.features == "pooled":
+            return backbone.forward_head(feats, pre_logits=True).unsqueeze(1)
+        if feats.ndim == 4:  # feature map -> one token per cell
+            nhwc = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
+            return feats.flatten(1, 2) if nhwc else feats.flatten(2).transpose(1, 2)
+        return feats[:, getattr(backbone, "num_prefix_tokens", 0) :]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (B, n_cam, 3, H, W) -> (B, n_cam * N, Dv)."""
+        b, n_cam = images.shape[:2]
+        check_cameras(self.n_cameras, n_cam)
+        pixels = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
+        if len(self.backbones) == 1:  # shared encoder: one batched call over all cameras
+            tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
+            return tokens.reshape(b, n_cam * tokens.shape[1], -1)
+        return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+
+
+def check_cameras(n_model: int, n_data: int) -> None:
+    """A model built for ``n_model`` cameras refuses other counts (a shared encoder would silently
+    accept them and feed the LM a sequence layout it was never trained on)."""
+    if n_model != n_data:
+        raise RecipeError(f"data.cameras: the model was built for {n_model} camera(s) but the data provides {n_data}")
+
+
+def weights_file(pretrained: str) -> Path:
+    """``model.vision.pretrained`` as a path -> the weights file: the path itself, or in a directory
+    (timm's ``save_for_hf`` layout) model.safetensors / pytorch_model.bin / its only weights file."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        preferred = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        found = preferred or sorted(f for ext in ("safetensors", "bin", "pth") for f in path.glob(f"*.{ext}"))
+        if len(found) != 1 and not preferred:
+            what = f"several weights files ({', '.join(f.name for f in found)})" if found else "no weights file"
+            raise RecipeError(f"model.vision.pretrained: {what} in {path}; name the file")
+        return found[0]
+    if not path.is_file():
+        raise RecipeError(f"model.vision.pretrained: path does not exist: {pretrained}")
+    return path
+
+
+def load_backbone_weights(backbone: nn.Module, file: Path) -> None:
+    """Load a local weights file into a timm backbone, strictly except for the classifier.
+
+    The state dict goes through the model family's ``checkpoint_filter_fn`` (resamples position
+    embeddings to ``img_size``, converts original-format checkpoints) as in timm's own loading;
+    unlike timm's non-strict load for a headless model, weights missing from the file are an
+    error, so a checkpoint of another architecture cannot silently leave the encoder random.
+    """
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(file))  # safetensors, or torch.load(weights_only=True); EMA weights preferred
+    filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, backbone)
+    classifier = backbone.pretrained_cfg.get("classifier") or "head"
+    for name in [classifier] if isinstance(classifier, str) else classifier:
+        state.pop(f"{name}.weight", None)
+        state.pop(f"{name}.bias", None)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: a different width, depth or patch size
+        detail = " ".join(str(err).split("\n")[1:3]).strip()
+        raise RecipeError(f"model.vision.pretrained: {file} does not fit this model: {detail}") from None
+    if result.missing_keys:
+        n, total = len(result.missing_keys), len(backbone.state_dict())
+        raise RecipeError(
+            f"model.vision.pretrained: {file} lacks {n} of {total} weights of this model "
+            f"(e.g. {', '.join(result.missing_keys[:3])}); is it a checkpoint of model.vision.name?"
+        )
+    if result.unexpected_keys:
+        warnings.warn(
+            f"model.vision.pretrained: ignored {len(result.unexpected_keys)} extra tensors in {file} "
+            f"(e.g. {', '.join(result.unexpected_keys[:3])})",
+            stacklevel=2,
+        )
+
+
+def create_backbone(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    """One timm backbone without classifier, weights as ``model.vision.pretrained`` says.
+
+    ``pretrained=False`` (inference rebuilds) ignores the recipe's weights: the checkpoint's come next.
+    """
+    import timm
+
+    v = cfg.vision
+    if not timm.is_model(v.name):
+        close = difflib.get_close_matches(v.name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise RecipeError(f"model.vision.name: unknown timm model '{v.name}'{hint}")
+    from_hub = pretrained and v.pretrained is True
+    file = weights_file(v.pretrained) if pretrained and isinstance(v.pretrained, str) else None
+    try:
+        backbone = _create_timm(v.name, {"num_classes": 0, "img_size": v.img_size, **v.kwargs}, from_hub)
+    except (OSError, RuntimeError) as err:  # hub download, cache miss, no weights for this tag
+        if not from_hub:
+            raise
+        raise RecipeError(f"model.vision.pretrained: cannot load hub weights of '{v.name}': {err}") from None
+    if file is not None:
+        load_backbone_weights(backbone, file)
+    return backbone
+
+
+def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:  # CNNs take any input size and have no img_size argument
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+
+
+def build_vision_encoder(cfg: ModelConfig, n_cameras: int, pretrained: bool = True) -> VisionEncoder:
+    import timm
+
+    n_backbones = n_cameras if cfg.vision.per_camera else 1
+    backbones = nn.ModuleList(create_backbone(cfg, pretrained) for _ in range(n_backbones))
+    data_cfg = timm.data.resolve_data_config({}, model=backbones[0])
+    return VisionEncoder(backbones, cfg.vision.features, data_cfg["mean"], data_cfg["std"], n_cameras)
+
+
+def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) -> nn.Module:
+    """``AutoModelForCausalLM`` in float32, from one of
+
+    * ``config``: a saved ``PretrainedConfig`` (random init): how checkpoints rebuild the LM, whose
+      weights then come from the checkpoint, never from the hub;
+    * ``model.language.name``: a local directory or a hub name (see the module docstring);
+      ``model.language.config`` is then not used;
+    * ``model.language.config`` with a ``model_type`` when name is null (tiny models).
+
+    Weights stay float32 whatever the checkpoint's dtype (transformers 5 would load bf16 hub
+    weights as bf16): they are the optimizer's master weights; autocast does low-precision math.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lang = cfg.language
+    common = {"attn_implementation": lang.attn_implementation, "dtype": torch.float32}
+    if config is not None:
+        lm = AutoModelForCausalLM.from_config(config, **common)
+    elif lang.name is None:
+        if "model_type" not in lang.config:
+            raise RecipeError("model.language.config: needs model_type (e.g. qwen2) when model.language.name is null")
+        try:
+            config = AutoConfig.for_model(**{"vocab_size": vocab_size, **lang.config})
+        except ValueError as err:
+            raise RecipeError(f"model.language.config: {err}") from None
+        lm = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        lm = _pretrained_language_model(lang, common)
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    if lang.gradient_checkpointing:
+        _enable_checkpointing(lm)
+    return lm
+
+
+def _enable_checkpointing(lm: nn.Module) -> None:
+    # transformers 5.23 renamed gradient_checkpointing_enable (deprecated) to activation_*; 5.17 has the old name only.
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _pretrained_language_model(lang: LanguageConfig, common: dict[str, Any]) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(lang.name).expanduser()
+    if not path.exists() and (lang.name.startswith((".", "/", "~")) or lang.name.count("/") > 1):
+        raise RecipeError(f"model.language.name: directory not found: {lang.name}")
+    try:
+        lm, info = AutoModelForCausalLM.from_pretrained(
+            str(path) if path.exists() else lang.name, output_loading_info=True, **common
+        )
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
+    if info["missing_keys"]:  # transformers would leave them randomly initialised, with a log line
+        missing = sorted(info["missing_keys"])
+        raise RecipeError(
+            f"model.language.name: {len(missing)} weights missing from '{lang.name}' "
+            f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of this architecture?"
+        )
+    return lm

@@ -1,0 +1,197 @@
+"""``vla-ft eval CHECKPOINT [data overrides]``: offline metrics on held-out episodes, in real units.
+
+The model comes back from the checkpoint alone (:func:`vla_ft.model_files.load_model`: no hub or
+pretrained file is read); the data from the checkpoint's ``config.yaml`` plus ``data.*`` overrides,
+normalised with its ``norm_stats.json`` and tokenised with its ``tokenizer/``, exactly as in
+training. Metrics are those of validation (:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1
+and MSE, the mean-action baseline, gripper accuracy, F1 and accuracy at transitions, L1 by chunk
+horizon, and token accuracy when the LM has a language target. Output::
+
+    <out>/                       default: CHECKPOINT/eval
+      metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null)
+      trajectories.png           predicted vs true chunk-step-0 action over a few episodes
+
+Which episodes: ``--episodes val`` (default: the checkpoint recipe's held-out split, or the split
+of the overridden dataset), ``all``, or ids ``3,7,9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from vla_ft.config import Recipe, RecipeError, apply_overrides, recipe_from_dict
+
+# Keys an evaluation may change: which data, and how to run. Anything else (model, loss, ...) is
+# fixed by the checkpoint.
+OVERRIDABLE = ("data.", "train.batch_size", "train.device", "train.precision", "train.threads")
+
+
+def eval_recipe(checkpoint: Path, overrides: list[str]) -> Recipe:
+    """The checkpoint's recipe plus ``data.*`` (and device/batch) overrides."""
+    import yaml
+
+    refused = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(OVERRIDABLE)]
+    if refused:
+        raise RecipeError(f"eval overrides may change {', '.join(OVERRIDABLE)} only; refused: {', '.join(refused)}",
+                          "command line")
+    raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    raw["train"] = {**raw.get("train", {}), "resume": False, "cache_features": False}
+    raw["data"].setdefault("augment", {})["enabled"] = False
+    return recipe_from_dict(apply_overrides(raw, overrides), str(checkpoint / "config.yaml"))
+
+
+def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:
+    """``val`` | ``all`` | comma-separated episode ids -> sorted episode ids."""
+    everything = sorted({*train, *val})
+    if spec == "val":
+        if not val:
+            raise RecipeError("--episodes val: the recipe holds out no episodes (data.val_ratio=0); pass 'all' or ids")
+        return list(val)
+    if spec == "all":
+        return everything
+    try:
+        wanted = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise RecipeError(f"--episodes: expected val, all or comma-separated ids, got '{spec}'") from None
+    unknown = sorted(set(wanted) - set(everything))
+    if unknown or not wanted:
+        raise RecipeError(f"--episodes: unknown episode(s) {unknown or spec}; the dataset has {len(everything)}")
+    return wanted
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), episodes: str = "val", out: str | Path | None = None,
+                        plot_episodes: int = 3) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run directory's newest) and write metrics.json + trajectories.png.
+
+    Returns the metrics.json content plus ``trajectories`` (the plotted arrays) and ``out``.
+    """
+    # Heavy imports live here so `vla-ft --help` and the recipe commands stay fast.
+    from robot_data import RobotDataset
+    from vla_ft import plots
+    from vla_ft.checkpoint import load_json
+    from vla_ft.data import EpochSampler, build_data, make_loader
+    from vla_ft.metrics import ActionMetrics
+    from vla_ft.model import pad_token_id
+    from vla_ft.model_files import load_model
+    from vla_ft.policy import resolve_directory
+    from vla_ft.runtime import init_runtime
+    from vla_ft.tokenizer import load_tokenizer
+
+    ckpt = resolve_directory(path)
+    recipe = eval_recipe(ckpt, list(overrides))
+    rt = init_runtime(recipe)
+    tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
+    data = build_data(recipe, tokenizer, len(tokenizer) - recipe.model.action_tokens_bins, load_json(ckpt / "norm_stats.json"))
+    model, meta = load_model(ckpt, rt.device)
+    check_compatible(meta, data.state_dim, data.action_dim, len(data.cameras))
+    model.wants_language = recipe.data.language_target != "none"  # token accuracy
+    ids = select_episodes(episodes, data.train_episodes, data.val_episodes)
+    d = recipe.data
+    dataset = RobotDataset(data.reader, ids, d.chunk, d.history, data.normalizer, recipe.model.vision.img_size,
+                           data.train_set.prompt_tokenizer, data.cameras, seed=recipe.train.seed)
+    loader = make_loader(dataset, recipe, EpochSampler(len(dataset), recipe.train.seed, False), pad_token_id(tokenizer),
+                         rt.device, train=False)
+    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
+    metrics = ActionMetrics(data.normalizer, data.action_dim, d.chunk, gripper, recipe.loss.gripper,
+                            recipe.model.gripper_head)
+    trajectories = predict(model, loader, metrics, rt, set(ids[:plot_episodes]))
+    step = load_json(ckpt / "trainer_state.json")["state"]["step"] if (ckpt / "trainer_state.json").is_file() else None
+    report = {"checkpoint": str(ckpt), "step": step, "episodes": ids, "samples": len(dataset),
+              "overrides": list(overrides), "metrics": metrics.compute(prefix="")}
+    out_dir = Path(out) if out else ckpt / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
+    if trajectories:
+        plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
+    return {**report, "trajectories": trajectories, "out": out_dir}
+
+
+def check_compatible(meta: dict[str, Any], state_dim: int, action_dim: int, n_cameras: int) -> None:
+    """The (possibly overridden) data must have the shapes the checkpoint was trained on."""
+    have = {"state_dim": state_dim, "action_dim": action_dim, "cameras": n_cameras}
+    want = {"state_dim": meta["state_dim"], "action_dim": meta["action_dim"], "cameras": len(meta["cameras"])}
+    wrong = [f"{k} {have[k]} (checkpoint: {want[k]})" for k in have if have[k] != want[k]]
+    if wrong:
+        raise RecipeError(f"data: the evaluated data does not fit the checkpoint: {', '.join(wrong)}")
+
+
+def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, Any]]:
+    """Run ``model`` over ``loader`` feeding ``metrics``; return chunk-step-0 predicted and true
+    actions in real units for the episodes in ``keep``: {episode: {frames (T,), pred (T, A), true (T, A)}}."""
+    import numpy as np
+    import torch
+
+    from vla_ft.data import to_device
+
+    rows: dict[int, list[tuple[int, Any, Any]]] = {e: [] for e in keep}
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            batch = to_device(batch, rt.device)
+            with rt.autocast():
+                outputs = model(batch)
+            metrics.update(outputs, batch)
+            if not keep:
+                continue
+            pred = metrics.predicted_real(outputs)[:, 0].numpy()
+            true = metrics.norm.unnormalize("action", batch["actions"][:, 0].float().cpu()).numpy()
+            for i, (e, f) in enumerate(zip(batch["episode_index"].tolist(), batch["frame_index"].tolist())):
+                if e in keep:
+                    rows[e].append((f, pred[i], true[i]))
+    out = {}
+    for e, items in sorted(rows.items()):
+        items.sort(key=lambda item: item[0])
+        out[e] = {"frames": np.array([f for f, _, _ in items]), "pred": np.stack([p for _, p, _ in items]),
+                  "true": np.stack([t for _, _, t in items])}
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> null (strict JSON), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Headline metrics, then per-dimension L1/MSE and L1 by horizon, as aligned text tables."""
+    m = report["metrics"]
+    lines = [f"checkpoint {report['checkpoint']} (step {report['step']}): {len(report['episodes'])} episodes, "
+             f"{report['samples']} samples"]
+    headline = ("action_l1", "action_mse", "baseline_l1", "gripper_acc", "gripper_f1", "gripper_transition_acc",
+                "token_acc")
+    lines += [f"  {k:<24} {m[k]:.6g}" for k in headline if k in m]
+    dims = sorted(int(k.rsplit("dim", 1)[1]) for k in m if k.startswith("action_l1/dim"))
+    lines += ["", "  dim        L1          MSE"]
+    lines += [f"  {d:<6} {m[f'action_l1/dim{d}']:<11.6g} {m[f'action_mse/dim{d}']:.6g}" for d in dims]
+    horizons = sorted(int(k.rsplit("/h", 1)[1]) for k in m if k.startswith("action_l1/h"))
+    lines += ["", "  horizon    L1"]
+    lines += [f"  {h:<10} {m[f'action_l1/h{h}']:.6g}" for h in horizons]
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate_checkpoint(args.checkpoint, args.overrides, args.episodes, args.out, args.plot_episodes)
+    print(format_report(result))
+    written = [result["out"] / "metrics.json"] + ([result["out"] / "trajectories.png"] if result["trajectories"] else [])
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    text = "metrics of a checkpoint on held-out episodes in real units, as a table, JSON and a trajectory plot"
+    p = sub.add_parser("eval", help=text, description=text)
+    p.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N), or a run directory: its newest")
+    p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.path=... data.val_episodes=[3,4]")
+    p.add_argument("--episodes", default="val", help="val (held-out split, default), all, or ids like 3,7,9")
+    p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval)")
+    p.add_argument("--plot-episodes", type=int, default=3, help="episodes drawn in trajectories.png")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,295 @@
+"""Head-only fine-tunes on cached trunk features (``train.cache_features: true``).
+
+With every trunk module frozen (vision encoder, projector, proprio encoder, LM, action queries;
+checked by :func:`vla_ft.config.cache_problems`) and no augmentation, the trunk's readout
+``(C, D)`` is a fixed function of a sample. It is computed once per sample of the train and
+validation sets, and the loaders are swapped for ones that yield only what the heads and the
+loss need: ``readout, actions, action_mask, episode_index, frame_index, index``. No image is
+decoded and no prompt tokenised after that; :meth:`vla_ft.model.VLA.forward` runs the heads only
+when a batch carries ``readout``. The training loop itself is unchanged: batches come in the
+order of the run's own :class:`vla_ft.data.EpochSampler`, so a cached run sees exactly the
+samples, in the order, of the uncached run, and resumes the same way.
+
+In memory by default; with ``train.feature_cache_dir`` on disk, reused across runs while the
+fingerprint (trunk weights, data recipe, normaliser, episodes, precision) matches::
+
+    <feature_cache_dir>/
+      train/
+        manifest.json             fingerprint, samples, shard size, readout shape and dtype
+        labels.safetensors        actions (N, C, A), action_mask (N, C), episode_index, frame_index, index (N,)
+        readout_00000.safetensors readout (S, C, D) of samples 0 .. S-1 (memory-mapped when read)
+        readout_00001.safetensors ...
+      val/
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
+from vla_ft.data import EpochSampler, make_loader, to_device
+from vla_ft.model import pad_token_id
+
+if TYPE_CHECKING:
+    from vla_ft.run_setup import Run
+
+LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
+SHARD_BYTES = 256 * 2**20  # readout bytes per shard file: bounds the memory used while writing
+LOADER_ONLY_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+
+
+# ----------------------------------------------------------------------------- refusals
+def stochastic_trunk_layers(model: nn.Module) -> list[str]:
+    """Trunk layers that would run stochastically while the model trains: dropout and drop-path with
+    p > 0, attention dropout > 0, batch-norm (updates running statistics). Names like
+    ``language_model.model.layers.0.self_attn``.
+
+    Checked in train mode, because that is how the uncached loop runs the trunk: a frozen module
+    is kept in eval mode there (:meth:`vla_ft.model.VLA.train`), so dropout configured in a frozen
+    trunk is inactive and does not block the cache; a trunk that would still sample does.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        found = []
+        for name in TRUNK_MODULES:
+            module = getattr(model, name, None)
+            if module is None:
+                continue
+            for sub_name, sub in module.named_modules():
+                if sub.training and _is_stochastic(sub):
+                    found.append(f"{name}.{sub_name}" if sub_name else name)
+        return found
+    finally:
+        model.train(was_training)
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.track_running_stats
+    for attr in ("drop_prob", "attention_dropout"):  # timm DropPath; transformers attention modules
+        value = getattr(module, attr, None)
+        if isinstance(value, float) and value > 0:
+            return True
+    return False
+
+
+def check_cacheable(run: Run) -> None:
+    """Raise a RecipeError naming the key when cached features would differ from the live trunk."""
+    problems = cache_problems(run.recipe)
+    layers = stochastic_trunk_layers(run.model)
+    if layers:
+        shown = ", ".join(layers[:4]) + (f" (+{len(layers) - 4} more)" if len(layers) > 4 else "")
+        problems.append(f"train.cache_features: refused because dropout is active in the trunk while training: {shown}")
+    if problems:
+        raise RecipeError(problems)
+
+
+# ----------------------------------------------------------------------------- stores
+class FeatureStore(Protocol):
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class MemoryFeatures:
+    """Every cached tensor in host memory, indexed along dim 0 by sample index."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["index"])
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[indices] for k, v in self.tensors.items()}
+
+
+class DiskFeatures:
+    """Labels in memory (small); readout rows read from memory-mapped safetensors shards per batch."""
+
+    def __init__(self, directory: Path):
+        manifest = json.loads((directory / "manifest.json").read_text())
+        self.labels = load_file(str(directory / "labels.safetensors"))
+        self.shard_size = manifest["shard_size"]
+        self.shards = [safe_open(str(directory / name), framework="pt") for name in manifest["shards"]]
+
+    def __len__(self) -> int:
+        return len(self.labels["index"])
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {k: v[indices] for k, v in self.labels.items()}
+        rows = []
+        for i in indices.tolist():
+            shard, row = divmod(i, self.shard_size)
+            rows.append(self.shards[shard].get_slice("readout")[row : row + 1])
+        out["readout"] = torch.cat(rows)
+        return out
+
+
+class CachedLoader:
+    """Batches of a FeatureStore in the order of ``sampler`` (an EpochSampler yielding (epoch, index)).
+
+    Stands in for the run's DataLoader: the loop calls ``sampler.set_epoch`` and iterates this.
+    """
+
+    def __init__(self, store: FeatureStore, sampler: EpochSampler, batch_size: int, drop_last: bool):
+        self.store, self.sampler, self.batch_size, self.drop_last = store, sampler, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            yield self.store.batch(order[start : start + self.batch_size])
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+# ----------------------------------------------------------------------------- computing
+@torch.no_grad()
+def trunk_features(run: Run, dataset) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Yield (labels, readout) per batch of ``dataset`` in index order; readout (B, C, D) on the host,
+    in the dtype the trunk produces under the run's precision (what the uncached heads would see)."""
+    model = run.model
+    loader = make_loader(dataset, run.recipe, EpochSampler(len(dataset), run.recipe.train.seed, False),
+                         pad_token_id(run.tokenizer), run.rt.device, train=False)
+    was_training, wants_language = model.training, model.wants_language
+    model.eval()
+    model.wants_language = False  # the readout sits before the language target (causal): not needed
+    try:
+        for batch in loader:
+            batch = to_device(batch, run.rt.device)
+            with run.rt.autocast():
+                readout = model.trunk(batch)["readout"]
+            yield {k: batch[k].cpu() for k in LABEL_KEYS}, readout.cpu()
+    finally:
+        model.train(was_training)
+        model.wants_language = wants_language
+
+
+def build_memory(run: Run, dataset) -> MemoryFeatures:
+    parts = list(trunk_features(run, dataset))
+    tensors = {k: torch.cat([labels[k] for labels, _ in parts]) for k in LABEL_KEYS}
+    tensors["readout"] = torch.cat([readout for _, readout in parts])
+    _check_order(tensors["index"])
+    return MemoryFeatures(tensors)
+
+
+def write_disk(run: Run, dataset, directory: Path, fingerprint: str) -> None:
+    """Compute and write the cache of ``dataset`` atomically (``.tmp`` then rename; manifest last)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    labels: list[dict[str, torch.Tensor]] = []
+    pending: list[torch.Tensor] = []
+    shards: list[str] = []
+    shard_size = None
+
+    def flush(rows: torch.Tensor) -> None:
+        name = f"readout_{len(shards):05d}.safetensors"
+        save_file({"readout": rows.contiguous()}, str(tmp / name))
+        shards.append(name)
+
+    for batch_labels, readout in trunk_features(run, dataset):
+        labels.append(batch_labels)
+        if shard_size is None:
+            shard_size = max(1, SHARD_BYTES // (readout[0].numel() * readout.element_size()))
+        pending.append(readout)
+        rows = torch.cat(pending)
+        while len(rows) >= shard_size:
+            flush(rows[:shard_size])
+            rows = rows[shard_size:]
+        pending = [rows]
+    rows = torch.cat(pending)
+    if len(rows):
+        flush(rows)
+    merged = {k: torch.cat([b[k] for b in labels]).contiguous() for k in LABEL_KEYS}
+    _check_order(merged["index"])
+    save_file(merged, str(tmp / "labels.safetensors"))
+    manifest = {"fingerprint": fingerprint, "samples": len(merged["index"]), "shard_size": shard_size,
+                "shards": shards, "readout_shape": list(rows.shape[1:]), "dtype": str(rows.dtype)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _check_order(index: torch.Tensor) -> None:
+    # Stores are indexed by position; the sequential loader must have produced sample i at row i.
+    if not torch.equal(index, torch.arange(len(index))):
+        raise RuntimeError("feature cache: samples arrived out of order")
+
+
+def fingerprint(run: Run, split: str, dataset) -> str:
+    """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
+    loader settings), the model recipe, normalisation, episodes, tokenizer and precision."""
+    h = hashlib.blake2b(digest_size=16)
+    data = {k: v for k, v in to_dict(run.recipe.data).items() if k not in LOADER_ONLY_KEYS}
+    meta = {"split": split, "data": data, "model": to_dict(run.recipe.model), "seed": run.recipe.train.seed,
+            "normalizer": run.data.normalizer.to_dict(), "episodes": [e.index for e in dataset.episodes],
+            "precision": str(run.rt.amp_dtype), "vocab": sorted(run.tokenizer.get_vocab().items())}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in TRUNK_MODULES:
+        module = getattr(run.model, name, None)
+        for key, tensor in (module.state_dict().items() if module is not None else ()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def disk_store(run: Run, split: str, dataset, root: Path) -> tuple[DiskFeatures, bool]:
+    """Open the cache of ``split`` under ``root``, (re)computing it on rank 0 when missing or stale.
+    Returns (store, built_now)."""
+    directory = root / split
+    key = fingerprint(run, split, dataset)
+    manifest = directory / "manifest.json"
+    fresh = manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == key
+    if not fresh and run.rt.is_main:
+        if manifest.is_file():
+            run.progress.write(f"feature cache: {directory} was built for other weights or data; rebuilding")
+        write_disk(run, dataset, directory, key)
+    run.rt.barrier()
+    return DiskFeatures(directory), not fresh
+
+
+# ----------------------------------------------------------------------------- the installer
+def install(run: Run) -> None:
+    """Swap the run's loaders for cached-feature loaders when ``train.cache_features`` is on."""
+    r = run.recipe
+    if not r.train.cache_features:
+        return
+    check_cacheable(run)
+    t0 = time.perf_counter()
+    splits = {"train": run.data.train_set, "val": run.data.val_set}
+    stores: dict[str, FeatureStore] = {}
+    for split, dataset in splits.items():
+        if dataset is None:
+            continue
+        if r.train.feature_cache_dir:
+            stores[split], _ = disk_store(run, split, dataset, Path(r.train.feature_cache_dir))
+        else:
+            stores[split] = build_memory(run, dataset)
+    run.train_loader = CachedLoader(stores["train"], run.sampler, r.train.batch_size, drop_last=True)
+    if "val" in stores:
+        val_sampler = EpochSampler(len(stores["val"]), r.train.seed, False)
+        run.val_loader = CachedLoader(stores["val"], val_sampler, r.train.batch_size, drop_last=False)
+    where = r.train.feature_cache_dir or "memory"
+    counts = " + ".join(f"{len(s)} {k}" for k, s in stores.items())
+    run.progress.write(f"feature cache ({where}): {counts} samples ready in {time.perf_counter() - t0:.1f}s; "
+                       "training runs the heads only")

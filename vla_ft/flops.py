@@ -1,0 +1,318 @@
+"""Model FLOPs of a training step, counted honestly, and MFU (logged as ``perf/tflops``, ``perf/mfu``).
+
+What counts (per matmul weight of N elements, per token that goes through it):
+
+    forward                                    2N   always
+    weight gradient                            2N   when the weight trains
+    input gradient                             2N   when the gradient has to flow through the layer
+
+so a trained layer costs 6N, a frozen layer with no gradient through it (a frozen vision
+encoder under ``no_grad``) 2N, and a frozen layer the gradient passes through (a LoRA base,
+a frozen LM below a trained head) 4N. The first layer of a trained module whose input needs
+no gradient (the patch embedding, a head's first Linear on a frozen readout) costs 4N: autograd
+skips that input gradient, so counting it would flatter the MFU.
+
+Which layers run, on how many rows, and which tensors carry gradients is read off the first
+training forward itself (hooks on every Linear/Conv, run eagerly once, then removed), so a
+module that exists but never runs (the SigLIP attention-pool head when patch tokens are used)
+counts nothing. Attention adds ``4 * heads * head_dim`` per (query, key) pair and layer
+(QK^T and AV), x3 when the gradient flows through it: the LM's pairs are causal over
+non-padding tokens only (``n (n + 1) / 2`` per row), a ViT's pairs are all token pairs.
+Embedding lookups, norms, activations, softmax and the loss are not counted (no matmul), nor
+is activation recomputation (gradient checkpointing): this is model FLOPs, not hardware FLOPs.
+Padding is never counted: LM rows count their non-padding tokens, the LM head its supervised
+tokens.
+
+MFU = achieved model FLOP/s / the GPU's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`), also for
+fp32 runs; on a CPU or an unknown GPU only ``perf/tflops`` is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vla_ft.model import VLA
+    from vla_ft.run_setup import Run
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order as substrings of
+# torch.cuda.get_device_name(): specific variants before the family name.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM5 (reports as "NVIDIA H100 80GB HBM3")
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+)
+
+AttentionCount = Literal["causal", "dense"]
+PER_IMAGE = ("vision_encoder", "projector")
+PER_QUERY = ("action_head", "gripper_head")
+
+
+def peak_tflops(device: torch.device | str) -> float | None:
+    """Dense bf16 peak of ``device`` in TFLOP/s; None on a CPU or a GPU not in the table."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------- what one forward runs
+@dataclass
+class LayerUse:
+    """One matmul layer as seen in a forward: ``rows`` x ``numel`` multiply-adds."""
+
+    owner: str  # named child of the VLA (vision_encoder, language_model, ...)
+    numel: int  # weight elements (out * in [* kernel]): the N of 2N
+    rows: int  # rows of the matmul in that forward (tokens, or output positions of a conv)
+    weight_grad: bool
+    input_grad: bool
+    is_lm_head: bool = False
+
+    @property
+    def flops(self) -> int:
+        """Forward + backward FLOPs of this layer in that forward."""
+        return 2 * self.rows * self.numel * (1 + int(self.weight_grad) + int(self.input_grad))
+
+
+@dataclass
+class AttentionUse:
+    """A ViT attention block as seen in a forward: (batch, tokens) and whether backward runs."""
+
+    batch: int
+    tokens: int
+    width: int  # heads * head_dim
+    grad: bool
+
+
+@dataclass
+class Recording:
+    layers: list[LayerUse] = field(default_factory=list)
+    vision_attention: list[AttentionUse] = field(default_factory=list)
+    lm_grad: bool = False  # whether the LM's attention outputs carry a gradient
+
+
+def _owners(model: VLA) -> Iterator[tuple[str, nn.Module]]:
+    yield from model.named_modules_of_interest().items()
+
+
+@contextlib.contextmanager
+def record_forward(model: VLA) -> Iterator[Recording]:
+    """Hooks every Linear/Conv (and every ViT attention block) for the forwards inside the block.
+
+    Compiled code does not run module hooks, so the block runs eagerly (``force_eager``).
+    """
+    rec = Recording()
+    handles = []
+    lm_head = model.lm_head
+
+    def on_layer(owner: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            x, w = args[0], module.weight
+            rows = x.numel() // module.in_features if isinstance(module, nn.Linear) else output[0, 0].numel() * len(x)
+            rec.layers.append(LayerUse(owner, w.numel(), rows, w.requires_grad, x.requires_grad, module is lm_head))
+            if owner == "language_model" and module is not lm_head:
+                rec.lm_grad = rec.lm_grad or output.requires_grad
+
+        return hook
+
+    def on_attention(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        b, n = args[0].shape[:2]
+        rec.vision_attention.append(AttentionUse(b, n, module.num_heads * module.head_dim, output.requires_grad))
+
+    for owner, module in _owners(model):
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)):
+                handles.append(sub.register_forward_hook(on_layer(owner)))
+            elif owner == "vision_encoder" and _is_vit_attention(sub):
+                handles.append(sub.register_forward_hook(on_attention))
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _is_vit_attention(module: nn.Module) -> bool:
+    # timm's self-attention blocks (qkv over all tokens); attention pooling heads (q/kv) are skipped.
+    return hasattr(module, "qkv") and hasattr(module, "num_heads") and hasattr(module, "head_dim")
+
+
+# ----------------------------------------------------------------------------- FLOPs of a batch
+@dataclass
+class StepFlops:
+    """Per-unit FLOP coefficients of a model in one trainability state (fwd + bwd).
+
+    Units: an image (vision encoder, projector), a sample (proprio encoder), an LM token
+    (non-padding), a supervised token (LM head), a query token (heads), and a causal
+    (query, key) pair of the LM.
+    """
+
+    per_image: float = 0.0
+    per_sample: float = 0.0
+    per_lm_token: float = 0.0
+    per_supervised: float = 0.0
+    per_query: float = 0.0
+    per_lm_pair: float = 0.0
+    prefix_tokens: int = 0  # LM tokens per sample before the prompt (vision + state)
+    chunk: int = 0
+
+    def count(
+        self, batch: dict[str, Tensor], want_text: bool, attention: AttentionCount = "causal"
+    ) -> dict[str, Tensor]:
+        """FLOPs of one forward + backward on ``batch``, by part, as 0-dim device tensors (no host sync).
+
+        ``attention="dense"`` counts every (query, key) pair of the LM, as attention kernels and
+        ``FlopCounterMode`` do; the default counts the causal half, the work that is needed.
+        """
+        actions = batch["actions"]
+        b = actions.shape[0]
+        out = {"heads": actions.new_tensor(b * self.chunk * self.per_query, dtype=torch.float64)}
+        if "readout" in batch:  # cached trunk features: only the heads run
+            return out
+        images = batch["images"].shape[0] * batch["images"].shape[1]
+        prompt = batch["prompt_mask"].sum(1, dtype=torch.float64)
+        target = batch["target_mask"].sum(1, dtype=torch.float64) if want_text else torch.zeros_like(prompt)
+        rows = prompt + target + (self.prefix_tokens + self.chunk)  # (B,) non-padding LM tokens per row
+        pairs = rows * (rows + 1) / 2 if attention == "causal" else rows * rows
+        out["vision"] = out["heads"].new_tensor(images * self.per_image)
+        out["proprio"] = out["heads"].new_tensor(b * self.per_sample)
+        out["language_model"] = rows.sum() * self.per_lm_token + target.sum() * self.per_supervised
+        out["lm_attention"] = pairs.sum() * self.per_lm_pair
+        return out
+
+    def total(self, batch: dict[str, Tensor], want_text: bool, attention: AttentionCount = "causal") -> Tensor:
+        """The sum of :meth:`count`: a 0-dim float64 device tensor."""
+        return torch.stack(list(self.count(batch, want_text, attention).values())).sum()
+
+
+def want_text(model: VLA, batch: dict[str, Tensor]) -> bool:
+    """Whether the trunk appends the language target (the same rule as ``VLA.trunk``)."""
+    return model.wants_language and "target_ids" in batch and batch["target_ids"].shape[1] > 0
+
+
+def step_flops(model: VLA, rec: Recording, batch: dict[str, Tensor]) -> StepFlops:
+    """Coefficients from a recorded forward on ``batch`` (the rows it ran), for any later batch."""
+    b = batch["actions"].shape[0]
+    sf = StepFlops(chunk=model.chunk)
+    sums: dict[str, float] = {}
+    lm_rows = 0
+    for layer in rec.layers:
+        key = "lm_head" if layer.is_lm_head else layer.owner
+        sums[key] = sums.get(key, 0.0) + layer.flops
+        if layer.owner == "language_model" and not layer.is_lm_head:
+            lm_rows = max(lm_rows, layer.rows)  # decoder layers see every position (B * L)
+    if "readout" not in batch:
+        images = batch["images"].shape[0] * batch["images"].shape[1]
+        vit = sum(4 * a.batch * a.tokens**2 * a.width * (3 if a.grad else 1) for a in rec.vision_attention)
+        sf.per_image = (sum(sums.get(k, 0.0) for k in PER_IMAGE) + vit) / images
+        sf.per_sample = sums.get("proprio_encoder", 0.0) / b
+        lp, lt = batch["prompt_ids"].shape[1], batch["target_ids"].shape[1] if want_text(model, batch) else 0
+        sf.per_lm_token = sums.get("language_model", 0.0) / max(lm_rows, 1)
+        sf.per_supervised = sums.get("lm_head", 0.0) / max(b * lt, 1)
+        sf.prefix_tokens = lm_rows // b - lp - lt - model.chunk if lm_rows else 0
+        sf.per_lm_pair = _lm_pair_flops(model) * (3 if rec.lm_grad else 1)
+    sf.per_query = sum(sums.get(k, 0.0) for k in PER_QUERY) / (b * model.chunk)
+    return sf
+
+
+def _lm_pair_flops(model: VLA) -> int:
+    """Forward FLOPs of one (query, key) pair over all LM layers: QK^T and AV, 2 * width each."""
+    cfg = model.language_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+
+
+def measure_step_flops(model: VLA, batch: dict[str, Tensor]) -> StepFlops:
+    """Run one eager forward on ``batch`` (no backward) and return its coefficients (benchmarks, tests)."""
+    with record_forward(model) as rec:
+        model(batch)
+    return step_flops(model, rec, batch)
+
+
+# ----------------------------------------------------------------------------- logging during training
+class FlopMeter:
+    """Counts the model FLOPs of every training forward, without a host sync inside the step.
+
+    A forward pre-hook on the model adds the batch's FLOPs to a device tensor; the first
+    training forward (and the first after a freeze change) is recorded to get the
+    coefficients. Evaluation forwards (model in eval mode) are not counted. FLOPs are this
+    process's own: ``perf/tflops`` and ``perf/mfu`` are per GPU.
+    """
+
+    def __init__(self, model: VLA, peak: float | None, attention: AttentionCount = "causal"):
+        self.model, self.peak, self.attention = model, peak, attention
+        self.flops: Tensor | None = None
+        self.coeffs: StepFlops | None = None
+        self._key: tuple | None = None
+        self._recording: contextlib.AbstractContextManager | None = None
+        self._rec: Recording | None = None
+        self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+
+    def _state_key(self, batch: dict[str, Tensor]) -> tuple:
+        # The coefficients change with what trains and with what the forward computes.
+        grads = tuple(p.requires_grad for p in self.model.parameters())
+        return grads, want_text(self.model, batch), "readout" in batch
+
+    def _before(self, model: nn.Module, args: tuple[Any, ...]) -> None:
+        if not model.training or self._recording is not None:
+            return
+        key = self._state_key(args[0])
+        if key != self._key:
+            self._key, self._recording = key, record_forward(self.model)
+            self._rec = self._recording.__enter__()
+
+    def _after(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not model.training:
+            return
+        batch = args[0]
+        if self._recording is not None:
+            self._recording.__exit__(None, None, None)
+            self.coeffs = step_flops(self.model, self._rec, batch)
+            self._recording = self._rec = None
+        flops = self.coeffs.total(batch, want_text(self.model, batch), self.attention)
+        self.flops = flops if self.flops is None else self.flops + flops
+
+    def metrics(self, run: Run, samples: int, elapsed: float) -> dict[str, float]:
+        """``perf/tflops`` (and ``perf/mfu`` where the peak is known) since the last call."""
+        if self.flops is None:
+            return {}
+        tflops = float(self.flops) / max(elapsed, 1e-9) / 1e12  # the log interval's one sync
+        self.flops = None
+        out = {"perf/tflops": tflops}
+        if self.peak:
+            out["perf/mfu"] = tflops / self.peak
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def install_meter(run: Run) -> None:
+    """Extension installer: log ``perf/tflops`` and ``perf/mfu`` with the train metrics."""
+    meter = FlopMeter(run.model, peak_tflops(run.rt.device))
+    previous = run.extras.get("perf_metrics")
+
+    def perf_metrics(run: Run, samples: int, elapsed: float) -> dict[str, float]:
+        out = previous(run, samples, elapsed) if previous is not None else {}
+        return {**out, **meter.metrics(run, samples, elapsed)}
+
+    run.extras["perf_metrics"] = perf_metrics
+    run.extras["flop_meter"] = meter

@@ -1,0 +1,168 @@
+"""Inference: a trained VLA as a robot policy, loaded from a checkpoint or export directory alone.
+
+::
+
+    from vla_ft import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained("runs/quickstart")      # newest checkpoint of a run
+    actions = policy.predict_action({"observation.images.top": frame}, "pick up the red block", state)
+    # actions: (chunk, action_dim) float32 numpy, in the dataset's units
+
+Inputs are prepared exactly as in training: frames are resized with :mod:`robot_data.images`,
+the state is normalised and the prompt tokenised with the checkpoint's own statistics,
+template and tokenizer; outputs are de-normalised with :func:`vla_ft.metrics.real_actions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robot_data import Normalizer, PromptTokenizer
+from robot_data.images import resize, to_chw
+from vla_ft import checkpoint as ck
+from vla_ft.metrics import real_actions
+from vla_ft.model import VLA, pad_token_id
+from vla_ft.model_files import META_FILE, load_model
+from vla_ft.tokenizer import load_tokenizer
+
+ImagesLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+
+
+def resolve_directory(path: str | Path) -> Path:
+    """A checkpoint/export directory, or a run directory (-> its newest complete checkpoint)."""
+    path = Path(path).expanduser()
+    if (path / META_FILE).is_file():
+        return path
+    latest = ck.latest_checkpoint(path / "checkpoints")
+    if latest is not None:
+        return latest
+    if not path.exists():
+        raise FileNotFoundError(f"VLAPolicy: no such directory: {path}")
+    raise ck.CheckpointError(f"VLAPolicy: {path} holds no {META_FILE} and no complete checkpoint under checkpoints/")
+
+
+class VLAPolicy:
+    """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
+
+    def __init__(self, model: VLA, meta: dict[str, Any], normalizer: Normalizer, tokenizer: Any, device: torch.device):
+        self.model, self.meta, self.normalizer, self.device = model, meta, normalizer, device
+        self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none")
+        self.pad_id = pad_token_id(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VLAPolicy:
+        """Load from a checkpoint (``<run>/checkpoints/step_N``), a run directory or an export."""
+        directory = resolve_directory(path)
+        model, meta = load_model(directory, device)
+        normalizer = Normalizer.from_dict(ck.load_json(directory / "norm_stats.json"))
+        tokenizer = load_tokenizer(str(directory / "tokenizer"), key="tokenizer")
+        return cls(model, meta, normalizer, tokenizer, torch.device(device))
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.meta["cameras"])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.meta["chunk"])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.meta["action_dim"])
+
+    @torch.no_grad()
+    def predict_action(self, images: ImagesLike, instruction: str | Sequence[str], state: np.ndarray) -> np.ndarray:
+        """Actions for one observation, or a batch of them.
+
+        images: one uint8 RGB frame per camera, ``(H, W, 3)``, or ``(B, H, W, 3)`` for a batch;
+            a dict ``{camera: frame}`` with the cameras of :attr:`cameras`, a list in that order,
+            or a bare array when the policy has one camera. Any H, W: frames are resized as in training.
+        instruction: the task in words; for a batch, one string for all or one per row.
+        state: raw robot state in dataset units, ``(S,)`` or ``(history, S)`` (oldest first);
+            with a batch ``(B, S)`` or ``(B, history, S)``.
+        Returns float32 ``(chunk, action_dim)``, or ``(B, chunk, action_dim)`` for a batch, in the
+        dataset's units, gripper dims as the dataset's open/closed values.
+        """
+        per_camera = self._camera_list(images)
+        batched = per_camera[0].ndim == 4
+        pixels = self._pixels(per_camera, batched)
+        b = pixels.shape[0]
+        batch = {
+            "images": pixels,
+            "state": self._state(np.asarray(state, np.float32), b, batched),
+            **self._prompt(instruction, b),
+        }
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        readout = self.model.trunk(batch)["readout"]
+        actions = real_actions(
+            self.model.heads(readout),
+            self.normalizer,
+            self.meta["gripper"]["dims"],
+            self.meta["gripper"]["closed_is_high"],
+        ).numpy()
+        return actions if batched else actions[0]
+
+    # ------------------------------------------------------------------ input preparation
+    def _camera_list(self, images: ImagesLike) -> list[np.ndarray]:
+        cams = self.cameras
+        if isinstance(images, Mapping):
+            if set(images) != set(cams):
+                raise ValueError(f"images: expected cameras {cams}, got {sorted(images)}")
+            return [np.asarray(images[c]) for c in cams]
+        if isinstance(images, np.ndarray):
+            if len(cams) != 1:
+                raise ValueError(f"images: this policy needs {len(cams)} cameras {cams}; pass a dict or a list")
+            return [images]
+        if len(images) != len(cams):
+            raise ValueError(f"images: this policy needs {len(cams)} camera(s) {cams}, got {len(images)}")
+        return [np.asarray(x) for x in images]
+
+    def _pixels(self, per_camera: list[np.ndarray], batched: bool) -> torch.Tensor:
+        """Per-camera frames -> (B, n_cam, 3, S, S) uint8, resized like the training data.
+
+        Cameras may differ in resolution; every camera must hold B frames.
+        """
+        b, size = (per_camera[0].shape[0] if batched else 1), self.meta["image_size"]
+        out = []
+        for name, frames in zip(self.cameras, per_camera, strict=True):
+            frames = frames if batched else frames[None]
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != b:
+                raise ValueError(
+                    f"images[{name!r}]: expected uint8 ({'B, ' if batched else ''}H, W, 3) "
+                    f"with B={b} for every camera, got {frames.dtype} {tuple(frames.shape)}"
+                )
+            out.append(np.stack([to_chw(resize(np.ascontiguousarray(f), size)) for f in frames]))
+        return torch.from_numpy(np.stack(out, axis=1))
+
+    def _state(self, state: np.ndarray, b: int, batched: bool) -> torch.Tensor:
+        """Raw state -> normalised (B, history, S), as robot_data.RobotDataset builds it."""
+        hist, dim = self.meta["history"], self.meta["state_dim"]
+        rows = state if batched else state[None]
+        if rows.ndim == 2 and hist == 1:
+            rows = rows[:, None]
+        if rows.shape != (b, hist, dim):
+            want = f"({'B, ' if batched else ''}{'' if hist == 1 else f'{hist}, '}{dim})"
+            raise ValueError(f"state: expected shape {want} with B={b}, got {tuple(state.shape)}")
+        norm = self.normalizer.normalize("state", rows)
+        return torch.from_numpy(np.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0))
+
+    def _prompt(self, instruction: str | Sequence[str], b: int) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids and mask (B, Lp), as robot_data.collate pads them."""
+        texts = [instruction] * b if isinstance(instruction, str) else list(instruction)
+        if len(texts) != b:
+            raise ValueError(f"instruction: {len(texts)} instructions for a batch of {b}")
+        empty = np.zeros((0, self.action_dim), np.float32)
+        ids = [self.prompts(t, None, empty, np.zeros(0, bool))[0] for t in texts]
+        width = max(1, *(len(q) for q in ids))
+        out = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.bool)
+        for row, q in enumerate(ids):
+            if len(q):
+                out[row, width - len(q) :] = torch.from_numpy(q)
+                mask[row, width - len(q) :] = True
+        return {"prompt_ids": out, "prompt_mask": mask}
