@@ -52,9 +52,14 @@ def time_steps(overrides: list[str], warmup: int, steps: int) -> dict[str, float
     finally:
         teardown(run)
     total, data = statistics.median(totals) * 1e3, statistics.median(datas) * 1e3
-    return {"step_ms": total, "data_ms": data, "compute_ms": total - data, "setup_s": setup_s,
-            "val/action_l1": val.get("val/action_l1", float("nan")),
-            "val/gripper_acc": val.get("val/gripper_acc", float("nan"))}
+    return {
+        "step_ms": total,
+        "data_ms": data,
+        "compute_ms": total - data,
+        "setup_s": setup_s,
+        "val/action_l1": val.get("val/action_l1", float("nan")),
+        "val/gripper_acc": val.get("val/gripper_acc", float("nan")),
+    }
 
 
 def main() -> None:
@@ -68,19 +73,30 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for cached in (False, True):
-            overrides = [f"output_dir={tmp}/{cached}", f"train.cache_features={str(cached).lower()}",
-                         f"train.threads={args.threads}", "logging.tensorboard=false", "logging.progress=none",
-                         *args.overrides]
+            overrides = [
+                f"output_dir={tmp}/{cached}",
+                f"train.cache_features={str(cached).lower()}",
+                f"train.threads={args.threads}",
+                "logging.tensorboard=false",
+                "logging.progress=none",
+                *args.overrides,
+            ]
             results[cached] = time_steps(overrides, args.warmup, args.steps)
     base, fast = results[False], results[True]
-    print(f"head-only fine-tune, recipes/head_only.yaml, {args.steps} timed steps (median), "
-          f"{args.threads} threads, torch {torch.__version__}, {torch.get_num_threads()} threads in use")
+    print(
+        f"head-only fine-tune, recipes/head_only.yaml, {args.steps} timed steps (median), "
+        f"{args.threads} threads, torch {torch.__version__}, {torch.get_num_threads()} threads in use"
+    )
     print(f"{'run':<10} {'step ms':>9} {'data ms':>9} {'compute ms':>11} {'setup s':>8} {'val L1':>10} {'val grip':>9}")
     for name, r in (("uncached", base), ("cached", fast)):
-        print(f"{name:<10} {r['step_ms']:>9.2f} {r['data_ms']:>9.2f} {r['compute_ms']:>11.2f} {r['setup_s']:>8.2f} "
-              f"{r['val/action_l1']:>10.6g} {r['val/gripper_acc']:>9.4g}")
-    print(f"speed-up per step: {base['step_ms'] / fast['step_ms']:.1f}x (target >= 20x); "
-          f"cache built during setup: +{fast['setup_s'] - base['setup_s']:.2f}s")
+        print(
+            f"{name:<10} {r['step_ms']:>9.2f} {r['data_ms']:>9.2f} {r['compute_ms']:>11.2f} {r['setup_s']:>8.2f} "
+            f"{r['val/action_l1']:>10.6g} {r['val/gripper_acc']:>9.4g}"
+        )
+    print(
+        f"speed-up per step: {base['step_ms'] / fast['step_ms']:.1f}x (target >= 20x); "
+        f"cache built during setup: +{fast['setup_s'] - base['setup_s']:.2f}s"
+    )
     same = abs(base["val/action_l1"] - fast["val/action_l1"]) <= 1e-5 * max(1.0, abs(base["val/action_l1"]))
     print(f"validation after {args.warmup + args.steps} steps: {'identical' if same else 'DIFFERENT'} within 1e-5")
 

@@ -39,9 +39,9 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def summarise(run_dir: Path) -> dict[str, float]:
+def summarise(run_dir: Path, after_step: int = 0) -> dict[str, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "perf/samples_per_s" in r]
+    train = [r for r in rows if "perf/samples_per_s" in r and r["step"] > after_step]
     steady = train[1:] or train  # the first window holds CUDA/cuDNN warm-up
     mean = lambda key: sum(r.get(key, float("nan")) for r in steady) / len(steady)  # noqa: E731
     return {
@@ -65,6 +65,7 @@ def main() -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vla_scaling_"))
     logs = args.out.parent if args.out else work
+    logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **SAFE_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     py = sys.executable
     if args.smoke:
@@ -130,7 +131,7 @@ def main() -> int:
         rc, wall = run(cmd, logs / "fsdp_resume_1gpu.log", {**env, "CUDA_VISIBLE_DEVICES": "0"})
         results["fsdp resume on 1"] = {"rc": rc, "wall_s": wall}
         if rc == 0:
-            results["fsdp resume on 1"].update(summarise(fsdp_dir))
+            results["fsdp resume on 1"].update(summarise(fsdp_dir, after_step=steps))
 
     base = results["1 GPU"].get("samples_per_s")
     print(f"\n{'run':<16} {'samples/s':>10} {'ratio':>6} {'data wait':>9} {'GPU mem GB':>10} {'wall s':>7}  rc")

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import QUICKSTART, ROOT, TINY
 
 from vla_ft import ablate, train
@@ -25,7 +24,7 @@ def test_grid_is_every_combination_with_yaml_values():
     assert len(variants) == 2 * 2 * 2
     first = variants[0]
     assert first.overrides == {"optim.lr": "1e-3", "data.cameras": ["a", "b"], "freeze.projector": True}
-    assert first.name == 'optim.lr=1e-3+data.cameras=__a___b__+freeze.projector=true'
+    assert first.name == "optim.lr=1e-3+data.cameras=__a___b__+freeze.projector=true"
     assert len({v.name for v in variants}) == 8
     with pytest.raises(RecipeError, match="--grid 'optim.lr' must look like"):
         ablate.grid_variants(["optim.lr"])
@@ -77,8 +76,18 @@ def test_summary_row_from_metrics_by_hand(tmp_path):
 
 def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch, capsys):
     root = tmp_path / "abl"
-    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=4", "train.val_every=2", "checkpoint.every=2",
-            "checkpoint.keep_last=0", "logging.tensorboard=false", TWO, f"output_dir={root}"]
+    argv = [
+        "ablate",
+        str(QUICKSTART),
+        *TINY,
+        "train.steps=4",
+        "train.val_every=2",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=0",
+        "logging.tensorboard=false",
+        TWO,
+        f"output_dir={root}",
+    ]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "[ablate 1/2] full: training" in out and "[ablate 2/2] frozen_vision: training" in out
@@ -87,7 +96,7 @@ def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch,
         table = list(csv.DictReader(fh))
     assert [r["variant"] for r in table] == ["full", "frozen_vision"]
     full, frozen = table
-    params = {name: sum(int(v.replace(",", "")) for v in _param_column(root / name)) for name in ("full", "frozen_vision")}
+    params = {name: _trainable(root / name) for name in ("full", "frozen_vision")}
     assert int(full["trainable_params"]) == params["full"]
     assert int(frozen["trainable_params"]) == params["frozen_vision"] < params["full"]
     for r in table:
@@ -98,7 +107,8 @@ def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch,
         assert float(r["best val/action_l1"]) == pytest.approx(min(val))
         assert float(r["final val/action_l1"]) == pytest.approx(val[-1])
     md = (root / "summary.md").read_text()
-    assert md.startswith("| variant | steps | trainable_params | best val/action_l1 |") and "Best by val/action_l1" in md
+    assert md.startswith("| variant | steps | trainable_params | best val/action_l1 |")
+    assert "Best by val/action_l1" in md
     for name in ("val_curves.png", "metric_bars.png"):
         assert (root / name).read_bytes()[:8] == PNG_SIGNATURE
 
@@ -130,10 +140,10 @@ def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch,
     assert after["finished"] and after["segments"] == 2 and after["wall_s"] > summary["wall_s"]
 
 
-def _param_column(run_dir: Path) -> list[str]:
-    """The 'trainable' column of parameters.txt, module rows only (what the optimizer updates here)."""
+def _trainable(run_dir: Path) -> int:
+    """Sum of the 'trainable' column of parameters.txt over its module rows."""
     lines = (run_dir / "parameters.txt").read_text().splitlines()[2:-1]
-    return [line.split()[2] for line in lines]
+    return sum(int(line.split()[2].replace(",", "")) for line in lines)
 
 
 def test_a_variant_stopped_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, capsys):

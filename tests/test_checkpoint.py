@@ -53,10 +53,13 @@ def test_complete_is_written_after_every_other_file_is_synced(tmp_path, monkeypa
     assert {"weights.bin", "more.json"} <= set(synced[:-2])
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    ],
+)
 def test_a_full_disk_names_the_space_needed(tmp_path, error):
     ck.write_checkpoint(tmp_path, 1, files("one"))
 
@@ -95,8 +98,13 @@ def test_rotation_keeps_the_newest_the_best_and_the_resumed_from(tmp_path):
     assert ck.rotate(tmp_path, 0, set()) == []  # keep_last 0 keeps all
     deleted = ck.rotate(tmp_path, 2, {tmp_path / "step_000002", tmp_path / "step_000004"})
     assert [p.name for p in deleted] == ["step_000001", "step_000003"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002", "step_000004", "step_000005",
-                                                          "step_000006"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_000002",
+        "step_000004",
+        "step_000005",
+        "step_000006",
+    ]
 
 
 class Payload:
@@ -113,13 +121,28 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
 
 
 def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
-    overrides = [*TINY, "train.steps=2", "train.val_every=0", "logging.tensorboard=false", "loss.strategy=uncertainty",
-                 f"output_dir={tmp_path / 'run'}"]
+    overrides = [
+        *TINY,
+        "train.steps=2",
+        "train.val_every=0",
+        "logging.tensorboard=false",
+        "loss.strategy=uncertainty",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     run = setup(load_recipe(QUICKSTART, overrides))
     fit(run)
     path = tmp_path / "run" / "checkpoints" / "step_000002"
-    expected = {"model.safetensors", "optimizer.pt", "loss_state.safetensors", "rng.pt", "trainer_state.json",
-                "norm_stats.json", "config.yaml", "tokenizer", "COMPLETE"}
+    expected = {
+        "model.safetensors",
+        "optimizer.pt",
+        "loss_state.safetensors",
+        "rng.pt",
+        "trainer_state.json",
+        "norm_stats.json",
+        "config.yaml",
+        "tokenizer",
+        "COMPLETE",
+    }
     assert expected <= {p.name for p in path.iterdir()}
 
     back = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true"]))
@@ -133,3 +156,14 @@ def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
         assert all(torch.equal(v, ob["state"][i][k]) for k, v in state.items())
     assert torch.equal(torch.get_rng_state(), ck.torch_load(path / "rng.pt")["cpu"])
     assert json.loads((path / "norm_stats.json").read_text()) == back.data.normalizer.to_dict()
+
+    # a harmless recipe change on resume takes effect: the saved group settings do not override it
+    with pytest.warns(UserWarning, match="changed keys: optim.lr"):
+        changed = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true", "optim.lr=5.0e-4"]))
+    base = {g["name"]: g["base_lr"] for g in changed.optimizer.param_groups}
+    assert (base["projector"], base["action_head"]) == (5e-4, 2e-3)  # quickstart's own action-head LR stays
+    assert all(
+        torch.equal(v, changed.optimizer.state_dict()["state"][i][k])
+        for i, s in oa["state"].items()
+        for k, v in s.items()
+    )

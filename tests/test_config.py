@@ -26,8 +26,10 @@ def test_every_recipe_validates(path: Path):
 
 
 def test_overrides_parse_yaml_values(tmp_path: Path):
-    r = load_recipe(ROOT / "recipes/quickstart.yaml", ["optim.lr=5e-4", "freeze.vision_encoder=true",
-                                                       "loss.gripper.dims=[1, 2]", "output_dir=" + str(tmp_path)])
+    r = load_recipe(
+        ROOT / "recipes/quickstart.yaml",
+        ["optim.lr=5e-4", "freeze.vision_encoder=true", "loss.gripper.dims=[1, 2]", "output_dir=" + str(tmp_path)],
+    )
     assert r.optim.lr == 5e-4 and r.freeze.vision_encoder is True
     assert r.loss.gripper.dims == [1, 2] and r.output_dir == str(tmp_path)
 
@@ -37,7 +39,12 @@ def test_int_is_accepted_for_float():
 
 
 def test_all_errors_reported_at_once_with_suggestions():
-    raw = {"optim": {"lrr": 1}, "train": {"steps": "many", "batch_size": True}, "modle": {}, "data": {"normalize": "meanstd"}}
+    raw = {
+        "optim": {"lrr": 1},
+        "train": {"steps": "many", "batch_size": True},
+        "modle": {},
+        "data": {"normalize": "meanstd"},
+    }
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(raw)
     problems = info.value.problems
@@ -45,7 +52,9 @@ def test_all_errors_reported_at_once_with_suggestions():
     assert "unknown key 'modle' (did you mean 'model'?)" in problems
     assert "train.steps: expected int, got str 'many'" in problems
     assert "train.batch_size: expected int, got bool True" in problems
-    assert any(p.startswith("data.normalize: 'meanstd' is not one of") and "did you mean 'mean_std'" in p for p in problems)
+    assert any(
+        p.startswith("data.normalize: 'meanstd' is not one of") and "did you mean 'mean_std'" in p for p in problems
+    )
     assert len(problems) == 5
 
 

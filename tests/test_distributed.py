@@ -234,6 +234,20 @@ def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+def test_ddp_checkpoint_resumes_under_fsdp(single, ddp, tmp_path):
+    """A single-file checkpoint (weights + Adam moments) sharded at install: the other way round."""
+    run_dir = tmp_path / "ddp_then_fsdp"
+    shutil.copytree(ddp[0], run_dir)
+    for ckpt in (run_dir / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > 6:
+            shutil.rmtree(ckpt)
+    (run_dir / "checkpoints" / "latest").write_text("step_000006")
+    train_2_processes(run_dir, [*RECIPE, "train.batch_size=2", "distributed.strategy=fsdp", "train.resume=true"])
+    assert_losses_match(losses(run_dir), losses(single), range(1, 10))
+    merged = distributed.consolidate(run_dir / "checkpoints" / "step_000009", out=tmp_path / "merged.safetensors")
+    assert max_weight_diff(load_file(str(merged)), weights(single, 9)) < WEIGHT_ATOL
+
+
 def test_fsdp_refuses_what_it_cannot_run():
     recipe = load_recipe(QUICKSTART, ["distributed.strategy=fsdp", "model.lora.enabled=true", "loss.grad_norm_every=5"])
     with pytest.raises(RecipeError, match="model.lora") as err:

@@ -23,7 +23,7 @@ from vla_ft.checkpoint import CheckpointError
 from vla_ft.cli import main as cli
 from vla_ft.config import load_recipe
 from vla_ft.run_setup import setup
-from vla_ft.train import TrainingHalted, fit
+from vla_ft.train import fit
 
 FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
 
@@ -105,7 +105,9 @@ def test_consecutive_nonfinite_steps_halt_naming_step_samples_and_lr(tmp_path, m
         return run
 
     def recording_step(run, group):
-        seen.append([(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"])])
+        seen.append(
+            [(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"], strict=True)]
+        )
         return real_step(run, group)
 
     monkeypatch.setattr(train_mod, "setup", poisoned_setup)
@@ -224,8 +226,9 @@ def _block_inside_step_2_save(marker: str) -> None:
 def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "blocked"
     overrides = [*FAST, "train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=0"]
-    proc = start_forked(train_argv(run_dir, overrides), tmp_path / "log.txt",
-                        prepare=lambda: _block_inside_step_2_save(str(marker)))
+    proc = start_forked(
+        train_argv(run_dir, overrides), tmp_path / "log.txt", prepare=lambda: _block_inside_step_2_save(str(marker))
+    )
     wait_for(marker.exists, 120, "the save of step 2", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(30)
@@ -236,7 +239,7 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tm
     assert (partial / "model.safetensors").is_file() and not (partial / ck.COMPLETE).exists()
     assert ck.latest_checkpoint(root) == root / "step_000001"
 
-    run = tiny_run(run_dir, *overrides[len(FAST):], "train.resume=true")
+    run = tiny_run(run_dir, *overrides[len(FAST) :], "train.resume=true")
     assert (run.resumed_from, run.state.step) == (root / "step_000001", 1)
     fit(run)
     assert ck.latest_checkpoint(root) == root / "step_000004"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +34,9 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_cached_and_uncached_head_only_runs_agree(tmp_path):
     results, rows = {}, {}
     for cached in (False, True):
-        recipe = load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / str(cached)}",
-                                         f"train.cache_features={str(cached).lower()}"])
+        recipe = load_recipe(
+            HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / str(cached)}", f"train.cache_features={str(cached).lower()}"]
+        )
         results[cached] = train.main(recipe)
         rows[cached] = _rows(tmp_path / str(cached))
     assert {"val/action_l1", "val/gripper_acc", "val/loss/action", "val/action_l1/h2"} <= results[True].keys()
@@ -46,6 +48,14 @@ def test_cached_and_uncached_head_only_runs_agree(tmp_path):
         assert plain["step"] == cached["step"]
         for key in (k for k in plain if k.startswith(("loss", "val/"))):
             assert cached[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (plain["step"], key)
+
+    # The cached run, interrupted after its step-2 checkpoint and resumed, reaches the same numbers.
+    ckpts = tmp_path / "True" / "checkpoints"
+    shutil.rmtree(ckpts / "step_000004")
+    (ckpts / "latest").write_text("step_000002")
+    resumed = train.main(load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / 'True'}", "train.resume=true"]))
+    for key, value in results[True].items():
+        assert resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path):
@@ -122,8 +132,9 @@ def test_cache_refused_with_the_key_that_blocks_it(overrides, why):
 
 
 def test_cache_refused_when_dropout_is_active_in_the_trunk(monkeypatch):
-    recipe = load_recipe(HEAD_ONLY, [*TINY, "model.vision.kwargs.drop_rate=0.1",
-                                     "model.language.config.attention_dropout=0.1"])
+    recipe = load_recipe(
+        HEAD_ONLY, [*TINY, "model.vision.kwargs.drop_rate=0.1", "model.language.config.attention_dropout=0.1"]
+    )
     model, *_ = build_components(recipe, torch.device("cpu"))
     model.set_frozen({"vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries"})
     model.eval()

@@ -53,7 +53,9 @@ def test_every_trainable_parameter_is_in_exactly_one_named_group():
             assert group_of.get(id(p)) == module + twin, name
     assert all(group_of[id(p)] == "loss_weights" for p in loss_fn.no_decay_parameters())
 
-    settings = {g["name"]: (g["base_lr"], g["weight_decay"], g["start_step"], g["warmup_steps"]) for g in opt.param_groups}
+    settings = {
+        g["name"]: (g["base_lr"], g["weight_decay"], g["start_step"], g["warmup_steps"]) for g in opt.param_groups
+    }
     assert settings["vision_encoder"] == (5e-4, 0.01, 4, 3)
     assert settings["vision_encoder/no_decay"] == (5e-4, 0.0, 4, 3)
     assert settings["action_head"] == (2e-3, 0.05, 0, 2)  # quickstart's action-head LR, own weight decay
@@ -84,25 +86,34 @@ def test_lr_factor_against_hand_computed_values():
     assert [f(const, s, 0, 4) for s in (0, 3, 11)] == [0.25, 1.0, 1.0]
 
 
-@pytest.mark.parametrize(("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
-                                           ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize(
+    ("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
 def test_optimizers_by_name(name, cls):
     _, _, opt, _ = build_components(recipe(*TINY, f"optim.name={name}"), torch.device("cpu"))
     assert type(opt) is cls
     assert not opt.defaults.get("fused")  # fused kernels are for CUDA only
 
 
+def has_grad(module: torch.nn.Module) -> bool:
+    return any(p.grad is not None for p in module.parameters())
+
+
+def train_run(tmp_path, *overrides: str):
+    """A run without validation (its forwards would mix with the training ones in the hooks)."""
+    common = ["checkpoint.every=0", "data.val_ratio=0", "logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"]
+    return setup(recipe(*overrides, *common))
+
+
 def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
     steps = 8
-    run = setup(recipe(*STAGED, f"train.steps={steps}", "checkpoint.every=0", "data.val_ratio=0",
-                       "logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"))
+    run = train_run(tmp_path, *STAGED, f"train.steps={steps}")
     vision = run.model.vision_encoder
-    seen = []  # per forward: (vision in train mode, autograd on inside it)
+    seen = []  # per forward: (vision in train mode, autograd on inside it, output needs grad)
     vision.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)))
     grads = []  # per update, before the optimizer step: which modules have gradients
-    run.optimizer.register_step_pre_hook(lambda *_: grads.append({
-        n: any(p.grad is not None for p in getattr(run.model, n).parameters())
-        for n in ("vision_encoder", "projector", "proprio_encoder", "action_head")}))
+    names = ("vision_encoder", "projector", "proprio_encoder", "action_head")
+    run.optimizer.register_step_pre_hook(lambda *_: grads.append({n: has_grad(getattr(run.model, n)) for n in names}))
     start = [p.detach().clone() for p in vision.parameters()]
     fit(run)
 
@@ -132,15 +143,11 @@ def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
 
 
 def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_gradient(tmp_path):
-    run = setup(recipe(*TINY, "freeze.language_model=true", "train.steps=1", "data.val_ratio=0",
-                       "checkpoint.every=0", "logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"))
-    lm = run.model.language_model
-    seen = []
+    run = train_run(tmp_path, *TINY, "freeze.language_model=true", "train.steps=1")
+    lm, vision = run.model.language_model, run.model.vision_encoder
+    seen, grads = [], []
     run.model.decoder.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
-    grads = []
-    run.optimizer.register_step_pre_hook(lambda *_: grads.append(
-        (any(p.grad is not None for p in lm.parameters()),
-         all(p.grad is not None for p in run.model.vision_encoder.parameters()))))
+    run.optimizer.register_step_pre_hook(lambda *_: grads.append((has_grad(lm), has_grad(vision))))
     fit(run)
     assert seen == [(False, True)]  # eval mode, but autograd runs through it for the vision encoder
     assert grads == [(False, True)]

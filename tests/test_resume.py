@@ -82,8 +82,10 @@ def test_the_straight_run_exercises_the_matrix(straight: Path):
     assert [r["lr/vision_encoder"] > 0 for r in rows] == [False, False, False, True, True, True, True]
     assert rows[3]["lr/vision_encoder"] < rows[4]["lr/vision_encoder"]
     # data position: k=2 mid-epoch, k=4 after the partial group ends epoch 0, k=5 mid-epoch 1
-    position = {k: (trainer_state(straight, k)["state"]["epoch"], trainer_state(straight, k)["state"]["consumed"])
-                for k in (2, 4, 5)}
+    position = {
+        k: (trainer_state(straight, k)["state"]["epoch"], trainer_state(straight, k)["state"]["consumed"])
+        for k in (2, 4, 5)
+    }
     assert position == {2: (0, 24), 4: (0, 40), 5: (1, 12)}
     assert trainer_state(straight, 2)["frozen"] == ["vision_encoder"]
     assert trainer_state(straight, 4)["frozen"] == []
@@ -113,9 +115,11 @@ def test_resume_reproduces_the_straight_run(straight: Path, tmp_path: Path, k: i
 
 def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
     resumed = copy_at(straight, 4, tmp_path / "run")
-    for change, key in (("model.action_head_hidden=16", "model.action_head_hidden"),
-                        ("data.normalize=min_max", "data.normalize"),
-                        ("unfreeze.vision_encoder.at_step=5", "unfreeze.vision_encoder.at_step")):
+    for change, key in (
+        ("model.action_head_hidden=16", "model.action_head_hidden"),
+        ("data.normalize=min_max", "data.normalize"),
+        ("unfreeze.vision_encoder.at_step=5", "unfreeze.vision_encoder.at_step"),
+    ):
         recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
         with pytest.raises(RecipeError, match=f"break equivalence: {key}"):
             setup(recipe)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import QUICKSTART
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,7 +33,16 @@ def test_quickstart_run_directory_and_resume(tiny_overrides, capsys):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     for r in train_rows:
-        assert {"loss/language", "loss/action", "loss/gripper", "grad_norm", "lr/action_head"} <= r.keys()
+        assert {
+            "loss/language",
+            "loss/action",
+            "loss/gripper",
+            "grad_norm",
+            "lr/action_head",
+            "perf/samples_per_s",
+            "perf/data_wait_frac",
+            "fault/nonfinite_skips",
+        } <= r.keys()
     val_rows = [r for r in rows if "val/action_l1" in r]
     assert [r["step"] for r in val_rows] == [3, 6]
     assert {"val/loss/action", "val/gripper_acc", "val/baseline_l1"} <= val_rows[0].keys()
@@ -45,14 +55,23 @@ def test_quickstart_run_directory_and_resume(tiny_overrides, capsys):
 
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000006"
-    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json", "norm_stats.json", "config.yaml",
-                 "rng.pt", "COMPLETE", "tokenizer/tokenizer.json"):
+    for name in (
+        "model.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "norm_stats.json",
+        "config.yaml",
+        "rng.pt",
+        "COMPLETE",
+        "tokenizer/tokenizer.json",
+    ):
         assert (ckpts / "step_000006" / name).is_file(), name
 
     # A run killed after step 6 but before its checkpoint: the newest checkpoint is step 3. The
     # same command + train.resume=true continues at step 4 and both logs read as one run.
     shutil.rmtree(ckpts / "step_000006")
-    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.resume=true", "train.steps=9"]) == 0
+    with pytest.warns(UserWarning, match="changed keys: train.steps"):  # harmless: a warning, not an error
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.resume=true", "train.steps=9"]) == 0
     rows = _rows(run_dir)
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 10))

@@ -65,8 +65,13 @@ def test_gradnorm_diagnostics_are_computed_once_per_step_and_logged(tmp_path, mo
     monkeypatch.setattr(CompositeLoss, "term_grad_norms", lambda self, *a: calls.append(self._step) or norms(self, *a))
     rows = {}
     for every in (1, 2):
-        run = tiny_run(tmp_path / f"every{every}", "train.steps=4", "loss.grad_norm_every=2",
-                       f"logging.every={every}", "checkpoint.every=0")
+        run = tiny_run(
+            tmp_path / f"every{every}",
+            "train.steps=4",
+            "loss.grad_norm_every=2",
+            f"logging.every={every}",
+            "checkpoint.every=0",
+        )
         fit(run)
         rows[every] = {r["step"]: r for r in metric_rows(tmp_path / f"every{every}") if "loss" in r}
     assert calls == [0, 2] * 2  # updates 0 and 2 of each run, one computation each
@@ -82,23 +87,39 @@ def test_gradnorm_diagnostics_are_computed_once_per_step_and_logged(tmp_path, mo
 
 def test_a_frozen_trunk_with_gradnorm_diagnostics_trains_without_them(tmp_path):
     trunk = ["vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries"]
-    run = tiny_run(tmp_path / "run", *(f"freeze.{m}=true" for m in trunk), "loss.weights.language=0",
-                   "loss.grad_norm_every=1", "train.steps=2", "checkpoint.every=0")
+    run = tiny_run(
+        tmp_path / "run",
+        *(f"freeze.{m}=true" for m in trunk),
+        "loss.weights.language=0",
+        "loss.grad_norm_every=1",
+        "train.steps=2",
+        "checkpoint.every=0",
+    )
     fit(run)
     rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
     assert len(rows) == 2 and not any(k.startswith("gradnorm") for r in rows for k in r)
 
 
-@pytest.mark.parametrize(("mode", "values", "best", "stop"), [
-    ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4),  # 0.949 improves by less than min_delta
-    ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4),
-])
+@pytest.mark.parametrize(
+    ("mode", "values", "best", "stop"),
+    [
+        ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4),  # 0.949 improves by less than min_delta
+        ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4),
+    ],
+)
 def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop):
     scripted = iter(values)
     monkeypatch.setattr(train_mod, "evaluate", lambda run: {"val/action_l1": next(scripted), "val/baseline_l1": 1.0})
-    run = tiny_run(tmp_path / "run", "train.steps=10", "train.val_every=1", f"train.best_mode={mode}",
-                   "train.early_stopping.patience=2", "train.early_stopping.min_delta=0.01",
-                   "checkpoint.every=0", "checkpoint.keep_last=1")
+    run = tiny_run(
+        tmp_path / "run",
+        "train.steps=10",
+        "train.val_every=1",
+        f"train.best_mode={mode}",
+        "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=0.01",
+        "checkpoint.every=0",
+        "checkpoint.keep_last=1",
+    )
     fit(run)
     assert (run.state.step, run.state.best_step, run.early_stop) == (stop, best, True)
     root = tmp_path / "run" / "checkpoints"

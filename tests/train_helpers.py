@@ -77,8 +77,9 @@ def run_forked(argv: list[str], log: Path, prepare: Callable[[], None] | None = 
 
 def run_fresh(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m vla_ft <argv>`` in a new interpreter."""
-    return subprocess.run([sys.executable, "-m", "vla_ft", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vla_ft", *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, proc: Any = None) -> None:

@@ -34,6 +34,7 @@ import re
 import resource
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
     return [*parts, current]
 
 
-def grid_variants(specs: list[str]) -> list[Variant]:
+def grid_variants(specs: Sequence[str]) -> list[Variant]:
     """``["optim.lr=1e-3,3e-4", "freeze.vision_encoder=true,false"]`` -> every combination (values parsed as YAML)."""
     if not specs:
         return []
@@ -124,17 +125,23 @@ def variant_recipe(base_raw: dict[str, Any], variant: Variant, root: Path) -> Re
     return recipe_from_dict(raw, f"variant '{variant.name}'")
 
 
-def plan(recipe_path: str | Path, overrides: list[str], grid: list[str]) -> tuple[Recipe, list[tuple[Variant, Recipe]]]:
+def plan(
+    recipe_path: str | Path, overrides: Sequence[str], grid: Sequence[str]
+) -> tuple[Recipe, list[tuple[Variant, Recipe]]]:
     """Validate the base recipe and every variant (all problems at once) before anything trains."""
-    base_raw = apply_overrides(read_yaml(recipe_path), overrides)
+    base_raw = apply_overrides(read_yaml(recipe_path), list(overrides))
     base = recipe_from_dict(base_raw, str(recipe_path))
     named = [Variant(name, dict(ov)) for name, ov in base.ablation.variants.items()]
     variants = combine(named, grid_variants(grid))
     if not variants:
-        raise RecipeError("ablation.variants: no variants; name them in the recipe or pass --grid key=v1,v2",
-                          str(recipe_path))
-    problems = [f"ablation.variants.{v.name}: use letters, digits and _ . = + - in variant names"
-                for v in variants if not NAME_OK.match(v.name)]
+        raise RecipeError(
+            "ablation.variants: no variants; name them in the recipe or pass --grid key=v1,v2", str(recipe_path)
+        )
+    problems = [
+        f"ablation.variants.{v.name}: use letters, digits and _ . = + - in variant names"
+        for v in variants
+        if not NAME_OK.match(v.name)
+    ]
     seen = [v.name for v in variants]
     problems += [f"ablation.variants: duplicate variant '{n}'" for n in sorted({n for n in seen if seen.count(n) > 1})]
     planned = []
@@ -241,6 +248,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
         train.main(recipe)
     wall = time.perf_counter() - t0
     device = info.get("device", device)
+    kind = "cuda_max_allocated" if device == "cuda" else ("cpu_peak_rss" if exact else "cpu_peak_rss_process")
     summary = {
         **previous,
         **info,
@@ -248,8 +256,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
         "segments": previous.get("segments", 0) + 1,
         "wall_s": previous.get("wall_s", 0.0) + wall,
         "peak_mem_gb": max(previous.get("peak_mem_gb", 0.0), peak_memory_gb(device)),
-        "peak_mem_kind": "cuda_max_allocated" if device == "cuda" else ("cpu_peak_rss" if exact else
-                                                                         "cpu_peak_rss_process"),
+        "peak_mem_kind": kind,
         "recipe": _comparable(recipe),
     }
     if is_main_process():
@@ -291,7 +298,7 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
     """One table row from a variant's metrics.jsonl and run_summary.json."""
     rows, info = read_rows(run_dir), read_summary(run_dir)
     steps, values = metric_curve(rows, metric)
-    finite = [(v, s) for s, v in zip(steps, values) if math.isfinite(v)]
+    finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
     best_value, best_step = (min(finite) if mode == "min" else max(finite)) if finite else (math.nan, None)
     val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
     final = val_rows[-1] if val_rows else {}
@@ -305,12 +312,14 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
         f"final {metric}": final.get(metric, math.nan),
     }
     row.update({f"final {k}": final[k] for k in HEADLINE if k != metric and k in final})
-    row.update({
-        "samples_per_s": statistics.median(rates) if rates else math.nan,
-        "wall_s": info.get("wall_s", math.nan),
-        "peak_mem_gb": info.get("peak_mem_gb", math.nan),
-        "peak_mem_kind": info.get("peak_mem_kind", ""),
-    })
+    row.update(
+        {
+            "samples_per_s": statistics.median(rates) if rates else math.nan,
+            "wall_s": info.get("wall_s", math.nan),
+            "peak_mem_gb": info.get("peak_mem_gb", math.nan),
+            "peak_mem_kind": info.get("peak_mem_kind", ""),
+        }
+    )
     return row
 
 
@@ -363,13 +372,12 @@ def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[
     (root / "summary.md").write_text(markdown_table(rows, metric, mode))
     curves = {name: metric_curve(read_rows(root / name), metric) for name in names}
     plots.plot_overlay(curves, metric, root / "val_curves.png")
-    plots.plot_bars({r["variant"]: r[f"best {metric}"] for r in rows}, f"best {metric}", mode,
-                    root / "metric_bars.png")
+    plots.plot_bars({r["variant"]: r[f"best {metric}"] for r in rows}, f"best {metric}", mode, root / "metric_bars.png")
     return rows
 
 
 # ----------------------------------------------------------------------------- the command
-def run_ablation(recipe_path: str | Path, overrides: list[str] = (), grid: list[str] = ()) -> int:
+def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: Sequence[str] = ()) -> int:
     """Run every variant not yet finished, then write the summary. Returns the exit status:
     0, or 130 when a variant stopped on a signal (rerun the same command to resume)."""
     base, planned = plan(recipe_path, list(overrides), list(grid))
@@ -391,8 +399,10 @@ def run_ablation(recipe_path: str | Path, overrides: list[str] = (), grid: list[
     if names and is_main_process():
         rows = write_summary(root, names, base.ablation.metric, base.ablation.mode)
         print(markdown_table(rows, base.ablation.metric, base.ablation.mode), end="")
-        print(f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
-              f"{root / 'metric_bars.png'}")
+        print(
+            f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
+            f"{root / 'metric_bars.png'}"
+        )
     return status
 
 
@@ -405,6 +415,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help=text, description=text)
     p.add_argument("recipe", help="recipe YAML file (its ablation: section names the variants)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every variant")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a swept key (repeatable: every combination; crossed with the recipe's variants)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a swept key (repeatable: every combination; crossed with the recipe's variants)",
+    )
     p.set_defaults(func=cmd_ablate)

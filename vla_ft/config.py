@@ -57,7 +57,7 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 @dataclass
 class VisionConfig:
     name: str = doc("timm model name, e.g. vit_base_patch16_siglip_224", "vit_tiny_patch16_224")
-    pretrained: Union[bool, str] = doc(
+    pretrained: bool | str = doc(
         "false: random init; true: weights from the hub by name; a path: local safetensors file or directory",
         False,
     )
@@ -132,7 +132,9 @@ class DataConfig:
     val_episodes: list[int] = doc("explicit validation episode indices (overrides val_ratio)", factory=list)
     normalize: Literal["mean_std", "min_max", "q01_q99", "none"] = doc("normalisation of state and action", "mean_std")
     raw_dims: list[int] | None = doc("action dims left raw (null: the gripper dims)", None)
-    prompt_template: str = doc("prompt; {instruction} is replaced by the task", "what should the robot do to {instruction} ?")
+    prompt_template: str = doc(
+        "prompt; {instruction} is replaced by the task", "what should the robot do to {instruction} ?"
+    )
     language_target: Literal["none", "text", "action_tokens"] = doc("what the LM is trained to say", "text")
     augment: AugmentConfig = doc("training-image augmentation", factory=AugmentConfig)
     num_workers: int = doc("DataLoader worker processes", 0)
@@ -478,12 +480,18 @@ def validate(r: Recipe) -> list[str]:
     """Checks that need more than types. Returns problems (empty = valid)."""
     p: list[str] = []
     if r.data.format not in READERS:
-        p.append(f"data.format: unknown reader '{r.data.format}'{_suggest(r.data.format, READERS)}; valid: {', '.join(READERS)}")
+        p.append(
+            f"data.format: unknown reader '{r.data.format}'{_suggest(r.data.format, READERS)}; "
+            f"valid: {', '.join(READERS)}"
+        )
     elif r.data.format != "synthetic" and not r.data.path:
         p.append(f"data.path: required for data.format={r.data.format}")
     for key, value in [
-        ("train.steps", r.train.steps), ("train.batch_size", r.train.batch_size), ("data.chunk", r.data.chunk),
-        ("data.history", r.data.history), ("optim.accumulation", r.optim.accumulation),
+        ("train.steps", r.train.steps),
+        ("train.batch_size", r.train.batch_size),
+        ("data.chunk", r.data.chunk),
+        ("data.history", r.data.history),
+        ("optim.accumulation", r.optim.accumulation),
     ]:
         if value < 1:
             p.append(f"{key}: must be >= 1, got {value}")
@@ -496,7 +504,10 @@ def validate(r: Recipe) -> list[str]:
     for section, keys in (("optim.groups", r.optim.groups), ("unfreeze", r.unfreeze)):
         for name in keys:
             if name not in MODULE_NAMES:
-                p.append(f"{section}.{name}: unknown module{_suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}")
+                p.append(
+                    f"{section}.{name}: unknown module{_suggest(name, MODULE_NAMES)}; "
+                    f"modules: {', '.join(MODULE_NAMES)}"
+                )
     for name, spec in r.unfreeze.items():
         lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)
         if lora:
@@ -539,8 +550,10 @@ def cache_problems(r: Recipe) -> list[str]:
         if on:
             p.append(f"{why} {key} is true (LoRA adapters train inside the trunk)")
     if r.data.language_target != "none" and (r.loss.weights.language > 0 or "language" in r.loss.schedule):
-        p.append(f"{why} the language term needs the LM run on the target tokens, and with a frozen LM it trains "
-                 "nothing: set loss.weights.language: 0 (or data.language_target: none)")
+        p.append(
+            f"{why} the language term needs the LM run on the target tokens, and with a frozen LM it trains "
+            "nothing: set loss.weights.language: 0 (or data.language_target: none)"
+        )
     return p
 
 

@@ -125,12 +125,22 @@ def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict 
         for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
             print(f"data stats: {line}")
         normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
-    prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, action_token_offset,
-                              recipe.model.action_tokens_bins)
+    prompts = PromptTokenizer(
+        tokenizer, d.prompt_template, d.language_target, action_token_offset, recipe.model.action_tokens_bins
+    )
     cameras = d.cameras or list(reader.cameras)
-    common = dict(chunk=d.chunk, history=d.history, normalizer=normalizer, image_size=recipe.model.vision.img_size,
-                  prompt_tokenizer=prompts, cameras=cameras, seed=recipe.train.seed)
-    augment = {"crop_scale": d.augment.crop_scale, "color_jitter": d.augment.color_jitter} if d.augment.enabled else None
+    common = dict(
+        chunk=d.chunk,
+        history=d.history,
+        normalizer=normalizer,
+        image_size=recipe.model.vision.img_size,
+        prompt_tokenizer=prompts,
+        cameras=cameras,
+        seed=recipe.train.seed,
+    )
+    augment = (
+        {"crop_scale": d.augment.crop_scale, "color_jitter": d.augment.color_jitter} if d.augment.enabled else None
+    )
     try:
         train_set = RobotDataset(reader, train_eps, augment=augment, train=True, **common)
         val_set = RobotDataset(reader, val_eps, train=False, **common) if val_eps else None
@@ -138,8 +148,9 @@ def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict 
         key = "data.cameras" if str(err).startswith("cameras") else "data"
         raise RecipeError(f"{key}: {err}") from None
     first = reader.numeric(train_eps[0])
-    return DataBundle(reader, train_set, val_set, normalizer, train_eps, val_eps,
-                      first.state.shape[1], first.action.shape[1], cameras)
+    return DataBundle(
+        reader, train_set, val_set, normalizer, train_eps, val_eps, first.state.shape[1], first.action.shape[1], cameras
+    )
 
 
 def checked_skip_list(recipe: Recipe) -> set[int]:
@@ -169,8 +180,9 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(dataset: Dataset, recipe: Recipe, sampler: Sampler, pad_id: int, device: torch.device,
-                train: bool) -> DataLoader:
+def make_loader(
+    dataset: Dataset, recipe: Recipe, sampler: Sampler, pad_id: int, device: torch.device, train: bool
+) -> DataLoader:
     d = recipe.data
     workers = d.num_workers
     return DataLoader(

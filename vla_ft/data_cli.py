@@ -15,8 +15,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from robot_data import SyntheticReader
     from robot_data.lerobot_writer import write_lerobot
 
-    reader = SyntheticReader(episodes=args.episodes, episode_length=args.length, image_size=args.image_size,
-                             seed=args.seed)
+    reader = SyntheticReader(
+        episodes=args.episodes, episode_length=args.length, image_size=args.image_size, seed=args.seed
+    )
     out = write_lerobot(reader, args.out, video=args.video, codec=args.codec, version=args.version)
     kind = f"{args.codec} video" if args.video else "images in parquet"
     print(f"wrote {args.episodes} synthetic episodes ({kind}, LeRobot {args.version}) to {out}")
@@ -61,6 +62,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
     check.add_argument("--state-key", default=None)
     check.add_argument("--action-key", default=None)
-    check.add_argument("--decode", choices=["ends", "all", "none"], default="ends",
-                       help="which frames to decode: first/last of each episode, all, or none")
+    check.add_argument(
+        "--decode",
+        choices=["ends", "all", "none"],
+        default="ends",
+        help="which frames to decode: first/last of each episode, all, or none",
+    )
     check.set_defaults(func=cmd_check)

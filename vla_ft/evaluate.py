@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,15 @@ from vla_ft.config import Recipe, RecipeError, apply_overrides, recipe_from_dict
 OVERRIDABLE = ("data.", "train.batch_size", "train.device", "train.precision", "train.threads")
 
 
-def eval_recipe(checkpoint: Path, overrides: list[str]) -> Recipe:
+def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
     """The checkpoint's recipe plus ``data.*`` (and device/batch) overrides."""
     import yaml
 
     refused = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(OVERRIDABLE)]
     if refused:
-        raise RecipeError(f"eval overrides may change {', '.join(OVERRIDABLE)} only; refused: {', '.join(refused)}",
-                          "command line")
+        raise RecipeError(
+            f"eval overrides may change {', '.join(OVERRIDABLE)} only; refused: {', '.join(refused)}", "command line"
+        )
     raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
     raw["train"] = {**raw.get("train", {}), "resume": False, "cache_features": False}
     raw["data"].setdefault("augment", {})["enabled"] = False
@@ -63,46 +66,93 @@ def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:
     return wanted
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), episodes: str = "val", out: str | Path | None = None,
-                        plot_episodes: int = 3) -> dict[str, Any]:
-    """Evaluate a checkpoint (or a run directory's newest) and write metrics.json + trajectories.png.
+@dataclass
+class Evaluation:
+    """What an evaluation runs on, rebuilt from a checkpoint directory."""
 
-    Returns the metrics.json content plus ``trajectories`` (the plotted arrays) and ``out``.
-    """
-    # Heavy imports live here so `vla-ft --help` and the recipe commands stay fast.
-    from robot_data import RobotDataset
-    from vla_ft import plots
+    checkpoint: Path
+    recipe: Recipe
+    rt: Any  # vla_ft.runtime.Runtime
+    model: Any  # vla_ft.model.VLA, eval mode
+    data: Any  # vla_ft.data.DataBundle, normalised with the checkpoint's statistics
+    tokenizer: Any
+
+
+def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluation:
+    """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained."""
+    # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
     from vla_ft.checkpoint import load_json
-    from vla_ft.data import EpochSampler, build_data, make_loader
-    from vla_ft.metrics import ActionMetrics
-    from vla_ft.model import pad_token_id
+    from vla_ft.data import build_data
     from vla_ft.model_files import load_model
     from vla_ft.policy import resolve_directory
     from vla_ft.runtime import init_runtime
     from vla_ft.tokenizer import load_tokenizer
 
     ckpt = resolve_directory(path)
-    recipe = eval_recipe(ckpt, list(overrides))
+    recipe = eval_recipe(ckpt, overrides)
     rt = init_runtime(recipe)
     tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
-    data = build_data(recipe, tokenizer, len(tokenizer) - recipe.model.action_tokens_bins, load_json(ckpt / "norm_stats.json"))
+    offset = len(tokenizer) - recipe.model.action_tokens_bins
+    data = build_data(recipe, tokenizer, offset, load_json(ckpt / "norm_stats.json"))
     model, meta = load_model(ckpt, rt.device)
     check_compatible(meta, data.state_dim, data.action_dim, len(data.cameras))
     model.wants_language = recipe.data.language_target != "none"  # token accuracy
-    ids = select_episodes(episodes, data.train_episodes, data.val_episodes)
-    d = recipe.data
-    dataset = RobotDataset(data.reader, ids, d.chunk, d.history, data.normalizer, recipe.model.vision.img_size,
-                           data.train_set.prompt_tokenizer, data.cameras, seed=recipe.train.seed)
-    loader = make_loader(dataset, recipe, EpochSampler(len(dataset), recipe.train.seed, False), pad_token_id(tokenizer),
-                         rt.device, train=False)
-    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
-    metrics = ActionMetrics(data.normalizer, data.action_dim, d.chunk, gripper, recipe.loss.gripper,
-                            recipe.model.gripper_head)
-    trajectories = predict(model, loader, metrics, rt, set(ids[:plot_episodes]))
-    step = load_json(ckpt / "trainer_state.json")["state"]["step"] if (ckpt / "trainer_state.json").is_file() else None
-    report = {"checkpoint": str(ckpt), "step": step, "episodes": ids, "samples": len(dataset),
-              "overrides": list(overrides), "metrics": metrics.compute(prefix="")}
-    out_dir = Path(out) if out else ckpt / "eval"
+    return Evaluation(ckpt, recipe, rt, model, data, tokenizer)
+
+
+def episode_loader(ev: Evaluation, episodes: list[int]):
+    """A sequential DataLoader over ``episodes`` (any of the dataset's), built like validation's."""
+    from robot_data import RobotDataset
+    from vla_ft.data import EpochSampler, make_loader
+    from vla_ft.model import pad_token_id
+
+    r, d = ev.recipe, ev.data
+    dataset = RobotDataset(
+        d.reader,
+        episodes,
+        r.data.chunk,
+        r.data.history,
+        d.normalizer,
+        r.model.vision.img_size,
+        d.train_set.prompt_tokenizer,
+        d.cameras,
+        seed=r.train.seed,
+    )
+    sampler = EpochSampler(len(dataset), r.train.seed, False)
+    return make_loader(dataset, r, sampler, pad_token_id(ev.tokenizer), ev.rt.device, train=False)
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    episodes: str = "val",
+    out: str | Path | None = None,
+    plot_episodes: int = 3,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run directory's newest) and write metrics.json + trajectories.png.
+
+    Returns the metrics.json content plus ``trajectories`` (the plotted arrays) and ``out``.
+    """
+    from vla_ft import plots
+    from vla_ft.metrics import ActionMetrics
+
+    ev = load_evaluation(path, overrides)
+    r, d = ev.recipe, ev.data
+    ids = select_episodes(episodes, d.train_episodes, d.val_episodes)
+    loader = episode_loader(ev, ids)
+    gripper = r.loss.gripper.dims if r.model.gripper_head else []
+    metrics = ActionMetrics(d.normalizer, d.action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
+    trajectories = predict(ev.model, loader, metrics, ev.rt, set(ids[:plot_episodes]))
+    state = ev.checkpoint / "trainer_state.json"
+    report = {
+        "checkpoint": str(ev.checkpoint),
+        "step": json.loads(state.read_text())["state"]["step"] if state.is_file() else None,
+        "episodes": ids,
+        "samples": len(loader.dataset),
+        "overrides": list(overrides),
+        "metrics": metrics.compute(prefix=""),
+    }
+    out_dir = Path(out) if out else ev.checkpoint / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
     if trajectories:
@@ -139,14 +189,19 @@ def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, A
                 continue
             pred = metrics.predicted_real(outputs)[:, 0].numpy()
             true = metrics.norm.unnormalize("action", batch["actions"][:, 0].float().cpu()).numpy()
-            for i, (e, f) in enumerate(zip(batch["episode_index"].tolist(), batch["frame_index"].tolist())):
+            for i, (e, f) in enumerate(
+                zip(batch["episode_index"].tolist(), batch["frame_index"].tolist(), strict=True)
+            ):
                 if e in keep:
                     rows[e].append((f, pred[i], true[i]))
     out = {}
     for e, items in sorted(rows.items()):
         items.sort(key=lambda item: item[0])
-        out[e] = {"frames": np.array([f for f, _, _ in items]), "pred": np.stack([p for _, p, _ in items]),
-                  "true": np.stack([t for _, _, t in items])}
+        out[e] = {
+            "frames": np.array([f for f, _, _ in items]),
+            "pred": np.stack([p for _, p, _ in items]),
+            "true": np.stack([t for _, _, t in items]),
+        }
     return out
 
 
@@ -164,10 +219,19 @@ def _json_safe(obj: Any) -> Any:
 def format_report(report: dict[str, Any]) -> str:
     """Headline metrics, then per-dimension L1/MSE and L1 by horizon, as aligned text tables."""
     m = report["metrics"]
-    lines = [f"checkpoint {report['checkpoint']} (step {report['step']}): {len(report['episodes'])} episodes, "
-             f"{report['samples']} samples"]
-    headline = ("action_l1", "action_mse", "baseline_l1", "gripper_acc", "gripper_f1", "gripper_transition_acc",
-                "token_acc")
+    lines = [
+        f"checkpoint {report['checkpoint']} (step {report['step']}): {len(report['episodes'])} episodes, "
+        f"{report['samples']} samples"
+    ]
+    headline = (
+        "action_l1",
+        "action_mse",
+        "baseline_l1",
+        "gripper_acc",
+        "gripper_f1",
+        "gripper_transition_acc",
+        "token_acc",
+    )
     lines += [f"  {k:<24} {m[k]:.6g}" for k in headline if k in m]
     dims = sorted(int(k.rsplit("dim", 1)[1]) for k in m if k.startswith("action_l1/dim"))
     lines += ["", "  dim        L1          MSE"]
@@ -181,8 +245,8 @@ def format_report(report: dict[str, Any]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.overrides, args.episodes, args.out, args.plot_episodes)
     print(format_report(result))
-    written = [result["out"] / "metrics.json"] + ([result["out"] / "trajectories.png"] if result["trajectories"] else [])
-    print("wrote " + ", ".join(map(str, written)))
+    names = ["metrics.json"] + (["trajectories.png"] if result["trajectories"] else [])
+    print("wrote " + ", ".join(str(result["out"] / name) for name in names))
     return 0
 
 

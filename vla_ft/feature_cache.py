@@ -21,6 +21,11 @@ fingerprint (trunk weights, data recipe, normaliser, episodes, precision) matche
         readout_00001.safetensors ...
       val/
         ...
+
+The readout is stored in the dtype the trunk produces under the run's precision (bf16 under
+autocast), i.e. exactly what the uncached heads would receive. Under torchrun every rank builds the
+in-memory cache of the whole set (batches are still sharded by the sampler); a disk cache is
+written by rank 0 and read by all.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from vla_ft.data import EpochSampler, make_loader, to_device
 from vla_ft.model import pad_token_id
 
 if TYPE_CHECKING:
+    from robot_data import RobotDataset
     from vla_ft.run_setup import Run
 
 LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
@@ -163,12 +169,18 @@ class CachedLoader:
 
 # ----------------------------------------------------------------------------- computing
 @torch.no_grad()
-def trunk_features(run: Run, dataset) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+def trunk_features(run: Run, dataset: RobotDataset) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Yield (labels, readout) per batch of ``dataset`` in index order; readout (B, C, D) on the host,
     in the dtype the trunk produces under the run's precision (what the uncached heads would see)."""
     model = run.model
-    loader = make_loader(dataset, run.recipe, EpochSampler(len(dataset), run.recipe.train.seed, False),
-                         pad_token_id(run.tokenizer), run.rt.device, train=False)
+    loader = make_loader(
+        dataset,
+        run.recipe,
+        EpochSampler(len(dataset), run.recipe.train.seed, False),
+        pad_token_id(run.tokenizer),
+        run.rt.device,
+        train=False,
+    )
     was_training, wants_language = model.training, model.wants_language
     model.eval()
     model.wants_language = False  # the readout sits before the language target (causal): not needed
@@ -183,7 +195,7 @@ def trunk_features(run: Run, dataset) -> Iterator[tuple[dict[str, torch.Tensor],
         model.wants_language = wants_language
 
 
-def build_memory(run: Run, dataset) -> MemoryFeatures:
+def build_memory(run: Run, dataset: RobotDataset) -> MemoryFeatures:
     parts = list(trunk_features(run, dataset))
     tensors = {k: torch.cat([labels[k] for labels, _ in parts]) for k in LABEL_KEYS}
     tensors["readout"] = torch.cat([readout for _, readout in parts])
@@ -191,7 +203,7 @@ def build_memory(run: Run, dataset) -> MemoryFeatures:
     return MemoryFeatures(tensors)
 
 
-def write_disk(run: Run, dataset, directory: Path, fingerprint: str) -> None:
+def write_disk(run: Run, dataset: RobotDataset, directory: Path, fingerprint: str) -> None:
     """Compute and write the cache of ``dataset`` atomically (``.tmp`` then rename; manifest last)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -222,8 +234,14 @@ def write_disk(run: Run, dataset, directory: Path, fingerprint: str) -> None:
     merged = {k: torch.cat([b[k] for b in labels]).contiguous() for k in LABEL_KEYS}
     _check_order(merged["index"])
     save_file(merged, str(tmp / "labels.safetensors"))
-    manifest = {"fingerprint": fingerprint, "samples": len(merged["index"]), "shard_size": shard_size,
-                "shards": shards, "readout_shape": list(rows.shape[1:]), "dtype": str(rows.dtype)}
+    manifest = {
+        "fingerprint": fingerprint,
+        "samples": len(merged["index"]),
+        "shard_size": shard_size,
+        "shards": shards,
+        "readout_shape": list(rows.shape[1:]),
+        "dtype": str(rows.dtype),
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -235,25 +253,32 @@ def _check_order(index: torch.Tensor) -> None:
         raise RuntimeError("feature cache: samples arrived out of order")
 
 
-def fingerprint(run: Run, split: str, dataset) -> str:
+def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
     loader settings), the model recipe, normalisation, episodes, tokenizer and precision."""
     h = hashlib.blake2b(digest_size=16)
     data = {k: v for k, v in to_dict(run.recipe.data).items() if k not in LOADER_ONLY_KEYS}
-    meta = {"split": split, "data": data, "model": to_dict(run.recipe.model), "seed": run.recipe.train.seed,
-            "normalizer": run.data.normalizer.to_dict(), "episodes": [e.index for e in dataset.episodes],
-            "precision": str(run.rt.amp_dtype), "vocab": sorted(run.tokenizer.get_vocab().items())}
+    meta = {
+        "split": split,
+        "data": data,
+        "model": to_dict(run.recipe.model),
+        "seed": run.recipe.train.seed,
+        "normalizer": run.data.normalizer.to_dict(),
+        "episodes": [e.index for e in dataset.episodes],
+        "precision": str(run.rt.amp_dtype),
+        "vocab": sorted(run.tokenizer.get_vocab().items()),
+    }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name in TRUNK_MODULES:
         module = getattr(run.model, name, None)
-        for key, tensor in (module.state_dict().items() if module is not None else ()):
+        for key, tensor in module.state_dict().items() if module is not None else ():
             flat = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
             h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def disk_store(run: Run, split: str, dataset, root: Path) -> tuple[DiskFeatures, bool]:
+def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple[DiskFeatures, bool]:
     """Open the cache of ``split`` under ``root``, (re)computing it on rank 0 when missing or stale.
     Returns (store, built_now)."""
     directory = root / split
@@ -291,5 +316,7 @@ def install(run: Run) -> None:
         run.val_loader = CachedLoader(stores["val"], val_sampler, r.train.batch_size, drop_last=False)
     where = r.train.feature_cache_dir or "memory"
     counts = " + ".join(f"{len(s)} {k}" for k, s in stores.items())
-    run.progress.write(f"feature cache ({where}): {counts} samples ready in {time.perf_counter() - t0:.1f}s; "
-                       "training runs the heads only")
+    run.progress.write(
+        f"feature cache ({where}): {counts} samples ready in {time.perf_counter() - t0:.1f}s; "
+        "training runs the heads only"
+    )

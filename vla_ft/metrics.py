@@ -22,8 +22,9 @@ def gripper_labels(values: torch.Tensor, cfg: GripperLossConfig) -> torch.Tensor
     return high if cfg.closed_is_high else ~high
 
 
-def real_actions(outputs: dict[str, torch.Tensor], normalizer, gripper_dims: list[int],
-                 closed_is_high: bool) -> torch.Tensor:
+def real_actions(
+    outputs: dict[str, torch.Tensor], normalizer, gripper_dims: list[int], closed_is_high: bool
+) -> torch.Tensor:
     """Model outputs -> actions in the dataset's units, (B, C, A) float32 on the CPU.
 
     ``outputs["actions"]`` (B, C, A) is de-normalised; with ``outputs["gripper_logits"]`` (B, C, G),
@@ -45,9 +46,21 @@ def real_actions(outputs: dict[str, torch.Tensor], normalizer, gripper_dims: lis
 class ActionMetrics:
     """Accumulates sums over batches; :meth:`compute` returns ``{name: float}``."""
 
-    def __init__(self, normalizer, action_dim: int, chunk: int, gripper_dims: list[int], gripper_cfg: GripperLossConfig,
-                 gripper_head: bool):
-        self.norm, self.gripper_dims, self.gcfg, self.gripper_head = normalizer, list(gripper_dims), gripper_cfg, gripper_head
+    def __init__(
+        self,
+        normalizer,
+        action_dim: int,
+        chunk: int,
+        gripper_dims: list[int],
+        gripper_cfg: GripperLossConfig,
+        gripper_head: bool,
+    ):
+        self.norm, self.gripper_dims, self.gcfg, self.gripper_head = (
+            normalizer,
+            list(gripper_dims),
+            gripper_cfg,
+            gripper_head,
+        )
         self.reg_dims = [i for i in range(action_dim) if not (gripper_head and i in self.gripper_dims)]
         self.abs = torch.zeros(action_dim, dtype=torch.float64)
         self.sq = torch.zeros(action_dim, dtype=torch.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -32,7 +33,7 @@ def no_decay_ids(name: str, module: nn.Module) -> set[int]:
     shares the embedding's), positional embeddings and cls/register tokens, and the action
     query table."""
     out: set[int] = set()
-    for sub_name, sub in module.named_modules():
+    for sub in module.modules():
         kind = type(sub).__name__.lower()
         table_module = isinstance(sub, nn.Embedding) or "embedding" in kind or "norm" in kind
         for leaf, p in sub.named_parameters(recurse=False):
@@ -79,12 +80,31 @@ def build_param_groups(recipe: Recipe, model: nn.Module, extra_no_decay: Sequenc
             (no_decay if id(p) in skip_decay else decay).append(p)
         for suffix, params, group_wd in (("", decay, wd), ("/no_decay", no_decay, 0.0)):
             if params:
-                groups.append({"params": params, "name": name + suffix, "module": name, "base_lr": lr,
-                               "lr": 0.0, "weight_decay": group_wd, "start_step": start, "warmup_steps": warmup})
+                groups.append(
+                    {
+                        "params": params,
+                        "name": name + suffix,
+                        "module": name,
+                        "base_lr": lr,
+                        "lr": 0.0,
+                        "weight_decay": group_wd,
+                        "start_step": start,
+                        "warmup_steps": warmup,
+                    }
+                )
     if extra_no_decay:
-        groups.append({"params": list(extra_no_decay), "name": "loss_weights", "module": "loss_weights",
-                       "base_lr": o.lr, "lr": 0.0, "weight_decay": 0.0, "start_step": 0,
-                       "warmup_steps": o.warmup_steps})
+        groups.append(
+            {
+                "params": list(extra_no_decay),
+                "name": "loss_weights",
+                "module": "loss_weights",
+                "base_lr": o.lr,
+                "lr": 0.0,
+                "weight_decay": 0.0,
+                "start_step": 0,
+                "warmup_steps": o.warmup_steps,
+            }
+        )
     _assert_disjoint(groups)
     return groups
 

@@ -48,7 +48,7 @@ def _figure(n_panels: int, cols: int = 3, size: tuple[float, float] = (4.8, 3.2)
 def draw_panels(panels: list[Panel], path: Path, title: str = "", xlabel: str = "step") -> Figure:
     """One subplot per panel, one line per series (markers when a series has few points)."""
     fig, axes = _figure(len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for label, (x, y) in panel.series.items():
             ax.plot(x, y, label=label, marker="o" if len(x) <= 20 else None, markersize=3)
         ax.set_title(panel.title)
@@ -98,8 +98,8 @@ def metric_panels(rows: list[dict[str, float]]) -> list[Panel]:
     """Train ``metric/<m>`` next to ``val/<m>``; validation-only metrics on their own; the
     mean-action baseline drawn in the action-L1 panel. Per-dim/per-horizon breakdowns are left out."""
     keys = {k for r in rows for k in r}
-    train = sorted(k[len("metric/"):] for k in keys if k.startswith("metric/"))
-    val = sorted(k[len("val/"):] for k in keys if k.startswith("val/") and not k.startswith("val/loss/"))
+    train = sorted(k[len("metric/") :] for k in keys if k.startswith("metric/"))
+    val = sorted(k[len("val/") :] for k in keys if k.startswith("val/") and not k.startswith("val/loss/"))
     val = [k for k in val if not any(b in k for b in BREAKDOWN) and k != "baseline_l1"]
     panels = []
     for name in [*train, *(k for k in val if k not in train)]:
@@ -150,8 +150,9 @@ def plot_bars(values: dict[str, float], label: str, mode: str, path: Path) -> Fi
 
 
 # ----------------------------------------------------------------------------- trajectories
-def plot_trajectories(episodes: dict[int, dict[str, np.ndarray]], path: Path,
-                      dim_names: list[str] | None = None) -> Figure:
+def plot_trajectories(
+    episodes: dict[int, dict[str, np.ndarray]], path: Path, dim_names: list[str] | None = None
+) -> Figure:
     """Predicted vs true action over the frames of a few episodes: one row per episode, one
     subplot per action dim. ``episodes[e]``: frames (T,), pred (T, A), true (T, A) in real units."""
     first = next(iter(episodes.values()))

@@ -126,8 +126,13 @@ def build_components(recipe: Recipe, device: torch.device, resume_from: Path | N
     offset = len(tokenizer) - recipe.model.action_tokens_bins
     stats = read_norm_stats(resume_from) if resume_from else None
     data = build_data(recipe, tokenizer, offset, stats)
-    model = build_model(recipe, state_dim=data.state_dim, action_dim=data.action_dim,
-                        n_cameras=len(data.cameras), vocab_size=len(tokenizer)).to(device)
+    model = build_model(
+        recipe,
+        state_dim=data.state_dim,
+        action_dim=data.action_dim,
+        n_cameras=len(data.cameras),
+        vocab_size=len(tokenizer),
+    ).to(device)
     loss_fn = CompositeLoss(recipe.loss, data.action_dim, recipe.data.chunk, recipe.model.gripper_head).to(device)
     model.wants_language = recipe.data.language_target != "none" and loss_fn.wants("language")
     groups = optim.build_param_groups(recipe, model, list(loss_fn.no_decay_parameters()))
@@ -155,8 +160,23 @@ def setup(recipe: Recipe) -> Run:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, recipe.logging.tensorboard, enabled=rt.is_main)
-    run = Run(recipe, rt, run_dir, model, loss_fn, optimizer, scaler, data, sampler, train_loader, val_loader, logger,
-              Progress(recipe.train.steps, 0, recipe.logging.progress, rt.is_main), tokenizer, gripper)
+    run = Run(
+        recipe,
+        rt,
+        run_dir,
+        model,
+        loss_fn,
+        optimizer,
+        scaler,
+        data,
+        sampler,
+        train_loader,
+        val_loader,
+        logger,
+        Progress(recipe.train.steps, 0, recipe.logging.progress, rt.is_main),
+        tokenizer,
+        gripper,
+    )
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)
         run.resumed_from = resume_from

@@ -61,9 +61,11 @@ def record_skip(run: Run, group: list[dict[str, torch.Tensor]]) -> None:
     st.skipped += 1
     st.consecutive_skips += 1
     run.logger.log(st.step, {"fault/nonfinite_skips": float(st.skipped)})
-    run.progress.write(f"step {st.step + 1}: non-finite loss or gradient, step skipped ({st.consecutive_skips} in a row)")
+    run.progress.write(
+        f"step {st.step + 1}: non-finite loss or gradient, step skipped ({st.consecutive_skips} in a row)"
+    )
     if st.consecutive_skips >= run.recipe.train.max_consecutive_skips:
-        ids = [(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"])]
+        ids = [(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"], strict=True)]
         shown = ", ".join(f"ep{e}/f{f}" for e, f in ids[:16]) + (" ..." if len(ids) > 16 else "")
         lrs = ", ".join(f"{k}={v:.3g}" for k, v in optim.group_lrs(run.optimizer).items())
         raise TrainingHalted(

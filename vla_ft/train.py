@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vla_ft import optim
-from vla_ft.config import Recipe
+from vla_ft.config import Recipe, RecipeError
 from vla_ft.data import step_groups, to_device
 from vla_ft.metrics import ActionMetrics
 from vla_ft.run_setup import Run, setup, teardown
@@ -125,8 +125,8 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
         run.scaler.unscale_(opt)
     clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
     result.grad_norm = run.clip_grad_norm(clip).detach()
-    loss_ok, grads_ok = run.rt.all_true_each([bool(torch.isfinite(result.parts["loss"])),
-                                              bool(torch.isfinite(result.grad_norm))])
+    finite = torch.isfinite(torch.stack([result.parts["loss"].float(), result.grad_norm.float()]))
+    loss_ok, grads_ok = run.rt.all_true_each(finite.tolist())  # the step's one host sync
     if not loss_ok or (not grads_ok and run.scaler is None):
         result.applied = False
         if run.scaler:
@@ -187,8 +187,9 @@ def evaluate(run: Run) -> dict[str, float]:
     r, model = run.recipe, run.model
     model.eval()
     run.loss_fn.eval()
-    metrics = ActionMetrics(run.data.normalizer, run.data.action_dim, r.data.chunk, run.gripper_dims,
-                            r.loss.gripper, r.model.gripper_head)
+    metrics = ActionMetrics(
+        run.data.normalizer, run.data.action_dim, r.data.chunk, run.gripper_dims, r.loss.gripper, r.model.gripper_head
+    )
     sums = Averager()
     for i, batch in enumerate(run.val_loader):
         if r.train.val_batches and i >= r.train.val_batches:
@@ -213,7 +214,7 @@ def validate_and_select(run: Run) -> dict[str, float]:
     run.logger.log(st.step, values)
     key = r.train.best_metric
     if key not in values:
-        raise KeyError(f"train.best_metric: '{key}' is not a validation metric; have: {', '.join(sorted(values))}")
+        raise RecipeError(f"train.best_metric: '{key}' is not a validation metric; have: {', '.join(sorted(values))}")
     value = values[key]
     sign = 1.0 if r.train.best_mode == "min" else -1.0
     if st.best_value is None or sign * (st.best_value - value) > r.train.early_stopping.min_delta:

@@ -1,0 +1,96 @@
+"""Plots are valid PNG files holding the expected series, built from a hand-written metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vla_ft import plots
+from vla_ft.cli import main as cli
+
+ROWS = [
+    {"step": 1, "loss": 2.0, "loss/action": 1.0, "loss/gripper": 0.8, "metric/gripper_acc": 0.5, "lr/action_head": 0.1},
+    {"step": 2, "loss": 1.6, "loss/action": 0.9, "loss/gripper": 0.6, "metric/gripper_acc": 0.6, "lr/action_head": 0.1},
+    {
+        "step": 2,
+        "val/loss/action": 0.95,
+        "val/action_l1": 0.4,
+        "val/baseline_l1": 0.5,
+        "val/gripper_acc": 0.55,
+        "val/action_l1/dim0": 0.3,
+        "val/action_l1/h0": 0.2,
+    },
+    {"step": 3, "loss": 1.4, "loss/action": 0.7, "loss/gripper": 0.5, "metric/gripper_acc": 0.7, "lr/action_head": 0.1},
+    {"step": 4, "loss": 1.2, "loss/action": 0.6, "loss/gripper": 0.4, "metric/gripper_acc": 0.8, "lr/action_head": 0.1},
+    {
+        "step": 4,
+        "val/loss/action": 0.7,
+        "val/action_l1": 0.3,
+        "val/baseline_l1": 0.5,
+        "val/gripper_acc": 0.75,
+        "val/action_l1/dim0": 0.25,
+        "val/action_l1/h0": 0.1,
+    },
+]
+
+
+def _is_png(path: Path) -> bool:
+    with Image.open(path) as img:
+        img.verify()
+        return img.format == "PNG" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _lines(ax) -> dict[str, tuple[list[float], list[float]]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_run_curves_each_term_train_and_val(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    figures = plots.plot_run(tmp_path)
+    assert _is_png(tmp_path / "plots" / "losses.png") and _is_png(tmp_path / "plots" / "metrics.png")
+
+    losses = {ax.get_title(): _lines(ax) for ax in figures["losses"].axes if ax.get_visible()}
+    assert set(losses) == {"loss (weighted total)", "loss/action", "loss/gripper"}
+    assert set(losses["loss (weighted total)"]) == {"train"}  # no validation total is logged
+    assert losses["loss/action"] == {"train": ([1, 2, 3, 4], [1.0, 0.9, 0.7, 0.6]), "val": ([2, 4], [0.95, 0.7])}
+    assert set(losses["loss/gripper"]) == {"train"}
+
+    metrics = {ax.get_title(): _lines(ax) for ax in figures["metrics"].axes if ax.get_visible()}
+    assert set(metrics) == {"gripper_acc", "action_l1"}  # breakdowns (/dim, /h) and LRs stay out
+    assert metrics["gripper_acc"]["val"] == ([2, 4], [0.55, 0.75])
+    assert metrics["action_l1"] == {"val": ([2, 4], [0.4, 0.3]), "mean-action baseline": ([2, 4], [0.5, 0.5])}
+
+
+def test_plot_command_writes_into_out(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["plot", str(tmp_path), "--out", str(tmp_path / "pics")]) == 0
+    assert _is_png(tmp_path / "pics" / "losses.png") and "metrics.png" in capsys.readouterr().out
+    assert cli(["plot", str(tmp_path / "nothing")]) == 2  # a clear error, no traceback
+
+
+def test_ablation_overlay_and_bars(tmp_path):
+    curves = {"a": ([2.0, 4.0], [0.5, 0.4]), "b": ([2.0, 4.0], [0.6, 0.3]), "c": ([2.0], [0.7])}
+    fig = plots.plot_overlay(curves, "val/action_l1", tmp_path / "curves.png")
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert _lines(ax) == {k: (list(x), list(y)) for k, (x, y) in curves.items()}
+    fig = plots.plot_bars({"a": 0.4, "b": 0.3, "c": 0.7}, "best val/action_l1", "min", tmp_path / "bars.png")
+    (ax,) = fig.axes
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [0.4, 0.3, 0.7]
+    best = [p.get_facecolor() for p in ax.patches]
+    assert best[1] != best[0] == best[2]  # the lowest is highlighted
+    assert _is_png(tmp_path / "curves.png") and _is_png(tmp_path / "bars.png")
+
+
+def test_trajectories_one_subplot_per_episode_and_dim(tmp_path):
+    frames = np.arange(5)
+    episodes = {e: {"frames": frames, "pred": np.full((5, 3), float(e)), "true": np.ones((5, 3)) * -e} for e in (3, 8)}
+    fig = plots.plot_trajectories(episodes, tmp_path / "t.png")
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert len(axes) == 2 * 3 and all(len(a.get_lines()) == 2 for a in axes)
+    assert axes[4].get_title() == "episode 8, dim 1"
+    assert list(_lines(axes[4])["predicted"][1]) == [8.0] * 5
+    assert _is_png(tmp_path / "t.png")
