@@ -82,14 +82,14 @@ def main() -> int:
         f"logging.every={every}",
         "train.val_every=0",
         "checkpoint.every=0",
-        "checkpoint.save_optimizer=true",
+        "checkpoint.save_optimizer=false",  # only the FSDP2 row's checkpoint is resumed
         "logging.progress=plain",
     ]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "-m", "vla_ft"]
     rows = {
         "1 GPU": ([py, "-m", "vla_ft"], {"CUDA_VISIBLE_DEVICES": "0"} if not args.smoke else {}, []),
         f"{args.gpus} GPU DDP": (torchrun, {}, ["distributed.strategy=ddp"]),
-        f"{args.gpus} GPU FSDP2": (torchrun, {}, ["distributed.strategy=fsdp"]),
+        f"{args.gpus} GPU FSDP2": (torchrun, {}, ["distributed.strategy=fsdp", "checkpoint.save_optimizer=true"]),
     }
     results: dict[str, dict] = {}
     for name, (launcher, extra_env, extra) in rows.items():
@@ -104,6 +104,8 @@ def main() -> int:
             f"{name}: rc={rc} wall {wall:.0f}s {results[name].get('samples_per_s', float('nan')):.1f} samples/s",
             flush=True,
         )
+        if args.out:  # after every row: a run cut short by a time limit still leaves what it measured
+            args.out.write_text(json.dumps(results, indent=1))
 
     fsdp_dir = work / f"{args.gpus}_GPU_FSDP2"
     ckpt = fsdp_dir / "checkpoints" / f"step_{steps:06d}"
@@ -125,6 +127,7 @@ def main() -> int:
             "distributed.strategy=fsdp",
             f"train.steps={steps + 2}",
             f"optim.accumulation={args.gpus}",
+            "checkpoint.save_optimizer=true",
             "train.resume=true",
             f"output_dir={fsdp_dir}",
         ]

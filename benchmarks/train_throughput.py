@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import vla_ft.train as train_mod  # noqa: E402
 from robot_data import collate  # noqa: E402
 from vla_ft import extensions, flops, optim  # noqa: E402
 from vla_ft.config import Recipe, load_recipe  # noqa: E402
@@ -58,8 +59,8 @@ from vla_ft.losses import CompositeLoss  # noqa: E402
 from vla_ft.model import VLA, build_model  # noqa: E402
 from vla_ft.run_setup import Run  # noqa: E402
 from vla_ft.runtime import init_runtime, seed_everything  # noqa: E402
-from vla_ft.tracking import MetricsLogger, Progress, TrainWindow  # noqa: E402
-from vla_ft.train import after_update, prepare_update, train_step  # noqa: E402
+from vla_ft.tracking import Averager, MetricsLogger, Progress, TrainWindow  # noqa: E402
+from vla_ft.train import StepResult, after_update, prepare_update  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "bench" / "reference.yaml"
 STATE_DIM, ACTION_DIM, GRIPPER_DIM, VOCAB = 8, 7, 6, 284  # token ids stay inside the built-in vocabulary
@@ -131,6 +132,7 @@ class Bench:
     loss_rows: tuple[str, ...]
     peak: float | None
     workdir: Path
+    diagnose: bool = False
 
     def recipe(self, *extra: str) -> Recipe:
         return load_recipe(RECIPE, [*COMMON, *self.overrides, f"output_dir={self.workdir / 'run'}", *extra])
@@ -149,6 +151,7 @@ class Row:
     tflop_per_step: float = math.nan
     batch: int = 0
     note: str = ""
+    extra: dict = field(default_factory=dict)
 
     def summary(self, warmup: int, peak: float | None) -> dict[str, float | str]:
         timed = self.steps_ms[warmup:] or self.steps_ms
@@ -362,7 +365,7 @@ def vla(bench: Bench, name: str, regime: str, extra: tuple[str, ...] = (), fused
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         prepare_update(run)
-        result = train_step(run, [batch])
+        result = train_mod.train_step(run, [batch])
         if result.applied:
             run.state.step += 1
             after_update(run, result, window)
@@ -372,6 +375,8 @@ def vla(bench: Bench, name: str, regime: str, extra: tuple[str, ...] = (), fused
     row.peak_gb = peak_gb(bench.device)
     if name == "vla_full" and bench.device.type == "cuda":
         row.note += f"; GPU idle {gpu_idle_fraction(step, bench.batches):.1%} of the step"
+        if bench.diagnose:
+            row.extra = diagnose(run, step, bench)
     run.extras["flop_meter"].remove()
     want = recipe.data.language_target != "none" and run.loss_fn.wants("language")
     row.tflop_per_step = count_flops(run.model, bench.batches[0], want)
@@ -489,6 +494,99 @@ def gpu_idle_fraction(step: Callable[[dict], object], batches: list[dict], n: in
     return 1.0 - busy / max(spans[-1][1] - spans[0][0], 1e-9) if spans else math.nan
 
 
+# ----------------------------------------------------------------------------- diagnostics (--diagnose)
+def median_ms(step: Callable[[dict], object], batches: list[dict], n: int = 20, warm: int = 3) -> float:
+    clock = StepClock(batches[0]["actions"].device)
+    for i in range(warm + n):
+        step(batches[i % len(batches)])
+        if i >= warm - 1:
+            clock.mark()
+    return statistics.median(clock.intervals_ms())
+
+
+class _NoSyncTorch:
+    """``torch`` for vla_ft.train with a host-side ``isfinite``: the step without its host sync."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def isfinite(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape, dtype=torch.bool)  # on the host: .tolist() does not wait for the GPU
+
+
+def async_check_train_step(run: Run, group: list[dict]) -> StepResult:
+    """train_step whose finite check waits on an event recorded before the optimizer step.
+
+    The fused AdamW skips on the device when ``found_inf`` is set (as under a GradScaler), so
+    the update can be queued before the host knows the answer; the GPU keeps working while
+    the host waits and then does its bookkeeping.
+    """
+    r, model, opt = run.recipe, run.model, run.optimizer
+    model.train()
+    run.loss_fn.train()
+    model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
+    parts, n, samples = Averager(), len(group), 0
+    for i, batch in enumerate(group):
+        with run.no_sync(last=i == n - 1), run.rt.autocast():
+            outputs = run.forward(batch)
+            total, terms = run.loss_fn(outputs, batch)
+        (total / n).backward()
+        parts.add({"loss": total, **terms})
+        samples += batch["actions"].shape[0]
+    result = StepResult(parts.mean_values(), samples=samples)
+    clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
+    result.grad_norm = run.clip_grad_norm(clip).detach()
+    ok = torch.isfinite(result.parts["loss"]) & torch.isfinite(result.grad_norm)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(ok, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    opt.found_inf = (~ok).float().reshape(1)
+    opt.step()
+    del opt.found_inf
+    opt.zero_grad(set_to_none=True)
+    ready.synchronize()
+    result.applied = bool(host)
+    return result
+
+
+def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
+    """What the vla-ft step spends: kernel table, and the step without its host sync, with an
+    event-based finite check, and with the loss compiled too (same run, same compiled trunk)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict = {"as_is_ms": median_ms(step, bench.batches)}
+    for label, attr, value in (
+        ("no_host_sync_ms", "torch", _NoSyncTorch()),
+        ("event_check_ms", "train_step", async_check_train_step),
+    ):
+        real = getattr(train_mod, attr)
+        setattr(train_mod, attr, value)
+        try:
+            out[label] = median_ms(step, bench.batches)
+        except Exception as err:  # noqa: BLE001  diagnostics only
+            out[label] = f"failed: {err}"
+        finally:
+            setattr(train_mod, attr, real)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            step(bench.batches[i % len(bench.batches)])
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    out["kernels"] = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+    out["cpu_ops"] = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+    print(out["kernels"], out["cpu_ops"], sep="\n", flush=True)
+    try:
+        run.loss_fn.compile(dynamic=False)
+        out["loss_compiled_ms"] = median_ms(step, bench.batches, warm=5)
+    except Exception as err:  # noqa: BLE001  diagnostics only
+        out["loss_compiled_ms"] = f"failed: {err}"
+    print(json.dumps({k: v for k, v in out.items() if k not in ("kernels", "cpu_ops")}), flush=True)
+    return out
+
+
 ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "textbook": textbook,
     "vla_bf16_eager": lambda b, n: vla(
@@ -526,8 +624,9 @@ def matmul_tflops(device: torch.device, m: int, k: int, n: int, reps: int = 30) 
 
 
 def attention_ms(device: torch.device, b: int, heads: int, seq: int, head_dim: int) -> dict[str, float]:
-    """Forward + backward of one LM layer's attention: causal flash vs the padding-mask path HF takes."""
+    """Forward + backward of one attention layer per SDPA backend: causal, padding-masked, and none."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (
         torch.randn(b, heads, seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
@@ -536,13 +635,18 @@ def attention_ms(device: torch.device, b: int, heads: int, seq: int, head_dim: i
     keep[: b // 2, 200:210] = False  # left-padded prompts inside the sequence
     mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=device)) & keep[:, None, None, :]
     out = {}
-    for label, kwargs in (("causal", {"is_causal": True}), ("masked", {"attn_mask": mask})):
-        clock = StepClock(device)
-        for i in range(25):
-            F.scaled_dot_product_attention(q, k, v, **kwargs).sum().backward()
-            if i >= 4:
-                clock.mark()
-        out[label] = statistics.median(clock.intervals_ms())
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        for label, kwargs in (("causal", {"is_causal": True}), ("masked", {"attn_mask": mask}), ("full", {})):
+            try:
+                with sdpa_kernel([backend]):
+                    clock = StepClock(device)
+                    for i in range(25):
+                        F.scaled_dot_product_attention(q, k, v, **kwargs).sum().backward()
+                        if i >= 4:
+                            clock.mark()
+                    out[f"{backend.name.lower()}_{label}"] = statistics.median(clock.intervals_ms())
+            except RuntimeError:
+                out[f"{backend.name.lower()}_{label}"] = math.nan  # backend does not support this case
     return out
 
 
@@ -585,6 +689,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss-rows", default="vla_fused,vla_full,hf_compile", help="rows that run --loss-steps")
     p.add_argument("--batches", type=int, default=8, help="distinct fixed batches, cycled")
     p.add_argument("--out", default="", help="write rows, losses and ceilings as JSON here")
+    p.add_argument("--diagnose", action="store_true", help="vla_full: kernel table and step variants")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps: checks the script runs")
     return p.parse_args(argv)
 
@@ -610,6 +715,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tuple(args.loss_rows.split(",")),
         flops.peak_tflops(device),
         workdir,
+        args.diagnose,
     )
     bench.batches = make_batches(
         2 if smoke else args.batches, probe.train.batch_size, probe.model.vision.img_size, probe.data.chunk, device
@@ -623,7 +729,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         info["matmul_8192_tflops"] = matmul_tflops(device, 8192, 8192, 8192)
         tokens = probe.train.batch_size * 256
         info["matmul_lm_mlp_tflops"] = matmul_tflops(device, tokens, 896, 4864)
-        info["attention_layer_ms"] = attention_ms(device, probe.train.batch_size, 14, 256, 64)
+        info["attention_lm_layer_ms"] = attention_ms(device, probe.train.batch_size, 14, 248, 64)
+        info["attention_vit_layer_ms"] = attention_ms(device, probe.train.batch_size, 12, 196, 64)
     print(json.dumps(info), flush=True)
     done: dict[str, Row] = {}
     for name in names:
@@ -650,6 +757,7 @@ def write_json(path: str, info: dict, done: dict[str, Row], bench: Bench) -> Non
         "rows": [r.summary(bench.warmup, bench.peak) for r in done.values()],
         "losses": {n: r.losses for n, r in done.items()},
         "steps_ms": {n: r.steps_ms for n, r in done.items()},
+        "extra": {n: r.extra for n, r in done.items() if r.extra},
     }
     Path(path).write_text(json.dumps(payload, indent=1))
 

@@ -110,7 +110,10 @@ def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
     run = train_run(tmp_path, *STAGED, f"train.steps={steps}")
     vision = run.model.vision_encoder
     seen = []  # per forward: (vision in train mode, autograd on inside it, output needs grad)
-    vision.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)))
+    # only training forwards: the FLOP meter records one eager eval-mode forward when what trains changes
+    vision.register_forward_hook(
+        lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)) if run.model.training else None
+    )
     grads = []  # per update, before the optimizer step: which modules have gradients
     names = ("vision_encoder", "projector", "proprio_encoder", "action_head")
     run.optimizer.register_step_pre_hook(lambda *_: grads.append({n: has_grad(getattr(run.model, n)) for n in names}))
@@ -146,7 +149,9 @@ def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_grad
     run = train_run(tmp_path, *TINY, "freeze.language_model=true", "train.steps=1")
     lm, vision = run.model.language_model, run.model.vision_encoder
     seen, grads = [], []
-    run.model.decoder.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
+    run.model.decoder.register_forward_hook(
+        lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())) if run.model.training else None
+    )
     run.optimizer.register_step_pre_hook(lambda *_: grads.append((has_grad(lm), has_grad(vision))))
     fit(run)
     assert seen == [(False, True)]  # eval mode, but autograd runs through it for the vision encoder

@@ -9,14 +9,16 @@ rerunning the same command skips finished variants and resumes an interrupted on
     <output_dir>/
       <variant>/              a normal run directory: checkpoints/, metrics.jsonl, config.yaml, ...
         run_summary.json      written after each segment: finished?, wall time, peak memory, params
-      summary.csv             one row per variant (columns: see SUMMARY_COLUMNS)
+      summary.csv             one row per variant: steps, trainable params, best and final <metric> (+ step),
+                              final headline val metrics, median samples/s, wall time, peak memory
       summary.md              the same table in Markdown, plus the best variant
       val_curves.png          the chosen validation metric of every variant, overlaid
       metric_bars.png         best value of the chosen metric per variant
 
 Every variant recipe is validated before the first one trains. Variants run in this process;
-peak memory is per variant (CUDA: max allocated; CPU: the process's peak RSS, reset between
-variants where Linux allows it, see :func:`reset_peak_memory`).
+peak memory is per variant (CUDA: max allocated; CPU: the process's peak RSS, loaded libraries
+included, reset between variants where Linux allows it, see :func:`reset_peak_memory`). Wall time
+adds up the segments of a resumed variant (a segment killed with SIGKILL is not counted).
 """
 
 from __future__ import annotations

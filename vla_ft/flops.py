@@ -250,10 +250,11 @@ def measure_step_flops(model: VLA, batch: dict[str, Tensor]) -> StepFlops:
 class FlopMeter:
     """Counts the model FLOPs of every training forward, without a host sync inside the step.
 
-    A forward pre-hook on the model adds the batch's FLOPs to a device tensor; the first
-    training forward (and the first after a freeze change) is recorded to get the
-    coefficients. Evaluation forwards (model in eval mode) are not counted. FLOPs are this
-    process's own: ``perf/tflops`` and ``perf/mfu`` are per GPU.
+    A forward pre-hook on the model adds the batch's FLOPs to a device tensor. The coefficients
+    come from recording an eager forward on one sample of the batch (in eval mode, with the RNG
+    state restored: it changes nothing the run sees) at the first training forward and whenever
+    what trains changes (staged unfreeze). Evaluation forwards (eval mode) are not counted.
+    FLOPs are this process's own: ``perf/tflops`` and ``perf/mfu`` are per GPU.
     """
 
     def __init__(self, model: VLA, peak: float | None, attention: AttentionCount = "causal"):
@@ -261,9 +262,8 @@ class FlopMeter:
         self.flops: Tensor | None = None
         self.coeffs: StepFlops | None = None
         self._key: tuple | None = None
-        self._recording: contextlib.AbstractContextManager | None = None
-        self._rec: Recording | None = None
-        self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+        # prepend: the recording forward runs before a wrapper's own pre-forward hooks (FSDP2)
+        self._handle = model.register_forward_pre_hook(self._before, prepend=True)
 
     def _state_key(self, batch: dict[str, Tensor]) -> tuple:
         # The coefficients change with what trains and with what the forward computes.
@@ -271,23 +271,25 @@ class FlopMeter:
         return grads, want_text(self.model, batch), "readout" in batch
 
     def _before(self, model: nn.Module, args: tuple[Any, ...]) -> None:
-        if not model.training or self._recording is not None:
-            return
-        key = self._state_key(args[0])
-        if key != self._key:
-            self._key, self._recording = key, record_forward(self.model)
-            self._rec = self._recording.__enter__()
-
-    def _after(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not model.training:
+        if not model.training:  # evaluation, and the recording forward below
             return
         batch = args[0]
-        if self._recording is not None:
-            self._recording.__exit__(None, None, None)
-            self.coeffs = step_flops(self.model, self._rec, batch)
-            self._recording = self._rec = None
-        flops = self.coeffs.total(batch, want_text(self.model, batch), self.attention)
+        key = self._state_key(batch)
+        if key != self._key:
+            self.coeffs, self._key = self._record(batch), key
+        flops = self.coeffs.total(batch, key[1], self.attention)
         self.flops = flops if self.flops is None else self.flops + flops
+
+    def _record(self, batch: dict[str, Tensor]) -> StepFlops:
+        one = {k: v[:1] for k, v in batch.items()}
+        devices = [batch["actions"].device] if batch["actions"].is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), record_forward(self.model) as rec:
+            self.model.eval()
+            try:
+                self.model(one)
+            finally:
+                self.model.train()  # VLA.train keeps frozen modules in eval
+        return step_flops(self.model, rec, one)
 
     def metrics(self, run: Run, samples: int, elapsed: float) -> dict[str, float]:
         """``perf/tflops`` (and ``perf/mfu`` where the peak is known) since the last call."""
@@ -301,8 +303,7 @@ class FlopMeter:
         return out
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        self._handle.remove()
 
 
 def install_meter(run: Run) -> None:

@@ -71,3 +71,4 @@ def merge_lora(model: nn.Module) -> None:
         for i, bb in enumerate(backbones):
             backbones[i] = bb.merge_and_unload()
     model.lora_modules.clear()
+    model._trainable = None  # requires_grad changed: drop the cached trainable set

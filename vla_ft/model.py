@@ -95,6 +95,7 @@ class VLA(nn.Module):
         self.gripper_head = _mlp(width, cfg.action_head_hidden, n_gripper) if cfg.gripper_head else None
         self.frozen: set[str] = set()
         self.lora_modules: set[str] = set()  # filled by vla_ft.lora.apply_lora
+        self._trainable: set[str] | None = None  # cache of trainable_modules
         self.wants_language = True  # set by the trainer from the loss (zero-weight terms are skipped)
 
     # ------------------------------------------------------------------ structure
@@ -114,21 +115,37 @@ class VLA(nn.Module):
             for pname, p in module.named_parameters():
                 # LoRA-wrapped modules: base weights always frozen, adapters always train.
                 p.requires_grad_("lora_" in pname if name in self.lora_modules else name not in names)
+        self._trainable = None
+        for module in self.named_modules_of_interest().values():
+            module.train(self.training)  # re-apply below: a thawed module must leave eval mode
         self.train(self.training)
 
+    @property
+    def trainable_modules(self) -> set[str]:
+        """Named modules with at least one trainable parameter (cached; refreshed by set_frozen)."""
+        if self._trainable is None:
+            self._trainable = {
+                n for n, m in self.named_modules_of_interest().items() if any(p.requires_grad for p in m.parameters())
+            }
+        return self._trainable
+
     def train(self, mode: bool = True) -> VLA:
-        super().train(mode)
-        for name in self.frozen:  # frozen modules stay in eval mode when the model trains
-            module = getattr(self, name, None)
-            if module is not None and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        """Like nn.Module.train, but fully frozen children stay in eval mode (dropout off, norms
+        fixed), and are not walked again when already there: walking a large frozen backbone's
+        hundreds of submodules every step costs more than a cached head-only step itself."""
+        self.training = mode
+        trainable = self.trainable_modules
+        for name, child in self.named_children():
+            if name in self.frozen and name not in trainable:
+                if child.training:
+                    child.eval()
+            else:
+                child.train(mode)
         return self
 
     def _needs_grad(self, name: str) -> bool:
         """Whether autograd must run through module ``name`` (it or something upstream trains)."""
-        chain = (name, *UPSTREAM.get(name, ()))
-        modules = [getattr(self, n, None) for n in chain]
-        return any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+        return any(n in self.trainable_modules for n in (name, *UPSTREAM.get(name, ())))
 
     def _grad_ctx(self, name: str):
         return contextlib.nullcontext() if self._needs_grad(name) else torch.no_grad()
