@@ -14,6 +14,7 @@ The compiled function is stored on the instance and shadows ``VLA.trunk``; param
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,10 +35,29 @@ def compile_trunk(model: VLA, backend: str = "inductor", mode: str | None = None
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
     def trunk(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return compiled(batch) if model.training else eager(batch)
+        if not model.training:
+            return eager(batch)
+        with attention_priority():  # chosen when the graph is traced, so it must hold then too
+            return compiled(batch)
 
     trunk.eager = eager  # type: ignore[attr-defined]  # the original, for tools that need eager code
     model.trunk = trunk  # type: ignore[method-assign]
+
+
+def attention_priority() -> contextlib.AbstractContextManager:
+    """SDPA backends in the order cuDNN, flash, memory-efficient, math.
+
+    Why: on an H100, one layer's attention forward + backward at batch 64 took 0.40 ms with
+    cuDNN vs 0.51 ms with flash (LM, causal, 248 tokens) and 0.32 vs 0.43 ms (ViT, 196 tokens);
+    torch's default order puts cuDNN last. A backend that cannot run a case is skipped.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: its default order
+        return contextlib.nullcontext()
 
 
 def install(run: Run) -> None:

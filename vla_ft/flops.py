@@ -12,11 +12,12 @@ a frozen LM below a trained head) 4N. The first layer of a trained module whose 
 no gradient (the patch embedding, a head's first Linear on a frozen readout) costs 4N: autograd
 skips that input gradient, so counting it would flatter the MFU.
 
-Which layers run, on how many rows, and which tensors carry gradients is read off the first
-training forward itself (hooks on every Linear/Conv, run eagerly once, then removed), so a
-module that exists but never runs (the SigLIP attention-pool head when patch tokens are used)
-counts nothing. Attention adds ``4 * heads * head_dim`` per (query, key) pair and layer
-(QK^T and AV), x3 when the gradient flows through it: the LM's pairs are causal over
+Which layers run, on how many rows, and which tensors carry gradients is read off one eager
+forward on one sample (hooks on every Linear/Conv, removed after), so a module that exists but
+never runs (the SigLIP attention-pool head when patch tokens are used) counts nothing.
+Attention adds ``4 * heads * head_dim`` per (query, key) pair and layer (QK^T and AV), x3 when
+the gradient flows through it (the backward's two products per forward product; the kernels'
+recomputation of QK^T is hardware work, not model work): the LM's pairs are causal over
 non-padding tokens only (``n (n + 1) / 2`` per row), a ViT's pairs are all token pairs.
 Embedding lookups, norms, activations, softmax and the loss are not counted (no matmul), nor
 is activation recomputation (gradient checkpointing): this is model FLOPs, not hardware FLOPs.

@@ -1,0 +1,65 @@
+"""Speed paths that only exist on a GPU. Skipped without CUDA; on the GPU machine:
+``python -m pytest tests/test_speed_cuda.py -q``.
+
+The fused AdamW step is queued before the host reads the finite flags (vla_ft.train.step_before_sync):
+a non-finite step must still leave weights, optimizer moments and step counts untouched."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import QUICKSTART, TINY
+
+import vla_ft.train as train_mod
+from vla_ft.config import load_recipe
+from vla_ft.run_setup import setup
+from vla_ft.train import fit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monkeypatch):
+    overrides = [
+        "train.device=cuda",
+        "train.precision=bf16",
+        "logging.tensorboard=false",
+        "train.val_every=0",
+        "checkpoint.every=0",
+        "train.steps=3",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    run = setup(load_recipe(QUICKSTART, [*TINY, *overrides]))
+    assert run.optimizer.defaults["fused"] and run.scaler is None
+    calls = []
+    run.model.action_head[-1].weight.register_hook(
+        lambda g: calls.append(1) or (g * math.nan if len(calls) == 2 else g)
+    )
+    queued, attempts = [], []
+    real_queue, real_step = train_mod.step_before_sync, train_mod.train_step
+
+    def spy_queue(run, finite):
+        flags = real_queue(run, finite)
+        queued.append(flags is not None)
+        return flags
+
+    def watched(run, group):
+        before = [p.detach().clone() for p in run.model.parameters()]
+        moments = [s["exp_avg"].clone() for s in run.optimizer.state.values() if "exp_avg" in s]
+        steps = [float(s["step"]) for s in run.optimizer.state.values() if "step" in s]
+        result = real_step(run, group)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters(), strict=True))
+        after = [s["exp_avg"] for s in run.optimizer.state.values() if "exp_avg" in s]
+        same_moments = len(moments) == len(after) and all(map(torch.equal, moments, after))
+        same_steps = steps == [float(s["step"]) for s in run.optimizer.state.values() if "step" in s]
+        attempts.append((result.applied, moved, same_moments and same_steps, run.state.step))
+        return result
+
+    monkeypatch.setattr(train_mod, "step_before_sync", spy_queue)
+    monkeypatch.setattr(train_mod, "train_step", watched)
+    fit(run)
+    assert all(queued) and len(queued) == 4
+    assert [a[:2] for a in attempts] == [(True, True), (False, False), (True, True), (True, True)]
+    assert attempts[1][2]  # the skipped attempt left moments and step counters as they were
+    assert (run.state.step, run.state.skipped) == (3, 1)
