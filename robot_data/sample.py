@@ -34,8 +34,15 @@ from typing import Any
 import torch
 
 SAMPLE_KEYS = (
-    "images", "state", "actions", "action_mask", "prompt_ids", "target_ids",
-    "episode_index", "frame_index", "index",
+    "images",
+    "state",
+    "actions",
+    "action_mask",
+    "prompt_ids",
+    "target_ids",
+    "episode_index",
+    "frame_index",
+    "index",
 )
 
 

@@ -112,7 +112,9 @@ def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
     seen = []  # per forward: (vision in train mode, autograd on inside it, output needs grad)
     # only training forwards: the FLOP meter records one eager eval-mode forward when what trains changes
     vision.register_forward_hook(
-        lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)) if run.model.training else None
+        lambda m, i, o: (
+            seen.append((m.training, torch.is_grad_enabled(), o.requires_grad)) if run.model.training else None
+        )
     )
     grads = []  # per update, before the optimizer step: which modules have gradients
     names = ("vision_encoder", "projector", "proprio_encoder", "action_head")
