@@ -1,0 +1,185 @@
+"""Loading recipes: YAML + ``key.sub=value`` overrides -> a validated :class:`Recipe`.
+
+Every unknown key and every wrong type is reported *in one pass*, each naming the key and
+suggesting the nearest valid one; then the cross-key checks of :mod:`vla_ft.config.checks` run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from vla_ft.config.checks import _suggest, validate
+from vla_ft.config.schema import Recipe, RecipeError
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against type ``tp``; return the converted value (problems appended)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            trial: list[str] = []
+            out = _convert(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = _suggest(str(value), [str(c) for c in choices])
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        _, item = typing.get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 5e-4 as a string; accept the usual scientific notation.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = _suggest(str(key), names)
+            full = close.replace("'", f"'{prefix}.", 1) if close and prefix else close
+            problems.append(f"unknown key '{path}'{full}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, problems)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Recipe (or any nested dataclass) -> plain dict, YAML-safe."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like key.sub=value", "command line")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Merge ``key.sub=value`` strings (values parsed as YAML) onto a raw recipe dict."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a RecipeError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a mapping of sections, got {type(raw).__name__}", str(path))
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a raw mapping; all problems are reported at once."""
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        problems += validate(recipe)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """YAML file + ``key.sub=value`` overrides -> validated Recipe."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return recipe_from_dict(raw, str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+def describe_keys(prefix: str = "", cls: type = Recipe, path: str = "") -> str:
+    """Every recipe key with type, default and help text (``vla-ft keys``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{path}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe_keys(prefix, tp, key + "."))
+            continue
+        if key.startswith(prefix):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+    return "\n".join(line for line in lines if line)
