@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUICKSTART, TINY
-from train_helpers import metric_rows
+from train_helpers import metric_rows, poison_first_loss
 
 import vla_ft.train as train_mod
 from vla_ft.config import load_recipe
@@ -64,14 +64,7 @@ def test_an_fp16_overflow_skipped_by_the_scaler_does_not_advance_step_or_schedul
 
 def test_an_fp16_nonfinite_loss_is_a_fault_and_the_scaler_keeps_working(tmp_path, monkeypatch):
     run = cuda_run(tmp_path / "run", "train.precision=fp16", "train.steps=2")
-    forward, calls = run.loss_fn.forward, []
-
-    def nan_once(outputs, batch):
-        total, parts = forward(outputs, batch)
-        calls.append(1)
-        return (total * math.nan if len(calls) == 1 else total), parts
-
-    monkeypatch.setattr(run.loss_fn, "forward", nan_once)
+    poison_first_loss(monkeypatch, run.loss_fn)
     fit(run)  # a scaler left mid-step would raise "unscale_() has already been called"
     assert (run.state.step, run.state.skipped) == (2, 1)
 

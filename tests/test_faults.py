@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUICKSTART, TINY
-from train_helpers import metric_rows, start_forked, train_argv, wait_for
+from train_helpers import metric_rows, poison_first_loss, start_forked, train_argv, wait_for
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
@@ -83,14 +83,7 @@ def test_a_nonfinite_gradient_skips_the_step_without_moving_weights_or_schedule(
 
 def test_a_nonfinite_loss_is_skipped_too(tmp_path, monkeypatch):
     run = tiny_run(tmp_path / "run", "train.steps=2", "checkpoint.every=0")
-    forward, calls = run.loss_fn.forward, []
-
-    def nan_once(outputs, batch):
-        total, parts = forward(outputs, batch)
-        calls.append(1)
-        return (total * math.nan if len(calls) == 1 else total), parts
-
-    monkeypatch.setattr(run.loss_fn, "forward", nan_once)
+    poison_first_loss(monkeypatch, run.loss_fn)
     fit(run)
     assert (run.state.step, run.state.skipped) == (2, 1)
 

@@ -111,3 +111,15 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} tensors differ between {a} and {b}, e.g. {different[:3]}"
+
+
+def poison_first_loss(monkeypatch, loss_fn) -> None:
+    """Make the first training forward of ``loss_fn`` return a NaN total (a real non-finite loss)."""
+    forward, calls = loss_fn.forward, []
+
+    def nan_once(outputs, batch):
+        total, parts = forward(outputs, batch)
+        calls.append(1)
+        return (total * float("nan") if len(calls) == 1 else total), parts
+
+    monkeypatch.setattr(loss_fn, "forward", nan_once)
