@@ -94,7 +94,7 @@ def test_predict_action_matches_the_training_pipeline(trained, offline, monkeypa
     monkeypatch.undo()  # the reference below reads the dataset; the policy is already loaded
     ckpt = trained / "checkpoints" / "step_000002"
     recipe = load_recipe(ckpt / "config.yaml")
-    data = build_data(recipe, policy.prompts.tokenizer, 0, json.loads((ckpt / "norm_stats.json").read_text()))
+    data = build_data(recipe, policy.prompts.tokenizer, json.loads((ckpt / "norm_stats.json").read_text()))
     ds = data.val_set
     for index in (0, 1, 5):  # frame 0 and 1: the state history is clamped at the episode start
         episode, t = ds.locate(index)

@@ -21,24 +21,15 @@ from vla_ft.config import Recipe, load_recipe
 
 VIT = "vit_tiny_patch16_224"
 VIT_KWARGS = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 16}  # as in TINY
-LM_CONFIGS = {
-    "qwen2": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 256,
-    },
-    "llama": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 256,
-    },
+_TINY_LM = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 256,
 }
+LM_CONFIGS = {"qwen2": dict(_TINY_LM), "llama": dict(_TINY_LM)}  # same sizes, two architectures
 VOCAB = 284  # len() of the builtin tokenizer
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -52,14 +52,18 @@ class EpochSampler(Sampler[int]):
         """Start ``epoch`` after ``consumed`` samples (global count) were already used."""
         self.epoch, self.start = epoch, consumed // self.world
 
+    @property
+    def _usable(self) -> int:
+        # Shuffled epochs drop the remainder so every rank gets as many samples.
+        return self.n - self.n % self.world if self.shuffle else self.n
+
     def _shard(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
-        usable = self.n - self.n % self.world if self.shuffle else self.n
-        return perm[:usable][self.rank :: self.world]
+        return perm[: self._usable][self.rank :: self.world]
 
     def __iter__(self):
         # (epoch, index) pairs: DataLoader workers hold their own dataset copies, so the
@@ -67,7 +71,8 @@ class EpochSampler(Sampler[int]):
         return iter([(self.epoch, i) for i in self._shard()[self.start :]])
 
     def __len__(self) -> int:
-        return max(0, len(self._shard()) - self.start)
+        shard = len(range(self.rank, self._usable, self.world))  # no permutation needed for a length
+        return max(0, shard - self.start)
 
 
 class EpochDataset(Dataset):
@@ -105,9 +110,11 @@ def build_reader(recipe: Recipe):
         raise RecipeError(f"data.path: {err}") from None
 
 
-def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict | None = None) -> DataBundle:
+def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBundle:
     """Reader -> episode split -> normaliser -> train/val datasets.
 
+    Discretised action tokens (``data.language_target=action_tokens``) use the tokenizer's last
+    ``model.action_tokens_bins`` ids, as OpenVLA does.
     ``stats`` (from a checkpoint) replaces fresh statistics so a resumed or evaluated run
     normalises exactly as training did.
     """
@@ -126,7 +133,11 @@ def build_data(recipe: Recipe, tokenizer, action_token_offset: int, stats: dict 
             print(f"data stats: {line}")
         normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
     prompts = PromptTokenizer(
-        tokenizer, d.prompt_template, d.language_target, action_token_offset, recipe.model.action_tokens_bins
+        tokenizer,
+        d.prompt_template,
+        d.language_target,
+        len(tokenizer) - recipe.model.action_tokens_bins,
+        recipe.model.action_tokens_bins,
     )
     cameras = d.cameras or list(reader.cameras)
     common = dict(

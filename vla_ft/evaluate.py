@@ -92,8 +92,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluati
     recipe = eval_recipe(ckpt, overrides)
     rt = init_runtime(recipe)
     tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
-    offset = len(tokenizer) - recipe.model.action_tokens_bins
-    data = build_data(recipe, tokenizer, offset, load_json(ckpt / "norm_stats.json"))
+    data = build_data(recipe, tokenizer, load_json(ckpt / "norm_stats.json"))
     model, meta = load_model(ckpt, rt.device)
     check_compatible(meta, data.state_dim, data.action_dim, len(data.cameras))
     model.wants_language = recipe.data.language_target != "none"  # token accuracy

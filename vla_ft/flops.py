@@ -204,8 +204,8 @@ class StepFlops:
 
 
 def want_text(model: VLA, batch: dict[str, Tensor]) -> bool:
-    """Whether the trunk appends the language target (the same rule as ``VLA.trunk``)."""
-    return model.wants_language and "target_ids" in batch and batch["target_ids"].shape[1] > 0
+    """Whether the trunk appends the language target (``VLA.appends_target``)."""
+    return model.appends_target(batch)
 
 
 def step_flops(model: VLA, rec: Recording, batch: dict[str, Tensor]) -> StepFlops:
@@ -267,9 +267,9 @@ class FlopMeter:
         self._handle = model.register_forward_pre_hook(self._before, prepend=True)
 
     def _state_key(self, batch: dict[str, Tensor]) -> tuple:
-        # The coefficients change with what trains and with what the forward computes.
-        grads = tuple(p.requires_grad for p in self.model.parameters())
-        return grads, want_text(self.model, batch), "readout" in batch
+        # The coefficients change with what trains and with what the forward computes. The
+        # model's cached trainable set changes only through set_frozen (no per-step parameter walk).
+        return frozenset(self.model.trainable_modules), want_text(self.model, batch), "readout" in batch
 
     def _before(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         if not model.training:  # evaluation, and the recording forward below

@@ -118,9 +118,7 @@ class VLA(nn.Module):
                 # LoRA-wrapped modules: base weights always frozen, adapters always train.
                 p.requires_grad_("lora_" in pname if name in self.lora_modules else name not in names)
         self._trainable = None
-        for module in self.named_modules_of_interest().values():
-            module.train(self.training)  # re-apply below: a thawed module must leave eval mode
-        self.train(self.training)
+        self.train(self.training)  # thawed modules leave eval mode, newly frozen ones enter it
 
     @property
     def trainable_modules(self) -> set[str]:
@@ -172,8 +170,8 @@ class VLA(nn.Module):
         return params or [p for p in self.action_queries.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ forward
-    def embed_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vision + state tokens: (B, Nv + 1, D) embeddings and their (B, Nv + 1) mask."""
+    def embed_prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vision + state tokens: (B, Nv + 1, D) embeddings (never padded)."""
         with self._grad_ctx("vision_encoder"):
             vis = self.vision_encoder(batch["images"])
         with self._grad_ctx("projector"):
@@ -181,16 +179,20 @@ class VLA(nn.Module):
         if self.proprio_encoder is not None:
             with self._grad_ctx("proprio_encoder"):
                 tokens.append(self.proprio_encoder(batch["state"].flatten(1)).unsqueeze(1))
-        prefix = torch.cat(tokens, dim=1)
-        return prefix, torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+        return torch.cat(tokens, dim=1)
+
+    def appends_target(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether :meth:`trunk` appends the language target to the sequence for this batch."""
+        target = batch.get("target_ids")
+        return self.wants_language and target is not None and target.shape[1] > 0
 
     def trunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Everything up to the heads: returns ``readout`` (B, C, D) and, when the language
         term is wanted, ``target_hidden`` (B, Lt, D) at the positions predicting the target."""
-        prefix, _ = self.embed_prefix(batch)
+        prefix = self.embed_prefix(batch)
         embed = self.language_model.get_input_embeddings()
         b, c = prefix.shape[0], self.chunk
-        want_text = self.wants_language and batch["target_ids"].shape[1] > 0
+        want_text = self.appends_target(batch)
         parts = [prefix, embed(batch["prompt_ids"]), self.action_queries(b).to(prefix.dtype)]
         if want_text:
             parts.append(embed(batch["target_ids"]))

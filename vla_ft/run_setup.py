@@ -123,9 +123,8 @@ def build_components(recipe: Recipe, device: torch.device, resume_from: Path | N
     """
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(str(resume_from / "tokenizer") if resume_from else _default_tokenizer(recipe))
-    offset = len(tokenizer) - recipe.model.action_tokens_bins
     stats = read_norm_stats(resume_from) if resume_from else None
-    data = build_data(recipe, tokenizer, offset, stats)
+    data = build_data(recipe, tokenizer, stats)
     model = build_model(
         recipe,
         state_dim=data.state_dim,

@@ -8,7 +8,7 @@ import typing
 from vla_ft.config.schema import MODULE_NAMES, TRUNK_MODULES, Recipe
 
 
-def _suggest(name: str, valid: typing.Iterable[str]) -> str:
+def suggest(name: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -21,7 +21,7 @@ def validate(r: Recipe) -> list[str]:
     p: list[str] = []
     if r.data.format not in READERS:
         p.append(
-            f"data.format: unknown reader '{r.data.format}'{_suggest(r.data.format, READERS)}; "
+            f"data.format: unknown reader '{r.data.format}'{suggest(r.data.format, READERS)}; "
             f"valid: {', '.join(READERS)}"
         )
     elif r.data.format != "synthetic" and not r.data.path:
@@ -45,8 +45,7 @@ def validate(r: Recipe) -> list[str]:
         for name in keys:
             if name not in MODULE_NAMES:
                 p.append(
-                    f"{section}.{name}: unknown module{_suggest(name, MODULE_NAMES)}; "
-                    f"modules: {', '.join(MODULE_NAMES)}"
+                    f"{section}.{name}: unknown module{suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}"
                 )
     for name, spec in r.unfreeze.items():
         lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)
@@ -58,7 +57,7 @@ def validate(r: Recipe) -> list[str]:
             p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
     for term in r.loss.schedule:
         if term not in ("language", "action", "gripper"):
-            p.append(f"loss.schedule.{term}: unknown term{_suggest(term, ('language', 'action', 'gripper'))}")
+            p.append(f"loss.schedule.{term}: unknown term{suggest(term, ('language', 'action', 'gripper'))}")
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     if r.model.gripper_head and not r.loss.gripper.dims:
