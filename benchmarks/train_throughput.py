@@ -16,7 +16,7 @@ Rows:
   vla_bf16_eager  vla-ft step, bf16 autocast (fp32 master weights), eager attention, foreach AdamW
   vla_bf16_sdpa   + SDPA attention
   vla_fused       + fused AdamW (vla-ft as a recipe with train.compile=false)
-  vla_full        + torch.compile of the trunk: the recipe as is (full fine-tune)
+  vla_full        + torch.compile of the forward and the loss terms: the recipe as is (full fine-tune)
   hf_eager        HF Trainer: bf16, sdpa, adamw_torch_fused, the same model and loss in compute_loss
   hf_compile      the same with ``torch_compile=True``
   vla_frozen      recipe + freeze.vision_encoder=true
@@ -373,7 +373,7 @@ def vla(bench: Bench, name: str, regime: str, extra: tuple[str, ...] = (), fused
 
     timed_loop(bench, row, step, bench.steps_for(name), t0)
     row.peak_gb = peak_gb(bench.device)
-    if name == "vla_full" and bench.device.type == "cuda":
+    if name in ("vla_full", "vla_lora") and bench.device.type == "cuda":
         row.note += f"; GPU idle {gpu_idle_fraction(step, bench.batches):.1%} of the step"
         if bench.diagnose:
             row.extra = diagnose(run, step, bench)
@@ -504,28 +504,26 @@ def median_ms(step: Callable[[dict], object], batches: list[dict], n: int = 20, 
     return statistics.median(clock.intervals_ms())
 
 
-class _NoSyncTorch:
-    """``torch`` for vla_ft.train with a host-side ``isfinite``: the step without its host sync."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def isfinite(x: torch.Tensor) -> torch.Tensor:
-        return torch.ones(x.shape, dtype=torch.bool)  # on the host: .tolist() does not wait for the GPU
-
-
 def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
-    """What the vla-ft step spends: kernel table, and the step without its host sync (an upper
-    bound for removing the finite check) and with the loss compiled too (same run, same graphs)."""
+    """What the vla-ft step spends (kernel table) and what two of its choices buy, measured in
+    the same process on the same graphs: the fused step path (queued before the host sync,
+    clipping inside the update) vs the plain one, and the compiled loss terms vs eager ones."""
     from torch.profiler import ProfilerActivity, profile
 
     out: dict = {"as_is_ms": median_ms(step, bench.batches)}
-    train_mod.torch = _NoSyncTorch()
+    queues = train_mod.queues_step
+    train_mod.queues_step = lambda run: False
     try:
-        out["no_host_sync_ms"] = median_ms(step, bench.batches)
+        out["plain_step_ms"] = median_ms(step, bench.batches)  # host sync, then clip_grad_norm_, then the update
     finally:
-        train_mod.torch = torch
+        train_mod.queues_step = queues
+    evaluate = run.loss_fn.evaluate
+    if hasattr(evaluate, "eager"):
+        run.loss_fn.evaluate = evaluate.eager
+        try:
+            out["loss_eager_ms"] = median_ms(step, bench.batches)
+        finally:
+            run.loss_fn.evaluate = evaluate
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
@@ -535,11 +533,6 @@ def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
     out["kernels"] = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
     out["cpu_ops"] = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
     print(out["kernels"], out["cpu_ops"], sep="\n", flush=True)
-    try:
-        run.loss_fn.compile(dynamic=False)
-        out["loss_compiled_ms"] = median_ms(step, bench.batches, warm=5)
-    except Exception as err:  # noqa: BLE001  diagnostics only
-        out["loss_compiled_ms"] = f"failed: {err}"
     print(json.dumps({k: v for k, v in out.items() if k not in ("kernels", "cpu_ops")}), flush=True)
     return out
 
@@ -556,7 +549,7 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_bf16_sdpa": lambda b, n: vla(b, n, "full", ("train.compile=false",), fused=False, note="+ sdpa"),
     "vla_fused": lambda b, n: vla(b, n, "full", ("train.compile=false",), note="+ fused AdamW"),
-    "vla_full": lambda b, n: vla(b, n, "full", note="+ compiled trunk (the recipe)"),
+    "vla_full": lambda b, n: vla(b, n, "full", note="+ compiled forward and loss (the recipe)"),
     "hf_eager": lambda b, n: hf_trainer(b, n, False),
     "hf_compile": lambda b, n: hf_trainer(b, n, True),
     "vla_frozen": lambda b, n: vla(b, n, "frozen", note="frozen vision encoder"),
@@ -685,7 +678,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-wait", default="", help="LeRobot video dataset: run `vla-ft train` on it (item 4)")
     p.add_argument("--data-steps", type=int, default=120, help="steps of the --data-wait run")
     p.add_argument("--skip-ceilings", action="store_true", help="skip the matmul and attention micro-benchmarks")
-    p.add_argument("--diagnose", action="store_true", help="vla_full: kernel table and step variants")
+    p.add_argument("--diagnose", action="store_true", help="vla_full, vla_lora: kernel table and step variants")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps: checks the script runs")
     return p.parse_args(argv)
 

@@ -1,11 +1,14 @@
-"""train.compile: the trunk runs through torch.compile in training (one graph per shape), eagerly
-in evaluation, with the same results and the same checkpoint keys. A counting backend stands in
-for inductor so the test takes a second, not minutes."""
+"""train.compile: the training forward and the loss terms run through torch.compile (one graph
+each per shape), evaluation runs eagerly, with the same results and the same checkpoint keys.
+A counting backend stands in for inductor so the test takes a second, not minutes; one test
+runs real inductor on the tiny model."""
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import QUICKSTART, TINY
 from test_flops import make_batch, tiny
@@ -15,32 +18,55 @@ from vla_ft import compilation
 from vla_ft.config import load_recipe
 
 
-def test_compiled_trunk_trains_like_the_eager_one_and_evaluates_eagerly():
+def compiled_pair(backend):
     eager_model, loss_fn = tiny()
-    model, _ = tiny()  # same seed: same weights
-    keys = list(model.state_dict())
+    model, compiled_loss = tiny()  # same seed: same weights
+    compilation.compile_in_training(model, "forward", backend=backend)
+    compilation.compile_in_training(compiled_loss, "evaluate", backend=backend)
+    return eager_model, loss_fn, model, compiled_loss
+
+
+def test_compiled_forward_and_loss_train_like_the_eager_ones_and_evaluate_eagerly():
     counter = CompileCounter()
-    compilation.compile_trunk(model, backend=counter)
+    eager_model, loss_fn, model, compiled_loss = compiled_pair(counter)
+    keys = list(model.state_dict())
     batch = make_batch(prompt_lens=(3, 5), target_lens=(4, 2))
 
-    for m in (eager_model, model):
-        loss_fn(m(batch), batch)[0].backward()
-    assert counter.frame_count == 1
-    torch.testing.assert_close(model(batch)["actions"], eager_model(batch)["actions"])
+    totals = [lf(m(batch), batch) for m, lf in ((eager_model, loss_fn), (model, compiled_loss))]
+    for total, _ in totals:
+        total.backward()
+    assert counter.frame_count == 2  # the forward and the loss terms
+    torch.testing.assert_close(totals[1][0], totals[0][0])
+    assert totals[1][1].keys() == totals[0][1].keys()  # every logged part is still there
     for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
-    assert counter.frame_count == 1  # same shapes: no recompilation
+    compiled_loss(model(batch), batch)
+    assert counter.frame_count == 2  # same shapes: no recompilation
 
     model.eval()
-    model(make_batch(prompt_lens=(2,), target_lens=(1,)))  # a short last validation batch
-    assert counter.frame_count == 1  # evaluation ran the eager trunk
+    compiled_loss.eval()
+    short = make_batch(prompt_lens=(2,), target_lens=(1,))  # a short last validation batch
+    compiled_loss(model(short), short)
+    assert counter.frame_count == 2  # evaluation ran eagerly
     assert list(model.state_dict()) == keys  # checkpoints look the same with or without compile
 
 
+@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="inductor on CPU needs a C++ compiler")
+def test_inductor_graphs_match_eager():
+    eager_model, loss_fn, model, compiled_loss = compiled_pair("inductor")
+    batch = make_batch(prompt_lens=(3, 5), target_lens=(4, 2))
+    (ref, ref_parts), (out, parts) = (lf(m(batch), batch) for m, lf in ((eager_model, loss_fn), (model, compiled_loss)))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for k in ("loss/language", "loss/action", "loss/gripper", "metric/token_acc"):
+        torch.testing.assert_close(parts[k], ref_parts[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_installer_follows_the_recipe():
-    model, _ = tiny()
-    eager_trunk = model.trunk
-    compilation.install(SimpleNamespace(recipe=load_recipe(QUICKSTART, TINY), model=model))
-    assert model.trunk == eager_trunk  # train.compile is off by default
-    compilation.install(SimpleNamespace(recipe=load_recipe(QUICKSTART, [*TINY, "train.compile=true"]), model=model))
-    assert model.trunk.eager == eager_trunk
+    model, loss_fn = tiny()
+    eager_forward, eager_evaluate = model.forward, loss_fn.evaluate
+    run = SimpleNamespace(recipe=load_recipe(QUICKSTART, TINY), model=model, loss_fn=loss_fn)
+    compilation.install(run)
+    assert (model.forward, loss_fn.evaluate) == (eager_forward, eager_evaluate)  # train.compile is off by default
+    run.recipe = load_recipe(QUICKSTART, [*TINY, "train.compile=true"])
+    compilation.install(run)
+    assert (model.forward.eager, loss_fn.evaluate.eager) == (eager_forward, eager_evaluate)

@@ -158,3 +158,27 @@ def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_grad
     fit(run)
     assert seen == [(False, True)]  # eval mode, but autograd runs through it for the vision encoder
     assert grads == [(False, True)]
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e6])  # clipping active / inactive
+def test_clipping_inside_the_fused_update_equals_clip_grad_norm(clip):
+    """The fused path divides gradients by clip_divisor inside the AdamW kernel instead of a
+    separate clip_grad_norm_ pass; both must give the same weights (fused AdamW also runs on CPU)."""
+    from vla_ft.train import clip_divisor, total_grad_norm
+
+    torch.manual_seed(0)
+    plain = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(3)]
+    folded = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    opt_plain, opt_folded = (torch.optim.AdamW(ps, lr=1e-2, fused=True) for ps in (plain, folded))
+    for _ in range(3):
+        for p, q in zip(plain, folded, strict=True):
+            p.grad = torch.randn_like(p) * 3
+            q.grad = p.grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_(plain, clip)
+        opt_plain.step()
+        torch.testing.assert_close(total_grad_norm(folded), norm)
+        opt_folded.grad_scale = clip_divisor(total_grad_norm(folded), clip)
+        opt_folded.step()
+        del opt_folded.grad_scale
+        for p, q in zip(plain, folded, strict=True):
+            torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-6)

@@ -6,6 +6,7 @@ a non-finite step must still leave weights, optimizer moments and step counts un
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -39,8 +40,8 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
     queued, attempts = [], []
     real_queue, real_step = train_mod.step_before_sync, train_mod.train_step
 
-    def spy_queue(run, finite):
-        flags = real_queue(run, finite)
+    def spy_queue(run, *args):
+        flags = real_queue(run, *args)
         queued.append(flags is not None)
         return flags
 
@@ -63,3 +64,31 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
     assert [a[:2] for a in attempts] == [(True, True), (False, False), (True, True), (True, True)]
     assert attempts[1][2]  # the skipped attempt left moments and step counters as they were
     assert (run.state.step, run.state.skipped) == (3, 1)
+
+
+def test_the_queued_fused_step_trains_like_the_plain_one(tmp_path, monkeypatch):
+    """Clipping inside the fused update (grad_scale) and the queued step give the weights and
+    logged gradient norms of clip_grad_norm_ + a plain optimizer step, with clipping active."""
+    overrides = [
+        "train.device=cuda",
+        "train.precision=fp32",
+        "logging.tensorboard=false",
+        "train.val_every=0",
+        "checkpoint.every=0",
+        "train.steps=4",
+        "optim.grad_clip=0.01",  # small enough that every step clips
+        "logging.every=1",
+    ]
+    results = {}
+    for name, queue in (("queued", True), ("plain", False)):
+        run = setup(load_recipe(QUICKSTART, [*TINY, *overrides, f"output_dir={tmp_path / name}"]))
+        monkeypatch.setattr(train_mod, "queues_step", lambda run, queue=queue: queue)
+        fit(run)
+        rows = [json.loads(line) for line in run.logger.path.read_text().splitlines()]
+        norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+        results[name] = ([p.detach().clone() for p in run.model.parameters()], norms)
+    (w_q, n_q), (w_p, n_p) = results["queued"], results["plain"]
+    assert len(n_p) == 4 and min(n_p) > 0.01  # clipping was active on every step
+    assert n_q == pytest.approx(n_p, rel=1e-4)
+    for a, b in zip(w_q, w_p, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

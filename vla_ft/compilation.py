@@ -1,15 +1,21 @@
-"""``train.compile``: torch.compile of the trunk for training, with fixed shape buckets.
+"""``train.compile``: torch.compile of the training forward and of the loss terms, fixed shapes.
 
-The trunk (vision encoder, projector, proprio encoder, LM decoder) is one graph: inductor
-fuses the pixel normalisation, norms, rotary embeddings, activations and residual adds
-around the matmuls, and the backward is compiled with it. The heads and the loss are small
-and stay eager. Shapes are static (``dynamic=False``, the fastest kernels): the collate pads
-prompt and target lengths to multiples of 8 when ``train.compile`` is on (``vla_ft.data``),
-so a run sees a handful of shapes, each compiled once. Evaluation runs the eager trunk:
-its batches (a short last batch, no gradient) would otherwise each cost a compilation.
+Two graphs per shape: the model's forward (vision encoder, projector, proprio encoder, LM
+decoder, action/gripper heads, LM logits at the target positions) and the loss terms
+(``CompositeLoss.evaluate``: cross-entropy over the vocabulary, the action and gripper terms
+and their metrics). Inductor fuses the pixel normalisation, norms, rotary embeddings,
+activations and residual adds around the matmuls, and log-softmax with the NLL over the 152k
+vocabulary, forward and backward. The weighting strategy (step-dependent state) and the
+per-term gradient-norm diagnostic (``autograd.grad``) stay eager.
 
-The compiled function is stored on the instance and shadows ``VLA.trunk``; parameters and
-``state_dict`` keys are untouched, so checkpoints are the same with or without compile.
+Shapes are static (``dynamic=False``, the fastest kernels): the collate pads prompt and
+target lengths to multiples of 8 when ``train.compile`` is on (``vla_ft.data``), so a run
+sees a handful of shapes, each compiled once. Evaluation runs eagerly: its batches (a short
+last batch, no gradient) would otherwise each cost a compilation.
+
+The compiled functions are stored on the instances and shadow ``VLA.forward`` and
+``CompositeLoss.evaluate``; parameters and ``state_dict`` keys are untouched, so
+checkpoints are the same with or without compile.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
-    from vla_ft.model import VLA
     from vla_ft.run_setup import Run
 
 # Shape buckets x trainability states (staged unfreeze) x language on/off: well above the
@@ -28,20 +34,23 @@ if TYPE_CHECKING:
 RECOMPILE_LIMIT = 32
 
 
-def compile_trunk(model: VLA, backend: str = "inductor", mode: str | None = None) -> None:
-    """Make ``model.trunk`` run compiled in training mode and eagerly in eval mode."""
-    eager = model.trunk
+def compile_in_training(module: nn.Module, method: str, backend: str = "inductor", mode: str | None = None) -> None:
+    """Make ``module.<method>`` run compiled while ``module.training``, eagerly otherwise.
+
+    The wrapper keeps the eager original as ``.eager`` (for tools that need eager code).
+    """
+    eager = getattr(module, method)
     compiled = torch.compile(eager, dynamic=False, backend=backend, mode=mode)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
-    def trunk(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not model.training:
-            return eager(batch)
+    def run(*args, **kwargs):
+        if not module.training:
+            return eager(*args, **kwargs)
         with attention_priority():  # chosen when the graph is traced, so it must hold then too
-            return compiled(batch)
+            return compiled(*args, **kwargs)
 
-    trunk.eager = eager  # type: ignore[attr-defined]  # the original, for tools that need eager code
-    model.trunk = trunk  # type: ignore[method-assign]
+    run.eager = eager  # type: ignore[attr-defined]
+    setattr(module, method, run)
 
 
 def attention_priority() -> contextlib.AbstractContextManager:
@@ -61,6 +70,7 @@ def attention_priority() -> contextlib.AbstractContextManager:
 
 
 def install(run: Run) -> None:
-    """Extension installer: compile the trunk when ``train.compile`` is set."""
+    """Extension installer: compile the training forward and the loss terms when ``train.compile`` is set."""
     if run.recipe.train.compile:
-        compile_trunk(run.model)
+        compile_in_training(run.model, "forward")
+        compile_in_training(run.loss_fn, "evaluate")

@@ -124,9 +124,10 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
     if run.scaler:
         run.scaler.unscale_(opt)
     clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
-    result.grad_norm = run.clip_grad_norm(clip).detach()
+    fused = queues_step(run)
+    result.grad_norm = (total_grad_norm(run.trainable_params()) if fused else run.clip_grad_norm(clip)).detach()
     finite = torch.isfinite(torch.stack([result.parts["loss"].float(), result.grad_norm.float()]))
-    queued = step_before_sync(run, finite)
+    queued = step_before_sync(run, finite, result.grad_norm, clip) if fused else None
     loss_ok, grads_ok = queued or run.rt.all_true_each(finite.tolist())  # the step's one host sync
     if not loss_ok or (not grads_ok and run.scaler is None):
         result.applied = False  # (a queued step was already skipped on the device)
@@ -144,29 +145,51 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
     return result
 
 
-def step_before_sync(run: Run, finite: torch.Tensor) -> list[bool] | None:
-    """Speed: queue the optimizer step before the host reads ``finite`` (loss_ok, grads_ok).
+def queues_step(run: Run) -> bool:
+    """Whether this step takes the fused path of :func:`step_before_sync`: a fused Adam/AdamW on
+    one GPU without a GradScaler (CPU, other optimizers, fp16 and several ranks take the plain one)."""
+    opt = run.optimizer
+    return run.scaler is None and not run.rt.distributed and run.rt.device.type == "cuda" and opt.defaults.get("fused")
 
-    For a fused Adam/AdamW on one GPU without a scaler: the fused kernel skips the update on
-    the device when ``found_inf`` is set (the mechanism GradScaler uses), so a non-finite step
-    still changes no weight, moment or step count, while the GPU runs the update during the
-    host's wait and bookkeeping (-5% step time on the reference VLA on an H100). Returns the
-    flags, or None where the plain path applies (CPU, other optimizers, fp16, several ranks).
+
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients together (what ``clip_grad_norm_`` returns), without clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def step_before_sync(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[bool]:
+    """Speed: queue the optimizer step before the host reads ``finite`` (loss_ok, grads_ok), and
+    clip inside the fused update.
+
+    The fused kernel skips the update on the device when ``found_inf`` is set (the mechanism
+    GradScaler uses), so a non-finite step still changes no weight, moment or step count, while
+    the GPU runs the update during the host's wait and bookkeeping (-5% step time on the
+    reference VLA on an H100). It also divides every gradient by ``grad_scale`` as it reads it:
+    ``max((norm + 1e-6) / clip, 1)`` is exactly ``clip_grad_norm_``'s factor, without its pass
+    over every gradient. Returns the host copy of ``finite``.
     """
     opt = run.optimizer
-    if run.scaler is not None or run.rt.distributed or not finite.is_cuda or not opt.defaults.get("fused"):
-        return None
     host = torch.empty(2, dtype=torch.bool, pin_memory=True)
     host.copy_(finite, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()  # the flags are ready here, before the update
     opt.found_inf = (~finite.all()).float()  # 0-dim, like the fused optimizer's step counters
+    opt.grad_scale = clip_divisor(grad_norm, clip)
     try:
         opt.step()
     finally:
-        del opt.found_inf
+        del opt.found_inf, opt.grad_scale
     ready.synchronize()
     return host.tolist()
+
+
+def clip_divisor(grad_norm: torch.Tensor, clip: float) -> torch.Tensor | None:
+    """What a fused optimizer divides the gradients by to clip them like ``clip_grad_norm_(clip)``
+    (which multiplies by ``min(clip / (norm + 1e-6), 1)``); None when there is no clipping."""
+    return None if math.isinf(clip) else ((grad_norm.float() + 1e-6) / clip).clamp(min=1.0)
 
 
 def scaler_step(run: Run) -> bool:
