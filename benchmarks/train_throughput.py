@@ -17,6 +17,8 @@ Rows:
   vla_bf16_sdpa   + SDPA attention
   vla_fused       + fused AdamW (vla-ft as a recipe with train.compile=false)
   vla_full        + torch.compile of the forward and the loss terms: the recipe as is (full fine-tune)
+  vla_all_logits  ablation of vla_full: LM logits over every position (B, L, V), as a stock causal-LM
+                  forward computes them, the loss still at the target rows
   hf_eager        HF Trainer: bf16, sdpa, adamw_torch_fused, the same model and loss in compute_loss
   hf_compile      the same with ``torch_compile=True``
   vla_frozen      recipe + freeze.vision_encoder=true
@@ -57,6 +59,7 @@ from vla_ft import extensions, flops, optim  # noqa: E402
 from vla_ft.config import Recipe, load_recipe  # noqa: E402
 from vla_ft.losses import CompositeLoss  # noqa: E402
 from vla_ft.model import VLA, build_model  # noqa: E402
+from vla_ft.model import _take as take  # noqa: E402
 from vla_ft.run_setup import Run  # noqa: E402
 from vla_ft.runtime import init_runtime, seed_everything  # noqa: E402
 from vla_ft.tracking import MetricsLogger, Progress, TrainWindow  # noqa: E402
@@ -110,13 +113,23 @@ ROWS = (
     "vla_bf16_sdpa",
     "vla_fused",
     "vla_full",
+    "vla_all_logits",
     "hf_eager",
     "hf_compile",
     "vla_frozen",
     "vla_lora",
     "vla_head",
 )
-SMOKE_ROWS = ("textbook", "vla_bf16_sdpa", "vla_fused", "hf_eager", "vla_frozen", "vla_lora", "vla_head")
+SMOKE_ROWS = (
+    "textbook",
+    "vla_bf16_sdpa",
+    "vla_all_logits",
+    "vla_fused",
+    "hf_eager",
+    "vla_frozen",
+    "vla_lora",
+    "vla_head",
+)
 
 
 @dataclass
@@ -318,10 +331,12 @@ def _textbook_attempt(bench: Bench, name: str, accumulation: int) -> Row:
     return row
 
 
-def vla_run(recipe: Recipe, bench: Bench, fused: bool = True) -> Run:
+def vla_run(recipe: Recipe, bench: Bench, fused: bool = True, patch: Callable[[VLA], None] | None = None) -> Run:
     """vla-ft's Run as ``run_setup.setup`` assembles it (without a dataset), extensions installed."""
     rt = init_runtime(recipe)
     model, loss_fn = build_vla(recipe, rt.device)
+    if patch is not None:
+        patch(model)
     groups = optim.build_param_groups(recipe, model, list(loss_fn.no_decay_parameters()))
     opt = optim.build_optimizer(recipe, groups, rt.device)
     if not fused:  # the ablation before fused AdamW: torch's default (foreach) implementation
@@ -353,12 +368,21 @@ def vla_run(recipe: Recipe, bench: Bench, fused: bool = True) -> Run:
     return run
 
 
-def vla(bench: Bench, name: str, regime: str, extra: tuple[str, ...] = (), fused: bool = True, note: str = "") -> Row:
-    """(c) vla-ft's step from a recipe: ``prepare_update -> train_step -> after_update``, as ``fit`` runs it."""
+def vla(
+    bench: Bench,
+    name: str,
+    regime: str,
+    extra: tuple[str, ...] = (),
+    fused: bool = True,
+    note: str = "",
+    patch: Callable[[VLA], None] | None = None,
+) -> Row:
+    """(c) vla-ft's step from a recipe: ``prepare_update -> train_step -> after_update``, as ``fit`` runs it.
+    ``patch`` changes the model before it is compiled (ablations of the model's own choices)."""
     reset_memory(bench.device)
     recipe = bench.recipe(*REGIMES[regime], *extra)
     row, t0 = Row(name, batch=recipe.train.batch_size, note=note), time.perf_counter()
-    run = vla_run(recipe, bench, fused)
+    run = vla_run(recipe, bench, fused, patch)
     window = TrainWindow()
     if regime == "head":
         bench = _with_readout(bench, run)
@@ -381,6 +405,23 @@ def vla(bench: Bench, name: str, regime: str, extra: tuple[str, ...] = (), fused
     want = recipe.data.language_target != "none" and run.loss_fn.wants("language")
     row.tflop_per_step = count_flops(run.model, bench.batches[0], want)
     return row
+
+
+def logits_everywhere(model: VLA) -> None:
+    """Ablation: LM logits at every position, as a stock causal-LM forward computes them
+    (B, L, V), with the loss still on the target rows only: what vla-ft saves by applying the
+    LM head at the supervised positions alone."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hidden, q0 = model.lm_hidden(batch)
+        out = model.heads(take(hidden, q0 + torch.arange(model.chunk, device=q0.device)))
+        logits = model.lm_head(hidden)  # (B, L, V)
+        labels = batch["target_ids"].masked_fill(~batch["target_mask"], -100)
+        out["lm_logits"] = take(logits, model.target_positions(q0, batch)).flatten(0, 1)
+        out["lm_labels"] = labels.flatten()
+        return out
+
+    model.forward = forward  # type: ignore[method-assign]
 
 
 @torch.no_grad()
@@ -550,6 +591,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "vla_bf16_sdpa": lambda b, n: vla(b, n, "full", ("train.compile=false",), fused=False, note="+ sdpa"),
     "vla_fused": lambda b, n: vla(b, n, "full", ("train.compile=false",), note="+ fused AdamW"),
     "vla_full": lambda b, n: vla(b, n, "full", note="+ compiled forward and loss (the recipe)"),
+    "vla_all_logits": lambda b, n: vla(
+        b, n, "full", note="ablation: LM logits at every position", patch=logits_everywhere
+    ),
     "hf_eager": lambda b, n: hf_trainer(b, n, False),
     "hf_compile": lambda b, n: hf_trainer(b, n, True),
     "vla_frozen": lambda b, n: vla(b, n, "frozen", note="frozen vision encoder"),

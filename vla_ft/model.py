@@ -186,25 +186,33 @@ class VLA(nn.Module):
         target = batch.get("target_ids")
         return self.wants_language and target is not None and target.shape[1] > 0
 
-    def trunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Everything up to the heads: returns ``readout`` (B, C, D) and, when the language
-        term is wanted, ``target_hidden`` (B, Lt, D) at the positions predicting the target."""
+    def lm_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's last hidden states (B, L, D) over [prefix | prompt | queries | target | pads],
+        and each row's first query position q0 (B, 1)."""
         prefix = self.embed_prefix(batch)
         embed = self.language_model.get_input_embeddings()
-        b, c = prefix.shape[0], self.chunk
-        want_text = self.appends_target(batch)
-        parts = [prefix, embed(batch["prompt_ids"]), self.action_queries(b).to(prefix.dtype)]
-        if want_text:
+        parts = [prefix, embed(batch["prompt_ids"]), self.action_queries(prefix.shape[0]).to(prefix.dtype)]
+        if self.appends_target(batch):
             parts.append(embed(batch["target_ids"]))
         seq = _pads_to_the_end(torch.cat(parts, dim=1), prefix.shape[1], batch["prompt_mask"])
         with self._grad_ctx("language_model"):  # no padding inside: plain causal attention, default positions
             hidden = self.decoder(inputs_embeds=seq).last_hidden_state
-        q0 = prefix.shape[1] + batch["prompt_mask"].sum(1, keepdim=True)  # (B, 1) first query of each row
-        out = {"readout": _take(hidden, q0 + torch.arange(c, device=q0.device))}
-        if want_text:  # position p predicts token p + 1: the last query predicts target[0]
-            lt = batch["target_ids"].shape[1]
-            out["target_hidden"] = _take(hidden, q0 + c - 1 + torch.arange(lt, device=q0.device))
+        return hidden, prefix.shape[1] + batch["prompt_mask"].sum(1, keepdim=True)
+
+    def trunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything up to the heads: returns ``readout`` (B, C, D) and, when the language
+        term is wanted, ``target_hidden`` (B, Lt, D) at the positions predicting the target."""
+        hidden, q0 = self.lm_hidden(batch)
+        out = {"readout": _take(hidden, q0 + torch.arange(self.chunk, device=q0.device))}
+        if self.appends_target(batch):
+            out["target_hidden"] = _take(hidden, self.target_positions(q0, batch))
         return out
+
+    def target_positions(self, q0: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, Lt) positions whose hidden states predict the target: position p predicts token
+        p + 1, so the last query predicts target[0]."""
+        lt = batch["target_ids"].shape[1]
+        return q0 + self.chunk - 1 + torch.arange(lt, device=q0.device)
 
     def heads(self, readout: torch.Tensor) -> dict[str, torch.Tensor]:
         """readout (B, C, D) -> actions (B, C, A) [+ gripper_logits (B, C, G)]."""
