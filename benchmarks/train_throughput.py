@@ -118,6 +118,8 @@ ROWS = (
     "hf_compile",
     "vla_frozen",
     "vla_lora",
+    "vla_lora_graphs",
+    "vla_full_graphs",
     "vla_head",
 )
 SMOKE_ROWS = (
@@ -128,6 +130,8 @@ SMOKE_ROWS = (
     "hf_eager",
     "vla_frozen",
     "vla_lora",
+    "vla_lora_graphs",
+    "vla_full_graphs",
     "vla_head",
 )
 
@@ -598,6 +602,12 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "hf_compile": lambda b, n: hf_trainer(b, n, True),
     "vla_frozen": lambda b, n: vla(b, n, "frozen", note="frozen vision encoder"),
     "vla_lora": lambda b, n: vla(b, n, "lora", note="LoRA r=32 on LM linears, frozen vision"),
+    "vla_lora_graphs": lambda b, n: vla(
+        b, n, "lora", ("train.compile_mode=reduce-overhead",), note="LoRA, CUDA graphs (reduce-overhead)"
+    ),
+    "vla_full_graphs": lambda b, n: vla(
+        b, n, "full", ("train.compile_mode=reduce-overhead",), note="full, CUDA graphs (reduce-overhead)"
+    ),
     "vla_head": lambda b, n: vla(b, n, "head", note="heads on precomputed readout (feature cache)"),
 }
 

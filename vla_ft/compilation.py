@@ -71,6 +71,8 @@ def attention_priority() -> contextlib.AbstractContextManager:
 
 def install(run: Run) -> None:
     """Extension installer: compile the training forward and the loss terms when ``train.compile`` is set."""
-    if run.recipe.train.compile:
-        compile_in_training(run.model, "forward")
-        compile_in_training(run.loss_fn, "evaluate")
+    t = run.recipe.train
+    if t.compile:
+        mode = None if t.compile_mode == "default" else t.compile_mode
+        compile_in_training(run.model, "forward", mode=mode)
+        compile_in_training(run.loss_fn, "evaluate", mode=mode)

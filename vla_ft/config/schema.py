@@ -240,7 +240,10 @@ class TrainConfig:
     seed: int = doc("seed of model init, shuffling, augmentation and dropout", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("where to train", "auto")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto: bf16 on CUDA, fp32 on CPU", "auto")
-    compile: bool = doc("torch.compile the trunk", False)
+    compile: bool = doc("torch.compile the training forward and the loss terms", False)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
+        "torch.compile mode; reduce-overhead replays CUDA graphs (no per-kernel launch cost)", "default"
+    )
     val_every: int = doc("validate every N steps (0 = only at the end)", 100)
     val_batches: int = doc("max validation batches (0 = all)", 0)
     best_metric: str = doc("validation metric selecting the best checkpoint", "val/action_l1")
