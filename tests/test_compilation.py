@@ -15,7 +15,7 @@ from test_flops import make_batch, tiny
 from torch._dynamo.testing import CompileCounter
 
 from vla_ft import compilation
-from vla_ft.config import load_recipe
+from vla_ft.config import RecipeError, load_recipe
 
 
 def compiled_pair(backend):
@@ -70,3 +70,16 @@ def test_installer_follows_the_recipe():
     run.recipe = load_recipe(QUICKSTART, [*TINY, "train.compile=true"])
     compilation.install(run)
     assert (model.forward.eager, loss_fn.evaluate.eager) == (eager_forward, eager_evaluate)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """train.compile_mode picks torch.compile's mode (reduce-overhead: CUDA graphs); an unknown
+    mode is a recipe error naming the key."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["mode"]) or fn)
+    model, loss_fn = tiny()
+    recipe = load_recipe(QUICKSTART, [*TINY, "train.compile=true", "train.compile_mode=reduce-overhead"])
+    compilation.install(SimpleNamespace(recipe=recipe, model=model, loss_fn=loss_fn))
+    assert seen == ["reduce-overhead", "reduce-overhead"]
+    with pytest.raises(RecipeError, match="train.compile_mode"):
+        load_recipe(QUICKSTART, [*TINY, "train.compile_mode=fast"])
