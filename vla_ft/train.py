@@ -149,14 +149,19 @@ def queues_step(run: Run) -> bool:
     """Whether this step takes the fused path of :func:`step_before_sync`: a fused Adam/AdamW on
     one GPU without a GradScaler (CPU, other optimizers, fp16 and several ranks take the plain one)."""
     opt = run.optimizer
-    return run.scaler is None and not run.rt.distributed and run.rt.device.type == "cuda" and opt.defaults.get("fused")
+    return (
+        run.scaler is None
+        and not run.rt.distributed
+        and run.rt.device.type == "cuda"
+        and bool(opt.defaults.get("fused"))
+    )
 
 
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all gradients together (what ``clip_grad_norm_`` returns), without clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
+    if not grads:  # nothing trainable got a gradient this step
+        return torch.zeros((), device=params[0].device if params else None)
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
