@@ -4,9 +4,9 @@ Two graphs per shape: the model's forward (vision encoder, projector, proprio en
 decoder, action/gripper heads, LM logits at the target positions) and the loss terms
 (``CompositeLoss.evaluate``: cross-entropy over the vocabulary, the action and gripper terms
 and their metrics). Inductor fuses the pixel normalisation, norms, rotary embeddings,
-activations and residual adds around the matmuls, and log-softmax with the NLL over the 152k
-vocabulary, forward and backward. The weighting strategy (step-dependent state) and the
-per-term gradient-norm diagnostic (``autograd.grad``) stay eager.
+activations and residual adds around the matmuls, forward and backward. The weighting
+strategy (step-dependent state) and the per-term gradient-norm diagnostic (``autograd.grad``)
+stay eager.
 
 Shapes are static (``dynamic=False``, the fastest kernels): the collate pads prompt and
 target lengths to multiples of 8 when ``train.compile`` is on (``vla_ft.data``), so a run

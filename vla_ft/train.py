@@ -158,11 +158,10 @@ def queues_step(run: Run) -> bool:
 
 
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients together (what ``clip_grad_norm_`` returns), without clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:  # nothing trainable got a gradient this step
-        return torch.zeros((), device=params[0].device if params else None)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+    """The L2 norm of all gradients together (what ``clip_grad_norm_`` returns), without clipping;
+    on the parameters' device also when none of them got a gradient (torch then returns a CPU zero)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.to(params[0].device) if params else norm
 
 
 def step_before_sync(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[bool]:
@@ -171,10 +170,11 @@ def step_before_sync(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, cl
 
     The fused kernel skips the update on the device when ``found_inf`` is set (the mechanism
     GradScaler uses), so a non-finite step still changes no weight, moment or step count, while
-    the GPU runs the update during the host's wait and bookkeeping (-5% step time on the
-    reference VLA on an H100). It also divides every gradient by ``grad_scale`` as it reads it:
-    ``max((norm + 1e-6) / clip, 1)`` is exactly ``clip_grad_norm_``'s factor, without its pass
-    over every gradient. Returns the host copy of ``finite``.
+    the GPU runs the update during the host's wait and bookkeeping. It also divides every
+    gradient by ``grad_scale`` as it reads it: ``max((norm + 1e-6) / clip, 1)`` is exactly
+    ``clip_grad_norm_``'s factor, without its pass over every gradient. Reference VLA on an
+    H100, against the plain path (host wait, ``clip_grad_norm_``, update): -1.1% step time
+    (full fine-tune), -2.4% (LoRA). Returns the host copy of ``finite``.
     """
     opt = run.optimizer
     host = torch.empty(2, dtype=torch.bool, pin_memory=True)
