@@ -114,6 +114,7 @@ ROWS = (
     "vla_fused",
     "vla_full",
     "vla_all_logits",
+    "vla_fp32_weights",
     "hf_eager",
     "hf_compile",
     "vla_frozen",
@@ -126,6 +127,7 @@ SMOKE_ROWS = (
     "textbook",
     "vla_bf16_sdpa",
     "vla_all_logits",
+    "vla_fp32_weights",
     "vla_fused",
     "hf_eager",
     "vla_frozen",
@@ -227,7 +229,8 @@ def count_flops(model: VLA, batch: dict[str, torch.Tensor], want_text: bool) -> 
     """Model TFLOPs of one training step on ``batch`` (coefficients from an eager forward on 1 sample)."""
     model.train()
     model.wants_language = want_text
-    coeffs = flops.measure_step_flops(model, {k: v[:1] for k, v in batch.items()})
+    with torch.autocast(batch["actions"].device.type, dtype=torch.bfloat16, enabled=model.master_weights is not None):
+        coeffs = flops.measure_step_flops(model, {k: v[:1] for k, v in batch.items()})
     return float(coeffs.total(batch, flops.want_text(model, batch))) / 1e12
 
 
@@ -341,12 +344,12 @@ def vla_run(recipe: Recipe, bench: Bench, fused: bool = True, patch: Callable[[V
     model, loss_fn = build_vla(recipe, rt.device)
     if patch is not None:
         patch(model)
-    groups = optim.build_param_groups(recipe, model, list(loss_fn.no_decay_parameters()))
-    opt = optim.build_optimizer(recipe, groups, rt.device)
+    opt = optim.make_optimizer(recipe, model, list(loss_fn.no_decay_parameters()), rt.device, rt.param_dtype)
     if not fused:  # the ablation before fused AdamW: torch's default (foreach) implementation
-        opt = torch.optim.AdamW(
-            opt.param_groups, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps
-        )
+        groups = opt.param_groups
+        opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps)
+        if model.master_weights is not None:
+            model.master_weights.attach(opt)
     run_dir = Path(recipe.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(
@@ -597,6 +600,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "vla_full": lambda b, n: vla(b, n, "full", note="+ compiled forward and loss (the recipe)"),
     "vla_all_logits": lambda b, n: vla(
         b, n, "full", note="ablation: LM logits at every position", patch=logits_everywhere
+    ),
+    "vla_fp32_weights": lambda b, n: vla(
+        b, n, "full", ("train.param_dtype=fp32",), note="ablation: autocast over fp32 weights"
     ),
     "hf_eager": lambda b, n: hf_trainer(b, n, False),
     "hf_compile": lambda b, n: hf_trainer(b, n, True),

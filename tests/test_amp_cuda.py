@@ -69,8 +69,9 @@ def test_an_fp16_nonfinite_loss_is_a_fault_and_the_scaler_keeps_working(tmp_path
     assert (run.state.step, run.state.skipped) == (2, 1)
 
 
-def test_bf16_autocast_trains_on_cuda(tmp_path):
-    run = cuda_run(tmp_path / "run", "train.precision=bf16", "train.steps=4")
+@pytest.mark.parametrize("param_dtype", ["fp32", "auto"])
+def test_bf16_autocast_trains_on_cuda(tmp_path, param_dtype):
+    run = cuda_run(tmp_path / "run", "train.precision=bf16", "train.steps=4", f"train.param_dtype={param_dtype}")
     assert run.scaler is None
     dtypes = []
     run.model.action_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
@@ -79,6 +80,8 @@ def test_bf16_autocast_trains_on_cuda(tmp_path):
     assert set(dtypes) == {torch.bfloat16}
     rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
-    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    weights = torch.float32 if param_dtype == "fp32" else torch.bfloat16  # auto: bf16 weights, fp32 masters
+    assert all(p.dtype == weights for p in run.model.parameters())
+    assert (run.model.master_weights is None) == (param_dtype == "fp32")
     assert sum(not torch.equal(a, p) for a, p in zip(before, run.model.parameters(), strict=True)) > 10
     assert rows[-1]["perf/gpu_mem_gb"] > 0

@@ -66,12 +66,13 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
     assert (run.state.step, run.state.skipped) == (3, 1)
 
 
-def test_the_queued_fused_step_trains_like_the_plain_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: bf16 weights, the fused update on fp32 masters
+def test_the_queued_fused_step_trains_like_the_plain_one(tmp_path, monkeypatch, precision):
     """Clipping inside the fused update (grad_scale) and the queued step give the weights and
     logged gradient norms of clip_grad_norm_ + a plain optimizer step, with clipping active."""
     overrides = [
         "train.device=cuda",
-        "train.precision=fp32",
+        f"train.precision={precision}",
         "logging.tensorboard=false",
         "train.val_every=0",
         "checkpoint.every=0",
@@ -86,7 +87,9 @@ def test_the_queued_fused_step_trains_like_the_plain_one(tmp_path, monkeypatch):
         fit(run)
         rows = [json.loads(line) for line in run.logger.path.read_text().splitlines()]
         norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
-        results[name] = ([p.detach().clone() for p in run.model.parameters()], norms)
+        assert (run.model.master_weights is not None) == (precision == "bf16")
+        trained = [p.detach().clone() for g in run.optimizer.param_groups for p in g["params"]]  # the masters
+        results[name] = (trained, norms)
     (w_q, n_q), (w_p, n_p) = results["queued"], results["plain"]
     assert len(n_p) == 4 and min(n_p) > 0.01  # clipping was active on every step
     assert n_q == pytest.approx(n_p, rel=1e-4)

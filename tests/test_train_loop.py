@@ -129,7 +129,8 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values,
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    run = tiny_run(tmp_path / "run", "train.precision=bf16", "train.steps=2", "checkpoint.every=0")
+    overrides = ("train.precision=bf16", "train.param_dtype=fp32", "train.steps=2", "checkpoint.every=0")
+    run = tiny_run(tmp_path / "run", *overrides)
     dtypes = []
     run.model.action_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = [p.detach().clone() for p in run.model.action_head.parameters()]

@@ -21,13 +21,16 @@ gripper_head``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vla_ft.backbones import build_language_model, build_vision_encoder
 from vla_ft.config import ModelConfig, Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from vla_ft.master_weights import MasterWeights
 
 # Upstream modules of each trunk module: a frozen module may run without autograd only
 # when everything feeding it is frozen too.
@@ -99,6 +102,7 @@ class VLA(nn.Module):
         self.lora_modules: set[str] = set()  # filled by vla_ft.lora.apply_lora
         self._trainable: set[str] | None = None  # cache of trainable_modules
         self.wants_language = True  # set by the trainer from the loss (zero-weight terms are skipped)
+        self.master_weights: MasterWeights | None = None  # train.param_dtype=bf16: fp32 masters of the bf16 weights
 
     # ------------------------------------------------------------------ structure
     def named_modules_of_interest(self) -> dict[str, nn.Module]:
@@ -117,6 +121,8 @@ class VLA(nn.Module):
             for pname, p in module.named_parameters():
                 # LoRA-wrapped modules: base weights always frozen, adapters always train.
                 p.requires_grad_("lora_" in pname if name in self.lora_modules else name not in names)
+        if self.master_weights is not None:
+            self.master_weights.sync_requires_grad()
         self._trainable = None
         self.train(self.training)  # thawed modules leave eval mode, newly frozen ones enter it
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vla_ft.config import MODULE_NAMES, Recipe
+from vla_ft.config import MODULE_NAMES, Recipe, RecipeError
+from vla_ft.master_weights import MasterWeights, optimized
+
+if TYPE_CHECKING:
+    from vla_ft.model import VLA
 
 # Parameters that are lookup tables rather than maps: their rows should not shrink to 0.
 TABLE_LEAVES = ("token", "pos_embed", "position_embedding")
@@ -128,10 +133,38 @@ def check_trainable_covered(model: nn.Module, optimizer: torch.optim.Optimizer) 
     for g in optimizer.param_groups:
         for p in g["params"]:
             count[id(p)] = count.get(id(p), 0) + 1
-    bad = [(n, count.get(id(p), 0)) for n, p in model.named_parameters() if p.requires_grad and count.get(id(p)) != 1]
+    bad = [
+        (n, count.get(id(optimized(model, p)), 0))
+        for n, p in model.named_parameters()
+        if p.requires_grad and count.get(id(optimized(model, p))) != 1
+    ]
     if bad:
         shown = ", ".join(f"{n} (in {c} groups)" for n, c in bad[:8])
         raise AssertionError(f"trainable parameters not in exactly one optimizer group: {shown}")
+
+
+def make_optimizer(
+    recipe: Recipe,
+    model: VLA,
+    extra_no_decay: Sequence[torch.Tensor],
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer over :func:`build_param_groups`. With ``param_dtype`` (bf16) the
+    model's weights become bf16 and the optimizer updates fp32 masters of the ones that train
+    (:mod:`vla_ft.master_weights`)."""
+    groups = build_param_groups(recipe, model, extra_no_decay)
+    if not groups:
+        raise RecipeError("freeze: every module is frozen and nothing would train")
+    if param_dtype is not None:
+        own = {id(p) for p in model.parameters()}  # not the loss's own parameters (loss_weights)
+        trained = [p for g in groups for p in g["params"] if id(p) in own]
+        model.master_weights = MasterWeights(model, trained, param_dtype)
+        groups = model.master_weights.param_groups(groups)
+    optimizer = build_optimizer(recipe, groups, device)
+    if model.master_weights is not None:
+        model.master_weights.attach(optimizer)
+    return optimizer
 
 
 def build_optimizer(recipe: Recipe, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:

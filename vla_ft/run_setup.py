@@ -17,7 +17,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft import optim
-from vla_ft.config import Recipe, RecipeError, save_recipe
+from vla_ft.config import Recipe, save_recipe
 from vla_ft.data import DataBundle, EpochSampler, build_data, make_loader
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
@@ -116,10 +116,13 @@ def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     return path
 
 
-def build_components(recipe: Recipe, device: torch.device, resume_from: Path | None = None):
+def build_components(
+    recipe: Recipe, device: torch.device, resume_from: Path | None = None, param_dtype: torch.dtype | None = None
+):
     """Tokenizer, data, model, loss and optimizer, seeded: the part shared with ``inspect``.
 
-    Returns (model, loss_fn, optimizer, (tokenizer, data)).
+    ``param_dtype`` (bf16): the model's weights become bf16 and the optimizer updates their fp32
+    masters (:mod:`vla_ft.master_weights`). Returns (model, loss_fn, optimizer, (tokenizer, data)).
     """
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(str(resume_from / "tokenizer") if resume_from else _default_tokenizer(recipe))
@@ -134,10 +137,8 @@ def build_components(recipe: Recipe, device: torch.device, resume_from: Path | N
     ).to(device)
     loss_fn = CompositeLoss(recipe.loss, data.action_dim, recipe.data.chunk, recipe.model.gripper_head).to(device)
     model.wants_language = recipe.data.language_target != "none" and loss_fn.wants("language")
-    groups = optim.build_param_groups(recipe, model, list(loss_fn.no_decay_parameters()))
-    if not groups:
-        raise RecipeError("freeze: every module is frozen and nothing would train")
-    return model, loss_fn, optim.build_optimizer(recipe, groups, device), (tokenizer, data)
+    optimizer = optim.make_optimizer(recipe, model, list(loss_fn.no_decay_parameters()), device, param_dtype)
+    return model, loss_fn, optimizer, (tokenizer, data)
 
 
 def setup(recipe: Recipe) -> Run:
@@ -146,7 +147,7 @@ def setup(recipe: Recipe) -> Run:
     resume_from = find_resume_checkpoint(recipe, run_dir)
     if resume_from is not None:
         check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from, rt.world_size)
-    model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from)
+    model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size)

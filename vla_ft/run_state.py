@@ -20,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
+from vla_ft.master_weights import full_precision
 from vla_ft.model_files import write_model_files
 
 if TYPE_CHECKING:
@@ -130,6 +131,10 @@ def save_training_checkpoint(run: Run) -> Path | None:
         estimate = checkpoint_bytes(run)
 
         def write(tmp: Path) -> None:
+            with full_precision(model):  # bf16 weights: their fp32 masters are what is saved
+                write_files(tmp)
+
+        def write_files(tmp: Path) -> None:
             if staged is not None:
                 from vla_ft.distributed import DCP_DIR
 
@@ -207,7 +212,8 @@ def load_weights_and_optimizer(run: Run, path: Path) -> None:
 
         load_dcp_state(run, path / DCP_DIR)
         return
-    load_model(run.model, str(path / "model.safetensors"), strict=True)
+    with full_precision(run.model):  # into the fp32 masters (bf16 weights are refreshed from them)
+        load_model(run.model, str(path / "model.safetensors"), strict=True)
     if (path / "optimizer.pt").is_file():
         load_optimizer_state(run.optimizer, ck.torch_load(path / "optimizer.pt"), path)
     elif run.recipe.checkpoint.save_optimizer:

@@ -23,6 +23,7 @@ from vla_ft.config import Recipe, RecipeError
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None = fp32, no autocast
+    param_dtype: torch.dtype | None = None  # bf16: weights in bf16, fp32 masters (vla_ft.master_weights)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -81,13 +82,35 @@ def init_runtime(recipe: Recipe) -> Runtime:
     if precision == "fp16" and not want_cuda:
         raise RecipeError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    param_dtype = resolve_param_dtype(recipe, precision, world)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     if world > 1 and not dist.is_initialized():
         backend = recipe.distributed.backend
         backend = ("nccl" if want_cuda else "gloo") if backend == "auto" else backend
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    return Runtime(device, amp, rank, world, local)
+    return Runtime(device, amp, param_dtype, rank, world, local)
+
+
+def resolve_param_dtype(recipe: Recipe, precision: str, world: int) -> torch.dtype | None:
+    """``train.param_dtype`` for this process: bf16 (weights in bf16, fp32 masters) or None (fp32).
+
+    Several processes: FSDP's policy already computes with bf16 weights over fp32 shards, and
+    DDP would all-reduce bf16 gradients, so bf16 masters are a single-process path.
+    """
+    want = recipe.train.param_dtype
+    if want == "bf16" and precision != "bf16":
+        raise RecipeError(
+            f"train.param_dtype: bf16 needs train.precision bf16 (this run resolves precision to {precision}; "
+            "'auto' is fp32 on CPU)"
+        )
+    if want == "bf16" and world > 1 and recipe.distributed.strategy == "ddp":
+        raise RecipeError(
+            "train.param_dtype: bf16 under DDP would all-reduce bf16 gradients; use distributed.strategy=fsdp "
+            "(fp32 shards, bf16 compute, fp32 reduction) or train.param_dtype=fp32"
+        )
+    bf16 = want == "bf16" or (want == "auto" and precision == "bf16")
+    return torch.bfloat16 if bf16 and world == 1 else None
 
 
 def seed_everything(seed: int) -> None:

@@ -118,6 +118,8 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
         # gradient is the mean over the group's samples, also for a short final group.
         loss = total / n
         (run.scaler.scale(loss) if run.scaler else loss).backward()
+        if model.master_weights is not None:
+            model.master_weights.collect_grads()  # bf16 gradients -> fp32 masters, accumulated in fp32
         parts.add({"loss": total, **terms})
         samples += batch["actions"].shape[0]
     result = StepResult(parts.mean_values(), samples=samples)

@@ -240,6 +240,12 @@ class TrainConfig:
     seed: int = doc("seed of model init, shuffling, augmentation and dropout", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("where to train", "auto")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto: bf16 on CUDA, fp32 on CPU", "auto")
+    param_dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "dtype of the weights the forward computes with; bf16: fp32 master copies in the optimizer, gradients "
+        "accumulated in fp32 (needs precision bf16, one process). auto: bf16 whenever precision is bf16 on one "
+        "process (FSDP applies its own bf16 policy), else fp32",
+        "auto",
+    )
     compile: bool = doc("torch.compile the training forward and the loss terms", False)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "torch.compile mode; reduce-overhead replays CUDA graphs (no per-kernel launch cost)", "default"
