@@ -346,8 +346,8 @@ def vla_run(recipe: Recipe, bench: Bench, fused: bool = True, patch: Callable[[V
         patch(model)
     opt = optim.make_optimizer(recipe, model, list(loss_fn.no_decay_parameters()), rt.device, rt.param_dtype)
     if not fused:  # the ablation before fused AdamW: torch's default (foreach) implementation
-        groups = opt.param_groups
-        opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps)
+        o = recipe.optim
+        opt = torch.optim.AdamW(opt.param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         if model.master_weights is not None:
             model.master_weights.attach(opt)
     run_dir = Path(recipe.output_dir)

@@ -133,11 +133,8 @@ def check_trainable_covered(model: nn.Module, optimizer: torch.optim.Optimizer) 
     for g in optimizer.param_groups:
         for p in g["params"]:
             count[id(p)] = count.get(id(p), 0) + 1
-    bad = [
-        (n, count.get(id(optimized(model, p)), 0))
-        for n, p in model.named_parameters()
-        if p.requires_grad and count.get(id(optimized(model, p))) != 1
-    ]
+    counts = ((n, count.get(id(optimized(model, p)), 0)) for n, p in model.named_parameters() if p.requires_grad)
+    bad = [(n, c) for n, c in counts if c != 1]
     if bad:
         shown = ", ".join(f"{n} (in {c} groups)" for n, c in bad[:8])
         raise AssertionError(f"trainable parameters not in exactly one optimizer group: {shown}")

@@ -23,7 +23,7 @@ def parameter_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     for name, module in model.named_modules_of_interest().items():
         params = list(module.parameters())
         trainable = [p for p in params if p.requires_grad]
-        groups = [group_of[id(optimized(model, p))] for p in params if id(optimized(model, p)) in group_of]
+        groups = [g for g in (group_of.get(id(optimized(model, p))) for p in params) if g is not None]
         lrs = sorted({g["base_lr"] for g in groups})
         wds = sorted({g["weight_decay"] for g in groups})
         starts = sorted({g["start_step"] for g in groups if g["start_step"] > 0})
