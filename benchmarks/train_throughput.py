@@ -40,6 +40,7 @@ import gc
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,6 +116,7 @@ ROWS = (
     "vla_full",
     "vla_all_logits",
     "vla_fp32_weights",
+    "vla_torch_adamw",
     "hf_eager",
     "hf_compile",
     "vla_frozen",
@@ -152,6 +154,7 @@ class Bench:
     peak: float | None
     workdir: Path
     diagnose: bool = False
+    trace: str = ""  # --diagnose: write the profiled steps' Chrome trace here (gzipped)
 
     def recipe(self, *extra: str) -> Recipe:
         return load_recipe(RECIPE, [*COMMON, *self.overrides, f"output_dir={self.workdir / 'run'}", *extra])
@@ -338,16 +341,22 @@ def _textbook_attempt(bench: Bench, name: str, accumulation: int) -> Row:
     return row
 
 
-def vla_run(recipe: Recipe, bench: Bench, fused: bool = True, patch: Callable[[VLA], None] | None = None) -> Run:
-    """vla-ft's Run as ``run_setup.setup`` assembles it (without a dataset), extensions installed."""
+def vla_run(
+    recipe: Recipe, bench: Bench, stock_adamw: str | None = None, patch: Callable[[VLA], None] | None = None
+) -> Run:
+    """vla-ft's Run as ``run_setup.setup`` assembles it (without a dataset), extensions installed;
+    ``stock_adamw`` ("foreach" or "fused") replaces the recipe's optimizer by torch's AdamW."""
     rt = init_runtime(recipe)
     model, loss_fn = build_vla(recipe, rt.device)
     if patch is not None:
         patch(model)
     opt = optim.make_optimizer(recipe, model, list(loss_fn.no_decay_parameters()), rt.device, rt.param_dtype)
-    if not fused:  # the ablation before fused AdamW: torch's default (foreach) implementation
+    if stock_adamw is not None:  # ablations: torch's AdamW, foreach (the default) or fused
         o = recipe.optim
-        opt = torch.optim.AdamW(opt.param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # the groups without the recipe optimizer's implementation flags (a group's own "fused" wins)
+        flags = set(opt.defaults) - {"lr", "weight_decay"}
+        groups = [{k: v for k, v in g.items() if k not in flags} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=stock_adamw == "fused")
         if model.master_weights is not None:
             model.master_weights.attach(opt)
     run_dir = Path(recipe.output_dir)
@@ -380,7 +389,7 @@ def vla(
     name: str,
     regime: str,
     extra: tuple[str, ...] = (),
-    fused: bool = True,
+    stock_adamw: str | None = None,
     note: str = "",
     patch: Callable[[VLA], None] | None = None,
 ) -> Row:
@@ -389,7 +398,7 @@ def vla(
     reset_memory(bench.device)
     recipe = bench.recipe(*REGIMES[regime], *extra)
     row, t0 = Row(name, batch=recipe.train.batch_size, note=note), time.perf_counter()
-    run = vla_run(recipe, bench, fused, patch)
+    run = vla_run(recipe, bench, stock_adamw, patch)
     window = TrainWindow()
     if regime == "head":
         bench = _with_readout(bench, run)
@@ -577,6 +586,9 @@ def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
         for i in range(3):
             step(bench.batches[i % len(bench.batches)])
         torch.cuda.synchronize()
+    if bench.trace:
+        prof.export_chrome_trace(bench.trace)
+        subprocess.run(["gzip", "-f", bench.trace], check=True)
     averages = prof.key_averages()
     out["kernels"] = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
     out["cpu_ops"] = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
@@ -592,14 +604,17 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
         n,
         "full",
         ("train.compile=false", "model.language.attn_implementation=eager"),
-        fused=False,
+        stock_adamw="foreach",
         note="bf16 autocast, eager attn, foreach AdamW",
     ),
-    "vla_bf16_sdpa": lambda b, n: vla(b, n, "full", ("train.compile=false",), fused=False, note="+ sdpa"),
+    "vla_bf16_sdpa": lambda b, n: vla(b, n, "full", ("train.compile=false",), stock_adamw="foreach", note="+ sdpa"),
     "vla_fused": lambda b, n: vla(b, n, "full", ("train.compile=false",), note="+ fused AdamW"),
     "vla_full": lambda b, n: vla(b, n, "full", note="+ compiled forward and loss (the recipe)"),
     "vla_all_logits": lambda b, n: vla(
         b, n, "full", note="ablation: LM logits at every position", patch=logits_everywhere
+    ),
+    "vla_torch_adamw": lambda b, n: vla(
+        b, n, "full", stock_adamw="fused", note="ablation: torch's fused AdamW + gradient/weight copies"
     ),
     "vla_fp32_weights": lambda b, n: vla(
         b, n, "full", ("train.param_dtype=fp32",), note="ablation: autocast over fp32 weights"
@@ -739,6 +754,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-steps", type=int, default=120, help="steps of the --data-wait run")
     p.add_argument("--skip-ceilings", action="store_true", help="skip the matmul and attention micro-benchmarks")
     p.add_argument("--diagnose", action="store_true", help="vla_full, vla_lora: kernel table and step variants")
+    p.add_argument("--trace", default="", help="with --diagnose: Chrome trace of the profiled steps (.json)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps: checks the script runs")
     return p.parse_args(argv)
 
@@ -766,6 +782,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         flops.peak_tflops(device),
         workdir,
         args.diagnose,
+        args.trace,
     )
     bench.batches = make_batches(
         2 if smoke else args.batches, probe.train.batch_size, probe.model.vision.img_size, probe.data.chunk, device

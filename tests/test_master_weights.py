@@ -56,11 +56,22 @@ def test_weights_are_bf16_and_only_trained_ones_have_masters(tmp_path):
     teardown(run)
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_path, clip):
-    run = bf16_run(tmp_path / "run", "optim.accumulation=2", f"optim.grad_clip={clip}")
+@pytest.mark.parametrize(
+    ("device", "accumulation"),
+    [("cpu", 2), pytest.param("cuda", 2, marks=GPU), pytest.param("cuda", 1, marks=GPU)],
+)
+def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_path, clip, device, accumulation):
+    """CPU: the plain path (clip_grad_norm_, then torch's AdamW, then the write-back); GPU: the
+    queued path with MasterAdamW (bf16 gradients of the last micro-batch read by the kernel,
+    which clips as it reads them)."""
+    n = accumulation
+    run = bf16_run(tmp_path / "run", f"optim.accumulation={n}", f"optim.grad_clip={clip}", f"train.device={device}")
     masters = run.model.master_weights
-    group = [to_device(b, run.rt.device) for b in itertools.islice(iter(run.train_loader), 2)]
+    group = [to_device(b, run.rt.device) for b in itertools.islice(iter(run.train_loader), n)]
     prepare_update(run)
     run.model.train()
     run.loss_fn.train()
@@ -70,7 +81,7 @@ def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_pat
     for batch in group:
         with run.rt.autocast():
             total, _ = run.loss_fn(run.model(batch), batch)
-        for acc, g in zip(grads, torch.autograd.grad(total / 2, params, allow_unused=True), strict=True):
+        for acc, g in zip(grads, torch.autograd.grad(total / n, params, allow_unused=True), strict=True):
             if g is not None:
                 assert g.dtype == torch.bfloat16
                 acc += g.float()
@@ -90,22 +101,28 @@ def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_pat
     ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))  # before clipping
     o = run.recipe.optim
     ref_opt = torch.optim.AdamW(reference, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    unclipped = [copies[id(masters.master(p))].grad.clone() for p in params]
     if clip > 0:
         norm = torch.nn.utils.clip_grad_norm_([copies[id(masters.master(p))] for p in params], clip)
         assert norm > clip  # clipping is active
     expected_grads = [copies[id(masters.master(p))].grad.clone() for p in params]  # fp32 sums, clipped
     ref_opt.step()
 
-    seen = []  # the masters' gradients as the optimizer step receives them
-    run.optimizer.register_step_pre_hook(lambda *_: seen.extend(masters.master(p).grad.clone() for p in params))
+    seen = []  # the gradients as the optimizer step receives them: fp32 masters' or, GPU and n=1, bf16 weights'
+    run.optimizer.register_step_pre_hook(
+        lambda *_: seen.extend((masters.master(p).grad if p.grad is None else p.grad).clone() for p in params)
+    )
     result = train_step(run, group)
     assert result.applied
-    torch.testing.assert_close(result.grad_norm, ref_norm)
+    torch.testing.assert_close(result.grad_norm, ref_norm.to(result.grad_norm.device))
+    if device == "cuda":
+        expected_grads = unclipped  # the kernel clips as it reads (grad_scale)
+        assert all(g.dtype == (torch.bfloat16 if n == 1 else torch.float32) for g in seen)
     for got, want in zip(seen, expected_grads, strict=True):  # fp32 accumulation: bf16 sums would be ~1e-3 off
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=1e-9)
     for p in params:
         expected = copies[id(masters.master(p))].detach()
-        torch.testing.assert_close(masters.master(p).detach(), expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(masters.master(p).detach(), expected, rtol=2e-6, atol=1e-7)
         assert torch.equal(p.detach(), masters.master(p).detach().to(torch.bfloat16))  # written back
     assert all(p.grad is None for p in run.model.parameters())
     teardown(run)

@@ -12,8 +12,11 @@ fp32 ``.grad`` (:meth:`MasterWeights.collect_grads`: one foreach pass, not a ker
 parameter), so micro-batches accumulate in fp32; clipping and the update run on the masters;
 an optimizer step post-hook writes the updated masters back into the bf16 weights.
 Checkpoints hold the masters (:func:`full_precision`), so resuming is exact and exported
-weights are fp32. Parameters that never train (a frozen encoder, LoRA base weights) are bf16
-only: no master, half the memory. Buffers (rotary frequencies, pixel statistics) stay fp32.
+weights are fp32. On a GPU with AdamW, :class:`vla_ft.master_adamw.MasterAdamW` folds the
+gradient copy and the write-back into its update kernel (the last micro-batch's bf16 gradients
+stay where autograd left them, ``collect_grads(keep_bf16=True)``). Parameters that never
+train (a frozen encoder, LoRA base weights) are bf16 only: no master, half the memory.
+Buffers (rotary frequencies, pixel statistics) stay fp32.
 
 Single process only: FSDP's ``MixedPrecisionPolicy`` does the same with sharded masters, and
 DDP would all-reduce bf16 gradients (``vla_ft.runtime`` decides).
@@ -36,6 +39,7 @@ class MasterWeights:
         self.params = list(trained)
         self.masters = [nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad) for p in self.params]
         self._master = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+        self._weight = {id(m): p for p, m in zip(self.params, self.masters, strict=True)}
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
@@ -44,22 +48,31 @@ class MasterWeights:
         """What the optimizer updates for ``p``: its master, or ``p`` itself (not a model weight)."""
         return self._master.get(id(p), p)
 
+    def weight_of(self, master: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 model weight of ``master`` (None: not a master)."""
+        return self._weight.get(id(master))
+
     def param_groups(self, groups: list[dict]) -> list[dict]:
         """Optimizer groups over the masters instead of the model's parameters."""
         return [{**g, "params": [self.master(p) for p in g["params"]]} for g in groups]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Write the masters back after every ``optimizer.step()`` (also a step the fused kernel
-        skipped on the device: the masters are then unchanged and so are the weights)."""
-        optimizer.register_step_post_hook(lambda *_: self.write_back(trainable_only=True))
+        skipped on the device: the masters are then unchanged and so are the weights), unless
+        the optimizer writes the weights itself (:class:`vla_ft.master_adamw.MasterAdamW`)."""
+        if not getattr(optimizer, "writes_weights", False):
+            optimizer.register_step_post_hook(lambda *_: self.write_back(trainable_only=True))
 
     @torch.no_grad()
-    def collect_grads(self) -> None:
+    def collect_grads(self, keep_bf16: bool = False) -> None:
         """Add the bf16 gradients of the last backward to the masters' fp32 ``.grad`` (the first
-        micro-batch of a step copies into fresh ones) and free the bf16 gradients."""
+        micro-batch of a step copies into fresh ones) and free the bf16 gradients.
+
+        ``keep_bf16`` (the last micro-batch, for an optimizer that reads bf16 gradients): a
+        gradient with no fp32 one to add to stays where it is, and the optimizer reads it."""
         copy_dst, copy_src, add_dst, add_src = [], [], [], []
         for p, m in zip(self.params, self.masters, strict=True):
-            if p.grad is None:
+            if p.grad is None or (keep_bf16 and m.grad is None):
                 continue
             if m.grad is None:
                 m.grad = torch.empty_like(m)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from vla_ft import master_adamw
 from vla_ft.config import MODULE_NAMES, Recipe, RecipeError
 from vla_ft.master_weights import MasterWeights, optimized
 
@@ -149,7 +150,8 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The recipe's optimizer over :func:`build_param_groups`. With ``param_dtype`` (bf16) the
     model's weights become bf16 and the optimizer updates fp32 masters of the ones that train
-    (:mod:`vla_ft.master_weights`)."""
+    (:mod:`vla_ft.master_weights`); on a GPU, AdamW then reads the bf16 gradients and writes the
+    bf16 weights in its own pass (:mod:`vla_ft.master_adamw`)."""
     groups = build_param_groups(recipe, model, extra_no_decay)
     if not groups:
         raise RecipeError("freeze: every module is frozen and nothing would train")
@@ -158,7 +160,12 @@ def make_optimizer(
         trained = [p for g in groups for p in g["params"] if id(p) in own]
         model.master_weights = MasterWeights(model, trained, param_dtype)
         groups = model.master_weights.param_groups(groups)
-    optimizer = build_optimizer(recipe, groups, device)
+    masters = model.master_weights
+    if masters is not None and recipe.optim.name == "adamw" and master_adamw.available(device):
+        o = recipe.optim
+        optimizer = master_adamw.MasterAdamW(groups, masters.weight_of, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    else:
+        optimizer = build_optimizer(recipe, groups, device)
     if model.master_weights is not None:
         model.master_weights.attach(optimizer)
     return optimizer

@@ -20,6 +20,7 @@ import torch
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError
 from vla_ft.data import step_groups, to_device
+from vla_ft.master_adamw import MasterAdamW
 from vla_ft.metrics import ActionMetrics
 from vla_ft.run_setup import Run, setup, teardown
 from vla_ft.run_state import save_training_checkpoint
@@ -109,6 +110,8 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
     run.loss_fn.train()
     model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
     parts, n, samples = Averager(), len(group), 0
+    fused = queues_step(run)
+    reads_bf16 = fused and isinstance(opt, MasterAdamW)  # the last micro-batch's bf16 gradients stay
     for i, batch in enumerate(group):
         batch = to_device(batch, run.rt.device)
         with run.no_sync(last=i == n - 1), run.rt.autocast():
@@ -118,16 +121,19 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
         # gradient is the mean over the group's samples, also for a short final group.
         loss = total / n
         (run.scaler.scale(loss) if run.scaler else loss).backward()
-        if model.master_weights is not None:
-            model.master_weights.collect_grads()  # bf16 gradients -> fp32 masters, accumulated in fp32
+        if model.master_weights is not None and not (reads_bf16 and n == 1):  # (n = 1: nothing to collect)
+            # bf16 gradients -> fp32 masters, accumulated in fp32
+            model.master_weights.collect_grads(keep_bf16=reads_bf16 and i == n - 1)
         parts.add({"loss": total, **terms})
         samples += batch["actions"].shape[0]
     result = StepResult(parts.mean_values(), samples=samples)
     if run.scaler:
         run.scaler.unscale_(opt)
     clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
-    fused = queues_step(run)
-    result.grad_norm = (total_grad_norm(run.trainable_params()) if fused else run.clip_grad_norm(clip)).detach()
+    if reads_bf16:
+        result.grad_norm = opt.grad_norm()
+    else:
+        result.grad_norm = (total_grad_norm(run.trainable_params()) if fused else run.clip_grad_norm(clip)).detach()
     finite = torch.isfinite(torch.stack([result.parts["loss"].float(), result.grad_norm.float()]))
     queued = step_before_sync(run, finite, result.grad_norm, clip) if fused else None
     loss_ok, grads_ok = queued or run.rt.all_true_each(finite.tolist())  # the step's one host sync
