@@ -184,7 +184,11 @@ class StepFlops:
         """
         actions = batch["actions"]
         b = actions.shape[0]
-        out = {"heads": actions.new_tensor(b * self.chunk * self.per_query, dtype=torch.float64)}
+
+        def scalar(value: float) -> Tensor:  # a fill kernel: new_tensor would be a blocking host-to-device copy
+            return torch.full((), value, dtype=torch.float64, device=actions.device)
+
+        out = {"heads": scalar(b * self.chunk * self.per_query)}
         if "readout" in batch:  # cached trunk features: only the heads run
             return out
         images = batch["images"].shape[0] * batch["images"].shape[1]
@@ -192,8 +196,8 @@ class StepFlops:
         target = batch["target_mask"].sum(1, dtype=torch.float64) if want_text else torch.zeros_like(prompt)
         rows = prompt + target + (self.prefix_tokens + self.chunk)  # (B,) non-padding LM tokens per row
         pairs = rows * (rows + 1) / 2 if attention == "causal" else rows * rows
-        out["vision"] = out["heads"].new_tensor(images * self.per_image)
-        out["proprio"] = out["heads"].new_tensor(b * self.per_sample)
+        out["vision"] = scalar(images * self.per_image)
+        out["proprio"] = scalar(b * self.per_sample)
         out["language_model"] = rows.sum() * self.per_lm_token + target.sum() * self.per_supervised
         out["lm_attention"] = pairs.sum() * self.per_lm_pair
         return out
