@@ -190,6 +190,9 @@ class MasterAdamW(torch.optim.AdamW):
 
     def __init__(self, params, weight_of: Callable[[torch.Tensor], torch.Tensor | None], **kwargs):
         super().__init__(params, fused=True, **kwargs)
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("MasterAdamW implements AdamW without amsgrad or maximize")
         self.weight_of = weight_of
         self._chunks: dict[tuple, torch.Tensor] = {}
         self._plan: _Plan | None = None
