@@ -73,6 +73,40 @@ def check(device: str) -> None:
     fused.load_state_dict(opt.state_dict())
     assert fused.state[masters[0]]["step"].device == masters[0].device
 
+    # late steps, where beta**step underflows in fp32 (0.9**step from step ~830): same update
+    for count in (2_000, 100_000):
+        for state in [*opt.state.values(), *ref.state.values()]:
+            state["step"].fill_(count)
+        grads = [torch.randn(s, generator=g).to(device) for s in SHAPES]
+        for m, c, grad in zip(masters, copies, grads, strict=True):
+            w = weight_of.get(id(m))
+            (w if w is not None else m).grad = grad.bfloat16() if w is not None else grad
+            c.grad = grad.bfloat16().float() if w is not None else grad
+        opt.grad_scale = opt.found_inf = None
+        opt.step()
+        ref.step()
+        for m, c in zip(masters, copies, strict=True):
+            m.grad = None
+            assert torch.isfinite(m).all()
+            torch.testing.assert_close(m.detach(), c.detach(), rtol=2e-6, atol=1e-7)
+
+    # a state saved by a non-fused AdamW (step counts on the CPU) resumes on the masters' device
+    resumed = MasterAdamW(groups(masters), lambda p: weight_of.get(id(p)), lr=1e-2, betas=(0.9, 0.95))
+    resumed.load_state_dict(ref.state_dict())
+    assert all(s["step"].device == m.device and s["step"].dtype == torch.float32 for m, s in resumed.state.items())
+
+    # beta1 = 0 (no momentum) is valid AdamW
+    p0 = torch.nn.Parameter(torch.randn(100, generator=g).to(device))
+    c0 = torch.nn.Parameter(p0.detach().clone())
+    no_momentum = MasterAdamW([p0], lambda p: None, lr=1e-2, betas=(0.0, 0.99))
+    ref0 = torch.optim.AdamW([c0], lr=1e-2, betas=(0.0, 0.99))
+    for _ in range(2):
+        p0.grad = torch.randn(100, generator=g).to(device)
+        c0.grad = p0.grad.clone()
+        no_momentum.step()
+        ref0.step()
+    torch.testing.assert_close(p0.detach(), c0.detach(), rtol=2e-6, atol=1e-7)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_master_adamw_equals_torch_adamw_on_gpu():

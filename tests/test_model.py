@@ -230,3 +230,23 @@ def test_a_camera_count_that_does_not_match_the_model_is_an_error(tmp_path):
         model = _model(tmp_path, *overrides, n_cameras=2)
         with pytest.raises(RecipeError, match=r"data.cameras: the model was built for 2 camera\(s\).* provides 1"):
             model(fake_batch(model, n_cameras=1))
+
+
+def test_train_mode_reaches_every_submodule_and_keeps_frozen_ones_in_eval(tmp_path):
+    """VLA.train skips children it already put in their mode (a per-step host cost), but a
+    replaced child is walked: a LoRA wrapper is born in train mode around an LM that
+    ``from_pretrained`` left in eval, and its dropout must come back on."""
+    model = _model(tmp_path)
+    model.set_frozen({"vision_encoder"})
+    model.train()
+    lm = model.language_model
+    lm.eval()  # what from_pretrained returns
+    model.language_model = torch.nn.Sequential(lm)  # a wrapper: itself in train mode, its inside in eval
+    model.train()
+    assert all(m.training for m in model.language_model.modules())
+    assert not any(m.training for m in model.vision_encoder.modules())  # frozen: eval
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.set_frozen(set())  # thawed while in eval: stays eval until train()
+    model.train()
+    assert all(m.training for m in model.modules())

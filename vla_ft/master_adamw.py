@@ -6,17 +6,19 @@ step: copy the bf16 gradient into an fp32 one (6 bytes per parameter), norm it (
 AdamW (28) and copy the master back into the bf16 weight (6): 44 bytes per parameter. Here the
 norm reads the bf16 gradient (2) and one kernel does the rest (28): 30 bytes.
 
-Same arithmetic as ``torch.optim.AdamW(fused=True)`` (decoupled decay, bias corrections,
-``grad_scale`` dividing the gradient, ``found_inf`` skipping the update on the device) and the
-same state (``step`` on the device, ``exp_avg``, ``exp_avg_sq``), so checkpoints move freely
-between the two. A master whose fp32 ``.grad`` exists (accumulated micro-batches, or a
-parameter that is not a model weight, such as learned loss weights) is read from there.
+The update of ``torch.optim.AdamW(fused=True)`` (decoupled decay, bias corrections,
+``grad_scale`` dividing the gradient, ``found_inf`` skipping the update on the device) in fp32
+math, equal to torch's to ~1e-6 relative (not bitwise), and the same state (``step`` on the
+device, ``exp_avg``, ``exp_avg_sq``), so checkpoints move freely between the two. A master
+whose fp32 ``.grad`` exists (accumulated micro-batches, or a parameter that is not a model
+weight, such as learned loss weights) is read from there.
 
 Kernel layout (multi-tensor, like ``torch._foreach``): each tensor is cut into chunks of
 ``CHUNK`` elements; program ``i`` finds its tensor and first element in a chunk table (built
 once per set of tensors) and the tensor's addresses in an address table (int64 ``data_ptr``
 values, uploaded once per step: autograd allocates new gradients every backward). Nothing in
-a step waits for the GPU.
+a step waits for the GPU, except building the chunk table when the set of tensors changes
+(the first step, a freeze change).
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ if triton is not None:
 
     @triton.jit
     def _one_minus_pow(log_beta, step):
-        """1 - beta**step = -expm1(step * ln(beta)) in fp32 without cancellation (Kahan's
-        expm1: (u - 1) * x / ln(u)), for beta near 1 at small steps."""
+        """1 - beta**step in fp32 without cancellation: Kahan's expm1, (u - 1) * x / ln(u), where
+        u = beta**step is near 1 (beta near 1, early steps); plain 1 - u once u < 1/2, also after
+        u underflows to 0 (beta 0.9 from step ~830), where Kahan's form would give 0."""
         x = step * log_beta
         u = tl.exp(x)
-        return tl.where(u == 1.0, -x, -(u - 1.0) * x / tl.log(u))
+        kahan = tl.where(u == 1.0, -x, -(u - 1.0) * x / tl.log(u))
+        return tl.where(u < 0.5, 1.0 - u, kahan)
 
     @triton.jit
     def _sumsq_kernel(
@@ -233,7 +237,9 @@ class MasterAdamW(torch.optim.AdamW):
         self._free_bf16_grads()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
+        """Always sets gradients to None: a zeroed fp32 master gradient left in place would be
+        read instead of the next step's bf16 one."""
+        super().zero_grad(set_to_none=True)
         self._plan = None
         self._free_bf16_grads()
 
@@ -259,7 +265,12 @@ class MasterAdamW(torch.optim.AdamW):
         return self._plan
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Also a state saved by a non-fused AdamW (a CPU run): its step counts come back on the
+        CPU (torch follows the saved groups' flags), the kernel reads them on the device."""
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self._layout = None  # new state tensors, new addresses
 
     def add_param_group(self, param_group: dict) -> None:
@@ -317,8 +328,8 @@ class MasterAdamW(torch.optim.AdamW):
             float(beta1),
             float(beta2),
             float(group["eps"]),
-            math.log(beta1),
-            math.log(beta2),
+            math.log(beta1) if beta1 > 0 else -math.inf,  # beta 0: no momentum, 1 - 0**step = 1
+            math.log(beta2) if beta2 > 0 else -math.inf,
             GRAD_BF16=launch.grad_bf16,
             WRITE_WEIGHT=launch.write_weight,
             HAS_SCALE=scale is not None,

@@ -101,6 +101,7 @@ class VLA(nn.Module):
         self.frozen: set[str] = set()
         self.lora_modules: set[str] = set()  # filled by vla_ft.lora.apply_lora
         self._trainable: set[str] | None = None  # cache of trainable_modules
+        self._walked: dict[str, tuple[nn.Module, bool]] = {}  # child name -> (the child, the mode train() gave it)
         self.wants_language = True  # set by the trainer from the loss (zero-weight terms are skipped)
         self.master_weights: MasterWeights | None = None  # train.param_dtype=bf16: fp32 masters of the bf16 weights
 
@@ -137,16 +138,19 @@ class VLA(nn.Module):
 
     def train(self, mode: bool = True) -> VLA:
         """Like nn.Module.train, but fully frozen children stay in eval mode (dropout off, norms
-        fixed), and a child already in its mode is not walked again: the trainer calls this
-        every step, and walking the reference VLA's ~630 submodules costs the host 1-2 ms at
-        the point of the step where the GPU waits for it (more than a cached head-only step).
-        (A child's submodules follow the child: nothing here switches them one by one.)"""
+        fixed), and a child this method already put in its mode is not walked again: the
+        trainer calls this every step, and walking the reference VLA's ~630 submodules costs the
+        host 1-2 ms at the point of the step where the GPU waits for it (more than a cached
+        head-only step). A replaced child (a LoRA wrapper, whose base model may still be in eval
+        from ``from_pretrained``) or one switched from outside is walked."""
         self.training = mode
         trainable = self.trainable_modules
         for name, child in self.named_children():
             target = mode and not (name in self.frozen and name not in trainable)
-            if child.training != target:
+            walked, done = self._walked.get(name, (None, None))
+            if walked is not child or done != target or child.training != target:
                 child.train(target)
+                self._walked[name] = (child, target)
         return self
 
     def _needs_grad(self, name: str) -> bool:
