@@ -166,8 +166,8 @@ def make_optimizer(
         optimizer = master_adamw.MasterAdamW(groups, masters.weight_of, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     else:
         optimizer = build_optimizer(recipe, groups, device)
-    if model.master_weights is not None:
-        model.master_weights.attach(optimizer)
+    if masters is not None:
+        masters.attach(optimizer)
     return optimizer
 
 
