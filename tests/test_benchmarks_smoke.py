@@ -40,3 +40,25 @@ def test_train_throughput_smoke(tmp_path, capsys):
     first = {name: saved["losses"][name][0] for name in bench.SMOKE_ROWS if name not in ("vla_head", "vla_lora")}
     assert max(first.values()) - min(first.values()) < 1e-4, first
     assert "row" in capsys.readouterr().out  # the table was printed
+
+
+def test_trace_summary_reads_a_chrome_trace(tmp_path):
+    """``benchmarks/trace_summary.py`` on a small hand-made trace: time per kind and step,
+    pageable copies and the idle gap (by the events around it)."""
+    spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    events = [  # two steps: a matmul, a 100 us gap, a pageable copy, a fused kernel, the update
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_mm", "ts": 0, "dur": 1000},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "ts": 1100, "dur": 5},
+        {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_mul_silu_0", "ts": 1105, "dur": 300},
+        {"ph": "X", "cat": "kernel", "name": "_adamw_kernel", "ts": 1405, "dur": 200},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50},  # host side: not counted
+    ]
+    trace = {"traceEvents": events + [{**e, "ts": e["ts"] + 2000} for e in events]}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    text = module.main([str(path), "--steps", "2"])
+    assert "1.00  matmul (cuBLAS)" in text and "0.30  inductor fused kernels" in text
+    assert "0.20  MasterAdamW update" in text and "pageable memory: 1 per step" in text
+    assert "0.10  nvjet_sm90_mm -> Memcpy HtoD (Pageable -> Device)" in text  # 100 us per step

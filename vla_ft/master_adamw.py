@@ -145,6 +145,7 @@ class _Launch:
     write_weight: bool
     base: int = 0  # its first column in the address table
     masters: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor | None] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     chunks: torch.Tensor | None = None  # (chunks, 3): tensor index, first element, numel
 
@@ -162,11 +163,9 @@ class _Layout:
 
 @dataclass
 class _Plan:
-    """One step: the layout, the gradients (held until the kernels are queued) and the
-    (6, columns) int64 address table on the device."""
+    """One step: the layout and the (6, columns) int64 address table on the device."""
 
     layout: _Layout
-    grads: list[torch.Tensor]
     table: torch.Tensor
 
 
@@ -261,7 +260,7 @@ class MasterAdamW(torch.optim.AdamW):
         rows = table.numpy()
         rows[0] = [g.data_ptr() for g in grads]
         rows[1:] = layout.static
-        self._plan = _Plan(layout, grads, table.to(device, non_blocking=True))
+        self._plan = _Plan(layout, table.to(device, non_blocking=True))
         return self._plan
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -293,12 +292,13 @@ class MasterAdamW(torch.optim.AdamW):
                     kind = (source == 1, w is not None)
                     launch = by_kind.get(kind) or by_kind.setdefault(kind, _Launch(group, *kind))
                     launch.masters.append(p)
+                    launch.weights.append(w)
                     launch.steps.append(self._state(p)["step"])
             for launch in by_kind.values():
                 launch.base = len(sources)
-                launch.chunks = self._chunk_table(launch.masters)
-                for p in launch.masters:
-                    w, state = self.weight_of(p), self.state[p]
+                launch.chunks = self._chunks_for(launch.masters)
+                for p, w in zip(launch.masters, launch.weights, strict=True):
+                    state = self.state[p]
                     source = w if launch.grad_bf16 else p
                     tensors = (source.grad, p, state["exp_avg"], state["exp_avg_sq"], state["step"], w)
                     want = torch.bfloat16 if launch.grad_bf16 else torch.float32
@@ -338,7 +338,7 @@ class MasterAdamW(torch.optim.AdamW):
             BLOCK=BLOCK,
         )
 
-    def _chunk_table(self, masters: list[torch.Tensor]) -> torch.Tensor:
+    def _chunks_for(self, masters: list[torch.Tensor]) -> torch.Tensor:
         key = tuple(p.numel() for p in masters)
         if key not in self._chunks:  # a new set of tensors: the first step, or a freeze change
             self._chunks[key] = _chunk_table(key, masters[0].device)
