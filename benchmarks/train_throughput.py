@@ -57,7 +57,9 @@ sys.path.insert(0, str(ROOT))
 import vla_ft.train as train_mod  # noqa: E402
 from robot_data import collate  # noqa: E402
 from vla_ft import extensions, flops, optim  # noqa: E402
+from vla_ft.backbones import PatchifyConv  # noqa: E402
 from vla_ft.config import Recipe, load_recipe  # noqa: E402
+from vla_ft.lm_compile import RotaryOnce  # noqa: E402
 from vla_ft.losses import CompositeLoss  # noqa: E402
 from vla_ft.model import VLA, build_model  # noqa: E402
 from vla_ft.model import _take as take  # noqa: E402
@@ -115,6 +117,9 @@ ROWS = (
     "vla_fused",
     "vla_full",
     "vla_all_logits",
+    "vla_masked_attn",
+    "vla_conv_patchify",
+    "vla_rotary_inline",
     "vla_fp32_weights",
     "vla_torch_adamw",
     "hf_eager",
@@ -123,12 +128,16 @@ ROWS = (
     "vla_lora",
     "vla_lora_graphs",
     "vla_full_graphs",
+    "vla_full_autotune",
     "vla_head",
 )
 SMOKE_ROWS = (
     "textbook",
     "vla_bf16_sdpa",
     "vla_all_logits",
+    "vla_masked_attn",
+    "vla_conv_patchify",
+    "vla_rotary_inline",
     "vla_fp32_weights",
     "vla_fused",
     "hf_eager",
@@ -423,6 +432,28 @@ def vla(
     return row
 
 
+def plain_sdpa(model: VLA) -> None:
+    """Ablation: the LM on transformers' own "sdpa" instead of :mod:`vla_ft.lm_compile`. While
+    compiling, transformers 5.17 with torch 2.11 then builds a (B, 1, L, L) causal mask, so SDPA
+    runs the masked kernel with K/V expanded to every query head."""
+    model.language_model.config._attn_implementation = "sdpa"
+
+
+def conv_patchify(model: VLA) -> None:
+    """Ablation: the ViT's patch embedding as the strided ``nn.Conv2d`` timm builds (cuDNN), not
+    :class:`vla_ft.backbones.PatchifyConv`'s matmul."""
+    for m in model.vision_encoder.modules():
+        if isinstance(m, PatchifyConv):
+            m.__class__ = torch.nn.Conv2d
+
+
+def rotary_inline(model: VLA) -> None:
+    """Ablation: the LM's own rotary module, without :class:`vla_ft.lm_compile.RotaryOnce`."""
+    decoder = model.decoder
+    if isinstance(decoder.rotary_emb, RotaryOnce):
+        decoder.rotary_emb = decoder.rotary_emb.rotary
+
+
 def logits_everywhere(model: VLA) -> None:
     """Ablation: LM logits at every position, as a stock causal-LM forward computes them
     (B, L, V), with the loss still on the target rows only: what vla-ft saves by applying the
@@ -613,6 +644,15 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "vla_all_logits": lambda b, n: vla(
         b, n, "full", note="ablation: LM logits at every position", patch=logits_everywhere
     ),
+    "vla_masked_attn": lambda b, n: vla(
+        b, n, "full", note="ablation: transformers' plain sdpa (a causal mask built while compiling)", patch=plain_sdpa
+    ),
+    "vla_conv_patchify": lambda b, n: vla(
+        b, n, "full", note="ablation: the ViT's patch embedding on cuDNN's conv", patch=conv_patchify
+    ),
+    "vla_rotary_inline": lambda b, n: vla(
+        b, n, "full", note="ablation: rotary tables inlined into every layer by inductor", patch=rotary_inline
+    ),
     "vla_torch_adamw": lambda b, n: vla(
         b, n, "full", stock_adamw="fused", note="ablation: torch's fused AdamW + gradient/weight copies"
     ),
@@ -628,6 +668,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_full_graphs": lambda b, n: vla(
         b, n, "full", ("train.compile_mode=reduce-overhead",), note="full, CUDA graphs (reduce-overhead)"
+    ),
+    "vla_full_autotune": lambda b, n: vla(
+        b, n, "full", ("train.compile_mode=max-autotune-no-cudagraphs",), note="full, inductor max-autotune"
     ),
     "vla_head": lambda b, n: vla(b, n, "head", note="heads on precomputed readout (feature cache)"),
 }

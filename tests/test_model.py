@@ -3,6 +3,7 @@ action readout, and the errors a wrong recipe gets."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -18,7 +19,8 @@ from tiny_models import (
     tiny_recipe,
 )
 
-from vla_ft.backbones import build_language_model, build_vision_encoder
+from vla_ft import lm_compile
+from vla_ft.backbones import PatchifyConv, build_language_model, build_vision_encoder, patchify_as_matmul
 from vla_ft.config import RecipeError
 from vla_ft.model import build_model
 from vla_ft.tokenizer import load_tokenizer
@@ -79,6 +81,38 @@ def test_any_timm_model_cnn_patch_and_pooled_tokens(tmp_path):
         assert out.shape == (3, 2 * tokens, 512) and enc.width == 512
 
 
+@pytest.mark.parametrize(("size", "patch"), [((32, 48), 16), ((35, 37), 16), ((12, 12), 4)])
+def test_patchify_conv_equals_the_strided_conv(size, patch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, patch, stride=patch)
+    ours = copy.deepcopy(conv)
+    patchify_as_matmul(ours)
+    assert type(ours) is PatchifyConv and ours.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    conv, ours = conv.double(), ours.double()
+    got, want = ours(x), conv(x)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, (x, ours.weight, ours.bias), g),
+        torch.autograd.grad(want, (x, conv.weight, conv.bias), g),
+    )
+
+
+def test_only_patchifying_convs_become_matmuls(tmp_path):
+    convs = [
+        torch.nn.Conv2d(3, 8, 3, stride=3, padding=1),
+        torch.nn.Conv2d(3, 8, 4, stride=2),
+        torch.nn.Conv2d(4, 8, 2, 2, groups=2),
+        torch.nn.Conv2d(4, 8, 1),  # a CNN's pointwise conv
+    ]
+    for conv in convs:
+        patchify_as_matmul(conv)
+        assert type(conv) is torch.nn.Conv2d
+    encoder = build_vision_encoder(tiny_recipe(tmp_path).model, n_cameras=1)
+    assert type(encoder.backbones[0].patch_embed.proj) is PatchifyConv
+
+
 # ----------------------------------------------------------------------------- language model
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, model_type):
@@ -89,7 +123,7 @@ def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, mode
         tmp_path, f"model.language.name={tmp_path / 'lm'}", f"model.language.tokenizer={tmp_path / 'tok'}"
     )
     lm = build_language_model(recipe.model, vocab_size=284)
-    assert lm.config.model_type == model_type and lm.config._attn_implementation == "sdpa"
+    assert lm.config.model_type == model_type and lm.config._attn_implementation == lm_compile.NAME
     loaded = lm.state_dict()
     for k, v in saved.items():  # float32 master weights holding exactly the bf16 values
         assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), k

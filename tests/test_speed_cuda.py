@@ -94,7 +94,12 @@ def test_the_queued_fused_step_trains_like_the_plain_one(tmp_path, monkeypatch, 
     assert len(n_p) == 4 and min(n_p) > 0.01  # clipping was active on every step
     assert n_q == pytest.approx(n_p, rel=1e-4)
     for a, b in zip(w_q, w_p, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # Adam moves a weight by about lr (1e-3) whatever the size of its gradient, so an element whose
+        # gradient sits at rounding level (the plain path rescales the gradients, the fused one the
+        # update) may land a fraction of a step away: allow 1 in 1000 such elements (1 in a smaller tensor),
+        # none beyond lr / 10.
+        far = (~torch.isclose(a, b, atol=1e-5, rtol=1e-4)).sum().item()
+        assert far <= max(1, a.numel() // 1000) and (a - b).abs().max() < 1e-4, (far, a.numel(), (a - b).abs().max())
 
 
 @pytest.mark.parametrize("compile_", [False, True])

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vla_ft import lm_compile
 from vla_ft.config import LanguageConfig, ModelConfig, RecipeError
 
 
@@ -150,7 +151,38 @@ def create_backbone(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
         raise RecipeError(f"model.vision.pretrained: cannot load hub weights of '{v.name}': {err}") from None
     if file is not None:
         load_backbone_weights(backbone, file)
+    patchify_as_matmul(backbone)
     return backbone
+
+
+class PatchifyConv(nn.Conv2d):
+    """A patchifying conv (stride = kernel, no padding: a ViT's patch embedding) as one matmul.
+
+    Why: cuDNN ran the reference ViT's patch embedding (64 x 3 x 224 x 224, 16 x 16 patches) in
+    0.92 ms per training step on an H100, mostly NCHW <-> NHWC layout kernels and a weight-gradient
+    kernel; unfolded, it is a (B * N, 768) x (768, 768) matmul. Same parameters and state-dict keys
+    as the ``nn.Conv2d`` it replaces; the output is channels-last, so timm's ``flatten(2).transpose``
+    to tokens is a view.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, O, H // p, W // q), as the strided conv (remainder rows and columns dropped)."""
+        p, q = self.kernel_size
+        b, c, h, w = x.shape
+        x = x[:, :, : h // p * p, : w // q * q]
+        patches = x.reshape(b, c, h // p, p, w // q, q).permute(0, 2, 4, 1, 3, 5).flatten(3)  # (B, H/p, W/q, C*p*q)
+        out = nn.functional.linear(patches, self.weight.flatten(1), self.bias)  # (B, H/p, W/q, O)
+        return out.permute(0, 3, 1, 2)
+
+
+def patchify_as_matmul(module: nn.Module) -> None:
+    """Turn every patchifying ``nn.Conv2d`` (stride = kernel > 1, no padding) inside ``module`` into a
+    :class:`PatchifyConv` (in place)."""
+    for m in module.modules():
+        if type(m) is not nn.Conv2d or m.stride != m.kernel_size or m.padding != (0, 0) or m.kernel_size == (1, 1):
+            continue  # 1 x 1 convs (CNN pointwise layers) stay: the channels-last output would spread through the CNN
+        if m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros":
+            m.__class__ = PatchifyConv
 
 
 def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
@@ -182,6 +214,8 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
       ``model.language.config`` is then not used;
     * ``model.language.config`` with a ``model_type`` when name is null (tiny models).
 
+    ``sdpa`` becomes :data:`vla_ft.lm_compile.NAME` where the model allows (SDPA that keeps its
+    causal kernel when compiled) and the rotary tables are computed once per forward (:mod:`vla_ft.lm_compile`).
     Weights stay float32 whatever the checkpoint's dtype (transformers 5 would load bf16 hub
     weights as bf16): they are the optimizer's master weights; autocast does low-precision math.
     """
@@ -205,6 +239,8 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
         lm.resize_token_embeddings(vocab_size)
     if lang.gradient_checkpointing:
         _enable_checkpointing(lm)
+    lm_compile.use_causal_sdpa(lm)
+    lm_compile.compute_rotary_once(lm.get_decoder())
     return lm
 
 
