@@ -1,9 +1,10 @@
 """Where a profiled training step's GPU time goes, read from a Chrome trace
 (``train_throughput.py --diagnose --trace trace.json`` writes one of three steps).
 
-Prints the kernel time per step by kind, inductor's largest fused kernels, host-to-device
-copies from pageable memory (each one waits for all queued GPU work), and the GPU's idle
-gaps grouped by the kernels on either side:
+Prints the kernel time per step by kind, inductor's largest fused kernels, the largest
+kernels of any kind (calls per step, time per call), how many GPU operations a step runs,
+host-to-device copies from pageable memory (each one waits for all queued GPU work), and the
+GPU's idle gaps grouped by the kernels on either side:
 
     python benchmarks/trace_summary.py benchmarks/raw/s4_call7_vla_full_trace.json.gz --steps 3
 """
@@ -53,9 +54,11 @@ def idle_gaps(gpu: list[dict], min_us: float) -> Counter:
 
 def summary(path: Path, steps: int, top: int = 8) -> str:
     gpu = load_gpu_events(path)
-    by_kind, fused = Counter(), Counter()
+    by_kind, fused, by_name, calls = Counter(), Counter(), Counter(), Counter()
     for e in gpu:
         by_kind[kind(e["name"])] += e["dur"]
+        by_name[e["name"]] += e["dur"]
+        calls[e["name"]] += 1
         if e["name"].startswith("triton_"):
             fused[e["name"]] += e["dur"]
     per_step = {k: v / 1e3 / steps for k, v in by_kind.items()}
@@ -64,6 +67,15 @@ def summary(path: Path, steps: int, top: int = 8) -> str:
     lines.append(f"  {sum(per_step.values()):7.2f}  total")
     lines.append("largest inductor kernels (ms per step):")
     lines += [f"  {v / 1e3 / steps:7.2f}  {k[:100]}" for k, v in fused.most_common(top)]
+    lines.append("largest kernels of any kind (ms per step, calls per step, us per call):")
+    lines += [
+        f"  {v / 1e3 / steps:7.2f}  {calls[k] / steps:6.1f}  {v / calls[k]:7.1f}  {k[:90]}"
+        for k, v in by_name.most_common(top)
+    ]
+    memsets = sum(1 for e in gpu if e.get("cat") == "gpu_memset")
+    lines.append(
+        f"GPU operations per step: {len(gpu) / steps:g} (kernels, copies, memsets; memsets {memsets / steps:g})"
+    )
     pageable = sum(1 for e in gpu if "Pageable" in e["name"])
     lines.append(f"host-to-device copies from pageable memory: {pageable / steps:g} per step")
     gaps = idle_gaps(gpu, 10.0)
@@ -76,8 +88,9 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", type=Path, help="Chrome trace (.json or .json.gz)")
     p.add_argument("--steps", type=int, default=3, help="training steps the trace holds")
+    p.add_argument("--top", type=int, default=8, help="rows of each largest-first list")
     args = p.parse_args(argv)
-    text = summary(args.trace, args.steps)
+    text = summary(args.trace, args.steps, args.top)
     print(text)
     return text
 

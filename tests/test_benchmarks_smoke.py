@@ -44,7 +44,7 @@ def test_train_throughput_smoke(tmp_path, capsys):
 
 def test_trace_summary_reads_a_chrome_trace(tmp_path):
     """``benchmarks/trace_summary.py`` on a small hand-made trace: time per kind and step,
-    pageable copies and the idle gap (by the events around it)."""
+    the largest kernels with their calls, pageable copies and the idle gap (by the events around it)."""
     spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -62,3 +62,5 @@ def test_trace_summary_reads_a_chrome_trace(tmp_path):
     assert "1.00  matmul (cuBLAS)" in text and "0.30  inductor fused kernels" in text
     assert "0.20  MasterAdamW update" in text and "pageable memory: 1 per step" in text
     assert "0.10  nvjet_sm90_mm -> Memcpy HtoD (Pageable -> Device)" in text  # 100 us per step
+    assert "1.00     1.0   1000.0  nvjet_sm90_mm" in text  # ms per step, calls per step, us per call
+    assert "GPU operations per step: 4 " in text

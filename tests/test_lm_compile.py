@@ -16,12 +16,16 @@ from vla_ft.backbones import build_language_model
 
 
 def tiny_lm(model_type: str, attn: str, layers: int = 2) -> torch.nn.Module:
+    """A tiny LM built with ``attn`` and then treated as ``build_language_model`` treats its LM
+    (``sdpa`` becomes :data:`vla_ft.lm_compile.NAME`), rotary module left as it is."""
     cfg = AutoConfig.for_model(
         model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    lm = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    lm_compile.use_causal_sdpa(lm)
+    return lm
 
 
 def sdpa_calls(fn, *args, **kwargs) -> list[dict]:
@@ -43,7 +47,7 @@ def test_the_recipes_sdpa_builds_the_registered_implementation(tmp_path):
     assert recipe.model.language.attn_implementation == "sdpa"
     lm = build_language_model(recipe.model, vocab_size=284)
     assert lm.config._attn_implementation == lm_compile.NAME
-    assert lm_compile.attn_implementation("eager") == "eager"  # eager attention needs its mask
+    assert tiny_lm("qwen2", "eager").config._attn_implementation == "eager"  # eager attention needs its mask
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
@@ -52,7 +56,7 @@ def test_compiled_lm_runs_lm_compile_with_grouped_kv(model_type):
 
     transformers 5.17 with torch 2.11 (the GPU machine's stack) builds the mask while tracing with
     plain "sdpa", so this fails there without :mod:`vla_ft.lm_compile`."""
-    lm = tiny_lm(model_type, lm_compile.attn_implementation("sdpa")).train()
+    lm = tiny_lm(model_type, "sdpa").train()
     embeds = torch.randn(3, 10, 32)
     calls = sdpa_calls(lambda x: lm.model(inputs_embeds=x).last_hidden_state, embeds)
     assert len(calls) == 2
@@ -62,7 +66,7 @@ def test_compiled_lm_runs_lm_compile_with_grouped_kv(model_type):
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_outputs_equal_eager_attention_with_and_without_padding(model_type):
-    ours, ref = tiny_lm(model_type, lm_compile.attn_implementation("sdpa")), tiny_lm(model_type, "eager")
+    ours, ref = tiny_lm(model_type, "sdpa"), tiny_lm(model_type, "eager")
     ids = torch.randint(0, 64, (3, 9))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding: the mask function must defer to transformers' SDPA mask
@@ -74,7 +78,7 @@ def test_outputs_equal_eager_attention_with_and_without_padding(model_type):
 
 
 def test_generation_with_a_kv_cache_equals_eager_attention():
-    ours, ref = tiny_lm("qwen2", lm_compile.attn_implementation("sdpa")), tiny_lm("qwen2", "eager")
+    ours, ref = tiny_lm("qwen2", "sdpa"), tiny_lm("qwen2", "eager")
     prompt = torch.randint(0, 64, (2, 5))
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(ours.generate(prompt, **kwargs), ref.generate(prompt, **kwargs))
@@ -104,7 +108,7 @@ def test_only_a_plain_causal_prefill_skips_the_mask(change, plain):
 
 
 def rotary_lm(layers: int, once: bool) -> torch.nn.Module:
-    lm = tiny_lm("qwen2", lm_compile.attn_implementation("sdpa"), layers=layers)
+    lm = tiny_lm("qwen2", "sdpa", layers=layers)
     if once:
         lm_compile.compute_rotary_once(lm.get_decoder())
     return lm

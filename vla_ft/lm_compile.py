@@ -32,14 +32,6 @@ from torch import nn
 NAME = "vla_ft_sdpa"
 
 
-def attn_implementation(requested: str) -> str:
-    """The implementation to build the LM with: :data:`NAME` for ``sdpa`` where transformers can
-    register it (its attention and mask interfaces, transformers >= 4.53), else ``requested``."""
-    if requested != "sdpa" or not _register():
-        return requested
-    return NAME
-
-
 def use_causal_sdpa(lm: nn.Module) -> None:
     """Switch an LM built with ``sdpa`` to :data:`NAME`, in place, where transformers can register it
     and the model picks its attention function by name from transformers' AttentionInterface
@@ -129,9 +121,9 @@ class RotaryOnce(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.rotary(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            return _materialized_if_real(out)
+            return _materialized_if_float(out)
         if type(out) is tuple:
-            return tuple(_materialized_if_real(t) for t in out)
+            return tuple(_materialized_if_float(t) for t in out)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -143,7 +135,7 @@ class RotaryOnce(nn.Module):
             return getattr(self.rotary, name)
 
 
-def _materialized_if_real(t: Any) -> Any:
+def _materialized_if_float(t: Any) -> Any:
     return materialized(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
