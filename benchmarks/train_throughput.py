@@ -21,6 +21,9 @@ Rows:
                   forward computes them, the loss still at the target rows
   hf_eager        HF Trainer: bf16, sdpa, adamw_torch_fused, the same model and loss in compute_loss
   hf_compile      the same with ``torch_compile=True``
+  hf_compile_stock  hf_compile on the model as transformers and timm build it: transformers' own
+                  "sdpa", the LM's rotary module and timm's patch conv, without vla-ft's rewrites
+                  (``vla_ft.lm_compile``, ``backbones.PatchifyConv``); what a user of HF Trainer gets
   vla_frozen      recipe + freeze.vision_encoder=true
   vla_lora        recipe + LoRA on every LM linear (r=32) + frozen vision encoder
   vla_head        head-only: the heads on readout features of the frozen trunk, computed once (what
@@ -124,6 +127,7 @@ ROWS = (
     "vla_torch_adamw",
     "hf_eager",
     "hf_compile",
+    "hf_compile_stock",
     "vla_frozen",
     "vla_lora",
     "vla_lora_graphs",
@@ -432,6 +436,13 @@ def vla(
     return row
 
 
+def stock_model(model: VLA) -> None:
+    """The model as transformers and timm build it: none of vla-ft's kernel-level rewrites."""
+    plain_sdpa(model)
+    rotary_inline(model)
+    conv_patchify(model)
+
+
 def plain_sdpa(model: VLA) -> None:
     """Ablation: the LM on transformers' own "sdpa" instead of :mod:`vla_ft.lm_compile`. While
     compiling, transformers 5.17 with torch 2.11 then builds a (B, 1, L, L) causal mask, so SDPA
@@ -484,8 +495,9 @@ def _with_readout(bench: Bench, run: Run) -> Bench:
     return Bench(**{**bench.__dict__, "batches": batches})
 
 
-def hf_trainer(bench: Bench, name: str, compile_: bool) -> Row:
-    """(b) HF Trainer set up well: bf16, sdpa, adamw_torch_fused, the same model and loss via compute_loss."""
+def hf_trainer(bench: Bench, name: str, compile_: bool, patch: Callable[[VLA], None] | None = None) -> Row:
+    """(b) HF Trainer set up well: bf16, sdpa, adamw_torch_fused, the same model and loss via compute_loss;
+    ``patch`` changes the model first (``stock_model``)."""
     from accelerate.state import AcceleratorState
     from torch.utils.data import DataLoader, Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -494,6 +506,8 @@ def hf_trainer(bench: Bench, name: str, compile_: bool) -> Row:
     recipe = bench.recipe()
     row, t0 = Row(name, batch=recipe.train.batch_size), time.perf_counter()
     model, loss_fn = build_vla(recipe, bench.device)
+    if patch is not None:
+        patch(model)
     model.wants_language = True
     n, cuda = bench.steps_for(name), bench.device.type == "cuda"
     clock, losses = StepClock(bench.device), []
@@ -559,6 +573,7 @@ def hf_trainer(bench: Bench, name: str, compile_: bool) -> Row:
     row.peak_gb = peak_gb(bench.device)
     row.tflop_per_step = count_flops(model, bench.batches[0], True)
     row.note = "bf16, sdpa, adamw_torch_fused" + (", torch_compile" if compiled else "")
+    row.note += ", stock model" if patch is stock_model else ""
     if compile_ != compiled:
         row.note += " (torch_compile asked, model NOT compiled)"
     return row
@@ -661,6 +676,7 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "hf_eager": lambda b, n: hf_trainer(b, n, False),
     "hf_compile": lambda b, n: hf_trainer(b, n, True),
+    "hf_compile_stock": lambda b, n: hf_trainer(b, n, True, stock_model),
     "vla_frozen": lambda b, n: vla(b, n, "frozen", note="frozen vision encoder"),
     "vla_lora": lambda b, n: vla(b, n, "lora", note="LoRA r=32 on LM linears, frozen vision"),
     "vla_lora_graphs": lambda b, n: vla(
@@ -799,6 +815,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diagnose", action="store_true", help="vla_full, vla_lora: kernel table and step variants")
     p.add_argument("--trace", default="", help="with --diagnose: Chrome trace of the profiled steps (.json)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 3 steps: checks the script runs")
+    p.add_argument("--set", nargs="*", default=[], help="recipe overrides for every row (a smaller model)")
     return p.parse_args(argv)
 
 
@@ -812,7 +829,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; valid: {', '.join(ROWS)}")
     workdir = Path(tempfile.mkdtemp(prefix="vla_bench_"))
-    overrides = [*SMOKE] if smoke else []
+    overrides = [*SMOKE, *args.set] if smoke else list(args.set)
     probe = load_recipe(RECIPE, [*COMMON, *overrides])
     bench = Bench(
         device,

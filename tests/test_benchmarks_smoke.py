@@ -42,6 +42,26 @@ def test_train_throughput_smoke(tmp_path, capsys):
     assert "row" in capsys.readouterr().out  # the table was printed
 
 
+def test_the_stock_model_has_none_of_vla_fts_rewrites():
+    """hf_compile_stock's model: transformers' own "sdpa", the LM's own rotary module, timm's conv."""
+    from vla_ft import lm_compile
+    from vla_ft.backbones import PatchifyConv
+
+    bench = load_benchmark()
+    recipe = bench.load_recipe(bench.RECIPE, [*bench.COMMON, *bench.SMOKE])
+    model, _ = bench.build_vla(recipe, bench.torch.device("cpu"))
+    rewritten = {
+        "attention": model.language_model.config._attn_implementation == lm_compile.NAME,
+        "rotary": isinstance(model.decoder.rotary_emb, lm_compile.RotaryOnce),
+        "patch": any(isinstance(m, PatchifyConv) for m in model.vision_encoder.modules()),
+    }
+    assert all(rewritten.values()), rewritten  # what the library builds
+    bench.stock_model(model)
+    assert model.language_model.config._attn_implementation == "sdpa"
+    assert not isinstance(model.decoder.rotary_emb, lm_compile.RotaryOnce)
+    assert not any(isinstance(m, PatchifyConv) for m in model.vision_encoder.modules())
+
+
 def test_trace_summary_reads_a_chrome_trace(tmp_path):
     """``benchmarks/trace_summary.py`` on a small hand-made trace: time per kind and step,
     the largest kernels with their calls, pageable copies and the idle gap (by the events around it)."""
