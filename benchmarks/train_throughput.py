@@ -829,7 +829,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; valid: {', '.join(ROWS)}")
     workdir = Path(tempfile.mkdtemp(prefix="vla_bench_"))
-    overrides = [*SMOKE, *args.set] if smoke else list(args.set)
+    overrides = [*(SMOKE if smoke else ()), *args.set]
     probe = load_recipe(RECIPE, [*COMMON, *overrides])
     bench = Bench(
         device,
