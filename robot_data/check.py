@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
+from robot_data.reader import EpisodeArrays
 
 KINDS = (
     "missing_file",
@@ -125,30 +126,41 @@ def check_hdf5(
     except (ValueError, OSError, KeyError) as err:
         return [Problem("unreadable", str(path), None, str(err))]
     problems: list[Problem] = []
-    first = reader.numeric(reader.episodes()[0].index)
-    dims = (first.state.shape[1], first.action.shape[1])
+    dims: tuple[int, int] | None = None  # (state, action) dims of the first sound episode
     for ep in reader.episodes():
-        problems += _check_hdf5_episode(reader, ep.index, ep.length, dims, decode)
+        found = _hdf5_structure(reader, ep.index, ep.length)
+        if not found:
+            arrays = reader.numeric(ep.index)
+            dims = dims or (arrays.state.shape[1], arrays.action.shape[1])
+            found = _hdf5_contents(reader, ep.index, ep.length, arrays, dims, decode)
+        problems += found
     return problems
 
 
-def _check_hdf5_episode(
-    reader: HDF5Reader, episode: int, length: int, dims: tuple[int, int], decode: str
-) -> list[Problem]:
+def _hdf5_structure(reader: HDF5Reader, episode: int, length: int) -> list[Problem]:
+    """An episode's file opens, its datasets exist, and every state dataset has one row per action."""
+    if episode in reader.unreadable:
+        return [Problem("unreadable", reader.location(episode), episode, reader.unreadable[episode])]
     where, group = reader.location(episode), reader.group(episode)
     missing = [k for k in [*reader.state_keys, reader.action_key] if k not in group]
     if missing:
         return [Problem("bad_feature", where, episode, f"missing dataset(s) {missing}")]
+    return [
+        Problem("index_gap", where, episode, f"{key} has {len(group[key])} rows, actions {length}")
+        for key in reader.state_keys
+        if len(group[key]) != length
+    ]
+
+
+def _hdf5_contents(
+    reader: HDF5Reader, episode: int, length: int, arrays: EpisodeArrays, dims: tuple[int, int], decode: str
+) -> list[Problem]:
+    """Dims as the first sound episode's, finite numbers, camera datasets present and decodable."""
+    where, group = reader.location(episode), reader.group(episode)
     problems = []
-    for key in reader.state_keys:
-        if len(group[key]) != length:
-            problems.append(Problem("index_gap", where, episode, f"{key} has {len(group[key])} rows, actions {length}"))
-    if problems:
-        return problems
-    arrays = reader.numeric(episode)
     for name, values, dim in (("state", arrays.state, dims[0]), ("action", arrays.action, dims[1])):
         if values.shape[1] != dim:
-            msg = f"{name} has {values.shape[1]} dims, the first episode {dim}"
+            msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
             problems.append(Problem("bad_feature", where, episode, msg))
         problems += non_finite(values, name, where, episode)
     for camera, key in reader.camera_keys.items():

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from robot_data.check import Problem, decode_checks, non_finite
-from robot_data.lerobot import LeRobotReader, column_to_numpy, is_list_type
+from robot_data.lerobot import LeRobotReader, column_to_numpy, feature_width, is_list_type
 from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
 from robot_data.video import video_duration
 
@@ -65,7 +65,10 @@ def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict
     """Per key: row ids whose vector length differs from the feature shape."""
     out = {}
     for key in keys:
-        width = int(np.prod(meta.features[key].get("shape", [1])))
+        width = feature_width(meta.features[key])
+        if width is None:  # no shape in info.json: nothing to compare with
+            out[key] = np.zeros(0, np.int64)
+            continue
         column = table[key].combine_chunks()
         if is_list_type(column.type):
             lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
@@ -81,11 +84,15 @@ def _check_data_file(
     where = str(path)
     if not path.is_file():
         return [Problem("missing_file", where, e.index, "data file missing") for e in episodes]
-    schema = pq.read_schema(path)
-    missing = [c for c in [*INDEX_COLUMNS, *keys] if c not in schema.names]
-    if missing:
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in [*INDEX_COLUMNS, *keys] if c not in schema.names]
+        table = None if missing else pq.read_table(path, columns=[*INDEX_COLUMNS, *keys])
+    except (pa.ArrowException, OSError) as err:
+        msg = f"unreadable parquet file ({type(err).__name__}: {err})"
+        return [Problem("unreadable", where, e.index, msg) for e in episodes]
+    if table is None:
         return [Problem("bad_feature", where, e.index, f"missing column(s) {missing}") for e in episodes]
-    table = pq.read_table(path, columns=[*INDEX_COLUMNS, *keys])
     type_msgs = _type_problems(schema, meta, keys)
     widths = _width_problems(table, meta, keys)
     cols = {c: column_to_numpy(table[c], np.float64)[:, 0] for c in INDEX_COLUMNS}
@@ -155,7 +162,7 @@ def _check_camera(
     camera: str,
     decode: str,
     tol: float,
-    durations: dict[Path, tuple[int, float]],
+    durations: dict[Path, tuple[int, float] | Exception],
 ) -> list[Problem]:
     feature = reader.meta.features[camera]
     if feature["dtype"] == "video":
@@ -163,7 +170,13 @@ def _check_camera(
         if not ref.path.is_file():
             return [Problem("missing_file", str(ref.path), ep.index, f"camera {camera}: video missing")]
         if ref.path not in durations:
-            durations[ref.path] = video_duration(ref.path)
+            try:
+                durations[ref.path] = video_duration(ref.path)
+            except Exception as err:  # noqa: BLE001 - PyAV's errors for a damaged file are many; each is a finding
+                durations[ref.path] = err
+        if isinstance(durations[ref.path], Exception):
+            msg = f"camera {camera}: unreadable video ({type(durations[ref.path]).__name__}: {durations[ref.path]})"
+            return [Problem("undecodable", str(ref.path), ep.index, msg)]
         _, seconds = durations[ref.path]
         last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp[-1]) if ep.length else 0.0
         if seconds and last > seconds - 0.5 / reader.fps + tol:
@@ -208,9 +221,9 @@ def check_lerobot(
         by_file.setdefault(ep.data_path, []).append(ep)
     for data_path, episodes in by_file.items():
         problems += _check_data_file(meta, data_path, episodes, keys, tol)
-    unusable = {p.episode for p in problems if p.kind in ("missing_file", "bad_feature", "index_gap")}
+    unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
-    durations: dict[Path, tuple[int, float]] = {}
+    durations: dict[Path, tuple[int, float] | Exception] = {}
     for ep in meta.episodes:
         if ep.index not in unusable:
             for camera in meta.cameras:

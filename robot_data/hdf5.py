@@ -87,18 +87,16 @@ class HDF5Reader(Reader):
         self.action_key = spec["action"] if action_key == "action" else action_key
         self._handles: OrderedDict[Path, h5py.File] = OrderedDict()
         self._pid = os.getpid()
+        self.unreadable: dict[int, str] = {}  # ALOHA episode files h5py cannot open: index -> why
         self._sources, tasks = self._index()
         if not self._sources:
             raise ValueError(f"{self.path}: no episodes found for the {layout} layout")
-        first = self.group(next(iter(self._sources)))
-        self.state_keys = [self._resolve(first, k) for k in self.state_keys]
-        self.action_key = self._resolve(first, self.action_key)
-        self.text_key = self._resolve(first, text_key) if text_key else None
+        first = self._reference_group(state_key, text_key)
         self.camera_keys = self._find_cameras(first)
         self.cameras = list(self.camera_keys)
         holders = [first, first.parent, first.file]  # robomimic: demo, data group, file; ALOHA: the file
         self.fps = float(fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), spec["fps"]))
-        lengths = {i: int(self.group(i)[self.action_key].shape[0]) for i in self._sources}
+        lengths = {i: self._length(i) for i in self._sources}
         self._episodes = [Episode(i, lengths[i], tasks[i]) for i in sorted(self._sources)]
         action_dim = first[self.action_key].shape[1]
         self.gripper_dims = {"aloha": [6, 13] if action_dim == 14 else [], "robomimic": [action_dim - 1]}[layout]
@@ -124,8 +122,51 @@ class HDF5Reader(Reader):
         """The h5py group of an episode (keys ``state_keys``, ``action_key``, ``camera_keys`` live in it)."""
         if episode_index not in self._sources:
             raise IndexError(f"{self.path}: no episode {episode_index}")
+        if episode_index in self.unreadable:
+            raise ValueError(f"{self.location(episode_index)}: {self.unreadable[episode_index]}")
         source = self._sources[episode_index]
         return self._file(source.file)[source.group]
+
+    def _reference_group(self, state_key: str, text_key: str | None) -> h5py.Group:
+        """Resolve the keys on the first episode that has them all; its group sets cameras and fps.
+
+        One damaged episode (a missing dataset, a file h5py cannot open) must not make the whole
+        dataset unreadable: the checks report it by name, and a run can skip it.
+        """
+        error: ValueError | None = None
+        for index in self._sources:
+            if index in self.unreadable:
+                continue
+            group = self.group(index)
+            try:
+                keys = [self._resolve(group, k) for k in self.state_keys], self._resolve(group, self.action_key)
+                text = self._resolve(group, text_key) if text_key else None
+            except ValueError as err:
+                error = error or err
+                continue
+            (self.state_keys, self.action_key), self.text_key = keys, text
+            return group
+        why = next(iter(self.unreadable.values()), "")
+        raise error or ValueError(f"{self.path}: no episode file can be opened ({why})")
+
+    def _length(self, episode_index: int) -> int:
+        """Frames of an episode (its action rows); 0 when unreadable or without actions (the checks say why)."""
+        if episode_index in self.unreadable:
+            return 0
+        group = self.group(episode_index)
+        return int(group[self.action_key].shape[0]) if self.action_key in group else 0
+
+    def _datasets(self, episode_index: int, keys: Sequence[str]) -> list[np.ndarray]:
+        """The named datasets of an episode as float32 (T, D) arrays of one length, or an error naming them."""
+        group = self.group(episode_index)
+        missing = [k for k in keys if k not in group]
+        if missing:
+            raise ValueError(f"{self.location(episode_index)}: missing dataset(s) {missing}")
+        arrays = [np.asarray(group[k], np.float32) for k in keys]
+        rows = {k: len(a) for k, a in zip(keys, arrays, strict=True)}
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"{self.location(episode_index)}: datasets of different lengths {rows}")
+        return [a.reshape(len(a), -1) for a in arrays]
 
     def _index(self) -> tuple[dict[int, _Source], dict[int, str]]:
         """Episode index -> where it lives, and its instruction."""
@@ -147,7 +188,11 @@ class HDF5Reader(Reader):
                 numbers = list(range(len(files)))  # no usable numbering: order by name
             for number, file in zip(numbers, files, strict=True):
                 sources[number] = _Source(file, "/")
-                tasks[number] = self._task(self._file(file), None, "")
+                try:
+                    tasks[number] = self._task(self._file(file), None, "")
+                except OSError as err:  # a truncated or corrupt episode file
+                    self.unreadable[number] = f"unreadable HDF5 file ({err})"
+                    tasks[number] = ""
         return sources, tasks
 
     @staticmethod
@@ -178,10 +223,9 @@ class HDF5Reader(Reader):
         return list(self._episodes)
 
     def numeric(self, episode_index: int) -> EpisodeArrays:
+        *parts, action = self._datasets(episode_index, [*self.state_keys, self.action_key])
+        state = np.concatenate(parts, axis=1)
         group = self.group(episode_index)
-        parts = [np.asarray(group[k], np.float32) for k in self.state_keys]
-        state = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
-        action = np.asarray(group[self.action_key], np.float32)
         if "timestamp" in group:
             timestamp = np.asarray(group["timestamp"], np.float64)
         else:

@@ -32,21 +32,29 @@ def is_list_type(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32) -> np.ndarray:
-    """A scalar or list column of n rows -> (n, D) array; null rows become NaN rows."""
+def column_to_numpy(
+    column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32, width: int | None = None
+) -> np.ndarray:
+    """A scalar or list column of n rows -> (n, D) array; null rows become NaN rows.
+
+    ``width`` (the feature's size from ``info.json``) sets D; a row of another length becomes a
+    NaN row, so one malformed row never shifts or widens the other rows of its file (the
+    checks name it). Without ``width``, D is the longest row and shorter rows are NaN-padded.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if not is_list_type(column.type):
         return column.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), 1)
-    if column.null_count == 0:
+    lengths = pc.list_value_length(column)
+    span = pc.min_max(lengths).as_py()
+    if column.null_count == 0 and len(column) and span["min"] == span["max"] and width in (None, span["min"]):
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-        if len(column) and len(values) % len(column) == 0:
-            return values.astype(dtype).reshape(len(column), -1)
-    rows = column.to_pylist()  # ragged or null rows: slow path, pads with NaN so checks can see them
-    width = max((len(r) for r in rows if r is not None), default=0)
-    out = np.full((len(rows), width), np.nan, dtype)
+        return values.astype(dtype).reshape(len(column), -1)
+    rows = column.to_pylist()  # ragged, null or mis-sized rows: slow path
+    full = width if width is not None else max((len(r) for r in rows if r is not None), default=0)
+    out = np.full((len(rows), full), np.nan, dtype)
     for i, r in enumerate(rows):
-        if r is not None:
+        if r is not None and (width is None or len(r) == width):
             out[i, : len(r)] = np.asarray(r, dtype=np.float64).astype(dtype)
     return out
 
@@ -60,17 +68,20 @@ class DataFile:
     rows: dict[int, np.ndarray]
 
 
-def read_data_file(path: Path, numeric: Sequence[str], text_key: str | None) -> DataFile:
-    """Read the index columns plus ``numeric`` (and ``text_key``) of one data file."""
+def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | None) -> DataFile:
+    """Read the index columns plus the ``numeric`` columns (name -> width) and ``text_key`` of one data file."""
     if not path.is_file():
         raise DatasetFormatError(f"{path}: data file missing")
     wanted = ["episode_index", "frame_index", "timestamp", *numeric] + ([text_key] if text_key else [])
-    present = set(pq.read_schema(path).names)
-    missing = [c for c in wanted if c not in present]
-    if missing:
-        raise DatasetFormatError(f"{path}: missing column(s) {missing}")
-    table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
-    columns = {c: column_to_numpy(table[c], np.float64) for c in dict.fromkeys(wanted) if c != text_key}
+    try:
+        present = set(pq.read_schema(path).names)
+        missing = [c for c in wanted if c not in present]
+        if missing:
+            raise DatasetFormatError(f"{path}: missing column(s) {missing}")
+        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetFormatError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from None
+    columns = {c: column_to_numpy(table[c], np.float64, numeric.get(c)) for c in dict.fromkeys(wanted) if c != text_key}
     episode, frame = columns["episode_index"][:, 0].astype(np.int64), columns["frame_index"][:, 0]
     order = np.lexsort((frame, episode))
     ids, starts = np.unique(episode[order], return_index=True)
@@ -78,6 +89,12 @@ def read_data_file(path: Path, numeric: Sequence[str], text_key: str | None) -> 
     rows = {int(e): order[s:b] for e, s, b in zip(ids, starts, bounds, strict=True)}
     text = [str(t) for t in table[text_key].to_pylist()] if text_key else None
     return DataFile(columns, text, rows)
+
+
+def feature_width(feature: dict[str, Any]) -> int | None:
+    """Values per frame of a numeric feature (the product of its ``shape``); None if it has none."""
+    shape = feature.get("shape")
+    return int(np.prod(shape)) if shape else None
 
 
 def gripper_dims(feature: dict[str, Any]) -> list[int]:
@@ -129,7 +146,8 @@ class LeRobotReader(Reader):
     def _data(self, episode: EpisodeMeta) -> tuple[DataFile, np.ndarray]:
         path = episode.data_path
         if path not in self._files:
-            self._files[path] = read_data_file(path, [self.state_key, self.action_key], self.text_key)
+            widths = {k: feature_width(self.meta.features[k]) for k in (self.state_key, self.action_key)}
+            self._files[path] = read_data_file(path, widths, self.text_key)
         data = self._files[path]
         if episode.index not in data.rows:
             raise DatasetFormatError(f"{path}: no rows for episode {episode.index}")

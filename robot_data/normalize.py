@@ -225,20 +225,25 @@ def compare_stats(
 
 
 def resolve_stats(
-    reader: Reader, train_episodes: Iterable[int], tolerance: float = 0.05
+    reader: Reader,
+    train_episodes: Iterable[int],
+    tolerance: float = 0.05,
+    usable_episodes: Iterable[int] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
     """The stats to normalise with, plus a report of shipped-vs-computed disagreements.
 
     With a stats file shipped (``reader.stats()``), it is used, and compared with stats computed
-    over *all* episodes (what the file claims to describe); stats it lacks (e.g. q01/q99 in
-    v2.1) are filled from that computation, and so are stats whose shape no longer matches the
-    data. Without a file, stats come from the train episodes only, so validation data never
-    leaks into normalisation.
+    over all ``usable_episodes`` (default: every episode; what the file claims to describe,
+    less episodes a run skips as unreadable); stats it lacks (e.g. q01/q99 in v2.1) are filled
+    from that computation, and so are stats whose shape no longer matches the data. Without a
+    file, stats come from the train episodes only, so validation data never leaks into
+    normalisation.
     """
     shipped = reader.stats()
     if shipped is None:
         return compute_stats(reader, train_episodes), []
-    fresh = compute_stats(reader, [e.index for e in reader.episodes()])
+    usable = [e.index for e in reader.episodes()] if usable_episodes is None else list(usable_episodes)
+    fresh = compute_stats(reader, usable)
     report = compare_stats(shipped, fresh, tolerance)
     merged = {k: dict(fresh[k]) for k in NORM_KEYS}
     for key in NORM_KEYS:

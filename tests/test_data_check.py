@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from robot_data import SyntheticReader
+from robot_data import HDF5Reader, LeRobotReader, SyntheticReader
 from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
@@ -194,3 +194,67 @@ def test_hdf5_corruptions(tmp_path):
     assert _kinds(problems) == {("video_short", 1), ("undecodable", 2)}
     assert problems[1].file.endswith("episode_2.hdf5:/")
     assert _kinds(check_dataset(tmp_path / "nowhere", "hdf5")) == {("missing_file", None)}
+
+
+def _resize_rows(path: Path, column: str, resize: dict[int, int]) -> None:
+    """Give rows ``i`` of a list column ``resize[i]`` extra (>0) or fewer (<0) values."""
+    table = pq.read_table(path)
+    rows = table[column].to_pylist()
+    for i, extra in resize.items():
+        rows[i] = rows[i] + [7.0] * extra if extra > 0 else rows[i][:extra]
+    new = pa.array(rows, pa.list_(pa.float32()))
+    pq.write_table(table.set_column(table.column_names.index(column), column, new), path)
+
+
+def test_a_malformed_row_leaves_the_rest_of_its_file_intact(tmp_path):
+    """Rows of episodes 1 and 3 of one file lose/gain a value (the total still divides by the row
+    count); only they are flagged, and episodes 0 and 2 of the same file read exactly as written."""
+    source = _source()
+    ds = write_lerobot(source, tmp_path / "one_file", video=False, episodes_per_file=4)
+    _resize_rows(ds / FILE0, "observation.state", {8 + 3: 1, 24 + 5: -1})  # 8 frames per episode
+    problems = check_dataset(ds, "lerobot", decode="none")
+    assert _kinds(problems) == {("bad_feature", 1), ("bad_feature", 3)}
+    reader = LeRobotReader(ds)
+    for episode in (0, 2):
+        np.testing.assert_array_equal(reader.numeric(episode).state, source.numeric(episode).state)
+    state = reader.numeric(1).state
+    assert state.shape == source.numeric(1).state.shape and np.isnan(state[3]).all() and np.isfinite(state[4:]).all()
+
+
+def test_damaged_files_are_problems_of_their_episodes(videos):
+    """A corrupt parquet file and a truncated video: per-episode problems (skippable), not a crash."""
+    (videos / FILE1).write_bytes(b"not a parquet file")
+    video0 = next((videos / "videos").rglob("file-000.mp4"))
+    video0.write_bytes(video0.read_bytes()[:200])
+    problems = check_dataset(videos, "lerobot")
+    assert _kinds(problems) == {("unreadable", 2), ("unreadable", 3), ("undecodable", 0), ("undecodable", 1)}
+    assert episodes_to_skip(problems, skip_bad_episodes=True) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match=r"file-001\.parquet: unreadable parquet file"):
+        LeRobotReader(videos).numeric(2)
+
+
+def test_hdf5_damage_stays_with_its_episode(tmp_path):
+    """The first demo's state datasets disagree in length, a later demo lacks its actions, an ALOHA
+    episode file is truncated: each is one episode's problem, and the reader names it."""
+    write_robomimic(_source(), tmp_path / "rm.hdf5")
+    with h5py.File(tmp_path / "rm.hdf5", "a") as f:
+        for demo in range(4):
+            f[f"data/demo_{demo}/obs/extra"] = np.zeros((7 if demo == 0 else 8, 2), np.float32)
+        del f["data/demo_3/actions"]
+    kwargs = {"layout": "robomimic", "state_key": "state,extra"}
+    problems = check_dataset(tmp_path / "rm.hdf5", "hdf5", **kwargs)
+    assert _kinds(problems) == {("index_gap", 0), ("bad_feature", 3)}
+    reader = HDF5Reader(tmp_path / "rm.hdf5", **kwargs)
+    assert reader.numeric(1).state.shape == (8, 5)
+    with pytest.raises(ValueError, match=r"demo_3: missing dataset\(s\) \['actions'\]"):
+        reader.numeric(3)
+    with pytest.raises(ValueError, match=r"demo_0: datasets of different lengths"):
+        reader.numeric(0)
+
+    write_aloha(_source(), tmp_path / "aloha")
+    broken = tmp_path / "aloha/episode_1.hdf5"
+    broken.write_bytes(broken.read_bytes()[:100])
+    problems = check_dataset(tmp_path / "aloha", "hdf5", layout="aloha")
+    assert _kinds(problems) == {("unreadable", 1)} and problems[0].file.endswith("episode_1.hdf5:/")
+    with pytest.raises(ValueError, match="episode_1.hdf5:/: unreadable HDF5 file"):
+        HDF5Reader(tmp_path / "aloha", layout="aloha").numeric(1)

@@ -9,6 +9,7 @@ import numpy as np
 from conftest import QUICKSTART
 from test_data_check import _edit_column
 
+from robot_data import SyntheticReader, write_lerobot
 from vla_ft.cli import main as cli
 
 
@@ -43,3 +44,14 @@ def test_failing_dataset_is_refused_unless_skipped(tmp_path, tiny_overrides, cap
 
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
     assert "skipping 1 episode(s): [1]" in capsys.readouterr().out
+
+
+def test_skipped_episode_is_left_out_of_shipped_stats_checks(tmp_path, tiny_overrides, capsys):
+    """A v2.1 dataset ships its stats; with one episode's data file gone and skipping on, the
+    run trains on the rest (the stats comparison must not read the skipped episode)."""
+    source = SyntheticReader(episodes=4, episode_length=10, image_size=32)
+    ds = write_lerobot(source, tmp_path / "v21", video=False, version="v2.1")
+    (ds / "data/chunk-000/episode_000002.parquet").unlink()
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
+    assert "skipping 1 episode(s): [2]" in capsys.readouterr().out

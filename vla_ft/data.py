@@ -128,7 +128,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     if stats is not None:
         normalizer = Normalizer.from_dict(stats)
     else:
-        fresh, report = resolve_stats(reader, train_eps)
+        fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes)
         for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
             print(f"data stats: {line}")
         normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
