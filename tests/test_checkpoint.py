@@ -114,8 +114,9 @@ class Payload:
 
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     torch.save({"x": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="evil.pt: unreadable") as refused:
         ck.torch_load(tmp_path / "evil.pt")
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
     with pytest.raises(CheckpointError, match="missing"):
         ck.torch_load(tmp_path / "absent.pt")
 
@@ -167,3 +168,36 @@ def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
         for i, s in oa["state"].items()
         for k, v in s.items()
     )
+
+
+def test_a_resave_cut_between_its_renames_keeps_the_checkpoint_and_other_names_are_ignored(tmp_path):
+    for step in (5, 10):
+        ck.write_checkpoint(tmp_path, step, files(str(step)))
+    (tmp_path / "step_000010").rename(tmp_path / ".old_step_000010")  # step 10 re-saved, cut after the first rename
+    (tmp_path / "step_000002.bak").mkdir()  # a user's backup copy is not a checkpoint
+    (tmp_path / "step_000002.bak" / ck.COMPLETE).write_text("2")
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_000010"
+    assert (tmp_path / "step_000010" / "weights.bin").read_text() == "10"
+    ck.write_checkpoint(tmp_path, 11, files("11"))
+    assert ck.rotate(tmp_path, 2, set()) == [tmp_path / "step_000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002.bak", "step_000010", "step_000011"]
+
+
+def test_a_damaged_checkpoint_file_is_one_error_naming_it(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "train.steps=2", "train.val_every=0", "logging.tensorboard=false", f"output_dir={run_dir}"]
+    fit(setup(load_recipe(QUICKSTART, overrides)))
+    step = run_dir / "checkpoints" / "step_000002"
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # a crash cut the last row short: resuming drops it
+    for name in ("model.safetensors", "trainer_state.json", "config.yaml"):
+        saved = (step / name).read_bytes()
+        (step / name).write_bytes(b"model: [\n" if name == "config.yaml" else saved[: len(saved) // 2])
+        with pytest.raises(CheckpointError, match=f"{name}: unreadable") as refused:
+            fit(setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true", "train.steps=3"])))
+        assert "nothing was changed" in str(refused.value)
+        (step / name).write_bytes(saved)
+    run = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true", "train.steps=3"]))
+    fit(run)
+    run.logger.close()
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 3

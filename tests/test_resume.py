@@ -10,7 +10,9 @@ its checkpoint k and must reproduce the rest of the straight run exactly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -143,3 +145,53 @@ def test_a_harmless_change_warns_and_rotation_keeps_best_and_resumed(straight: P
     assert ck.latest_checkpoint(resumed / "checkpoints") == ckpt(resumed, N)
     assert ck.read_pointer(resumed / "checkpoints", "best") == ckpt(resumed, best)
     assert_same_weights(ckpt(straight, N), ckpt(resumed, N))  # workers and log interval change nothing
+
+
+def test_a_stop_on_a_skipped_step_resumes_exactly_under_dwa(tmp_path: Path):
+    """SIGTERM arrives while update 4 is skipped (non-finite loss): the checkpoint repeats step 3,
+    and the resumed run must not open a second DWA window for the retried step."""
+    overrides = [*TINY, "train.steps=6", "checkpoint.every=0", "train.val_every=0", "logging.tensorboard=false"]
+    overrides += ["loss.strategy=dwa", "loss.dwa_window=2"]
+
+    def train(run_dir: Path, poison_at: int | None = None, stop: bool = False, resume: bool = False) -> None:
+        run = setup(load_recipe(QUICKSTART, [*overrides, f"output_dir={run_dir}", f"train.resume={resume}"]))
+        if poison_at is not None:
+            forward, calls = run.loss_fn.forward, []
+
+            def poisoned(outputs, batch):
+                total, parts = forward(outputs, batch)
+                calls.append(1)
+                if len(calls) != poison_at:
+                    return total, parts
+                if stop:
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
+                return total * float("nan"), parts
+
+            run.loss_fn.forward = poisoned
+        fit(run)
+        run.logger.close()
+
+    train(tmp_path / "straight", poison_at=4)
+    train(tmp_path / "split", poison_at=4, stop=True)
+    assert ck.latest_checkpoint(tmp_path / "split" / "checkpoints") == ckpt(tmp_path / "split", 3)
+    train(tmp_path / "split", resume=True)
+    assert_same_weights(ckpt(tmp_path / "straight", 6), ckpt(tmp_path / "split", 6))
+
+
+def test_an_early_stopped_run_relaunched_does_not_train_on(tmp_path: Path):
+    overrides = [*TINY, "train.steps=10", "train.val_every=1", "checkpoint.every=0", "logging.tensorboard=false"]
+    overrides += ["train.early_stopping.patience=1", "train.early_stopping.min_delta=1000", f"output_dir={tmp_path}"]
+    fit(setup(load_recipe(QUICKSTART, overrides)))
+    assert ck.latest_checkpoint(tmp_path / "checkpoints") == ckpt(tmp_path, 2)
+    run = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true"]))
+    fit(run)
+    assert run.state.step == 2 and run.early_stop
+    assert ck.latest_checkpoint(tmp_path / "checkpoints") == ckpt(tmp_path, 2)
+
+
+def test_switching_a_learned_terms_weight_off_is_refused(tmp_path: Path):
+    overrides = [*TINY, "train.steps=1", "train.val_every=0", "logging.tensorboard=false", f"output_dir={tmp_path}"]
+    fit(setup(load_recipe(QUICKSTART, [*overrides, "loss.strategy=uncertainty"])))
+    changed = [*overrides, "loss.strategy=uncertainty", "loss.weights.language=0", "train.resume=true"]
+    with pytest.raises(RecipeError, match=r"loss.weights: terms with a non-zero weight \['action', 'gripper', 'lang"):
+        setup(load_recipe(QUICKSTART, changed))

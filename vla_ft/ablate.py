@@ -213,10 +213,12 @@ def checkpoint_state(recipe: Recipe) -> dict[str, Any] | None:
 
 def is_finished(recipe: Recipe, state: dict[str, Any] | None) -> bool:
     """Trained to ``train.steps``, or stopped early by patience (not by a signal)."""
+    from vla_ft.run_state import TrainState
+    from vla_ft.train import stalled
+
     if state is None:
         return False
-    patience = recipe.train.early_stopping.patience
-    return state["step"] >= recipe.train.steps or bool(patience and state["evals_since_best"] >= patience)
+    return state["step"] >= recipe.train.steps or stalled(recipe, TrainState(**state))
 
 
 def _comparable(recipe: Recipe) -> dict[str, Any]:

@@ -32,11 +32,13 @@ weights come from safetensors and the rest from ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ COMPLETE = "COMPLETE"
 # raises a RuntimeError without errno, safetensors a SafetensorError quoting "os error 28".
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+STEP_DIR = re.compile(r"step_(\d+)")  # a checkpoint directory's name; anything else (step_000200.bak) is not one
 
 
 class CheckpointError(RuntimeError):
@@ -138,7 +141,8 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move directory ``src`` to ``dst``; an existing ``dst`` (same step saved again) is moved
-    aside first and deleted after, so a crash in between never leaves a half-deleted ``dst``."""
+    aside to ``.old_<name>`` first and deleted after. A crash between the two renames leaves
+    only ``.old_<name>``, which :func:`complete_checkpoints` moves back."""
     old = dst.with_name(f".old_{dst.name}")
     if dst.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -147,16 +151,27 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _restore_moved_aside(root: Path) -> None:
+    """Put back a complete ``.old_step_N`` whose ``step_N`` is missing (a re-save of step N
+    interrupted between its renames), so the scan finds it and rotation does not delete it."""
+    for old in root.glob(".old_step_*"):
+        final = root / old.name.removeprefix(".old_")
+        if is_complete(old) and not final.exists():
+            with contextlib.suppress(OSError):  # another process restored it first
+                os.replace(old, final)
+
+
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
+    """Complete checkpoint directories (``step_<N>``), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    _restore_moved_aside(root)
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -175,12 +190,13 @@ def rotate(root: Path, keep_last: int, protect: set[Path]) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (0 = keep all), never one
     in ``protect`` (the best, the one resumed from). Leftovers of interrupted saves
     (``.tmp_*``, ``.old_*``) are removed too. Returns the deleted directories."""
+    complete = complete_checkpoints(root)  # first: it restores a moved-aside checkpoint
     for leftover in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return []
     protected = {p.resolve() for p in protect if p is not None}
-    doomed = [p for p in complete_checkpoints(root)[:-keep_last] if p.resolve() not in protected]
+    doomed = [p for p in complete[:-keep_last] if p.resolve() not in protected]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -190,18 +206,31 @@ def save_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
-def load_json(path: Path) -> Any:
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Report a checkpoint file that is missing, damaged or does not fit this run as one
+    :class:`CheckpointError` naming it (parsers' own errors rarely say which file)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path}")
     try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: unreadable, or not from this recipe's model ({type(err).__name__}: {err}); nothing was changed"
+        ) from err
+
+
+def load_json(path: Path) -> Any:
+    with reading(path):
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file missing: {path}") from None
 
 
 def torch_load(path: Path) -> Any:
     """Load tensors/containers saved with torch.save; refuses arbitrary pickled objects."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

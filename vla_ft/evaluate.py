@@ -34,14 +34,14 @@ OVERRIDABLE = ("data.", "train.batch_size", "train.device", "train.precision", "
 
 def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
     """The checkpoint's recipe plus ``data.*`` (and device/batch) overrides."""
-    import yaml
+    from vla_ft.run_state import read_saved_recipe
 
     refused = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(OVERRIDABLE)]
     if refused:
         raise RecipeError(
             f"eval overrides may change {', '.join(OVERRIDABLE)} only; refused: {', '.join(refused)}", "command line"
         )
-    raw = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    raw = read_saved_recipe(checkpoint)
     raw["train"] = {**raw.get("train", {}), "resume": False, "cache_features": False}
     raw["data"].setdefault("augment", {})["enabled"] = False
     return recipe_from_dict(apply_overrides(raw, overrides), str(checkpoint / "config.yaml"))

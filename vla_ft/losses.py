@@ -279,6 +279,16 @@ class CompositeLoss(nn.Module):
         self._step = step
         self.weighting.step = step
 
+    def step_state(self) -> dict[str, int | bool | None]:
+        """The step bookkeeping a checkpoint keeps: a run stopped on a skipped step must not
+        open a new DWA window (or a new grad-norm cadence) when it retries that step."""
+        return {"step": self._step, "new_step": self._new_step}
+
+    def load_step_state(self, state: dict[str, int | bool | None]) -> None:
+        self._step, self._new_step = state["step"], bool(state["new_step"])
+        if self._step is not None:
+            self.weighting.step = self._step
+
     def wants(self, term: str) -> bool:
         """Whether ``term`` is computed at the current step; the model skips a head's outputs if not."""
         if term not in TERMS:

@@ -131,14 +131,16 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA
 
         model = VLA(cfg, pretrained=False, lm_config=AutoConfig.from_pretrained(str(directory / LM_DIR)), **dims)
         apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
-        load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
+        with ck.reading(directory / "model.safetensors"):
+            load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
     model.wants_language = False
     return model.to(device).eval(), meta
 
 
 def _load_policy_weights(model: VLA, path: Path) -> None:
     """Every non-LM weight from ``path``; any other missing or extra tensor is an error."""
-    result = model.load_state_dict(load_file(str(path)), strict=False)
+    with ck.reading(path):
+        result = model.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(LM_DIR + ".")]
     if missing or result.unexpected_keys:
         raise ck.CheckpointError(

@@ -94,11 +94,23 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     breaking = [k for k in changed if k.startswith(BREAKING) and not k.startswith(HARMLESS)]
     problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
     problems += _global_batch_change(old, current, where, world_size)
+    problems += _learned_terms_change(old, new)
     if problems:
         detail = "; ".join(problems)
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
     if changed:
         warnings.warn(f"resuming from {where} with changed keys: {', '.join(changed)}", stacklevel=2)
+
+
+def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """uncertainty and DWA keep one learned entry per term with a non-zero weight: that set must stay."""
+    strategy = new.get("loss.strategy")
+    if strategy not in ("uncertainty", "dwa"):
+        return []
+    before, after = (sorted(k[13:] for k, v in d.items() if k.startswith("loss.weights.") and v) for d in (old, new))
+    if before == after:
+        return []
+    return [f"loss.weights: terms with a non-zero weight {before} -> {after} ({strategy} learns a state per term)"]
 
 
 def _global_batch_change(old: dict[str, Any], current: Recipe, where: Path, world_size: int) -> list[str]:
@@ -177,6 +189,7 @@ def trainer_json(run: Run) -> dict[str, Any]:
         "world_size": run.rt.world_size,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "scheduler": {"step": run.state.step, "kind": run.recipe.optim.scheduler},
+        "loss_step": run.loss_fn.step_state(),
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "frozen": sorted(run.model.frozen),
@@ -187,9 +200,13 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
     """Restore weights, optimizer, loss strategy, scaler, RNG and data position from ``path``."""
     load_weights_and_optimizer(run, path)
     if (path / "loss_state.safetensors").is_file():
-        run.loss_fn.load_state_dict(load_file(str(path / "loss_state.safetensors")))
+        with ck.reading(path / "loss_state.safetensors"):
+            run.loss_fn.load_state_dict(load_file(str(path / "loss_state.safetensors")))
     meta = ck.load_json(path / "trainer_state.json")
-    run.state = TrainState(**meta["state"])
+    with ck.reading(path / "trainer_state.json"):
+        run.state = TrainState(**meta["state"])
+        if "loss_step" in meta:  # older checkpoints lack it
+            run.loss_fn.load_step_state(meta["loss_step"])
     if meta.get("world_size", run.rt.world_size) != run.rt.world_size:
         warnings.warn(
             f"{path} was saved by {meta['world_size']} processes, resuming with {run.rt.world_size}: "
@@ -198,11 +215,13 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
         )
     if run.scaler and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
-    ck.set_rng_state(ck.torch_load(path / "rng.pt"))
-    kind, keys, pos, *rest = meta["numpy_rng"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
+    with ck.reading(path / "rng.pt"):
+        ck.set_rng_state(ck.torch_load(path / "rng.pt"))
+    with ck.reading(path / "trainer_state.json"):
+        kind, keys, pos, *rest = meta["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 def load_weights_and_optimizer(run: Run, path: Path) -> None:
@@ -212,7 +231,7 @@ def load_weights_and_optimizer(run: Run, path: Path) -> None:
 
         load_dcp_state(run, path / DCP_DIR)
         return
-    with full_precision(run.model):  # into the fp32 masters (bf16 weights are refreshed from them)
+    with full_precision(run.model), ck.reading(path / "model.safetensors"):  # into the fp32 masters
         load_model(run.model, str(path / "model.safetensors"), strict=True)
     if (path / "optimizer.pt").is_file():
         load_optimizer_state(run.optimizer, ck.torch_load(path / "optimizer.pt"), path)
@@ -235,7 +254,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
 
 def read_saved_recipe(path: Path) -> dict[str, Any]:
-    return yaml.safe_load((path / "config.yaml").read_text())
+    with ck.reading(path / "config.yaml"):
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a recipe is a mapping, this holds {type(saved).__name__}")
+        return saved
 
 
 def read_norm_stats(path: Path) -> dict[str, Any]:

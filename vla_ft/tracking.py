@@ -104,13 +104,21 @@ class MetricsLogger:
         self.purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(r + "\n" for r in rows))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _step_of(line: str) -> float:
+    """A metrics row's step; a line a crash cut short (or an empty one) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class Progress:

@@ -23,7 +23,7 @@ from vla_ft.data import step_groups, to_device
 from vla_ft.master_adamw import MasterAdamW
 from vla_ft.metrics import ActionMetrics
 from vla_ft.run_setup import Run, setup, teardown
-from vla_ft.run_state import save_training_checkpoint
+from vla_ft.run_state import TrainState, save_training_checkpoint
 from vla_ft.signals import StopRequest, TrainingHalted, record_skip
 from vla_ft.tracking import Averager, TrainWindow, summary_line
 
@@ -56,6 +56,13 @@ def fit(run: Run) -> dict[str, float]:
     if st.step >= r.train.steps:
         run.progress.write(f"nothing to do: the checkpoint is at step {st.step} of {r.train.steps}")
         return evaluate(run)
+    if stalled(r, st):  # relaunched after early stopping
+        run.early_stop, patience = True, r.train.early_stopping.patience
+        run.progress.write(
+            f"nothing to do: the run stopped early at step {st.step} ({r.train.best_metric} did not improve "
+            f"for {patience} validations); raise train.early_stopping.patience to train on"
+        )
+        return evaluate(run)
     groups = step_groups(run.train_loader, run.sampler, st, r.optim.accumulation)
     window, last_val = TrainWindow(), {}
     with StopRequest() as stop:
@@ -82,6 +89,12 @@ def fit(run: Run) -> dict[str, float]:
                 break
     run.progress.close()
     return last_val
+
+
+def stalled(recipe: Recipe, state: TrainState) -> bool:
+    """Early stopping: ``best_metric`` has not improved for ``patience`` validations (0 = never)."""
+    patience = recipe.train.early_stopping.patience
+    return bool(patience) and state.evals_since_best >= patience
 
 
 def prepare_update(run: Run) -> None:
@@ -283,8 +296,7 @@ def validate_and_select(run: Run) -> dict[str, float]:
         st.best_value, st.best_step, st.evals_since_best = value, st.step, 0
     else:
         st.evals_since_best += 1
-    patience = r.train.early_stopping.patience
-    run.early_stop = bool(patience) and st.evals_since_best >= patience
+    run.early_stop = stalled(r, st)
     run.progress.write(
         f"step {st.step}: val {key}={value:.4g} (best {st.best_value:.4g} @ {st.best_step})"
         + "".join(f" {k[4:]}={values[k]:.4g}" for k in ("val/baseline_l1", "val/gripper_acc") if k in values)
