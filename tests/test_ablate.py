@@ -107,7 +107,7 @@ def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch,
         assert float(r["best val/action_l1"]) == pytest.approx(min(val))
         assert float(r["final val/action_l1"]) == pytest.approx(val[-1])
     md = (root / "summary.md").read_text()
-    assert md.startswith("| variant | steps | trainable_params | best val/action_l1 |")
+    assert md.startswith("| variant | status | steps | trainable_params | best val/action_l1 |")
     assert "Best by val/action_l1" in md
     for name in ("val_curves.png", "metric_bars.png"):
         assert (root / name).read_bytes()[:8] == PNG_SIGNATURE
@@ -154,3 +154,20 @@ def test_a_variant_stopped_by_a_signal_stops_the_sweep(tmp_path, monkeypatch, ca
     assert "full: stopped before the end; rerun the same command to resume" in capsys.readouterr().out
     assert json.loads((tmp_path / "full" / "run_summary.json").read_text())["finished"] is False
     assert not (tmp_path / "summary.csv").exists()  # nothing trained, nothing to compare
+
+
+def test_a_diverging_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """lr=1e15 halts on non-finite steps: the other variant still trains, the table says
+    'halted', and rerunning the command skips both (the first would only diverge again).
+    Overrides after --grid are overrides too."""
+    diverge = ["train.max_consecutive_skips=2", "optim.grad_clip=0", "optim.warmup_steps=0", "optim.groups={}"]
+    argv = ["ablate", str(QUICKSTART), *TINY, *diverge, f"output_dir={tmp_path}", "--grid", "optim.lr=1e15,1e-3"]
+    assert cli([*argv, "train.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] optim.lr=1e15: halted (" in out and "[ablate 2/2] optim.lr=1e-3: training" in out
+    with open(tmp_path / "summary.csv") as fh:
+        status = {r["variant"]: (r["status"], r["steps"]) for r in csv.DictReader(fh)}
+    assert status["optim.lr=1e15"][0] == "halted" and status["optim.lr=1e-3"] == ("finished", "4")
+    assert cli([*argv, "train.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr=1e15: halted earlier, skipped" in out and "optim.lr=1e-3: finished earlier, skipped" in out

@@ -93,6 +93,11 @@ def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
         ("validate", str(bad_yaml)): "invalid YAML at line",
         ("validate", str(ROOT / "recipes/quickstart.yaml"), "optim.lrr=1"): "did you mean 'optim.lr'",
         ("validate", str(ROOT / "recipes/quickstart.yaml"), "train.steps=abc"): "train.steps: expected int",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "train.steps=[1"): "override 'train.steps=[1': not a valid",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "optim.groups={1: {lr: 0.1}}"): "keys must be names",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "loss.weights.action=-1"): "must be finite and >= 0",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "loss.dwa_window=0"): "loss.dwa_window: must be >= 1",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "optim.lr=.nan"): "optim.lr: must be finite",
     }
     for args, message in cases.items():
         proc = _cli(*args, cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,11 @@ from train_helpers import metric_rows
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
-from vla_ft.config import load_recipe
+from vla_ft.config import RecipeError, load_recipe
 from vla_ft.data import to_device
 from vla_ft.losses import CompositeLoss
 from vla_ft.run_setup import setup
-from vla_ft.tracking import Progress, format_eta
+from vla_ft.tracking import Averager, Progress, format_eta
 from vla_ft.train import fit, train_step
 
 FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
@@ -167,3 +168,28 @@ def test_progress_draws_a_bar_on_a_tty():
 
 def test_format_eta():
     assert [format_eta(s) for s in (float("nan"), 42.4, 185, 3725)] == ["?", "42s", "3m05s", "1h02m"]
+
+
+def test_validation_losses_are_pooled_over_valid_elements(tmp_path):
+    """Batches of 6 with a short last one give the same val/loss/* as the whole set in one batch."""
+    overrides = [*TINY, "train.val_batches=0", f"output_dir={tmp_path}"]
+    small = setup(load_recipe(QUICKSTART, [*overrides, "train.batch_size=6"]))
+    n = len(small.data.val_set)
+    assert n % 6, "the test needs a short last batch"
+    whole = setup(load_recipe(QUICKSTART, [*overrides, f"train.batch_size={n}"]))
+    got, want = train_mod.evaluate(small), train_mod.evaluate(whole)
+    losses = [k for k in want if k.startswith("val/loss/")]
+    assert losses and all(got[k] == pytest.approx(want[k], rel=1e-5) for k in losses)
+
+
+def test_a_batch_larger_than_the_training_set_is_a_recipe_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"train.batch_size: 64 is more than the \d+ training samples"):
+        setup(load_recipe(QUICKSTART, [*TINY, "train.batch_size=64", f"output_dir={tmp_path}"]))
+
+
+def test_undefined_batch_metrics_are_left_out_of_the_logged_mean():
+    window = Averager()
+    window.add({"metric/gripper_transition_acc": torch.tensor(0.5), "loss": torch.tensor(1.0)})
+    window.add({"metric/gripper_transition_acc": torch.tensor(float("nan")), "loss": torch.tensor(float("nan"))})
+    means = window.means()
+    assert means["metric/gripper_transition_acc"] == 0.5 and math.isnan(means["loss"])  # a NaN loss shows

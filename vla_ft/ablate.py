@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vla_ft.config import Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
+from vla_ft.config.loader import parse_value
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
@@ -85,7 +84,7 @@ def grid_variants(specs: Sequence[str]) -> list[Variant]:
         key, sep, values = spec.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise RecipeError(f"--grid '{spec}' must look like key.sub=v1,v2", "command line")
-        axes.append([(key.strip(), yaml.safe_load(v) if v.strip() else None) for v in split_top_level(values)])
+        axes.append([(key.strip(), parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
     variants = []
     for combo in itertools.product(*axes):
         name = "+".join(f"{key}={_short(value)}" for key, value in combo)
@@ -233,10 +232,14 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def is_done(recipe: Recipe) -> bool:
-    """Skip a variant whose last segment finished this very recipe and whose checkpoint is still there."""
+    """Skip a variant whose last segment finished this very recipe and whose checkpoint is still
+    there, or that halted on non-finite steps (it would diverge again: change the recipe instead)."""
     summary = read_summary(Path(recipe.output_dir))
-    state = checkpoint_state(recipe)
-    return bool(summary.get("finished")) and summary.get("recipe") == _comparable(recipe) and is_finished(recipe, state)
+    if summary.get("recipe") != _comparable(recipe):
+        return False
+    if summary.get("halted"):
+        return True
+    return bool(summary.get("finished")) and is_finished(recipe, checkpoint_state(recipe))
 
 
 def run_variant(recipe: Recipe) -> dict[str, Any]:
@@ -248,8 +251,12 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
     device = previous.get("device", "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu")
     exact = reset_peak_memory(device)
     t0 = time.perf_counter()
+    halted = None
     with observe_run({}) as info:
-        train.main(recipe)
+        try:
+            train.main(recipe)
+        except train.TrainingHalted as err:  # one diverging variant must not end the sweep
+            halted = str(err)
     wall = time.perf_counter() - t0
     device = info.get("device", device)
     kind = "cuda_max_allocated" if device == "cuda" else ("cpu_peak_rss" if exact else "cpu_peak_rss_process")
@@ -257,6 +264,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
         **previous,
         **info,
         "finished": is_finished(recipe, checkpoint_state(recipe)),
+        "halted": halted,
         "segments": previous.get("segments", 0) + 1,
         "wall_s": previous.get("wall_s", 0.0) + wall,
         "peak_mem_gb": max(previous.get("peak_mem_gb", 0.0), peak_memory_gb(device)),
@@ -309,6 +317,7 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
     rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
     row = {
         "variant": name,
+        "status": "halted" if info.get("halted") else ("finished" if info.get("finished") else "stopped"),
         "steps": max((int(r["step"]) for r in rows), default=0),
         "trainable_params": info.get("trainable_params"),
         f"best {metric}": best_value,
@@ -391,11 +400,14 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
     for i, (variant, recipe) in enumerate(planned, 1):
         head = f"[ablate {i}/{len(planned)}] {variant.name}"
         if is_done(recipe):
-            print(f"{head}: finished earlier, skipped", flush=True)
+            why = "halted" if read_summary(Path(recipe.output_dir)).get("halted") else "finished"
+            print(f"{head}: {why} earlier, skipped", flush=True)
             continue
         print(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}", flush=True)
         summary = run_variant(recipe)
-        if not summary["finished"]:
+        if summary["halted"]:
+            print(f"{head}: halted ({summary['halted']}); going on with the other variants", flush=True)
+        elif not summary["finished"]:
             print(f"{head}: stopped before the end; rerun the same command to resume", flush=True)
             status = 130
             break

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vla_ft.config import LossConfig, RecipeError, ScheduledWeight
+from vla_ft.config.checks import suggest
 
 TERMS = ("language", "action", "gripper")
 
@@ -60,9 +61,12 @@ def check_weights(cfg: LossConfig) -> list[str]:
         value = getattr(cfg.weights, term)
         if not math.isfinite(value) or value < 0:
             problems.append(f"loss.weights.{term}: must be finite and >= 0, got {value}")
+    if cfg.strategy != "scheduled" and not any(getattr(cfg.weights, t) for t in TERMS):
+        problems.append("loss.weights: every term has weight 0")
     for term, spec in cfg.schedule.items():
         if term not in TERMS:
-            problems.append(f"loss.schedule.{term}: unknown term; terms: {', '.join(TERMS)}")
+            hint = suggest(term, TERMS)
+            problems.append(f"loss.schedule.{term}: unknown term{hint}; terms: {', '.join(TERMS)}")
         if spec.shape not in RAMPS:
             problems.append(f"loss.schedule.{term}.shape: '{spec.shape}' is not one of {', '.join(RAMPS)}")
         if spec.end_step < spec.start_step:

@@ -187,12 +187,13 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
         correct = pred == labels
         tp, fp, fn = ((pred & labels & mask).sum(), (pred & ~labels & mask).sum(), (~pred & labels & mask).sum())
         trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1]
+        f1_den, n_trans = (2 * tp + fp + fn).to(count.dtype), trans.sum().to(count.dtype)
+        # As validation (vla_ft.metrics): F1 is 1 with no closed step and none predicted; transition
+        # accuracy is undefined (NaN, left out of the logged mean) in a batch without a transition.
         metrics = {
             "metric/gripper_acc": _divide((correct & mask).sum().to(count.dtype), count),
-            "metric/gripper_f1": _divide((2 * tp).to(count.dtype), (2 * tp + fp + fn).to(count.dtype)),
-            "metric/gripper_transition_acc": _divide(
-                (correct[:, 1:] & trans).sum().to(count.dtype), trans.sum().to(count.dtype)
-            ),
+            "metric/gripper_f1": torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0),
+            "metric/gripper_transition_acc": (correct[:, 1:] & trans).sum().to(count.dtype) / n_trans,
         }
     return TermResult(value, count, metrics)
 

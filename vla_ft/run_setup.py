@@ -17,7 +17,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft import optim
-from vla_ft.config import Recipe, save_recipe
+from vla_ft.config import Recipe, RecipeError, save_recipe
 from vla_ft.data import DataBundle, EpochSampler, build_data, make_loader
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
@@ -151,6 +151,12 @@ def setup(recipe: Recipe) -> Run:
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size)
+    if len(data.train_set) // rt.world_size < recipe.train.batch_size:  # every batch is dropped: no step, ever
+        raise RecipeError(
+            f"train.batch_size: {recipe.train.batch_size} is more than the {len(data.train_set)} training samples"
+            + (f" split over {rt.world_size} processes" if rt.world_size > 1 else "")
+            + " give (incomplete batches are dropped); lower it or use more episodes"
+        )
     pad = pad_token_id(tokenizer)
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None

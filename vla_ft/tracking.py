@@ -19,7 +19,11 @@ import torch
 
 class Averager:
     """Per-key running means of scalars that may arrive on some steps only (e.g. ``gradnorm/*``
-    every N steps): each key is divided by its own count, not by the number of steps."""
+    every N steps): each key is divided by its own count, not by the number of steps.
+
+    A ``metric/*`` value that is NaN (undefined for that batch, e.g. transition accuracy without
+    a transition) is left out of its mean; any other NaN (a loss) shows in the mean.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
@@ -30,8 +34,12 @@ class Averager:
             if v is None:
                 continue
             v = v.detach() if isinstance(v, torch.Tensor) else v
+            weight: Any = 1
+            if k.startswith("metric/") and isinstance(v, torch.Tensor):
+                weight = torch.isfinite(v)  # stays on the device: no sync
+                v = torch.where(weight, v, 0.0)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
+            self.counts[k] = self.counts.get(k, 0) + weight
 
     def mean_values(self) -> dict[str, Any]:
         """Means as they are (tensors stay on the device: no sync)."""

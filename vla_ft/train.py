@@ -265,17 +265,20 @@ def evaluate(run: Run) -> dict[str, float]:
     metrics = ActionMetrics(
         run.data.normalizer, run.data.action_dim, r.data.chunk, run.gripper_dims, r.loss.gripper, r.model.gripper_head
     )
-    sums = Averager()
+    sums: dict[str, torch.Tensor] = {}  # per term: sum of value x valid count, and the count
+    counts: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(run.val_loader):
         if r.train.val_batches and i >= r.train.val_batches:
             break
         batch = to_device(batch, run.rt.device)
         with run.rt.autocast():
             outputs = run.forward(batch)
-            _, parts = run.loss_fn(outputs, batch)
-        sums.add({k: v for k, v in parts.items() if k.startswith("loss/")})
+            results = run.loss_fn.evaluate(outputs, batch)
+        for k, res in results.items():  # pooled over valid elements: a short last batch weighs what it holds
+            sums[k] = sums.get(k, 0.0) + res.value.detach().float() * res.count
+            counts[k] = counts.get(k, 0.0) + res.count
         metrics.update(outputs, batch)
-    out = {f"val/{k}": v for k, v in sums.means().items()}
+    out = {f"val/loss/{k}": float(sums[k] / counts[k]) if counts[k] > 0 else math.nan for k in sums}
     out.update(metrics.compute("val/"))
     return run.reduce_metrics(out)
 

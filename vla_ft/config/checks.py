@@ -37,8 +37,8 @@ def validate(r: Recipe) -> list[str]:
             p.append(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= r.data.val_ratio < 1.0:
         p.append(f"data.val_ratio: must be in [0, 1), got {r.data.val_ratio}")
-    if r.optim.lr <= 0:
-        p.append(f"optim.lr: must be > 0, got {r.optim.lr}")
+    if not r.optim.lr > 0 or r.optim.lr == float("inf"):
+        p.append(f"optim.lr: must be finite and > 0, got {r.optim.lr}")
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     for section, keys in (("optim.groups", r.optim.groups), ("unfreeze", r.unfreeze)):
@@ -55,9 +55,9 @@ def validate(r: Recipe) -> list[str]:
             p.append(f"unfreeze.{name}: module is not frozen (set freeze.{name}: true)")
         if spec.at_step < 0 or spec.warmup_steps < 0:
             p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
-    for term in r.loss.schedule:
-        if term not in ("language", "action", "gripper"):
-            p.append(f"loss.schedule.{term}: unknown term{suggest(term, ('language', 'action', 'gripper'))}")
+    from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
+
+    p += check_weights(r.loss)
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     if r.model.gripper_head and not r.loss.gripper.dims:

@@ -65,8 +65,11 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
             return {}
-        _, item = typing.get_args(tp)
-        return {k: _convert(v, item, f"{key}.{k}", problems) for k, v in value.items()}
+        key_type, item = typing.get_args(tp)
+        bad = [k for k in value if key_type is str and not isinstance(k, str)]
+        if bad:
+            problems.append(f"{key}: keys must be names, got {', '.join(repr(k) for k in bad)}")
+        return {k: _convert(v, item, f"{key}.{k}", problems) for k, v in value.items() if k not in bad}
     if tp is type(None):
         if value is not None:
             problems.append(f"{key}: expected null, got {value!r}")
@@ -115,7 +118,15 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override '{text}' must look like key.sub=value", "command line")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), parse_value(value, f"override '{text}'")
+
+
+def parse_value(text: str, where: str) -> Any:
+    """A command-line value as YAML (empty: null); bad YAML is a RecipeError naming ``where``."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not a valid YAML value ({' '.join(str(err).split())})", "command line") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
