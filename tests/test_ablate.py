@@ -171,3 +171,11 @@ def test_a_diverging_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys)
     assert cli([*argv, "train.steps=4"]) == 0
     out = capsys.readouterr().out
     assert "optim.lr=1e15: halted earlier, skipped" in out and "optim.lr=1e-3: finished earlier, skipped" in out
+
+
+def test_a_misspelt_ablation_metric_stops_after_the_first_variant(tmp_path, capsys):
+    argv = ["ablate", str(QUICKSTART), *TINY, TWO, "ablation.metric=val/action_l", f"output_dir={tmp_path}"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "ablation.metric: 'val/action_l' is not logged by variant full (did you mean 'val/action_l1'?)" in err
+    assert not (tmp_path / "frozen_vision").exists()

@@ -95,6 +95,7 @@ def test_rotation_keeps_the_newest_the_best_and_the_resumed_from(tmp_path):
         ck.write_checkpoint(tmp_path, step, files(str(step)))
     (tmp_path / ".tmp_step_000007").mkdir()  # leftovers of a killed save
     (tmp_path / ".old_step_000003").mkdir()
+    (tmp_path / ".dcp_step_000007").mkdir()  # FSDP shards staged by a killed save
     assert ck.rotate(tmp_path, 0, set()) == []  # keep_last 0 keeps all
     deleted = ck.rotate(tmp_path, 2, {tmp_path / "step_000002", tmp_path / "step_000004"})
     assert [p.name for p in deleted] == ["step_000001", "step_000003"]

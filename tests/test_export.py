@@ -4,6 +4,7 @@ actions from the export as from the checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,12 @@ def test_export_refuses_a_non_empty_output_directory(exported, capsys):
     ckpt, out = exported
     assert cli(["export", str(ckpt), str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_an_unconsolidated_fsdp_checkpoint_says_to_consolidate(exported, tmp_path, capsys):
+    sharded = tmp_path / "step_000002"
+    shutil.copytree(exported[0], sharded)
+    (sharded / "model.safetensors").unlink()
+    (sharded / "model_dcp").mkdir()  # what an FSDP run writes instead
+    assert cli(["export", str(sharded), str(tmp_path / "out")]) == 2
+    assert f"run `vla-ft consolidate {sharded}`" in capsys.readouterr().err

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ft.config import Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
+from vla_ft.config.checks import suggest
 from vla_ft.config.loader import parse_value
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -297,7 +298,13 @@ def _cuda() -> bool:
 # ----------------------------------------------------------------------------- the table
 def read_rows(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a row a crash cut short
+            rows.append(json.loads(line))
+    return rows
 
 
 def metric_curve(rows: list[dict[str, float]], metric: str) -> tuple[list[int], list[float]]:
@@ -402,9 +409,11 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
         if is_done(recipe):
             why = "halted" if read_summary(Path(recipe.output_dir)).get("halted") else "finished"
             print(f"{head}: {why} earlier, skipped", flush=True)
+            check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))
             continue
         print(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}", flush=True)
         summary = run_variant(recipe)
+        check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))  # before the next variant
         if summary["halted"]:
             print(f"{head}: halted ({summary['halted']}); going on with the other variants", flush=True)
         elif not summary["finished"]:
@@ -420,6 +429,16 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
             f"{root / 'metric_bars.png'}"
         )
     return status
+
+
+def check_metric_logged(metric: str, name: str, run_dir: Path) -> None:
+    """``ablation.metric`` must be a validation metric the variant logged (a typo would give a table of NaNs)."""
+    logged = sorted({k for r in read_rows(run_dir) for k in r if k.startswith("val/")})
+    if logged and metric not in logged:
+        raise RecipeError(
+            f"ablation.metric: '{metric}' is not logged by variant {name}{suggest(metric, logged)}; "
+            f"validation metrics: {', '.join(logged)} (finished variants are kept; rerun to go on)"
+        )
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:

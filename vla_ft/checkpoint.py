@@ -189,9 +189,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def rotate(root: Path, keep_last: int, protect: set[Path]) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` (0 = keep all), never one
     in ``protect`` (the best, the one resumed from). Leftovers of interrupted saves
-    (``.tmp_*``, ``.old_*``) are removed too. Returns the deleted directories."""
+    (``.tmp_*``, ``.old_*``, FSDP's ``.dcp_*`` staging) are removed too. Returns the deleted directories."""
     complete = complete_checkpoints(root)  # first: it restores a moved-aside checkpoint
-    for leftover in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:
+    for leftover in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*"), *root.glob(".dcp_step_*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return []

@@ -111,6 +111,11 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA
     """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode."""
     directory = Path(directory)
     meta = read_model_meta(directory)
+    if (directory / "model_dcp").is_dir() and not (directory / "model.safetensors").is_file():
+        raise ck.CheckpointError(
+            f"{directory} holds FSDP shards (model_dcp/), not one weights file: "
+            f"run `vla-ft consolidate {directory}` and load what it writes"
+        )
     cfg = model_config(meta["model"])
     cfg.vision.pretrained = False
     dims = {
