@@ -31,6 +31,7 @@ class _Prepared:
     action: np.ndarray
     action_ok: np.ndarray
     text: list[str] | None
+    tasks: list[str] | None  # per-frame instructions, when they change within the episode
 
 
 def _check_augment(augment: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -113,7 +114,7 @@ class RobotDataset(Dataset):
             action_ok = np.isfinite(raw.action).all(axis=1)
             state = np.nan_to_num(self.normalizer.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
             action = np.nan_to_num(self.normalizer.normalize("action", raw.action), nan=0.0, posinf=0.0, neginf=0.0)
-            self._cache[episode_index] = _Prepared(state, action, action_ok, raw.text)
+            self._cache[episode_index] = _Prepared(state, action, action_ok, raw.text, raw.tasks)
         return self._cache[episode_index]
 
     def _images(self, episode: Episode, t: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -142,7 +143,8 @@ class RobotDataset(Dataset):
             prompt, target = np.zeros(0, np.int64), np.zeros(0, np.int64)
         else:
             text = prep.text[t] if prep.text is not None else None
-            prompt, target = self.prompt_tokenizer(episode.task, text, actions, mask)
+            task = prep.tasks[t] if prep.tasks is not None else episode.task
+            prompt, target = self.prompt_tokenizer(task, text, actions, mask)
         return {
             "images": torch.from_numpy(self._images(episode, t, rng)),
             "state": torch.from_numpy(np.ascontiguousarray(state, np.float32)),

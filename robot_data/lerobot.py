@@ -26,6 +26,7 @@ from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.video import VideoDecoder
 
 IMAGE_COLUMNS_KEPT = 2  # image columns (per file and camera) held in memory per process
+OPTIONAL_COLUMNS = ("task_index",)  # read when present: an episode's instruction may change per frame
 
 
 def is_list_type(t: pa.DataType) -> bool:
@@ -78,10 +79,12 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
         missing = [c for c in wanted if c not in present]
         if missing:
             raise DatasetFormatError(f"{path}: missing column(s) {missing}")
-        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+        optional = [c for c in OPTIONAL_COLUMNS if c in present]
+        table = pq.read_table(path, columns=list(dict.fromkeys(wanted + optional)))
     except (pa.ArrowException, OSError) as err:
         raise DatasetFormatError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from None
-    columns = {c: column_to_numpy(table[c], np.float64, numeric.get(c)) for c in dict.fromkeys(wanted) if c != text_key}
+    names = dict.fromkeys(wanted + optional)
+    columns = {c: column_to_numpy(table[c], np.float64, numeric.get(c)) for c in names if c != text_key}
     episode, frame = columns["episode_index"][:, 0].astype(np.int64), columns["frame_index"][:, 0]
     order = np.lexsort((frame, episode))
     ids, starts = np.unique(episode[order], return_index=True)
@@ -154,14 +157,26 @@ class LeRobotReader(Reader):
         return data, data.rows[episode.index]
 
     def numeric(self, episode_index: int) -> EpisodeArrays:
-        data, rows = self._data(self._episode(episode_index))
+        episode = self._episode(episode_index)
+        data, rows = self._data(episode)
         text = [data.text[r] for r in rows] if data.text is not None else None
         return EpisodeArrays(
             data.columns[self.state_key][rows].astype(np.float32),
             data.columns[self.action_key][rows].astype(np.float32),
             data.columns["timestamp"][rows, 0],
             text,
+            self._frame_tasks(episode, data, rows),
         )
+
+    def _frame_tasks(self, episode: EpisodeMeta, data: DataFile, rows: np.ndarray) -> list[str] | None:
+        """Per-frame instructions from ``task_index`` when it changes within the episode, else None."""
+        if "task_index" not in data.columns or not len(rows):
+            return None
+        ids = data.columns["task_index"][rows, 0]
+        if (ids == ids[0]).all():
+            return None
+        fallback = episode.tasks[0] if episode.tasks else ""
+        return [self.meta.tasks.get(int(i), fallback) for i in ids]
 
     def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
         if camera not in self.cameras:

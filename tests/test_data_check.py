@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from robot_data import HDF5Reader, LeRobotReader, SyntheticReader
+from robot_data import HDF5Reader, LeRobotReader, Normalizer, RobotDataset, SyntheticReader, compute_stats
 from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
@@ -258,3 +258,29 @@ def test_hdf5_damage_stays_with_its_episode(tmp_path):
     assert _kinds(problems) == {("unreadable", 1)} and problems[0].file.endswith("episode_1.hdf5:/")
     with pytest.raises(ValueError, match="episode_1.hdf5:/: unreadable HDF5 file"):
         HDF5Reader(tmp_path / "aloha", layout="aloha").numeric(1)
+
+
+def test_an_instruction_that_changes_within_an_episode_reaches_each_frame(images):
+    """LeRobot keeps a task_index per frame: frames 4-7 of episode 0 get episode 1's task."""
+    reader = LeRobotReader(images)
+    first, second = (reader.episodes()[i].task for i in (0, 1))
+    assert first != second
+    second_id = next(i for i, t in reader.meta.tasks.items() if t == second)
+    _edit_column(images / FILE0, "task_index", lambda t: np.where(np.arange(len(t)) // 4 == 1, second_id, t))
+    assert not check_dataset(images, "lerobot", decode="none")
+    reader = LeRobotReader(images)
+    assert reader.numeric(0).tasks == [first] * 4 + [second] * 4 and reader.numeric(1).tasks is None
+
+    class SeenTasks:
+        target, seen = "none", []
+
+        def __call__(self, task, text, actions, mask):
+            self.seen.append(task)
+            return np.zeros(1, np.int64), np.zeros(0, np.int64)
+
+    prompts = SeenTasks()
+    normalizer = Normalizer(compute_stats(reader, [0, 1]), "mean_std")
+    dataset = RobotDataset(reader, [0], 2, 1, normalizer, 16, prompts)
+    for t in (3, 4):
+        dataset[t]
+    assert prompts.seen == [first, second]
