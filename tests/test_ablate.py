@@ -179,3 +179,10 @@ def test_a_misspelt_ablation_metric_stops_after_the_first_variant(tmp_path, caps
     err = capsys.readouterr().err
     assert "ablation.metric: 'val/action_l' is not logged by variant full (did you mean 'val/action_l1'?)" in err
     assert not (tmp_path / "frozen_vision").exists()
+
+
+def test_a_null_variant_is_the_recipe_as_is(tmp_path):
+    variants = "ablation.variants={baseline: null, frozen: {freeze.vision_encoder: true}}"
+    _, planned = ablate.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
+    got = [(v.name, v.overrides) for v, _ in planned]
+    assert got == [("baseline", {}), ("frozen", {"freeze.vision_encoder": True})]

@@ -98,6 +98,7 @@ def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
         ("validate", str(ROOT / "recipes/quickstart.yaml"), "loss.weights.action=-1"): "must be finite and >= 0",
         ("validate", str(ROOT / "recipes/quickstart.yaml"), "loss.dwa_window=0"): "loss.dwa_window: must be >= 1",
         ("validate", str(ROOT / "recipes/quickstart.yaml"), "optim.lr=.nan"): "optim.lr: must be finite",
+        ("validate", str(ROOT / "recipes/quickstart.yaml"), "data.raw_dims=[0]"): "data.raw_dims: gripper dim(s) [",
     }
     for args, message in cases.items():
         proc = _cli(*args, cwd=tmp_path)

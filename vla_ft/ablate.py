@@ -133,7 +133,7 @@ def plan(
     """Validate the base recipe and every variant (all problems at once) before anything trains."""
     base_raw = apply_overrides(read_yaml(recipe_path), list(overrides))
     base = recipe_from_dict(base_raw, str(recipe_path))
-    named = [Variant(name, dict(ov)) for name, ov in base.ablation.variants.items()]
+    named = [Variant(name, dict(ov or {})) for name, ov in base.ablation.variants.items()]
     variants = combine(named, grid_variants(grid))
     if not variants:
         raise RecipeError(

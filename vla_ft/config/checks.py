@@ -62,6 +62,12 @@ def validate(r: Recipe) -> list[str]:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     if r.model.gripper_head and not r.loss.gripper.dims:
         p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
+    normalised = sorted(set(r.loss.gripper.dims) - set(r.data.raw_dims or [])) if r.data.raw_dims is not None else []
+    if r.model.gripper_head and normalised:
+        p.append(
+            f"data.raw_dims: gripper dim(s) {normalised} would be normalised, but the gripper labels threshold "
+            f"raw values (loss.gripper.threshold={r.loss.gripper.threshold}): include them"
+        )
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
     return p + cache_problems(r)

@@ -292,7 +292,9 @@ class DistributedConfig:
 
 @dataclass
 class AblationConfig:
-    variants: dict[str, dict[str, Any]] = doc("variant name -> {key.sub: value} overrides", factory=dict)
+    variants: dict[str, dict[str, Any] | None] = doc(
+        "variant name -> {key.sub: value} overrides (empty or null: the recipe as is)", factory=dict
+    )
     metric: str = doc("metric compared in the bar chart", "val/action_l1")
     mode: Literal["min", "max"] = doc("whether lower or higher is better", "min")
 
