@@ -19,7 +19,7 @@ from robot_data import SyntheticReader, split_episodes
 from vla_ft import train
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError, load_recipe
-from vla_ft.evaluate import evaluate_checkpoint, select_episodes
+from vla_ft.evaluate import check_compatible, evaluate_checkpoint, select_episodes
 
 HEAD_OUTPUT = np.array([0.5, -1.0, 0.3])  # normalised; dim 2 (gripper) is replaced by the gripper head
 CHUNK, THRESHOLD = 3, 0.5
@@ -126,6 +126,17 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
 
     assert cli(["eval", str(checkpoint), "model.lora.enabled=true"]) == 2
     assert "eval overrides may change data." in capsys.readouterr().err
+    for key, value, trained in (("data.chunk", 1, 3), ("data.history", 2, 1)):
+        assert cli(["eval", str(checkpoint), f"{key}={value}"]) == 2
+        assert f"{key}: {value}, the checkpoint was trained with {trained}" in capsys.readouterr().err
+
+
+def test_cameras_must_keep_the_checkpoints_order():
+    meta = {"state_dim": 3, "action_dim": 7, "cameras": ["top", "wrist"], "chunk": 4, "history": 1}
+    check_compatible(meta, 3, 7, ["top", "wrist"], 4, 1)
+    check_compatible(meta, 3, 7, ["cam_high", "cam_wrist"], 4, 1)  # another dataset's names: by position
+    with pytest.raises(RecipeError, match=r"data.cameras: \['wrist', 'top'\], the checkpoint was trained on"):
+        check_compatible(meta, 3, 7, ["wrist", "top"], 4, 1)
 
 
 def test_episode_selection():

@@ -107,3 +107,28 @@ def test_an_unconsolidated_fsdp_checkpoint_says_to_consolidate(exported, tmp_pat
     (sharded / "model_dcp").mkdir()  # what an FSDP run writes instead
     assert cli(["export", str(sharded), str(tmp_path / "out")]) == 2
     assert f"run `vla-ft consolidate {sharded}`" in capsys.readouterr().err
+
+
+def test_an_adapter_on_a_tied_lm_head_moves_only_the_head(tmp_path):
+    """The LM ties lm_head to the input embeddings: merging the head's adapter must not move the
+    embeddings (so the actions), and the standalone LM must keep the adapted head."""
+    from transformers import AutoModelForCausalLM
+
+    from vla_ft.export import export_policy
+    from vla_ft.model_files import load_model
+
+    lora = ["model.lora.enabled=true", "model.lora.target_modules=[lm_head,q_proj]"]
+    train(tiny_recipe(tmp_path, *lora, "optim.groups.language_model.lr=0.05", "train.steps=2", "checkpoint.every=2"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    model, _ = load_model(ckpt)
+    assert model.language_model.get_base_model().config.tie_word_embeddings
+    out = export_policy(ckpt, tmp_path / "export")
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
+    from_ckpt = VLAPolicy.from_pretrained(ckpt).predict_action(frames, "pick up the red block", state)
+    from_export = VLAPolicy.from_pretrained(out).predict_action(frames, "pick up the red block", state)
+    np.testing.assert_allclose(from_export, from_ckpt, atol=1e-5)
+    lm = AutoModelForCausalLM.from_pretrained(str(out / "language_model")).eval()
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, model.language_model(input_ids=ids).logits)

@@ -94,7 +94,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluati
     tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
     data = build_data(recipe, tokenizer, load_json(ckpt / "norm_stats.json"))
     model, meta = load_model(ckpt, rt.device)
-    check_compatible(meta, data.state_dim, data.action_dim, len(data.cameras))
+    check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
     model.wants_language = recipe.data.language_target != "none"  # token accuracy
     return Evaluation(ckpt, recipe, rt, model, data, tokenizer)
 
@@ -159,13 +159,24 @@ def evaluate_checkpoint(
     return {**report, "trajectories": trajectories, "out": out_dir}
 
 
-def check_compatible(meta: dict[str, Any], state_dim: int, action_dim: int, n_cameras: int) -> None:
-    """The (possibly overridden) data must have the shapes the checkpoint was trained on."""
-    have = {"state_dim": state_dim, "action_dim": action_dim, "cameras": n_cameras}
+def check_compatible(
+    meta: dict[str, Any], state_dim: int, action_dim: int, cameras: list[str], chunk: int, history: int
+) -> None:
+    """The (possibly overridden) data must have the shapes the checkpoint was trained on.
+
+    Each camera position has its own encoder input: cameras that share names with the
+    checkpoint's must come in its order; wholly other names (another dataset) map by position.
+    """
+    have = {"state_dim": state_dim, "action_dim": action_dim, "cameras": len(cameras)}
     want = {"state_dim": meta["state_dim"], "action_dim": meta["action_dim"], "cameras": len(meta["cameras"])}
     wrong = [f"{k} {have[k]} (checkpoint: {want[k]})" for k in have if have[k] != want[k]]
     if wrong:
         raise RecipeError(f"data: the evaluated data does not fit the checkpoint: {', '.join(wrong)}")
+    if set(cameras) & set(meta["cameras"]) and cameras != list(meta["cameras"]):
+        raise RecipeError(f"data.cameras: {cameras}, the checkpoint was trained on {meta['cameras']} in this order")
+    for key, value, trained in (("data.chunk", chunk, meta["chunk"]), ("data.history", history, meta["history"])):
+        if value != trained:
+            raise RecipeError(f"{key}: {value}, the checkpoint was trained with {trained}")
 
 
 def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, Any]]:

@@ -65,6 +65,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weights and unwrap, in place (for export)."""
     if "language_model" in model.lora_modules:
+        untie_adapted_embeddings(model.language_model)
         model.language_model = model.language_model.merge_and_unload()
     if "vision_encoder" in model.lora_modules:
         backbones = model.vision_encoder.backbones
@@ -72,3 +73,20 @@ def merge_lora(model: nn.Module) -> None:
             backbones[i] = bb.merge_and_unload()
     model.lora_modules.clear()
     model._trainable = None  # requires_grad changed: drop the cached trainable set
+
+
+def untie_adapted_embeddings(lm: nn.Module) -> None:
+    """Give the LM head its own weight when it shares it with the input embeddings and either
+    carries an adapter. Merging adds the adapter's update into its base weight; on a tied
+    weight that would change the other side too (an ``lm_head`` adapter would move the input
+    embeddings, so the actions). The export then stores both (``tie_word_embeddings: false``).
+    """
+    model = lm.get_base_model()
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or not any(hasattr(m, "base_layer") for m in (inputs, outputs)):
+        return
+    head = getattr(outputs, "base_layer", outputs)
+    if head.weight is not getattr(inputs, "base_layer", inputs).weight:
+        return
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
