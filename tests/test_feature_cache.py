@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,3 +153,18 @@ def test_cache_refused_when_dropout_is_active_in_the_trunk(monkeypatch):
     assert any(name.startswith("language_model.") and name.endswith("self_attn") for name in layers)
     with pytest.raises(RecipeError, match="dropout is active in the trunk"):
         feature_cache.check_cacheable(run)
+
+
+def test_a_dataset_edited_in_place_changes_the_fingerprint_and_the_caches_do_not(tmp_path):
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    (data / "episode_0.hdf5").write_bytes(b"x" * 100)
+    (data / "videos" / "a.mp4").write_bytes(b"y" * 10)
+    recipe = _recipe(tmp_path, f"data.path={data}", f"data.frame_cache={data / 'frames'}")
+    before = feature_cache.data_files(recipe)
+    assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
+    (data / "frames").mkdir()
+    (data / "frames" / "decoded.npy").write_bytes(b"z")  # the frame cache filling up: not the data
+    assert feature_cache.data_files(recipe) == before
+    os.utime(data / "episode_0.hdf5", ns=(0, 123))  # rewritten in place, same size
+    assert feature_cache.data_files(recipe) != before

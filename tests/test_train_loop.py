@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from vla_ft.config import RecipeError, load_recipe
 from vla_ft.data import to_device
 from vla_ft.losses import CompositeLoss
 from vla_ft.run_setup import setup
-from vla_ft.tracking import Averager, Progress, format_eta
+from vla_ft.tracking import Averager, MetricsLogger, Progress, format_eta, read_rows
 from vla_ft.train import fit, train_step
 
 FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
@@ -193,3 +194,32 @@ def test_undefined_batch_metrics_are_left_out_of_the_logged_mean():
     window.add({"metric/gripper_transition_acc": torch.tensor(float("nan")), "loss": torch.tensor(float("nan"))})
     means = window.means()
     assert means["metric/gripper_transition_acc"] == 0.5 and math.isnan(means["loss"])  # a NaN loss shows
+
+
+def test_a_fresh_start_moves_an_earlier_runs_metrics_aside(tmp_path):
+    """A run that crashed before its first checkpoint, relaunched: its rows must not mix with the new run's."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    overrides = [*TINY, "train.steps=2", "train.val_every=0", "logging.tensorboard=false", f"output_dir={tmp_path}"]
+    run = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true"]))  # nothing to resume: from scratch
+    fit(run)
+    run.logger.close()
+    rows = metric_rows(tmp_path)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and steps.count(1) == 1 and 9.0 not in [r.get("loss") for r in rows]
+    (moved,) = tmp_path.glob("metrics.*.jsonl")
+    assert moved.read_text().startswith('{"step": 1, "loss": 9.0}')
+
+
+def test_metrics_rows_are_strict_json_and_read_back_nan(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(3, {"loss": 0.5, "metric/gripper_transition_acc": float("nan")})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "lo')  # a row a crash cut short
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    assert json.loads(line, parse_constant=refuse)["metric/gripper_transition_acc"] is None
+    (row,) = read_rows(tmp_path / "metrics.jsonl")
+    assert row["loss"] == 0.5 and math.isnan(row["metric/gripper_transition_acc"])

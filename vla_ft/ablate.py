@@ -297,14 +297,9 @@ def _cuda() -> bool:
 
 # ----------------------------------------------------------------------------- the table
 def read_rows(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a row a crash cut short
-            rows.append(json.loads(line))
-    return rows
+    from vla_ft.tracking import read_rows as read_metrics_file
+
+    return read_metrics_file(run_dir / "metrics.jsonl")
 
 
 def metric_curve(rows: list[dict[str, float]], metric: str) -> tuple[list[int], list[float]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,9 @@ def evaluate_checkpoint(
     }
     out_dir = Path(out) if out else ev.checkpoint / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
+    from vla_ft.tracking import json_safe
+
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=1))
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}
@@ -213,17 +214,6 @@ def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, A
             "true": np.stack([t for _, _, t in items]),
         }
     return out
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> null (strict JSON), recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def format_report(report: dict[str, Any]) -> str:

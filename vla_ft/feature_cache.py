@@ -267,6 +267,7 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
         "episodes": [e.index for e in dataset.episodes],
         "precision": str(run.rt.amp_dtype),
         "vocab": sorted(run.tokenizer.get_vocab().items()),
+        "files": data_files(run.recipe),
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name in TRUNK_MODULES:
@@ -276,6 +277,24 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
             h.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
             h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def data_files(recipe) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of every file of ``data.path``: a dataset edited in
+    place (same path, same episodes) must not be served from features of its old contents.
+    The caches' own directories are left out (they change as they fill)."""
+    if not recipe.data.path:
+        return []
+    root = Path(recipe.data.path)
+    skip = [Path(d).resolve() for d in (recipe.data.frame_cache, recipe.train.feature_cache_dir) if d]
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    out = []
+    for f in files:
+        if any(f.resolve().is_relative_to(d) for d in skip):
+            continue
+        stat = f.stat()
+        out.append((str(f.relative_to(root)) if f != root else f.name, stat.st_size, stat.st_mtime_ns))
+    return out
 
 
 def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple[DiskFeatures, bool]:

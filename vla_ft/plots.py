@@ -9,7 +9,6 @@ returns the figure it saved, so callers and tests can inspect its axes and lines
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir} (is it a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    from vla_ft.tracking import read_rows
+
+    return read_rows(path)
 
 
 def _series(rows: list[dict[str, float]], key: str) -> Series:

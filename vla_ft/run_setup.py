@@ -189,6 +189,8 @@ def setup(recipe: Recipe) -> Run:
         logger.truncate_after(run.state.step)
         run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
         run.progress.write(f"resumed from {resume_from} at step {run.state.step}")
+    elif (moved := logger.start_fresh()) is not None:
+        run.progress.write(f"starting at step 0: the earlier run's metrics in {run_dir} moved to {moved.name}")
     model.set_frozen(optim.frozen_at(recipe, model, run.state.step))
     optim.check_trainable_covered(model, optimizer)
     optim.set_lr(recipe, optimizer, run.state.step)

@@ -17,6 +17,30 @@ from typing import Any
 import torch
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> null (strict JSON, which other readers than Python's need), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``: null (a non-finite value) reads back as NaN, and a row
+    a crash cut short is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+    return rows
+
+
 class Averager:
     """Per-key running means of scalars that may arrive on some steps only (e.g. ``gradnorm/*``
     every N steps): each key is divided by its own count, not by the number of steps.
@@ -94,7 +118,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps({"step": step, **values}) + "\n")
+            fh.write(json.dumps(json_safe({"step": step, **values})) + "\n")
         if self.tensorboard:
             writer = self._writer()
             for key, value in values.items():
@@ -106,6 +130,18 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
         return self.writer
+
+    def start_fresh(self) -> Path | None:
+        """A run starting at step 0 in a directory an earlier run logged to (it crashed before its
+        first checkpoint, or ran without ``train.resume``): its rows move to
+        ``metrics.<time>.jsonl`` (nothing is deleted) and TensorBoard hides its events.
+        Returns where the old rows went, or None."""
+        self.purge_step = 1
+        if not self.enabled or not self.path.exists():
+            return None
+        old = self.path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        self.path.rename(old)
+        return old
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the file reads as one run."""
