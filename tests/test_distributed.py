@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,3 +255,19 @@ def test_fsdp_refuses_what_it_cannot_run():
     with pytest.raises(RecipeError, match="model.lora") as err:
         distributed.check_supported(recipe)
     assert "loss.grad_norm_every" in str(err.value)
+
+
+def test_a_metric_one_rank_could_not_define_is_left_out_of_the_mean(monkeypatch):
+    """Rank 1 saw no gripper transition (NaN): the global value is rank 0's; a NaN loss still shows."""
+    per_rank = [
+        {"metric/gripper_transition_acc": 0.5, "loss": 1.0},
+        {"metric/gripper_transition_acc": math.nan, "loss": math.nan},
+    ]
+
+    def gather(out, obj):
+        out[:] = per_rank
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    run = SimpleNamespace(rt=SimpleNamespace(world_size=2))
+    got = distributed.mean_over_ranks(run, per_rank[0])
+    assert got["metric/gripper_transition_acc"] == 0.5 and math.isnan(got["loss"])

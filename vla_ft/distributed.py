@@ -45,6 +45,7 @@ same global batch (adjust ``train.batch_size``).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 from pathlib import Path
@@ -257,11 +258,17 @@ def clip_sharded(params: list[torch.Tensor], max_norm: float, device: torch.devi
 
 
 def mean_over_ranks(run: Run, values: dict[str, float]) -> dict[str, float]:
-    """Mean of each value over the ranks that have it (a term may be absent on one rank)."""
+    """Mean of each value over the ranks that have it (a term may be absent on one rank). A
+    ``metric/*`` value a rank could not define (NaN: no gripper transition in its batches) is
+    left out, as :class:`vla_ft.tracking.Averager` does within a rank."""
     gathered: list[Any] = [None] * run.rt.world_size
     dist.all_gather_object(gathered, values)
     keys = dict.fromkeys(k for d in gathered for k in d)  # first-seen order, rank 0 first
-    return {k: sum(d[k] for d in gathered if k in d) / sum(k in d for d in gathered) for k in keys}
+    out = {}
+    for k in keys:
+        have = [d[k] for d in gathered if k in d and not (k.startswith("metric/") and math.isnan(d[k]))]
+        out[k] = sum(have) / len(have) if have else math.nan
+    return out
 
 
 # ----------------------------------------------------------------------------- DCP checkpoints

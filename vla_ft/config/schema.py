@@ -184,7 +184,11 @@ class LossConfig:
     action: ActionLossConfig = doc("action regression", factory=ActionLossConfig)
     gripper: GripperLossConfig = doc("gripper classification", factory=GripperLossConfig)
     language: LanguageLossConfig = doc("language cross-entropy", factory=LanguageLossConfig)
-    grad_norm_every: int = doc("log each term's gradient norm on the last trunk layer every N steps (0 = off)", 0)
+    grad_norm_every: int = doc(
+        "log each term's gradient norm on the last trunk layer every N steps (0 = off; "
+        "under DDP the mean of each rank's own norm, at least the global gradient's norm)",
+        0,
+    )
 
 
 # ----------------------------------------------------------------------------- optimisation
