@@ -96,9 +96,9 @@ class HDF5Reader(Reader):
         self.cameras = list(self.camera_keys)
         holders = [first, first.parent, first.file]  # robomimic: demo, data group, file; ALOHA: the file
         self.fps = float(fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), spec["fps"]))
+        action_dim = first[self.action_key].shape[1]  # before the lengths: opening every file closes the first
         lengths = {i: self._length(i) for i in self._sources}
         self._episodes = [Episode(i, lengths[i], tasks[i]) for i in sorted(self._sources)]
-        action_dim = first[self.action_key].shape[1]
         self.gripper_dims = {"aloha": [6, 13] if action_dim == 14 else [], "robomimic": [action_dim - 1]}[layout]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 
 from robot_data import HDF5Reader, LeRobotReader, Normalizer, RobotDataset, SyntheticReader, compute_stats
 from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
+from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.synthetic import CAMERA
@@ -284,3 +285,9 @@ def test_an_instruction_that_changes_within_an_episode_reaches_each_frame(images
     for t in (3, 4):
         dataset[t]
     assert prompts.seen == [first, second]
+
+
+def test_aloha_with_more_episode_files_than_open_handles(tmp_path):
+    write_aloha(SyntheticReader(episodes=OPEN_FILES + 1, episode_length=4, image_size=16), tmp_path / "aloha")
+    assert check_dataset(tmp_path / "aloha", "hdf5", layout="aloha") == []
+    assert len(HDF5Reader(tmp_path / "aloha", layout="aloha").episodes()) == OPEN_FILES + 1

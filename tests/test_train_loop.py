@@ -223,3 +223,10 @@ def test_metrics_rows_are_strict_json_and_read_back_nan(tmp_path):
     assert json.loads(line, parse_constant=refuse)["metric/gripper_transition_acc"] is None
     (row,) = read_rows(tmp_path / "metrics.jsonl")
     assert row["loss"] == 0.5 and math.isnan(row["metric/gripper_transition_acc"])
+
+
+def test_a_fresh_run_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp_path):
+    overrides = [*TINY, "train.steps=1", "train.val_every=0", "logging.tensorboard=false", f"output_dir={tmp_path}"]
+    fit(setup(load_recipe(QUICKSTART, overrides)))
+    with pytest.raises(RecipeError, match="holds checkpoints of an earlier run \\(newest: step_000001\\)"):
+        setup(load_recipe(QUICKSTART, [*overrides, "train.steps=2"]))

@@ -145,6 +145,12 @@ def setup(recipe: Recipe) -> Run:
     rt = init_runtime(recipe)
     run_dir = Path(recipe.output_dir)
     resume_from = find_resume_checkpoint(recipe, run_dir)
+    earlier = ck.latest_checkpoint(run_dir / "checkpoints") if resume_from is None else None
+    if earlier is not None:  # a fresh run here would interleave its checkpoints with the old ones
+        raise RecipeError(
+            f"output_dir: {run_dir} holds checkpoints of an earlier run (newest: {earlier.name}); "
+            "set train.resume=true to continue it, or choose a new output_dir"
+        )
     if resume_from is not None:
         check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
