@@ -132,9 +132,9 @@ class MetricsLogger:
         return self.writer
 
     def start_fresh(self) -> Path | None:
-        """A run starting at step 0 in a directory an earlier run logged to (it crashed before its
-        first checkpoint, or ran without ``train.resume``): its rows move to
-        ``metrics.<time>.jsonl`` (nothing is deleted) and TensorBoard hides its events.
+        """A run starting at step 0 in a directory an earlier run logged to before its first
+        checkpoint (``setup`` refuses a directory with checkpoints unless resuming): its rows move
+        to ``metrics.<time>.jsonl`` (nothing is deleted) and TensorBoard hides its events.
         Returns where the old rows went, or None."""
         self.purge_step = 1
         if not self.enabled or not self.path.exists():
