@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from robot_data.frame_cache import FrameCache
-from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, load_meta
+from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, UnknownFeatureError, load_meta
 from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.video import VideoDecoder
 
@@ -124,7 +124,7 @@ class LeRobotReader(Reader):
         features = self.meta.features
         for role, key in (("state_key", state_key), ("action_key", action_key), ("text_key", text_key)):
             if key is not None and key not in features:
-                raise ValueError(f"data.{role}: '{key}' is not a feature of {path}; features: {', '.join(features)}")
+                raise UnknownFeatureError(role, key, path, list(features))
         self.path, self.state_key, self.action_key, self.text_key = Path(path), state_key, action_key, text_key
         self.cameras, self.fps = self.meta.cameras, self.meta.fps
         self.gripper_dims = gripper_dims(features[action_key])

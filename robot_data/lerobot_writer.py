@@ -195,6 +195,15 @@ class _Writer:
         return features
 
 
+def check_new_directory(out: Path) -> None:
+    """Refuse an ``out`` that holds anything, before the first write: files already there are never
+    overwritten or mixed into a new dataset."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory; choose a new or empty output directory")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new or empty output directory")
+
+
 def write_lerobot(
     reader: Reader,
     out_dir: str | Path,
@@ -214,8 +223,7 @@ def write_lerobot(
     if version not in ("v3.0", "v2.1"):
         raise ValueError(f"version: unknown '{version}'; valid: v3.0, v2.1")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
+    check_new_directory(out)
     episodes = reader.episodes()
     first = reader.numeric(episodes[0].index)
     tasks = list(dict.fromkeys(e.task for e in episodes))

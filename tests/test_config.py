@@ -107,3 +107,39 @@ def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
         assert "Traceback" not in proc.stderr
     ok = _cli("validate", str(ROOT / "recipes/quickstart.yaml"), cwd=tmp_path)
     assert ok.returncode == 0 and "valid recipe" in ok.stdout
+
+
+def test_keys_lists_a_prefix_and_refuses_one_matching_nothing(capsys):
+    from vla_ft.cli import main as cli
+
+    assert cli(["keys", "loss.gripper"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("loss.gripper.") for line in out)
+    assert cli(["keys", "optm"]) == 2
+    err = capsys.readouterr().err
+    assert "no recipe key starts with 'optm' (did you mean 'optim'?)" in err and "sections: output_dir, model" in err
+    assert cli(["keys", "nonexistent"]) == 2
+    assert "no recipe key starts with 'nonexistent'; sections:" in capsys.readouterr().err
+
+
+def test_best_metric_is_checked_against_what_validation_of_this_recipe_logs():
+    quickstart = ROOT / "recipes/quickstart.yaml"
+    for overrides, close in (
+        (["train.best_metric=val/action_l"], "val/action_l1"),
+        (["train.best_metric=val/gripper_accc"], "val/gripper_acc"),
+        (["train.best_metric=val/action_l1/h9"], "val/action_l1/h3"),  # data.chunk 4: h0..h3
+    ):
+        with pytest.raises(RecipeError, match=f"train.best_metric: .* \\(did you mean '{close}'\\?\\)"):
+            load_recipe(quickstart, overrides)
+    # Metrics that only some recipes produce.
+    with pytest.raises(RecipeError, match="train.best_metric: 'val/gripper_acc' is not a validation metric"):
+        load_recipe(quickstart, ["train.best_metric=val/gripper_acc", "model.gripper_head=false"])
+    with pytest.raises(RecipeError, match="train.best_metric: 'val/loss/language' is not a validation metric"):
+        load_recipe(quickstart, ["train.best_metric=val/loss/language", "data.language_target=none"])
+    ramp = "loss.schedule.language={start: 0.0, end: 0.2}"  # off at first, logged once the ramp starts
+    for overrides in (
+        ["train.best_metric=val/gripper_f1", "train.best_mode=max"],
+        ["train.best_metric=val/loss/language", "loss.strategy=scheduled", ramp],
+        ["train.best_metric=val/action_mse/dim6"],  # the action dim is known once the data is read
+    ):
+        assert load_recipe(quickstart, overrides).train.best_metric == overrides[0].split("=")[1]

@@ -55,3 +55,30 @@ def test_skipped_episode_is_left_out_of_shipped_stats_checks(tmp_path, tiny_over
     disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
     assert "skipping 1 episode(s): [2]" in capsys.readouterr().out
+
+
+def test_synth_refuses_a_non_empty_directory_and_leaves_it_as_it_was(tmp_path, capsys):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli(["data", "synth", str(out), "--episodes", "2", "--length", "4", "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"vla-ft data synth: error: {out}: exists and is not empty" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_key_naming_no_feature_is_one_line_with_the_features(tmp_path, tiny_overrides, capsys):
+    ds = _synth(tmp_path)
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
+    for key, typo, close in (
+        ("state_key", "observation.stat", "observation.state"),
+        ("text_key", "narraton", "narration"),
+    ):
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, f"data.{key}={typo}"]) == 2
+        err = capsys.readouterr().err
+        assert f"data.{key}: '{typo}' is not a feature of {ds} (did you mean '{close}'?)" in err
+        assert "features: observation.state, action, observation.images.top, narration" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()  # a directory without metadata: the file is named, no traceback
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, f"data.path={tmp_path / 'empty'}"]) == 2
+    assert "data.path: " in (err := capsys.readouterr().err) and "meta/info.json: missing" in err

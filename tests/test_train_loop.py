@@ -19,6 +19,7 @@ from vla_ft import checkpoint as ck
 from vla_ft.config import RecipeError, load_recipe
 from vla_ft.data import to_device
 from vla_ft.losses import CompositeLoss
+from vla_ft.metrics import validation_names
 from vla_ft.run_setup import setup
 from vla_ft.tracking import Averager, MetricsLogger, Progress, format_eta, read_rows
 from vla_ft.train import fit, train_step
@@ -186,6 +187,31 @@ def test_validation_losses_are_pooled_over_valid_elements(tmp_path):
 def test_a_batch_larger_than_the_training_set_is_a_recipe_error(tmp_path):
     with pytest.raises(RecipeError, match=r"train.batch_size: 64 is more than the \d+ training samples"):
         setup(load_recipe(QUICKSTART, [*TINY, "train.batch_size=64", f"output_dir={tmp_path}"]))
+
+
+def test_action_dims_out_of_range_are_a_recipe_error_before_anything_is_built(tmp_path):
+    run_dir = tmp_path / "run"
+    for key, value, message in (
+        ("loss.gripper.dims", "[7]", r"loss.gripper.dims: \[7\] out of range for the data's 3 action dims"),
+        ("data.raw_dims", "[2,5]", r"data.raw_dims: \[5\] out of range for the data's 3 action dims"),
+        ("train.best_metric", "val/action_l1/dim5", "'val/action_l1/dim5' is not a validation metric of this recipe"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            setup(load_recipe(QUICKSTART, [*TINY, f"{key}={value}", f"output_dir={run_dir}"]))
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.gripper_head=false", "data.language_target=none"]],
+    ids=["full", "bare"],
+)
+def test_validation_names_are_the_names_validation_logs(tmp_path, overrides):
+    """What ``train.best_metric`` is checked against at recipe validation: exactly what validation produces."""
+    run = tiny_run(tmp_path, *overrides)
+    logged = train_mod.evaluate(run)
+    assert sorted(validation_names(run.recipe, run.data.action_dim)) == sorted(logged)
+    assert ("val/gripper_acc" in logged) == run.recipe.model.gripper_head
 
 
 def test_undefined_batch_metrics_are_left_out_of_the_logged_mean():

@@ -1,7 +1,7 @@
 """``vla-ft`` command line: thin wrappers over the library.
 
-User errors (bad recipe, missing file, unusable data, a halted run) print one clear message
-and exit with status 2, without a traceback; bugs still show theirs.
+User errors (bad recipe, missing file, occupied output directory, unusable data, a halted run) print
+one clear message and exit with status 2, without a traceback; bugs still show theirs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import sys
 from collections.abc import Callable
 
 from vla_ft.config import RecipeError, describe_keys, load_recipe
+from vla_ft.config.checks import suggest
+from vla_ft.config.loader import recipe_keys
 
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError, FileExistsError)
 
 
 def _recipe(args: argparse.Namespace):
@@ -33,7 +35,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    print(describe_keys(args.section))
+    text = describe_keys(args.section)
+    if not text:  # a typo would otherwise print nothing and look like an empty section
+        sections = [k for k in recipe_keys() if "." not in k]
+        raise RecipeError(
+            f"no recipe key starts with '{args.section}'{suggest(args.section, recipe_keys())}; "
+            f"sections: {', '.join(sections)}",
+            "command line",
+        )
+    print(text)
     return 0
 
 
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors() as err:
-        print(f"vla-ft {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"vla-ft {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,8 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import robot_data
 from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
 from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
+from robot_data.lerobot_meta import DatasetFormatError, UnknownFeatureError
 from robot_data.normalize import resolve_stats
 from vla_ft.config import Recipe, RecipeError
+from vla_ft.losses import check_loss_config
+from vla_ft.metrics import best_metric_problems
 
 
 @dataclass
@@ -104,9 +107,14 @@ def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def build_reader(recipe: Recipe):
+    """The recipe's reader; a missing dataset or a key naming no feature is a RecipeError naming the key."""
     try:
         return robot_data.build_reader(recipe.data.format, **_reader_kwargs(recipe))
     except FileNotFoundError as err:
+        raise RecipeError(f"data.path: {err}") from None
+    except UnknownFeatureError as err:  # its message starts with the data.* key
+        raise RecipeError(str(err)) from None
+    except DatasetFormatError as err:  # no usable metadata: not a dataset of data.format
         raise RecipeError(f"data.path: {err}") from None
 
 
@@ -123,6 +131,8 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     skip = checked_skip_list(recipe)
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_episodes(episodes, d.val_ratio, d.val_episodes, recipe.train.seed)
+    first = reader.numeric(train_eps[0])
+    check_action_dims(recipe, first.action.shape[1])
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     raw = d.raw_dims if d.raw_dims is not None else gripper
     if stats is not None:
@@ -158,10 +168,21 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     except ValueError as err:  # unknown camera, missing text column, ...: name the recipe key
         key = "data.cameras" if str(err).startswith("cameras") else "data"
         raise RecipeError(f"{key}: {err}") from None
-    first = reader.numeric(train_eps[0])
     return DataBundle(
         reader, train_set, val_set, normalizer, train_eps, val_eps, first.state.shape[1], first.action.shape[1], cameras
     )
+
+
+def check_action_dims(recipe: Recipe, action_dim: int) -> None:
+    """Keys indexing action dims, checked as soon as the data gives the action dim: an index out of
+    range would otherwise surface as an index error in the normaliser, the model or the loss."""
+    problems = check_loss_config(recipe.loss, action_dim, recipe.data.chunk, recipe.model.gripper_head)
+    bad = [i for i in recipe.data.raw_dims or [] if not 0 <= i < action_dim]
+    if bad:
+        problems.append(f"data.raw_dims: {bad} out of range for the data's {action_dim} action dims")
+    problems += best_metric_problems(recipe, action_dim)
+    if problems:
+        raise RecipeError(problems)
 
 
 def checked_skip_list(recipe: Recipe) -> set[int]:

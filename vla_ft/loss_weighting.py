@@ -101,6 +101,10 @@ class Weighting(nn.Module):
         """Whether ``term`` is computed at the current step (a zero weight is never computed)."""
         return term in self.terms and self.base_weight(term) != 0.0
 
+    def ever_active(self, term: str) -> bool:
+        """Whether ``term`` is computed at some step: what validation may log (``val/loss/<term>``)."""
+        return self.active(term)
+
     def factor(self, term: str) -> Tensor | float:
         """What the strategy multiplies the base weight of ``term`` by."""
         return 1.0
@@ -142,6 +146,10 @@ class ScheduledWeighting(Weighting):
     def base_weight(self, term: str) -> float:
         spec = self.cfg.schedule.get(term)
         return super().base_weight(term) if spec is None else ramp_weight(spec, self.step)
+
+    def ever_active(self, term: str) -> bool:
+        spec = self.cfg.schedule.get(term)  # a ramp runs monotonically from start to end
+        return super().ever_active(term) if spec is None else term in self.terms and max(spec.start, spec.end) != 0.0
 
 
 class UncertaintyWeighting(Weighting):

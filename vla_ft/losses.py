@@ -218,7 +218,8 @@ def check_loss_config(cfg: LossConfig, action_dim: int, chunk: int, gripper_head
     if gripper_head and not dims:
         p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
     if gripper_head and any(not 0 <= d < action_dim for d in dims):
-        p.append(f"loss.gripper.dims: {dims} out of range for {action_dim} action dims")
+        valid = f"0..{action_dim - 1}"
+        p.append(f"loss.gripper.dims: {dims} out of range for the data's {action_dim} action dims ({valid})")
     if gripper_head and len(set(dims)) != len(dims):
         p.append(f"loss.gripper.dims: repeated dim in {dims}")
     if gripper_head and cfg.weights.action != 0 and len(set(dims)) >= action_dim:
@@ -230,6 +231,11 @@ def check_loss_config(cfg: LossConfig, action_dim: int, chunk: int, gripper_head
     if cfg.grad_norm_every < 0:
         p.append(f"loss.grad_norm_every: must be >= 0, got {cfg.grad_norm_every}")
     return p
+
+
+def loss_terms(gripper_head: bool) -> tuple[str, ...]:
+    """The terms the loss can compute: the gripper term needs the gripper head."""
+    return ("language", "action") + (("gripper",) if gripper_head else ())
 
 
 def regressed_dims(action_dim: int, gripper_dims: Iterable[int], gripper_head: bool) -> list[int]:
@@ -266,7 +272,7 @@ class CompositeLoss(nn.Module):
         self.register_buffer("action_weights", horizon[:, None] * dims[None, :], persistent=False)  # (C, A')
         pos = cfg.gripper.pos_weight
         self.register_buffer("pos_weight", None if pos is None else torch.tensor(pos), persistent=False)
-        self.weighting = build_weighting(cfg, ("language", "action") + (("gripper",) if gripper_head else ()))
+        self.weighting = build_weighting(cfg, loss_terms(gripper_head))
         if not any(self.weighting.active(t) for t in TERMS) and cfg.strategy != "scheduled":
             raise RecipeError("loss.weights: every term has weight 0", "loss")
         self._step: int | None = None

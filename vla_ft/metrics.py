@@ -10,10 +10,16 @@ so "is it learning?" has an answer on the same line.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
-from vla_ft.config import GripperLossConfig
+from vla_ft.config import GripperLossConfig, Recipe
+from vla_ft.config.checks import suggest
+from vla_ft.loss_weighting import build_weighting
+from vla_ft.losses import loss_terms
+
+INDEXED = re.compile(r"(/[a-z]+)(\d+)$")  # per-index names: .../dim3 (action dim), .../h0 (chunk step)
 
 
 def gripper_labels(values: torch.Tensor, cfg: GripperLossConfig) -> torch.Tensor:
@@ -134,3 +140,37 @@ class ActionMetrics:
         if self.tok_total:
             out[f"{prefix}token_acc"] = self.tok_correct / self.tok_total
         return out
+
+
+def validation_names(recipe: Recipe, action_dim: int) -> list[str]:
+    """Every name validation (:func:`vla_ft.train.evaluate`) can log for ``recipe`` on ``action_dim`` dims.
+
+    ``val/loss/<term>`` for each term the loss computes at some step, then the names
+    :meth:`ActionMetrics.compute` returns once a batch has fed its gripper and token counts:
+    the names come from the code that produces them, so they cannot drift from it.
+    """
+    r = recipe
+    weighting = build_weighting(r.loss, loss_terms(r.model.gripper_head))
+    language = r.data.language_target != "none" and weighting.ever_active("language")  # else no LM logits
+    terms = [t for t in weighting.terms if weighting.ever_active(t) and (t != "language" or language)]
+    gripper = r.loss.gripper.dims if r.model.gripper_head else []
+    metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
+    metrics.g_total, metrics.tok_total = float(bool(gripper)), float(language)
+    return [f"val/loss/{t}" for t in terms] + list(metrics.compute("val/"))
+
+
+def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[str]:
+    """``train.best_metric`` must be a name validation logs: a typo would otherwise stop the run at
+    its first validation. Before the data is read (``action_dim`` None) any action dim index passes."""
+    key = recipe.train.best_metric
+    if action_dim is None:
+        index = INDEXED.search(key)
+        action_dim = int(index.group(2)) + 1 if index else 1
+    names = validation_names(recipe, action_dim)
+    if key in names:
+        return []
+    kinds = dict.fromkeys(INDEXED.sub(r"\1<i>", n) for n in names)
+    return [
+        f"train.best_metric: '{key}' is not a validation metric of this recipe{suggest(key, names)}; "
+        f"validation metrics: {', '.join(kinds)} (<i>: an action dim or chunk step)"
+    ]

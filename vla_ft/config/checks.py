@@ -70,7 +70,12 @@ def validate(r: Recipe) -> list[str]:
         )
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
-    return p + cache_problems(r)
+    p += cache_problems(r)
+    if not p:  # the metric names need a consistent loss and data section
+        from vla_ft.metrics import best_metric_problems
+
+        p += best_metric_problems(r)
+    return p
 
 
 def cache_problems(r: Recipe) -> list[str]:

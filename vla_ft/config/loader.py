@@ -194,3 +194,13 @@ def describe_keys(prefix: str = "", cls: type = Recipe, path: str = "") -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
     return "\n".join(line for line in lines if line)
+
+
+def recipe_keys(cls: type = Recipe, path: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``model``, ``model.vision``, ``model.vision.name``)."""
+    keys, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(f"{path}{f.name}")
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += recipe_keys(hints[f.name], f"{path}{f.name}.")
+    return keys
