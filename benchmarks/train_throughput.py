@@ -26,6 +26,7 @@ Rows:
                   (``vla_ft.lm_compile``, ``backbones.PatchifyConv``); what a user of HF Trainer gets
   vla_frozen      recipe + freeze.vision_encoder=true
   vla_lora        recipe + LoRA on every LM linear (r=32) + frozen vision encoder
+  vla_lora_peft   ablation of vla_lora: peft's own LoRA forward (``model.lora.fused=false``)
   vla_head        head-only: the heads on readout features of the frozen trunk, computed once (what
                   ``train.cache_features`` feeds the step)
 
@@ -130,6 +131,7 @@ ROWS = (
     "hf_compile_stock",
     "vla_frozen",
     "vla_lora",
+    "vla_lora_peft",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_autotune",
@@ -147,6 +149,7 @@ SMOKE_ROWS = (
     "hf_eager",
     "vla_frozen",
     "vla_lora",
+    "vla_lora_peft",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_head",
@@ -679,6 +682,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "hf_compile_stock": lambda b, n: hf_trainer(b, n, True, stock_model),
     "vla_frozen": lambda b, n: vla(b, n, "frozen", note="frozen vision encoder"),
     "vla_lora": lambda b, n: vla(b, n, "lora", note="LoRA r=32 on LM linears, frozen vision"),
+    "vla_lora_peft": lambda b, n: vla(
+        b, n, "lora", ("model.lora.fused=false",), note="ablation: LoRA through peft's own forward"
+    ),
     "vla_lora_graphs": lambda b, n: vla(
         b, n, "lora", ("train.compile_mode=reduce-overhead",), note="LoRA, CUDA graphs (reduce-overhead)"
     ),

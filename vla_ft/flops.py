@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vla_ft.lora_kernel import peft_forward
+
 if TYPE_CHECKING:
     from vla_ft.model import VLA
     from vla_ft.run_setup import Run
@@ -143,7 +145,7 @@ def record_forward(model: VLA) -> Iterator[Recording]:
             elif owner == "vision_encoder" and _is_vit_attention(sub):
                 handles.append(sub.register_forward_hook(on_attention))
     try:
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"), peft_forward():  # fused LoRA calls no sub-layer
             yield rec
     finally:
         for h in handles:

@@ -5,6 +5,7 @@ one exists would silently adapt less than asked. We check each pattern on its ow
 peft's matching rule (exact name or a ``.pattern`` suffix) and refuse the ones that match
 nothing, naming the key. peft's ``all-linear`` shorthand is passed through as is.
 
+The adapted linears run :mod:`vla_ft.lora_fused`'s forward unless ``model.lora.fused`` is false.
 Adapters are saved in PEFT's own format next to every checkpoint (``adapter/``, see
 :mod:`vla_ft.model_files`), so ``peft.PeftModel.from_pretrained(base_lm, ".../adapter")`` opens them.
 """
@@ -40,12 +41,17 @@ def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    from vla_ft.lora_fused import fuse_lora_layers
+
     check_targets(module, targets, key)
     target_modules = ALL_LINEAR if targets == [ALL_LINEAR] else list(targets)
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_modules, task_type=task_type
     )
-    return get_peft_model(module, peft_cfg)
+    model = get_peft_model(module, peft_cfg)
+    if cfg.fused:
+        fuse_lora_layers(model)
+    return model
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:

@@ -76,6 +76,11 @@ class LoraConfig:
     )
     vision: bool = doc("also adapt the vision encoder", False)
     vision_target_modules: list[str] = doc("vision module name patterns to adapt", factory=lambda: ["qkv", "proj"])
+    fused: bool = doc(
+        "compute each adapter inside its base layer's matmuls (vla_ft.lora_fused; same numbers, no full-width "
+        "adapter output); false = peft's own forward",
+        True,
+    )
 
 
 @dataclass
