@@ -42,6 +42,10 @@ def test_recipe_variants_cross_the_grid_and_all_are_validated_first(tmp_path):
     staged = by_name["staged_unfreeze+optim.lr=0.001"].unfreeze["vision_encoder"]
     assert (staged.at_step, staged.warmup_steps) == (200, 50)
 
+    # The quick look of too few steps for the staged variant's unfreeze names that variant.
+    with pytest.raises(RecipeError, match=r"variant 'staged_unfreeze': unfreeze.vision_encoder.at_step: 200"):
+        ablate.plan(recipe, [f"output_dir={tmp_path}", "train.steps=100"], [])
+
     # One bad variant key (with a suggestion) and one bad name are reported together, before any training.
     bad = ["ablation.variants={good: {}, typo: {optim.lrr: 0.1}, 'bad name': {}}"]
     with pytest.raises(RecipeError) as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import QUICKSTART, TINY
 
 from vla_ft.config import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict, to_dict
 
@@ -69,6 +70,13 @@ def test_semantic_errors_name_the_key():
 def test_unfreeze_requires_frozen_module():
     with pytest.raises(RecipeError, match="unfreeze.vision_encoder: module is not frozen"):
         recipe_from_dict({"unfreeze": {"vision_encoder": {"at_step": 3}}})
+
+
+def test_an_unfreeze_at_or_after_the_last_step_is_refused():
+    frozen = [*TINY, "freeze.vision_encoder=true", "train.steps=100"]
+    with pytest.raises(RecipeError, match=r"unfreeze.vision_encoder.at_step: 100 is not before train.steps \(100\)"):
+        load_recipe(QUICKSTART, [*frozen, "unfreeze.vision_encoder.at_step=100"])
+    assert load_recipe(QUICKSTART, [*frozen, "unfreeze.vision_encoder.at_step=99"]).unfreeze  # the last update
 
 
 def test_round_trip_through_yaml():

@@ -55,6 +55,11 @@ def validate(r: Recipe) -> list[str]:
             p.append(f"unfreeze.{name}: module is not frozen (set freeze.{name}: true)")
         if spec.at_step < 0 or spec.warmup_steps < 0:
             p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
+        elif spec.at_step >= r.train.steps:  # the run would equal one with the module frozen throughout
+            p.append(
+                f"unfreeze.{name}.at_step: {spec.at_step} is not before train.steps ({r.train.steps}): "
+                f"the module would never train; lower at_step or raise train.steps"
+            )
     from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
 
     p += check_weights(r.loss)
