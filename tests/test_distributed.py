@@ -271,3 +271,18 @@ def test_a_metric_one_rank_could_not_define_is_left_out_of_the_mean(monkeypatch)
     run = SimpleNamespace(rt=SimpleNamespace(world_size=2))
     got = distributed.mean_over_ranks(run, per_rank[0])
     assert got["metric/gripper_transition_acc"] == 0.5 and math.isnan(got["loss"])
+
+
+def test_the_process_group_waits_as_long_as_the_recipe_says(monkeypatch):
+    """distributed.timeout_min reaches init_process_group (rank 0 writing a checkpoint or the feature
+    cache must not trip torch's 10-minute NCCL default); a non-positive one is refused."""
+    from vla_ft import runtime
+
+    seen = {}
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runtime.init_runtime(load_recipe(QUICKSTART, [*TINY, "train.device=cpu", "distributed.timeout_min=45"]))
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 45 * 60
+    with pytest.raises(RecipeError, match="distributed.timeout_min: must be finite and > 0, got 0.0"):
+        load_recipe(QUICKSTART, [*TINY, "distributed.timeout_min=0"])

@@ -8,6 +8,7 @@ the environment.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ def init_runtime(recipe: Recipe) -> Runtime:
     if world > 1 and not dist.is_initialized():
         backend = recipe.distributed.backend
         backend = ("nccl" if want_cuda else "gloo") if backend == "auto" else backend
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        timeout = datetime.timedelta(minutes=recipe.distributed.timeout_min)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
     return Runtime(device, amp, param_dtype, rank, world, local)
 
 

@@ -60,6 +60,8 @@ def validate(r: Recipe) -> list[str]:
                 f"unfreeze.{name}.at_step: {spec.at_step} is not before train.steps ({r.train.steps}): "
                 f"the module would never train; lower at_step or raise train.steps"
             )
+    if not 0 < r.distributed.timeout_min < float("inf"):
+        p.append(f"distributed.timeout_min: must be finite and > 0, got {r.distributed.timeout_min}")
     from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
 
     p += check_weights(r.loss)

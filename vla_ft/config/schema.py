@@ -297,6 +297,11 @@ class DistributedConfig:
     fsdp_reshard_after_forward: bool = doc(
         "fsdp: free gathered parameters after forward (less memory, one more all-gather in backward)", True
     )
+    timeout_min: float = doc(
+        "minutes a collective waits for the slowest rank before the run fails (ranks wait while rank 0 writes a "
+        "checkpoint or builds the feature cache; torch's own default is 10 for nccl)",
+        30.0,
+    )
 
 
 @dataclass
