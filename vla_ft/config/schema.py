@@ -77,8 +77,8 @@ class LoraConfig:
     vision: bool = doc("also adapt the vision encoder", False)
     vision_target_modules: list[str] = doc("vision module name patterns to adapt", factory=lambda: ["qkv", "proj"])
     fused: bool = doc(
-        "compute each adapter inside its base layer's matmuls (vla_ft.lora_fused; same numbers, no full-width "
-        "adapter output); false = peft's own forward",
+        "compute each adapter inside its base layer's matmuls (vla_ft.lora_kernel: same numbers, no full-width "
+        "adapter output; layers with dropout > 0 keep peft's forward); false = peft's own forward everywhere",
         True,
     )
 
