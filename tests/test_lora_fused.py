@@ -95,16 +95,20 @@ def _no_fused_kernel(monkeypatch):
     monkeypatch.setattr(lora_fused, "low_rank_linear", refuse)
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "peft_forward_block", "trained_base"])
+@pytest.mark.parametrize(
+    "case", ["dropout", "disabled", "merged", "peft_forward_block", "trained_base", "mixed_dtypes"]
+)
 def test_peft_forward_runs_where_the_fused_form_does_not_apply(monkeypatch, case):
     reference, fused = peft_and_fused(8, 20, lora_dropout=0.5 if case == "dropout" else 0.0)
     _no_fused_kernel(monkeypatch)
-    x = torch.randn(3, 8, dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float32 if case == "mixed_dtypes" else torch.float64)
     for m in (reference, fused):
         if case == "merged":
             m.base_model.model.proj.merge()
         if case == "trained_base":
             m.base_model.model.proj.base_layer.weight.requires_grad_(True)
+        if case == "mixed_dtypes":  # float64 adapters on a float32 layer, no autocast: peft casts
+            m.base_model.model.proj.base_layer.float()
     torch.manual_seed(1)  # the same dropout mask for both
     if case == "disabled":
         with fused.disable_adapter(), reference.disable_adapter():

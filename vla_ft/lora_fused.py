@@ -16,18 +16,18 @@ from vla_ft.lora_kernel import low_rank_linear, peft_forward_forced
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA linear whose plain case (one active vanilla adapter, no dropout, frozen base)
-    runs :func:`low_rank_linear`; everything else is peft's own forward."""
+    """peft's LoRA linear whose plain case (one active vanilla adapter, no dropout, frozen base, one
+    dtype or autocast) runs :func:`low_rank_linear`; everything else is peft's own forward."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter = self._fusable_adapter(args, kwargs)
+        adapter = self._fusable_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         return low_rank_linear(x, base.weight, base.bias, a, b, self.scaling[adapter])
 
-    def _fusable_adapter(self, args: tuple, kwargs: dict) -> str | None:
+    def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         if peft_forward_forced() or args or kwargs or self.disable_adapters or self.merged:
             return None
         if len(self.active_adapters) != 1:
@@ -41,6 +41,10 @@ class FusedLoraLinear(PeftLoraLinear):
             and type(base) is nn.Linear
             and not self.fan_in_fan_out
             and not base.weight.requires_grad
+            and (  # peft casts between mixed dtypes itself; autocast makes one dtype of them
+                torch.is_autocast_enabled(x.device.type)
+                or x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
+            )
         )
         return name if plain else None
 
