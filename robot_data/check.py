@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
-from robot_data.reader import EpisodeArrays
+from robot_data.reader import EpisodeArrays, UnknownFeatureError
 
 KINDS = (
     "missing_file",
@@ -123,6 +123,8 @@ def check_hdf5(
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
         reader = HDF5Reader(path, layout, state_key, action_key, text_key)
+    except UnknownFeatureError:
+        raise  # a key naming no dataset: the caller's typo, not the data's problem
     except (ValueError, OSError, KeyError) as err:
         return [Problem("unreadable", str(path), None, str(err))]
     problems: list[Problem] = []
@@ -182,7 +184,10 @@ def _hdf5_contents(
 
 
 def check_dataset(path: str | Path, format: str, decode: str = "ends", **kwargs: Any) -> list[Problem]:
-    """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...)."""
+    """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...).
+
+    A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem.
+    """
     from robot_data.check_lerobot import check_lerobot
 
     if decode not in DECODE_MODES:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from robot_data.check import Problem, decode_checks, non_finite
-from robot_data.lerobot import LeRobotReader, column_to_numpy, feature_width, is_list_type
+from robot_data.lerobot import LeRobotReader, check_keys, column_to_numpy, feature_width, is_list_type
 from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
 from robot_data.video import video_duration
 
@@ -198,7 +198,10 @@ def check_lerobot(
     decode: str = "ends",
     **_: Any,
 ) -> list[Problem]:
-    """Every problem of a LeRobot directory (metadata, data files, videos/images)."""
+    """Every problem of a LeRobot directory (metadata, data files, videos/images).
+
+    A key naming no feature raises :class:`UnknownFeatureError`: the caller's typo, not the data's problem.
+    """
     root = Path(path)
     if not root.is_dir():
         return [Problem("missing_file", str(root), None, "dataset directory not found")]
@@ -209,11 +212,8 @@ def check_lerobot(
         meta = load_meta(root)
     except (DatasetFormatError, KeyError, ValueError, OSError, pa.ArrowException) as err:
         return [Problem("unreadable", str(root / "meta"), None, f"{type(err).__name__}: {err}")]
+    check_keys(root, meta.features, state_key=state_key, action_key=action_key, text_key=text_key)
     keys = [k for k in (state_key, action_key) if k]
-    absent = [k for k in [*keys, text_key] if k and k not in meta.features]
-    if absent:
-        msg = f"feature(s) {absent} not in meta/info.json; features: {', '.join(meta.features)}"
-        return [Problem("bad_feature", str(root / "meta/info.json"), None, msg)]
     problems += _episode_gaps(meta)
     tol = max(video_tolerance_s, 1e-4)
     by_file: dict[Path, list[EpisodeMeta]] = {}

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from robot_data import images
 from robot_data.language import PromptTokenizer
 from robot_data.normalize import Normalizer
-from robot_data.reader import Episode, Reader
+from robot_data.reader import Episode, Reader, did_you_mean
 
 AUGMENT_KEYS = ("enabled", "crop_scale", "color_jitter")
 
@@ -75,7 +75,8 @@ class RobotDataset(Dataset):
         self.cameras = list(cameras) if cameras else list(reader.cameras)
         unknown = [c for c in self.cameras if c not in reader.cameras]
         if unknown:
-            raise ValueError(f"cameras: unknown camera(s) {unknown}; valid: {', '.join(reader.cameras)}")
+            hint = did_you_mean(unknown[0], reader.cameras)
+            raise ValueError(f"cameras: unknown camera(s) {unknown}{hint}; valid: {', '.join(reader.cameras)}")
         self.augment = _check_augment(augment) if train else None
         self.seed, self.train, self.epoch = seed, train, 0
         self.episodes = self._select(reader.episodes(), episodes)

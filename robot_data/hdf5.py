@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from robot_data.reader import Episode, EpisodeArrays, Reader
+from robot_data.reader import Episode, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.video import drop_if_forked
 
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -139,12 +139,13 @@ class HDF5Reader(Reader):
                 continue
             group = self.group(index)
             try:
-                keys = [self._resolve(group, k) for k in self.state_keys], self._resolve(group, self.action_key)
-                text = self._resolve(group, text_key) if text_key else None
+                state = [self._resolve(group, k, "state_key") for k in self.state_keys]
+                action = self._resolve(group, self.action_key, "action_key")
+                text = self._resolve(group, text_key, "text_key") if text_key else None
             except ValueError as err:
                 error = error or err
                 continue
-            (self.state_keys, self.action_key), self.text_key = keys, text
+            self.state_keys, self.action_key, self.text_key = state, action, text
             return group
         why = next(iter(self.unreadable.values()), "")
         raise error or ValueError(f"{self.path}: no episode file can be opened ({why})")
@@ -203,13 +204,14 @@ class HDF5Reader(Reader):
                     return _text(holder.attrs[attr])
         return fallback
 
-    def _resolve(self, group: h5py.Group, key: str) -> str:
+    def _resolve(self, group: h5py.Group, key: str, role: str) -> str:
+        """The dataset path of ``key`` in ``group``; an unknown key is the recipe's ``data.<role>`` typo."""
         obs = LAYOUTS[self.layout]["obs"]
         for candidate in (f"{obs}/{key}", key):
             if candidate in group:
                 return candidate
         available = sorted(f"{obs}/{k}" for k in group.get(obs, {})) + sorted(k for k in group if k != obs)
-        raise ValueError(f"{self.path}: key '{key}' not found in {group.name}; available: {', '.join(available)}")
+        raise UnknownFeatureError(role, key, self.path, available, kind="key")
 
     def _find_cameras(self, group: h5py.Group) -> dict[str, str]:
         """Camera name -> dataset path inside an episode group."""

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from robot_data.frame_cache import FrameCache
-from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, UnknownFeatureError, load_meta
-from robot_data.reader import Episode, EpisodeArrays, Reader
+from robot_data.lerobot_meta import EpisodeMeta, load_meta
+from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.video import VideoDecoder
 
 IMAGE_COLUMNS_KEPT = 2  # image columns (per file and camera) held in memory per process
@@ -108,6 +108,13 @@ def gripper_dims(feature: dict[str, Any]) -> list[int]:
     return [i for i, n in enumerate(names) if "gripper" in str(n).lower()]
 
 
+def check_keys(path: str | Path, features: dict[str, Any], **keys: str | None) -> None:
+    """Raise :class:`UnknownFeatureError` for the first key (role=name) naming no feature; None is unset."""
+    for role, key in keys.items():
+        if key is not None and key not in features:
+            raise UnknownFeatureError(role, key, path, list(features))
+
+
 class LeRobotReader(Reader):
     """A LeRobot v3.0 / v2.1 dataset directory. Keys pick features by name (see ``meta/info.json``)."""
 
@@ -122,9 +129,7 @@ class LeRobotReader(Reader):
     ):
         self.meta = load_meta(path)
         features = self.meta.features
-        for role, key in (("state_key", state_key), ("action_key", action_key), ("text_key", text_key)):
-            if key is not None and key not in features:
-                raise UnknownFeatureError(role, key, path, list(features))
+        check_keys(path, features, state_key=state_key, action_key=action_key, text_key=text_key)
         self.path, self.state_key, self.action_key, self.text_key = Path(path), state_key, action_key, text_key
         self.cameras, self.fps = self.meta.cameras, self.meta.fps
         self.gripper_dims = gripper_dims(features[action_key])

@@ -18,7 +18,6 @@ v2.1 (one file per episode): ``meta/tasks.jsonl``, ``meta/episodes.jsonl``,
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,25 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from robot_data.reader import DatasetFormatError, UnknownFeatureError  # noqa: F401 - defined there for every format
+
 VISUAL_DTYPES = ("image", "video")
-
-
-class DatasetFormatError(ValueError):
-    """The dataset cannot be read at all; the message names the file."""
-
-
-class UnknownFeatureError(DatasetFormatError):
-    """A reader key (``state_key``, ``action_key``, ``text_key``) names no feature of the dataset.
-
-    The message names the key, the closest feature and all of them: a typo in a recipe is then
-    fixed from the one line, without opening ``meta/info.json``.
-    """
-
-    def __init__(self, role: str, key: str, path: str | Path, features: list[str]):
-        self.role, self.key, self.features = role, key, list(features)
-        close = difflib.get_close_matches(key, self.features, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        super().__init__(f"data.{role}: '{key}' is not a feature of {path}{hint}; features: {', '.join(features)}")
 
 
 @dataclass

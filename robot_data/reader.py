@@ -11,12 +11,39 @@ here for convenience.
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def did_you_mean(name: str, names: Sequence[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of ``names``, or ''."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class DatasetFormatError(ValueError):
+    """The dataset cannot be read at all; the message names the file."""
+
+
+class UnknownFeatureError(DatasetFormatError):
+    """A reader key (``state_key``, ``action_key``, ``text_key``) names nothing in the dataset.
+
+    Shared by every format so the trainer and ``vla-ft data check`` turn it into one line. The
+    message names the key, the closest name and all of them: a typo in a recipe is then fixed
+    from the one line, without opening the dataset. ``kind`` is the format's word for a name
+    (LeRobot: feature, HDF5: key).
+    """
+
+    def __init__(self, role: str, key: str, path: str | Path, features: list[str], kind: str = "feature"):
+        self.role, self.key, self.features = role, key, list(features)
+        self.detail = f"'{key}' is not a {kind} of {path}{did_you_mean(key, features)}; {kind}s: {', '.join(features)}"
+        super().__init__(f"data.{role}: {self.detail}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from conftest import QUICKSTART
 from test_data_check import _edit_column
 
 from robot_data import SyntheticReader, write_lerobot
+from robot_data.hdf5_writer import write_aloha, write_robomimic
 from vla_ft.cli import main as cli
 
 
@@ -17,6 +18,10 @@ def _synth(tmp_path: Path) -> Path:
     out = tmp_path / "ds"
     assert cli(["data", "synth", str(out), "--episodes", "6", "--length", "10", "--image-size", "32"]) == 0
     return out
+
+
+def _robomimic(tmp_path: Path) -> Path:
+    return write_robomimic(SyntheticReader(episodes=6, episode_length=10, image_size=32), tmp_path / "rm.hdf5")
 
 
 def test_synth_then_check_then_train_from_disk(tmp_path, tiny_overrides, capsys):
@@ -82,3 +87,41 @@ def test_a_key_naming_no_feature_is_one_line_with_the_features(tmp_path, tiny_ov
     (tmp_path / "empty").mkdir()  # a directory without metadata: the file is named, no traceback
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, f"data.path={tmp_path / 'empty'}"]) == 2
     assert "data.path: " in (err := capsys.readouterr().err) and "meta/info.json: missing" in err
+
+
+def test_an_hdf5_key_naming_no_dataset_is_one_line_with_the_keys(tmp_path, tiny_overrides, capsys):
+    rm = _robomimic(tmp_path)
+    disk = ["data.format=hdf5", f"data.path={rm}", "data.state_key=state", "data.text_key=narration", "train.steps=2"]
+    for override, message in (
+        ("data.state_key=stat", f"data.state_key: 'stat' is not a key of {rm} (did you mean 'obs/state'?)"),
+        ("data.action_key=actoins", f"data.action_key: 'actoins' is not a key of {rm} (did you mean 'actions'?)"),
+        ("data.text_key=naration", f"data.text_key: 'naration' is not a key of {rm} (did you mean 'narration'?)"),
+        ("data.cameras=[top_img]", "data.cameras: unknown camera(s) ['top_img'] (did you mean 'top_image'?)"),
+    ):
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, override]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert "keys: obs/state, obs/top_image, actions, narration" in err or "valid: top_image" in err
+
+
+def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
+    ds, rm = _synth(tmp_path), _robomimic(tmp_path)
+    aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")
+    capsys.readouterr()
+    features = "; features: observation.state, action, observation.images.top, narration"
+    keys = "; keys: observations/images, observations/qpos, action, narration"
+    for args, message in (
+        ([ds, "--state-key", "observation.stat"], f"'observation.stat' is not a feature of {ds} (did you mean"),
+        ([ds, "--action-key", "actoin"], f"'actoin' is not a feature of {ds} (did you mean 'action'?){features}"),
+        ([rm, "--format", "hdf5", "--state-key", "stat"], f"'stat' is not a key of {rm} (did you mean 'obs/state'?)"),
+        (
+            [aloha, "--format", "hdf5", "--layout", "aloha", "--action-key", "actoin"],
+            f"'actoin' is not a key of {aloha} (did you mean 'action'?){keys}",
+        ),
+    ):
+        assert cli(["data", "check", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        flag = next(a for a in args if str(a).endswith("-key"))
+        assert f"vla-ft data check: error: command line: {flag}: {message}" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ from robot_data import Normalizer, RobotDataset, SyntheticReader, build_reader, 
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.normalize import resolve_stats
+from robot_data.reader import UnknownFeatureError
 from robot_data.synthetic import CAMERA
 
 N_EPISODES, LENGTH, SIZE = 5, 10, 32
@@ -196,7 +197,7 @@ def test_reader_errors(datasets, tmp_path):
         build_reader("lerobot", path=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="valid: robomimic, aloha"):
         build_reader("hdf5", path=datasets["aloha"][1]["path"], layout="rlds")
-    with pytest.raises(ValueError, match="key 'joints' not found .* available: obs/state"):
+    with pytest.raises(UnknownFeatureError, match="data.state_key: 'joints' is not a key of .*; keys: obs/state"):
         build_reader("hdf5", path=datasets["robomimic"][1]["path"], state_key="joints")
 
 

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import robot_data
 from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
 from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
-from robot_data.lerobot_meta import DatasetFormatError, UnknownFeatureError
 from robot_data.normalize import resolve_stats
+from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from vla_ft.config import Recipe, RecipeError
 from vla_ft.losses import check_loss_config
 from vla_ft.metrics import best_metric_problems
@@ -166,8 +166,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
         train_set = RobotDataset(reader, train_eps, augment=augment, train=True, **common)
         val_set = RobotDataset(reader, val_eps, train=False, **common) if val_eps else None
     except ValueError as err:  # unknown camera, missing text column, ...: name the recipe key
-        key = "data.cameras" if str(err).startswith("cameras") else "data"
-        raise RecipeError(f"{key}: {err}") from None
+        raise RecipeError(f"data.{err}" if str(err).startswith("cameras:") else f"data: {err}") from None
     return DataBundle(
         reader, train_set, val_set, normalizer, train_eps, val_eps, first.state.shape[1], first.action.shape[1], cameras
     )

@@ -2,7 +2,8 @@
 
 ``synth`` writes the embedded synthetic task as a LeRobot dataset (v3.0 by default), so the
 quickstart can run from disk and every reader has a file fixture. ``check`` reports every
-problem of a dataset at once, each naming the file and the episode.
+problem of a dataset at once, each naming the file and the episode; a key naming nothing in the
+dataset is the user's typo, not a problem of the data: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from robot_data.check import check_dataset
+    from robot_data.reader import UnknownFeatureError
+    from vla_ft.config import RecipeError
 
     kwargs = {"layout": args.layout} if args.format == "hdf5" else {}
     if args.state_key:
         kwargs["state_key"] = args.state_key
     if args.action_key:
         kwargs["action_key"] = args.action_key
-    problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
+    try:
+        problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
+    except UnknownFeatureError as err:  # a mistyped --state-key/--action-key: one line naming the option
+        raise RecipeError(f"--{err.role.replace('_', '-')}: {err.detail}", "command line") from None
     if not problems:
         print(f"ok: {args.path} passed every check")
         return 0

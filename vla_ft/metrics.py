@@ -142,21 +142,38 @@ class ActionMetrics:
         return out
 
 
-def validation_names(recipe: Recipe, action_dim: int) -> list[str]:
+def validation_names(
+    recipe: Recipe, action_dim: int, gripper_head: bool | None = None, language: bool | None = None
+) -> list[str]:
     """Every name validation (:func:`vla_ft.train.evaluate`) can log for ``recipe`` on ``action_dim`` dims.
 
     ``val/loss/<term>`` for each term the loss computes at some step, then the names
     :meth:`ActionMetrics.compute` returns once a batch has fed its gripper and token counts:
     the names come from the code that produces them, so they cannot drift from it.
+    ``gripper_head`` / ``language`` (LM target and loss) force a part on, to tell a typo from a part left out.
     """
     r = recipe
-    weighting = build_weighting(r.loss, loss_terms(r.model.gripper_head))
-    language = r.data.language_target != "none" and weighting.ever_active("language")  # else no LM logits
-    terms = [t for t in weighting.terms if weighting.ever_active(t) and (t != "language" or language)]
-    gripper = r.loss.gripper.dims if r.model.gripper_head else []
-    metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
-    metrics.g_total, metrics.tok_total = float(bool(gripper)), float(language)
+    head = r.model.gripper_head if gripper_head is None else gripper_head
+    weighting = build_weighting(r.loss, loss_terms(head))
+    if language is None:
+        language = r.data.language_target != "none" and weighting.ever_active("language")  # else no LM logits
+    terms = [t for t in weighting.terms if (language if t == "language" else weighting.ever_active(t))]
+    gripper = r.loss.gripper.dims if head else []
+    metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, head)
+    metrics.g_total, metrics.tok_total = float(head), float(language)
     return [f"val/loss/{t}" for t in terms] + list(metrics.compute("val/"))
+
+
+def _left_out(recipe: Recipe, key: str, action_dim: int) -> str | None:
+    """The setting without which validation never logs ``key``, or None: 'val/gripper_acc' without a
+    gripper head is no typo, and the closest name ('val/token_acc') would send the user astray."""
+    if key in validation_names(recipe, action_dim, gripper_head=True):
+        return "model.gripper_head: true"
+    if key in validation_names(recipe, action_dim, language=True):
+        if recipe.data.language_target == "none":
+            return "data.language_target: text or action_tokens"
+        return "loss.weights.language > 0 (or a loss.schedule.language ramp)"
+    return None
 
 
 def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[str]:
@@ -169,6 +186,9 @@ def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[
     names = validation_names(recipe, action_dim)
     if key in names:
         return []
+    needs = _left_out(recipe, key, action_dim)
+    if needs:
+        return [f"train.best_metric: '{key}' is logged only with {needs}"]
     kinds = dict.fromkeys(INDEXED.sub(r"\1<i>", n) for n in names)
     return [
         f"train.best_metric: '{key}' is not a validation metric of this recipe{suggest(key, names)}; "
