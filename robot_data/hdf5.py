@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from robot_data.reader import Episode, EpisodeArrays, Reader, UnknownFeatureError
+from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.video import drop_if_forked
 
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -41,8 +41,15 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "action": "actions",
         "obs": "obs",
         "fps": 20.0,
+        "expects": "one HDF5 file with groups data/demo_<i>",
     },
-    "aloha": {"state": ["observations/qpos"], "action": "action", "obs": "observations", "fps": 50.0},
+    "aloha": {
+        "state": ["observations/qpos"],
+        "action": "action",
+        "obs": "observations",
+        "fps": 50.0,
+        "expects": "a directory of episode_<i>.hdf5 files or one such file",
+    },
 }
 TASK_ATTRS = ("task", "language_instruction")
 OPEN_FILES = 8  # ALOHA: files kept open per process
@@ -59,6 +66,16 @@ class _Source:
 def _number(name: str) -> int | None:
     digits = re.findall(r"\d+", name)
     return int(digits[-1]) if digits else None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())  # h5py's messages can span lines
+
+
+def _not_a_dataset(path: Path, layout: str, why: str) -> DatasetFormatError:
+    """``path`` is no dataset of ``layout``: the message says what each layout expects."""
+    others = "".join(f", the {name} layout {spec['expects']}" for name, spec in LAYOUTS.items() if name != layout)
+    return DatasetFormatError(f"{path}: {why}; the {layout} layout expects {LAYOUTS[layout]['expects']}{others}")
 
 
 def _text(value: Any) -> str:
@@ -82,6 +99,8 @@ class HDF5Reader(Reader):
         self.path, self.layout, self.text_key = Path(path), layout, text_key
         if not self.path.exists():
             raise FileNotFoundError(f"HDF5 dataset not found: {self.path}")
+        if not (self.path.is_file() or self.path.is_dir()):
+            raise _not_a_dataset(self.path, layout, "neither a file nor a directory")
         spec = LAYOUTS[layout]
         self.state_keys = spec["state"] if state_key == "observation.state" else state_key.split(",")
         self.action_key = spec["action"] if action_key == "action" else action_key
@@ -90,7 +109,8 @@ class HDF5Reader(Reader):
         self.unreadable: dict[int, str] = {}  # ALOHA episode files h5py cannot open: index -> why
         self._sources, tasks = self._index()
         if not self._sources:
-            raise ValueError(f"{self.path}: no episodes found for the {layout} layout")
+            files = "no data/demo_<i> groups" if layout == "robomimic" else "no episode_<i>.hdf5 files"
+            raise _not_a_dataset(self.path, layout, f"no episodes found ({files})")
         first = self._reference_group(state_key, text_key)
         self.camera_keys = self._find_cameras(first)
         self.cameras = list(self.camera_keys)
@@ -147,8 +167,11 @@ class HDF5Reader(Reader):
                 continue
             self.state_keys, self.action_key, self.text_key = state, action, text
             return group
-        why = next(iter(self.unreadable.values()), "")
-        raise error or ValueError(f"{self.path}: no episode file can be opened ({why})")
+        if error:
+            raise error
+        index, why = next(iter(self.unreadable.items()))  # every episode is unreadable
+        why = f"no episode file can be opened ({self._sources[index].file.name}: {why})"
+        raise _not_a_dataset(self.path, self.layout, why)
 
     def _length(self, episode_index: int) -> int:
         """Frames of an episode (its action rows); 0 when unreadable or without actions (the checks say why)."""
@@ -173,9 +196,14 @@ class HDF5Reader(Reader):
         """Episode index -> where it lives, and its instruction."""
         sources, tasks = {}, {}
         if self.layout == "robomimic":
-            f = self._file(self.path)
+            if self.path.is_dir():
+                raise _not_a_dataset(self.path, self.layout, "a directory, not an HDF5 file")
+            try:
+                f = self._file(self.path)
+            except OSError as err:  # not HDF5 at all, or truncated
+                raise _not_a_dataset(self.path, self.layout, f"unreadable HDF5 file ({_one_line(err)})") from None
             if "data" not in f:
-                raise ValueError(f"{self.path}: no 'data' group (not a robomimic file)")
+                raise _not_a_dataset(self.path, self.layout, "no 'data' group, so not a robomimic file")
             env = json.loads(_text(f["data"].attrs.get("env_args", "{}"))).get("env_name", "")
             for name in f["data"]:
                 if name.startswith("demo_") and _number(name) is not None:
@@ -192,7 +220,7 @@ class HDF5Reader(Reader):
                 try:
                     tasks[number] = self._task(self._file(file), None, "")
                 except OSError as err:  # a truncated or corrupt episode file
-                    self.unreadable[number] = f"unreadable HDF5 file ({err})"
+                    self.unreadable[number] = f"unreadable HDF5 file ({_one_line(err)})"
                     tasks[number] = ""
         return sources, tasks
 

@@ -72,6 +72,13 @@ def test_unfreeze_requires_frozen_module():
         recipe_from_dict({"unfreeze": {"vision_encoder": {"at_step": 3}}})
 
 
+def test_an_unknown_hdf5_layout_is_refused_with_a_suggestion():
+    with pytest.raises(
+        RecipeError, match=r"data.layout: unknown hdf5 layout 'robomimc' \(did you mean 'robomimic'\?\)"
+    ):
+        load_recipe(QUICKSTART, [*TINY, "data.format=hdf5", "data.path=x.hdf5", "data.layout=robomimc"])
+
+
 def test_an_unfreeze_at_or_after_the_last_step_is_refused():
     frozen = [*TINY, "freeze.vision_encoder=true", "train.steps=100"]
     with pytest.raises(RecipeError, match=r"unfreeze.vision_encoder.at_step: 100 is not before train.steps \(100\)"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 from conftest import QUICKSTART
 from test_data_check import _edit_column
@@ -103,6 +104,25 @@ def test_an_hdf5_key_naming_no_dataset_is_one_line_with_the_keys(tmp_path, tiny_
         assert message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert "keys: obs/state, obs/top_image, actions, narration" in err or "valid: top_image" in err
+
+
+def test_an_hdf5_path_of_another_layout_is_one_line_naming_it(tmp_path, tiny_overrides, capsys):
+    """A file without robomimic's 'data' group, a directory without ALOHA episode files: the path is
+    not a dataset of data.layout, one line naming it and what the layout expects, no traceback."""
+    no_data = tmp_path / "no_data.hdf5"
+    with h5py.File(no_data, "w") as f:
+        f["actions"] = np.zeros((4, 7), np.float32)
+    (empty := tmp_path / "empty").mkdir()
+    for layout, path, expected in (
+        ("robomimic", no_data, "no 'data' group"),
+        ("aloha", empty, "no episode_<i>.hdf5 files"),
+    ):
+        disk = ["data.format=hdf5", f"data.path={path}", f"data.layout={layout}", "data.text_key=narration"]
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("vla-ft train: error: ") and f"data.path: {path}: " in err, err
+        assert expected in err and f"the {layout} layout" in err, err
 
 
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):

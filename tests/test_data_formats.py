@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from robot_data import Normalizer, RobotDataset, SyntheticReader, build_reader, compute_stats, split_episodes
+from robot_data.check import check_dataset
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.normalize import resolve_stats
-from robot_data.reader import UnknownFeatureError
+from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from robot_data.synthetic import CAMERA
 
 N_EPISODES, LENGTH, SIZE = 5, 10, 32
@@ -199,6 +200,34 @@ def test_reader_errors(datasets, tmp_path):
         build_reader("hdf5", path=datasets["aloha"][1]["path"], layout="rlds")
     with pytest.raises(UnknownFeatureError, match="data.state_key: 'joints' is not a key of .*; keys: obs/state"):
         build_reader("hdf5", path=datasets["robomimic"][1]["path"], state_key="joints")
+
+
+def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
+    """A path that is no dataset of the layout: DatasetFormatError naming it and what the layout
+    expects (the trainer's one line), an 'unreadable' problem for the checks."""
+    with h5py.File(tmp_path / "no_data.hdf5", "w") as f:
+        f["actions"] = np.zeros((4, 7), np.float32)
+    with h5py.File(tmp_path / "no_demos.hdf5", "w") as f:
+        f.create_group("data")
+    (tmp_path / "junk.hdf5").write_bytes(b"not an HDF5 file")
+    (tmp_path / "empty").mkdir()
+    aloha = datasets["aloha"][1]["path"]
+    for layout, path, why in (
+        ("robomimic", tmp_path / "no_data.hdf5", "no 'data' group, so not a robomimic file"),
+        ("robomimic", tmp_path / "no_demos.hdf5", "no episodes found (no data/demo_<i> groups)"),
+        ("robomimic", tmp_path / "junk.hdf5", "unreadable HDF5 file (Unable to"),
+        ("robomimic", Path(aloha), "a directory, not an HDF5 file"),
+        ("aloha", tmp_path / "empty", "no episodes found (no episode_<i>.hdf5 files)"),
+        ("aloha", tmp_path / "junk.hdf5", "no episode file can be opened (junk.hdf5: unreadable HDF5 file"),
+    ):
+        with pytest.raises(DatasetFormatError) as caught:
+            build_reader("hdf5", path=str(path), layout=layout)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: {why}") and f"; the {layout} layout expects " in message, message
+        assert "\n" not in message and not isinstance(caught.value, UnknownFeatureError)
+        assert [(p.kind, p.file, p.message) for p in check_dataset(path, "hdf5", layout=layout)] == [
+            ("unreadable", str(path), message)
+        ]
 
 
 def test_robomimic_hand_written(tmp_path):

@@ -26,6 +26,14 @@ def validate(r: Recipe) -> list[str]:
         )
     elif r.data.format != "synthetic" and not r.data.path:
         p.append(f"data.path: required for data.format={r.data.format}")
+    if r.data.format == "hdf5":
+        from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
+
+        if r.data.layout not in LAYOUTS:
+            p.append(
+                f"data.layout: unknown hdf5 layout '{r.data.layout}'{suggest(r.data.layout, LAYOUTS)}; "
+                f"valid: {', '.join(LAYOUTS)}"
+            )
     for key, value in [
         ("train.steps", r.train.steps),
         ("train.batch_size", r.train.batch_size),
