@@ -17,8 +17,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import QUICKSTART, TINY
-from train_helpers import assert_same_weights, deterministic, metric_rows, run_forked, run_fresh, train_argv
+from train_helpers import assert_same_weights, deterministic, metric_rows, run_forked, run_fresh, train_argv, weights
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import RecipeError, load_recipe
@@ -195,3 +196,28 @@ def test_switching_a_learned_terms_weight_off_is_refused(tmp_path: Path):
     changed = [*overrides, "loss.strategy=uncertainty", "loss.weights.language=0", "train.resume=true"]
     with pytest.raises(RecipeError, match=r"loss.weights: terms with a non-zero weight \['action', 'gripper', 'lang"):
         setup(load_recipe(QUICKSTART, changed))
+
+
+def test_a_lora_run_resumes_exactly_and_may_switch_to_peft_forward(tmp_path: Path):
+    """Adapters, their AdamW state and the schedule come back bitwise; model.lora.fused is how the
+    adapters compute, not what they are, so a resume may switch it (same numbers to rounding)."""
+    overrides = [*TINY, "model.lora.enabled=true", "model.lora.target_modules=[all-linear]", "train.steps=4"]
+    overrides += ["checkpoint.every=1", "checkpoint.keep_last=0", "train.val_every=0", "logging.tensorboard=false"]
+
+    def train(run_dir: Path, *extra: str) -> None:
+        run = setup(load_recipe(QUICKSTART, [*overrides, *extra, f"output_dir={run_dir}"]))
+        fit(run)
+        run.logger.close()
+
+    straight = tmp_path / "straight"
+    train(straight)
+    train(copy_at(straight, 2, tmp_path / "fused"), "train.resume=true")
+    assert_same_weights(ckpt(straight, 4), ckpt(tmp_path / "fused", 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(copy_at(straight, 2, tmp_path / "peft"), "train.resume=true", "model.lora.fused=false")
+    assert any("model.lora.fused" in str(w.message) for w in caught)
+    want, got = weights(ckpt(straight, 4)), weights(ckpt(tmp_path / "peft", 4))
+    assert want.keys() == got.keys() and any("lora_A" in k for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
