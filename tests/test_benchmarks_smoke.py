@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+def load_benchmark(name: str = "train_throughput"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
@@ -84,3 +84,10 @@ def test_trace_summary_reads_a_chrome_trace(tmp_path):
     assert "0.10  nvjet_sm90_mm -> Memcpy HtoD (Pageable -> Device)" in text  # 100 us per step
     assert "1.00     1.0   1000.0  nvjet_sm90_mm" in text  # ms per step, calls per step, us per call
     assert "GPU operations per step: 4 " in text
+
+
+def test_lora_layer_smoke_checks_every_variant_against_peft(capsys):
+    load_benchmark("lora_layer").main(["--smoke"])  # asserts each variant's output equals peft's
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[2]) for r in rows[:3]] == [("q/o", "peft"), ("q/o", "fused"), ("q/o", "fused_nocat")]
+    assert len(rows) == 12
