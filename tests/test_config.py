@@ -169,3 +169,7 @@ def test_best_metric_of_a_part_the_recipe_leaves_out_names_the_switch_not_a_look
         name = overrides[0].split("=")[1]
         assert f"train.best_metric: '{name}' is logged only with {needs}" in str(err.value)
         assert "did you mean" not in str(err.value)
+    # A typo of such a name points at it and the switch, not at a lookalike this recipe logs.
+    typo = ["train.best_metric=val/gripper_accc", "model.gripper_head=false"]
+    with pytest.raises(RecipeError, match=r"mean 'val/gripper_acc'\? It is logged only with model.gripper_head"):
+        load_recipe(quickstart, typo)

@@ -9,13 +9,13 @@ so "is it learning?" has an answer on the same line.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 
 import torch
 
 from vla_ft.config import GripperLossConfig, Recipe
-from vla_ft.config.checks import suggest
 from vla_ft.loss_weighting import build_weighting
 from vla_ft.losses import loss_terms
 
@@ -191,6 +191,17 @@ def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[
         return [f"train.best_metric: '{key}' is logged only with {needs}"]
     kinds = dict.fromkeys(INDEXED.sub(r"\1<i>", n) for n in names)
     return [
-        f"train.best_metric: '{key}' is not a validation metric of this recipe{suggest(key, names)}; "
+        f"train.best_metric: '{key}' is not a validation metric of this recipe{_closest(recipe, key, action_dim)}; "
         f"validation metrics: {', '.join(kinds)} (<i>: an action dim or chunk step)"
     ]
+
+
+def _closest(recipe: Recipe, key: str, action_dim: int) -> str:
+    """The did-you-mean hint, drawn from every name some recipe logs: a typo of a gripper metric
+    with the head off points at that metric and the switch, not at a lookalike this recipe logs."""
+    every = validation_names(recipe, action_dim, gripper_head=True, language=True)
+    close = difflib.get_close_matches(key, every, n=1, cutoff=0.5)
+    if not close:
+        return ""
+    needs = _left_out(recipe, close[0], action_dim) if close[0] not in validation_names(recipe, action_dim) else None
+    return f" (did you mean '{close[0]}'?{f' It is logged only with {needs}' if needs else ''})"
