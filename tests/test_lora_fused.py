@@ -96,10 +96,10 @@ def _no_fused_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["dropout", "disabled", "merged", "peft_forward_block", "trained_base", "mixed_dtypes"]
+    "case", ["dropout", "dora", "disabled", "merged", "peft_forward_block", "trained_base", "mixed_dtypes"]
 )
 def test_peft_forward_runs_where_the_fused_form_does_not_apply(monkeypatch, case):
-    reference, fused = peft_and_fused(8, 20, lora_dropout=0.5 if case == "dropout" else 0.0)
+    reference, fused = peft_and_fused(8, 20, lora_dropout=0.5 if case == "dropout" else 0.0, use_dora=case == "dora")
     _no_fused_kernel(monkeypatch)
     x = torch.randn(3, 8, dtype=torch.float32 if case == "mixed_dtypes" else torch.float64)
     for m in (reference, fused):

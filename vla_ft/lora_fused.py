@@ -36,7 +36,8 @@ class FusedLoraLinear(PeftLoraLinear):
         base = self.get_base_layer()
         plain = (
             name in self.lora_A
-            and name not in getattr(self, "lora_variant", {})
+            and name not in getattr(self, "lora_variant", {})  # DoRA and the like (peft >= 0.15)
+            and not getattr(self, "use_dora", {}).get(name, False)  # DoRA before peft 0.15
             and isinstance(self.lora_dropout[name], nn.Identity)
             and type(base) is nn.Linear
             and not self.fan_in_fan_out
