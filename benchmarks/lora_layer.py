@@ -13,6 +13,7 @@ eighth session), so launches matter as much as GPU time. No compile: the layer a
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 from collections.abc import Callable
 
@@ -73,9 +74,7 @@ def variants(n_in: int, n_out: int, r: int, device: torch.device, dtype: torch.d
     layer = peft_model.base_model.model.proj
     nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     w, a, b, s = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0
-    fused_model = get_peft_model(Proj(n_in, n_out), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
-    fused_model.load_state_dict(peft_model.state_dict())
-    fused_model.to(device, dtype)
+    fused_model = copy.deepcopy(peft_model)
     fuse_lora_layers(fused_model)
     return {"peft": peft_model, "fused": fused_model, "fused_nocat": NoCatLinear(w, a, b, s)}
 

@@ -44,7 +44,7 @@ class _LowRankLinear(torch.autograd.Function):
         else:
             y = F.linear(x2, weight, bias) + h @ sb.t()
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
-        ctx.scaling, ctx.x_shape, ctx.bias_grad = scaling, x.shape, bias is not None and bias.requires_grad
+        ctx.scaling, ctx.x_shape = scaling, x.shape
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -64,7 +64,7 @@ class _LowRankLinear(torch.autograd.Function):
             dx = (torch.cat([dy, dh], dim=1) @ torch.cat([weight, lora_a], dim=0)).reshape(ctx.x_shape)
         d_a = dh.t() @ x2  # (r, in)
         d_b = (dy.t() @ h) * s  # (out, r)
-        d_bias = dy.sum(0) if ctx.bias_grad else None
+        d_bias = dy.sum(0) if ctx.needs_input_grad[2] else None
         return dx, None, d_bias, d_a, d_b, None
 
 

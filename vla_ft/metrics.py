@@ -190,18 +190,19 @@ def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[
     if needs:
         return [f"train.best_metric: '{key}' is logged only with {needs}"]
     kinds = dict.fromkeys(INDEXED.sub(r"\1<i>", n) for n in names)
+    hint = _closest(recipe, key, action_dim, names)
     return [
-        f"train.best_metric: '{key}' is not a validation metric of this recipe{_closest(recipe, key, action_dim)}; "
+        f"train.best_metric: '{key}' is not a validation metric of this recipe{hint}; "
         f"validation metrics: {', '.join(kinds)} (<i>: an action dim or chunk step)"
     ]
 
 
-def _closest(recipe: Recipe, key: str, action_dim: int) -> str:
+def _closest(recipe: Recipe, key: str, action_dim: int, names: list[str]) -> str:
     """The did-you-mean hint, drawn from every name some recipe logs: a typo of a gripper metric
     with the head off points at that metric and the switch, not at a lookalike this recipe logs."""
     every = validation_names(recipe, action_dim, gripper_head=True, language=True)
     close = difflib.get_close_matches(key, every, n=1, cutoff=0.5)
     if not close:
         return ""
-    needs = _left_out(recipe, close[0], action_dim) if close[0] not in validation_names(recipe, action_dim) else None
+    needs = _left_out(recipe, close[0], action_dim) if close[0] not in names else None
     return f" (did you mean '{close[0]}'?{f' It is logged only with {needs}' if needs else ''})"
