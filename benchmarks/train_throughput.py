@@ -69,8 +69,9 @@ from vla_ft.model import VLA, build_model  # noqa: E402
 from vla_ft.model import _take as take  # noqa: E402
 from vla_ft.run_setup import Run  # noqa: E402
 from vla_ft.runtime import init_runtime, seed_everything  # noqa: E402
-from vla_ft.tracking import MetricsLogger, Progress, TrainWindow  # noqa: E402
-from vla_ft.train import after_update, prepare_update  # noqa: E402
+from vla_ft.signals import StopRequest  # noqa: E402
+from vla_ft.tracking import MetricsLogger, Progress  # noqa: E402
+from vla_ft.train import StepLoop  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "bench" / "reference.yaml"
 STATE_DIM, ACTION_DIM, GRIPPER_DIM, VOCAB = 8, 7, 6, 284  # token ids stay inside the built-in vocabulary
@@ -409,23 +410,19 @@ def vla(
     note: str = "",
     patch: Callable[[VLA], None] | None = None,
 ) -> Row:
-    """(c) vla-ft's step from a recipe: ``prepare_update -> train_step -> after_update``, as ``fit`` runs it.
-    ``patch`` changes the model before it is compiled (ablations of the model's own choices)."""
+    """(c) vla-ft's step from a recipe: ``fit``'s ``StepLoop`` (prepare, step, log; a step's finite
+    flags read while the next one is queued). ``patch`` changes the model before it is compiled
+    (ablations of the model's own choices)."""
     reset_memory(bench.device)
     recipe = bench.recipe(*REGIMES[regime], *extra)
     row, t0 = Row(name, batch=recipe.train.batch_size, note=note), time.perf_counter()
     run = vla_run(recipe, bench, stock_adamw, patch)
-    window = TrainWindow()
     if regime == "head":
         bench = _with_readout(bench, run)
+    loop = StepLoop(run, StopRequest())
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        prepare_update(run)
-        result = train_mod.train_step(run, [batch])
-        if result.applied:
-            run.state.step += 1
-            after_update(run, result, window)
-        return result.parts["loss"]
+        return loop.advance(iter([[batch]])).parts["loss"]
 
     timed_loop(bench, row, step, bench.steps_for(name), t0)
     row.peak_gb = peak_gb(bench.device)
@@ -613,7 +610,8 @@ def median_ms(step: Callable[[dict], object], batches: list[dict], n: int = 20, 
 def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
     """What the vla-ft step spends (kernel table) and what two of its choices buy, measured in
     the same process on the same graphs: the fused step path (queued before the host sync,
-    clipping inside the update) vs the plain one, and the compiled loss terms vs eager ones."""
+    clipping inside the update) vs the plain one, each step's flags read before the next step is
+    queued vs after, and the compiled loss terms vs eager ones."""
     from torch.profiler import ProfilerActivity, profile
 
     out: dict = {"as_is_ms": median_ms(step, bench.batches)}
@@ -623,6 +621,12 @@ def diagnose(run: Run, step: Callable[[dict], object], bench: Bench) -> dict:
         out["plain_step_ms"] = median_ms(step, bench.batches)  # host sync, then clip_grad_norm_, then the update
     finally:
         train_mod.queues_step = queues
+    defers = train_mod.can_defer
+    train_mod.can_defer = lambda run, stop: False
+    try:
+        out["read_at_once_ms"] = median_ms(step, bench.batches)  # each step's flags read before the next is queued
+    finally:
+        train_mod.can_defer = defers
     evaluate = run.loss_fn.evaluate
     if hasattr(evaluate, "eager"):
         run.loss_fn.evaluate = evaluate.eager

@@ -57,16 +57,17 @@ def test_a_nonfinite_gradient_skips_the_step_without_moving_weights_or_schedule(
     poison_gradient(run, bad_calls={1})  # the second attempt
     attempts = []
 
-    def watched(run, group):
+    def watched(run, group, *args, **kwargs):
         before = [p.detach().clone() for p in run.model.parameters()]
-        result = step(run, group)
+        result = step(run, group, *args, **kwargs)
         moved = any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters(), strict=True))
-        attempts.append((result.applied, moved, run.state.step))
+        attempts.append((result, moved, run.state.step))  # result.applied is read after fit: it may be pending
         return result
 
     step = train_mod.train_step
     monkeypatch.setattr(train_mod, "train_step", watched)
     fit(run)
+    attempts = [(result.applied, moved, step) for result, moved, step in attempts]
 
     # attempt 2 was skipped: weights untouched, step count not advanced; training still did 4 updates
     assert attempts == [(True, True, 0), (False, False, 1), (True, True, 1), (True, True, 2), (True, True, 3)]
@@ -97,11 +98,11 @@ def test_consecutive_nonfinite_steps_halt_naming_step_samples_and_lr(tmp_path, m
         poison_gradient(run, bad_calls=None)
         return run
 
-    def recording_step(run, group):
+    def recording_step(run, group, *args, **kwargs):
         seen.append(
             [(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"], strict=True)]
         )
-        return real_step(run, group)
+        return real_step(run, group, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "setup", poisoned_setup)
     monkeypatch.setattr(train_mod, "train_step", recording_step)
@@ -149,9 +150,9 @@ def _slow_steps() -> None:
     """In the child: 0.3 s per step, so that a signal surely arrives mid-run."""
     real = train_mod.train_step
 
-    def slow(run, group):
+    def slow(run, group, *args, **kwargs):
         time.sleep(0.3)
-        return real(run, group)
+        return real(run, group, *args, **kwargs)
 
     train_mod.train_step = slow
 
@@ -183,8 +184,8 @@ def test_sigint_stops_cleanly_and_a_second_one_interrupts(tmp_path, monkeypatch,
     run = tiny_run(tmp_path / "run", "train.steps=5", "checkpoint.every=0")
     real = train_mod.train_step
 
-    def interrupted(run, group):
-        result = real(run, group)
+    def interrupted(run, group, *args, **kwargs):
+        result = real(run, group, *args, **kwargs)
         if run.state.step == 1:  # during the second update
             for _ in range(signals):
                 os.kill(os.getpid(), signal.SIGINT)

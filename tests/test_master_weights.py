@@ -29,7 +29,7 @@ from vla_ft.train import fit, prepare_update, train_step
 
 BF16 = [
     *TINY,
-    "train.device=cpu",  # the plain step path (the fused CUDA one: tests/test_speed_cuda.py)
+    "train.device=cpu",  # torch's fused AdamW on the fp32 masters (MasterAdamW on CUDA: tests/test_speed_cuda.py)
     "logging.tensorboard=false",
     "train.val_every=0",
     "train.precision=bf16",
@@ -66,9 +66,9 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
     [("cpu", 2), pytest.param("cuda", 2, marks=GPU), pytest.param("cuda", 1, marks=GPU)],
 )
 def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_path, clip, device, accumulation):
-    """CPU: the plain path (clip_grad_norm_, then torch's AdamW, then the write-back); GPU: the
-    queued path with MasterAdamW (bf16 gradients of the last micro-batch read by the kernel,
-    which clips as it reads them)."""
+    """The queued path, which clips as the update reads the gradients (grad_scale). CPU: torch's
+    fused AdamW on the fp32 masters, then the write-back; GPU: MasterAdamW (bf16 gradients of the
+    last micro-batch read by the kernel)."""
     n = accumulation
     run = bf16_run(tmp_path / "run", f"optim.accumulation={n}", f"optim.grad_clip={clip}", f"train.device={device}")
     masters = run.model.master_weights
@@ -116,8 +116,8 @@ def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_pat
     result = train_step(run, group)
     assert result.applied
     torch.testing.assert_close(result.grad_norm, ref_norm.to(result.grad_norm.device))
+    expected_grads = unclipped  # the update clips as it reads them (grad_scale)
     if device == "cuda":
-        expected_grads = unclipped  # the kernel clips as it reads (grad_scale)
         assert all(g.dtype == (torch.bfloat16 if n == 1 else torch.float32) for g in seen)
     for got, want in zip(seen, expected_grads, strict=True):  # fp32 accumulation: bf16 sums would be ~1e-3 off
         torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=1e-9)

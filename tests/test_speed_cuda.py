@@ -1,7 +1,7 @@
 """Speed paths that only exist on a GPU. Skipped without CUDA; on the GPU machine:
 ``python -m pytest tests/test_speed_cuda.py -q``.
 
-The fused AdamW step is queued before the host reads the finite flags (vla_ft.train.step_before_sync):
+The fused AdamW step is queued before the host reads the finite flags (vla_ft.train.queue_update):
 a non-finite step must still leave weights, optimizer moments and step counts untouched."""
 
 from __future__ import annotations
@@ -38,30 +38,30 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
         lambda g: calls.append(1) or (g * math.nan if len(calls) == 2 else g)
     )
     queued, attempts = [], []
-    real_queue, real_step = train_mod.step_before_sync, train_mod.train_step
+    real_queue, real_step = train_mod.queue_update, train_mod.train_step
 
     def spy_queue(run, *args):
         flags = real_queue(run, *args)
         queued.append(flags is not None)
         return flags
 
-    def watched(run, group):
+    def watched(run, group, *args, **kwargs):
         before = [p.detach().clone() for p in run.model.parameters()]
         moments = [s["exp_avg"].clone() for s in run.optimizer.state.values() if "exp_avg" in s]
         steps = [float(s["step"]) for s in run.optimizer.state.values() if "step" in s]
-        result = real_step(run, group)
+        result = real_step(run, group, *args, **kwargs)
         moved = any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters(), strict=True))
         after = [s["exp_avg"] for s in run.optimizer.state.values() if "exp_avg" in s]
         same_moments = len(moments) == len(after) and all(map(torch.equal, moments, after))
         same_steps = steps == [float(s["step"]) for s in run.optimizer.state.values() if "step" in s]
-        attempts.append((result.applied, moved, same_moments and same_steps, run.state.step))
+        attempts.append((result, moved, same_moments and same_steps, run.state.step))
         return result
 
-    monkeypatch.setattr(train_mod, "step_before_sync", spy_queue)
+    monkeypatch.setattr(train_mod, "queue_update", spy_queue)
     monkeypatch.setattr(train_mod, "train_step", watched)
     fit(run)
     assert all(queued) and len(queued) == 4
-    assert [a[:2] for a in attempts] == [(True, True), (False, False), (True, True), (True, True)]
+    assert [(a[0].applied, a[1]) for a in attempts] == [(True, True), (False, False), (True, True), (True, True)]
     assert attempts[1][2]  # the skipped attempt left moments and step counters as they were
     assert (run.state.step, run.state.skipped) == (3, 1)
 

@@ -302,6 +302,12 @@ class CompositeLoss(nn.Module):
             raise ValueError(f"unknown loss term '{term}'; terms: {', '.join(TERMS)}")
         return self.weighting.active(term)
 
+    @property
+    def reads_step(self) -> bool:
+        """Whether a training forward depends on the step given to :meth:`set_step` (weight ramps,
+        DWA windows, the grad-norm cadence); the trainer then prepares no step before knowing the last."""
+        return self.cfg.strategy in ("scheduled", "dwa") or (self.cfg.grad_norm_every > 0 and bool(self._watched))
+
     def watch(self, params: Iterable[Tensor]) -> None:
         """Parameters of the shared layer (the last trunk layer) for the ``gradnorm/*`` diagnostic."""
         self._watched = list(params)  # a plain list: not registered, not in state_dict

@@ -172,13 +172,12 @@ def make_optimizer(
 
 
 def build_optimizer(recipe: Recipe, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), Adam or SGD by name."""
+    """AdamW or Adam (fused: one kernel per step, and a device-side skip, see ``train.queue_update``), or SGD."""
     o = recipe.optim
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    fused = device.type == "cuda"
-    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def lr_factor(recipe: Recipe, step: int, start_step: int, warmup_steps: int) -> float:

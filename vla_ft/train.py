@@ -1,8 +1,12 @@
-"""The one training loop: ``main -> setup -> fit -> train_step / evaluate``.
+"""The one training loop: ``main -> setup -> fit -> StepLoop -> train_step / evaluate``.
 
 Every regime (full, frozen vision, staged unfreeze, head-only, LoRA, CPU/GPU, 1 or N
-processes) is this loop with a different recipe. Host syncs happen once per optimizer step
-(the finite-loss-and-gradient check every rank must agree on) and once per log interval.
+processes) is this loop with a different recipe. The host waits for the GPU once per
+optimizer step, to read the step's finite flags (loss, gradients: does the step count?), and
+once per log interval. With a fused optimizer in one process the update is skipped on the
+device when a flag is down, so the host reads a step's flags only after it has queued the next
+step's forward and backward, wherever nothing it prepared for that step depends on them
+(:func:`can_defer`): the GPU then does not wait for the host between steps.
 
 One iteration: ``prepare_update`` (unfreeze what is due, set the LR of update ``step``) ->
 the next group of micro-batches -> ``train_step`` (backward each, then one optimizer step,
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,15 +32,38 @@ from vla_ft.run_state import TrainState, save_training_checkpoint
 from vla_ft.signals import StopRequest, TrainingHalted, record_skip
 from vla_ft.tracking import Averager, TrainWindow, summary_line
 
-__all__ = ["TrainingHalted", "evaluate", "fit", "main", "train_step"]
+__all__ = ["StepLoop", "TrainingHalted", "evaluate", "fit", "main", "train_step"]
+
+Group = list[dict[str, torch.Tensor]]
 
 
 @dataclass
 class StepResult:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # micro-batch means: loss, loss/<term>, ...
     grad_norm: torch.Tensor | None = None  # total norm before clipping (unscaled under fp16)
-    applied: bool = True  # False: skipped (non-finite, or the fp16 scaler found an overflow)
+    applied: bool | None = True  # False: skipped (non-finite, or an fp16 overflow); None: flags not read yet
     samples: int = 0  # this rank's samples in the group
+    flags: QueuedFlags | None = None  # a queued update's finite flags until :func:`resolve` reads them
+
+
+class QueuedFlags:
+    """A step's finite flags (loss, gradients), copied to host memory behind the work that computes
+    them; :meth:`read` is where the host waits for the GPU."""
+
+    def __init__(self, finite: torch.Tensor):
+        self.ready: torch.cuda.Event | None = None
+        if finite.is_cuda:
+            self.host = torch.empty(2, dtype=torch.bool, pin_memory=True)
+            self.host.copy_(finite, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()  # the flags are ready here, before the update that follows
+        else:
+            self.host = finite
+
+    def read(self) -> list[bool]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def main(recipe: Recipe) -> dict[str, float]:
@@ -64,31 +92,98 @@ def fit(run: Run) -> dict[str, float]:
         )
         return evaluate(run)
     groups = step_groups(run.train_loader, run.sampler, st, r.optim.accumulation)
-    window, last_val = TrainWindow(), {}
     with StopRequest() as stop:
-        while st.step < r.train.steps:
-            prepare_update(run)
-            t_wait = time.perf_counter()
-            group = next(groups)
-            window.wait_s += time.perf_counter() - t_wait
-            result = train_step(run, group)
-            st.consumed += result.samples * run.rt.world_size
-            window.samples += result.samples * run.rt.world_size
-            due = False
-            if result.applied:
-                st.step += 1
-                last_val = after_update(run, result, window) or last_val
-                due = (bool(r.checkpoint.every) and st.step % r.checkpoint.every == 0) or st.step == r.train.steps
-                due = due or st.best_step == st.step  # the best is always a real checkpoint
-            stopping = run.rt.any_true(stop.requested) or run.early_stop
-            if due or stopping:
-                save_training_checkpoint(run)
-            if stopping:
-                why = f"signal {stop.signame}" if stop.requested else f"early stopping ({r.train.best_metric} stalled)"
-                run.progress.write(f"{why}: checkpoint saved at step {st.step}, exiting")
-                break
+        loop = StepLoop(run, stop)
+        while st.step < r.train.steps and not loop.stopped:
+            loop.advance(groups)
     run.progress.close()
-    return last_val
+    return loop.last_val
+
+
+class StepLoop:
+    """``fit``'s iterations: prepare, fetch, step; then log, validate and checkpoint what is due.
+
+    Speed: a step whose flags the host may leave unread (:func:`can_defer`) stays ``pending``
+    while the next step is prepared as if it counted and its forward and backward are queued;
+    ``train_step`` reads it (:meth:`settle_pending`) just before queuing the next update. If it
+    was skipped, the step being queued retries its index with that index's LR, and nothing else
+    differs: ``can_defer`` admits no unfreeze, log, validation or checkpoint at the index ahead,
+    and no loss that reads the step. Every step ends as it does when each is read at once
+    (tests/test_deferred_step.py).
+    """
+
+    def __init__(self, run: Run, stop: StopRequest):
+        self.run, self.stop = run, stop
+        self.window = TrainWindow()
+        self.last_val: dict[str, float] = {}
+        self.stopped = False  # a signal or early stopping ended the run (checkpoint saved)
+        self.pending: tuple[StepResult, Group] | None = None
+
+    def advance(self, groups: Iterator[Group]) -> StepResult:
+        """One optimizer step on the next group; returns its result (``applied`` None while pending)."""
+        run, st, window = self.run, self.run.state, self.window
+        prepare_update(run, st.step + (self.pending is not None))
+        t_wait = time.perf_counter()
+        group = next(groups)
+        window.wait_s += time.perf_counter() - t_wait
+        result = train_step(run, group, self.settle_pending if self.pending else None, defer=True)
+        st.consumed += result.samples * run.rt.world_size
+        window.samples += result.samples * run.rt.world_size
+        if result.applied is None and can_defer(run, self.stop):
+            self.pending = (result, group)
+        else:
+            if result.applied is None:
+                resolve(run, result, group)
+            self.finish(result)
+        return result
+
+    def settle_pending(self) -> None:
+        """Read the pending step: it counted (its index is done), or the step being queued retries its index."""
+        (result, group), self.pending = self.pending, None
+        run = self.run
+        resolve(run, result, group)
+        if result.applied:
+            run.state.step += 1
+            after_update(run, result, self.window)  # nothing is due at this index (can_defer)
+        else:
+            optim.set_lr(run.recipe, run.optimizer, run.state.step)
+
+    def finish(self, result: StepResult) -> None:
+        """After a read step: log and validate what is due, checkpoint if due or stopping."""
+        run, r, st, stop = self.run, self.run.recipe, self.run.state, self.stop
+        due = False
+        if result.applied:
+            st.step += 1
+            self.last_val = after_update(run, result, self.window) or self.last_val
+            due = (bool(r.checkpoint.every) and st.step % r.checkpoint.every == 0) or st.step == r.train.steps
+            due = due or st.best_step == st.step  # the best is always a real checkpoint
+        stopping = run.rt.any_true(stop.requested) or run.early_stop
+        if due or stopping:
+            save_training_checkpoint(run)
+        if stopping:
+            why = f"signal {stop.signame}" if stop.requested else f"early stopping ({r.train.best_metric} stalled)"
+            run.progress.write(f"{why}: checkpoint saved at step {st.step}, exiting")
+            self.stopped = True
+
+
+def can_defer(run: Run, stop: StopRequest) -> bool:
+    """Whether the host may prepare and queue the next step before reading this one's flags:
+    nothing at the next index may depend on them (this step counts, or the next retries its index)."""
+    r, ahead = run.recipe, run.state.step + 1
+
+    def due(every: int) -> bool:
+        return bool(every) and ahead % every == 0
+
+    return not (
+        stop.requested
+        or run.early_stop
+        or run.loss_fn.reads_step
+        or ahead >= r.train.steps
+        or due(r.logging.every)
+        or due(r.train.val_every)
+        or due(r.checkpoint.every)
+        or optim.frozen_at(r, run.model, ahead) != run.model.frozen
+    )
 
 
 def stalled(recipe: Recipe, state: TrainState) -> bool:
@@ -97,27 +192,35 @@ def stalled(recipe: Recipe, state: TrainState) -> bool:
     return bool(patience) and state.evals_since_best >= patience
 
 
-def prepare_update(run: Run) -> None:
-    """Before update ``state.step`` (0-based): unfreeze what is due, set every group's LR."""
-    apply_freeze_plan(run)
-    optim.set_lr(run.recipe, run.optimizer, run.state.step)
-    run.loss_fn.set_step(run.state.step)  # scheduled weights, DWA windows, grad-norm cadence
+def prepare_update(run: Run, step: int | None = None) -> None:
+    """Before update ``step`` (0-based; default ``state.step``): unfreeze what is due, set every group's LR."""
+    step = run.state.step if step is None else step
+    apply_freeze_plan(run, step)
+    optim.set_lr(run.recipe, run.optimizer, step)
+    run.loss_fn.set_step(step)  # scheduled weights, DWA windows, grad-norm cadence
 
 
-def apply_freeze_plan(run: Run) -> None:
+def apply_freeze_plan(run: Run, step: int) -> None:
     """Unfreeze modules whose step has come; their groups exist from the start (see optim)."""
-    frozen = optim.frozen_at(run.recipe, run.model, run.state.step)
+    frozen = optim.frozen_at(run.recipe, run.model, step)
     if frozen != run.model.frozen:
         thawed = sorted(run.model.frozen - frozen)
         run.model.set_frozen(frozen)
         optim.check_trainable_covered(run.model, run.optimizer)
         run.loss_fn.watch(run.shared_params)  # the watched layer may just have become trainable
         run.on_freeze_change()
-        run.progress.write(f"step {run.state.step + 1}: unfreezing {', '.join(thawed)}")
+        run.progress.write(f"step {step + 1}: unfreezing {', '.join(thawed)}")
 
 
-def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
-    """Forward/backward every micro-batch of the group, then one optimizer step (or a skip)."""
+def train_step(
+    run: Run, group: Group, before_update: Callable[[], None] | None = None, defer: bool = False
+) -> StepResult:
+    """Forward/backward every micro-batch of the group, then one optimizer step (or a skip).
+
+    ``before_update`` runs after the last backward, just before the update is queued
+    (``StepLoop`` reads the previous step there). With ``defer``, a queued update
+    (:func:`queues_step`) leaves its finite flags unread: ``applied`` is None until :func:`resolve`.
+    """
     r, model, opt = run.recipe, run.model, run.optimizer
     model.train()  # frozen modules stay in eval (VLA.train)
     run.loss_fn.train()
@@ -148,34 +251,50 @@ def train_step(run: Run, group: list[dict[str, torch.Tensor]]) -> StepResult:
     else:
         result.grad_norm = (total_grad_norm(run.trainable_params()) if fused else run.clip_grad_norm(clip)).detach()
     finite = torch.isfinite(torch.stack([result.parts["loss"].float(), result.grad_norm.float()]))
-    queued = step_before_sync(run, finite, result.grad_norm, clip) if fused else None
-    loss_ok, grads_ok = queued or run.rt.all_true_each(finite.tolist())  # the step's one host sync
+    if before_update is not None:
+        before_update()
+    if fused:
+        result.flags, result.applied = queue_update(run, finite, result.grad_norm, clip), None
+        opt.zero_grad(set_to_none=True)
+        if not defer:
+            resolve(run, result, group)
+        return result
+    loss_ok, grads_ok = run.rt.all_true_each(finite.tolist())  # the host waits for the step here
     if not loss_ok or (not grads_ok and run.scaler is None):
-        result.applied = False  # (a queued step was already skipped on the device)
+        result.applied = False
         if run.scaler:
             run.scaler.update()  # resets the scaler's per-step state (unscale_ was called)
     elif run.scaler:
         result.applied = scaler_step(run)
-    elif queued is None:
+    else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    if result.applied:
-        run.state.consecutive_skips = 0
-    elif not (run.scaler and loss_ok and run.scaler.get_scale() >= 1.0):
-        record_skip(run, group)  # an fp16 overflow is routine until the scale falls below 1
+    # an fp16 overflow is routine until the scale falls below 1
+    tally(run, result, group, routine=bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0))
     return result
 
 
 def queues_step(run: Run) -> bool:
-    """Whether this step takes the fused path of :func:`step_before_sync`: a fused Adam/AdamW on
-    one GPU without a GradScaler (CPU, other optimizers, fp16 and several ranks take the plain one)."""
+    """Whether this step takes the fused path of :func:`queue_update`: a fused Adam/AdamW in one
+    process without a GradScaler (other optimizers, fp16 and several ranks take the plain one)."""
     opt = run.optimizer
-    return (
-        run.scaler is None
-        and not run.rt.distributed
-        and run.rt.device.type == "cuda"
-        and bool(opt.defaults.get("fused"))
-    )
+    return run.scaler is None and not run.rt.distributed and bool(opt.defaults.get("fused"))
+
+
+def resolve(run: Run, result: StepResult, group: Group) -> None:
+    """Read a queued step's finite flags: the step counted, or the device skipped its update
+    (recorded; may halt the run)."""
+    loss_ok, grads_ok = result.flags.read()
+    result.flags, result.applied = None, loss_ok and grads_ok
+    tally(run, result, group)
+
+
+def tally(run: Run, result: StepResult, group: Group, routine: bool = False) -> None:
+    """End a run of skips, or count a skip (``routine``: an fp16 overflow, not counted)."""
+    if result.applied:
+        run.state.consecutive_skips = 0
+    elif not routine:
+        record_skip(run, group)
 
 
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -185,9 +304,9 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return norm.to(params[0].device) if params else norm
 
 
-def step_before_sync(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[bool]:
-    """Speed: queue the optimizer step before the host reads ``finite`` (loss_ok, grads_ok), and
-    clip inside the fused update.
+def queue_update(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> QueuedFlags:
+    """Speed: queue the optimizer step without the host reading ``finite`` (loss_ok, grads_ok),
+    and clip inside the fused update.
 
     The fused kernel skips the update on the device when ``found_inf`` is set (the mechanism
     GradScaler uses), so a non-finite step still changes no weight, moment or step count, while
@@ -195,21 +314,17 @@ def step_before_sync(run: Run, finite: torch.Tensor, grad_norm: torch.Tensor, cl
     gradient by ``grad_scale`` as it reads it: ``max((norm + 1e-6) / clip, 1)`` is exactly
     ``clip_grad_norm_``'s factor, without its pass over every gradient. Reference VLA on an
     H100, against the plain path (host wait, ``clip_grad_norm_``, update): -1.1% step time
-    (full fine-tune), -2.4% (LoRA). Returns the host copy of ``finite``.
+    (full fine-tune), -2.4% (LoRA). Returns the flags, for :func:`resolve`.
     """
     opt = run.optimizer
-    host = torch.empty(2, dtype=torch.bool, pin_memory=True)
-    host.copy_(finite, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()  # the flags are ready here, before the update
+    flags = QueuedFlags(finite)
     opt.found_inf = (~finite.all()).float()  # 0-dim, like the fused optimizer's step counters
     opt.grad_scale = clip_divisor(grad_norm, clip)
     try:
         opt.step()
     finally:
         del opt.found_inf, opt.grad_scale
-    ready.synchronize()
-    return host.tolist()
+    return flags
 
 
 def clip_divisor(grad_norm: torch.Tensor, clip: float) -> torch.Tensor | None:
