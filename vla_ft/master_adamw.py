@@ -264,8 +264,8 @@ class MasterAdamW(torch.optim.AdamW):
         return self._plan
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Also a state saved by a non-fused AdamW (a CPU run): its step counts come back on the
-        CPU (torch follows the saved groups' flags), the kernel reads them on the device."""
+        """Also a state saved by torch's AdamW (a CPU run, or a non-fused one): step counts that come
+        back on the CPU (torch does that for a non-fused group) move to the device the kernel reads."""
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
             if "step" in state:
