@@ -21,7 +21,8 @@ from vla_ft.train import fit
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 100])  # 100: the flags of steps 1 and 2 are read one step late
+def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monkeypatch, log_every):
     overrides = [
         "train.device=cuda",
         "train.precision=bf16",
@@ -29,6 +30,7 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
         "train.val_every=0",
         "checkpoint.every=0",
         "train.steps=3",
+        f"logging.every={log_every}",
         f"output_dir={tmp_path / 'run'}",
     ]
     run = setup(load_recipe(QUICKSTART, [*TINY, *overrides]))
@@ -57,9 +59,18 @@ def test_a_queued_step_with_a_nonfinite_gradient_changes_nothing(tmp_path, monke
         attempts.append((result, moved, same_moments and same_steps, run.state.step))
         return result
 
+    read_late, settle = [], train_mod.StepLoop.settle_pending
+
+    def spy_settle(loop):
+        result = loop.pending[0]
+        settle(loop)
+        read_late.append(result.applied)
+
     monkeypatch.setattr(train_mod, "queue_update", spy_queue)
     monkeypatch.setattr(train_mod, "train_step", watched)
+    monkeypatch.setattr(train_mod.StepLoop, "settle_pending", spy_settle)
     fit(run)
+    assert read_late == ([] if log_every == 1 else [True, False, True])
     assert all(queued) and len(queued) == 4
     assert [(a[0].applied, a[1]) for a in attempts] == [(True, True), (False, False), (True, True), (True, True)]
     assert attempts[1][2]  # the skipped attempt left moments and step counters as they were
