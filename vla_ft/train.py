@@ -269,8 +269,9 @@ def train_step(
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    # an fp16 overflow is routine until the scale falls below 1
-    tally(run, result, group, routine=bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0))
+    # an fp16 overflow is routine until the scale falls below 1 (get_scale reads the device: skips only)
+    routine = not result.applied and bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0)
+    tally(run, result, group, routine)
     return result
 
 
