@@ -5,7 +5,7 @@ robomimic (one file)::                      ALOHA (one file per episode, in a di
     data/demo_<i>/actions      (T, A)           episode_<i>.hdf5
     data/demo_<i>/obs/<key>    (T, ...)             action                    (T, 14)
     data.attrs["env_args"]     JSON, env_name       observations/qpos         (T, 14)
-                                                    observations/images/<cam> (T, H, W, 3) uint8,
+    mask/<filter key>          demo names           observations/images/<cam> (T, H, W, 3) uint8,
                                                         or (T, L) JPEG bytes padded (attrs compress)
 
 Keys name datasets relative to the episode group (robomimic: demo_<i>; ALOHA: the file root);
@@ -13,7 +13,14 @@ a bare name is looked up under ``obs/`` / ``observations/`` first. Several state
 joined with commas and are concatenated. The recipe defaults ``observation.state`` and
 ``action`` map to each layout's usual keys (``LAYOUTS``). The episode index is the number in the
 demo group / file name. Instructions come from an attribute ``task`` or ``language_instruction``
-on the episode (robomimic: falls back to the env name; ALOHA: to "").
+on the episode; robomimic falls back to the ``language_instruction`` of ``data.attrs["problem_info"]``
+(LIBERO's files), then to the env name; ALOHA to "". robomimic's filter keys (``mask/train``,
+``mask/valid``, ``mask/20_percent``...) are :meth:`HDF5Reader.episode_filters`.
+
+ALOHA's recorders compress a camera frame with ``cv2.imencode``, which takes the array as BGR, and
+its loaders decode with ``cv2.imdecode``, which gives the array back; the encoded image therefore
+holds the channels reversed, and :func:`_decode` reverses them again so a compressed episode reads
+as the same array an uncompressed one stores.
 """
 
 from __future__ import annotations
@@ -66,6 +73,11 @@ class _Source:
 def _number(name: str) -> int | None:
     digits = re.findall(r"\d+", name)
     return int(digits[-1]) if digits else None
+
+
+def _demo_number(name: str) -> int | None:
+    """robomimic's ``demo_<i>`` -> i; anything else -> None."""
+    return _number(name) if name.startswith("demo_") else None
 
 
 def _one_line(err: BaseException) -> str:
@@ -204,12 +216,14 @@ class HDF5Reader(Reader):
                 raise _not_a_dataset(self.path, self.layout, f"unreadable HDF5 file ({_one_line(err)})") from None
             if "data" not in f:
                 raise _not_a_dataset(self.path, self.layout, "no 'data' group, so not a robomimic file")
-            env = json.loads(_text(f["data"].attrs.get("env_args", "{}"))).get("env_name", "")
+            attrs = f["data"].attrs
+            env = json.loads(_text(attrs.get("env_args", "{}"))).get("env_name", "")
+            problem = json.loads(_text(attrs.get("problem_info", "{}"))).get("language_instruction", "")
             for name in f["data"]:
-                if name.startswith("demo_") and _number(name) is not None:
+                if _demo_number(name) is not None:
                     group = f["data"][name]
-                    sources[_number(name)] = _Source(self.path, f"data/{name}")
-                    tasks[_number(name)] = self._task(group, f["data"], env)
+                    sources[_demo_number(name)] = _Source(self.path, f"data/{name}")
+                    tasks[_demo_number(name)] = self._task(group, f["data"], _text(problem) or env)
         else:
             files = sorted(self.path.glob("*.hdf5")) if self.path.is_dir() else [self.path]
             numbers = [_number(p.stem) for p in files]
@@ -252,6 +266,20 @@ class HDF5Reader(Reader):
     def episodes(self) -> list[Episode]:
         return list(self._episodes)
 
+    def episode_filters(self) -> dict[str, list[int]]:
+        """robomimic's filter keys: ``mask/<key>`` lists of demo names -> sorted episode indices."""
+        if self.layout != "robomimic":
+            return {}
+        masks = self._file(self.path).get("mask", {})
+        out = {}
+        for key in masks:
+            names = [_text(n) for n in masks[key][()]]
+            unknown = [n for n in names if _demo_number(n) not in self._sources]
+            if unknown:
+                raise DatasetFormatError(f"{self.path}: mask/{key} names demos the file lacks: {unknown[:5]}")
+            out[key] = sorted(_demo_number(n) for n in names)
+        return out
+
     def numeric(self, episode_index: int) -> EpisodeArrays:
         *parts, action = self._datasets(episode_index, [*self.state_keys, self.action_key])
         state = np.concatenate(parts, axis=1)
@@ -278,8 +306,9 @@ class HDF5Reader(Reader):
 
 
 def _decode(buffer: np.ndarray, where: str) -> np.ndarray:
+    """One padded encoded frame -> (H, W, 3) uint8, channels as ``cv2.imdecode`` returns them."""
     try:
         with Image.open(io.BytesIO(buffer.tobytes())) as img:  # JPEG/PNG ignore the zero padding
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img.convert("RGB"))[..., ::-1]  # cv2.imencode stored BGR (module docstring)
     except OSError as err:
         raise ValueError(f"{where}: undecodable image ({err})") from None

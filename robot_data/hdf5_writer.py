@@ -2,7 +2,8 @@
 
 Used for test fixtures and to try the HDF5 recipes on the synthetic task. robomimic gets
 ``obs/state``, ``obs/<camera>_image`` and ``actions``; ALOHA gets ``observations/qpos``,
-``observations/images/<camera>`` (raw, or PNG bytes padded per row when ``compress``) and
+``observations/images/<camera>`` (raw, or PNG bytes padded per row when ``compress``, channels
+reversed as ``cv2.imencode`` stores them) and
 ``action``. Per-frame text goes to a ``narration`` string dataset, the instruction to a ``task``
 attribute.
 """
@@ -55,11 +56,12 @@ def write_robomimic(reader: Reader, path: str | Path) -> Path:
 
 
 def _png_rows(images: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) -> (T, L) uint8: PNG bytes zero-padded to the longest, as ALOHA stores JPEG."""
+    """(T, H, W, 3) -> (T, L) uint8: PNG bytes zero-padded to the longest, as ALOHA stores JPEG
+    (lossless here, with the channels reversed as ``cv2.imencode`` reads them)."""
     blobs = []
     for image in images:
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
+        Image.fromarray(np.ascontiguousarray(image[..., ::-1])).save(buf, format="PNG")
         blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
     out = np.zeros((len(blobs), max(len(b) for b in blobs)), np.uint8)
     for row, blob in zip(out, blobs, strict=True):

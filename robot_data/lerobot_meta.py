@@ -108,6 +108,12 @@ def _tasks_v3(root: Path) -> dict[int, str]:
     return dict(zip(table["task_index"].to_pylist(), table[name].to_pylist(), strict=True))
 
 
+def _tasks(row: dict[str, Any]) -> list[str]:
+    """An episode's ``tasks`` cell: a list as LeRobot writes it, or one string (third-party writers)."""
+    tasks = row.get("tasks") or []
+    return [tasks] if isinstance(tasks, str) else list(tasks)
+
+
 def _episodes_v3(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
     files = sorted((root / "meta/episodes").glob("*/*.parquet"))
     if not files:
@@ -131,8 +137,7 @@ def _episodes_v3(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
                 )
                 for cam in cameras
             }
-            tasks = list(row["tasks"] or [])
-            out.append(EpisodeMeta(int(row["episode_index"]), int(row["length"]), tasks, root / data, videos))
+            out.append(EpisodeMeta(int(row["episode_index"]), int(row["length"]), _tasks(row), root / data, videos))
     return sorted(out, key=lambda e: e.index)
 
 
@@ -147,7 +152,7 @@ def _episodes_v2(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
             cam: VideoRef(root / info["video_path"].format(episode_chunk=chunk, video_key=cam, episode_index=ep))
             for cam in cameras
         }
-        out.append(EpisodeMeta(ep, int(row["length"]), list(row.get("tasks") or []), data, videos))
+        out.append(EpisodeMeta(ep, int(row["length"]), _tasks(row), data, videos))
     return sorted(out, key=lambda e: e.index)
 
 
@@ -174,10 +179,12 @@ def aggregate_episode_stats(per_episode: list[dict[str, dict[str, Any]]]) -> dic
 
 
 def _stats(root: Path, info: dict[str, Any]) -> dict[str, dict[str, np.ndarray]] | None:
-    if (root / "meta/stats.json").is_file():
-        return _as_arrays(read_json(root / "meta/stats.json"))
+    """The dataset's shipped stats, as LeRobot reads them: v2.1 pools ``episodes_stats.jsonl`` (a
+    ``stats.json`` left from v2.0 is stale there; LeRobot ignores it), v3.0 and older read ``stats.json``."""
     if not is_v3(info) and (root / "meta/episodes_stats.jsonl").is_file():
         return aggregate_episode_stats([row["stats"] for row in read_jsonl(root / "meta/episodes_stats.jsonl")])
+    if (root / "meta/stats.json").is_file():
+        return _as_arrays(read_json(root / "meta/stats.json"))
     return None
 
 

@@ -100,6 +100,10 @@ class Reader(ABC):
         """Statistics shipped with the dataset ({key: {stat: array}}), or None."""
         return None
 
+    def episode_filters(self) -> dict[str, list[int]]:
+        """Named episode subsets shipped with the dataset (robomimic's filter keys), or {}."""
+        return {}
+
 
 def __getattr__(name: str) -> Any:
     # Lazy re-export: registry imports every format module, which import this one.

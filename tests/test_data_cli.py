@@ -145,3 +145,35 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
         flag = next(a for a in args if str(a).endswith("-key"))
         assert f"vla-ft data check: error: command line: {flag}: {message}" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys):
+    """data.train_filter / data.val_filter take the split robomimic ships (mask/<key>)."""
+    from vla_ft.config import load_recipe
+    from vla_ft.data import build_reader, split_train_val
+
+    rm = _robomimic(tmp_path)  # episodes 0..5
+    with h5py.File(rm, "a") as f:
+        f["mask/train"] = np.array([b"demo_3", b"demo_0", b"demo_1", b"demo_2"])
+        f["mask/valid"] = np.array([b"demo_4", b"demo_5"])
+        f["mask/half"] = np.array([b"demo_0", b"demo_2", b"demo_4"])
+    disk = ["data.format=hdf5", f"data.path={rm}", "data.state_key=state", "data.text_key=narration"]
+
+    def split(*overrides: str, episodes: tuple[int, ...] = (0, 1, 2, 3, 4, 5)) -> tuple[list[int], list[int]]:
+        recipe = load_recipe(QUICKSTART, [*tiny_overrides, *disk, *overrides])
+        return split_train_val(recipe, build_reader(recipe), list(episodes))
+
+    assert split("data.train_filter=train", "data.val_filter=valid") == ([0, 1, 2, 3], [4, 5])
+    assert split("data.val_filter=valid") == ([0, 1, 2, 3], [4, 5])
+    assert split("data.val_filter=valid", episodes=(0, 1, 2, 4)) == ([0, 1, 2], [4])  # 3 and 5 failed checks
+    train, val = split("data.train_filter=half", "data.val_ratio=0.34")
+    assert sorted(train + val) == [0, 2, 4] and len(val) == 1
+    for overrides, message in (
+        (["data.val_filter=vaild"], "data.val_filter: no filter key 'vaild' (did you mean 'valid'?); the dataset has"),
+        (["data.train_filter=half", "data.val_filter=valid"], "'half' and data.val_filter 'valid' share episodes [4]"),
+        (["data.val_filter=valid", "data.val_episodes=[1]"], "data.val_filter and data.val_episodes both choose"),
+    ):
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, *overrides, "train.steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.val_filter=valid", "train.steps=2"]) == 0

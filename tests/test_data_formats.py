@@ -254,3 +254,107 @@ def test_robomimic_hand_written(tmp_path):
         np.testing.assert_array_equal(reader.numeric(2).state, want)
         images = demo["obs/agentview_image"][[1, 5]]
         np.testing.assert_array_equal(reader.frames(2, "agentview_image", [5, 1]), images[::-1])
+
+
+def _png(image: np.ndarray) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def test_aloha_compressed_frames_read_as_the_array_recorded(tmp_path):
+    """ALOHA compresses with cv2.imencode, which reads the array as BGR: the stored image holds the
+    recorded array's channels reversed, and cv2.imdecode (ALOHA's and LeRobot's loaders) gives the
+    array back. A compressed episode must read as the same array as an uncompressed one."""
+    recorded = np.random.default_rng(0).integers(0, 255, (3, 6, 8, 3), dtype=np.uint8)
+    recorded[..., 0] = 220  # strongly red in the recorded array's channel order
+    blobs = [_png(image[..., ::-1]) for image in recorded]  # what cv2.imencode(".png", image) writes
+    rows = np.zeros((3, max(map(len, blobs)) + 7), np.uint8)  # zero-padded, as ALOHA stores them
+    for row, blob in zip(rows, blobs, strict=True):
+        row[: len(blob)] = blob
+    for name, images, compress in (("raw", recorded, False), ("jpg", rows, True)):
+        (tmp_path / name).mkdir()
+        with h5py.File(tmp_path / name / "episode_0.hdf5", "w") as f:
+            f.attrs["compress"] = compress
+            f["action"], f["observations/qpos"] = np.zeros((3, 14)), np.zeros((3, 14))
+            f["observations/images/cam_high"] = images
+        reader = build_reader("hdf5", path=str(tmp_path / name), layout="aloha")
+        np.testing.assert_array_equal(reader.frames(0, "cam_high", [2, 0, 1]), recorded[[2, 0, 1]], err_msg=name)
+
+
+def test_v21_ignores_a_stats_json_left_from_v20(datasets, tmp_path):
+    """LeRobot reads meta/stats.json only below v2.1; from v2.1 on it pools episodes_stats.jsonl."""
+    import shutil
+
+    copy = tmp_path / "v21"
+    shutil.copytree(datasets["v21_image"][1]["path"], copy)
+    (copy / "meta/stats.json").write_text(json.dumps({"action": {"mean": [9.0] * 3, "std": [1.0] * 3}}))
+    pooled = _reader(datasets, "v21_image")[0].stats()
+    stale = build_reader("lerobot", path=str(copy)).stats()
+    np.testing.assert_array_equal(stale["action"]["mean"], pooled["action"]["mean"])
+    assert not np.allclose(stale["action"]["mean"], 9.0)
+
+
+def test_v3_tasks_cell_written_as_one_string(datasets, tmp_path):
+    """LeRobot writes an episode's ``tasks`` as a list; a third-party writer's plain string is one task."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "v3"
+    shutil.copytree(datasets["v3_image"][1]["path"], copy)
+    for path in (copy / "meta/episodes").rglob("*.parquet"):
+        table = pq.read_table(path)
+        strings = pa.array([tasks[0] for tasks in table.column("tasks").to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("tasks"), "tasks", strings), path)
+    want = [e.task for e in _reader(datasets, "v3_image")[0].episodes()]
+    assert [e.task for e in build_reader("lerobot", path=str(copy)).episodes()] == want
+    assert all(len(task) > 1 for task in want)
+
+
+def _robomimic_file(path: Path, demos: list[int], **data_attrs: str) -> Path:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for key, value in data_attrs.items():
+            data.attrs[key] = value
+        for i in demos:
+            data[f"demo_{i}/actions"] = rng.normal(size=(4, 7)).astype(np.float32)
+            data[f"demo_{i}/obs/state"] = rng.normal(size=(4, 3)).astype(np.float32)
+    return path
+
+
+def test_robomimic_libero_instruction_from_problem_info(tmp_path):
+    """LIBERO's robomimic-layout files keep the instruction in data.attrs['problem_info'] (JSON)."""
+    problem = json.dumps({"problem_name": "libero_tabletop", "language_instruction": "put the bowl on the plate"})
+    env = json.dumps({"env_name": "Libero_Tabletop_Manipulation"})
+    path = _robomimic_file(tmp_path / "libero.hdf5", [0, 1], env_args=env, problem_info=problem)
+    reader = build_reader("hdf5", path=str(path), state_key="state")
+    assert [e.task for e in reader.episodes()] == ["put the bowl on the plate"] * 2
+    plain = _robomimic_file(tmp_path / "lift.hdf5", [0], env_args=json.dumps({"env_name": "Lift"}))
+    assert build_reader("hdf5", path=str(plain), state_key="state").episodes()[0].task == "Lift"
+
+
+def test_robomimic_filter_keys(tmp_path):
+    """robomimic ships its splits as mask/<key>: lists of demo names (bytes), in any order."""
+    shipped = {"train": [b"demo_10", b"demo_2", b"demo_0"], "valid": [b"demo_1"]}
+    for name, masks in (("rm", shipped), ("bad", {"broken": [b"demo_7"]})):
+        path = _robomimic_file(tmp_path / f"{name}.hdf5", [10, 2, 0, 1])
+        with h5py.File(path, "a") as f:
+            for key, demos in masks.items():
+                f[f"mask/{key}"] = np.array(demos)
+    reader = build_reader("hdf5", path=str(tmp_path / "rm.hdf5"), state_key="state")
+    assert reader.episode_filters() == {"train": [0, 2, 10], "valid": [1]}
+    broken = build_reader("hdf5", path=str(tmp_path / "bad.hdf5"), state_key="state")
+    with pytest.raises(DatasetFormatError, match="mask/broken names demos the file lacks: \\['demo_7'\\]"):
+        broken.episode_filters()
+    assert build_reader("hdf5", path=str(_source_aloha(tmp_path)), layout="aloha").episode_filters() == {}
+
+
+def _source_aloha(tmp_path: Path) -> Path:
+    return write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=8), tmp_path / "aloha")

@@ -21,7 +21,7 @@ import robot_data
 from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
 from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
 from robot_data.normalize import resolve_stats
-from robot_data.reader import DatasetFormatError, UnknownFeatureError
+from robot_data.reader import DatasetFormatError, UnknownFeatureError, did_you_mean
 from vla_ft.config import Recipe, RecipeError
 from vla_ft.losses import check_loss_config
 from vla_ft.metrics import best_metric_problems
@@ -130,7 +130,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     reader = build_reader(recipe)
     skip = checked_skip_list(recipe)
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
-    train_eps, val_eps = split_episodes(episodes, d.val_ratio, d.val_episodes, recipe.train.seed)
+    train_eps, val_eps = split_train_val(recipe, reader, episodes)
     first = reader.numeric(train_eps[0])
     check_action_dims(recipe, first.action.shape[1])
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
@@ -182,6 +182,40 @@ def check_action_dims(recipe: Recipe, action_dim: int) -> None:
     problems += best_metric_problems(recipe, action_dim)
     if problems:
         raise RecipeError(problems)
+
+
+def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[list[int], list[int]]:
+    """(train, val) episode indices among the usable ``episodes``: the dataset's own filter keys
+    where ``data.train_filter`` / ``data.val_filter`` name them (robomimic's ``mask/train``,
+    ``mask/valid``, ``mask/20_percent``), else :func:`robot_data.split_episodes`."""
+    d = recipe.data
+    if d.val_filter and d.val_episodes:
+        raise RecipeError("data.val_filter and data.val_episodes both choose the validation episodes; set one")
+    usable = set(episodes)
+    pool = [e for e in _filtered(reader, "train_filter", d.train_filter) if e in usable] if d.train_filter else episodes
+    if not d.val_filter:
+        return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
+    val = [e for e in _filtered(reader, "val_filter", d.val_filter) if e in usable]
+    shared = sorted(set(val) & set(pool)) if d.train_filter else []
+    if shared:
+        raise RecipeError(
+            f"data.train_filter '{d.train_filter}' and data.val_filter '{d.val_filter}' share episodes {shared[:10]}"
+        )
+    train = [e for e in pool if e not in set(val)]
+    if not train or not val:
+        counts = f"{len(train)} training and {len(val)} validation episodes"
+        raise RecipeError(f"data.val_filter '{d.val_filter}' leaves {counts}")
+    return train, val
+
+
+def _filtered(reader: Any, key: str, name: str) -> list[int]:
+    """The episodes of the dataset's filter key ``name``; an unknown name is ``data.<key>``'s error."""
+    filters = reader.episode_filters()
+    if name not in filters:
+        have = f"its filter keys: {', '.join(sorted(filters))}" if filters else "no filter keys (robomimic: mask/<key>)"
+        hint = did_you_mean(name, list(filters))
+        raise RecipeError(f"data.{key}: no filter key '{name}'{hint}; the dataset has {have}")
+    return filters[name]
 
 
 def checked_skip_list(recipe: Recipe) -> set[int]:

@@ -55,6 +55,8 @@ BREAKING = (
     "data.history",
     "data.val_ratio",
     "data.val_episodes",
+    "data.train_filter",
+    "data.val_filter",
     "data.normalize",
     "data.raw_dims",
     "data.language_target",

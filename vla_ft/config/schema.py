@@ -124,6 +124,8 @@ class DataConfig:
     history: int = doc("state frames per sample (1 = current only)", 1)
     val_ratio: float = doc("fraction of episodes held out for validation", 0.1)
     val_episodes: list[int] = doc("explicit validation episode indices (overrides val_ratio)", factory=list)
+    train_filter: str | None = doc("robomimic filter key (mask/<key>) to train on, e.g. 20_percent", None)
+    val_filter: str | None = doc("robomimic filter key to validate on, e.g. valid (overrides val_ratio)", None)
     normalize: Literal["mean_std", "min_max", "q01_q99", "none"] = doc("normalisation of state and action", "mean_std")
     raw_dims: list[int] | None = doc("action dims left raw (null: the gripper dims)", None)
     prompt_template: str = doc(
