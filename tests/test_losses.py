@@ -20,7 +20,7 @@ from vla_ft.config import (
     ScheduledWeight,
     TermWeights,
 )
-from vla_ft.loss_weighting import KENDALL_SCALE, ramp_weight
+from vla_ft.loss_weighting import KENDALL_SCALE, TERMS, ramp_weight
 from vla_ft.losses import CompositeLoss
 
 B, C, A, V = 3, 4, 5, 7
@@ -321,6 +321,29 @@ def test_scheduled_ramps_and_wants() -> None:
         torch.testing.assert_close(total, expect)
         if grip:
             assert parts["weight/gripper"].item() == pytest.approx(grip)
+    loss.eval()  # validation logs every term the run trains, also where a ramp holds it at 0
+    assert loss.wants("language") and loss.wants("gripper") and set(loss.terms(outputs, batch)) == set(TERMS)
+
+
+@pytest.mark.parametrize("element_mask", [False, True])
+def test_counts_are_what_each_term_divides_by(element_mask: bool) -> None:
+    """``counts`` reads the batch alone; each count must be the one the term's mean divided by."""
+    action = ActionLossConfig(dim_weights=[1.0, 2.0, 9.0, 0.5, 1.5], horizon_weights=[1.0, 0.8, 0.6, 0.4])
+    loss = CompositeLoss(make_cfg(action=action), A, C, gripper_head=True)
+    outputs, batch = make_inputs()
+    if element_mask:
+        batch["action_mask"] = batch["action_mask"][..., None].expand(B, C, A).clone()
+        batch["action_mask"][0, 0, 1] = batch["action_mask"][2, 3, GRIP[0]] = False
+    batch["target_mask"] = (outputs["lm_labels"] != -100).reshape(2, 3)  # the model's labels come from it
+    counts, results = loss.counts(batch), loss.evaluate(outputs, batch)
+    assert set(counts) == set(results) == set(TERMS)
+    for term in TERMS:
+        assert counts[term].item() == pytest.approx(results[term].count.item()), term
+    share = {t: torch.tensor(0.5) for t in TERMS}  # a share scales each mean, and what is logged
+    total, parts = loss(outputs, batch)
+    half, half_parts = loss(outputs, batch, share)
+    torch.testing.assert_close(half, total / 2)
+    assert half_parts["loss/action"].item() == pytest.approx(parts["loss/action"].item() / 2)
 
 
 def test_uncertainty_formula_gradients_and_param_group() -> None:

@@ -25,7 +25,7 @@ from vla_ft.master_adamw import MasterAdamW
 from vla_ft.report import parameter_rows
 from vla_ft.run_setup import setup, teardown
 from vla_ft.runtime import init_runtime, resolve_param_dtype
-from vla_ft.train import fit, prepare_update, train_step
+from vla_ft.train import fit, prepare_update, term_shares, train_step
 
 BF16 = [
     *TINY,
@@ -79,9 +79,10 @@ def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_pat
 
     params = [p for p in masters.params if p.requires_grad]
     grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    for batch in group:
+    shares = term_shares(run, group) if n > 1 else [None]  # the step's pooling (tested in test_train_loop)
+    for batch, share in zip(group, shares, strict=True):
         with run.rt.autocast():
-            total, _ = run.loss_fn(run.model(batch), batch)
+            total, _ = run.loss_fn(run.model(batch), batch, share)
         for acc, g in zip(grads, torch.autograd.grad(total / n, params, allow_unused=True), strict=True):
             if g is not None:
                 assert g.dtype == torch.bfloat16

@@ -159,8 +159,8 @@ def test_a_stop_on_a_skipped_step_resumes_exactly_under_dwa(tmp_path: Path):
         if poison_at is not None:
             forward, calls = run.loss_fn.forward, []
 
-            def poisoned(outputs, batch):
-                total, parts = forward(outputs, batch)
+            def poisoned(outputs, batch, share=None):
+                total, parts = forward(outputs, batch, share)
                 calls.append(1)
                 if len(calls) != poison_at:
                     return total, parts

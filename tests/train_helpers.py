@@ -117,8 +117,8 @@ def poison_first_loss(monkeypatch, loss_fn) -> None:
     """Make the first training forward of ``loss_fn`` return a NaN total (a real non-finite loss)."""
     forward, calls = loss_fn.forward, []
 
-    def nan_once(outputs, batch):
-        total, parts = forward(outputs, batch)
+    def nan_once(outputs, batch, share=None):
+        total, parts = forward(outputs, batch, share)
         calls.append(1)
         return (total * float("nan") if len(calls) == 1 else total), parts
 

@@ -15,10 +15,10 @@ reduce_metrics     mean over ranks of logged values, so rank 0 logs the global n
 =================  ==========================================================================
 
 Equivalence with one process: the sampler gives W processes with batch B the samples one
-process sees with batch B*W, and DDP/FSDP average gradients over ranks. That average is the
-single-process gradient exactly when every rank's batch has the same number of valid
-elements; a masked term (padded chunk steps, variable-length language targets) becomes a
-mean of per-rank means, which differs slightly. Frozen parameters are never registered
+process sees with batch B*W, and DDP/FSDP average gradients over ranks. Each rank's masked
+terms (padded chunk steps, variable-length language targets) are scaled by their share of the
+valid elements of every rank (``vla_ft.train.term_shares``, one small all-reduce per step), so
+that average is the single-process gradient, not a mean of per-rank means. Frozen parameters are never registered
 with DDP; a trainable parameter that gets no gradient in a step (a zero-weight term's head)
 is tolerated through ``distributed.find_unused_parameters`` (on by default).
 

@@ -8,6 +8,9 @@ Contract: ``CompositeLoss.forward(outputs, batch) -> (total, parts)``
            lm_labels       (N,)      int64  no language term); labels may hold -100 (ignored)
   batch    actions         (B, C, A) float  targets, normalised except the gripper dims (raw units)
            action_mask     (B, C) or (B, C, A) bool, False = padded or missing step (absent = all valid)
+           target_mask     (B, Lt) bool     the language target's real tokens (read by :meth:`counts`)
+  share    optional {term: 0-dim}: multiplies each term's mean (the trainer's accumulation pooling,
+           :meth:`CompositeLoss.counts`)
 
   total    0-dim fp32 with grad: the weighting strategy's combination of the terms
   parts    detached 0-dim tensors (no host sync here; the trainer syncs when it logs):
@@ -170,6 +173,11 @@ def action_term(pred: Tensor, target: Tensor, mask: Tensor, weights: Tensor, los
     return TermResult(_divide((loss_fn(pred, target) * w).sum(), count), count)
 
 
+def action_count(mask: Tensor, weights: Tensor) -> Tensor:
+    """What :func:`action_term` divides by: the summed weights of the valid elements."""
+    return torch.where(mask, weights.to(torch.float32), 0.0).sum()
+
+
 def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tensor | None) -> TermResult:
     """BCE-with-logits over valid steps, plus accuracy, F1 (closed = positive) and transition accuracy.
 
@@ -297,10 +305,12 @@ class CompositeLoss(nn.Module):
             self.weighting.step = self._step
 
     def wants(self, term: str) -> bool:
-        """Whether ``term`` is computed at the current step; the model skips a head's outputs if not."""
+        """Whether ``term`` is computed: in training at the current step (the model skips a head's
+        outputs if not); in evaluation at any step of the run, so validation logs every
+        ``val/loss/<term>`` the run trains, also while a ramp holds its weight at 0."""
         if term not in TERMS:
             raise ValueError(f"unknown loss term '{term}'; terms: {', '.join(TERMS)}")
-        return self.weighting.active(term)
+        return self.weighting.active(term) if self.training else self.weighting.ever_active(term)
 
     @property
     def reads_step(self) -> bool:
@@ -343,19 +353,46 @@ class CompositeLoss(nn.Module):
         with _no_autocast(next(iter(terms.values()))):
             return self.weighting.combine(terms, present)
 
-    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """(total, parts); in training mode also feeds the strategy's statistics (DWA)."""
+    def forward(
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor], share: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total, parts); in training mode also feeds the strategy's statistics (DWA).
+
+        ``share`` multiplies each term's mean before the weighting (``loss/<term>`` included): the
+        trainer's pooling of one optimizer step's micro-batches (:meth:`counts`). DWA statistics
+        and the gradient-norm diagnostic keep the micro-batch's own means.
+        """
         results = self.evaluate(outputs, batch)
-        values = {k: r.value for k, r in results.items()}
+        means = {k: r.value for k, r in results.items()}
         present = {k: r.count > 0 for k, r in results.items()}
         new_step = self._consume_new_step() if self.training else False
         if self.training:
-            self.weighting.observe({k: v.detach() for k, v in values.items()}, present, new_step)
+            self.weighting.observe({k: v.detach() for k, v in means.items()}, present, new_step)
+        values = means if share is None else {k: v * share[k] for k, v in means.items()}
         total = self.combine(values, present)
-        parts = self._parts(results, total.device)
+        parts = self._parts(results, values, total.device)
         if self.training and new_step and self._grad_norm_due():
-            parts.update(self.term_grad_norms(values, self._watched))
+            parts.update(self.term_grad_norms(means, self._watched))
         return total, parts
+
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each term's valid (weighted) count in ``batch``, 0-dim fp32: what its mean divides by,
+        from the batch alone (before any forward).
+
+        Pooling a step's micro-batches: with counts ``c_i`` and their sum ``C`` over the step's
+        ``n`` micro-batches (and ranks), ``share_i = n c_i / C`` makes the mean of the n
+        micro-batch losses the loss of one batch of all their samples: every term's sum over
+        valid elements divided by ``C``, not a mean of per-micro-batch means. Terms this batch
+        cannot compute are left out.
+        """
+        actions = batch["actions"]
+        out = {}
+        if "target_mask" in batch:
+            out["language"] = batch["target_mask"].sum().float()
+        out["action"] = action_count(self._action_mask(batch), self.action_weights)
+        if self.gripper_head:
+            out["gripper"] = self._gripper_mask(batch).sum().float()
+        return {k: v.to(actions.device) for k, v in out.items()}
 
     def term_grad_norms(self, terms: dict[str, Tensor], params: list[Tensor]) -> dict[str, Tensor]:
         """Gradient norm of each term on ``params``: ``gradnorm/<term>`` (unweighted) and
@@ -389,9 +426,16 @@ class CompositeLoss(nn.Module):
         )
         _floating(term, "outputs['actions']", pred)
         _floating(term, "batch['actions']", target)
-        mask = element_mask(batch, target.shape, term)
         pick = functools.partial(torch.index_select, dim=-1, index=self.regress_dims)
-        return action_term(pick(pred), pick(target), pick(mask), self.action_weights, self.action_loss)
+        return action_term(pick(pred), pick(target), self._action_mask(batch), self.action_weights, self.action_loss)
+
+    def _action_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, C, A') valid elements of the regressed dims."""
+        return element_mask(batch, batch["actions"].shape, "action").index_select(-1, self.regress_dims)
+
+    def _gripper_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, C, G) valid elements of the gripper dims."""
+        return element_mask(batch, batch["actions"].shape, "gripper").index_select(-1, self.gripper_dims)
 
     def _gripper(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> TermResult:
         term = "gripper"
@@ -402,12 +446,13 @@ class CompositeLoss(nn.Module):
         raw = actions.index_select(-1, self.gripper_dims)
         _same_shape(term, "outputs['gripper_logits']", logits, f"batch['actions'][..., {self.cfg.gripper.dims}]", raw)
         _floating(term, "outputs['gripper_logits']", logits)
-        mask = element_mask(batch, actions.shape, term).index_select(-1, self.gripper_dims)
         labels = gripper_labels(raw, self.cfg.gripper.threshold, self.cfg.gripper.closed_is_high)
-        return gripper_term(logits, labels, mask, self.pos_weight)
+        return gripper_term(logits, labels, self._gripper_mask(batch), self.pos_weight)
 
-    def _parts(self, results: dict[str, TermResult], device: torch.device) -> dict[str, Tensor]:
-        parts = {f"loss/{k}": r.value.detach() for k, r in results.items()}
+    def _parts(
+        self, results: dict[str, TermResult], values: dict[str, Tensor], device: torch.device
+    ) -> dict[str, Tensor]:
+        parts = {f"loss/{k}": v.detach() for k, v in values.items()}
         for r in results.values():
             parts.update(r.metrics)
         parts.update({f"weight/{k}": w for k, w in self.weighting.effective_weights(list(results), device).items()})

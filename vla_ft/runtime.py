@@ -58,6 +58,12 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return [bool(v) for v in t.tolist()]
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (in place; queued on the device, no host wait)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def any_true(self, flag: bool) -> bool:
         return not self.all_true(not flag)
 

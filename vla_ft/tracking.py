@@ -7,10 +7,12 @@ inside a step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,11 @@ class Averager:
 
 
 class TrainWindow:
-    """What happened since the last train log line: values, samples, time spent waiting for data."""
+    """What happened since the last train log line: values, samples, time spent waiting for data.
+
+    Its time is training time: validation and checkpoints run :meth:`paused`, so throughput and
+    MFU do not drop in the window after them.
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -87,15 +93,29 @@ class TrainWindow:
         self.values = Averager()
         self.samples = 0
         self.wait_s = 0.0
+        self.paused_s = 0.0
         self.t0 = time.perf_counter()
 
+    @contextlib.contextmanager
+    def paused(self, device: torch.device) -> Iterator[None]:
+        """Leave the block's time out of the window. The device first finishes the training work
+        already queued, which stays in the window."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
     def perf(self) -> dict[str, float]:
-        """``perf/samples_per_s`` and ``perf/data_wait_frac`` (share of wall time spent waiting for batches)."""
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        """``perf/samples_per_s`` and ``perf/data_wait_frac`` (share of training time spent waiting for batches)."""
+        elapsed = max(self.elapsed(), 1e-9)
         return {"perf/samples_per_s": self.samples / elapsed, "perf/data_wait_frac": self.wait_s / elapsed}
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        """Seconds of training since the window opened."""
+        return time.perf_counter() - self.t0 - self.paused_s
 
 
 class MetricsLogger:

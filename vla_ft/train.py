@@ -159,7 +159,8 @@ class StepLoop:
             due = due or st.best_step == st.step  # the best is always a real checkpoint
         stopping = run.rt.any_true(stop.requested) or run.early_stop
         if due or stopping:
-            save_training_checkpoint(run)
+            with self.window.paused(run.rt.device):
+                save_training_checkpoint(run)
         if stopping:
             why = f"signal {stop.signame}" if stop.requested else f"early stopping ({r.train.best_metric} stalled)"
             run.progress.write(f"{why}: checkpoint saved at step {st.step}, exiting")
@@ -228,13 +229,15 @@ def train_step(
     parts, n, samples = Averager(), len(group), 0
     fused = queues_step(run)
     reads_bf16 = fused and isinstance(opt, MasterAdamW)  # the last micro-batch's bf16 gradients stay
-    for i, batch in enumerate(group):
+    batches = [to_device(b, run.rt.device) for b in group] if pools_terms(run, group) else group
+    shares = term_shares(run, batches) if batches is not group else None
+    for i, batch in enumerate(batches):
         batch = to_device(batch, run.rt.device)
         with run.no_sync(last=i == n - 1), run.rt.autocast():
             outputs = run.forward(batch)
-            total, terms = run.loss_fn(outputs, batch)
-        # Each micro-batch's mean counts 1/n (equal-size micro-batches: drop_last), so the
-        # gradient is the mean over the group's samples, also for a short final group.
+            total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
+        # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
+        # of every sample of the group (and of every rank), also for a short final group.
         loss = total / n
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         if model.master_weights is not None and not (reads_bf16 and n == 1):  # (n = 1: nothing to collect)
@@ -273,6 +276,25 @@ def train_step(
     routine = not result.applied and bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0)
     tally(run, result, group, routine)
     return result
+
+
+def pools_terms(run: Run, group: Group) -> bool:
+    """Whether the step's terms are pooled over several micro-batches or ranks (:func:`term_shares`)."""
+    return len(group) > 1 or run.rt.distributed
+
+
+def term_shares(run: Run, batches: Group) -> list[dict[str, torch.Tensor]]:
+    """Per micro-batch, each term's share ``n W c_i / C`` (``c_i`` its valid count, ``C`` the sum
+    over the step's n micro-batches and W ranks): a masked mean over a micro-batch with fewer
+    target tokens or padded action steps then weighs what it holds (``CompositeLoss.counts``).
+    The gradient is the one of a single batch of all the step's samples, whatever the split."""
+    counts = [run.loss_fn.counts(b) for b in batches]
+    names = sorted(set.intersection(*(set(c) for c in counts)))
+    table = torch.stack([torch.stack([c[k] for k in names]) for c in counts])  # (n, terms)
+    pooled = run.rt.all_sum(table.sum(0))
+    scale = len(batches) * run.rt.world_size
+    shares = table * scale / torch.where(pooled > 0, pooled, torch.ones_like(pooled))
+    return [dict(zip(names, row, strict=True)) for row in shares]
 
 
 def queues_step(run: Run) -> bool:
@@ -353,7 +375,8 @@ def after_update(run: Run, result: StepResult, window: TrainWindow) -> dict[str,
     if st.step % r.logging.every == 0 or st.step == r.train.steps:
         log_train(run, window)
     if (r.train.val_every and st.step % r.train.val_every == 0) or st.step == r.train.steps:
-        return validate_and_select(run)
+        with window.paused(run.rt.device):
+            return validate_and_select(run)
     return {}
 
 
@@ -378,6 +401,7 @@ def evaluate(run: Run) -> dict[str, float]:
     r, model = run.recipe, run.model
     model.eval()
     run.loss_fn.eval()
+    model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
     metrics = ActionMetrics(
         run.data.normalizer, run.data.action_dim, r.data.chunk, run.gripper_dims, r.loss.gripper, r.model.gripper_head
     )
