@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,12 +126,55 @@ def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
     assert ok.returncode == 0 and "valid recipe" in ok.stdout
 
 
+def test_numbers_outside_their_range_are_reported_at_once():
+    """A count of 0 or -1 would log, validate or load differently from what the recipe says."""
+    bad = {
+        "train.val_batches": -1,
+        "train.val_every": -1,
+        "train.threads": -1,
+        "train.early_stopping.patience": -1,
+        "logging.every": 0,
+        "data.num_workers": -1,
+        "data.prefetch_factor": 0,
+        "optim.warmup_steps": -1,
+        "optim.grad_clip": -1,
+        "optim.min_lr_ratio": 2,
+        "checkpoint.every": -1,
+        "checkpoint.keep_last": -1,
+        "data.val_ratio": 1,
+        "model.lora.dropout": 1,
+    }
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, [f"{k}={v}" for k, v in bad.items()])
+    for key in bad:
+        assert f"{key}: must be" in str(err.value), key
+    load_recipe(QUICKSTART, ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"])
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("no placeholder", "has no {instruction} placeholder"),
+        ("{instruction} {goal}", "names ['goal']; only {instruction} is filled"),
+        ("{instruction", "expected '}' before end of string"),
+    ],
+)
+def test_prompt_template_names_instruction_and_nothing_else(template, message):
+    with pytest.raises(RecipeError, match=re.escape(f"data.prompt_template: {template!r}")) as err:
+        load_recipe(QUICKSTART, [f"data.prompt_template={json.dumps(template)}"])
+    assert message in str(err.value)
+    load_recipe(QUICKSTART, ['data.prompt_template="{instruction} -> {{action}}"'])  # literal braces are fine
+
+
 def test_keys_lists_a_prefix_and_refuses_one_matching_nothing(capsys):
     from vla_ft.cli import main as cli
 
     assert cli(["keys", "loss.gripper"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out and all(line.startswith("loss.gripper.") for line in out)
+    assert cli(["keys", "optim.groups"]) == 0  # the fields of a keyed section's entries are keys too
+    out = capsys.readouterr().out
+    assert "optim.groups.<module>.lr (float or null, default None)" in out and "<module>.weight_decay" in out
     assert cli(["keys", "optm"]) == 2
     err = capsys.readouterr().err
     assert "no recipe key starts with 'optm' (did you mean 'optim'?)" in err and "sections: output_dir, model" in err

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from conftest import QUICKSTART
 from test_data_check import _edit_column
 
@@ -145,6 +146,13 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
         flag = next(a for a in args if str(a).endswith("-key"))
         assert f"vla-ft data check: error: command line: {flag}: {message}" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli(["data", "check", str(rm), "--format", "hdf5"]) == 2  # the layout's default key: no option blamed
+    err = capsys.readouterr().err
+    assert f"{rm}: the robomimic layout's default state_key: 'obs/robot0_eef_pos' is not a key" in err, err
+    assert err.strip().endswith("name yours with --state-key") and "command line" not in err
+    for path in (rm, aloha):  # HDF5 checked as LeRobot: the problem, then what to run instead
+        assert cli(["data", "check", str(path)]) == 1
+        assert "holds HDF5 data: check it with --format hdf5" in capsys.readouterr().err
 
 
 def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys):
@@ -177,3 +185,17 @@ def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.val_filter=valid", "train.steps=2"]) == 0
+
+
+def test_a_split_with_nothing_to_train_on_is_one_line(tmp_path, tiny_overrides, capsys):
+    from vla_ft.config import RecipeError, load_recipe
+    from vla_ft.data import build_reader, split_train_val
+
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "data.val_episodes=[9999]", "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_episodes: unknown episode(s) [9999]; the dataset has episodes 0.." in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    hdf5 = ["data.format=hdf5", f"data.path={_robomimic(tmp_path)}", "data.state_key=state", "data.text_key=narration"]
+    recipe = load_recipe(QUICKSTART, [*tiny_overrides, *hdf5])
+    with pytest.raises(RecipeError, match="no episode left to train on: every episode of .* failed its checks"):
+        split_train_val(recipe, build_reader(recipe), [])  # every episode skipped by data.skip_bad_episodes

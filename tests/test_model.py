@@ -257,6 +257,8 @@ def test_wrong_recipes_are_errors_naming_the_key(tmp_path, monkeypatch):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(RecipeError, match="model.language.tokenizer: cannot load a tokenizer from directory"):
         load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(RecipeError, match="unknown built-in tokenizer 'builtin:tiy'; the built-in one is 'builtin:t"):
+        load_tokenizer("builtin:tiy")
 
 
 def test_a_camera_count_that_does_not_match_the_model_is_an_error(tmp_path):

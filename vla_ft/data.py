@@ -191,10 +191,20 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     d = recipe.data
     if d.val_filter and d.val_episodes:
         raise RecipeError("data.val_filter and data.val_episodes both choose the validation episodes; set one")
+    if not episodes:
+        raise RecipeError(
+            f"data.path: no episode left to train on: every episode of {d.path} failed its checks "
+            f"and data.skip_bad_episodes leaves them out (vla-ft data check {d.path})"
+        )
     usable = set(episodes)
     pool = [e for e in _filtered(reader, "train_filter", d.train_filter) if e in usable] if d.train_filter else episodes
+    if not pool:
+        raise RecipeError(f"data.train_filter: '{d.train_filter}' holds none of the dataset's usable episodes")
     if not d.val_filter:
-        return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
+        try:
+            return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
+        except ValueError as err:  # an unknown or every episode in data.val_episodes: the message names it
+            raise RecipeError(f"data.{err}") from None
     val = [e for e in _filtered(reader, "val_filter", d.val_filter) if e in usable]
     shared = sorted(set(val) & set(pool)) if d.train_filter else []
     if shared:

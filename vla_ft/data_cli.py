@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -38,7 +39,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
     except UnknownFeatureError as err:  # a mistyped --state-key/--action-key: one line naming the option
-        raise RecipeError(f"--{err.role.replace('_', '-')}: {err.detail}", "command line") from None
+        option = f"--{err.role.replace('_', '-')}"
+        if err.role in kwargs:
+            raise RecipeError(f"{option}: {err.detail}", "command line") from None
+        where = f"the {args.layout} layout's" if args.format == "hdf5" else "the"
+        raise RecipeError(f"{where} default {err.role}: {err.detail}; name yours with {option}", args.path) from None
     if not problems:
         print(f"ok: {args.path} passed every check")
         return 0
@@ -46,7 +51,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(p, file=sys.stderr)
     episodes = sorted({p.episode for p in problems if p.episode is not None})
     print(f"{len(problems)} problem(s) in {len(episodes)} episode(s) {episodes[:20]}", file=sys.stderr)
+    if args.format == "lerobot" and _looks_like_hdf5(Path(args.path)):
+        hint = "check it with --format hdf5 (--layout aloha for episode files)"
+        print(f"{args.path} holds HDF5 data: {hint}", file=sys.stderr)
     return 1
+
+
+def _looks_like_hdf5(path: Path) -> bool:
+    """An .hdf5/.h5 file, or a directory of them (ALOHA): what --format lerobot cannot read."""
+    suffixes = (".hdf5", ".h5")
+    return path.suffix in suffixes if path.is_file() else path.is_dir() and any(path.glob("*.hdf5"))
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:

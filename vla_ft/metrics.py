@@ -120,7 +120,7 @@ class ActionMetrics:
         self.t_total += float(trans.sum())
 
     def compute(self, prefix: str = "val/") -> dict[str, float]:
-        n = max(self.count, 1.0)
+        n = self.count if self.count > 0 else math.nan  # no valid step seen: undefined, never 0
         reg = self.reg_dims
         out = {
             f"{prefix}action_l1": float(self.abs[reg].sum() / (n * len(reg))),

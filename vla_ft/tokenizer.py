@@ -43,6 +43,8 @@ def load_tokenizer(source: str, key: str = "model.language.tokenizer"):
         from robot_data import SYNTHETIC_VOCAB
 
         return build_tiny_tokenizer(list(SYNTHETIC_VOCAB))
+    if source.startswith("builtin:"):
+        raise RecipeError(f"{key}: unknown built-in tokenizer '{source}'; the built-in one is '{BUILTIN_TINY}'")
     path = Path(source).expanduser()
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise RecipeError(f"{key}: tokenizer directory not found: {source}")

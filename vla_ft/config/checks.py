@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import string
 import typing
 
 from vla_ft.config.schema import MODULE_NAMES, TRUNK_MODULES, Recipe
@@ -34,17 +35,7 @@ def validate(r: Recipe) -> list[str]:
                 f"data.layout: unknown hdf5 layout '{r.data.layout}'{suggest(r.data.layout, LAYOUTS)}; "
                 f"valid: {', '.join(LAYOUTS)}"
             )
-    for key, value in [
-        ("train.steps", r.train.steps),
-        ("train.batch_size", r.train.batch_size),
-        ("data.chunk", r.data.chunk),
-        ("data.history", r.data.history),
-        ("optim.accumulation", r.optim.accumulation),
-    ]:
-        if value < 1:
-            p.append(f"{key}: must be >= 1, got {value}")
-    if not 0.0 <= r.data.val_ratio < 1.0:
-        p.append(f"data.val_ratio: must be in [0, 1), got {r.data.val_ratio}")
+    p += range_problems(r)
     if not r.optim.lr > 0 or r.optim.lr == float("inf"):
         p.append(f"optim.lr: must be finite and > 0, got {r.optim.lr}")
     if len(r.optim.betas) != 2:
@@ -83,6 +74,7 @@ def validate(r: Recipe) -> list[str]:
             f"data.raw_dims: gripper dim(s) {normalised} would be normalised, but the gripper labels threshold "
             f"raw values (loss.gripper.threshold={r.loss.gripper.threshold}): include them"
         )
+    p += template_problems(r.data.prompt_template)
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
     p += cache_problems(r)
@@ -91,6 +83,78 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return p
+
+
+def range_problems(r: Recipe) -> list[str]:
+    """Numbers outside the range their key means something in (a count of 0 or -1 would train,
+    log or validate differently from what the recipe says, or fail later with a traceback)."""
+    t, o, d, m = r.train, r.optim, r.data, r.model
+    at_least = {
+        1: {
+            "train.steps": t.steps,
+            "train.batch_size": t.batch_size,
+            "train.max_consecutive_skips": t.max_consecutive_skips,
+            "optim.accumulation": o.accumulation,
+            "logging.every": r.logging.every,
+            "data.chunk": d.chunk,
+            "data.history": d.history,
+            "data.prefetch_factor": d.prefetch_factor,
+            "data.synthetic.episodes": d.synthetic.episodes,
+            "data.synthetic.episode_length": d.synthetic.episode_length,
+            "data.synthetic.image_size": d.synthetic.image_size,
+            "model.vision.img_size": m.vision.img_size,
+            "model.action_head_hidden": m.action_head_hidden,
+            "model.lora.r": m.lora.r,
+        },
+        0: {
+            "train.val_every": t.val_every,
+            "train.val_batches": t.val_batches,
+            "train.threads": t.threads,
+            "train.early_stopping.patience": t.early_stopping.patience,
+            "train.early_stopping.min_delta": t.early_stopping.min_delta,
+            "optim.warmup_steps": o.warmup_steps,
+            "optim.grad_clip": o.grad_clip,
+            "optim.weight_decay": o.weight_decay,
+            "checkpoint.every": r.checkpoint.every,
+            "checkpoint.keep_last": r.checkpoint.keep_last,
+            "data.num_workers": d.num_workers,
+            "data.video_tolerance_s": d.video_tolerance_s,
+            "data.augment.color_jitter": d.augment.color_jitter,
+            "model.projector_hidden": m.projector_hidden,
+        },
+    }
+    p = [
+        f"{key}: must be >= {low}, got {value}"
+        for low, keys in at_least.items()
+        for key, value in keys.items()
+        if not value >= low  # NaN fails too
+    ]
+    for key, value, one_ok in (  # fractions in [0, 1), or [0, 1]
+        ("data.val_ratio", d.val_ratio, False),
+        ("optim.min_lr_ratio", o.min_lr_ratio, True),
+        ("model.lora.dropout", m.lora.dropout, False),
+        *((f"optim.betas[{i}]", beta, False) for i, beta in enumerate(o.betas)),
+    ):
+        if not (0.0 <= value < 1.0 or (one_ok and value == 1.0)):
+            p.append(f"{key}: must be in [0, 1{']' if one_ok else ')'}, got {value}")
+    if not o.eps > 0:
+        p.append(f"optim.eps: must be > 0, got {o.eps}")
+    return p
+
+
+def template_problems(template: str) -> list[str]:
+    """``data.prompt_template`` is formatted with ``instruction`` only: it must name it, and nothing else
+    (write literal braces as ``{{`` and ``}}``)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # an unmatched brace
+        return [f"data.prompt_template: {template!r}: {err} (write a literal brace as {{{{ or }}}})"]
+    if "instruction" not in fields:
+        return [f"data.prompt_template: {template!r} has no {{instruction}} placeholder"]
+    if fields - {"instruction"}:
+        others = sorted(fields - {"instruction"})
+        return [f"data.prompt_template: {template!r} names {others}; only {{instruction}} is filled"]
+    return []
 
 
 def cache_problems(r: Recipe) -> list[str]:

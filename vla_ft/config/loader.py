@@ -26,6 +26,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "mapping"
+    if origin is dict:
+        return f"dict[str, {_type_name(typing.get_args(tp)[1])}]"
     if origin is not None:
         return str(tp).replace("typing.", "")
     return "null" if tp is type(None) else tp.__name__
@@ -190,10 +192,24 @@ def describe_keys(prefix: str = "", cls: type = Recipe, path: str = "") -> str:
         if dataclasses.is_dataclass(tp):
             lines.append(describe_keys(prefix, tp, key + "."))
             continue
-        if key.startswith(prefix):
+        if key.startswith(prefix) or prefix.startswith(key + "."):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+            entry = _dict_entry(tp)  # optim.groups.<name>.lr, unfreeze.<name>.at_step, loss.schedule.<name>.end
+            if entry is not None:
+                lines.append(describe_keys("", entry, f"{key}.<{KEY_NAMES.get(key, 'name')}>."))
     return "\n".join(line for line in lines if line)
+
+
+KEY_NAMES = {"optim.groups": "module", "unfreeze": "module", "loss.schedule": "term"}
+
+
+def _dict_entry(tp: Any) -> type | None:
+    """The dataclass of a ``dict[str, <dataclass>]`` section's entries, else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
 
 
 def recipe_keys(cls: type = Recipe, path: str = "") -> list[str]:
