@@ -18,8 +18,8 @@ Equivalence with one process: the sampler gives W processes with batch B the sam
 process sees with batch B*W, and DDP/FSDP average gradients over ranks. Each rank's masked
 terms (padded chunk steps, variable-length language targets) are scaled by their share of the
 valid elements of every rank (``vla_ft.train.term_shares``, one small all-reduce per step), so
-that average is the single-process gradient, not a mean of per-rank means. Frozen parameters are never registered
-with DDP; a trainable parameter that gets no gradient in a step (a zero-weight term's head)
+that average is the single-process gradient, not a mean of per-rank means. Frozen parameters
+are never registered with DDP; a trainable parameter that gets no gradient in a step (a zero-weight term's head)
 is tolerated through ``distributed.find_unused_parameters`` (on by default).
 
 FSDP2 (``distributed.strategy: fsdp``): every LM decoder layer and ViT block is one

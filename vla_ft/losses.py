@@ -1,6 +1,6 @@
 """The composite multi-objective loss of a VLA fine-tune: language, action and gripper terms.
 
-Contract: ``CompositeLoss.forward(outputs, batch) -> (total, parts)``
+Contract: ``CompositeLoss.forward(outputs, batch, share=None) -> (total, parts)``
 
   outputs  actions         (B, C, A) float  predicted normalised actions over all A dims
            gripper_logits  (B, C, G) float  one logit per gripper dim (absent without a gripper head)
@@ -380,10 +380,11 @@ class CompositeLoss(nn.Module):
         from the batch alone (before any forward).
 
         Pooling a step's micro-batches: with counts ``c_i`` and their sum ``C`` over the step's
-        ``n`` micro-batches (and ranks), ``share_i = n c_i / C`` makes the mean of the n
-        micro-batch losses the loss of one batch of all their samples: every term's sum over
-        valid elements divided by ``C``, not a mean of per-micro-batch means. Terms this batch
-        cannot compute are left out.
+        ``n`` micro-batches, ``share_i = n c_i / C`` makes the mean of the n micro-batch losses
+        the loss of one batch of all their samples: every term's sum over valid elements divided
+        by ``C``, not a mean of per-micro-batch means (over W ranks: ``n W c_i / C``, C summed
+        over the ranks too; ``vla_ft.train.term_shares``). Terms this batch cannot compute are
+        left out.
         """
         actions = batch["actions"]
         out = {}
