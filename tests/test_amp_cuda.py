@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, TINY
-from train_helpers import metric_rows, poison_first_loss
+from train_helpers import metric_rows, poison_first_loss, tiny_run
 
 import vla_ft.train as train_mod
-from vla_ft.config import load_recipe
-from vla_ft.run_setup import setup
 from vla_ft.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CUDA = [*TINY, "train.device=cuda", "logging.tensorboard=false", "train.val_every=0", "checkpoint.every=0"]
+CUDA = ["train.device=cuda", "checkpoint.every=0"]
 
 
 def cuda_run(run_dir: Path, *overrides: str):
-    return setup(load_recipe(QUICKSTART, [*CUDA, *overrides, f"output_dir={run_dir}"]))
+    return tiny_run(run_dir, *CUDA, *overrides)
 
 
 def watch_attempts(monkeypatch) -> list[tuple[train_mod.StepResult, bool, int]]:

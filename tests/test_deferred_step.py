@@ -12,21 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, TINY
-from train_helpers import assert_same_weights, deterministic, metric_rows
+from train_helpers import assert_same_weights, deterministic, metric_rows, tiny_run
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
-from vla_ft.config import load_recipe
-from vla_ft.run_setup import setup
 from vla_ft.signals import StopRequest
 from vla_ft.train import fit
 
 # logs every 4 steps and checkpoints every 6: the steps in between may be left unread
 DEFERRING = [
-    *TINY,
-    "logging.tensorboard=false",
-    "train.val_every=0",
     "train.steps=12",
     "logging.every=4",
     "checkpoint.every=6",
@@ -36,7 +30,7 @@ DEFERRING = [
 
 
 def deferring_run(run_dir: Path, *overrides: str):
-    return setup(load_recipe(QUICKSTART, [*DEFERRING, *overrides, f"output_dir={run_dir}"]))
+    return tiny_run(run_dir, *DEFERRING, *overrides)
 
 
 def poison(run, bad_calls: set[int]) -> None:

@@ -14,22 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, TINY
-from train_helpers import metric_rows, poison_first_loss, start_forked, train_argv, wait_for
+from train_helpers import FAST, metric_rows, poison_first_loss, start_forked, tiny_run, train_argv, wait_for
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
 from vla_ft.checkpoint import CheckpointError
 from vla_ft.cli import main as cli
-from vla_ft.config import load_recipe
-from vla_ft.run_setup import setup
 from vla_ft.train import fit
-
-FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
-
-
-def tiny_run(run_dir: Path, *overrides: str):
-    return setup(load_recipe(QUICKSTART, [*FAST, *overrides, f"output_dir={run_dir}"]))
 
 
 def poison_gradient(run, bad_calls: set[int] | None) -> list[int]:

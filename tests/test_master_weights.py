@@ -16,29 +16,26 @@ import pytest
 import torch
 from conftest import QUICKSTART, TINY
 from safetensors.torch import load_file
-from train_helpers import assert_same_weights, weights
+from train_helpers import assert_same_weights, tiny_run, weights
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import RecipeError, load_recipe
 from vla_ft.data import to_device
 from vla_ft.master_adamw import MasterAdamW
 from vla_ft.report import parameter_rows
-from vla_ft.run_setup import setup, teardown
+from vla_ft.run_setup import teardown
 from vla_ft.runtime import init_runtime, resolve_param_dtype
 from vla_ft.train import fit, prepare_update, term_shares, train_step
 
 BF16 = [
-    *TINY,
     "train.device=cpu",  # torch's fused AdamW on the fp32 masters (MasterAdamW on CUDA: tests/test_speed_cuda.py)
-    "logging.tensorboard=false",
-    "train.val_every=0",
     "train.precision=bf16",
     "train.param_dtype=bf16",
 ]
 
 
 def bf16_run(run_dir: Path, *overrides: str):
-    return setup(load_recipe(QUICKSTART, [*BF16, *overrides, f"output_dir={run_dir}"]))
+    return tiny_run(run_dir, *BF16, *overrides)
 
 
 def test_weights_are_bf16_and_only_trained_ones_have_masters(tmp_path):

@@ -8,12 +8,11 @@ import itertools
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import QUICKSTART, TINY
-from train_helpers import metric_rows
+from train_helpers import metric_rows, tiny_run
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
@@ -24,12 +23,6 @@ from vla_ft.metrics import validation_names
 from vla_ft.run_setup import setup
 from vla_ft.tracking import Averager, MetricsLogger, Progress, format_eta, read_rows
 from vla_ft.train import fit, train_step
-
-FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
-
-
-def tiny_run(run_dir: Path, *overrides: str):
-    return setup(load_recipe(QUICKSTART, [*FAST, *overrides, f"output_dir={run_dir}"]))
 
 
 def captured_gradients(run, group) -> list[torch.Tensor]:

@@ -23,6 +23,16 @@ import torch
 from conftest import QUICKSTART, ROOT, TINY
 from safetensors.torch import load_file
 
+FAST = [*TINY, "logging.tensorboard=false", "train.val_every=0"]
+
+
+def tiny_run(run_dir: Path, *overrides: str):
+    """The quickstart recipe with the tiny model, no TensorBoard and no validation, set up in-process."""
+    from vla_ft.config import load_recipe
+    from vla_ft.run_setup import setup
+
+    return setup(load_recipe(QUICKSTART, [*FAST, *overrides, f"output_dir={run_dir}"]))
+
 
 def train_argv(run_dir: Path, overrides: list[str]) -> list[str]:
     return ["train", str(QUICKSTART), *overrides, f"output_dir={run_dir}"]

@@ -386,14 +386,12 @@ class CompositeLoss(nn.Module):
         over the ranks too; ``vla_ft.train.term_shares``). Terms this batch cannot compute are
         left out.
         """
-        actions = batch["actions"]
-        out = {}
+        out = {"action": action_count(self._action_mask(batch), self.action_weights)}
         if "target_mask" in batch:
             out["language"] = batch["target_mask"].sum().float()
-        out["action"] = action_count(self._action_mask(batch), self.action_weights)
         if self.gripper_head:
             out["gripper"] = self._gripper_mask(batch).sum().float()
-        return {k: v.to(actions.device) for k, v in out.items()}
+        return out
 
     def term_grad_norms(self, terms: dict[str, Tensor], params: list[Tensor]) -> dict[str, Tensor]:
         """Gradient norm of each term on ``params``: ``gradnorm/<term>`` (unweighted) and

@@ -229,8 +229,9 @@ def train_step(
     parts, n, samples = Averager(), len(group), 0
     fused = queues_step(run)
     reads_bf16 = fused and isinstance(opt, MasterAdamW)  # the last micro-batch's bf16 gradients stay
-    batches = [to_device(b, run.rt.device) for b in group] if pools_terms(run, group) else group
-    shares = term_shares(run, batches) if batches is not group else None
+    pooled = pools_terms(run, group)  # the shares need every micro-batch's counts first
+    batches = [to_device(b, run.rt.device) for b in group] if pooled else group
+    shares = term_shares(run, batches) if pooled else None
     for i, batch in enumerate(batches):
         batch = to_device(batch, run.rt.device)
         with run.no_sync(last=i == n - 1), run.rt.autocast():
