@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vla_ft import checkpoint as ck
-from vla_ft.config import Recipe, RecipeError
+from vla_ft.config import Recipe
 
 if TYPE_CHECKING:
     from vla_ft.run_setup import Run
@@ -70,7 +70,6 @@ def install(run: Run) -> None:
     rt, cfg = run.rt, run.recipe.distributed
     if not rt.distributed:
         return
-    check_supported(run.recipe)
     if cfg.strategy == "ddp":
         wrap_ddp(run)
         run.extras["on_freeze_change"] = wrap_ddp
@@ -95,24 +94,6 @@ def describe(recipe: Recipe, world_size: int, device: torch.device, backend: str
         f"global batch {global_batch(recipe, world_size)} = {t.batch_size} per device x {o.accumulation} "
         f"accumulation x {world_size} processes"
     )
-
-
-def check_supported(recipe: Recipe) -> None:
-    """Refuse combinations the strategy cannot run correctly, naming the key."""
-    problems = []
-    if recipe.distributed.strategy == "fsdp":
-        if recipe.train.precision == "fp16":
-            problems.append(
-                "train.precision: fp16 (GradScaler) is not supported with distributed.strategy=fsdp; use bf16"
-            )
-        if recipe.loss.grad_norm_every:
-            problems.append("loss.grad_norm_every: per-term gradient norms need whole parameters; set 0 with fsdp")
-        if recipe.train.cache_features:
-            problems.append("train.cache_features: the feature cache runs the trunk outside FSDP; use ddp")
-        if recipe.model.lora.enabled or recipe.model.lora.vision:
-            problems.append("model.lora: PEFT saves adapters from whole tensors, not FSDP shards; use ddp with LoRA")
-    if problems:
-        raise RecipeError(problems, "distributed")
 
 
 # ----------------------------------------------------------------------------- DDP

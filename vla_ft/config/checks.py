@@ -78,6 +78,7 @@ def validate(r: Recipe) -> list[str]:
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
     p += cache_problems(r)
+    p += fsdp_problems(r)
     if not p:  # the metric names need a consistent loss and data section
         from vla_ft.metrics import best_metric_problems
 
@@ -139,6 +140,23 @@ def range_problems(r: Recipe) -> list[str]:
             p.append(f"{key}: must be in [0, 1{']' if one_ok else ')'}, got {value}")
     if not o.eps > 0:
         p.append(f"optim.eps: must be > 0, got {o.eps}")
+    return p
+
+
+def fsdp_problems(r: Recipe) -> list[str]:
+    """What ``distributed.strategy: fsdp`` cannot run, refused whatever the launch (one process or torchrun),
+    so ``vla-ft validate`` gives the answer the multi-GPU launch would."""
+    if r.distributed.strategy != "fsdp":
+        return []
+    p = []
+    if r.train.precision == "fp16":
+        p.append("train.precision: fp16 (GradScaler) is not supported with distributed.strategy=fsdp; use bf16")
+    if r.loss.grad_norm_every:
+        p.append("loss.grad_norm_every: per-term gradient norms need whole parameters; set 0 with fsdp")
+    if r.train.cache_features:
+        p.append("train.cache_features: the feature cache runs the trunk outside FSDP; use ddp")
+    if r.model.lora.enabled or r.model.lora.vision:
+        p.append("model.lora: PEFT saves adapters from whole tensors, not FSDP shards; use ddp with LoRA")
     return p
 
 
