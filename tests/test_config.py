@@ -151,6 +151,24 @@ def test_numbers_outside_their_range_are_reported_at_once():
     load_recipe(QUICKSTART, ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"])
 
 
+def test_loss_and_split_keys_the_recipe_alone_shows_are_refused_before_any_data_is_read():
+    """`vla-ft validate` reads no data: what the recipe alone makes wrong must still be refused there."""
+    bad = {
+        "loss.language.label_smoothing": ("1.5", "must be in [0, 1)"),
+        "loss.grad_norm_every": ("-1", "must be >= 0"),
+        "loss.gripper.pos_weight": ("0", "must be > 0"),
+        "loss.action.beta": ("-1", "must be >= 0"),
+        "loss.gripper.dims": ("[6,6]", "repeated dim"),
+        "loss.action.horizon_weights": ("[1,2]", "2 values for data.chunk=4"),
+        "data.val_filter": ("valid", "data.val_episodes both choose"),
+    }
+    overrides = [f"{k}={v}" for k, (v, _) in bad.items()] + ["data.val_episodes=[1]"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, overrides)
+    for key, (_, message) in bad.items():
+        assert f"{key}" in str(err.value) and message in str(err.value), key
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [

@@ -280,7 +280,7 @@ def test_shape_and_dtype_errors_name_the_term_and_both_shapes() -> None:
 def test_config_errors() -> None:
     with pytest.raises(RecipeError, match=r"loss\.action\.dim_weights: 3 values for 5"):
         CompositeLoss(make_cfg(action=ActionLossConfig(dim_weights=[1.0, 1.0, 1.0])), A, C, True)
-    with pytest.raises(RecipeError, match=r"loss\.action\.horizon_weights: 2 values for 4"):
+    with pytest.raises(RecipeError, match=r"loss\.action\.horizon_weights: 2 values for data\.chunk=4"):
         CompositeLoss(make_cfg(action=ActionLossConfig(horizon_weights=[1.0, 1.0])), A, C, True)
     with pytest.raises(RecipeError, match="static, scheduled, uncertainty, dwa"):
         CompositeLoss(make_cfg(strategy="nope"), A, C, True)  # type: ignore[arg-type]

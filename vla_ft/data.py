@@ -23,7 +23,7 @@ from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
 from robot_data.normalize import resolve_stats
 from robot_data.reader import DatasetFormatError, UnknownFeatureError, did_you_mean
 from vla_ft.config import Recipe, RecipeError
-from vla_ft.losses import check_loss_config
+from vla_ft.losses import check_action_dim
 from vla_ft.metrics import best_metric_problems
 
 
@@ -175,7 +175,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
 def check_action_dims(recipe: Recipe, action_dim: int) -> None:
     """Keys indexing action dims, checked as soon as the data gives the action dim: an index out of
     range would otherwise surface as an index error in the normaliser, the model or the loss."""
-    problems = check_loss_config(recipe.loss, action_dim, recipe.data.chunk, recipe.model.gripper_head)
+    problems = check_action_dim(recipe.loss, action_dim, recipe.model.gripper_head)
     bad = [i for i in recipe.data.raw_dims or [] if not 0 <= i < action_dim]
     if bad:
         problems.append(f"data.raw_dims: {bad} out of range for the data's {action_dim} action dims")
@@ -189,8 +189,6 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     where ``data.train_filter`` / ``data.val_filter`` name them (robomimic's ``mask/train``,
     ``mask/valid``, ``mask/20_percent``), else :func:`robot_data.split_episodes`."""
     d = recipe.data
-    if d.val_filter and d.val_episodes:
-        raise RecipeError("data.val_filter and data.val_episodes both choose the validation episodes; set one")
     if not episodes:
         raise RecipeError(
             f"data.path: no episode left to train on: every episode of {d.path} failed its checks "

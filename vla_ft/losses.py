@@ -207,37 +207,51 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
 
 
 # ----------------------------------------------------------------------------- configuration checks
-def check_loss_config(cfg: LossConfig, action_dim: int, chunk: int, gripper_head: bool) -> list[str]:
-    """Problems of the loss section against the data shapes (empty = valid)."""
+def check_loss_config(cfg: LossConfig, chunk: int, gripper_head: bool) -> list[str]:
+    """Problems of the loss section the recipe alone shows (empty = valid): ``vla-ft validate``
+    reports them before any data is read."""
     p = []
     if cfg.action.type not in ACTION_LOSSES:
         p.append(f"loss.action.type: unknown loss '{cfg.action.type}'; valid: {', '.join(ACTION_LOSSES)}")
     if cfg.action.beta < 0:
         p.append(f"loss.action.beta: must be >= 0, got {cfg.action.beta}")
-    for key, weights, length, what in (
-        ("dim_weights", cfg.action.dim_weights, action_dim, "action dims"),
-        ("horizon_weights", cfg.action.horizon_weights, chunk, "chunk steps"),
-    ):
-        if weights is not None and len(weights) != length:
-            p.append(f"loss.action.{key}: {len(weights)} values for {length} {what} (lengths must match)")
-        elif weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+    for key, weights in (("dim_weights", cfg.action.dim_weights), ("horizon_weights", cfg.action.horizon_weights)):
+        if weights is not None and (min(weights, default=-1) < 0 or sum(weights) <= 0):
             p.append(f"loss.action.{key}: must be >= 0 with at least one > 0, got {weights}")
+    horizon = cfg.action.horizon_weights
+    if horizon is not None and len(horizon) != chunk:
+        p.append(f"loss.action.horizon_weights: {len(horizon)} values for data.chunk={chunk} (lengths must match)")
     dims = cfg.gripper.dims
     if gripper_head and not dims:
         p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
-    if gripper_head and any(not 0 <= d < action_dim for d in dims):
-        valid = f"0..{action_dim - 1}"
-        p.append(f"loss.gripper.dims: {dims} out of range for the data's {action_dim} action dims ({valid})")
     if gripper_head and len(set(dims)) != len(dims):
         p.append(f"loss.gripper.dims: repeated dim in {dims}")
-    if gripper_head and cfg.weights.action != 0 and len(set(dims)) >= action_dim:
-        p.append("loss.gripper.dims: every action dim is a gripper dim, nothing is left to regress")
+    if gripper_head and any(d < 0 for d in dims):
+        p.append(f"loss.gripper.dims: {dims} holds a negative index; count action dims from 0")
     if cfg.gripper.pos_weight is not None and cfg.gripper.pos_weight <= 0:
         p.append(f"loss.gripper.pos_weight: must be > 0, got {cfg.gripper.pos_weight}")
     if not 0.0 <= cfg.language.label_smoothing < 1.0:
         p.append(f"loss.language.label_smoothing: must be in [0, 1), got {cfg.language.label_smoothing}")
     if cfg.grad_norm_every < 0:
         p.append(f"loss.grad_norm_every: must be >= 0, got {cfg.grad_norm_every}")
+    return p
+
+
+def check_action_dim(cfg: LossConfig, action_dim: int, gripper_head: bool) -> list[str]:
+    """Problems of the loss section against the data's action dim, known once the data is read."""
+    p = []
+    weights = cfg.action.dim_weights
+    if weights is not None and len(weights) != action_dim:
+        p.append(f"loss.action.dim_weights: {len(weights)} values for {action_dim} action dims (lengths must match)")
+    dims = cfg.gripper.dims
+    if gripper_head and any(d >= action_dim for d in dims):
+        valid = f"0..{action_dim - 1}"
+        p.append(f"loss.gripper.dims: {dims} out of range for the data's {action_dim} action dims ({valid})")
+    if gripper_head and cfg.weights.action != 0 and len(set(dims)) >= action_dim:
+        p.append("loss.gripper.dims: every action dim is a gripper dim, nothing is left to regress")
+    regress = regressed_dims(action_dim, dims, gripper_head)
+    if not p and weights is not None and cfg.weights.action != 0 and sum(weights[a] for a in regress) <= 0:
+        p.append(f"loss.action.dim_weights: all regressed dims {regress} have weight 0")
     return p
 
 
@@ -262,15 +276,13 @@ class CompositeLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, action_dim: int, chunk: int, gripper_head: bool):
         super().__init__()
-        problems = check_loss_config(cfg, action_dim, chunk, gripper_head)
-        regress = regressed_dims(action_dim, cfg.gripper.dims, gripper_head)
-        dim_w = cfg.action.dim_weights
-        if not problems and dim_w is not None and cfg.weights.action != 0 and sum(dim_w[a] for a in regress) <= 0:
-            problems.append(f"loss.action.dim_weights: all regressed dims {regress} have weight 0")
+        problems = check_loss_config(cfg, chunk, gripper_head)
+        problems += [] if problems else check_action_dim(cfg, action_dim, gripper_head)
         if problems:
             raise RecipeError(problems, "loss")
         self.cfg, self.action_dim, self.chunk, self.gripper_head = cfg, action_dim, chunk, gripper_head
         self.action_loss = ACTION_LOSSES[cfg.action.type](cfg.action)
+        regress, dim_w = regressed_dims(action_dim, cfg.gripper.dims, gripper_head), cfg.action.dim_weights
         self.register_buffer("regress_dims", torch.tensor(regress, dtype=torch.long), persistent=False)
         self.register_buffer(
             "gripper_dims", torch.tensor(cfg.gripper.dims if gripper_head else [], dtype=torch.long), persistent=False

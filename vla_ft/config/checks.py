@@ -62,12 +62,11 @@ def validate(r: Recipe) -> list[str]:
     if not 0 < r.distributed.timeout_min < float("inf"):
         p.append(f"distributed.timeout_min: must be finite and > 0, got {r.distributed.timeout_min}")
     from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
+    from vla_ft.losses import check_loss_config
 
-    p += check_weights(r.loss)
+    p += check_weights(r.loss) + check_loss_config(r.loss, r.data.chunk, r.model.gripper_head)
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
-    if r.model.gripper_head and not r.loss.gripper.dims:
-        p.append("loss.gripper.dims: name the gripper action dim(s) when model.gripper_head is true")
     normalised = sorted(set(r.loss.gripper.dims) - set(r.data.raw_dims or [])) if r.data.raw_dims is not None else []
     if r.model.gripper_head and normalised:
         p.append(
@@ -75,6 +74,8 @@ def validate(r: Recipe) -> list[str]:
             f"raw values (loss.gripper.threshold={r.loss.gripper.threshold}): include them"
         )
     p += template_problems(r.data.prompt_template)
+    if r.data.val_filter and r.data.val_episodes:
+        p.append("data.val_filter and data.val_episodes both choose the validation episodes; set one")
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
     p += cache_problems(r)
