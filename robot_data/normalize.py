@@ -15,7 +15,6 @@ import torch
 
 from robot_data.reader import Reader
 
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99", "count")
 NORM_KEYS = ("state", "action")
 MODES = ("mean_std", "min_max", "q01_q99", "none")
 MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "q01_q99": ("q01", "q99"), "none": ()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 
-def did_you_mean(name: str, names: Sequence[str]) -> str:
+def did_you_mean(name: str, names: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest of ``names``, or ''."""
     close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -76,7 +76,8 @@ class Reader(ABC):
     """A dataset format. Subclasses set ``cameras``, ``fps`` and ``gripper_dims`` in ``__init__``.
 
     ``gripper_dims`` lists the action dims that hold a gripper command, when the format knows
-    them (the trainer keeps those raw by default); it is empty when unknown.
+    them, so a converted dataset keeps their names; it is empty when unknown. (Training takes its
+    gripper dims from the recipe's ``loss.gripper.dims``, not from here.)
     Readers must stay picklable (DataLoader workers): open file handles lazily, per process.
     """
 

@@ -14,6 +14,8 @@ from test_data_check import _edit_column
 from robot_data import SyntheticReader, write_lerobot
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from vla_ft.cli import main as cli
+from vla_ft.config import load_recipe
+from vla_ft.data import checked_skip_list
 
 
 def _synth(tmp_path: Path) -> Path:
@@ -36,7 +38,7 @@ def test_synth_then_check_then_train_from_disk(tmp_path, tiny_overrides, capsys)
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "train.steps=2"]) == 0
 
 
-def test_failing_dataset_is_refused_unless_skipped(tmp_path, tiny_overrides, capsys):
+def test_failing_dataset_is_refused_unless_skipped(tmp_path, tiny_overrides, capsys, monkeypatch):
     ds = _synth(tmp_path)
     data_file = next((ds / "data").rglob("*.parquet"))
     _edit_column(data_file, "action", lambda a: np.where(np.arange(len(a))[:, None] == 12, np.nan, a))  # episode 1
@@ -51,6 +53,13 @@ def test_failing_dataset_is_refused_unless_skipped(tmp_path, tiny_overrides, cap
 
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
     assert "skipping 1 episode(s): [1]" in capsys.readouterr().out
+
+    # Under torchrun every rank reads the data: only rank 0 says what it skips.
+    recipe = load_recipe(QUICKSTART, [*disk, "data.skip_bad_episodes=true"])
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert checked_skip_list(recipe) == {1}
+        assert ("skipping 1 episode(s)" in capsys.readouterr().out) is says
 
 
 def test_skipped_episode_is_left_out_of_shipped_stats_checks(tmp_path, tiny_overrides, capsys):
@@ -157,7 +166,6 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
 
 def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys):
     """data.train_filter / data.val_filter take the split robomimic ships (mask/<key>)."""
-    from vla_ft.config import load_recipe
     from vla_ft.data import build_reader, split_train_val
 
     rm = _robomimic(tmp_path)  # episodes 0..5
@@ -188,7 +196,7 @@ def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys
 
 
 def test_a_split_with_nothing_to_train_on_is_one_line(tmp_path, tiny_overrides, capsys):
-    from vla_ft.config import RecipeError, load_recipe
+    from vla_ft.config import RecipeError
     from vla_ft.data import build_reader, split_train_val
 
     assert cli(["train", str(QUICKSTART), *tiny_overrides, "data.val_episodes=[9999]", "train.steps=1"]) == 2

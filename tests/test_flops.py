@@ -155,10 +155,10 @@ def test_meter_counts_training_forwards_and_recounts_after_an_unfreeze():
         expected += reference_model_flops(reference, loss_fn, batch)
     model.eval()
     model(batch)  # evaluation is not training work
-    out = meter.metrics(None, 6, elapsed=2.0)
+    out = meter.metrics(elapsed=2.0)
     assert out["perf/tflops"] == pytest.approx(expected / 2.0 / 1e12, rel=1e-9)
     assert out["perf/mfu"] == pytest.approx(out["perf/tflops"] / 100.0)
-    assert meter.metrics(None, 0, 1.0) == {}  # reset after each log interval
+    assert meter.metrics(1.0) == {}  # reset after each log interval
     meter.remove()
 
 

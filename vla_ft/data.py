@@ -25,6 +25,7 @@ from robot_data.reader import DatasetFormatError, UnknownFeatureError, did_you_m
 from vla_ft.config import Recipe, RecipeError
 from vla_ft.losses import check_action_dim
 from vla_ft.metrics import best_metric_problems
+from vla_ft.runtime import say
 
 
 @dataclass
@@ -140,7 +141,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     else:
         fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes)
         for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
-            print(f"data stats: {line}")
+            say(f"data stats: {line}")
         normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
     prompts = PromptTokenizer(
         tokenizer,
@@ -240,7 +241,7 @@ def checked_skip_list(recipe: Recipe) -> set[int]:
     except DatasetCheckError as err:
         raise RecipeError(f"data.path: {d.path} failed its checks (vla-ft data check {d.path}):\n{err}") from None
     if skip:
-        print(f"data.skip_bad_episodes: skipping {len(skip)} episode(s): {sorted(skip)}")
+        say(f"data.skip_bad_episodes: skipping {len(skip)} episode(s): {sorted(skip)}")
     return skip
 
 

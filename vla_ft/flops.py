@@ -298,8 +298,8 @@ class FlopMeter:
                 self.model.train()  # VLA.train keeps frozen modules in eval
         return step_flops(self.model, rec, one)
 
-    def metrics(self, run: Run, samples: int, elapsed: float) -> dict[str, float]:
-        """``perf/tflops`` (and ``perf/mfu`` where the peak is known) since the last call."""
+    def metrics(self, elapsed: float) -> dict[str, float]:
+        """``perf/tflops`` (and ``perf/mfu`` where the peak is known) over the ``elapsed`` s since the last call."""
         if self.flops is None:
             return {}
         tflops = float(self.flops) / max(elapsed, 1e-9) / 1e12  # the log interval's one sync
@@ -320,7 +320,7 @@ def install_meter(run: Run) -> None:
 
     def perf_metrics(run: Run, samples: int, elapsed: float) -> dict[str, float]:
         out = previous(run, samples, elapsed) if previous is not None else {}
-        return {**out, **meter.metrics(run, samples, elapsed)}
+        return {**out, **meter.metrics(elapsed)}
 
     run.extras["perf_metrics"] = perf_metrics
     run.extras["flop_meter"] = meter

@@ -13,7 +13,7 @@ rank-r matmuls themselves. With ``h = x A^T`` of shape (tokens, r) the same numb
     adapters:             dA = dh^T x,  dB = s dy^T h      (the frozen W gets no gradient)
 
 so no full-width adapter output exists and ``dy`` is read by two GEMMs instead of three
-(-13.5% step time for LoRA r=32 on every LM linear, benchmarks/RESULTS.md, eighth session).
+(-13.5% step time for LoRA r=32 on every LM linear on an H100; benchmarks/RESULTS.md gives the table).
 The module stays peft's (same parameters, ``save_pretrained``, ``merge_and_unload``); only its
 class changes, to :class:`vla_ft.lora_fused.FusedLoraLinear`, whose forward falls back to
 peft's wherever the fused form does not apply (dropout, DoRA and other variants, several or

@@ -255,7 +255,7 @@ def _pads_to_the_end(seq: torch.Tensor, n_prefix: int, prompt_mask: torch.Tensor
     Why (speed): with padding only at the end, causal attention alone keeps pads out of every
     real token's view, so the LM runs without a padding mask on SDPA's causal fast path (the
     masked kernel took ~2x as long at these lengths on an H100), and the default positions
-    0..L-1 equal the old mask-cumsum positions of the real tokens. Outputs are unchanged.
+    0..L-1 equal the positions a padding mask's cumsum would give the real tokens. Outputs are unchanged.
     """
     b, length, _ = seq.shape
     n_pad = prompt_mask.shape[1] - prompt_mask.sum(1, keepdim=True)  # (B, 1)

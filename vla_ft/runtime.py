@@ -27,7 +27,6 @@ class Runtime:
     param_dtype: torch.dtype | None = None  # bf16: weights in bf16, fp32 masters (vla_ft.master_weights)
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -72,6 +71,13 @@ class Runtime:
             dist.barrier()
 
 
+def say(message: str) -> None:
+    """Print on rank 0 only. Asks the launcher's ``RANK`` rather than a :class:`Runtime`, since
+    data loading and the sweep runner speak before the process group exists or after it is gone."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
 def init_runtime(recipe: Recipe) -> Runtime:
     """Pick the device and precision; join the process group when launched by torchrun."""
     t = recipe.train
@@ -97,7 +103,7 @@ def init_runtime(recipe: Recipe) -> Runtime:
         backend = ("nccl" if want_cuda else "gloo") if backend == "auto" else backend
         timeout = datetime.timedelta(minutes=recipe.distributed.timeout_min)
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
-    return Runtime(device, amp, param_dtype, rank, world, local)
+    return Runtime(device, amp, param_dtype, rank, world)
 
 
 def resolve_param_dtype(recipe: Recipe, precision: str, world: int) -> torch.dtype | None:

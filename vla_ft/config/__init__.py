@@ -7,7 +7,7 @@
   is not frozen, feature-cache refusals, ...).
 """
 
-from vla_ft.config.checks import READERS, cache_problems, validate
+from vla_ft.config.checks import cache_problems, validate
 from vla_ft.config.loader import (
     apply_overrides,
     describe_keys,
@@ -67,7 +67,6 @@ __all__ = [
     "MODULE_NAMES",
     "ModelConfig",
     "OptimConfig",
-    "READERS",
     "Recipe",
     "RecipeError",
     "ScheduledWeight",
