@@ -12,9 +12,14 @@ Adapters are saved in PEFT's own format next to every checkpoint (``adapter/``, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from vla_ft.config import LoraConfig, RecipeError
+
+if TYPE_CHECKING:
+    from vla_ft.model import VLA
 
 ALL_LINEAR = "all-linear"
 
@@ -54,7 +59,7 @@ def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_
     return model
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
+def apply_lora(model: VLA, cfg: LoraConfig) -> None:
     """Wrap ``model.language_model`` (and the vision backbones) in peft LoRA, in place."""
     if cfg.enabled:
         # CAUSAL_LM: the saved adapter_config.json is what AutoPeftModelForCausalLM expects.
@@ -68,7 +73,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
         model.lora_modules.add("vision_encoder")
 
 
-def merge_lora(model: nn.Module) -> None:
+def merge_lora(model: VLA) -> None:
     """Fold every adapter into its base weights and unwrap, in place (for export)."""
     if "language_model" in model.lora_modules:
         untie_adapted_embeddings(model.language_model)

@@ -48,7 +48,7 @@ def no_decay_ids(name: str, module: nn.Module) -> set[int]:
     return out
 
 
-def trained_modules(recipe: Recipe, model: nn.Module) -> dict[str, int]:
+def trained_modules(recipe: Recipe, model: VLA) -> dict[str, int]:
     """Module name -> step at which it starts training (absent = frozen for the whole run)."""
     present = model.named_modules_of_interest()
     out = {}
@@ -62,7 +62,7 @@ def trained_modules(recipe: Recipe, model: nn.Module) -> dict[str, int]:
     return out
 
 
-def build_param_groups(recipe: Recipe, model: nn.Module, extra_no_decay: Sequence[torch.Tensor] = ()) -> list[dict]:
+def build_param_groups(recipe: Recipe, model: VLA, extra_no_decay: Sequence[torch.Tensor] = ()) -> list[dict]:
     """Optimizer param groups, named, with ``base_lr``, ``start_step`` and ``warmup_steps``.
 
     ``extra_no_decay`` (e.g. the loss's learned log-variances) forms the ``loss_weights`` group.
@@ -211,7 +211,7 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
 
 
-def frozen_at(recipe: Recipe, model: nn.Module, step: int) -> set[str]:
+def frozen_at(recipe: Recipe, model: VLA, step: int) -> set[str]:
     """Modules frozen for update ``step`` (0-based) under the freeze + unfreeze plan."""
     starts = trained_modules(recipe, model)
     return {n for n in model.named_modules_of_interest() if n not in starts or starts[n] > step}
