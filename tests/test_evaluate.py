@@ -8,6 +8,7 @@ from the synthetic episodes' raw actions and the checkpoint's norm_stats.json wi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,23 @@ def test_episode_selection():
         select_episodes("9", [0], [1])
     with pytest.raises(RecipeError, match="holds out no episodes"):
         select_episodes("val", [0, 1], [])
+
+
+def test_eval_of_the_best_checkpoint(checkpoint, tmp_path):
+    assert (checkpoint.parent / "best").read_text() == checkpoint.name  # written by the run
+    assert cli(["eval", str(checkpoint.parent / "best"), "--out", str(tmp_path / "best")]) == 0
+    saved = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert saved["checkpoint"] == str(checkpoint) and saved["step"] == 2
+
+
+def test_eval_refuses_an_incomplete_or_damaged_checkpoint(checkpoint, tmp_path, capsys):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / "step_000002"))
+    stats = json.loads((copy / "norm_stats.json").read_text())
+    del stats["stats"]
+    (copy / "norm_stats.json").write_text(json.dumps(stats))
+    assert cli(["eval", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy}/norm_stats.json: unreadable (KeyError: 'stats')" in err and "damaged or incomplete" in err
+    (copy / "COMPLETE").unlink()
+    assert cli(["eval", str(copy)]) == 2
+    assert f"{copy} is an incomplete checkpoint" in capsys.readouterr().err

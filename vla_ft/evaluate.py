@@ -1,11 +1,13 @@
 """``vla-ft eval CHECKPOINT [data overrides]``: offline metrics on held-out episodes, in real units.
 
-The model comes back from the checkpoint alone (:func:`vla_ft.model_files.load_model`: no hub or
-pretrained file is read); the data from the checkpoint's ``config.yaml`` plus ``data.*`` overrides,
-normalised with its ``norm_stats.json`` and tokenised with its ``tokenizer/``, exactly as in
-training. Metrics are those of validation (:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1
-and MSE, the mean-action baseline, gripper accuracy, F1 and accuracy at transitions, L1 by chunk
-horizon, and token accuracy when the LM has a language target. Output::
+CHECKPOINT is anything :func:`vla_ft.policy.resolve_directory` takes: a checkpoint, the ``best``
+or ``latest`` pointer of a run's ``checkpoints/``, or a run directory. The model comes back from
+that directory alone (:func:`vla_ft.model_files.load_model`: no hub or pretrained file is read);
+the data from its ``config.yaml`` plus ``data.*`` overrides, normalised with its
+``norm_stats.json`` and tokenised with its ``tokenizer/``, exactly as in training. Metrics are those of validation
+(:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1 and MSE, the mean-action baseline,
+gripper accuracy, F1 and accuracy at transitions, L1 by chunk horizon, and token accuracy when the
+LM has a language target. Output::
 
     <out>/                       default: CHECKPOINT/eval
       metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null)
@@ -29,6 +31,10 @@ from vla_ft.config import Recipe, RecipeError, apply_overrides, recipe_from_dict
 # Keys an evaluation may change: which data, and how to run. Anything else (model, loss, ...) is
 # fixed by the checkpoint.
 OVERRIDABLE = ("data.", "train.batch_size", "train.device", "train.precision", "train.threads")
+CHECKPOINT_HELP = (
+    "checkpoint directory (RUN/checkpoints/step_N), RUN/checkpoints/best (best validation metric), "
+    "RUN/checkpoints/latest, or a run directory RUN (its newest checkpoint)"
+)
 
 
 def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
@@ -80,18 +86,16 @@ class Evaluation:
 def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluation:
     """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained."""
     # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
-    from vla_ft.checkpoint import load_json
     from vla_ft.data import build_data
-    from vla_ft.model_files import load_model
+    from vla_ft.model_files import load_model, load_saved_tokenizer, read_norm_stats
     from vla_ft.policy import resolve_directory
     from vla_ft.runtime import init_runtime
-    from vla_ft.tokenizer import load_tokenizer
 
     ckpt = resolve_directory(path)
     recipe = eval_recipe(ckpt, overrides)
     rt = init_runtime(recipe)
-    tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
-    data = build_data(recipe, tokenizer, load_json(ckpt / "norm_stats.json"))
+    tokenizer = load_saved_tokenizer(ckpt)
+    data = build_data(recipe, tokenizer, read_norm_stats(ckpt))
     model, meta = load_model(ckpt, rt.device)
     check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
     model.wants_language = recipe.data.language_target != "none"  # token accuracy
@@ -141,10 +145,9 @@ def evaluate_checkpoint(
     gripper = r.loss.gripper.dims if r.model.gripper_head else []
     metrics = ActionMetrics(d.normalizer, d.action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
     trajectories = predict(ev.model, loader, metrics, ev.rt, set(ids[:plot_episodes]))
-    state = ev.checkpoint / "trainer_state.json"
     report = {
         "checkpoint": str(ev.checkpoint),
-        "step": json.loads(state.read_text())["state"]["step"] if state.is_file() else None,
+        "step": trained_steps(ev.checkpoint),
         "episodes": ids,
         "samples": len(loader.dataset),
         "overrides": list(overrides),
@@ -158,6 +161,17 @@ def evaluate_checkpoint(
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}
+
+
+def trained_steps(directory: Path) -> int | None:
+    """The step a checkpoint was saved at; None for an export (it has no trainer_state.json)."""
+    from vla_ft.checkpoint import load_json, reading
+
+    path = directory / "trainer_state.json"
+    if not path.is_file():
+        return None
+    with reading(path, directory):
+        return int(load_json(path, directory)["state"]["step"])
 
 
 def check_compatible(
@@ -253,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     text = "metrics of a checkpoint on held-out episodes in real units, as a table, JSON and a trajectory plot"
     p = sub.add_parser("eval", help=text, description=text)
-    p.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N), or a run directory: its newest")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.path=... data.val_episodes=[3,4]")
     p.add_argument("--episodes", default="val", help="val (held-out split, default), all, or ids like 3,7,9")
     p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval)")

@@ -5,6 +5,7 @@
     from vla_ft import VLAPolicy
 
     policy = VLAPolicy.from_pretrained("runs/quickstart")      # newest checkpoint of a run
+    # or "runs/quickstart/checkpoints/best" (best validation metric), ".../step_000200", an export
     actions = policy.predict_action({"observation.images.top": frame}, "pick up the red block", state)
     # actions: (chunk, action_dim) float32 numpy, in the dataset's units
 
@@ -27,16 +28,24 @@ from robot_data.images import resize, to_chw
 from vla_ft import checkpoint as ck
 from vla_ft.metrics import real_actions
 from vla_ft.model import VLA, pad_token_id
-from vla_ft.model_files import META_FILE, load_model
-from vla_ft.tokenizer import load_tokenizer
+from vla_ft.model_files import META_FILE, load_model, load_saved_tokenizer, read_model_meta, read_norm_stats
 
 ImagesLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+POINTERS = ("latest", "best")  # files in <run>/checkpoints naming a checkpoint (see vla_ft.checkpoint)
 
 
 def resolve_directory(path: str | Path) -> Path:
-    """A checkpoint/export directory, or a run directory (-> its newest complete checkpoint)."""
+    """The checkpoint or export directory that ``path`` names.
+
+    ``path`` is a checkpoint (``<run>/checkpoints/step_N``; only a complete one), an export, a
+    pointer file ``<run>/checkpoints/best`` or ``latest`` (the checkpoint it names), or a run
+    directory (its newest complete checkpoint).
+    """
     path = Path(path).expanduser()
+    if path.name in POINTERS and path.is_file():
+        return _follow_pointer(path)
     if (path / META_FILE).is_file():
+        check_complete(path)
         return path
     latest = ck.latest_checkpoint(path / "checkpoints")
     if latest is not None:
@@ -46,22 +55,63 @@ def resolve_directory(path: str | Path) -> Path:
     raise ck.CheckpointError(f"VLAPolicy: {path} holds no {META_FILE} and no complete checkpoint under checkpoints/")
 
 
+def _follow_pointer(pointer: Path) -> Path:
+    """The complete checkpoint ``<run>/checkpoints/<pointer>`` names; ``latest`` as a run directory resolves it."""
+    root = pointer.parent
+    target = ck.latest_checkpoint(root) if pointer.name == "latest" else ck.read_pointer(root, pointer.name)
+    if target is None:
+        raise ck.CheckpointError(
+            f"{pointer} names '{pointer.read_text().strip()}', which is not a complete checkpoint in {root}"
+        )
+    return target
+
+
+def check_complete(directory: Path) -> None:
+    """Refuse a checkpoint whose save did not finish.
+
+    A checkpoint is written under ``.tmp_step_N`` and vouched for by its ``COMPLETE`` file,
+    written last (:func:`vla_ft.checkpoint.write_checkpoint`). An export has no such file: it is
+    written under ``.tmp_<name>`` and renamed when whole (:func:`vla_ft.export.export_policy`),
+    and its ``model_meta.json`` says ``"merged": true``. So a ``.tmp_`` name is an unfinished
+    write of either, and a checkpoint without ``COMPLETE`` one that was interrupted or is running.
+    """
+    run = directory.parent.parent if directory.parent.name == "checkpoints" else None
+    advice = f"load the run directory {run} (its newest complete checkpoint)" if run else "load a complete one"
+    if directory.name.startswith(".tmp_"):
+        raise ck.CheckpointError(f"{directory} is an unfinished save or export (a temporary directory); {advice}")
+    if not ck.is_complete(directory) and not read_model_meta(directory)["merged"]:
+        raise ck.CheckpointError(
+            f"{directory} is an incomplete checkpoint: it lacks the {ck.COMPLETE} file a save writes last "
+            f"(the save was interrupted, or is still running); {advice}"
+        )
+
+
 class VLAPolicy:
     """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
 
-    def __init__(self, model: VLA, meta: dict[str, Any], normalizer: Normalizer, tokenizer: Any, device: torch.device):
+    def __init__(
+        self,
+        model: VLA,
+        meta: dict[str, Any],
+        normalizer: Normalizer,
+        tokenizer: Any,
+        device: torch.device,
+        directory: Path | None = None,
+    ):
         self.model, self.meta, self.normalizer, self.device = model, meta, normalizer, device
+        self.directory = directory  # where the weights came from, for errors
         self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none")
         self.pad_id = pad_token_id(tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VLAPolicy:
-        """Load from a checkpoint (``<run>/checkpoints/step_N``), a run directory or an export."""
+        """Load from a checkpoint (``<run>/checkpoints/step_N``), ``<run>/checkpoints/best``, a run
+        directory (its newest checkpoint) or an export; see :func:`resolve_directory`."""
         directory = resolve_directory(path)
         model, meta = load_model(directory, device)
-        normalizer = Normalizer.from_dict(ck.load_json(directory / "norm_stats.json"))
-        tokenizer = load_tokenizer(str(directory / "tokenizer"), key="tokenizer")
-        return cls(model, meta, normalizer, tokenizer, torch.device(device))
+        normalizer = Normalizer.from_dict(read_norm_stats(directory))
+        tokenizer = load_saved_tokenizer(directory)
+        return cls(model, meta, normalizer, tokenizer, torch.device(device), directory)
 
     @property
     def cameras(self) -> list[str]:
