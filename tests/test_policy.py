@@ -196,6 +196,21 @@ def test_best_and_latest_pointers_resolve_to_their_checkpoint(trained, tmp_path)
         resolve_directory(root / "best")
 
 
+def test_torch_tensors_are_frames(trained, offline):
+    policy = VLAPolicy.from_pretrained(trained)
+    frames = np.stack([_frame(i) for i in range(2)])
+    state = np.zeros((2, 2, 3), np.float32)
+    want = policy.predict_action(frames, TASK, state)
+    tensor = torch.from_numpy(frames)
+    one = policy.predict_action(frames[0], TASK, state[0])
+    np.testing.assert_array_equal(policy.predict_action(tensor[0], TASK, state[0]), one)  # bare tensor, one frame
+    np.testing.assert_array_equal(policy.predict_action(tensor, TASK, torch.from_numpy(state)), want)  # a batch
+    np.testing.assert_array_equal(policy.predict_action({"observation.images.top": tensor}, TASK, state), want)
+    np.testing.assert_array_equal(policy.predict_action([tensor], TASK, state), want)
+    with pytest.raises(ValueError, match=r"images\['observation.images.top'\]: expected uint8 .* got float32"):
+        policy.predict_action(tensor.float(), TASK, state)
+
+
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
@@ -225,3 +240,32 @@ def test_a_damaged_checkpoint_names_the_file(trained, tmp_path, damage, named):
     message = str(refused.value)
     assert f"{ckpt}/{named}" in message and f"the checkpoint or export {ckpt} is damaged or incomplete" in message
     assert "recipe" not in message  # the recipe is not what is wrong
+
+
+def test_non_finite_outputs_are_an_error_naming_the_checkpoint(trained, offline):
+    """A NaN weight gives NaN outputs; a NaN gripper logit must not be sent to the robot as 'open'."""
+    from vla_ft.metrics import real_actions
+
+    for head in ("action_head", "gripper_head"):
+        policy = VLAPolicy.from_pretrained(trained)
+        with torch.no_grad():
+            getattr(policy.model, head)[-1].bias.fill_(float("nan"))
+        with pytest.raises(CheckpointError, match="predicted non-finite") as refused:
+            policy.predict_action(_frame(0), TASK, np.zeros((2, 3), np.float32))
+        assert str(trained / "checkpoints" / "step_000002") in str(refused.value)
+    outputs = {"actions": torch.zeros(1, 1, 3), "gripper_logits": torch.tensor([[[float("nan")]]])}
+    actions = real_actions(outputs, policy.normalizer, [2], True)[0, 0]
+    assert actions[2].isnan() and actions[:2].isfinite().all()  # validation metrics show NaN, not 'open'
+
+
+def test_bf16_weights_predict_as_fp32_within_bf16_precision(trained, offline):
+    frames = np.stack([_frame(i) for i in range(3)])
+    state = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
+    full = VLAPolicy.from_pretrained(trained).predict_action(frames, TASK, state)
+    half = VLAPolicy.from_pretrained(trained, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    low = half.predict_action(frames, TASK, state)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low[..., :2], full[..., :2], atol=0.05 * np.abs(full[..., :2]).max())
+    with pytest.raises(ValueError, match="dtype: a floating-point dtype"):
+        VLAPolicy.from_pretrained(trained, dtype=torch.int8)
