@@ -73,6 +73,7 @@ def test_export_layout_and_a_standalone_lm(exported):
 
     _, out = exported
     assert sorted(p.name for p in out.iterdir()) == [  # no COMPLETE file: written aside, renamed when whole
+        "config.yaml",
         "language_model",
         "model_meta.json",
         "norm_stats.json",

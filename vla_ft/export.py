@@ -10,6 +10,8 @@
       model_meta.json       as in checkpoints, with "merged": true and LoRA off
       norm_stats.json       normalisation statistics (the policy inverts with these)
       tokenizer/            the tokenizer
+      config.yaml           the recipe the checkpoint was trained with: ``vla-ft eval OUT`` reads
+                            its data section, as for a checkpoint
 
 ``VLAPolicy.from_pretrained(OUT)`` loads it and predicts the same actions as from the checkpoint.
 The directory is written under a temporary name (``.tmp_<OUT>``) and renamed into place when
@@ -28,7 +30,7 @@ from vla_ft.lora import merge_lora
 from vla_ft.model_files import LM_DIR, META_FILE, NORM_STATS, POLICY_WEIGHTS, TOKENIZER_DIR, load_model
 from vla_ft.policy import resolve_directory
 
-COPIED = (NORM_STATS, TOKENIZER_DIR)  # from the checkpoint, as they are
+COPIED = (NORM_STATS, TOKENIZER_DIR, "config.yaml")  # from the checkpoint, as they are
 
 
 def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
