@@ -8,6 +8,7 @@ from the synthetic episodes' raw actions and the checkpoint's norm_stats.json wi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +126,42 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
     assert saved["metrics"]["action_l1"] == pytest.approx(expected_metrics(checkpoint, [0, 1])["action_l1"], rel=1e-5)
 
     assert cli(["eval", str(checkpoint), "model.lora.enabled=true"]) == 2
-    assert "eval overrides may change data." in capsys.readouterr().err
-    for key, value, trained in (("data.chunk", 1, 3), ("data.history", 2, 1)):
-        assert cli(["eval", str(checkpoint), f"{key}={value}"]) == 2
-        assert f"{key}: {value}, the checkpoint was trained with {trained}" in capsys.readouterr().err
+    assert "refused model.lora.enabled: the checkpoint fixes it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        ("data.normalize=min_max", "data.normalize: the checkpoint's norm_stats.json sets the normalisation"),
+        ("data.prompt_template={instruction}", "data.prompt_template: the model was trained on the checkpoint's"),
+        ("data.language_target=none", "data.language_target: token accuracy is measured on the target"),
+        ("data.chunk=1", "data.chunk: the model predicts the chunk it was trained with"),
+        ("data.augment.enabled=true", "data.augment.enabled: evaluation never augments images"),
+        ("data.pth=/data", "data.pth: not a recipe key (did you mean 'data.path'?)"),
+    ],
+)
+def test_eval_refuses_overrides_that_change_what_is_measured(checkpoint, capsys, override, why):
+    """Only where the data is, which episodes and how to run may change: the rest would be
+    ignored (normalisation comes from norm_stats.json) or measure another thing (the prompt)."""
+    assert cli(["eval", str(checkpoint), "data.val_episodes=[0]", override]) == 2
+    err = capsys.readouterr().err
+    assert "eval overrides may change where the data is" in err and f"refused {why}" in err
+    assert "data.val_episodes" not in err.split("refused", 1)[1]  # allowed, so not listed as refused
+
+
+def test_eval_of_an_export(checkpoint, tmp_path, capsys):
+    """An export carries the recipe eval reads; its metrics are the checkpoint's (same weights)."""
+    from vla_ft.export import export_policy
+
+    _, held_out = split_episodes(range(6), 0.34, seed=0)
+    expected = expected_metrics(checkpoint, held_out)
+    export = export_policy(checkpoint, tmp_path / "export")
+    result = evaluate_checkpoint(export, out=tmp_path / "eval-export")
+    assert result["checkpoint"] == str(export) and result["step"] is None and result["episodes"] == held_out
+    for key, value in expected.items():
+        assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert cli(["eval", str(export), "data.val_episodes=[0,1]"]) == 0
+    assert "2 episodes, 20 samples" in capsys.readouterr().out
 
 
 def test_cameras_must_keep_the_checkpoints_order():
@@ -147,3 +180,23 @@ def test_episode_selection():
         select_episodes("9", [0], [1])
     with pytest.raises(RecipeError, match="holds out no episodes"):
         select_episodes("val", [0, 1], [])
+
+
+def test_eval_of_the_best_checkpoint(checkpoint, tmp_path):
+    assert (checkpoint.parent / "best").read_text() == checkpoint.name  # written by the run
+    assert cli(["eval", str(checkpoint.parent / "best"), "--out", str(tmp_path / "best")]) == 0
+    saved = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert saved["checkpoint"] == str(checkpoint) and saved["step"] == 2
+
+
+def test_eval_refuses_an_incomplete_or_damaged_checkpoint(checkpoint, tmp_path, capsys):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / "step_000002"))
+    stats = json.loads((copy / "norm_stats.json").read_text())
+    del stats["stats"]
+    (copy / "norm_stats.json").write_text(json.dumps(stats))
+    assert cli(["eval", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy}/norm_stats.json: unreadable (KeyError: 'stats')" in err and "damaged or incomplete" in err
+    (copy / "COMPLETE").unlink()
+    assert cli(["eval", str(copy)]) == 2
+    assert f"{copy} is an incomplete checkpoint" in capsys.readouterr().err

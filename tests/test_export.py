@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_recipe
 
 from vla_ft import VLAPolicy
+from vla_ft.checkpoint import CheckpointError
 from vla_ft.cli import main as cli
 from vla_ft.train import main as train
 
@@ -71,7 +72,8 @@ def test_export_layout_and_a_standalone_lm(exported):
     from transformers import AutoModelForCausalLM
 
     _, out = exported
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [  # no COMPLETE file: written aside, renamed when whole
+        "config.yaml",
         "language_model",
         "model_meta.json",
         "norm_stats.json",
@@ -132,3 +134,43 @@ def test_an_adapter_on_a_tied_lm_head_moves_only_the_head(tmp_path):
     ids = torch.randint(0, 200, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, model.language_model(input_ids=ids).logits)
+
+
+def test_export_of_the_best_checkpoint(exported, tmp_path, capsys):
+    ckpt, _ = exported
+    assert (ckpt.parent / "best").read_text() == ckpt.name  # written by the run
+    assert cli(["export", str(ckpt.parent / "best"), str(tmp_path / "best")]) == 0
+    assert json.loads((tmp_path / "best" / "model_meta.json").read_text())["source"] == str(ckpt.resolve())
+
+
+def test_export_refuses_an_incomplete_checkpoint(exported, tmp_path, capsys):
+    unfinished = Path(shutil.copytree(exported[0], tmp_path / "step_000002"))
+    (unfinished / "COMPLETE").unlink()
+    assert cli(["export", str(unfinished), str(tmp_path / "out")]) == 2
+    assert f"{unfinished} is an incomplete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("truncate language_model/model.safetensors", "language_model/model.safetensors: unreadable (SafetensorError"),
+        ("delete language_model/model.safetensors", "language_model/model.safetensors is missing"),
+        ("delete language_model", "language_model/config.json is missing"),
+        ("truncate policy.safetensors", "policy.safetensors: unreadable (SafetensorError"),
+        ("delete tokenizer", "tokenizer is missing"),
+    ],
+)
+def test_a_damaged_export_names_its_file_not_a_recipe_key(exported, tmp_path, damage, named):
+    out = Path(shutil.copytree(exported[1], tmp_path / "export"))
+    verb, what = damage.split()
+    path = out / what
+    if verb == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(CheckpointError) as refused:
+        VLAPolicy.from_pretrained(out)
+    message = str(refused.value)
+    assert f"{out}/{named}" in message and f"the checkpoint or export {out} is damaged or incomplete" in message
+    assert "recipe" not in message and "model.language" not in message

@@ -147,6 +147,23 @@ def test_lm_weights_missing_from_the_directory_are_an_error(tmp_path):
         build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}").model, 284)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_pretrained_weights_are_errors_naming_the_key(tmp_path):
+    """An interrupted download or copy leaves a truncated safetensors file: a recipe error, not a traceback."""
+    vit, lm = tmp_path / "vit.safetensors", tmp_path / "lm"
+    save_vit_file(vit)
+    save_lm_dir(lm)
+    _truncate(vit)
+    _truncate(lm / "model.safetensors")
+    with pytest.raises(RecipeError, match=f"model.vision.pretrained: {vit} is damaged"):
+        build_vision_encoder(tiny_recipe(tmp_path, f"model.vision.pretrained={vit}").model, 1)
+    with pytest.raises(RecipeError, match=f"model.language.name: a weights file in '{lm}' is damaged"):
+        build_language_model(tiny_recipe(tmp_path, f"model.language.name={lm}").model, 284)
+
+
 def test_gradient_checkpointing_is_on_and_backward_runs(tmp_path):
     model = _model(tmp_path, "model.language.gradient_checkpointing=true").train()
     lm = model.language_model

@@ -158,3 +158,114 @@ def test_a_directory_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         VLAPolicy.from_pretrained(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="no model_meta.json and no complete checkpoint"):
         VLAPolicy.from_pretrained(tmp_path)
+
+
+def _copy_checkpoint(trained: Path, tmp_path: Path, name: str = "step_000002") -> Path:
+    """A copy of the trained checkpoint to damage, under ``tmp_path/run/checkpoints/<name>``."""
+    return Path(shutil.copytree(trained / "checkpoints" / "step_000002", tmp_path / "run" / "checkpoints" / name))
+
+
+def test_an_incomplete_checkpoint_is_refused(trained, tmp_path):
+    """No COMPLETE file: the save was interrupted (or is running); a .tmp_ directory is an unfinished write."""
+    unfinished = _copy_checkpoint(trained, tmp_path)
+    (unfinished / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint") as refused:
+        VLAPolicy.from_pretrained(unfinished)
+    assert str(unfinished) in str(refused.value) and f"load the run directory {tmp_path / 'run'}" in str(refused.value)
+    staging = _copy_checkpoint(trained, tmp_path, ".tmp_step_000004")  # COMPLETE written, not yet renamed
+    with pytest.raises(CheckpointError, match=r"\.tmp_step_000004 is an unfinished save or export"):
+        VLAPolicy.from_pretrained(staging)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):  # the run has no complete one
+        VLAPolicy.from_pretrained(tmp_path / "run")
+
+
+def test_best_and_latest_pointers_resolve_to_their_checkpoint(trained, tmp_path):
+    from vla_ft.checkpoint import write_pointer
+    from vla_ft.policy import resolve_directory
+
+    ckpts = trained / "checkpoints"
+    assert resolve_directory(ckpts / "best") == ckpts / "step_000002"  # as the run wrote it
+    older, newer = _copy_checkpoint(trained, tmp_path, "step_000001"), _copy_checkpoint(trained, tmp_path)
+    root = older.parent
+    write_pointer(root, "best", older.name)
+    write_pointer(root, "latest", newer.name)
+    assert resolve_directory(root / "best") == older and resolve_directory(root / "latest") == newer
+    assert VLAPolicy.from_pretrained(root / "best").directory == older
+    shutil.rmtree(older)
+    with pytest.raises(CheckpointError, match=f"{root / 'best'} names 'step_000001', which is not a complete"):
+        resolve_directory(root / "best")
+
+
+def test_torch_tensors_are_frames(trained, offline):
+    policy = VLAPolicy.from_pretrained(trained)
+    frames = np.stack([_frame(i) for i in range(2)])
+    state = np.zeros((2, 2, 3), np.float32)
+    want = policy.predict_action(frames, TASK, state)
+    tensor = torch.from_numpy(frames)
+    one = policy.predict_action(frames[0], TASK, state[0])
+    np.testing.assert_array_equal(policy.predict_action(tensor[0], TASK, state[0]), one)  # bare tensor, one frame
+    np.testing.assert_array_equal(policy.predict_action(tensor, TASK, torch.from_numpy(state)), want)  # a batch
+    np.testing.assert_array_equal(policy.predict_action({"observation.images.top": tensor}, TASK, state), want)
+    np.testing.assert_array_equal(policy.predict_action([tensor], TASK, state), want)
+    with pytest.raises(ValueError, match=r"images\['observation.images.top'\]: expected uint8 .* got float32"):
+        policy.predict_action(tensor.float(), TASK, state)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("truncate model.safetensors", "model.safetensors: unreadable (SafetensorError"),
+        ("delete language_model", "language_model/config.json is missing"),
+        ("delete language_model/config.json", "language_model/config.json is missing"),
+        ("delete tokenizer", "tokenizer is missing"),
+        ("drop norm_stats.json stats", "norm_stats.json: unreadable (KeyError: 'stats')"),
+        ("drop model_meta.json chunk", "model_meta.json: lacks chunk"),
+        ("drop model_meta.json gripper", "model_meta.json: lacks gripper.dims, gripper.closed_is_high"),
+    ],
+)
+def test_a_damaged_checkpoint_names_the_file(trained, tmp_path, damage, named):
+    ckpt = _copy_checkpoint(trained, tmp_path)
+    verb, what, *key = damage.split()
+    path = ckpt / what
+    if verb == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif verb == "delete":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    else:
+        content = json.loads(path.read_text())
+        del content[key[0]]
+        path.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError) as refused:
+        VLAPolicy.from_pretrained(ckpt)
+    message = str(refused.value)
+    assert f"{ckpt}/{named}" in message and f"the checkpoint or export {ckpt} is damaged or incomplete" in message
+    assert "recipe" not in message  # the recipe is not what is wrong
+
+
+def test_non_finite_outputs_are_an_error_naming_the_checkpoint(trained, offline):
+    """A NaN weight gives NaN outputs; a NaN gripper logit must not be sent to the robot as 'open'."""
+    from vla_ft.metrics import real_actions
+
+    for head in ("action_head", "gripper_head"):
+        policy = VLAPolicy.from_pretrained(trained)
+        with torch.no_grad():
+            getattr(policy.model, head)[-1].bias.fill_(float("nan"))
+        with pytest.raises(CheckpointError, match="predicted non-finite") as refused:
+            policy.predict_action(_frame(0), TASK, np.zeros((2, 3), np.float32))
+        assert str(trained / "checkpoints" / "step_000002") in str(refused.value)
+    outputs = {"actions": torch.zeros(1, 1, 3), "gripper_logits": torch.tensor([[[float("nan")]]])}
+    actions = real_actions(outputs, policy.normalizer, [2], True)[0, 0]
+    assert actions[2].isnan() and actions[:2].isfinite().all()  # validation metrics show NaN, not 'open'
+
+
+def test_bf16_weights_predict_as_fp32_within_bf16_precision(trained, offline):
+    frames = np.stack([_frame(i) for i in range(3)])
+    state = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
+    full = VLAPolicy.from_pretrained(trained).predict_action(frames, TASK, state)
+    half = VLAPolicy.from_pretrained(trained, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    low = half.predict_action(frames, TASK, state)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low[..., :2], full[..., :2], atol=0.05 * np.abs(full[..., :2]).max())
+    with pytest.raises(ValueError, match="dtype: a floating-point dtype"):
+        VLAPolicy.from_pretrained(trained, dtype=torch.int8)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from vla_ft import lm_compile
@@ -102,7 +103,10 @@ def load_backbone_weights(backbone: nn.Module, file: Path) -> None:
     """
     from timm.models import load_state_dict
 
-    state = load_state_dict(str(file))  # safetensors, or torch.load(weights_only=True); EMA weights preferred
+    try:
+        state = load_state_dict(str(file))  # safetensors, or torch.load(weights_only=True); EMA weights preferred
+    except (SafetensorError, RuntimeError, OSError) as err:  # truncated by an interrupted copy, not a weights file
+        raise RecipeError(f"model.vision.pretrained: {file} is damaged or not a weights file ({err})") from None
     filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, backbone)
@@ -264,6 +268,8 @@ def _pretrained_language_model(lang: LanguageConfig, common: dict[str, Any]) -> 
         )
     except (OSError, ValueError) as err:
         raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
+    except SafetensorError as err:  # its message names no file
+        raise RecipeError(f"model.language.name: a weights file in '{lang.name}' is damaged ({err})") from None
     if info["missing_keys"]:  # transformers would leave them randomly initialised, with a log line
         missing = sorted(info["missing_keys"])
         raise RecipeError(

@@ -206,24 +206,41 @@ def save_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
+def damaged(directory: Path) -> str:
+    """What to tell a user whose checkpoint or export directory lacks a file or holds a broken one."""
+    return (
+        f"the checkpoint or export {directory} is damaged or incomplete; "
+        "load another checkpoint of the run, or export again"
+    )
+
+
 @contextlib.contextmanager
-def reading(path: Path) -> Iterator[None]:
+def reading(path: Path, whole: Path | None = None) -> Iterator[None]:
     """Report a checkpoint file that is missing, damaged or does not fit this run as one
-    :class:`CheckpointError` naming it (parsers' own errors rarely say which file)."""
+    :class:`CheckpointError` naming it (parsers' own errors rarely say which file).
+
+    ``whole``: the checkpoint or export directory ``path`` belongs to, when the model is rebuilt
+    from that directory's own files (inference, export, eval). The file then cannot fail to fit,
+    so a failure means the directory is damaged or incomplete, and the error says so.
+    """
     if not path.exists():
-        raise CheckpointError(f"checkpoint file missing: {path}")
+        raise CheckpointError(f"{path} is missing: {damaged(whole)}" if whole else f"checkpoint file missing: {path}")
     try:
         yield
     except CheckpointError:
         raise
     except Exception as err:
+        cause = f"{type(err).__name__}: {err}"
+        if whole is not None:
+            raise CheckpointError(f"{path}: unreadable ({cause}): {damaged(whole)}") from err
         raise CheckpointError(
-            f"{path}: unreadable, or not from this recipe's model ({type(err).__name__}: {err}); nothing was changed"
+            f"{path}: unreadable, or not from this recipe's model ({cause}); nothing was changed"
         ) from err
 
 
-def load_json(path: Path) -> Any:
-    with reading(path):
+def load_json(path: Path, whole: Path | None = None) -> Any:
+    """The JSON in ``path``; ``whole`` as in :func:`reading`."""
+    with reading(path, whole):
         return json.loads(path.read_text())
 
 

@@ -86,9 +86,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.evaluate import CHECKPOINT_HELP
+
     text = "merge LoRA and write a deployable policy directory (see vla_ft.export)"
     p = sub.add_parser("export", help=text, description=text)
-    p.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N), or a run directory: its newest")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("out", help="output directory (new or empty)")
     p.set_defaults(func=cmd_export)
 

@@ -1,11 +1,14 @@
 """``vla-ft eval CHECKPOINT [data overrides]``: offline metrics on held-out episodes, in real units.
 
-The model comes back from the checkpoint alone (:func:`vla_ft.model_files.load_model`: no hub or
-pretrained file is read); the data from the checkpoint's ``config.yaml`` plus ``data.*`` overrides,
-normalised with its ``norm_stats.json`` and tokenised with its ``tokenizer/``, exactly as in
-training. Metrics are those of validation (:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1
-and MSE, the mean-action baseline, gripper accuracy, F1 and accuracy at transitions, L1 by chunk
-horizon, and token accuracy when the LM has a language target. Output::
+CHECKPOINT is anything :func:`vla_ft.policy.resolve_directory` takes: a checkpoint, the ``best``
+or ``latest`` pointer of a run's ``checkpoints/``, a run directory, or an export. The model comes
+back from that directory alone (:func:`vla_ft.model_files.load_model`: no hub or pretrained file
+is read); the data from its ``config.yaml`` plus overrides of where the data is and which episodes
+(:data:`OVERRIDABLE`), normalised with its ``norm_stats.json`` and tokenised with its
+``tokenizer/``, exactly as in training. Metrics are those of validation
+(:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1 and MSE, the mean-action baseline,
+gripper accuracy, F1 and accuracy at transitions, L1 by chunk horizon, and token accuracy when the
+LM has a language target. Output::
 
     <out>/                       default: CHECKPOINT/eval
       metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null)
@@ -25,20 +28,84 @@ from pathlib import Path
 from typing import Any
 
 from vla_ft.config import Recipe, RecipeError, apply_overrides, recipe_from_dict
+from vla_ft.config.checks import suggest
+from vla_ft.config.loader import recipe_keys
 
-# Keys an evaluation may change: which data, and how to run. Anything else (model, loss, ...) is
-# fixed by the checkpoint.
-OVERRIDABLE = ("data.", "train.batch_size", "train.device", "train.precision", "train.threads")
+# Keys an evaluation may change: where the data is and which of its episodes (the same dataset
+# elsewhere, or another dataset of the same robot), and how to run. The rest is fixed by the
+# checkpoint, the way samples are built included: another one would change what is measured.
+OVERRIDABLE = (
+    "data.format",
+    "data.path",
+    "data.layout",
+    "data.cameras",
+    "data.state_key",
+    "data.action_key",
+    "data.text_key",
+    "data.synthetic.",
+    "data.val_ratio",
+    "data.val_episodes",
+    "data.train_filter",
+    "data.val_filter",
+    "data.skip_bad_episodes",
+    "data.frame_cache",
+    "data.video_tolerance_s",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.prefetch_factor",
+    "train.batch_size",
+    "train.device",
+    "train.precision",
+    "train.threads",
+)
+# Why a data key is refused all the same (first matching prefix); any other known key: the checkpoint fixes it.
+FIXED = {
+    "data.normalize": "the checkpoint's norm_stats.json sets the normalisation",
+    "data.raw_dims": "the checkpoint's norm_stats.json sets the normalisation",
+    "data.prompt_template": "the model was trained on the checkpoint's prompt; another one changes the metric",
+    "data.language_target": "token accuracy is measured on the target the model was trained on",
+    "data.chunk": "the model predicts the chunk it was trained with",
+    "data.history": "the model reads the state history it was trained with",
+    "data.augment": "evaluation never augments images",
+}
+CHECKPOINT_HELP = (
+    "checkpoint directory (RUN/checkpoints/step_N), RUN/checkpoints/best (best validation metric), "
+    "RUN/checkpoints/latest, or a run directory RUN (its newest checkpoint)"
+)
+
+
+def refused_override(override: str) -> str | None:
+    """``key: why`` for an override ``vla-ft eval`` refuses, else None."""
+    key = override.split("=", 1)[0].strip()
+    if key.startswith(OVERRIDABLE):
+        return None
+    keys = recipe_keys()
+    why = next((why for prefix, why in FIXED.items() if key.startswith(prefix)), None)
+    if why is None and _is_recipe_key(key, keys):
+        why = "the checkpoint fixes it"
+    elif why is None:  # a typo, most likely of a key eval takes
+        why = "not a recipe key" + suggest(key, [k for k in keys if k.startswith(OVERRIDABLE)])
+    return f"{key}: {why}"
+
+
+def _is_recipe_key(key: str, keys: list[str]) -> bool:
+    """A schema key, or an entry of a dict-valued one (``model.vision.kwargs.depth``)."""
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    parts = key.split(".")
+    return key in keys or any(".".join(parts[:i]) in set(keys) - sections for i in range(1, len(parts)))
 
 
 def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
-    """The checkpoint's recipe plus ``data.*`` (and device/batch) overrides."""
+    """The checkpoint's recipe plus the data-location and how-to-run overrides of :data:`OVERRIDABLE`."""
     from vla_ft.run_state import read_saved_recipe
 
-    refused = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(OVERRIDABLE)]
+    refused = [why for why in map(refused_override, overrides) if why]
     if refused:
         raise RecipeError(
-            f"eval overrides may change {', '.join(OVERRIDABLE)} only; refused: {', '.join(refused)}", "command line"
+            "eval overrides may change where the data is, which episodes and how to run "
+            f"({', '.join(OVERRIDABLE)}) only; refused {'; '.join(refused)}",
+            "command line",
         )
     raw = read_saved_recipe(checkpoint)
     raw["train"] = {**raw.get("train", {}), "resume": False, "cache_features": False}
@@ -80,18 +147,16 @@ class Evaluation:
 def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluation:
     """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained."""
     # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
-    from vla_ft.checkpoint import load_json
     from vla_ft.data import build_data
-    from vla_ft.model_files import load_model
+    from vla_ft.model_files import load_model, load_saved_tokenizer, read_norm_stats
     from vla_ft.policy import resolve_directory
     from vla_ft.runtime import init_runtime
-    from vla_ft.tokenizer import load_tokenizer
 
     ckpt = resolve_directory(path)
     recipe = eval_recipe(ckpt, overrides)
     rt = init_runtime(recipe)
-    tokenizer = load_tokenizer(str(ckpt / "tokenizer"), key="tokenizer")
-    data = build_data(recipe, tokenizer, load_json(ckpt / "norm_stats.json"))
+    tokenizer = load_saved_tokenizer(ckpt)
+    data = build_data(recipe, tokenizer, read_norm_stats(ckpt))
     model, meta = load_model(ckpt, rt.device)
     check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
     model.wants_language = recipe.data.language_target != "none"  # token accuracy
@@ -141,10 +206,9 @@ def evaluate_checkpoint(
     gripper = r.loss.gripper.dims if r.model.gripper_head else []
     metrics = ActionMetrics(d.normalizer, d.action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
     trajectories = predict(ev.model, loader, metrics, ev.rt, set(ids[:plot_episodes]))
-    state = ev.checkpoint / "trainer_state.json"
     report = {
         "checkpoint": str(ev.checkpoint),
-        "step": json.loads(state.read_text())["state"]["step"] if state.is_file() else None,
+        "step": trained_steps(ev.checkpoint),
         "episodes": ids,
         "samples": len(loader.dataset),
         "overrides": list(overrides),
@@ -158,6 +222,17 @@ def evaluate_checkpoint(
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}
+
+
+def trained_steps(directory: Path) -> int | None:
+    """The step a checkpoint was saved at; None for an export (it has no trainer_state.json)."""
+    from vla_ft.checkpoint import load_json, reading
+
+    path = directory / "trainer_state.json"
+    if not path.is_file():
+        return None
+    with reading(path, directory):
+        return int(load_json(path, directory)["state"]["step"])
 
 
 def check_compatible(
@@ -251,10 +326,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    text = "metrics of a checkpoint on held-out episodes in real units, as a table, JSON and a trajectory plot"
+    text = "metrics of a checkpoint or export on held-out episodes in real units: a table, JSON and a trajectory plot"
     p = sub.add_parser("eval", help=text, description=text)
-    p.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N), or a run directory: its newest")
-    p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.path=... data.val_episodes=[3,4]")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP + "; or an export directory (vla-ft export)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="where the data is, which episodes, how to run: e.g. data.path=... data.val_episodes=[3,4] "
+        "train.device=cuda (model, normalisation and prompt stay the checkpoint's)",
+    )
     p.add_argument("--episodes", default="val", help="val (held-out split, default), all, or ids like 3,7,9")
     p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval)")
     p.add_argument("--plot-episodes", type=int, default=3, help="episodes drawn in trajectories.png")

@@ -10,9 +10,12 @@
       model_meta.json       as in checkpoints, with "merged": true and LoRA off
       norm_stats.json       normalisation statistics (the policy inverts with these)
       tokenizer/            the tokenizer
+      config.yaml           the recipe the checkpoint was trained with: ``vla-ft eval OUT`` reads
+                            its data section, as for a checkpoint
 
 ``VLAPolicy.from_pretrained(OUT)`` loads it and predicts the same actions as from the checkpoint.
-The directory is written under a temporary name and renamed into place when complete.
+The directory is written under a temporary name (``.tmp_<OUT>``) and renamed into place when
+complete, so it needs no ``COMPLETE`` file as checkpoints do.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from safetensors.torch import save_file
 
 from vla_ft import checkpoint as ck
 from vla_ft.lora import merge_lora
-from vla_ft.model_files import LM_DIR, META_FILE, POLICY_WEIGHTS, load_model
+from vla_ft.model_files import LM_DIR, META_FILE, NORM_STATS, POLICY_WEIGHTS, TOKENIZER_DIR, load_model
 from vla_ft.policy import resolve_directory
+
+COPIED = (NORM_STATS, TOKENIZER_DIR, "config.yaml")  # from the checkpoint, as they are
 
 
 def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the export of ``checkpoint`` (or of a run directory's newest checkpoint) to ``out``."""
+    """Write the export of ``checkpoint`` (any path :func:`~vla_ft.policy.resolve_directory` takes) to ``out``."""
     source, out = resolve_directory(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ck.CheckpointError(f"export: {out} exists and is not empty; choose a new OUT directory")
+    missing = [source / name for name in COPIED if not (source / name).exists()]
+    if missing:
+        raise ck.CheckpointError(f"{', '.join(map(str, missing))} missing: {ck.damaged(source)}")
     model, meta = load_model(source)
     merge_lora(model)
     meta.update(merged=True, source=str(source.resolve()))
@@ -47,8 +55,9 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
         }
         save_file(others, str(tmp / POLICY_WEIGHTS))
         ck.save_json(tmp / META_FILE, meta)
-        shutil.copy2(source / "norm_stats.json", tmp / "norm_stats.json")
-        shutil.copytree(source / "tokenizer", tmp / "tokenizer")
+        for name in COPIED:
+            copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+            copy(source / name, tmp / name)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)

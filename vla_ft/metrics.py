@@ -36,16 +36,18 @@ def real_actions(
     ``outputs["actions"]`` (B, C, A) is de-normalised; with ``outputs["gripper_logits"]`` (B, C, G),
     gripper dim ``gripper_dims[j]`` becomes the dataset's closed value where logit j > 0, else its
     open value (the max / min of that dim; swapped when ``closed_is_high`` is false): what a robot
-    is sent. Shared by validation metrics and :class:`vla_ft.policy.VLAPolicy`.
+    is sent. A NaN logit stays NaN (``> 0`` would read it as open). Shared by validation metrics
+    and :class:`vla_ft.policy.VLAPolicy`.
     """
     pred = normalizer.unnormalize("action", outputs["actions"].detach().float().cpu())
     if gripper_dims and "gripper_logits" in outputs:
-        closed = outputs["gripper_logits"].detach().float().cpu() > 0
+        logits = outputs["gripper_logits"].detach().float().cpu()
         stats = normalizer.stats["action"]
         for j, dim in enumerate(gripper_dims):
             lo, hi = float(stats["min"][dim]), float(stats["max"][dim])
             closed_value, open_value = (hi, lo) if closed_is_high else (lo, hi)
-            pred[..., dim] = torch.where(closed[..., j], closed_value, open_value)
+            value = torch.where(logits[..., j] > 0, closed_value, open_value)
+            pred[..., dim] = value.masked_fill(logits[..., j].isnan(), math.nan)
     return pred
 
 

@@ -13,19 +13,24 @@ tree is drawn in :mod:`vla_ft.checkpoint`)::
 :func:`load_model` reads a checkpoint (weights: ``model.safetensors``) or an export (merged LM
 weights in ``language_model/``, everything else in ``policy.safetensors``, see
 :mod:`vla_ft.export`): timm is built with ``pretrained=False`` and the LM from its config, so
-no hub, no pretrained file and no dataset is read.
+no hub, no pretrained file and no dataset is read. A missing or broken file is a
+:class:`~vla_ft.checkpoint.CheckpointError` naming it and saying the directory is damaged or incomplete,
+never a recipe-key error: the recipe is not what is wrong.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import load_model as load_safetensors_model
 from torch import nn
 
+from robot_data import Normalizer
 from vla_ft import checkpoint as ck
 from vla_ft.config import LanguageConfig, LoraConfig, ModelConfig, VisionConfig, to_dict
 from vla_ft.lora import apply_lora
@@ -36,6 +41,26 @@ FORMAT_VERSION = 1
 LM_DIR = "language_model"
 ADAPTER_DIR = "adapter"
 POLICY_WEIGHTS = "policy.safetensors"  # exports: every weight outside the LM
+NORM_STATS = "norm_stats.json"
+TOKENIZER_DIR = "tokenizer"
+# The model_meta.json entries loading reads (nested ones dotted). The recipe sections' own fields
+# are not listed: one added to the schema after a checkpoint was written takes its default.
+META_KEYS = (
+    "merged",
+    "state_dim",
+    "action_dim",
+    "chunk",
+    "history",
+    "vocab_size",
+    "cameras",
+    "image_size",
+    "prompt_template",
+    "gripper.dims",
+    "gripper.closed_is_high",
+    "model.vision",
+    "model.language",
+    "model.lora",
+)
 
 
 def base_language_model(model: VLA) -> nn.Module:
@@ -85,15 +110,30 @@ def write_model_files(run: Any, directory: Path) -> None:
 
 
 def read_model_meta(directory: Path) -> dict[str, Any]:
-    """``model_meta.json`` of a checkpoint or export; a clear error for anything else."""
-    path = Path(directory) / META_FILE
+    """``model_meta.json`` of a checkpoint or export, with every :data:`META_KEYS` entry; else a clear error."""
+    directory = Path(directory)
+    path = directory / META_FILE
     if not path.is_file():
         hint = " (checkpoints written before model_meta.json existed cannot be loaded for inference)"
         raise ck.CheckpointError(f"{directory} is not a checkpoint or export directory: no {META_FILE}{hint}")
-    meta = ck.load_json(path)
+    meta = ck.load_json(path, directory)
+    if not isinstance(meta, dict):
+        raise ck.CheckpointError(f"{path}: holds {type(meta).__name__}, not a mapping: {ck.damaged(directory)}")
     if meta.get("format") != FORMAT_VERSION:
         raise ck.CheckpointError(f"{path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+    missing = [key for key in META_KEYS if not _has_key(meta, key)]
+    if missing:
+        raise ck.CheckpointError(f"{path}: lacks {', '.join(missing)}: {ck.damaged(directory)}")
     return meta
+
+
+def _has_key(meta: dict[str, Any], dotted: str) -> bool:
+    node: Any = meta
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def model_config(section: dict[str, Any]) -> ModelConfig:
@@ -107,6 +147,24 @@ def model_config(section: dict[str, Any]) -> ModelConfig:
     )
 
 
+def read_norm_stats(directory: Path) -> dict[str, Any]:
+    """``norm_stats.json`` of a checkpoint or export, checked to build a :class:`robot_data.Normalizer`."""
+    path = Path(directory) / NORM_STATS
+    stats = ck.load_json(path, directory)
+    with ck.reading(path, directory):
+        Normalizer.from_dict(stats)
+    return stats
+
+
+def load_saved_tokenizer(directory: Path) -> Any:
+    """The tokenizer a checkpoint or export carries (``tokenizer/``, a ``save_pretrained`` directory)."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory) / TOKENIZER_DIR
+    with ck.reading(path, directory):
+        return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA, dict[str, Any]]:
     """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode."""
     directory = Path(directory)
@@ -116,7 +174,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA
             f"{directory} holds FSDP shards (model_dcp/), not one weights file: "
             f"run `vla-ft consolidate {directory}` and load what it writes"
         )
-    cfg = model_config(meta["model"])
+    with ck.reading(directory / META_FILE, directory):  # e.g. a model field this version does not know
+        cfg = model_config(meta["model"])
     cfg.vision.pretrained = False
     dims = {
         "state_dim": meta["state_dim"],
@@ -127,27 +186,61 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA
         "vocab_size": meta["vocab_size"],
         "n_gripper": len(meta["gripper"]["dims"]),
     }
-    if meta["merged"]:  # export: the merged LM is a plain save_pretrained directory
-        cfg.language.name, cfg.language.config = str(directory / LM_DIR), {}
-        model = VLA(cfg, pretrained=False, **dims)
-        _load_policy_weights(model, directory / POLICY_WEIGHTS)
-    else:
-        from transformers import AutoConfig
-
-        model = VLA(cfg, pretrained=False, lm_config=AutoConfig.from_pretrained(str(directory / LM_DIR)), **dims)
-        apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
-        with ck.reading(directory / "model.safetensors"):
-            load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
+    model = _export_model(directory, cfg, dims) if meta["merged"] else _checkpoint_model(directory, cfg, dims)
     model.wants_language = False
     return model.to(device).eval(), meta
 
 
-def _load_policy_weights(model: VLA, path: Path) -> None:
-    """Every non-LM weight from ``path``; any other missing or extra tensor is an error."""
-    with ck.reading(path):
+def _checkpoint_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VLA:
+    """A checkpoint's VLA: the LM built from its saved config, every weight from ``model.safetensors``."""
+    model = VLA(cfg, pretrained=False, lm_config=_lm_config(directory), **dims)
+    apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
+    with ck.reading(directory / "model.safetensors", directory):
+        load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
+    return model
+
+
+def _export_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VLA:
+    """An export's VLA: the merged LM is a plain save_pretrained directory, the rest ``policy.safetensors``."""
+    _check_export_lm(directory)
+    cfg.language.name, cfg.language.config = str(directory / LM_DIR), {}
+    model = VLA(cfg, pretrained=False, **dims)
+    _load_policy_weights(model, directory)
+    return model
+
+
+def _lm_config(directory: Path) -> Any:
+    """The LM's ``PretrainedConfig`` from ``language_model/config.json``."""
+    from transformers import AutoConfig
+
+    path = directory / LM_DIR / "config.json"
+    with ck.reading(path, directory):
+        return AutoConfig.from_pretrained(str(path.parent))
+
+
+def _check_export_lm(directory: Path) -> None:
+    """Name a missing or truncated file of an export's ``language_model/`` here: transformers'
+    loader would report it as a failure of the recipe key ``model.language.name``."""
+    _lm_config(directory)
+    lm_dir = directory / LM_DIR
+    index = lm_dir / "model.safetensors.index.json"  # save_pretrained shards a large LM
+    names = ["model.safetensors"]
+    if index.is_file():
+        with ck.reading(index, directory):
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in names:
+        with ck.reading(lm_dir / name, directory), safe_open(str(lm_dir / name), "pt"):
+            pass  # opening reads the header, which checks that the file is whole
+
+
+def _load_policy_weights(model: VLA, directory: Path) -> None:
+    """Every non-LM weight of an export from ``policy.safetensors``; any other missing or extra tensor is an error."""
+    path = directory / POLICY_WEIGHTS
+    with ck.reading(path, directory):
         result = model.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(LM_DIR + ".")]
     if missing or result.unexpected_keys:
         raise ck.CheckpointError(
-            f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{path} does not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}): "
+            f"{ck.damaged(directory)}"
         )

@@ -5,6 +5,7 @@
     from vla_ft import VLAPolicy
 
     policy = VLAPolicy.from_pretrained("runs/quickstart")      # newest checkpoint of a run
+    # or "runs/quickstart/checkpoints/best" (best validation metric), ".../step_000200", an export
     actions = policy.predict_action({"observation.images.top": frame}, "pick up the red block", state)
     # actions: (chunk, action_dim) float32 numpy, in the dataset's units
 
@@ -27,16 +28,25 @@ from robot_data.images import resize, to_chw
 from vla_ft import checkpoint as ck
 from vla_ft.metrics import real_actions
 from vla_ft.model import VLA, pad_token_id
-from vla_ft.model_files import META_FILE, load_model
-from vla_ft.tokenizer import load_tokenizer
+from vla_ft.model_files import META_FILE, NORM_STATS, load_model, load_saved_tokenizer, read_model_meta, read_norm_stats
 
-ImagesLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+Frames = np.ndarray | torch.Tensor
+ImagesLike = Mapping[str, Frames] | Sequence[Frames] | Frames
+POINTERS = ("latest", "best")  # files in <run>/checkpoints naming a checkpoint (see vla_ft.checkpoint)
 
 
 def resolve_directory(path: str | Path) -> Path:
-    """A checkpoint/export directory, or a run directory (-> its newest complete checkpoint)."""
+    """The checkpoint or export directory that ``path`` names.
+
+    ``path`` is a checkpoint (``<run>/checkpoints/step_N``; only a complete one), an export, a
+    pointer file ``<run>/checkpoints/best`` or ``latest`` (the checkpoint it names), or a run
+    directory (its newest complete checkpoint).
+    """
     path = Path(path).expanduser()
+    if path.name in POINTERS and path.is_file():
+        return _follow_pointer(path)
     if (path / META_FILE).is_file():
+        check_complete(path)
         return path
     latest = ck.latest_checkpoint(path / "checkpoints")
     if latest is not None:
@@ -46,22 +56,78 @@ def resolve_directory(path: str | Path) -> Path:
     raise ck.CheckpointError(f"VLAPolicy: {path} holds no {META_FILE} and no complete checkpoint under checkpoints/")
 
 
+def _follow_pointer(pointer: Path) -> Path:
+    """The complete checkpoint ``<run>/checkpoints/<pointer>`` names; ``latest`` as a run directory resolves it."""
+    root = pointer.parent
+    target = ck.latest_checkpoint(root) if pointer.name == "latest" else ck.read_pointer(root, pointer.name)
+    if target is None:
+        raise ck.CheckpointError(
+            f"{pointer} names '{pointer.read_text().strip()}', which is not a complete checkpoint in {root}"
+        )
+    return target
+
+
+def check_complete(directory: Path) -> None:
+    """Refuse a checkpoint whose save did not finish.
+
+    A checkpoint is written under ``.tmp_step_N`` and vouched for by its ``COMPLETE`` file,
+    written last (:func:`vla_ft.checkpoint.write_checkpoint`). An export has no such file: it is
+    written under ``.tmp_<name>`` and renamed when whole (:func:`vla_ft.export.export_policy`),
+    and its ``model_meta.json`` says ``"merged": true``. So a ``.tmp_`` name is an unfinished
+    write of either, and a checkpoint without ``COMPLETE`` one that was interrupted or is running.
+    """
+    run = directory.parent.parent if directory.parent.name == "checkpoints" else None
+    advice = f"load the run directory {run} (its newest complete checkpoint)" if run else "load a complete one"
+    if directory.name.startswith(".tmp_"):
+        raise ck.CheckpointError(f"{directory} is an unfinished save or export (a temporary directory); {advice}")
+    if not ck.is_complete(directory) and not read_model_meta(directory)["merged"]:
+        raise ck.CheckpointError(
+            f"{directory} is an incomplete checkpoint: it lacks the {ck.COMPLETE} file a save writes last "
+            f"(the save was interrupted, or is still running); {advice}"
+        )
+
+
+def _as_array(frames: Any) -> np.ndarray:
+    """Numpy from numpy, lists or torch tensors (on any device: camera pipelines often keep frames on the GPU)."""
+    return frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+
+
 class VLAPolicy:
     """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
 
-    def __init__(self, model: VLA, meta: dict[str, Any], normalizer: Normalizer, tokenizer: Any, device: torch.device):
+    def __init__(
+        self,
+        model: VLA,
+        meta: dict[str, Any],
+        normalizer: Normalizer,
+        tokenizer: Any,
+        device: torch.device,
+        directory: Path | None = None,
+    ):
         self.model, self.meta, self.normalizer, self.device = model, meta, normalizer, device
+        self.directory = directory  # where the weights came from, for errors
+        self.dtype = next(model.parameters()).dtype
         self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none")
         self.pad_id = pad_token_id(tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> VLAPolicy:
-        """Load from a checkpoint (``<run>/checkpoints/step_N``), a run directory or an export."""
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> VLAPolicy:
+        """Load from a checkpoint (``<run>/checkpoints/step_N``), ``<run>/checkpoints/best``, a run
+        directory (its newest checkpoint) or an export; see :func:`resolve_directory`.
+
+        ``dtype``: of the weights; ``torch.bfloat16`` halves the memory and runs the matmuls in
+        bf16 on a GPU (under autocast, as mixed-precision training does), at bf16's precision.
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: a floating-point dtype such as torch.bfloat16, got {dtype}")
         directory = resolve_directory(path)
         model, meta = load_model(directory, device)
-        normalizer = Normalizer.from_dict(ck.load_json(directory / "norm_stats.json"))
-        tokenizer = load_tokenizer(str(directory / "tokenizer"), key="tokenizer")
-        return cls(model, meta, normalizer, tokenizer, torch.device(device))
+        model.to(dtype)
+        normalizer = Normalizer.from_dict(read_norm_stats(directory))
+        tokenizer = load_saved_tokenizer(directory)
+        return cls(model, meta, normalizer, tokenizer, torch.device(device), directory)
 
     @property
     def cameras(self) -> list[str]:
@@ -76,17 +142,22 @@ class VLAPolicy:
         return int(self.meta["action_dim"])
 
     @torch.no_grad()
-    def predict_action(self, images: ImagesLike, instruction: str | Sequence[str], state: np.ndarray) -> np.ndarray:
+    def predict_action(
+        self, images: ImagesLike, instruction: str | Sequence[str], state: np.ndarray | torch.Tensor
+    ) -> np.ndarray:
         """Actions for one observation, or a batch of them.
 
-        images: one uint8 RGB frame per camera, ``(H, W, 3)``, or ``(B, H, W, 3)`` for a batch;
-            a dict ``{camera: frame}`` with the cameras of :attr:`cameras`, a list in that order,
-            or a bare array when the policy has one camera. Any H, W: frames are resized as in training.
+        images: one uint8 RGB frame per camera, ``(H, W, 3)``, or ``(B, H, W, 3)`` for a batch,
+            as numpy arrays or torch tensors (any device); a dict ``{camera: frame}`` with the cameras
+            of :attr:`cameras`, a list in that order, or a bare array or tensor when the policy has
+            one camera. Any H, W: frames are resized as in training.
         instruction: the task in words; for a batch, one string for all or one per row.
         state: raw robot state in dataset units, ``(S,)`` or ``(history, S)`` (oldest first);
             with a batch ``(B, S)`` or ``(B, history, S)``.
         Returns float32 ``(chunk, action_dim)``, or ``(B, chunk, action_dim)`` for a batch, in the
-        dataset's units, gripper dims as the dataset's open/closed values.
+        dataset's units, gripper dims as the dataset's open/closed values. Non-finite outputs
+        (damaged weights or statistics) are a :class:`~vla_ft.checkpoint.CheckpointError`, never
+        actions: a NaN gripper logit would otherwise read as "open".
         """
         per_camera = self._camera_list(images)
         batched = per_camera[0].ndim == 4
@@ -94,18 +165,33 @@ class VLAPolicy:
         b = pixels.shape[0]
         batch = {
             "images": pixels,
-            "state": self._state(np.asarray(state, np.float32), b, batched),
+            "state": self._state(_as_array(state).astype(np.float32, copy=False), b, batched),
             **self._prompt(instruction, b),
         }
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        readout = self.model.trunk(batch)["readout"]
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            outputs = self.model.heads(self.model.trunk(batch)["readout"])
+        bad = [k for k, v in outputs.items() if not torch.isfinite(v).all()]
+        self._check_finite(bad, "its weights are damaged (e.g. saved from a diverged run)")
         actions = real_actions(
-            self.model.heads(readout),
+            outputs,
             self.normalizer,
             self.meta["gripper"]["dims"],
             self.meta["gripper"]["closed_is_high"],
         ).numpy()
+        bad = [] if np.isfinite(actions).all() else ["actions in dataset units"]
+        self._check_finite(bad, f"its {NORM_STATS} holds non-finite statistics")
         return actions if batched else actions[0]
+
+    def _check_finite(self, bad: list[str], cause: str) -> None:
+        """Inputs are finite by construction (uint8 frames, a state with NaN zeroed as in training),
+        so non-finite ``bad`` outputs come from the checkpoint: ``cause`` says which part."""
+        if bad:
+            where = self.directory if self.directory is not None else "this policy"
+            raise ck.CheckpointError(
+                f"VLAPolicy: the model of {where} predicted non-finite {', '.join(bad)} (NaN or inf) from finite "
+                f"inputs: {cause}; load another checkpoint"
+            )
 
     # ------------------------------------------------------------------ input preparation
     def _camera_list(self, images: ImagesLike) -> list[np.ndarray]:
@@ -113,14 +199,14 @@ class VLAPolicy:
         if isinstance(images, Mapping):
             if set(images) != set(cams):
                 raise ValueError(f"images: expected cameras {cams}, got {sorted(images)}")
-            return [np.asarray(images[c]) for c in cams]
-        if isinstance(images, np.ndarray):
+            return [_as_array(images[c]) for c in cams]
+        if isinstance(images, np.ndarray | torch.Tensor):
             if len(cams) != 1:
                 raise ValueError(f"images: this policy needs {len(cams)} cameras {cams}; pass a dict or a list")
-            return [images]
+            return [_as_array(images)]
         if len(images) != len(cams):
             raise ValueError(f"images: this policy needs {len(cams)} camera(s) {cams}, got {len(images)}")
-        return [np.asarray(x) for x in images]
+        return [_as_array(x) for x in images]
 
     def _pixels(self, per_camera: list[np.ndarray], batched: bool) -> torch.Tensor:
         """Per-camera frames -> (B, n_cam, 3, S, S) uint8, resized like the training data.

@@ -21,12 +21,12 @@ from vla_ft.config import Recipe, RecipeError, save_recipe
 from vla_ft.data import DataBundle, EpochSampler, build_data, make_loader
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
+from vla_ft.model_files import read_norm_stats
 from vla_ft.report import format_table, parameter_rows
 from vla_ft.run_state import (
     TrainState,
     check_resume_compatible,
     load_training_checkpoint,
-    read_norm_stats,
     read_saved_recipe,
 )
 from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown

@@ -261,7 +261,3 @@ def read_saved_recipe(path: Path) -> dict[str, Any]:
         if not isinstance(saved, dict):
             raise ValueError(f"a recipe is a mapping, this holds {type(saved).__name__}")
         return saved
-
-
-def read_norm_stats(path: Path) -> dict[str, Any]:
-    return ck.load_json(path / "norm_stats.json")
