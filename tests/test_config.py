@@ -236,3 +236,16 @@ def test_best_metric_of_a_part_the_recipe_leaves_out_names_the_switch_not_a_look
     typo = ["train.best_metric=val/gripper_accc", "model.gripper_head=false"]
     with pytest.raises(RecipeError, match=r"mean 'val/gripper_acc'\? It is logged only with model.gripper_head"):
         load_recipe(quickstart, typo)
+
+
+def test_the_recipe_knows_every_reader_and_the_cli_starts_without_torch():
+    """`vla-ft --help` must stay instant: the config names the readers instead of importing them."""
+    import subprocess
+    import sys
+
+    from robot_data import READERS as FORMATS
+    from vla_ft.config import READERS
+
+    assert set(READERS) == set(FORMATS)
+    probe = "import sys, vla_ft.cli; print(sorted({'torch', 'robot_data', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"

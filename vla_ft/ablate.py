@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robot_data.reader import did_you_mean
 from vla_ft.config import Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
+from vla_ft.config.checks import suggest
 from vla_ft.config.loader import parse_value
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -431,7 +431,7 @@ def check_metric_logged(metric: str, name: str, run_dir: Path) -> None:
     logged = sorted({k for r in read_rows(run_dir) for k in r if k.startswith("val/")})
     if logged and metric not in logged:
         raise RecipeError(
-            f"ablation.metric: '{metric}' is not logged by variant {name}{did_you_mean(metric, logged)}; "
+            f"ablation.metric: '{metric}' is not logged by variant {name}{suggest(metric, logged)}; "
             f"validation metrics: {', '.join(logged)} (finished variants are kept; rerun to go on)"
         )
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from robot_data.reader import did_you_mean
 from vla_ft.config import RecipeError, describe_keys, load_recipe
+from vla_ft.config.checks import suggest
 from vla_ft.config.loader import recipe_keys
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError, FileExistsError)
@@ -39,7 +39,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if not text:  # a typo would otherwise print nothing and look like an empty section
         sections = [k for k in recipe_keys() if "." not in k]
         raise RecipeError(
-            f"no recipe key starts with '{args.section}'{did_you_mean(args.section, recipe_keys())}; "
+            f"no recipe key starts with '{args.section}'{suggest(args.section, recipe_keys())}; "
             f"sections: {', '.join(sections)}",
             "command line",
         )

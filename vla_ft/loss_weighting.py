@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from robot_data.reader import did_you_mean
 from vla_ft.config import LossConfig, RecipeError, ScheduledWeight
+from vla_ft.config.checks import suggest
 
 TERMS = ("language", "action", "gripper")
 
@@ -65,7 +65,7 @@ def check_weights(cfg: LossConfig) -> list[str]:
         problems.append("loss.weights: every term has weight 0")
     for term, spec in cfg.schedule.items():
         if term not in TERMS:
-            hint = did_you_mean(term, TERMS)
+            hint = suggest(term, TERMS)
             problems.append(f"loss.schedule.{term}: unknown term{hint}; terms: {', '.join(TERMS)}")
         if spec.shape not in RAMPS:
             problems.append(f"loss.schedule.{term}.shape: '{spec.shape}' is not one of {', '.join(RAMPS)}")

@@ -7,7 +7,7 @@
   is not frozen, feature-cache refusals, ...).
 """
 
-from vla_ft.config.checks import cache_problems, validate
+from vla_ft.config.checks import READERS, cache_problems, validate
 from vla_ft.config.loader import (
     apply_overrides,
     describe_keys,
@@ -49,6 +49,7 @@ from vla_ft.config.schema import (
 )
 
 __all__ = [
+    "READERS",
     "AblationConfig",
     "ActionLossConfig",
     "AugmentConfig",

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import string
+import typing
 
-from robot_data import READERS
-from robot_data.hdf5 import LAYOUTS
-from robot_data.reader import did_you_mean
 from vla_ft.config.schema import MODULE_NAMES, TRUNK_MODULES, Recipe
+
+# robot_data.READERS' names (tests keep them equal): importing robot_data here would pull torch and
+# every format library into `vla-ft --help` and `vla-ft validate`.
+READERS = ("synthetic", "lerobot", "hdf5")
+
+
+def suggest(name: str, valid: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of ``valid``, or ''."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def validate(r: Recipe) -> list[str]:
@@ -15,16 +24,19 @@ def validate(r: Recipe) -> list[str]:
     p: list[str] = []
     if r.data.format not in READERS:
         p.append(
-            f"data.format: unknown reader '{r.data.format}'{did_you_mean(r.data.format, READERS)}; "
+            f"data.format: unknown reader '{r.data.format}'{suggest(r.data.format, READERS)}; "
             f"valid: {', '.join(READERS)}"
         )
     elif r.data.format != "synthetic" and not r.data.path:
         p.append(f"data.path: required for data.format={r.data.format}")
-    if r.data.format == "hdf5" and r.data.layout not in LAYOUTS:
-        p.append(
-            f"data.layout: unknown hdf5 layout '{r.data.layout}'{did_you_mean(r.data.layout, LAYOUTS)}; "
-            f"valid: {', '.join(LAYOUTS)}"
-        )
+    if r.data.format == "hdf5":
+        from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
+
+        if r.data.layout not in LAYOUTS:
+            p.append(
+                f"data.layout: unknown hdf5 layout '{r.data.layout}'{suggest(r.data.layout, LAYOUTS)}; "
+                f"valid: {', '.join(LAYOUTS)}"
+            )
     p += range_problems(r)
     if not r.optim.lr > 0 or r.optim.lr == float("inf"):
         p.append(f"optim.lr: must be finite and > 0, got {r.optim.lr}")
@@ -34,8 +46,7 @@ def validate(r: Recipe) -> list[str]:
         for name in keys:
             if name not in MODULE_NAMES:
                 p.append(
-                    f"{section}.{name}: unknown module{did_you_mean(name, MODULE_NAMES)}; "
-                    f"modules: {', '.join(MODULE_NAMES)}"
+                    f"{section}.{name}: unknown module{suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}"
                 )
     for name, spec in r.unfreeze.items():
         lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)

@@ -14,8 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from robot_data.reader import did_you_mean
-from vla_ft.config.checks import validate
+from vla_ft.config.checks import suggest, validate
 from vla_ft.config.schema import Recipe, RecipeError
 
 
@@ -55,7 +54,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            hint = did_you_mean(str(value), [str(c) for c in choices])
+            hint = suggest(str(value), [str(c) for c in choices])
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
         return value
     if origin is list:
@@ -98,7 +97,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            close = did_you_mean(str(key), names)
+            close = suggest(str(key), names)
             full = close.replace("'", f"'{prefix}.", 1) if close and prefix else close
             problems.append(f"unknown key '{path}'{full}")
             continue
