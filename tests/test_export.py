@@ -102,6 +102,27 @@ def test_export_refuses_a_non_empty_output_directory(exported, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_an_export_is_synced_whole_or_leaves_nothing(exported, tmp_path, monkeypatch):
+    """A crash mid-export leaves no OUT a policy could half-load; a finished one is on disk, fsync'ed."""
+    from vla_ft import checkpoint as ck
+    from vla_ft import export
+
+    ckpt, _ = exported
+    synced: list[str] = []
+    real_fsync = ck._fsync
+    monkeypatch.setattr(ck, "_fsync", lambda p: synced.append(Path(p).name) or real_fsync(p))
+    export.export_policy(ckpt, tmp_path / "whole")
+    assert {"policy.safetensors", "model_meta.json", "norm_stats.json", "config.yaml"} <= set(synced)
+
+    def disk_gone(*args, **kwargs):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(export, "save_file", disk_gone)
+    with pytest.raises(OSError, match="I/O error"):
+        export.export_policy(ckpt, tmp_path / "cut")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
+
+
 def test_an_unconsolidated_fsdp_checkpoint_says_to_consolidate(exported, tmp_path, capsys):
     sharded = tmp_path / "step_000002"
     shutil.copytree(exported[0], sharded)

@@ -104,6 +104,13 @@ def test_disk_cache_is_sharded_reused_and_rebuilt_when_stale(tmp_path, monkeypat
         assert not built_again  # same weights and data: reused
         with torch.no_grad():
             run.model.projector.weight.add_(0.01)  # other trunk weights: the cache is stale
+        manifest = (cache_dir / "shardtest" / "manifest.json").read_text()
+        with monkeypatch.context() as m:  # a rebuild cut short keeps the cache there was
+            m.setattr(feature_cache, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                feature_cache.disk_store(run, "shardtest", dataset, cache_dir)
+        assert (cache_dir / "shardtest" / "manifest.json").read_text() == manifest
+        assert not [p for p in cache_dir.iterdir() if "tmp" in p.name]
         changed, rebuilt = feature_cache.disk_store(run, "shardtest", dataset, cache_dir)
         assert rebuilt
         assert not torch.equal(changed.batch(idx)["readout"], from_disk["readout"])

@@ -111,8 +111,36 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     checkpoints stay as they were; a full disk is reported as a :class:`CheckpointError` giving
     the space the checkpoint needed (``estimate_bytes`` or what was written, whichever is larger).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
+
+    def disk_full(err: BaseException, tmp: Path) -> None:  # asked before the cleanup frees space
+        need = max(estimate_bytes, _tree_bytes(tmp))
+        if isinstance(err, Exception) and _is_disk_full(err, root, need):
+            free = shutil.disk_usage(root).free
+            raise CheckpointError(
+                f"disk full while saving checkpoint step {step} to {root}: it needs about {need / 2**20:.1f} MiB "
+                f"and {free / 2**20:.1f} MiB are free; the earlier checkpoints are intact ({err})"
+            ) from err
+
+    final = write_dir_atomically(root / step_dir_name(step), write_files, (COMPLETE, str(step)), disk_full)
+    write_pointer(root, "latest", final.name)
+    return final
+
+
+def write_dir_atomically(
+    final: Path,
+    write_files: Callable[[Path], None],
+    marker: tuple[str, str] | None = None,
+    on_failure: Callable[[BaseException, Path], None] | None = None,
+) -> Path:
+    """Create directory ``final`` whole or not at all: ``write_files`` fills ``.tmp_<name>``, every
+    file is fsync'ed, the ``marker`` file (name, text) is written last, then the directory is renamed
+    into place, replacing an existing ``final``. Checkpoints, exports and feature caches are written so.
+
+    On any failure (even KeyboardInterrupt) ``on_failure(err, tmp)`` may raise a clearer error, the
+    temporary directory is removed and ``final`` is as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -120,22 +148,18 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 _fsync(f)
-        (tmp / COMPLETE).write_text(str(step))  # last: its presence vouches for every other file
-        _fsync(tmp / COMPLETE)
+        if marker is not None:
+            (tmp / marker[0]).write_text(marker[1])  # last: its presence vouches for every other file
+            _fsync(tmp / marker[0])
         _replace_dir(tmp, final)
-        _fsync(root)
+        _fsync(final.parent)
     except BaseException as err:
-        need = max(estimate_bytes, _tree_bytes(tmp))
-        full = isinstance(err, Exception) and _is_disk_full(err, root, need)  # before the cleanup frees space
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            free = shutil.disk_usage(root).free
-            raise CheckpointError(
-                f"disk full while saving checkpoint step {step} to {root}: it needs about {need / 2**20:.1f} MiB "
-                f"and {free / 2**20:.1f} MiB are free; the earlier checkpoints are intact ({err})"
-            ) from err
+        try:
+            if on_failure is not None:
+                on_failure(err, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_pointer(root, "latest", final.name)
     return final
 
 

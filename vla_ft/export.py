@@ -14,8 +14,9 @@
                             its data section, as for a checkpoint
 
 ``VLAPolicy.from_pretrained(OUT)`` loads it and predicts the same actions as from the checkpoint.
-The directory is written under a temporary name (``.tmp_<OUT>``) and renamed into place when
-complete, so it needs no ``COMPLETE`` file as checkpoints do.
+The directory is written under a temporary name (``.tmp_<OUT>``), fsync'ed and renamed into place
+when complete (:func:`vla_ft.checkpoint.write_dir_atomically`), so it needs no ``COMPLETE`` file as
+checkpoints do.
 """
 
 from __future__ import annotations
@@ -45,10 +46,8 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
     merge_lora(model)
     meta.update(merged=True, source=str(source.resolve()))
     meta["model"]["lora"].update(enabled=False, vision=False)
-    tmp = out.with_name(f".tmp_{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write_files(tmp: Path) -> None:
         model.language_model.save_pretrained(str(tmp / LM_DIR))
         others = {
             k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(LM_DIR + ".")
@@ -58,10 +57,5 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
         for name in COPIED:
             copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
             copy(source / name, tmp / name)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return ck.write_dir_atomically(out, write_files)

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
 from vla_ft.data import EpochSampler, make_loader, to_device
 from vla_ft.model import pad_token_id
@@ -204,10 +205,12 @@ def build_memory(run: Run, dataset: RobotDataset) -> MemoryFeatures:
 
 
 def write_disk(run: Run, dataset: RobotDataset, directory: Path, fingerprint: str) -> None:
-    """Compute and write the cache of ``dataset`` atomically (``.tmp`` then rename; manifest last)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Compute and write the cache of ``dataset`` (:func:`~vla_ft.checkpoint.write_dir_atomically`)."""
+    ck.write_dir_atomically(directory, partial(_write_cache, run, dataset, fingerprint))
+
+
+def _write_cache(run: Run, dataset: RobotDataset, fingerprint: str, tmp: Path) -> None:
+    """Readout shards, labels, then the manifest that names them, into ``tmp``."""
     labels: list[dict[str, torch.Tensor]] = []
     pending: list[torch.Tensor] = []
     shards: list[str] = []
@@ -243,8 +246,6 @@ def write_disk(run: Run, dataset: RobotDataset, directory: Path, fingerprint: st
         "dtype": str(rows.dtype),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
 
 
 def _check_order(index: torch.Tensor) -> None:
