@@ -31,7 +31,7 @@ from vla_ft.run_state import (
 )
 from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
-from vla_ft.tracking import MetricsLogger, Progress
+from vla_ft.tracking import MetricsLogger, Progress, TrainWindow
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Run:
     tokenizer: Any
     gripper_dims: list[int]
     state: TrainState = field(default_factory=TrainState)
+    window: TrainWindow = field(default_factory=TrainWindow)  # since the last train row; checkpoints keep it
     resumed_from: Path | None = None
     early_stop: bool = False
     wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed

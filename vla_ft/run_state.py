@@ -22,6 +22,7 @@ from vla_ft import checkpoint as ck
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
 from vla_ft.master_weights import full_precision
 from vla_ft.model_files import write_model_files
+from vla_ft.tracking import mean_window
 
 if TYPE_CHECKING:
     from vla_ft.run_setup import Run
@@ -137,6 +138,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
     them into the temporary directory, so the checkpoint still appears atomically.
     """
     path = None
+    windows = run.rt.gather_objects(run.window.state_dict())  # collective: each rank's own log window
     stage = run.extras.get("stage_model_state")
     staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:
@@ -162,7 +164,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
             if loss_state:
                 save_file(loss_state, str(tmp / "loss_state.safetensors"))
             torch.save(ck.rng_state(), tmp / "rng.pt")
-            ck.save_json(tmp / "trainer_state.json", trainer_json(run))
+            ck.save_json(tmp / "trainer_state.json", trainer_json(run, windows))
             ck.save_json(tmp / "norm_stats.json", run.data.normalizer.to_dict())
             save_recipe(run.recipe, tmp / "config.yaml")
             run.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -183,7 +185,8 @@ def checkpoint_bytes(run: Run) -> int:
     return weights + (moments if run.recipe.checkpoint.save_optimizer else 0)
 
 
-def trainer_json(run: Run) -> dict[str, Any]:
+def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``windows``: every rank's train-log window (:meth:`vla_ft.tracking.TrainWindow.state_dict`)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
@@ -195,11 +198,12 @@ def trainer_json(run: Run) -> dict[str, Any]:
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "frozen": sorted(run.model.frozen),
+        "windows": windows,
     }
 
 
 def load_training_checkpoint(run: Run, path: Path) -> None:
-    """Restore weights, optimizer, loss strategy, scaler, RNG and data position from ``path``."""
+    """Restore weights, optimizer, loss strategy, scaler, RNG, data position and log window from ``path``."""
     load_weights_and_optimizer(run, path)
     if (path / "loss_state.safetensors").is_file():
         with ck.reading(path / "loss_state.safetensors"):
@@ -215,6 +219,9 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
             "the data position and the global batch carry over",
             stacklevel=2,
         )
+    if meta.get("windows"):  # older checkpoints lack it: the first row after the resume is then short
+        with ck.reading(path / "trainer_state.json"):
+            run.window.load_state_dict(rank_window(meta["windows"], run.rt.rank, run.rt.world_size), run.rt.device)
     if run.scaler and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     with ck.reading(path / "rng.pt"):
@@ -224,6 +231,11 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
         version, internal, gauss = meta["python_rng"]
         random.setstate((version, tuple(internal), gauss))
+
+
+def rank_window(windows: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's saved log window; on another number of processes, the mean of the saved ones."""
+    return windows[rank] if len(windows) == world_size else mean_window(windows)
 
 
 def load_weights_and_optimizer(run: Run, path: Path) -> None:
