@@ -128,6 +128,32 @@ def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
             setup(recipe)
 
 
+def test_a_change_of_what_the_model_learns_from_is_refused(straight: Path, tmp_path: Path):
+    """The prompt, the language targets' column and the gripper labels define the inputs and
+    labels of the steps already trained: changing them mid-run is another experiment."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    for change, key in (
+        ("data.prompt_template='pick: {instruction}'", "data.prompt_template"),
+        ("data.text_key=instruction", "data.text_key"),
+        ("loss.gripper.threshold=0.2", "loss.gripper.threshold"),
+        ("loss.gripper.closed_is_high=false", "loss.gripper.closed_is_high"),
+    ):
+        recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
+        with pytest.raises(RecipeError, match=f"break equivalence: {key}"):
+            setup(recipe)
+
+
+def test_a_changed_best_metric_or_mode_is_refused(straight: Path, tmp_path: Path):
+    """The saved best value is of the old metric: the new one would be compared with it."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    change = ["train.best_metric=val/gripper_acc", "train.best_mode=max"]
+    recipe = load_recipe(QUICKSTART, [*MATRIX, *change, "train.resume=true", f"output_dir={resumed}"])
+    with pytest.raises(RecipeError) as err:
+        setup(recipe)
+    assert "train.best_metric: 'val/action_l1' -> 'val/gripper_acc'" in str(err.value)
+    assert "train.best_mode: 'min' -> 'max'" in str(err.value)
+
+
 def test_a_harmless_change_warns_and_rotation_keeps_best_and_resumed(straight: Path, tmp_path: Path):
     resumed = copy_at(straight, 2, tmp_path / "run")
     overrides = [*MATRIX, "logging.every=2", "checkpoint.keep_last=1", "data.num_workers=0", "train.resume=true"]

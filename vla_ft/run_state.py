@@ -42,8 +42,10 @@ class TrainState:
 
 
 # Keys whose change makes a resumed run a different experiment (refused), by prefix: the
-# model's shape, what the data is and how it is normalised and split, the loss's learned
-# state, the optimizer's state layout (groups come from freeze/unfreeze), the batch stream.
+# model's shape, what the data is and how it is normalised and split, the inputs and labels
+# the model learns from (prompt, language targets, gripper labels), the loss's learned state,
+# the optimizer's state layout (groups come from freeze/unfreeze), the batch stream, and what
+# the saved best value measures (a new metric would be compared with the old one's best).
 BREAKING = (
     "model.",
     "data.format",
@@ -63,12 +65,18 @@ BREAKING = (
     "data.language_target",
     "data.skip_bad_episodes",
     "data.synthetic.",
+    "data.prompt_template",
+    "data.text_key",
     "loss.strategy",
     "loss.gripper.dims",
+    "loss.gripper.threshold",
+    "loss.gripper.closed_is_high",
     "optim.name",
     "freeze.",
     "unfreeze",
     "train.seed",
+    "train.best_metric",
+    "train.best_mode",
 )  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)
 # Exceptions inside BREAKING: how the model computes, not what it is.
 HARMLESS = ("model.language.attn_implementation", "model.language.gradient_checkpointing", "model.lora.fused")
