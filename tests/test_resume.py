@@ -154,6 +154,24 @@ def test_a_changed_best_metric_or_mode_is_refused(straight: Path, tmp_path: Path
     assert "train.best_mode: 'min' -> 'max'" in str(err.value)
 
 
+def test_a_hand_rollback_points_best_at_the_restored_best(straight: Path, tmp_path: Path):
+    """Checkpoints after 4 deleted by hand, the best pointer left naming the deleted step 6: on
+    resume it names the restored state's best (step 3); with that checkpoint gone too, it goes."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    root = resumed / "checkpoints"
+    ck.write_pointer(root, "best", ck.step_dir_name(6))
+    assert trainer_state(resumed, 4)["state"]["best_step"] == 3
+    recipe = load_recipe(QUICKSTART, [*MATRIX, "train.resume=true", f"output_dir={resumed}"])
+    setup(recipe).logger.close()
+    assert (root / "best").read_text() == ck.step_dir_name(3)
+
+    shutil.rmtree(ckpt(resumed, 3))
+    with pytest.warns(UserWarning, match=r"step_000003 is gone: it held the best val/action_l1 \("):
+        run = setup(recipe)
+    run.logger.close()
+    assert not (root / "best").exists()
+
+
 def test_a_harmless_change_warns_and_rotation_keeps_best_and_resumed(straight: Path, tmp_path: Path):
     resumed = copy_at(straight, 2, tmp_path / "run")
     overrides = [*MATRIX, "logging.every=2", "checkpoint.keep_last=1", "data.num_workers=0", "train.resume=true"]

@@ -28,6 +28,7 @@ from vla_ft.run_state import (
     load_training_checkpoint,
     read_norm_stats,
     read_saved_recipe,
+    restore_best_pointer,
 )
 from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
@@ -193,6 +194,8 @@ def setup(recipe: Recipe) -> Run:
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)
         run.resumed_from = resume_from
+        if rt.is_main:
+            restore_best_pointer(run)
         logger.truncate_after(run.state.step)
         run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
         run.progress.write(f"resumed from {resume_from} at step {run.state.step}")

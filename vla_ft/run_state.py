@@ -186,6 +186,25 @@ def save_training_checkpoint(run: Run) -> Path | None:
     return path
 
 
+def restore_best_pointer(run: Run) -> None:
+    """On resume, point ``checkpoints/best`` at the best checkpoint of the restored state. After a
+    hand rollback (newer checkpoints deleted) it may name a checkpoint that is gone, or a step the
+    resumed run saves again without it being the best. If the best checkpoint itself is gone the
+    pointer is removed (with a warning) until a validation beats the restored best value."""
+    root, st = run.run_dir / "checkpoints", run.state
+    best = root / ck.step_dir_name(st.best_step) if st.best_step is not None else None
+    if best is not None and ck.is_complete(best):
+        ck.write_pointer(root, "best", best.name)
+        return
+    (root / "best").unlink(missing_ok=True)
+    if best is not None:
+        warnings.warn(
+            f"{best} is gone: it held the best {run.recipe.train.best_metric} ({st.best_value:.4g}) of the state "
+            f"resumed from; {root / 'best'} is removed until a validation beats that value",
+            stacklevel=2,
+        )
+
+
 def checkpoint_bytes(run: Run) -> int:
     """About what a checkpoint takes on disk: weights, plus two Adam moments per trainable weight."""
     weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
