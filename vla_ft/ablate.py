@@ -4,7 +4,9 @@ A variant is the base recipe plus ``{key.sub: value}`` overrides, named in the r
 ``ablation.variants`` and/or by ``--grid key=v1,v2`` (every combination; crossed with the
 recipe's variants when both are given). Each runs through the one training loop
 (:func:`vla_ft.train.main`) in its own run directory, always with ``train.resume=true``, so
-rerunning the same command skips finished variants and resumes an interrupted one::
+rerunning the same command skips finished variants and resumes an interrupted one. A run
+directory holds one recipe: a rerun whose variant differs from the recipe of its checkpoints is
+refused (before anything trains), so old results never show under a new recipe::
 
     <output_dir>/
       <variant>/              a normal run directory: checkpoints/, metrics.jsonl, config.yaml, ...
@@ -46,6 +48,12 @@ from vla_ft.config.checks import suggest
 from vla_ft.config.loader import parse_value
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+# What ablate sets for every variant itself: a variant setting it would be silently undone.
+RESERVED = {
+    "output_dir": "each variant runs in <output_dir>/<variant>; set output_dir once, for the whole sweep",
+    "train.resume": "every variant resumes (rerunning the command goes on where it stopped)",
+    "ablation": "the ablation section configures the sweep, not a variant",
+}
 HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
 
 
@@ -80,17 +88,36 @@ def grid_variants(specs: Sequence[str]) -> list[Variant]:
     """``["optim.lr=1e-3,3e-4", "freeze.vision_encoder=true,false"]`` -> every combination (values parsed as YAML)."""
     if not specs:
         return []
-    axes = []
+    axes, swept, problems = [], {}, []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        if not sep or not key.strip() or not values.strip():
+        key = key.strip()
+        if not sep or not key or not values.strip():
             raise RecipeError(f"--grid '{spec}' must look like key.sub=v1,v2", "command line")
-        axes.append([(key.strip(), parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
+        if why := reserved_key_problem(key):
+            problems.append(f"--grid '{spec}': {why}")
+        elif key in swept:
+            problems.append(
+                f"--grid '{spec}': {key} is swept by --grid '{swept[key]}' already; give all its values "
+                f"in one --grid {key}=v1,v2"
+            )
+        swept.setdefault(key, spec)
+        axes.append([(key, parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
+    if problems:
+        raise RecipeError(problems, "command line")
     variants = []
     for combo in itertools.product(*axes):
         name = "+".join(f"{key}={_short(value)}" for key, value in combo)
         variants.append(Variant(name, dict(combo)))
     return variants
+
+
+def reserved_key_problem(key: str) -> str | None:
+    """Why a variant may not set ``key`` (ablate sets it for every variant), or None."""
+    for reserved, why in RESERVED.items():
+        if key == reserved or key.startswith(reserved + "."):
+            return f"{key} cannot differ between variants: {why}"
+    return None
 
 
 def _short(value: Any) -> str:
@@ -144,6 +171,9 @@ def plan(
         for v in variants
         if not NAME_OK.match(v.name)
     ]
+    problems += [
+        f"ablation.variants.{v.name}: {why}" for v in named for k in v.overrides if (why := reserved_key_problem(k))
+    ]
     seen = [v.name for v in variants]
     problems += [f"ablation.variants: duplicate variant '{n}'" for n in sorted({n for n in seen if seen.count(n) > 1})]
     planned = []
@@ -153,9 +183,56 @@ def plan(
             planned.append((variant, variant_recipe(base_raw, variant, root)))
         except RecipeError as err:
             problems += [f"variant '{variant.name}': {p}" for p in err.problems]
+    problems += same_recipe_problems(planned) + trained_elsewhere_problems(planned)
     if problems:
         raise RecipeError(problems, str(recipe_path))
     return base, planned
+
+
+def same_recipe_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:
+    """Variants that resolve to one recipe (``--grid optim.lr=1e-3,0.001``) would train it twice
+    under two names."""
+    first: dict[str, Variant] = {}
+    problems = []
+    for variant, recipe in planned:
+        resolved = {**to_dict(recipe), "output_dir": None}
+        other = first.setdefault(json.dumps(resolved, sort_keys=True), variant)
+        if other is not variant:
+            problems.append(
+                f"variants '{other.name}' and '{variant.name}' are the same recipe"
+                f"{_override_difference(other, variant)}; drop one"
+            )
+    return problems
+
+
+def _override_difference(a: Variant, b: Variant) -> str:
+    """`` (optim.lr: '1e-3' vs 0.001)``: the overrides that differ in writing only."""
+    keys = sorted(k for k in a.overrides.keys() | b.overrides.keys() if a.overrides.get(k) != b.overrides.get(k))
+    shown = [f"{k}: {_written(a, k)} vs {_written(b, k)}" for k in keys]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
+def _written(variant: Variant, key: str) -> str:
+    return repr(variant.overrides[key]) if key in variant.overrides else "unset"
+
+
+def trained_elsewhere_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:
+    """A variant's run directory with checkpoints of another recipe (a changed override, base
+    key or --grid value): resuming or skipping it would report those results as this recipe's."""
+    from vla_ft.checkpoint import latest_checkpoint
+    from vla_ft.run_state import read_saved_recipe, recipe_changes
+
+    problems = []
+    for variant, recipe in planned:
+        run_dir = Path(recipe.output_dir)
+        path = latest_checkpoint(run_dir / "checkpoints")
+        changes = recipe_changes(read_saved_recipe(path), recipe) if path is not None else []
+        if changes:
+            problems.append(
+                f"variant '{variant.name}': {run_dir} was trained with another recipe ({'; '.join(changes)}); "
+                f"rerun with that recipe, delete {run_dir} to train the variant afresh, or choose a new output_dir"
+            )
+    return problems
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -249,6 +326,8 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
 
     run_dir = Path(recipe.output_dir)
     previous = read_summary(run_dir)
+    if previous.get("recipe") != _comparable(recipe):  # another recipe's segment before any checkpoint
+        previous = {}
     device = previous.get("device", "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu")
     exact = reset_peak_memory(device)
     t0 = time.perf_counter()

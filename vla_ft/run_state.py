@@ -101,7 +101,7 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     resumes on another number of processes with ``train.batch_size`` adjusted.
     """
     old, new = _flatten(saved), _flatten(to_dict(current))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
+    changed = changed_keys(old, new)
     breaking = [k for k in changed if k.startswith(BREAKING) and not k.startswith(HARMLESS)]
     problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
     problems += _global_batch_change(old, current, where, world_size)
@@ -111,6 +111,18 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
     if changed:
         warnings.warn(f"resuming from {where} with changed keys: {', '.join(changed)}", stacklevel=2)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose value differs between two flattened recipes, except where a run is and
+    whether it resumes (``IGNORED``)."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
+
+
+def recipe_changes(saved: dict[str, Any], current: Recipe) -> list[str]:
+    """``key: old -> new`` for every key (but ``IGNORED``) where ``current`` differs from a saved recipe dict."""
+    old, new = _flatten(saved), _flatten(to_dict(current))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new)]
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
