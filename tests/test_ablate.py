@@ -228,3 +228,37 @@ def test_a_rerun_with_another_recipe_is_refused_before_anything_trains(tmp_path,
     assert f"variant 'full': {tmp_path / 'full'} was trained with another recipe (optim.lr: 0.001 -> 0.0005)" in err
     assert cli(argv) == 0  # the recipe it was trained with: finished, skipped
     assert "full: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """A batch larger than the training set fails the first variant when its data is read: the
+    second still trains, the table says 'failed' with the error, the exit status is 1, and a rerun
+    retries the failed variant only."""
+    variants = "ablation.variants={big: {train.batch_size: 64}, ok: {}}"
+    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=2", variants, f"output_dir={tmp_path}"]
+    assert cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] big: failed (RecipeError: " in out and "[ablate 2/2] ok: training" in out
+    with open(tmp_path / "summary.csv") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert (rows["big"]["status"], rows["ok"]["status"]) == ("failed", "finished")
+    assert "train.batch_size: 64 is more than the 40 training samples" in rows["big"]["error"]
+    assert rows["ok"]["error"] == "" and rows["ok"]["steps"] == "2"
+    assert list(rows["ok"])[-1] == "error"
+    assert json.loads((tmp_path / "big" / "run_summary.json").read_text())["failed"].startswith("RecipeError: ")
+    assert cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "big: training" in out and "ok: finished earlier, skipped" in out
+
+
+def test_an_unexpected_error_in_a_variant_shows_its_traceback(tmp_path, monkeypatch, capsys):
+    """Not a user error, maybe a bug: recorded like any failure, with the traceback on stderr."""
+
+    def broken(recipe):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(train, "main", broken)
+    assert ablate.run_ablation(QUICKSTART, [*TINY, "ablation.variants={only: {}}", f"output_dir={tmp_path}"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "in broken" in captured.err
+    assert "[ablate 1/1] only: failed (ZeroDivisionError: division by zero)" in captured.out
