@@ -190,3 +190,75 @@ def test_a_null_variant_is_the_recipe_as_is(tmp_path):
     _, planned = ablate.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
     got = [(v.name, v.overrides) for v, _ in planned]
     assert got == [("baseline", {}), ("frozen", {"freeze.vision_encoder": True})]
+
+
+def test_grid_refuses_keys_ablate_sets_a_key_given_twice_and_values_that_are_one_recipe(tmp_path):
+    """output_dir, train.resume and ablation.* are ablate's own (a variant's value would be undone);
+    a second --grid of one key would be merged; 1e-3 and 0.001 would train one recipe twice."""
+    for spec, key in (("output_dir=a,b", "output_dir"), ("train.resume=true,false", "train.resume")):
+        with pytest.raises(RecipeError, match=f"--grid '{spec}': {key} cannot differ between variants"):
+            ablate.grid_variants([spec])
+    with pytest.raises(RecipeError, match="--grid 'ablation.metric=val/a,val/b': ablation.metric cannot differ"):
+        ablate.grid_variants(["ablation.metric=val/a,val/b"])
+    with pytest.raises(RecipeError, match=r"--grid 'optim.lr=3e-4': optim.lr is swept by --grid 'optim.lr=1e-3'"):
+        ablate.grid_variants(["optim.lr=1e-3", "freeze.projector=true,false", "optim.lr=3e-4"])
+    base = [*TINY, f"output_dir={tmp_path}"]
+    with pytest.raises(RecipeError) as err:
+        ablate.plan(QUICKSTART, base, ["optim.lr=1e-3,0.001"])
+    assert "variants 'optim.lr=1e-3' and 'optim.lr=0.001' are the same recipe (optim.lr: '1e-3' vs 0.001)" in str(
+        err.value
+    )
+    with pytest.raises(RecipeError, match="ablation.variants.moved: output_dir cannot differ between variants"):
+        ablate.plan(QUICKSTART, [*base, "ablation.variants={moved: {output_dir: elsewhere}}"], [])
+
+
+def test_a_rerun_with_another_recipe_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
+    """The variant's checkpoints were trained with optim.lr=1e-3: a rerun at 5e-4 would resume them
+    (or skip the finished run) and list their results under 5e-4."""
+    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=2", "ablation.variants={full: {}}", f"output_dir={tmp_path}"]
+    assert cli(argv) == 0
+    capsys.readouterr()
+
+    def no_training(recipe):
+        raise AssertionError(f"{recipe.output_dir} should not train")
+
+    monkeypatch.setattr(train, "main", no_training)
+    assert cli([*argv, "optim.lr=5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert f"variant 'full': {tmp_path / 'full'} was trained with another recipe (optim.lr: 0.001 -> 0.0005)" in err
+    assert cli(argv) == 0  # the recipe it was trained with: finished, skipped
+    assert "full: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """A batch larger than the training set fails the first variant when its data is read: the
+    second still trains, the table says 'failed' with the error, the exit status is 1, and a rerun
+    retries the failed variant only."""
+    variants = "ablation.variants={big: {train.batch_size: 64}, ok: {}}"
+    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=2", variants, f"output_dir={tmp_path}"]
+    assert cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] big: failed (RecipeError: " in out and "[ablate 2/2] ok: training" in out
+    with open(tmp_path / "summary.csv") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert (rows["big"]["status"], rows["ok"]["status"]) == ("failed", "finished")
+    assert "train.batch_size: 64 is more than the 40 training samples" in rows["big"]["error"]
+    assert rows["ok"]["error"] == "" and rows["ok"]["steps"] == "2"
+    assert list(rows["ok"])[-1] == "error"
+    assert json.loads((tmp_path / "big" / "run_summary.json").read_text())["failed"].startswith("RecipeError: ")
+    assert cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "big: training" in out and "ok: finished earlier, skipped" in out
+
+
+def test_an_unexpected_error_in_a_variant_shows_its_traceback(tmp_path, monkeypatch, capsys):
+    """Not a user error, maybe a bug: recorded like any failure, with the traceback on stderr."""
+
+    def broken(recipe):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(train, "main", broken)
+    assert ablate.run_ablation(QUICKSTART, [*TINY, "ablation.variants={only: {}}", f"output_dir={tmp_path}"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "in broken" in captured.err
+    assert "[ablate 1/1] only: failed (ZeroDivisionError: division by zero)" in captured.out

@@ -128,6 +128,50 @@ def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
             setup(recipe)
 
 
+def test_a_change_of_what_the_model_learns_from_is_refused(straight: Path, tmp_path: Path):
+    """The prompt, the language targets' column and the gripper labels define the inputs and
+    labels of the steps already trained: changing them mid-run is another experiment."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    for change, key in (
+        ("data.prompt_template='pick: {instruction}'", "data.prompt_template"),
+        ("data.text_key=instruction", "data.text_key"),
+        ("loss.gripper.threshold=0.2", "loss.gripper.threshold"),
+        ("loss.gripper.closed_is_high=false", "loss.gripper.closed_is_high"),
+    ):
+        recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
+        with pytest.raises(RecipeError, match=f"break equivalence: {key}"):
+            setup(recipe)
+
+
+def test_a_changed_best_metric_or_mode_is_refused(straight: Path, tmp_path: Path):
+    """The saved best value is of the old metric: the new one would be compared with it."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    change = ["train.best_metric=val/gripper_acc", "train.best_mode=max"]
+    recipe = load_recipe(QUICKSTART, [*MATRIX, *change, "train.resume=true", f"output_dir={resumed}"])
+    with pytest.raises(RecipeError) as err:
+        setup(recipe)
+    assert "train.best_metric: 'val/action_l1' -> 'val/gripper_acc'" in str(err.value)
+    assert "train.best_mode: 'min' -> 'max'" in str(err.value)
+
+
+def test_a_hand_rollback_points_best_at_the_restored_best(straight: Path, tmp_path: Path):
+    """Checkpoints after 4 deleted by hand, the best pointer left naming the deleted step 6: on
+    resume it names the restored state's best (step 3); with that checkpoint gone too, it goes."""
+    resumed = copy_at(straight, 4, tmp_path / "run")
+    root = resumed / "checkpoints"
+    ck.write_pointer(root, "best", ck.step_dir_name(6))
+    assert trainer_state(resumed, 4)["state"]["best_step"] == 3
+    recipe = load_recipe(QUICKSTART, [*MATRIX, "train.resume=true", f"output_dir={resumed}"])
+    setup(recipe).logger.close()
+    assert (root / "best").read_text() == ck.step_dir_name(3)
+
+    shutil.rmtree(ckpt(resumed, 3))
+    with pytest.warns(UserWarning, match=r"step_000003 is gone: it held the best val/action_l1 \("):
+        run = setup(recipe)
+    run.logger.close()
+    assert not (root / "best").exists()
+
+
 def test_a_harmless_change_warns_and_rotation_keeps_best_and_resumed(straight: Path, tmp_path: Path):
     resumed = copy_at(straight, 2, tmp_path / "run")
     overrides = [*MATRIX, "logging.every=2", "checkpoint.keep_last=1", "data.num_workers=0", "train.resume=true"]
@@ -221,3 +265,58 @@ def test_a_lora_run_resumes_exactly_and_may_switch_to_peft_forward(tmp_path: Pat
     assert want.keys() == got.keys() and any("lora_A" in k for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def sigterm_during(run, step: int) -> None:
+    """Send SIGTERM from the loss forward of optimizer step ``step`` (one micro-batch a step):
+    the run checkpoints at the end of that step and exits."""
+    forward, calls = run.loss_fn.forward, []
+
+    def signalling(outputs, batch, share=None):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(outputs, batch, share)
+
+    run.loss_fn.forward = signalling
+
+
+def test_a_stop_between_log_steps_logs_the_rows_of_the_uninterrupted_run(tmp_path: Path):
+    """logging.every=5 and SIGTERM at step 3: the resumed run's row at step 5 is the mean over
+    steps 1-5 (the window's sums travel in the checkpoint), the row the straight run logs."""
+    overrides = [*TINY, "train.steps=7", "logging.every=5", "checkpoint.every=0", "train.val_every=0"]
+    overrides += ["logging.tensorboard=false"]
+
+    def train(run_dir: Path, stop_at: int | None = None, resume: bool = False) -> None:
+        run = setup(load_recipe(QUICKSTART, [*overrides, f"output_dir={run_dir}", f"train.resume={resume}"]))
+        if stop_at is not None:
+            sigterm_during(run, stop_at)
+        fit(run)
+        run.logger.close()
+
+    train(tmp_path / "straight")
+    train(tmp_path / "split", stop_at=3)
+    assert ck.latest_checkpoint(tmp_path / "split" / "checkpoints") == ckpt(tmp_path / "split", 3)
+    assert metric_rows(tmp_path / "split") == []  # nothing logged before the stop
+    train(tmp_path / "split", resume=True)
+    rows = metric_rows(tmp_path / "split")
+    assert [r["step"] for r in rows if "loss" in r] == [5, 7]
+    assert as_text(rows) == as_text(metric_rows(tmp_path / "straight"))
+
+
+def test_a_log_window_saved_by_two_processes_resumes_on_one_as_their_mean():
+    from vla_ft.run_state import rank_window
+    from vla_ft.tracking import TrainWindow
+
+    saved = []
+    for loss in (1.0, 3.0):  # two ranks, two steps each
+        window = TrainWindow()
+        for _ in range(2):
+            window.values.add({"loss": torch.tensor(loss)})
+        window.samples = 16
+        saved.append(window.state_dict())
+    assert rank_window(saved, 1, 2) == saved[1]
+    window = TrainWindow()
+    window.load_state_dict(rank_window(saved, 0, 1), torch.device("cpu"))
+    window.values.add({"loss": torch.tensor(5.0)})  # the third step, on one process
+    assert window.values.means() == {"loss": (2.0 * 2 + 5.0) / 3} and window.samples == 16

@@ -4,13 +4,19 @@ A variant is the base recipe plus ``{key.sub: value}`` overrides, named in the r
 ``ablation.variants`` and/or by ``--grid key=v1,v2`` (every combination; crossed with the
 recipe's variants when both are given). Each runs through the one training loop
 (:func:`vla_ft.train.main`) in its own run directory, always with ``train.resume=true``, so
-rerunning the same command skips finished variants and resumes an interrupted one::
+rerunning the same command skips finished variants, resumes an interrupted one and retries a
+failed one. A run directory holds one recipe: a rerun whose variant differs from the recipe of
+its checkpoints is refused (before anything trains), so old results never show under a new
+recipe. A variant that fails (its data, memory, a bug) is recorded with its error and the sweep
+goes on; the command then exits 1::
 
     <output_dir>/
       <variant>/              a normal run directory: checkpoints/, metrics.jsonl, config.yaml, ...
-        run_summary.json      written after each segment: finished?, wall time, peak memory, params
-      summary.csv             one row per variant: steps, trainable params, best and final <metric> (+ step),
-                              final headline val metrics, median samples/s, wall time, peak memory
+        run_summary.json      written after each segment: finished? halted or failed (the error),
+                              wall time, peak memory, params, the recipe
+      summary.csv             one row per variant: status, steps, trainable params, best and final <metric>
+                              (+ step), final headline val metrics, median samples/s, wall time, peak
+                              memory, and the error of a failed or halted variant
       summary.md              the same table in Markdown, plus the best variant
       val_curves.png          the chosen validation metric of every variant, overlaid
       metric_bars.png         best value of the chosen metric per variant
@@ -35,7 +41,9 @@ import os
 import re
 import resource
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +54,12 @@ from vla_ft.config.checks import suggest
 from vla_ft.config.loader import parse_value
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+# What ablate sets for every variant itself: a variant setting it would be silently undone.
+RESERVED = {
+    "output_dir": "each variant runs in <output_dir>/<variant>; set output_dir once, for the whole sweep",
+    "train.resume": "every variant resumes (rerunning the command goes on where it stopped)",
+    "ablation": "the ablation section configures the sweep, not a variant",
+}
 HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
 
 
@@ -80,17 +94,36 @@ def grid_variants(specs: Sequence[str]) -> list[Variant]:
     """``["optim.lr=1e-3,3e-4", "freeze.vision_encoder=true,false"]`` -> every combination (values parsed as YAML)."""
     if not specs:
         return []
-    axes = []
+    axes, swept, problems = [], {}, []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        if not sep or not key.strip() or not values.strip():
+        key = key.strip()
+        if not sep or not key or not values.strip():
             raise RecipeError(f"--grid '{spec}' must look like key.sub=v1,v2", "command line")
-        axes.append([(key.strip(), parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
+        if why := reserved_key_problem(key):
+            problems.append(f"--grid '{spec}': {why}")
+        elif key in swept:
+            problems.append(
+                f"--grid '{spec}': {key} is swept by --grid '{swept[key]}' already; give all its values "
+                f"in one --grid {key}=v1,v2"
+            )
+        swept.setdefault(key, spec)
+        axes.append([(key, parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
+    if problems:
+        raise RecipeError(problems, "command line")
     variants = []
     for combo in itertools.product(*axes):
         name = "+".join(f"{key}={_short(value)}" for key, value in combo)
         variants.append(Variant(name, dict(combo)))
     return variants
+
+
+def reserved_key_problem(key: str) -> str | None:
+    """Why a variant may not set ``key`` (ablate sets it for every variant), or None."""
+    for reserved, why in RESERVED.items():
+        if key == reserved or key.startswith(reserved + "."):
+            return f"{key} cannot differ between variants: {why}"
+    return None
 
 
 def _short(value: Any) -> str:
@@ -144,6 +177,9 @@ def plan(
         for v in variants
         if not NAME_OK.match(v.name)
     ]
+    problems += [
+        f"ablation.variants.{v.name}: {why}" for v in named for k in v.overrides if (why := reserved_key_problem(k))
+    ]
     seen = [v.name for v in variants]
     problems += [f"ablation.variants: duplicate variant '{n}'" for n in sorted({n for n in seen if seen.count(n) > 1})]
     planned = []
@@ -153,9 +189,56 @@ def plan(
             planned.append((variant, variant_recipe(base_raw, variant, root)))
         except RecipeError as err:
             problems += [f"variant '{variant.name}': {p}" for p in err.problems]
+    problems += same_recipe_problems(planned) + trained_elsewhere_problems(planned)
     if problems:
         raise RecipeError(problems, str(recipe_path))
     return base, planned
+
+
+def same_recipe_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:
+    """Variants that resolve to one recipe (``--grid optim.lr=1e-3,0.001``) would train it twice
+    under two names."""
+    first: dict[str, Variant] = {}
+    problems = []
+    for variant, recipe in planned:
+        resolved = {**to_dict(recipe), "output_dir": None}
+        other = first.setdefault(json.dumps(resolved, sort_keys=True), variant)
+        if other is not variant:
+            problems.append(
+                f"variants '{other.name}' and '{variant.name}' are the same recipe"
+                f"{_override_difference(other, variant)}; drop one"
+            )
+    return problems
+
+
+def _override_difference(a: Variant, b: Variant) -> str:
+    """`` (optim.lr: '1e-3' vs 0.001)``: the overrides that differ in writing only."""
+    keys = sorted(k for k in a.overrides.keys() | b.overrides.keys() if a.overrides.get(k) != b.overrides.get(k))
+    shown = [f"{k}: {_written(a, k)} vs {_written(b, k)}" for k in keys]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
+def _written(variant: Variant, key: str) -> str:
+    return repr(variant.overrides[key]) if key in variant.overrides else "unset"
+
+
+def trained_elsewhere_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:
+    """A variant's run directory with checkpoints of another recipe (a changed override, base
+    key or --grid value): resuming or skipping it would report those results as this recipe's."""
+    from vla_ft.checkpoint import latest_checkpoint
+    from vla_ft.run_state import read_saved_recipe, recipe_changes
+
+    problems = []
+    for variant, recipe in planned:
+        run_dir = Path(recipe.output_dir)
+        path = latest_checkpoint(run_dir / "checkpoints")
+        changes = recipe_changes(read_saved_recipe(path), recipe) if path is not None else []
+        if changes:
+            problems.append(
+                f"variant '{variant.name}': {run_dir} was trained with another recipe ({'; '.join(changes)}); "
+                f"rerun with that recipe, delete {run_dir} to train the variant afresh, or choose a new output_dir"
+            )
+    return problems
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -249,15 +332,20 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
 
     run_dir = Path(recipe.output_dir)
     previous = read_summary(run_dir)
+    if previous.get("recipe") != _comparable(recipe):  # another recipe's segment before any checkpoint
+        previous = {}
     device = previous.get("device", "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu")
     exact = reset_peak_memory(device)
     t0 = time.perf_counter()
-    halted = None
+    halted = failed = None
     with observe_run({}) as info:
         try:
             train.main(recipe)
         except train.TrainingHalted as err:  # one diverging variant must not end the sweep
             halted = str(err)
+        except Exception as err:  # nor one its data, memory or disk fails: recorded, retried on a rerun
+            failed = f"{type(err).__name__}: {err}"
+            report_failure(err)
     wall = time.perf_counter() - t0
     device = info.get("device", device)
     kind = "cuda_max_allocated" if device == "cuda" else ("cpu_peak_rss" if exact else "cpu_peak_rss_process")
@@ -266,6 +354,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
         **info,
         "finished": is_finished(recipe, checkpoint_state(recipe)),
         "halted": halted,
+        "failed": failed,
         "segments": previous.get("segments", 0) + 1,
         "wall_s": previous.get("wall_s", 0.0) + wall,
         "peak_mem_gb": max(previous.get("peak_mem_gb", 0.0), peak_memory_gb(device)),
@@ -281,6 +370,15 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
 
         torch.cuda.empty_cache()
     return summary
+
+
+def report_failure(err: Exception) -> None:
+    """A user error (bad data, a refused resume) is its message, printed by the sweep; anything else
+    may be a bug and shows its traceback, as it would without the sweep."""
+    from vla_ft.cli import user_errors
+
+    if not isinstance(err, user_errors()):
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def is_main_process() -> bool:
@@ -319,7 +417,7 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
     rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
     row = {
         "variant": name,
-        "status": "halted" if info.get("halted") else ("finished" if info.get("finished") else "stopped"),
+        "status": variant_status(info),
         "steps": max((int(r["step"]) for r in rows), default=0),
         "trainable_params": info.get("trainable_params"),
         f"best {metric}": best_value,
@@ -335,14 +433,25 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
             "peak_mem_kind": info.get("peak_mem_kind", ""),
         }
     )
+    if info.get("failed") or info.get("halted"):
+        row["error"] = info.get("failed") or info.get("halted")
     return row
 
 
+def variant_status(info: dict[str, Any]) -> str:
+    """A variant's state from its run_summary.json: failed, halted, finished or stopped."""
+    for key in ("failed", "halted", "finished"):
+        if info.get(key):
+            return key
+    return "stopped"
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of every row, first seen first; the error (long, of a few rows) last."""
     cols: list[str] = []
     for row in rows:
         cols += [k for k in row if k not in cols]
-    return cols
+    return [c for c in cols if c != "error"] + ["error"] * ("error" in cols)
 
 
 def _fmt(value: Any) -> str:
@@ -350,7 +459,9 @@ def _fmt(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return " ".join(str(value).split()).replace("|", "\\|")  # one table cell: an error message may span lines
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -393,12 +504,13 @@ def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[
 
 # ----------------------------------------------------------------------------- the command
 def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: Sequence[str] = ()) -> int:
-    """Run every variant not yet finished, then write the summary. Returns the exit status:
-    0, or 130 when a variant stopped on a signal (rerun the same command to resume)."""
+    """Run every variant not yet finished, then write the summary. Returns the exit status: 0;
+    1 when a variant failed (its error is in the summary, the other variants ran); 130 when a
+    variant stopped on a signal. Rerunning the same command resumes, and retries failed variants."""
     base, planned = plan(recipe_path, list(overrides), list(grid))
     root = Path(base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    status = 0
+    failed, stopped = [], False
     for i, (variant, recipe) in enumerate(planned, 1):
         head = f"[ablate {i}/{len(planned)}] {variant.name}"
         if is_done(recipe):
@@ -409,13 +521,17 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
         print(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}", flush=True)
         summary = run_variant(recipe)
         check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))  # before the next variant
-        if summary["halted"]:
-            print(f"{head}: halted ({summary['halted']}); going on with the other variants", flush=True)
+        if summary["failed"] or summary["halted"]:
+            what = "failed" if summary["failed"] else "halted"
+            print(f"{head}: {what} ({summary[what]}); going on with the other variants", flush=True)
+            failed += [variant.name] if summary["failed"] else []
         elif not summary["finished"]:
             print(f"{head}: stopped before the end; rerun the same command to resume", flush=True)
-            status = 130
+            stopped = True
             break
-    names = [v.name for v, r in planned if read_rows(Path(r.output_dir))]
+    names = [
+        v.name for v, r in planned if read_rows(Path(r.output_dir)) or read_summary(Path(r.output_dir)).get("failed")
+    ]
     if names and is_main_process():
         rows = write_summary(root, names, base.ablation.metric, base.ablation.mode)
         print(markdown_table(rows, base.ablation.metric, base.ablation.mode), end="")
@@ -423,7 +539,9 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
             f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
             f"{root / 'metric_bars.png'}"
         )
-    return status
+    if failed:
+        print(f"failed: {', '.join(failed)} (error column of the summary); rerun the same command to retry", flush=True)
+    return 130 if stopped else (1 if failed else 0)
 
 
 def check_metric_logged(metric: str, name: str, run_dir: Path) -> None:

@@ -18,7 +18,8 @@ A run directory's checkpoints::
         loss_state.safetensors  loss-weighting state (uncertainty log-vars, DWA averages)
         rng.pt                  torch CPU/CUDA RNG states (loaded weights_only)
         trainer_state.json      step, data position, best metric, skip counters, scaler,
-                                python/numpy RNG states, world size, frozen modules
+                                python/numpy RNG states, world size, frozen modules, and each
+                                rank's train-log window (sums since the last logged row)
         norm_stats.json         normalisation statistics (the policy inverts with these)
         config.yaml             the resolved recipe
         tokenizer/              the tokenizer (save_pretrained)

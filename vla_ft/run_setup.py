@@ -28,10 +28,11 @@ from vla_ft.run_state import (
     check_resume_compatible,
     load_training_checkpoint,
     read_saved_recipe,
+    restore_best_pointer,
 )
 from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
-from vla_ft.tracking import MetricsLogger, Progress
+from vla_ft.tracking import MetricsLogger, Progress, TrainWindow
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Run:
     tokenizer: Any
     gripper_dims: list[int]
     state: TrainState = field(default_factory=TrainState)
+    window: TrainWindow = field(default_factory=TrainWindow)  # since the last train row; checkpoints keep it
     resumed_from: Path | None = None
     early_stop: bool = False
     wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed
@@ -192,6 +194,8 @@ def setup(recipe: Recipe) -> Run:
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)
         run.resumed_from = resume_from
+        if rt.is_main:
+            restore_best_pointer(run)
         logger.truncate_after(run.state.step)
         run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
         run.progress.write(f"resumed from {resume_from} at step {run.state.step}")

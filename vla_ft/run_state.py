@@ -22,6 +22,7 @@ from vla_ft import checkpoint as ck
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
 from vla_ft.master_weights import full_precision
 from vla_ft.model_files import write_model_files
+from vla_ft.tracking import mean_window
 
 if TYPE_CHECKING:
     from vla_ft.run_setup import Run
@@ -41,8 +42,10 @@ class TrainState:
 
 
 # Keys whose change makes a resumed run a different experiment (refused), by prefix: the
-# model's shape, what the data is and how it is normalised and split, the loss's learned
-# state, the optimizer's state layout (groups come from freeze/unfreeze), the batch stream.
+# model's shape, what the data is and how it is normalised and split, the inputs and labels
+# the model learns from (prompt, language targets, gripper labels), the loss's learned state,
+# the optimizer's state layout (groups come from freeze/unfreeze), the batch stream, and what
+# the saved best value measures (a new metric would be compared with the old one's best).
 BREAKING = (
     "model.",
     "data.format",
@@ -62,12 +65,18 @@ BREAKING = (
     "data.language_target",
     "data.skip_bad_episodes",
     "data.synthetic.",
+    "data.prompt_template",
+    "data.text_key",
     "loss.strategy",
     "loss.gripper.dims",
+    "loss.gripper.threshold",
+    "loss.gripper.closed_is_high",
     "optim.name",
     "freeze.",
     "unfreeze",
     "train.seed",
+    "train.best_metric",
+    "train.best_mode",
 )  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)
 # Exceptions inside BREAKING: how the model computes, not what it is.
 HARMLESS = ("model.language.attn_implementation", "model.language.gradient_checkpointing", "model.lora.fused")
@@ -92,7 +101,7 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     resumes on another number of processes with ``train.batch_size`` adjusted.
     """
     old, new = _flatten(saved), _flatten(to_dict(current))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
+    changed = changed_keys(old, new)
     breaking = [k for k in changed if k.startswith(BREAKING) and not k.startswith(HARMLESS)]
     problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
     problems += _global_batch_change(old, current, where, world_size)
@@ -102,6 +111,18 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
     if changed:
         warnings.warn(f"resuming from {where} with changed keys: {', '.join(changed)}", stacklevel=2)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose value differs between two flattened recipes, except where a run is and
+    whether it resumes (``IGNORED``)."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
+
+
+def recipe_changes(saved: dict[str, Any], current: Recipe) -> list[str]:
+    """``key: old -> new`` for every key (but ``IGNORED``) where ``current`` differs from a saved recipe dict."""
+    old, new = _flatten(saved), _flatten(to_dict(current))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new)]
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -137,6 +158,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
     them into the temporary directory, so the checkpoint still appears atomically.
     """
     path = None
+    windows = run.rt.gather_objects(run.window.state_dict())  # collective: each rank's own log window
     stage = run.extras.get("stage_model_state")
     staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:
@@ -162,7 +184,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
             if loss_state:
                 save_file(loss_state, str(tmp / "loss_state.safetensors"))
             torch.save(ck.rng_state(), tmp / "rng.pt")
-            ck.save_json(tmp / "trainer_state.json", trainer_json(run))
+            ck.save_json(tmp / "trainer_state.json", trainer_json(run, windows))
             ck.save_json(tmp / "norm_stats.json", run.data.normalizer.to_dict())
             save_recipe(run.recipe, tmp / "config.yaml")
             run.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -176,6 +198,25 @@ def save_training_checkpoint(run: Run) -> Path | None:
     return path
 
 
+def restore_best_pointer(run: Run) -> None:
+    """On resume, point ``checkpoints/best`` at the best checkpoint of the restored state. After a
+    hand rollback (newer checkpoints deleted) it may name a checkpoint that is gone, or a step the
+    resumed run saves again without it being the best. If the best checkpoint itself is gone the
+    pointer is removed (with a warning) until a validation beats the restored best value."""
+    root, st = run.run_dir / "checkpoints", run.state
+    best = root / ck.step_dir_name(st.best_step) if st.best_step is not None else None
+    if best is not None and ck.is_complete(best):
+        ck.write_pointer(root, "best", best.name)
+        return
+    (root / "best").unlink(missing_ok=True)
+    if best is not None:
+        warnings.warn(
+            f"{best} is gone: it held the best {run.recipe.train.best_metric} ({st.best_value:.4g}) of the state "
+            f"resumed from; {root / 'best'} is removed until a validation beats that value",
+            stacklevel=2,
+        )
+
+
 def checkpoint_bytes(run: Run) -> int:
     """About what a checkpoint takes on disk: weights, plus two Adam moments per trainable weight."""
     weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
@@ -183,7 +224,8 @@ def checkpoint_bytes(run: Run) -> int:
     return weights + (moments if run.recipe.checkpoint.save_optimizer else 0)
 
 
-def trainer_json(run: Run) -> dict[str, Any]:
+def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``windows``: every rank's train-log window (:meth:`vla_ft.tracking.TrainWindow.state_dict`)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
@@ -195,11 +237,12 @@ def trainer_json(run: Run) -> dict[str, Any]:
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
         "frozen": sorted(run.model.frozen),
+        "windows": windows,
     }
 
 
 def load_training_checkpoint(run: Run, path: Path) -> None:
-    """Restore weights, optimizer, loss strategy, scaler, RNG and data position from ``path``."""
+    """Restore weights, optimizer, loss strategy, scaler, RNG, data position and log window from ``path``."""
     load_weights_and_optimizer(run, path)
     if (path / "loss_state.safetensors").is_file():
         with ck.reading(path / "loss_state.safetensors"):
@@ -215,6 +258,9 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
             "the data position and the global batch carry over",
             stacklevel=2,
         )
+    if meta.get("windows"):  # older checkpoints lack it: the first row after the resume is then short
+        with ck.reading(path / "trainer_state.json"):
+            run.window.load_state_dict(rank_window(meta["windows"], run.rt.rank, run.rt.world_size), run.rt.device)
     if run.scaler and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     with ck.reading(path / "rng.pt"):
@@ -224,6 +270,11 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
         version, internal, gauss = meta["python_rng"]
         random.setstate((version, tuple(internal), gauss))
+
+
+def rank_window(windows: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's saved log window; on another number of processes, the mean of the saved ones."""
+    return windows[rank] if len(windows) == world_size else mean_window(windows)
 
 
 def load_weights_and_optimizer(run: Run, path: Path) -> None:

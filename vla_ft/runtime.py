@@ -12,6 +12,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,14 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` (picklable host data) of every rank, in rank order."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def any_true(self, flag: bool) -> bool:
         return not self.all_true(not flag)

@@ -78,12 +78,32 @@ class Averager:
     def __bool__(self) -> bool:
         return bool(self.sums)
 
+    def state_dict(self) -> dict[str, list[Any]]:
+        """``{key: [sum, count, dtype]}`` as JSON values (a host sync). A float32 or bf16 sum is
+        exact as a Python float, so a loaded sum adds up to the bits it would have had."""
+        return {k: [float(v), _number(self.counts[k]), _dtype_name(v)] for k, v in self.sums.items()}
+
+    def load_state_dict(self, state: dict[str, list[Any]], device: torch.device) -> None:
+        self.sums = {
+            k: torch.tensor(v, dtype=getattr(torch, t), device=device) if t else v for k, (v, _, t) in state.items()
+        }
+        self.counts = {k: c for k, (_, c, _) in state.items()}
+
+
+def _number(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _dtype_name(value: Any) -> str | None:
+    return str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else None
+
 
 class TrainWindow:
     """What happened since the last train log line: values, samples, time spent waiting for data.
 
     Its time is training time: validation and checkpoints run :meth:`paused`, so throughput and
-    MFU do not drop in the window after them.
+    MFU do not drop in the window after them. A checkpoint keeps the window (:meth:`state_dict`):
+    the first row after a resume covers every step since the last row, as without the stop.
     """
 
     def __init__(self) -> None:
@@ -93,6 +113,11 @@ class TrainWindow:
         self.values = Averager()
         self.samples = 0
         self.wait_s = 0.0
+        self.carried_s = 0.0  # training seconds of the window before a resume
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Training starts now: the time since the window opened (building the run) is not training."""
         self.paused_s = 0.0
         self.t0 = time.perf_counter()
 
@@ -115,7 +140,31 @@ class TrainWindow:
 
     def elapsed(self) -> float:
         """Seconds of training since the window opened."""
-        return time.perf_counter() - self.t0 - self.paused_s
+        return time.perf_counter() - self.t0 - self.paused_s + self.carried_s
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "values": self.values.state_dict(),
+            "samples": self.samples,
+            "wait_s": self.wait_s,
+            "elapsed_s": self.elapsed(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.reset()
+        self.values.load_state_dict(state["values"], device)
+        self.samples, self.wait_s, self.carried_s = state["samples"], state["wait_s"], state["elapsed_s"]
+
+
+def mean_window(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved windows of several ranks as one, for a resume on another number of processes:
+    each value's sum and count are the mean over the ranks (samples are global already)."""
+    keys = dict.fromkeys(k for s in states for k in s["values"])
+    values = {}
+    for k in keys:
+        have = [s["values"][k] for s in states if k in s["values"]]
+        values[k] = [sum(v[0] for v in have) / len(have), sum(v[1] for v in have) / len(have), have[0][2]]
+    return {**states[0], "values": values}
 
 
 class MetricsLogger:

@@ -114,7 +114,8 @@ class StepLoop:
 
     def __init__(self, run: Run, stop: StopRequest):
         self.run, self.stop = run, stop
-        self.window = TrainWindow()
+        self.window = run.window  # restored from the checkpoint on resume
+        self.window.start_clock()
         self.last_val: dict[str, float] = {}
         self.stopped = False  # a signal or early stopping ended the run (checkpoint saved)
         self.pending: tuple[StepResult, Group] | None = None
