@@ -430,7 +430,7 @@ def vla(
         row.note += f"; GPU idle {gpu_idle_fraction(step, bench.batches):.1%} of the step"
         if bench.diagnose:
             row.extra = diagnose(run, step, bench)
-    run.extras["flop_meter"].remove()
+    run.hooks.flop_meter.remove()
     want = recipe.data.language_target != "none" and run.loss_fn.wants("language")
     row.tflop_per_step = count_flops(run.model, bench.batches[0], want)
     return row

@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict
 def _inject(run, faults: dict[str, int]) -> None:
     """Poison one rank's gradient *after* DDP's all-reduce, so only the rank agreement can save
     the other rank from stepping alone; send SIGTERM to one rank only."""
-    clip, fired = run.extras["clip_grad_norm"], set()
+    clip, fired = run.hooks.clip_grad_norm, set()
 
     def once(kind: str) -> bool:  # a skipped update is retried with the same index: fire one time
         due = run.rt.rank == faults[f"{kind}_rank"] and run.state.step == faults[f"{kind}_update"]
@@ -105,7 +105,7 @@ def _inject(run, faults: dict[str, int]) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return clip(run, max_norm)
 
-    run.extras["clip_grad_norm"] = faulty_clip
+    run.hooks.clip_grad_norm = faulty_clip
 
 
 def train_2_processes(run_dir: Path, overrides: list[str], faults: dict[str, int] | None = None) -> list[dict]:

@@ -37,7 +37,6 @@ import gc
 import itertools
 import json
 import math
-import os
 import re
 import resource
 import statistics
@@ -329,6 +328,7 @@ def is_done(recipe: Recipe) -> bool:
 def run_variant(recipe: Recipe) -> dict[str, Any]:
     """Train (or resume) one variant; update and return its run_summary.json."""
     from vla_ft import train
+    from vla_ft.runtime import is_main_process
 
     run_dir = Path(recipe.output_dir)
     previous = read_summary(run_dir)
@@ -379,12 +379,6 @@ def report_failure(err: Exception) -> None:
 
     if not isinstance(err, user_errors()):
         traceback.print_exception(err, file=sys.stderr)
-
-
-def is_main_process() -> bool:
-    # Under torchrun every rank runs the sweep; only rank 0 writes. The run's Runtime is torn down
-    # by the time the summaries are written, so the launcher's variable is what is left to ask.
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _cuda() -> bool:
@@ -507,6 +501,8 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
     """Run every variant not yet finished, then write the summary. Returns the exit status: 0;
     1 when a variant failed (its error is in the summary, the other variants ran); 130 when a
     variant stopped on a signal. Rerunning the same command resumes, and retries failed variants."""
+    from vla_ft.runtime import is_main_process, say  # here: torch loads when a sweep runs, not for --help
+
     base, planned = plan(recipe_path, list(overrides), list(grid))
     root = Path(base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -515,18 +511,18 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
         head = f"[ablate {i}/{len(planned)}] {variant.name}"
         if is_done(recipe):
             why = "halted" if read_summary(Path(recipe.output_dir)).get("halted") else "finished"
-            print(f"{head}: {why} earlier, skipped", flush=True)
+            say(f"{head}: {why} earlier, skipped")
             check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))
             continue
-        print(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}", flush=True)
+        say(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}")
         summary = run_variant(recipe)
         check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))  # before the next variant
         if summary["failed"] or summary["halted"]:
             what = "failed" if summary["failed"] else "halted"
-            print(f"{head}: {what} ({summary[what]}); going on with the other variants", flush=True)
+            say(f"{head}: {what} ({summary[what]}); going on with the other variants")
             failed += [variant.name] if summary["failed"] else []
         elif not summary["finished"]:
-            print(f"{head}: stopped before the end; rerun the same command to resume", flush=True)
+            say(f"{head}: stopped before the end; rerun the same command to resume")
             stopped = True
             break
     names = [
@@ -540,7 +536,7 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
             f"{root / 'metric_bars.png'}"
         )
     if failed:
-        print(f"failed: {', '.join(failed)} (error column of the summary); rerun the same command to retry", flush=True)
+        say(f"failed: {', '.join(failed)} (error column of the summary); rerun the same command to retry")
     return 130 if stopped else (1 if failed else 0)
 
 

@@ -72,12 +72,12 @@ def install(run: Run) -> None:
         return
     if cfg.strategy == "ddp":
         wrap_ddp(run)
-        run.extras["on_freeze_change"] = wrap_ddp
+        run.hooks.on_freeze_change = wrap_ddp
     else:
         shard_fsdp(run)
-        run.extras["stage_model_state"] = stage_dcp_state
-    run.extras["clip_grad_norm"] = clip_grad_norm
-    run.extras["reduce_metrics"] = mean_over_ranks
+        run.hooks.stage_model_state = stage_dcp_state
+    run.hooks.clip_grad_norm = clip_grad_norm
+    run.hooks.reduce_metrics = mean_over_ranks
     if rt.is_main:
         print(describe(run.recipe, rt.world_size, rt.device, dist.get_backend()), flush=True)
 

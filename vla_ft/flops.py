@@ -316,11 +316,11 @@ class FlopMeter:
 def install_meter(run: Run) -> None:
     """Extension installer: log ``perf/tflops`` and ``perf/mfu`` with the train metrics."""
     meter = FlopMeter(run.model, peak_tflops(run.rt.device))
-    previous = run.extras.get("perf_metrics")
+    previous = run.hooks.perf_metrics
 
     def perf_metrics(run: Run, samples: int, elapsed: float) -> dict[str, float]:
         out = previous(run, samples, elapsed) if previous is not None else {}
         return {**out, **meter.metrics(elapsed)}
 
-    run.extras["perf_metrics"] = perf_metrics
-    run.extras["flop_meter"] = meter
+    run.hooks.perf_metrics = perf_metrics
+    run.hooks.flop_meter = meter

@@ -17,15 +17,9 @@ import torch
 
 from vla_ft.config import GripperLossConfig, Recipe
 from vla_ft.loss_weighting import build_weighting
-from vla_ft.losses import loss_terms
+from vla_ft.losses import gripper_labels, loss_terms, regressed_dims
 
 INDEXED = re.compile(r"(/[a-z]+)(\d+)$")  # per-index names: .../dim3 (action dim), .../h0 (chunk step)
-
-
-def gripper_labels(values: torch.Tensor, cfg: GripperLossConfig) -> torch.Tensor:
-    """Raw gripper values (..., G) -> bool labels, True = closed."""
-    high = values > cfg.threshold
-    return high if cfg.closed_is_high else ~high
 
 
 def real_actions(
@@ -69,7 +63,7 @@ class ActionMetrics:
             gripper_cfg,
             gripper_head,
         )
-        self.reg_dims = [i for i in range(action_dim) if not (gripper_head and i in self.gripper_dims)]
+        self.reg_dims = regressed_dims(action_dim, self.gripper_dims, gripper_head)
         self.abs = torch.zeros(action_dim, dtype=torch.float64)
         self.sq = torch.zeros(action_dim, dtype=torch.float64)
         self.base_abs = torch.zeros(action_dim, dtype=torch.float64)
@@ -109,8 +103,9 @@ class ActionMetrics:
             self.tok_total += float(valid.sum())
 
     def _update_gripper(self, pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> None:
-        p = gripper_labels(pred[..., self.gripper_dims], self.gcfg)
-        t = gripper_labels(true[..., self.gripper_dims], self.gcfg)
+        g = self.gcfg
+        p = gripper_labels(pred[..., self.gripper_dims], g.threshold, g.closed_is_high)
+        t = gripper_labels(true[..., self.gripper_dims], g.threshold, g.closed_is_high)
         m = mask[..., None].expand_as(t)
         self.g_tp += float((p & t & m).sum())
         self.g_fp += float((p & ~t & m).sum())

@@ -8,6 +8,7 @@ the global RNG.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,22 @@ from vla_ft.run_state import (
     read_saved_recipe,
     restore_best_pointer,
 )
-from vla_ft.runtime import Runtime, init_runtime, seed_everything, shutdown
+from vla_ft.runtime import Runtime, init_runtime, say, seed_everything, shutdown
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
 from vla_ft.tracking import MetricsLogger, Progress, TrainWindow
+
+
+@dataclass
+class RunHooks:
+    """What extensions plug into a run (:mod:`vla_ft.distributed`, :mod:`vla_ft.flops`); None keeps
+    the one-process default of the :class:`Run` method of the same name."""
+
+    on_freeze_change: Callable[[Run], None] | None = None
+    clip_grad_norm: Callable[[Run, float], torch.Tensor] | None = None
+    reduce_metrics: Callable[[Run, dict[str, float]], dict[str, float]] | None = None
+    perf_metrics: Callable[[Run, int, float], dict[str, float]] | None = None
+    stage_model_state: Callable[[Run], Any] | None = None  # FSDP: gather the shards for a checkpoint
+    flop_meter: Any = None  # vla_ft.flops.FlopMeter, counting FLOPs for perf/mfu
 
 
 @dataclass
@@ -57,7 +71,7 @@ class Run:
     resumed_from: Path | None = None
     early_stop: bool = False
     wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed
-    extras: dict[str, Any] = field(default_factory=dict)
+    hooks: RunHooks = field(default_factory=RunHooks)
 
     # ------------------------------------------------------------------ hooks used by the loop
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,27 +92,27 @@ class Run:
 
     def on_freeze_change(self) -> None:
         """Called after a staged unfreeze; distributed wrappers re-register parameters here."""
-        hook = self.extras.get("on_freeze_change")
+        hook = self.hooks.on_freeze_change
         if hook is not None:
             hook(self)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip all trainable gradients by their global L2 norm; returns the norm before clipping.
         Distributed strategies replace it (sharded gradients, state outside the wrapper)."""
-        hook = self.extras.get("clip_grad_norm")
+        hook = self.hooks.clip_grad_norm
         if hook is not None:
             return hook(self, max_norm)
         return torch.nn.utils.clip_grad_norm_(self.trainable_params(), max_norm)
 
     def reduce_metrics(self, values: dict[str, float]) -> dict[str, float]:
-        hook = self.extras.get("reduce_metrics")
+        hook = self.hooks.reduce_metrics
         return hook(self, values) if hook is not None else values
 
     def perf_metrics(self, samples: int, elapsed: float) -> dict[str, float]:
         out = {}
         if self.rt.device.type == "cuda":
             out["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
-        hook = self.extras.get("perf_metrics")
+        hook = self.hooks.perf_metrics
         if hook is not None:
             out.update(hook(self, samples, elapsed))
         return out
@@ -114,7 +128,7 @@ def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
         return None
     path = ck.latest_checkpoint(run_dir / "checkpoints")
     if path is None:
-        print(f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
+        say(f"train.resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
     return path
 
 

@@ -159,7 +159,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
     """
     path = None
     windows = run.rt.gather_objects(run.window.state_dict())  # collective: each rank's own log window
-    stage = run.extras.get("stage_model_state")
+    stage = run.hooks.stage_model_state
     staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:
         root = run.run_dir / "checkpoints"

@@ -80,10 +80,16 @@ class Runtime:
             dist.barrier()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process. Asks the launcher's ``RANK`` rather than a
+    :class:`Runtime`: data loading and the sweep runner speak before the process group exists or
+    after it is gone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(message: str) -> None:
-    """Print on rank 0 only. Asks the launcher's ``RANK`` rather than a :class:`Runtime`, since
-    data loading and the sweep runner speak before the process group exists or after it is gone."""
-    if os.environ.get("RANK", "0") == "0":
+    """Print on rank 0 only."""
+    if is_main_process():
         print(message, flush=True)
 
 

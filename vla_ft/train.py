@@ -231,10 +231,10 @@ def train_step(
     fused = queues_step(run)
     reads_bf16 = fused and isinstance(opt, MasterAdamW)  # the last micro-batch's bf16 gradients stay
     pooled = pools_terms(run, group)  # the shares need every micro-batch's counts first
-    batches = [to_device(b, run.rt.device) for b in group] if pooled else group
+    moved = (to_device(b, run.rt.device) for b in group)  # one micro-batch on the device at a time...
+    batches = list(moved) if pooled else moved  # ...unless the shares need them all first
     shares = term_shares(run, batches) if pooled else None
     for i, batch in enumerate(batches):
-        batch = to_device(batch, run.rt.device)
         with run.no_sync(last=i == n - 1), run.rt.autocast():
             outputs = run.forward(batch)
             total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
