@@ -228,6 +228,12 @@ def test_a_rerun_with_another_recipe_is_refused_before_anything_trains(tmp_path,
     assert f"variant 'full': {tmp_path / 'full'} was trained with another recipe (optim.lr: 0.001 -> 0.0005)" in err
     assert cli(argv) == 0  # the recipe it was trained with: finished, skipped
     assert "full: finished earlier, skipped" in capsys.readouterr().out
+    monkeypatch.undo()
+    longer = [*argv, "train.steps=3", "logging.every=1"]  # the sweep run longer: the variant resumes
+    assert cli(longer) == 0
+    assert "full: resuming" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "full" / "run_summary.json").read_text())
+    assert summary["finished"] and summary["segments"] == 2  # the wall time of both segments adds up
 
 
 def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):

@@ -59,6 +59,18 @@ RESERVED = {
     "train.resume": "every variant resumes (rerunning the command goes on where it stopped)",
     "ablation": "the ablation section configures the sweep, not a variant",
 }
+# What a rerun may change in a variant's recipe: how long it trains (a sweep run longer) and how it
+# logs, saves and loads. They change no result the summary lists under the variant's name.
+RERUN_MAY_CHANGE = (
+    "train.steps",
+    "logging.",
+    "checkpoint.",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "train.threads",
+)
 HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
 
 
@@ -231,7 +243,7 @@ def trained_elsewhere_problems(planned: list[tuple[Variant, Recipe]]) -> list[st
     for variant, recipe in planned:
         run_dir = Path(recipe.output_dir)
         path = latest_checkpoint(run_dir / "checkpoints")
-        changes = recipe_changes(read_saved_recipe(path), recipe) if path is not None else []
+        changes = recipe_changes(read_saved_recipe(path), recipe, RERUN_MAY_CHANGE) if path is not None else []
         if changes:
             problems.append(
                 f"variant '{variant.name}': {run_dir} was trained with another recipe ({'; '.join(changes)}); "
@@ -328,12 +340,13 @@ def is_done(recipe: Recipe) -> bool:
 def run_variant(recipe: Recipe) -> dict[str, Any]:
     """Train (or resume) one variant; update and return its run_summary.json."""
     from vla_ft import train
+    from vla_ft.run_state import recipe_changes
     from vla_ft.runtime import is_main_process
 
     run_dir = Path(recipe.output_dir)
     previous = read_summary(run_dir)
-    if previous.get("recipe") != _comparable(recipe):  # another recipe's segment before any checkpoint
-        previous = {}
+    if "recipe" not in previous or recipe_changes(previous["recipe"], recipe, RERUN_MAY_CHANGE):
+        previous = {}  # another recipe's segment before any checkpoint: its time is not this run's
     device = previous.get("device", "cuda" if recipe.train.device != "cpu" and _cuda() else "cpu")
     exact = reset_peak_memory(device)
     t0 = time.perf_counter()

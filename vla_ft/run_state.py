@@ -119,10 +119,11 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(IGNORED))
 
 
-def recipe_changes(saved: dict[str, Any], current: Recipe) -> list[str]:
-    """``key: old -> new`` for every key (but ``IGNORED``) where ``current`` differs from a saved recipe dict."""
+def recipe_changes(saved: dict[str, Any], current: Recipe, allowed: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every key (but ``IGNORED`` and the ``allowed`` prefixes) where
+    ``current`` differs from a saved recipe dict."""
     old, new = _flatten(saved), _flatten(to_dict(current))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new) if not k.startswith(allowed)]
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
