@@ -82,3 +82,22 @@ def test_fp16_compiled_run_resumes_across_a_staged_unfreeze(tmp_path):
     assert w_straight.keys() == w_resumed.keys()
     for k in w_straight:
         torch.testing.assert_close(w_resumed[k], w_straight[k], rtol=2e-3, atol=1e-4, msg=k)
+
+
+def test_a_bf16_resume_inside_a_log_window_logs_the_rows_of_the_straight_run(tmp_path):
+    """The log window (device sums, bf16 or fp32) is saved with the checkpoint: resumed at step 2
+    of a 4-step window, the row at step 4 still averages steps 1-4, as the straight run's does."""
+    extra = ("train.precision=bf16", "logging.every=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, *extra)
+    shutil.copytree(straight, resumed)
+    for path in (resumed / "checkpoints").glob("step_*"):
+        if int(path.name.split("_")[1]) > 2:
+            shutil.rmtree(path)
+    ck.write_pointer(resumed / "checkpoints", "latest", ck.step_dir_name(2))
+    run(resumed, *extra, "train.resume=true")
+    rows, again = ([r for r in metric_rows(d) if "loss" in r] for d in (straight, resumed))
+    assert [r["step"] for r in again] == [r["step"] for r in rows] == [4, 6]
+    for a, b in zip(again, rows, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-4)
+        assert a["perf/samples_per_s"] > 0
