@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICKSTART, ROOT, TINY
 
-from vla_ft import ablate, train
+from vla_ft import ablate, ablate_table, ablate_variants, train
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError
 
@@ -20,19 +20,20 @@ TWO = "ablation.variants={full: {}, frozen_vision: {freeze.vision_encoder: true}
 
 
 def test_grid_is_every_combination_with_yaml_values():
-    variants = ablate.grid_variants(["optim.lr=1e-3,3e-4", "data.cameras=[a,b],[c]", "freeze.projector=true,false"])
+    grid = ["optim.lr=1e-3,3e-4", "data.cameras=[a,b],[c]", "freeze.projector=true,false"]
+    variants = ablate_variants.grid_variants(grid)
     assert len(variants) == 2 * 2 * 2
     first = variants[0]
     assert first.overrides == {"optim.lr": "1e-3", "data.cameras": ["a", "b"], "freeze.projector": True}
     assert first.name == "optim.lr=1e-3+data.cameras=__a___b__+freeze.projector=true"
     assert len({v.name for v in variants}) == 8
     with pytest.raises(RecipeError, match="--grid 'optim.lr' must look like"):
-        ablate.grid_variants(["optim.lr"])
+        ablate_variants.grid_variants(["optim.lr"])
 
 
 def test_recipe_variants_cross_the_grid_and_all_are_validated_first(tmp_path):
     recipe = ROOT / "recipes" / "ablation_freeze.yaml"
-    _, planned = ablate.plan(recipe, [f"output_dir={tmp_path}"], ["optim.lr=0.001,0.0003"])
+    _, planned = ablate_variants.plan(recipe, [f"output_dir={tmp_path}"], ["optim.lr=0.001,0.0003"])
     names = [v.name for v, _ in planned]
     assert names[:2] == ["full+optim.lr=0.001", "full+optim.lr=0.0003"] and len(names) == 10
     by_name = {v.name: r for v, r in planned}
@@ -44,12 +45,12 @@ def test_recipe_variants_cross_the_grid_and_all_are_validated_first(tmp_path):
 
     # The quick look of too few steps for the staged variant's unfreeze names that variant.
     with pytest.raises(RecipeError, match=r"variant 'staged_unfreeze': unfreeze.vision_encoder.at_step: 200"):
-        ablate.plan(recipe, [f"output_dir={tmp_path}", "train.steps=100"], [])
+        ablate_variants.plan(recipe, [f"output_dir={tmp_path}", "train.steps=100"], [])
 
     # One bad variant key (with a suggestion) and one bad name are reported together, before any training.
     bad = ["ablation.variants={good: {}, typo: {optim.lrr: 0.1}, 'bad name': {}}"]
     with pytest.raises(RecipeError) as err:
-        ablate.plan(QUICKSTART, [*bad, f"output_dir={tmp_path}"], [])
+        ablate_variants.plan(QUICKSTART, [*bad, f"output_dir={tmp_path}"], [])
     text = str(err.value)
     assert "variant 'typo': unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in text
     assert "ablation.variants.bad name: use letters" in text
@@ -69,12 +70,12 @@ def test_summary_row_from_metrics_by_hand(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = {"trainable_params": 123, "wall_s": 9.5, "peak_mem_gb": 1.25, "peak_mem_kind": "cpu_peak_rss"}
     (run / "run_summary.json").write_text(json.dumps(info))
-    row = ablate.summary_row("v", run, "val/action_l1", "min")
+    row = ablate_table.summary_row("v", run, "val/action_l1", "min")
     assert row["best val/action_l1"] == 0.3 and row["best_step"] == 4
     assert row["final val/action_l1"] == 0.4 and row["final val/gripper_acc"] == 0.9
     assert row["samples_per_s"] == 20.0  # median of 10, 30, 20
     assert (row["steps"], row["trainable_params"], row["wall_s"], row["peak_mem_gb"]) == (6, 123, 9.5, 1.25)
-    best_acc = ablate.summary_row("v", run, "val/gripper_acc", "max")
+    best_acc = ablate_table.summary_row("v", run, "val/gripper_acc", "max")
     assert (best_acc["best val/gripper_acc"], best_acc["best_step"]) == (0.9, 6)
 
 
@@ -187,7 +188,7 @@ def test_a_misspelt_ablation_metric_stops_after_the_first_variant(tmp_path, caps
 
 def test_a_null_variant_is_the_recipe_as_is(tmp_path):
     variants = "ablation.variants={baseline: null, frozen: {freeze.vision_encoder: true}}"
-    _, planned = ablate.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
+    _, planned = ablate_variants.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
     got = [(v.name, v.overrides) for v, _ in planned]
     assert got == [("baseline", {}), ("frozen", {"freeze.vision_encoder": True})]
 
@@ -197,19 +198,19 @@ def test_grid_refuses_keys_ablate_sets_a_key_given_twice_and_values_that_are_one
     a second --grid of one key would be merged; 1e-3 and 0.001 would train one recipe twice."""
     for spec, key in (("output_dir=a,b", "output_dir"), ("train.resume=true,false", "train.resume")):
         with pytest.raises(RecipeError, match=f"--grid '{spec}': {key} cannot differ between variants"):
-            ablate.grid_variants([spec])
+            ablate_variants.grid_variants([spec])
     with pytest.raises(RecipeError, match="--grid 'ablation.metric=val/a,val/b': ablation.metric cannot differ"):
-        ablate.grid_variants(["ablation.metric=val/a,val/b"])
+        ablate_variants.grid_variants(["ablation.metric=val/a,val/b"])
     with pytest.raises(RecipeError, match=r"--grid 'optim.lr=3e-4': optim.lr is swept by --grid 'optim.lr=1e-3'"):
-        ablate.grid_variants(["optim.lr=1e-3", "freeze.projector=true,false", "optim.lr=3e-4"])
+        ablate_variants.grid_variants(["optim.lr=1e-3", "freeze.projector=true,false", "optim.lr=3e-4"])
     base = [*TINY, f"output_dir={tmp_path}"]
     with pytest.raises(RecipeError) as err:
-        ablate.plan(QUICKSTART, base, ["optim.lr=1e-3,0.001"])
+        ablate_variants.plan(QUICKSTART, base, ["optim.lr=1e-3,0.001"])
     assert "variants 'optim.lr=1e-3' and 'optim.lr=0.001' are the same recipe (optim.lr: '1e-3' vs 0.001)" in str(
         err.value
     )
     with pytest.raises(RecipeError, match="ablation.variants.moved: output_dir cannot differ between variants"):
-        ablate.plan(QUICKSTART, [*base, "ablation.variants={moved: {output_dir: elsewhere}}"], [])
+        ablate_variants.plan(QUICKSTART, [*base, "ablation.variants={moved: {output_dir: elsewhere}}"], [])
 
 
 def test_a_rerun_with_another_recipe_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vla_ft.config import Recipe, RecipeError, apply_overrides, recipe_from_dict
+from vla_ft.config import DATA_SOURCE, DATA_SPLIT, LOADER_KEYS, Recipe, RecipeError, apply_overrides, recipe_from_dict
 from vla_ft.config.checks import suggest
 from vla_ft.config.loader import recipe_keys
 
@@ -35,25 +35,13 @@ from vla_ft.config.loader import recipe_keys
 # elsewhere, or another dataset of the same robot), and how to run. The rest is fixed by the
 # checkpoint, the way samples are built included: another one would change what is measured.
 OVERRIDABLE = (
-    "data.format",
-    "data.path",
-    "data.layout",
-    "data.cameras",
-    "data.state_key",
-    "data.action_key",
+    *DATA_SOURCE,
+    *DATA_SPLIT,
+    *LOADER_KEYS,
     "data.text_key",
     "data.synthetic.",
-    "data.val_ratio",
-    "data.val_episodes",
-    "data.train_filter",
-    "data.val_filter",
-    "data.skip_bad_episodes",
     "data.frame_cache",
     "data.video_tolerance_s",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.prefetch_factor",
     "train.batch_size",
     "train.device",
     "train.precision",

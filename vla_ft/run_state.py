@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vla_ft import checkpoint as ck
-from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
+from vla_ft.config import DATA_SOURCE, DATA_SPLIT, Recipe, RecipeError, save_recipe, to_dict
 from vla_ft.master_weights import full_precision
 from vla_ft.model_files import write_model_files
 from vla_ft.tracking import mean_window
@@ -48,22 +48,13 @@ class TrainState:
 # the saved best value measures (a new metric would be compared with the old one's best).
 BREAKING = (
     "model.",
-    "data.format",
-    "data.path",
-    "data.layout",
-    "data.cameras",
-    "data.state_key",
-    "data.action_key",
+    *DATA_SOURCE,
+    *DATA_SPLIT,
     "data.chunk",
     "data.history",
-    "data.val_ratio",
-    "data.val_episodes",
-    "data.train_filter",
-    "data.val_filter",
     "data.normalize",
     "data.raw_dims",
     "data.language_target",
-    "data.skip_bad_episodes",
     "data.synthetic.",
     "data.prompt_template",
     "data.text_key",

@@ -18,6 +18,9 @@ from vla_ft.config.loader import (
     to_dict,
 )
 from vla_ft.config.schema import (
+    DATA_SOURCE,
+    DATA_SPLIT,
+    LOADER_KEYS,
     MODULE_NAMES,
     TRUNK_MODULES,
     AblationConfig,
@@ -65,6 +68,9 @@ __all__ = [
     "LoggingConfig",
     "LoraConfig",
     "LossConfig",
+    "DATA_SOURCE",
+    "DATA_SPLIT",
+    "LOADER_KEYS",
     "MODULE_NAMES",
     "ModelConfig",
     "OptimConfig",

@@ -329,3 +329,12 @@ class Recipe:
     logging: LoggingConfig = doc("metrics, TensorBoard, progress", factory=LoggingConfig)
     distributed: DistributedConfig = doc("multi-process training", factory=DistributedConfig)
     ablation: AblationConfig = doc("variants run by `vla-ft ablate`", factory=AblationConfig)
+
+
+# Groups of dotted keys that resume, eval and ablate reason about alike.
+DATA_SOURCE = ("data.format", "data.path", "data.layout", "data.cameras", "data.state_key", "data.action_key")
+"""Which dataset and which of its features: a resume may not change them; an eval may point elsewhere."""
+DATA_SPLIT = ("data.val_ratio", "data.val_episodes", "data.train_filter", "data.val_filter", "data.skip_bad_episodes")
+"""Which episodes train and which validate."""
+LOADER_KEYS = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
+"""How batches are loaded, never what they hold."""

@@ -1,0 +1,127 @@
+"""The comparison an ablation ends with: one row per variant (best and final metric, headline
+validation metrics, throughput, wall time, peak memory, status and error) from its ``metrics.jsonl``
+and ``run_summary.json``, written as ``summary.csv``, ``summary.md`` and two plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_rows(run_dir: Path) -> list[dict[str, float]]:
+    from vla_ft.tracking import read_rows as read_metrics_file
+
+    return read_metrics_file(run_dir / "metrics.jsonl")
+
+
+def metric_curve(rows: list[dict[str, float]], metric: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``metric`` over the rows that have it."""
+    pairs = [(int(r["step"]), float(r[metric])) for r in rows if metric in r]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, Any]:
+    """One table row from a variant's metrics.jsonl and run_summary.json."""
+    rows, info = read_rows(run_dir), read_summary(run_dir)
+    steps, values = metric_curve(rows, metric)
+    finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    best_value, best_step = (min(finite) if mode == "min" else max(finite)) if finite else (math.nan, None)
+    val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
+    final = val_rows[-1] if val_rows else {}
+    rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
+    row = {
+        "variant": name,
+        "status": variant_status(info),
+        "steps": max((int(r["step"]) for r in rows), default=0),
+        "trainable_params": info.get("trainable_params"),
+        f"best {metric}": best_value,
+        "best_step": best_step,
+        f"final {metric}": final.get(metric, math.nan),
+    }
+    row.update({f"final {k}": final[k] for k in HEADLINE if k != metric and k in final})
+    row.update(
+        {
+            "samples_per_s": statistics.median(rates) if rates else math.nan,
+            "wall_s": info.get("wall_s", math.nan),
+            "peak_mem_gb": info.get("peak_mem_gb", math.nan),
+            "peak_mem_kind": info.get("peak_mem_kind", ""),
+        }
+    )
+    if info.get("failed") or info.get("halted"):
+        row["error"] = info.get("failed") or info.get("halted")
+    return row
+
+
+def variant_status(info: dict[str, Any]) -> str:
+    """A variant's state from its run_summary.json: failed, halted, finished or stopped."""
+    for key in ("failed", "halted", "finished"):
+        if info.get(key):
+            return key
+    return "stopped"
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of every row, first seen first; the error (long, of a few rows) last."""
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    return [c for c in cols if c != "error"] + ["error"] * ("error" in cols)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return " ".join(str(value).split()).replace("|", "\\|")  # one table cell: an error message may span lines
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    cols = _columns(rows)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows([{c: row.get(c, "") for c in cols} for row in rows])
+
+
+def best_variant(rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
+    scored = [(r[f"best {metric}"], r["variant"]) for r in rows if math.isfinite(r[f"best {metric}"])]
+    if not scored:
+        return None
+    return (min(scored) if mode == "min" else max(scored))[1]
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, mode: str) -> str:
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
+    best = best_variant(rows, metric, mode)
+    if best is not None:
+        lines += ["", f"Best by {metric} ({mode}): **{best}**."]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
+    """summary.csv, summary.md, val_curves.png and metric_bars.png under ``root``; returns the rows."""
+    from vla_ft import plots
+
+    rows = [summary_row(name, root / name, metric, mode) for name in names]
+    write_csv(rows, root / "summary.csv")
+    (root / "summary.md").write_text(markdown_table(rows, metric, mode))
+    curves = {name: metric_curve(read_rows(root / name), metric) for name in names}
+    plots.plot_overlay(curves, metric, root / "val_curves.png")
+    plots.plot_bars({r["variant"]: r[f"best {metric}"] for r in rows}, f"best {metric}", mode, root / "metric_bars.png")
+    return rows
