@@ -138,6 +138,7 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
         ("data.chunk=1", "data.chunk: the model predicts the chunk it was trained with"),
         ("data.augment.enabled=true", "data.augment.enabled: evaluation never augments images"),
         ("data.pth=/data", "data.pth: not a recipe key (did you mean 'data.path'?)"),
+        ("data.promt_template=x", "data.promt_template: not a recipe key (did you mean 'data.prompt_template'?)"),
     ],
 )
 def test_eval_refuses_overrides_that_change_what_is_measured(checkpoint, capsys, override, why):

@@ -162,6 +162,7 @@ def test_export_of_the_best_checkpoint(exported, tmp_path, capsys):
     assert (ckpt.parent / "best").read_text() == ckpt.name  # written by the run
     assert cli(["export", str(ckpt.parent / "best"), str(tmp_path / "best")]) == 0
     assert json.loads((tmp_path / "best" / "model_meta.json").read_text())["source"] == str(ckpt.resolve())
+    assert f"exported {ckpt} -> " in capsys.readouterr().out  # the checkpoint, not the pointer file
 
 
 def test_export_refuses_an_incomplete_checkpoint(exported, tmp_path, capsys):

@@ -79,9 +79,11 @@ EXTRA_COMMANDS.append(_add_data)
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vla_ft.export import export_policy
+    from vla_ft.policy import resolve_directory
 
-    out = export_policy(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out} (load it with vla_ft.VLAPolicy.from_pretrained('{out}'))")
+    source = resolve_directory(args.checkpoint)  # the checkpoint a run directory or best/latest names
+    out = export_policy(source, args.out)
+    print(f"exported {source} -> {out} (load it with vla_ft.VLAPolicy.from_pretrained('{out}'))")
     return 0
 
 

@@ -73,7 +73,7 @@ def refused_override(override: str) -> str | None:
     if why is None and _is_recipe_key(key, keys):
         why = "the checkpoint fixes it"
     elif why is None:  # a typo, most likely of a key eval takes
-        why = "not a recipe key" + suggest(key, [k for k in keys if k.startswith(OVERRIDABLE)])
+        why = "not a recipe key" + suggest(key, keys)
     return f"{key}: {why}"
 
 
