@@ -22,7 +22,8 @@ EPS = 1e-6
 """A std or half-range below EPS marks a constant dim: its scale becomes 1 instead of EPS, since
 dividing by a tiny number would turn any deviation at inference time into a huge input."""
 QUANTILE_ROWS = 1_000_000
-"""Quantiles are exact up to this many frames, then estimated from a uniform reservoir sample."""
+"""Quantiles are exact up to this many frames, then estimated from a uniform reservoir sample
+(Algorithm R, seeded: the same data gives the same sample)."""
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -34,7 +35,8 @@ class _Accumulator:
         self.rng = np.random.default_rng(seed)
         self.seen = 0
         self.sums: dict[str, np.ndarray] = {}
-        self.reservoir: np.ndarray | None = None
+        self.reservoir = np.empty((0, 0))  # (capacity, D); rows [:fill] hold the sample
+        self.fill = 0
 
     def add(self, x: np.ndarray) -> None:
         """x: (T, D) float; rows are frames."""
@@ -70,16 +72,27 @@ class _Accumulator:
     def _sample(self, x: np.ndarray) -> None:
         # Algorithm R, vectorised; fancy assignment keeps the last duplicate, as the sequential loop would.
         n_new = len(x)
-        if self.reservoir is None:
-            self.reservoir = np.empty((0, x.shape[1]))
-        room = max(0, QUANTILE_ROWS - len(self.reservoir))
-        self.reservoir = np.concatenate([self.reservoir, x[:room]])
+        room = min(n_new, QUANTILE_ROWS - self.fill)
+        if room > 0:
+            self._reserve(self.fill + room, x.shape[1])
+            self.reservoir[self.fill : self.fill + room] = x[:room]
+            self.fill += room
         if n_new > room:
             positions = np.arange(self.seen + room, self.seen + n_new)
             slots = self.rng.integers(0, positions + 1)
             keep = slots < QUANTILE_ROWS
             self.reservoir[slots[keep]] = x[room:][keep]
         self.seen += n_new
+
+    def _reserve(self, rows: int, dim: int) -> None:
+        # Capacity doubles up to QUANTILE_ROWS: growing by one episode at a time would copy the
+        # whole sample per episode, quadratic in the dataset's frames.
+        if rows <= len(self.reservoir):
+            return
+        grown = np.empty((min(QUANTILE_ROWS, max(rows, 2 * len(self.reservoir))), dim))
+        if self.fill:
+            grown[: self.fill] = self.reservoir[: self.fill]
+        self.reservoir = grown
 
     def finish(self) -> dict[str, np.ndarray]:
         s = self.sums
@@ -90,7 +103,7 @@ class _Accumulator:
         else:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dims; zeroed below
-                q01, q99 = np.nanquantile(self.reservoir, [0.01, 0.99], axis=0)
+                q01, q99 = np.nanquantile(self.reservoir[: self.fill], [0.01, 0.99], axis=0)
         out = {"mean": s["mean"], "std": np.sqrt(var), "min": s["min"], "max": s["max"], "q01": q01, "q99": q99}
         out = {k: np.where(empty, 0.0, v) for k, v in out.items()}  # all-NaN dims get neutral stats
         out["count"] = s["count"]
@@ -103,15 +116,27 @@ def compute_stats(reader: Reader, episode_indices: Iterable[int]) -> dict[str, d
     NaN/inf entries are skipped per dim (``count`` says how many values each dim had). std is the
     population std (ddof=0); q01/q99 use linear interpolation like ``np.quantile``.
     """
-    acc = {key: _Accumulator() for key in NORM_KEYS}
-    episodes = list(episode_indices)
-    if not episodes:
+    return _compute_stats(reader, [list(episode_indices)])[0]
+
+
+def _compute_stats(reader: Reader, episode_sets: list[list[int]]) -> list[dict[str, dict[str, np.ndarray]]]:
+    """:func:`compute_stats` of each episode set, reading every episode once.
+
+    Episodes are read in the first set's order, then the others' new ones: the first set's stats are
+    bit-identical to :func:`compute_stats` of it alone; another set's may differ from that in float
+    rounding and, past ``QUANTILE_ROWS`` frames, in which frames the quantile sample holds.
+    """
+    if not all(episode_sets):
         raise ValueError("compute_stats: no episodes given")
-    for ep in episodes:
+    accs = [{key: _Accumulator() for key in NORM_KEYS} for _ in episode_sets]
+    members = [set(episodes) for episodes in episode_sets]
+    for ep in dict.fromkeys(ep for episodes in episode_sets for ep in episodes):
         arrays = reader.numeric(ep)
-        acc["state"].add(arrays.state)
-        acc["action"].add(arrays.action)
-    return {key: a.finish() for key, a in acc.items()}
+        for acc, member in zip(accs, members, strict=True):
+            if ep in member:
+                acc["state"].add(arrays.state)
+                acc["action"].add(arrays.action)
+    return [{key: a.finish() for key, a in acc.items()} for acc in accs]
 
 
 def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,25 +254,19 @@ def resolve_stats(
     tolerance: float = 0.05,
     usable_episodes: Iterable[int] | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
-    """The stats to normalise with, plus a report of shipped-vs-computed disagreements.
+    """The stats to normalise with, computed over ``train_episodes`` only, plus a report of
+    where a stats file shipped with the dataset disagrees with the data.
 
-    With a stats file shipped (``reader.stats()``), it is used, and compared with stats computed
-    over all ``usable_episodes`` (default: every episode; what the file claims to describe,
-    less episodes a run skips as unreadable); stats it lacks (e.g. q01/q99 in v2.1) are filled
-    from that computation, and so are stats whose shape no longer matches the data. Without a
-    file, stats come from the train episodes only, so validation data never leaks into
-    normalisation.
+    A shipped file (``reader.stats()``) describes every episode, validation ones included, so it
+    is never normalised with: one outlier validation episode would move min/max/q01/q99. It is
+    compared with stats computed over ``usable_episodes`` (default: every episode; what the file
+    claims to describe, less episodes a run skips as unreadable), in the same pass over the data;
+    each disagreement is a line of the report (:func:`compare_stats`).
     """
+    train = list(train_episodes)
     shipped = reader.stats()
     if shipped is None:
-        return compute_stats(reader, train_episodes), []
+        return compute_stats(reader, train), []
     usable = [e.index for e in reader.episodes()] if usable_episodes is None else list(usable_episodes)
-    fresh = compute_stats(reader, usable)
-    report = compare_stats(shipped, fresh, tolerance)
-    merged = {k: dict(fresh[k]) for k in NORM_KEYS}
-    for key in NORM_KEYS:
-        for stat, value in shipped[key].items():
-            value = np.asarray(value, np.float32).reshape(-1)
-            if stat == "count" or value.shape == fresh[key]["mean"].shape:  # a stale shape is unusable
-                merged[key][stat] = value
-    return merged, report
+    fresh, described = _compute_stats(reader, [train, usable])
+    return fresh, compare_stats(shipped, described, tolerance)

@@ -13,6 +13,7 @@ from test_data_check import _edit_column
 
 from robot_data import SyntheticReader, write_lerobot
 from robot_data.hdf5_writer import write_aloha, write_robomimic
+from robot_data.reader import EpisodeArrays
 from vla_ft.cli import main as cli
 from vla_ft.config import load_recipe
 from vla_ft.data import checked_skip_list
@@ -71,6 +72,30 @@ def test_skipped_episode_is_left_out_of_shipped_stats_checks(tmp_path, tiny_over
     disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.skip_bad_episodes=true"]) == 0
     assert "skipping 1 episode(s): [2]" in capsys.readouterr().out
+
+
+class ValidationOutlier(SyntheticReader):
+    """Episode 4 moves action dim 0 by +5, about 100x its spread elsewhere."""
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        arrays = super().numeric(episode_index)
+        if episode_index == 4:
+            arrays.action[:, 0] += 5.0
+        return arrays
+
+
+def test_checkpoint_stats_come_from_the_training_episodes_of_a_dataset_with_a_stats_file(tmp_path, tiny_overrides):
+    """LeRobot datasets ship stats over every episode; the run's norm_stats.json (what resume, eval
+    and the policy normalise with) holds the training episodes' alone, validation episode 4 left out."""
+    source = ValidationOutlier(episodes=6, episode_length=10, image_size=32)
+    ds = write_lerobot(source, tmp_path / "ds", video=False)
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "data.normalize=q01_q99"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "data.val_episodes=[4]", "train.steps=2"]) == 0
+    saved = json.loads(next((tmp_path / "run").rglob("norm_stats.json")).read_text())["stats"]["action"]
+    x = np.concatenate([source.numeric(e).action for e in (0, 1, 2, 3, 5)]).astype(np.float64)
+    np.testing.assert_allclose(saved["q99"], np.quantile(x, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(saved["q01"], np.quantile(x, 0.01, axis=0), rtol=1e-5, atol=1e-6)
+    assert saved["q99"][0] < 1.0  # with episode 4's actions it would be about 5
 
 
 def test_synth_refuses_a_non_empty_directory_and_leaves_it_as_it_was(tmp_path, capsys):

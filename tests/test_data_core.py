@@ -19,6 +19,7 @@ from robot_data import (
     build_reader,
     collate,
     compute_stats,
+    normalize,
     split_episodes,
 )
 from robot_data.language import bins_to_action
@@ -103,6 +104,38 @@ def test_stats_stable_with_large_offset():
     r = Offset(episodes=4)
     x = np.concatenate([r.numeric(e).state for e in range(4)]).astype(np.float64)
     np.testing.assert_allclose(compute_stats(r, range(4))["state"]["std"], x.std(0), rtol=1e-3)
+
+
+def test_quantile_sample_is_not_copied_per_episode(monkeypatch):
+    """Adding an episode must not copy the whole quantile sample (quadratic in the dataset's frames:
+    400k rows took 11 s): the buffer grows by doubling up to QUANTILE_ROWS, then stays."""
+    monkeypatch.setattr(normalize, "QUANTILE_ROWS", 64)
+    acc = normalize._Accumulator()
+    buffers = []
+    for episode in range(200):
+        acc.add(np.full((3, 2), episode, np.float32))
+        buffers.append(acc.reservoir)  # kept alive, so two buffers never share an id
+    assert len({id(b) for b in buffers}) == 6  # capacities 3, 6, 12, 24, 48, 64
+    assert acc.reservoir.shape == (64, 2) and acc.fill == 64
+
+
+def test_quantiles_past_the_cap_come_from_a_uniform_sample(monkeypatch):
+    """Past QUANTILE_ROWS frames the quantiles come from a reservoir sample of every frame seen (not
+    the first ones), the same for the same data."""
+    monkeypatch.setattr(normalize, "QUANTILE_ROWS", 100)
+
+    class Counting(SyntheticReader):
+        def numeric(self, episode_index: int) -> EpisodeArrays:
+            arrays = super().numeric(episode_index)
+            arrays.action = (episode_index * 10 + np.arange(10, dtype=np.float32))[:, None].repeat(3, 1)
+            return arrays
+
+    reader = Counting(episodes=100, episode_length=10)  # actions 0..999, each once
+    first = compute_stats(reader, range(100))["action"]
+    assert first["q99"][0] > 900  # a sample of the first 100 frames would give 98.01
+    assert first["max"][0] == 999 and first["count"][0] == 1000
+    again = compute_stats(reader, range(100))["action"]
+    assert all(np.array_equal(first[k], again[k]) for k in first)
 
 
 # ----------------------------------------------------------------------------- normaliser

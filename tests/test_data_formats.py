@@ -158,12 +158,44 @@ def test_resolve_stats_reports_disagreement(datasets, tmp_path):
     meta["action"]["mean"][1] += 1.0
     stats_file.write_text(json.dumps(meta))
     try:
-        stats, report = resolve_stats(_reader(datasets, "v3_image")[0], [0, 1])
+        reader = _reader(datasets, "v3_image")[0]
+        stats, report = resolve_stats(reader, [0, 1])
         assert len(report) == 1 and report[0].startswith("action.mean[1]: shipped")
-        assert stats["action"]["mean"][1] == pytest.approx(meta["action"]["mean"][1])  # the shipped file wins
+        computed = compute_stats(reader, [0, 1])  # reported, never normalised with
+        assert all(np.array_equal(stats[k][s], computed[k][s]) for k in computed for s in computed[k])
     finally:
         meta["action"]["mean"][1] -= 1.0
         stats_file.write_text(json.dumps(meta))
+
+
+class ValidationOutlier(SyntheticReader):
+    """Episode 4 (validation below) moves action dim 0 by +5, about 100x its spread elsewhere."""
+
+    def numeric(self, episode_index: int):
+        arrays = super().numeric(episode_index)
+        if episode_index == 4:
+            arrays.action[:, 0] += 5.0
+        return arrays
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_shipped_stats_never_bring_validation_episodes_into_normalisation(tmp_path, version):
+    """The dataset's stats file describes every episode, the validation outlier included; the
+    stats to normalise with are the training episodes' alone (v2.1's missing q01/q99 too), and
+    the file, which matches the whole dataset, is reported as agreeing."""
+    source = ValidationOutlier(episodes=N_EPISODES, episode_length=LENGTH, image_size=SIZE)
+    reader = build_reader("lerobot", path=str(write_lerobot(source, tmp_path / "ds", video=False, version=version)))
+    assert reader.stats()["action"]["max"][0] > 4.9
+    stats, report = resolve_stats(reader, [0, 1, 2, 3])
+    assert report == []
+    for key in ("state", "action"):
+        x = np.concatenate([getattr(source.numeric(e), key) for e in range(4)]).astype(np.float64)
+        np.testing.assert_allclose(stats[key]["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats[key]["std"], x.std(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats[key]["max"], x.max(0))
+        np.testing.assert_allclose(stats[key]["q01"], np.quantile(x, 0.01, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats[key]["q99"], np.quantile(x, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+        assert np.all(stats[key]["count"] == len(x))
 
 
 def test_video_frame_cache(datasets, tmp_path):

@@ -139,6 +139,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     if stats is not None:
         normalizer = Normalizer.from_dict(stats)
     else:
+        # Computed over the training episodes only; a stats file the dataset ships is only compared.
         fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes)
         for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
             say(f"data stats: {line}")
