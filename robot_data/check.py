@@ -140,16 +140,17 @@ def check_hdf5(
 
 
 def _hdf5_structure(reader: HDF5Reader, episode: int, length: int) -> list[Problem]:
-    """An episode's file opens, its datasets exist, and every state dataset has one row per action."""
+    """An episode's file opens, its datasets exist, and every state (and text) dataset has one row per action."""
     if episode in reader.unreadable:
         return [Problem("unreadable", reader.location(episode), episode, reader.unreadable[episode])]
     where, group = reader.location(episode), reader.group(episode)
-    missing = [k for k in [*reader.state_keys, reader.action_key] if k not in group]
+    per_frame = [*reader.state_keys, *([reader.text_key] if reader.text_key else [])]
+    missing = [k for k in [*per_frame, reader.action_key] if k not in group]
     if missing:
         return [Problem("bad_feature", where, episode, f"missing dataset(s) {missing}")]
     return [
         Problem("index_gap", where, episode, f"{key} has {len(group[key])} rows, actions {length}")
-        for key in reader.state_keys
+        for key in per_frame
         if len(group[key]) != length
     ]
 

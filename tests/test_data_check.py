@@ -16,6 +16,7 @@ from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dat
 from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
+from robot_data.reader import DatasetFormatError
 from robot_data.synthetic import CAMERA
 from robot_data.video import encode_video
 
@@ -259,6 +260,33 @@ def test_hdf5_damage_stays_with_its_episode(tmp_path):
     assert _kinds(problems) == {("unreadable", 1)} and problems[0].file.endswith("episode_1.hdf5:/")
     with pytest.raises(ValueError, match="episode_1.hdf5:/: unreadable HDF5 file"):
         HDF5Reader(tmp_path / "aloha", layout="aloha").numeric(1)
+
+
+def test_hdf5_text_missing_or_short_is_a_problem_of_its_episode(tmp_path):
+    """data.text_key is per-frame text: a demo without it, or with a row short, is that demo's
+    problem (file:group named, skippable), and reading it is an error naming file:group and key."""
+    rm = write_robomimic(_source(), tmp_path / "rm.hdf5")  # narration: 8 rows per demo
+    with h5py.File(rm, "a") as f:
+        del f["data/demo_1/narration"]
+        short = f["data/demo_2/narration"][:7]
+        del f["data/demo_2/narration"]
+        f["data/demo_2/narration"] = short
+    kwargs = {"layout": "robomimic", "state_key": "state", "text_key": "narration"}
+    problems = check_dataset(rm, "hdf5", **kwargs)
+    assert _kinds(problems) == {("bad_feature", 1), ("index_gap", 2)}
+    assert [(p.file, p.message) for p in problems] == [
+        (f"{rm}:data/demo_1", "missing dataset(s) ['narration']"),
+        (f"{rm}:data/demo_2", "narration has 7 rows, actions 8"),
+    ]
+    assert episodes_to_skip(problems, skip_bad_episodes=True) == {1, 2}
+    reader = HDF5Reader(rm, **kwargs)
+    assert len(reader.numeric(0).text) == 8
+    for episode, message in (
+        (1, r"missing text dataset narration \(data.text_key\)"),
+        (2, "text dataset narration has 7 rows, actions 8"),
+    ):
+        with pytest.raises(DatasetFormatError, match=rf"^{rm}:data/demo_{episode}: {message}$"):
+            reader.numeric(episode)
 
 
 def test_an_instruction_that_changes_within_an_episode_reaches_each_frame(images):

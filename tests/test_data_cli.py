@@ -232,3 +232,16 @@ def test_a_split_with_nothing_to_train_on_is_one_line(tmp_path, tiny_overrides, 
     recipe = load_recipe(QUICKSTART, [*tiny_overrides, *hdf5])
     with pytest.raises(RecipeError, match="no episode left to train on: every episode of .* failed its checks"):
         split_train_val(recipe, build_reader(recipe), [])  # every episode skipped by data.skip_bad_episodes
+
+
+def test_a_mask_naming_a_missing_demo_is_one_line_naming_the_key_and_file(tmp_path, tiny_overrides, capsys):
+    rm = _robomimic(tmp_path)
+    with h5py.File(rm, "a") as f:
+        f["mask/train"] = np.array([b"demo_0", b"demo_1", b"demo_2", b"demo_3"])
+        f["mask/valid"] = np.array([b"demo_4", b"demo_99"])
+    disk = ["data.format=hdf5", f"data.path={rm}", "data.state_key=state", "data.text_key=narration", "train.steps=2"]
+    for key, name in (("val_filter", "valid"), ("train_filter", "train")):
+        assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, f"data.{key}={name}"]) == 2
+        err = capsys.readouterr().err
+        assert f"data.{key}: {rm}: mask/valid names demos the file lacks: ['demo_99']" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1

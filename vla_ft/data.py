@@ -220,7 +220,10 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
 
 def _filtered(reader: Any, key: str, name: str) -> list[int]:
     """The episodes of the dataset's filter key ``name``; an unknown name is ``data.<key>``'s error."""
-    filters = reader.episode_filters()
+    try:
+        filters = reader.episode_filters()
+    except DatasetFormatError as err:  # a filter key naming demos the file lacks: the message names both
+        raise RecipeError(f"data.{key}: {err}") from None
     if name not in filters:
         have = f"its filter keys: {', '.join(sorted(filters))}" if filters else "no filter keys (robomimic: mask/<key>)"
         hint = did_you_mean(name, list(filters))
