@@ -77,7 +77,8 @@ class Reader(ABC):
 
     ``gripper_dims`` lists the action dims that hold a gripper command, when the format knows
     them, so a converted dataset keeps their names; it is empty when unknown. (Training takes its
-    gripper dims from the recipe's ``loss.gripper.dims``, not from here.)
+    gripper dims from the recipe's ``loss.gripper.dims`` and refuses a gripper head on other dims
+    than these, when known.)
     Readers must stay picklable (DataLoader workers): open file handles lazily, per process.
     """
 

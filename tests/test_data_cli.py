@@ -98,6 +98,22 @@ def test_checkpoint_stats_come_from_the_training_episodes_of_a_dataset_with_a_st
     assert saved["q99"][0] < 1.0  # with episode 4's actions it would be about 5
 
 
+def test_a_dataset_naming_another_gripper_dim_is_refused_in_one_line(tmp_path, tiny_overrides, capsys):
+    """info.json names action dim 0 the gripper, the recipe's gripper head trains dim 2: refused,
+    naming loss.gripper.dims, the dataset's dims and the override; the override then trains."""
+    ds = write_lerobot(SyntheticReader(episodes=6, episode_length=10, image_size=32), tmp_path / "ds", video=False)
+    info = json.loads((ds / "meta/info.json").read_text())
+    info["features"]["action"]["names"] = ["gripper.pos", "shoulder.pos", "elbow.pos"]
+    (ds / "meta/info.json").write_text(json.dumps(info))
+    disk = ["data.format=lerobot", f"data.path={ds}", "data.text_key=narration", "train.steps=2"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk]) == 2
+    err = capsys.readouterr().err
+    message = f"loss.gripper.dims: [2], but {ds} has its gripper at action dim(s) [0]; set loss.gripper.dims=[0]"
+    assert message in err and "model.gripper_head=false" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, "loss.gripper.dims=[0]"]) == 0
+
+
 def test_synth_refuses_a_non_empty_directory_and_leaves_it_as_it_was(tmp_path, capsys):
     out = tmp_path / "ds"
     out.mkdir()
@@ -245,3 +261,19 @@ def test_a_mask_naming_a_missing_demo_is_one_line_naming_the_key_and_file(tmp_pa
         err = capsys.readouterr().err
         assert f"data.{key}: {rm}: mask/valid names demos the file lacks: ['demo_99']" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_validation_episode_skipped_as_bad_is_named_as_such(tmp_path, tiny_overrides, capsys):
+    rm = _robomimic(tmp_path)
+    with h5py.File(rm, "a") as f:
+        del f["data/demo_3/obs/top_image"]
+    disk = ["data.format=hdf5", f"data.path={rm}", "data.state_key=state", "data.text_key=narration", "train.steps=2"]
+    skip = ["data.skip_bad_episodes=true", "data.val_episodes=[3,4]"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, *skip]) == 2
+    err = capsys.readouterr().err
+    message = (
+        f"data.val_episodes: episode(s) [3] failed their checks and data.skip_bad_episodes leaves them out "
+        f"(vla-ft data check {rm}); drop them from data.val_episodes"
+    )
+    assert message in err and "unknown" not in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

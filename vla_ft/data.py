@@ -133,7 +133,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_train_val(recipe, reader, episodes)
     first = reader.numeric(train_eps[0])
-    check_action_dims(recipe, first.action.shape[1])
+    check_action_dims(recipe, first.action.shape[1], reader.gripper_dims)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     raw = d.raw_dims if d.raw_dims is not None else gripper
     if stats is not None:
@@ -174,10 +174,22 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     )
 
 
-def check_action_dims(recipe: Recipe, action_dim: int) -> None:
+def check_action_dims(recipe: Recipe, action_dim: int, dataset_gripper: list[int] | None = None) -> None:
     """Keys indexing action dims, checked as soon as the data gives the action dim: an index out of
-    range would otherwise surface as an index error in the normaliser, the model or the loss."""
+    range would otherwise surface as an index error in the normaliser, the model or the loss.
+
+    ``dataset_gripper`` (``reader.gripper_dims``): the dims the dataset says hold its gripper. With
+    the gripper head on, ``loss.gripper.dims`` must name the same dims, or training would fit a
+    joint angle with a BCE at ``loss.gripper.threshold`` and regress the real gripper.
+    """
     problems = check_action_dim(recipe.loss, action_dim, recipe.model.gripper_head)
+    dims = recipe.loss.gripper.dims
+    if recipe.model.gripper_head and dataset_gripper and sorted(dims) != sorted(dataset_gripper):
+        source = "the synthetic dataset" if recipe.data.format == "synthetic" else recipe.data.path
+        problems.append(
+            f"loss.gripper.dims: {list(dims)}, but {source} has its gripper at action dim(s) {list(dataset_gripper)}; "
+            f"set loss.gripper.dims={list(dataset_gripper)}, or model.gripper_head=false to regress every action dim"
+        )
     bad = [i for i in recipe.data.raw_dims or [] if not 0 <= i < action_dim]
     if bad:
         problems.append(f"data.raw_dims: {bad} out of range for the data's {action_dim} action dims")
@@ -197,6 +209,12 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
             f"and data.skip_bad_episodes leaves them out (vla-ft data check {d.path})"
         )
     usable = set(episodes)
+    skipped = sorted(set(d.val_episodes or []) & ({e.index for e in reader.episodes()} - usable))
+    if skipped:
+        raise RecipeError(
+            f"data.val_episodes: episode(s) {skipped} failed their checks and data.skip_bad_episodes leaves "
+            f"them out (vla-ft data check {d.path}); drop them from data.val_episodes"
+        )
     pool = [e for e in _filtered(reader, "train_filter", d.train_filter) if e in usable] if d.train_filter else episodes
     if not pool:
         raise RecipeError(f"data.train_filter: '{d.train_filter}' holds none of the dataset's usable episodes")
