@@ -31,6 +31,8 @@ def _meta_problems(root: Path) -> list[Problem]:
         info = read_json(root / "meta/info.json")
     except DatasetFormatError as err:
         return [Problem("unreadable", str(root / "meta/info.json"), None, str(err))]
+    if not isinstance(info, dict):
+        return [Problem("unreadable", str(root / "meta/info.json"), None, "not a JSON object")]
     needed = ["meta/tasks.parquet"] if is_v3(info) else ["meta/tasks.jsonl", "meta/episodes.jsonl"]
     problems = [Problem("missing_file", str(root / n), None, "missing") for n in needed if not (root / n).is_file()]
     if is_v3(info) and not list((root / "meta/episodes").glob("*/*.parquet")):
@@ -178,9 +180,16 @@ def _check_camera(
             msg = f"camera {camera}: unreadable video ({type(durations[ref.path]).__name__}: {durations[ref.path]})"
             return [Problem("undecodable", str(ref.path), ep.index, msg)]
         _, seconds = durations[ref.path]
-        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp[-1]) if ep.length else 0.0
+        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp.max()) if ep.length else 0.0
         if seconds and last > seconds - 0.5 / reader.fps + tol:
             msg = f"camera {camera}: the episode needs t={last:.3f}s, the video lasts {seconds:.3f}s"
+            return [Problem("video_short", str(ref.path), ep.index, msg)]
+        # Past its segment's end (to_timestamp), the frame at a time is the next episode's.
+        if ref.to_timestamp is not None and ep.length and last > ref.to_timestamp - 0.5 / reader.fps + tol:
+            msg = (
+                f"camera {camera}: the episode needs t={last:.3f}s, its video segment "
+                f"[{ref.from_timestamp:.3f}s, {ref.to_timestamp:.3f}s) ends before (to_timestamp)"
+            )
             return [Problem("video_short", str(ref.path), ep.index, msg)]
         where = str(ref.path)
     else:

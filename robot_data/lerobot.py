@@ -28,7 +28,7 @@ from PIL import Image
 from robot_data.frame_cache import FrameCache
 from robot_data.lerobot_meta import EpisodeMeta, load_meta
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.video import VideoDecoder
+from robot_data.video import VideoDecoder, VideoFrameError
 
 IMAGE_CACHE_BYTES = 256 << 20  # image cells kept per process (LRU), yet always one row group per camera
 OPTIONAL_COLUMNS = ("task_index",)  # read when present: an episode's instruction may change per frame
@@ -214,8 +214,20 @@ class LeRobotReader(Reader):
         self, episode: EpisodeMeta, camera: str, timestamps: np.ndarray, frame_indices: Sequence[int]
     ) -> np.ndarray:
         ref = episode.videos[camera]
+        wanted = ref.from_timestamp + timestamps[list(frame_indices)]
+        if ref.to_timestamp is not None:
+            # In a shared file, a frame at or past the segment's end is the next episode's (half a
+            # frame of slack, as for the video length in the checks): refuse it, never train on it.
+            late = np.flatnonzero(wanted + 0.5 / self.fps > ref.to_timestamp + self._decoder.tolerance_s)
+            if len(late):
+                k = int(late[0])
+                raise VideoFrameError(
+                    f"{ref.path}: episode {episode.index} frame {frame_indices[k]} needs t={wanted[k]:.4f}s, "
+                    f"at or after the episode's video segment end (to_timestamp {ref.to_timestamp:.4f}s); "
+                    "video shorter than the episode?"
+                )
         if self._frame_cache is None:
-            return self._decoder.decode(ref.path, ref.from_timestamp + timestamps[list(frame_indices)])
+            return self._decoder.decode(ref.path, wanted)
         whole = self._frame_cache.get(
             ref.path,
             camera,
