@@ -20,7 +20,15 @@ from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta
 from robot_data.video import video_duration
 
 INDEX_COLUMNS = ("episode_index", "frame_index", "timestamp", "index", "task_index")
-NUMPY_DTYPES = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "int32": pa.int32()}
+NUMPY_DTYPES = {
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+}
+CHANNEL_NAMES = ("channels", "channel", "rgb", "color", "colour", "c")  # a camera shape's channel axis, by name
+HEIGHT_NAMES, WIDTH_NAMES = ("height", "h"), ("width", "w")
 
 
 def _meta_problems(root: Path) -> list[Problem]:
@@ -52,14 +60,25 @@ def _episode_gaps(meta: LeRobotMeta) -> list[Problem]:
 
 
 def _type_problems(schema: pa.Schema, meta: LeRobotMeta, keys: list[str]) -> list[str]:
-    """Columns whose parquet type disagrees with the feature's dtype (scalar or list of it)."""
+    """Columns whose parquet type cannot stand for the feature's dtype (scalar or list of it).
+
+    Any float type stands for a float feature, as any integer type for an integer one: the reader
+    casts to float32 (as LeRobot casts to the declared features), so float64 columns of a
+    pandas-built dataset declared float32 read right. Other types (strings, floats declared as
+    integers) are problems.
+    """
     out = []
     for key in keys:
         field_type = schema.field(key).type
         value_type = field_type.value_type if is_list_type(field_type) else field_type
         want = NUMPY_DTYPES.get(meta.features[key].get("dtype", ""))
-        if want is not None and value_type != want:
-            out.append(f"column {key} holds {value_type}, the features say {meta.features[key]['dtype']}")
+        if want is None or value_type == want:
+            continue
+        if pa.types.is_floating(want) and (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+            continue
+        if pa.types.is_integer(want) and pa.types.is_integer(value_type):
+            continue
+        out.append(f"column {key} holds {value_type}, the features say {meta.features[key]['dtype']}")
     return out
 
 
@@ -149,13 +168,30 @@ def _episode_problems(
     return p
 
 
-def _expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
+def _axis(names: list[str], aliases: tuple[str, ...]) -> int | None:
+    found = [i for i, n in enumerate(names) if n in aliases]
+    return found[0] if len(found) == 1 else None
+
+
+def expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
+    """A camera feature's declared ``shape`` as the (H, W, C) of the frames the reader decodes.
+
+    Datasets declare (H, W, C) or (C, H, W) (v1 conversions). The layout comes from ``names``
+    when they name the channel axis (channel, channels, rgb, ...), else from which axis is 3;
+    height and width keep their declared order unless ``names`` say otherwise.
+    """
     shape, names = feature.get("shape"), feature.get("names")
     if not shape or len(shape) != 3:
         return None
-    if isinstance(names, list) and sorted(names) == ["channels", "height", "width"]:
-        return tuple(shape[names.index(n)] for n in ("height", "width", "channels"))
-    return tuple(shape)
+    names = [str(n).lower() for n in names] if isinstance(names, list) and len(names) == 3 else []
+    channel = _axis(names, CHANNEL_NAMES)
+    if channel is None:
+        channel = 2 if shape[2] == 3 or shape[0] != 3 else 0
+    rest = [i for i in range(3) if i != channel]
+    height, width = _axis(names, HEIGHT_NAMES), _axis(names, WIDTH_NAMES)
+    if height in rest and width in rest and height != width:
+        rest = [height, width]
+    return (shape[rest[0]], shape[rest[1]], shape[channel])
 
 
 def _check_camera(
@@ -195,7 +231,7 @@ def _check_camera(
     else:
         where = str(ep.data_path)
     frames = lambda idx: reader.frames(ep.index, camera, idx)  # noqa: E731
-    return decode_checks(frames, ep.length, _expected_hwc(feature), decode, where, ep.index, camera)
+    return decode_checks(frames, ep.length, expected_hwc(feature), decode, where, ep.index, camera)
 
 
 def check_lerobot(

@@ -13,6 +13,7 @@ import pytest
 
 from robot_data import HDF5Reader, LeRobotReader, Normalizer, RobotDataset, SyntheticReader, compute_stats
 from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
+from robot_data.check_lerobot import expected_hwc
 from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
@@ -93,10 +94,22 @@ def test_wrong_shape_and_dtype(images):
     assert _kinds(problems) == {("bad_feature", e) for e in range(4)}
     assert "observation.state: 8 row(s) not of shape [4]" in problems[0].message
     _edit_json(images / "meta/info.json", lambda info: info["features"]["observation.state"].update(shape=[3]))
-    _edit_column(images / FILE0, "action", lambda a: a.astype(np.float64))
+    _edit_column(images / FILE0, "action", lambda a: a.astype(str))
     problems = check_dataset(images, "lerobot")
     assert _kinds(problems) == {("bad_feature", 0), ("bad_feature", 1)}
-    assert "column action holds double, the features say float32" in problems[0].message
+    assert "column action holds string, the features say float32" in problems[0].message
+
+
+def test_float64_columns_declared_float32_pass(images):
+    """pandas-built conversions store float64 under a float32 declaration; the reader casts (as
+    LeRobot does), so nothing is wrong: no problem, and the values read are the ones written."""
+    for column in ("observation.state", "action"):
+        _edit_column(images / FILE0, column, lambda a: a.astype(np.float64))
+    _edit_column(images / FILE1, "action", lambda a: a.astype(np.float16))
+    assert check_dataset(images, "lerobot") == []
+    source, reader = _source(), LeRobotReader(images)
+    np.testing.assert_array_equal(reader.numeric(1).state, source.numeric(1).state)
+    np.testing.assert_allclose(reader.numeric(2).action, source.numeric(2).action, atol=1e-3)
 
 
 def test_nan_and_inf(images):
@@ -368,3 +381,26 @@ def test_malformed_metadata_names_the_file_and_episode(videos, tmp_path):
         assert str(caught.value) == message
         problems = check_dataset(root, "lerobot")
         assert [(p.kind, p.episode) for p in problems] == [("unreadable", None)] and message in problems[0].message
+
+
+def test_camera_shape_declared_channel_first(images):
+    """(C, H, W) with names channel/channels/rgb, or no names, stands for the (H, W, 3) frames."""
+    camera = images / "meta/info.json"
+    for names in (["channel", "height", "width"], ["rgb", "height", "width"], None):
+        _edit_json(camera, lambda info, n=names: info["features"][CAMERA].update(shape=[3, 16, 16], names=n))
+        assert check_dataset(images, "lerobot") == [], names
+    _edit_json(
+        camera, lambda info: info["features"][CAMERA].update(shape=[3, 16, 20], names=["channel", "height", "width"])
+    )
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("bad_feature", e) for e in range(4)}
+    assert "frames are (16, 16, 3), the features say (16, 20, 3)" in problems[0].message
+    for shape, names, hwc in (
+        ([3, 48, 64], ["channel", "height", "width"], (48, 64, 3)),
+        ([3, 48, 64], ["channels", "width", "height"], (64, 48, 3)),
+        ([48, 64, 3], ["height", "width", "rgb"], (48, 64, 3)),
+        ([3, 48, 64], None, (48, 64, 3)),
+        ([48, 64, 3], ["h", "w", "c"], (48, 64, 3)),
+        ([48, 64, 3], ["a", "b", "c"], (48, 64, 3)),
+    ):
+        assert expected_hwc({"shape": shape, "names": names}) == hwc, (shape, names)
