@@ -100,15 +100,16 @@ def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict
 
 
 def _check_data_file(
-    meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str], tol: float
+    meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str], text_key: str | None, tol: float
 ) -> list[Problem]:
     where = str(path)
     if not path.is_file():
         return [Problem("missing_file", where, e.index, "data file missing") for e in episodes]
+    wanted = [*INDEX_COLUMNS, *keys] + ([text_key] if text_key else [])
     try:
         schema = pq.read_schema(path)
-        missing = [c for c in [*INDEX_COLUMNS, *keys] if c not in schema.names]
-        table = None if missing else pq.read_table(path, columns=[*INDEX_COLUMNS, *keys])
+        missing = [c for c in wanted if c not in schema.names]
+        table = None if missing else pq.read_table(path, columns=wanted)
     except (pa.ArrowException, OSError) as err:
         msg = f"unreadable parquet file ({type(err).__name__}: {err})"
         return [Problem("unreadable", where, e.index, msg) for e in episodes]
@@ -123,7 +124,18 @@ def _check_data_file(
         rows = rows[np.argsort(cols["frame_index"][rows], kind="stable")]
         problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
         problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol)
+        if text_key:
+            problems += _null_text(table[text_key], rows, text_key, where, ep.index)
     return problems
+
+
+def _null_text(column: pa.ChunkedArray, rows: np.ndarray, text_key: str, where: str, episode: int) -> list[Problem]:
+    """Null cells of the text column: the reader gives those frames no language target."""
+    nulls = np.flatnonzero(column.take(pa.array(rows, pa.int64())).is_null().to_numpy(zero_copy_only=False))
+    if not len(nulls):
+        return []
+    msg = f"{text_key}: {len(nulls)} null text cell(s), first at frame {int(nulls[0])} (no language target there)"
+    return [Problem("missing_text", where, episode, msg)]
 
 
 def _episode_problems(
@@ -265,7 +277,7 @@ def check_lerobot(
     for ep in meta.episodes:
         by_file.setdefault(ep.data_path, []).append(ep)
     for data_path, episodes in by_file.items():
-        problems += _check_data_file(meta, data_path, episodes, keys, tol)
+        problems += _check_data_file(meta, data_path, episodes, keys, text_key, tol)
     unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
     durations: dict[Path, tuple[int, float] | Exception] = {}

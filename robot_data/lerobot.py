@@ -70,11 +70,11 @@ class DataFile:
     """Numeric columns of one data parquet file; ``rows[episode]`` = row ids sorted by frame_index.
 
     ``group_starts`` (n_groups + 1,): the first row of each row group, then the row count;
-    ``metadata``: the footer, so image reads skip re-parsing it.
+    ``metadata``: the footer, so image reads skip re-parsing it; ``text``: None for a null cell.
     """
 
     columns: dict[str, np.ndarray]
-    text: list[str] | None
+    text: list[str | None] | None
     rows: dict[int, np.ndarray]
     group_starts: np.ndarray
     metadata: pq.FileMetaData
@@ -102,7 +102,8 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
     ids, starts = np.unique(episode[order], return_index=True)
     bounds = [*starts[1:], len(order)]
     rows = {int(e): order[s:b] for e, s, b in zip(ids, starts, bounds, strict=True)}
-    text = [str(t) for t in table[text_key].to_pylist()] if text_key else None
+    # A null cell is a frame without text (no language target), never the narration "None".
+    text = [None if t is None else str(t) for t in table[text_key].to_pylist()] if text_key else None
     sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     return DataFile(columns, text, rows, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), metadata)
 

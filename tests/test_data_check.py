@@ -16,6 +16,7 @@ from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dat
 from robot_data.check_lerobot import expected_hwc
 from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
+from robot_data.language import PromptTokenizer
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from robot_data.synthetic import CAMERA
@@ -404,3 +405,26 @@ def test_camera_shape_declared_channel_first(images):
         ([48, 64, 3], ["a", "b", "c"], (48, 64, 3)),
     ):
         assert expected_hwc({"shape": shape, "names": names}) == hwc, (shape, names)
+
+
+def test_a_null_text_cell_is_a_frame_without_narration(images):
+    """A null text cell is a frame without narration (None, not the string 'None'): the check
+    names the episode and frame, and the dataset gives that frame an empty language target."""
+    _null_cell(images / FILE0, "narration", 8 + 3)  # episode 1, frame 3
+    problems = check_dataset(images, "lerobot", text_key="narration")
+    assert _kinds(problems) == {("missing_text", 1)} and problems[0].file.endswith(FILE0)
+    assert "1 null text cell(s), first at frame 3" in problems[0].message
+    reader = LeRobotReader(images, text_key="narration")
+    text = reader.numeric(1).text
+    assert text[3] is None and all(isinstance(t, str) and t != "None" for i, t in enumerate(text) if i != 3)
+
+    class Words:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    prompts = PromptTokenizer(Words(), "do {instruction}", "text")
+    dataset = RobotDataset(reader, [1], 2, 1, Normalizer(compute_stats(reader, [1]), "mean_std"), 16, prompts)
+    assert len(dataset[3]["target_ids"]) == 0
+    assert len(dataset[2]["target_ids"]) > 1 and len(dataset[4]["target_ids"]) > 1
