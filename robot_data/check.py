@@ -31,6 +31,7 @@ KINDS = (
     "video_short",
     "undecodable",
     "unknown_task",
+    "missing_text",
 )
 DECODE_MODES = ("ends", "all", "none")
 

@@ -20,7 +20,15 @@ from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta
 from robot_data.video import video_duration
 
 INDEX_COLUMNS = ("episode_index", "frame_index", "timestamp", "index", "task_index")
-NUMPY_DTYPES = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "int32": pa.int32()}
+NUMPY_DTYPES = {
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+}
+CHANNEL_NAMES = ("channels", "channel", "rgb", "color", "colour", "c")  # a camera shape's channel axis, by name
+HEIGHT_NAMES, WIDTH_NAMES = ("height", "h"), ("width", "w")
 
 
 def _meta_problems(root: Path) -> list[Problem]:
@@ -31,6 +39,8 @@ def _meta_problems(root: Path) -> list[Problem]:
         info = read_json(root / "meta/info.json")
     except DatasetFormatError as err:
         return [Problem("unreadable", str(root / "meta/info.json"), None, str(err))]
+    if not isinstance(info, dict):
+        return [Problem("unreadable", str(root / "meta/info.json"), None, "not a JSON object")]
     needed = ["meta/tasks.parquet"] if is_v3(info) else ["meta/tasks.jsonl", "meta/episodes.jsonl"]
     problems = [Problem("missing_file", str(root / n), None, "missing") for n in needed if not (root / n).is_file()]
     if is_v3(info) and not list((root / "meta/episodes").glob("*/*.parquet")):
@@ -50,14 +60,25 @@ def _episode_gaps(meta: LeRobotMeta) -> list[Problem]:
 
 
 def _type_problems(schema: pa.Schema, meta: LeRobotMeta, keys: list[str]) -> list[str]:
-    """Columns whose parquet type disagrees with the feature's dtype (scalar or list of it)."""
+    """Columns whose parquet type cannot stand for the feature's dtype (scalar or list of it).
+
+    Any float type stands for a float feature, as any integer type for an integer one: the reader
+    casts to float32 (as LeRobot casts to the declared features), so float64 columns of a
+    pandas-built dataset declared float32 read right. Other types (strings, floats declared as
+    integers) are problems.
+    """
     out = []
     for key in keys:
         field_type = schema.field(key).type
         value_type = field_type.value_type if is_list_type(field_type) else field_type
         want = NUMPY_DTYPES.get(meta.features[key].get("dtype", ""))
-        if want is not None and value_type != want:
-            out.append(f"column {key} holds {value_type}, the features say {meta.features[key]['dtype']}")
+        if want is None or value_type == want:
+            continue
+        if pa.types.is_floating(want) and (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+            continue
+        if pa.types.is_integer(want) and pa.types.is_integer(value_type):
+            continue
+        out.append(f"column {key} holds {value_type}, the features say {meta.features[key]['dtype']}")
     return out
 
 
@@ -79,15 +100,16 @@ def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict
 
 
 def _check_data_file(
-    meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str], tol: float
+    meta: LeRobotMeta, path: Path, episodes: list[EpisodeMeta], keys: list[str], text_key: str | None, tol: float
 ) -> list[Problem]:
     where = str(path)
     if not path.is_file():
         return [Problem("missing_file", where, e.index, "data file missing") for e in episodes]
+    wanted = [*INDEX_COLUMNS, *keys] + ([text_key] if text_key else [])
     try:
         schema = pq.read_schema(path)
-        missing = [c for c in [*INDEX_COLUMNS, *keys] if c not in schema.names]
-        table = None if missing else pq.read_table(path, columns=[*INDEX_COLUMNS, *keys])
+        missing = [c for c in wanted if c not in schema.names]
+        table = None if missing else pq.read_table(path, columns=wanted)
     except (pa.ArrowException, OSError) as err:
         msg = f"unreadable parquet file ({type(err).__name__}: {err})"
         return [Problem("unreadable", where, e.index, msg) for e in episodes]
@@ -102,7 +124,18 @@ def _check_data_file(
         rows = rows[np.argsort(cols["frame_index"][rows], kind="stable")]
         problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
         problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol)
+        if text_key:
+            problems += _null_text(table[text_key], rows, text_key, where, ep.index)
     return problems
+
+
+def _null_text(column: pa.ChunkedArray, rows: np.ndarray, text_key: str, where: str, episode: int) -> list[Problem]:
+    """Null cells of the text column: the reader gives those frames no language target."""
+    nulls = np.flatnonzero(column.take(pa.array(rows, pa.int64())).is_null().to_numpy(zero_copy_only=False))
+    if not len(nulls):
+        return []
+    msg = f"{text_key}: {len(nulls)} null text cell(s), first at frame {int(nulls[0])} (no language target there)"
+    return [Problem("missing_text", where, episode, msg)]
 
 
 def _episode_problems(
@@ -147,13 +180,30 @@ def _episode_problems(
     return p
 
 
-def _expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
+def _axis(names: list[str], aliases: tuple[str, ...]) -> int | None:
+    found = [i for i, n in enumerate(names) if n in aliases]
+    return found[0] if len(found) == 1 else None
+
+
+def expected_hwc(feature: dict[str, Any]) -> tuple[int, ...] | None:
+    """A camera feature's declared ``shape`` as the (H, W, C) of the frames the reader decodes.
+
+    Datasets declare (H, W, C) or (C, H, W) (v1 conversions). The layout comes from ``names``
+    when they name the channel axis (channel, channels, rgb, ...), else from which axis is 3;
+    height and width keep their declared order unless ``names`` say otherwise.
+    """
     shape, names = feature.get("shape"), feature.get("names")
     if not shape or len(shape) != 3:
         return None
-    if isinstance(names, list) and sorted(names) == ["channels", "height", "width"]:
-        return tuple(shape[names.index(n)] for n in ("height", "width", "channels"))
-    return tuple(shape)
+    names = [str(n).lower() for n in names] if isinstance(names, list) and len(names) == 3 else []
+    channel = _axis(names, CHANNEL_NAMES)
+    if channel is None:
+        channel = 2 if shape[2] == 3 or shape[0] != 3 else 0
+    rest = [i for i in range(3) if i != channel]
+    height, width = _axis(names, HEIGHT_NAMES), _axis(names, WIDTH_NAMES)
+    if height in rest and width in rest and height != width:
+        rest = [height, width]
+    return (shape[rest[0]], shape[rest[1]], shape[channel])
 
 
 def _check_camera(
@@ -178,15 +228,22 @@ def _check_camera(
             msg = f"camera {camera}: unreadable video ({type(durations[ref.path]).__name__}: {durations[ref.path]})"
             return [Problem("undecodable", str(ref.path), ep.index, msg)]
         _, seconds = durations[ref.path]
-        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp[-1]) if ep.length else 0.0
+        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp.max()) if ep.length else 0.0
         if seconds and last > seconds - 0.5 / reader.fps + tol:
             msg = f"camera {camera}: the episode needs t={last:.3f}s, the video lasts {seconds:.3f}s"
+            return [Problem("video_short", str(ref.path), ep.index, msg)]
+        # Past its segment's end (to_timestamp), the frame at a time is the next episode's.
+        if ref.to_timestamp is not None and ep.length and last > ref.to_timestamp - 0.5 / reader.fps + tol:
+            msg = (
+                f"camera {camera}: the episode needs t={last:.3f}s, its video segment "
+                f"[{ref.from_timestamp:.3f}s, {ref.to_timestamp:.3f}s) ends before (to_timestamp)"
+            )
             return [Problem("video_short", str(ref.path), ep.index, msg)]
         where = str(ref.path)
     else:
         where = str(ep.data_path)
     frames = lambda idx: reader.frames(ep.index, camera, idx)  # noqa: E731
-    return decode_checks(frames, ep.length, _expected_hwc(feature), decode, where, ep.index, camera)
+    return decode_checks(frames, ep.length, expected_hwc(feature), decode, where, ep.index, camera)
 
 
 def check_lerobot(
@@ -220,7 +277,7 @@ def check_lerobot(
     for ep in meta.episodes:
         by_file.setdefault(ep.data_path, []).append(ep)
     for data_path, episodes in by_file.items():
-        problems += _check_data_file(meta, data_path, episodes, keys, tol)
+        problems += _check_data_file(meta, data_path, episodes, keys, text_key, tol)
     unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
     durations: dict[Path, tuple[int, float] | Exception] = {}

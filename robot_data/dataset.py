@@ -30,7 +30,7 @@ class _Prepared:
     state: np.ndarray
     action: np.ndarray
     action_ok: np.ndarray
-    text: list[str] | None
+    text: list[str | None] | None  # a frame's None: no narration there, so no language target
     tasks: list[str] | None  # per-frame instructions, when they change within the episode
 
 
@@ -83,10 +83,9 @@ class RobotDataset(Dataset):
         lengths = np.array([e.length for e in self.episodes], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # sample offset of each episode
         self._cache: dict[int, _Prepared] = {}
-        wants_text = prompt_tokenizer is not None and prompt_tokenizer.target == "text"
-        if wants_text and self.episodes and self._prepared(self.episodes[0].index).text is None:
-            # fail at construction, not in a worker several minutes into training
-            raise ValueError("language_target=text but the dataset has no per-frame text (set data.text_key)")
+        self._wants_text = prompt_tokenizer is not None and prompt_tokenizer.target == "text"
+        if self._wants_text and self.episodes:
+            self._prepared(self.episodes[0].index)  # fail at construction, not in a worker minutes later
 
     @staticmethod
     def _select(all_episodes: list[Episode], wanted: Sequence[int]) -> list[Episode]:
@@ -112,6 +111,10 @@ class RobotDataset(Dataset):
     def _prepared(self, episode_index: int) -> _Prepared:
         if episode_index not in self._cache:
             raw = self.reader.numeric(episode_index)
+            if self._wants_text and raw.text is None:
+                raise ValueError(
+                    f"language_target=text but episode {episode_index} has no per-frame text (set data.text_key)"
+                )
             action_ok = np.isfinite(raw.action).all(axis=1)
             state = np.nan_to_num(self.normalizer.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
             action = np.nan_to_num(self.normalizer.normalize("action", raw.action), nan=0.0, posinf=0.0, neginf=0.0)

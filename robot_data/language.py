@@ -48,13 +48,15 @@ class PromptTokenizer:
     def __call__(
         self, instruction: str, text: str | None, actions_norm: np.ndarray, action_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """actions_norm: (chunk, A) normalised; action_mask: (chunk,) bool (False steps are not tokenised)."""
+        """actions_norm: (chunk, A) normalised; action_mask: (chunk,) bool (False steps are not tokenised).
+
+        ``text`` None (a frame without narration) gives an empty "text" target: nothing to learn
+        there, not even eos. Whether the dataset has text at all is :class:`RobotDataset`'s check.
+        """
         prompt = np.asarray(self._encode(self.template.format(instruction=instruction)), np.int64)
-        if self.target == "none":
+        if self.target == "none" or (self.target == "text" and text is None):
             target: list[int] = []
         elif self.target == "text":
-            if text is None:
-                raise ValueError("language_target=text but this dataset has no per-frame text (set data.text_key)")
             target = self._encode(text) + self._eos
         else:
             bins = action_to_bins(np.asarray(actions_norm)[np.asarray(action_mask, bool)], self.n_bins)

@@ -3,6 +3,11 @@
 Numbers come from the data parquet files (only the columns needed, cached per file); frames
 come from image bytes stored in parquet (PNG/JPEG) or from MP4 videos decoded with PyAV and
 located by timestamp, optionally through an on-disk decoded-frame cache (``frame_cache``).
+
+Image bytes are read one parquet row group of one camera at a time (the smallest unit parquet
+reads: HF datasets and LeRobot write 100 rows per group, the writer here one episode) and kept
+in a per-process LRU bounded in bytes, so shuffled samples over several cameras never re-read a
+file's whole image column.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from PIL import Image
 from robot_data.frame_cache import FrameCache
 from robot_data.lerobot_meta import EpisodeMeta, load_meta
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.video import VideoDecoder
+from robot_data.video import VideoDecoder, VideoFrameError
 
-IMAGE_COLUMNS_KEPT = 2  # image columns (per file and camera) held in memory per process
+IMAGE_CACHE_BYTES = 256 << 20  # image cells kept per process (LRU), yet always one row group per camera
 OPTIONAL_COLUMNS = ("task_index",)  # read when present: an episode's instruction may change per frame
 
 
@@ -62,11 +67,17 @@ def column_to_numpy(
 
 @dataclass
 class DataFile:
-    """Numeric columns of one data parquet file; ``rows[episode]`` = row ids sorted by frame_index."""
+    """Numeric columns of one data parquet file; ``rows[episode]`` = row ids sorted by frame_index.
+
+    ``group_starts`` (n_groups + 1,): the first row of each row group, then the row count;
+    ``metadata``: the footer, so image reads skip re-parsing it; ``text``: None for a null cell.
+    """
 
     columns: dict[str, np.ndarray]
-    text: list[str] | None
+    text: list[str | None] | None
     rows: dict[int, np.ndarray]
+    group_starts: np.ndarray
+    metadata: pq.FileMetaData
 
 
 def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | None) -> DataFile:
@@ -81,6 +92,7 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
             raise DatasetFormatError(f"{path}: missing column(s) {missing}")
         optional = [c for c in OPTIONAL_COLUMNS if c in present]
         table = pq.read_table(path, columns=list(dict.fromkeys(wanted + optional)))
+        metadata = pq.read_metadata(path)
     except (pa.ArrowException, OSError) as err:
         raise DatasetFormatError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from None
     names = dict.fromkeys(wanted + optional)
@@ -90,8 +102,10 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
     ids, starts = np.unique(episode[order], return_index=True)
     bounds = [*starts[1:], len(order)]
     rows = {int(e): order[s:b] for e, s, b in zip(ids, starts, bounds, strict=True)}
-    text = [str(t) for t in table[text_key].to_pylist()] if text_key else None
-    return DataFile(columns, text, rows)
+    # A null cell is a frame without text (no language target), never the narration "None".
+    text = [None if t is None else str(t) for t in table[text_key].to_pylist()] if text_key else None
+    sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    return DataFile(columns, text, rows, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), metadata)
 
 
 def feature_width(feature: dict[str, Any]) -> int | None:
@@ -137,11 +151,13 @@ class LeRobotReader(Reader):
         self._decoder = VideoDecoder(video_tolerance_s)
         self._frame_cache = FrameCache(frame_cache) if frame_cache else None
         self._files: dict[Path, DataFile] = {}
-        self._images: OrderedDict[tuple[Path, str], pa.ChunkedArray] = OrderedDict()
+        # (data file, camera, row group) -> that group's image cells, least recently used first
+        self._images: OrderedDict[tuple[Path, str, int], pa.ChunkedArray] = OrderedDict()
+        self._image_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers rebuild caches lazily; shipping parquet columns through pickle would be slow.
-        return {**self.__dict__, "_files": {}, "_images": OrderedDict()}
+        return {**self.__dict__, "_files": {}, "_images": OrderedDict(), "_image_bytes": 0}
 
     def episodes(self) -> list[Episode]:
         return [Episode(e.index, e.length, e.tasks[0] if e.tasks else "") for e in self.meta.episodes]
@@ -193,14 +209,26 @@ class LeRobotReader(Reader):
             raise IndexError(f"{episode.data_path}: episode {episode_index} has no frame {bad[0]}")
         if self.meta.features[camera]["dtype"] == "video":
             return self._video_frames(episode, camera, data.columns["timestamp"][rows, 0], frame_indices)
-        return self._image_frames(episode, camera, rows[np.asarray(frame_indices, np.int64)])
+        return self._image_frames(episode, data, camera, rows[np.asarray(frame_indices, np.int64)])
 
     def _video_frames(
         self, episode: EpisodeMeta, camera: str, timestamps: np.ndarray, frame_indices: Sequence[int]
     ) -> np.ndarray:
         ref = episode.videos[camera]
+        wanted = ref.from_timestamp + timestamps[list(frame_indices)]
+        if ref.to_timestamp is not None:
+            # In a shared file, a frame at or past the segment's end is the next episode's (half a
+            # frame of slack, as for the video length in the checks): refuse it, never train on it.
+            late = np.flatnonzero(wanted + 0.5 / self.fps > ref.to_timestamp + self._decoder.tolerance_s)
+            if len(late):
+                k = int(late[0])
+                raise VideoFrameError(
+                    f"{ref.path}: episode {episode.index} frame {frame_indices[k]} needs t={wanted[k]:.4f}s, "
+                    f"at or after the episode's video segment end (to_timestamp {ref.to_timestamp:.4f}s); "
+                    "video shorter than the episode?"
+                )
         if self._frame_cache is None:
-            return self._decoder.decode(ref.path, ref.from_timestamp + timestamps[list(frame_indices)])
+            return self._decoder.decode(ref.path, wanted)
         whole = self._frame_cache.get(
             ref.path,
             camera,
@@ -210,14 +238,34 @@ class LeRobotReader(Reader):
         )
         return np.array(whole[list(frame_indices)])
 
-    def _image_frames(self, episode: EpisodeMeta, camera: str, rows: np.ndarray) -> np.ndarray:
-        key = (episode.data_path, camera)
-        if key not in self._images:
-            self._images[key] = pq.read_table(episode.data_path, columns=[camera], memory_map=True)[camera]
-            if len(self._images) > IMAGE_COLUMNS_KEPT:
-                self._images.popitem(last=False)
-        column = self._images[key]
-        return np.stack([self._decode_image(column[int(r)].as_py(), episode) for r in rows])
+    def _image_frames(self, episode: EpisodeMeta, data: DataFile, camera: str, rows: np.ndarray) -> np.ndarray:
+        groups = np.searchsorted(data.group_starts, rows, side="right") - 1
+        cells = [
+            self._image_group(episode, data, camera, int(g))[int(r - data.group_starts[g])]
+            for r, g in zip(rows, groups, strict=True)
+        ]
+        return np.stack([self._decode_image(cell.as_py(), episode) for cell in cells])
+
+    def _image_group(self, episode: EpisodeMeta, data: DataFile, camera: str, group: int) -> pa.ChunkedArray:
+        """The image cells of one row group of ``episode``'s data file, through the LRU."""
+        key = (episode.data_path, camera, group)
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        try:
+            with pq.ParquetFile(episode.data_path, memory_map=True, metadata=data.metadata) as file:
+                cells = file.read_row_group(group, columns=[camera])[camera]
+        except (pa.ArrowException, OSError, KeyError) as err:
+            raise DatasetFormatError(
+                f"{episode.data_path}: cannot read camera {camera} of episode {episode.index} "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        self._images[key] = cells
+        self._image_bytes += cells.nbytes
+        keep = len(self.cameras)  # one sample's worth, whatever its size
+        while self._image_bytes > IMAGE_CACHE_BYTES and len(self._images) > keep:
+            self._image_bytes -= self._images.popitem(last=False)[1].nbytes
+        return cells
 
     def _decode_image(self, item: dict[str, Any] | bytes | None, episode: EpisodeMeta) -> np.ndarray:
         """A parquet image cell ({bytes, path} struct, or raw bytes) -> (H, W, 3) uint8."""

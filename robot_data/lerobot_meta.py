@@ -87,13 +87,46 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DatasetFormatError(f"{path}: missing")
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{path}: invalid JSON line ({err})") from None
+    bad = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise DatasetFormatError(f"{path}: row {bad} is not a JSON object")
+    return rows
 
 
 def is_v3(info: dict[str, Any]) -> bool:
     return str(info.get("codebase_version", "")).startswith("v3")
+
+
+def _cell(row: dict[str, Any], key: str, where: str) -> Any:
+    """A required cell of a metadata row; missing or null is a DatasetFormatError naming ``where``."""
+    value = row.get(key)
+    if value is None:
+        raise DatasetFormatError(f"{where}: {key} is {'null' if key in row else 'missing'}")
+    return value
+
+
+def _number(row: dict[str, Any], key: str, where: str, kind: type = int) -> Any:
+    value = _cell(row, key, where)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise DatasetFormatError(f"{where}: {key} is {value!r}, not a number") from None
+
+
+def _template(info: dict[str, Any], key: str, root: Path, **fields: Any) -> str:
+    """``info[key]`` (a path template) formatted with ``fields``; a null or unknown template is an error."""
+    template = info.get(key)
+    try:
+        return template.format(**fields)
+    except (AttributeError, KeyError, IndexError, ValueError) as err:
+        if isinstance(err, KeyError):
+            why = f"{key} {template!r} has an unknown placeholder {err}; valid: {', '.join(fields)}"
+        else:
+            why = f"{key} is {template!r}, not a path template"
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: {why}") from None
 
 
 def _tasks_v3(root: Path) -> dict[int, str]:
@@ -114,6 +147,18 @@ def _tasks(row: dict[str, Any]) -> list[str]:
     return [tasks] if isinstance(tasks, str) else list(tasks)
 
 
+def _video_ref_v3(root: Path, info: dict[str, Any], row: dict[str, Any], cam: str, where: str) -> VideoRef:
+    """One camera's segment of a v3 episode. ``from_timestamp`` is required, as LeRobot reads it: a
+    default of 0 would silently give every episode of a shared file the first episode's frames."""
+    prefix = f"videos/{cam}/"
+    chunk, file = _number(row, prefix + "chunk_index", where), _number(row, prefix + "file_index", where)
+    start = _number(row, prefix + "from_timestamp", where, float)
+    end = None if row.get(prefix + "to_timestamp") is None else _number(row, prefix + "to_timestamp", where, float)
+    return VideoRef(
+        root / _template(info, "video_path", root, video_key=cam, chunk_index=chunk, file_index=file), start, end
+    )
+
+
 def _episodes_v3(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
     files = sorted((root / "meta/episodes").glob("*/*.parquet"))
     if not files:
@@ -122,38 +167,39 @@ def _episodes_v3(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
     out = []
     for path in files:
         columns = [c for c in pq.read_schema(path).names if not c.startswith("stats/")]
-        for row in pq.read_table(path, columns=columns).to_pylist():
-            data = info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
-            videos = {
-                cam: VideoRef(
-                    root
-                    / info["video_path"].format(
-                        video_key=cam,
-                        chunk_index=row[f"videos/{cam}/chunk_index"],
-                        file_index=row[f"videos/{cam}/file_index"],
-                    ),
-                    float(row.get(f"videos/{cam}/from_timestamp") or 0.0),
-                    row.get(f"videos/{cam}/to_timestamp"),
-                )
-                for cam in cameras
-            }
-            out.append(EpisodeMeta(int(row["episode_index"]), int(row["length"]), _tasks(row), root / data, videos))
+        for i, row in enumerate(pq.read_table(path, columns=columns).to_pylist()):
+            ep = _number(row, "episode_index", f"{path} row {i}")
+            where = f"{path} (episode {ep})"
+            chunk, file = _number(row, "data/chunk_index", where), _number(row, "data/file_index", where)
+            data = root / _template(info, "data_path", root, chunk_index=chunk, file_index=file)
+            videos = {cam: _video_ref_v3(root, info, row, cam, where) for cam in cameras}
+            out.append(EpisodeMeta(ep, _number(row, "length", where), _tasks(row), data, videos))
     return sorted(out, key=lambda e: e.index)
 
 
 def _episodes_v2(root: Path, info: dict[str, Any]) -> list[EpisodeMeta]:
     chunks = int(info.get("chunks_size", 1000))
     cameras = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    path = root / "meta/episodes.jsonl"
     out = []
-    for row in read_jsonl(root / "meta/episodes.jsonl"):
-        ep, chunk = int(row["episode_index"]), int(row["episode_index"]) // chunks
-        data = root / info["data_path"].format(episode_chunk=chunk, episode_index=ep)
+    for n, row in enumerate(read_jsonl(path), 1):
+        ep = _number(row, "episode_index", f"{path} row {n}")
+        length, chunk = _number(row, "length", f"{path} row {n} (episode {ep})"), ep // chunks
+        data = root / _template(info, "data_path", root, episode_chunk=chunk, episode_index=ep)
         videos = {
-            cam: VideoRef(root / info["video_path"].format(episode_chunk=chunk, video_key=cam, episode_index=ep))
+            cam: VideoRef(
+                root / _template(info, "video_path", root, episode_chunk=chunk, video_key=cam, episode_index=ep)
+            )
             for cam in cameras
         }
-        out.append(EpisodeMeta(ep, int(row["length"]), _tasks(row), data, videos))
+        out.append(EpisodeMeta(ep, length, _tasks(row), data, videos))
     return sorted(out, key=lambda e: e.index)
+
+
+def _tasks_v2(root: Path) -> dict[int, str]:
+    path = root / "meta/tasks.jsonl"
+    rows = enumerate(read_jsonl(path), 1)
+    return {_number(r, "task_index", f"{path} row {i}"): str(_cell(r, "task", f"{path} row {i}")) for i, r in rows}
 
 
 def _as_arrays(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
@@ -194,14 +240,21 @@ def load_meta(root: str | Path) -> LeRobotMeta:
     if not root.is_dir():
         raise FileNotFoundError(f"LeRobot dataset directory not found: {root}")
     info = read_json(root / "meta/info.json")
-    missing = [k for k in ("codebase_version", "fps", "features", "data_path") if k not in info]
+    if not isinstance(info, dict):
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: not a JSON object")
+    missing = [k for k in ("codebase_version", "fps", "features", "data_path") if info.get(k) is None]
     if missing:
-        raise DatasetFormatError(f"{root / 'meta/info.json'}: missing key(s) {missing}")
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: missing or null key(s) {missing}")
+    if not isinstance(info["features"], dict) or not all(isinstance(f, dict) for f in info["features"].values()):
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: features is not a mapping of name -> feature")
+    videos = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    if videos and not isinstance(info.get("video_path"), str):
+        video_path = info.get("video_path")
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: video_path is {video_path!r}, but {videos} are videos")
     if is_v3(info):
         tasks, episodes = _tasks_v3(root), _episodes_v3(root, info)
     elif str(info["codebase_version"]).startswith("v2"):
-        rows = read_jsonl(root / "meta/tasks.jsonl")
-        tasks, episodes = {int(r["task_index"]): r["task"] for r in rows}, _episodes_v2(root, info)
+        tasks, episodes = _tasks_v2(root), _episodes_v2(root, info)
     else:
         version = info["codebase_version"]
         raise DatasetFormatError(f"{root / 'meta/info.json'}: unsupported codebase_version {version!r}")

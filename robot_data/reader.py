@@ -60,7 +60,8 @@ class EpisodeArrays:
     """Numeric content of one episode of length T.
 
     state: (T, S) float32, action: (T, A) float32 (may hold NaN for missing steps),
-    timestamp: (T,) float64 seconds from the episode start, text: T per-frame strings or None,
+    timestamp: (T,) float64 seconds from the episode start, text: T per-frame strings or None
+    (a frame's None: no text for that frame, e.g. a null cell, so no language target there),
     tasks: T per-frame instructions when the instruction changes within the episode (LeRobot's
     per-frame ``task_index``), else None (the episode's ``task`` holds for every frame).
     """
@@ -68,7 +69,7 @@ class EpisodeArrays:
     state: np.ndarray
     action: np.ndarray
     timestamp: np.ndarray
-    text: list[str] | None = None
+    text: list[str | None] | None = None
     tasks: list[str] | None = None
 
 

@@ -13,8 +13,10 @@ import pytest
 
 from robot_data import HDF5Reader, LeRobotReader, Normalizer, RobotDataset, SyntheticReader, compute_stats
 from robot_data.check import DatasetCheckError, Problem, bad_episodes, check_dataset, episodes_to_skip
+from robot_data.check_lerobot import expected_hwc
 from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
+from robot_data.language import PromptTokenizer
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from robot_data.synthetic import CAMERA
@@ -93,10 +95,22 @@ def test_wrong_shape_and_dtype(images):
     assert _kinds(problems) == {("bad_feature", e) for e in range(4)}
     assert "observation.state: 8 row(s) not of shape [4]" in problems[0].message
     _edit_json(images / "meta/info.json", lambda info: info["features"]["observation.state"].update(shape=[3]))
-    _edit_column(images / FILE0, "action", lambda a: a.astype(np.float64))
+    _edit_column(images / FILE0, "action", lambda a: a.astype(str))
     problems = check_dataset(images, "lerobot")
     assert _kinds(problems) == {("bad_feature", 0), ("bad_feature", 1)}
-    assert "column action holds double, the features say float32" in problems[0].message
+    assert "column action holds string, the features say float32" in problems[0].message
+
+
+def test_float64_columns_declared_float32_pass(images):
+    """pandas-built conversions store float64 under a float32 declaration; the reader casts (as
+    LeRobot does), so nothing is wrong: no problem, and the values read are the ones written."""
+    for column in ("observation.state", "action"):
+        _edit_column(images / FILE0, column, lambda a: a.astype(np.float64))
+    _edit_column(images / FILE1, "action", lambda a: a.astype(np.float16))
+    assert check_dataset(images, "lerobot") == []
+    source, reader = _source(), LeRobotReader(images)
+    np.testing.assert_array_equal(reader.numeric(1).state, source.numeric(1).state)
+    np.testing.assert_allclose(reader.numeric(2).action, source.numeric(2).action, atol=1e-3)
 
 
 def test_nan_and_inf(images):
@@ -142,6 +156,34 @@ def test_video_shorter_than_episode(videos):
     encode_video(frames, video, source.fps)
     problems = check_dataset(videos, "lerobot")
     assert _kinds(problems) == {("video_short", 3)} and problems[0].file == str(video)
+
+
+def _shorten_first_segment(videos: Path) -> None:
+    """Re-encode file-000 with episode 0 one frame short, the offsets in meta/episodes to match
+    (as LeRobot writes them after a dropped frame): episode 0's last data frame has no video frame."""
+    source, video = _source(), videos / "videos" / CAMERA / "chunk-000/file-000.mp4"
+    video.unlink()
+    encode_video([*source.frames(0, CAMERA, range(7)), *source.frames(1, CAMERA, range(8))], video, source.fps)
+    meta = videos / "meta/episodes/chunk-000/file-000.parquet"
+    rows = pq.read_table(meta).to_pylist()
+    rows[0][f"videos/{CAMERA}/to_timestamp"] = 7 / source.fps
+    rows[1][f"videos/{CAMERA}/from_timestamp"], rows[1][f"videos/{CAMERA}/to_timestamp"] = 0.7, 1.5
+    pq.write_table(pa.Table.from_pylist(rows), meta)
+
+
+def test_a_frame_past_its_video_segment_is_refused(videos):
+    """v3 shares one MP4 between episodes; a frame at or after the episode's to_timestamp is the
+    next episode's: the check reports it, the reader refuses it, and every other frame is its own."""
+    _shorten_first_segment(videos)
+    problems = check_dataset(videos, "lerobot", decode="all")
+    assert _kinds(problems) == {("video_short", 0)} and problems[0].file.endswith("file-000.mp4")
+    assert "to_timestamp" in problems[0].message
+    source, reader = _source(), LeRobotReader(videos)
+    with pytest.raises(ValueError, match=r"file-000\.mp4: episode 0 frame 7 needs t=0\.7000s, .*to_timestamp 0\.7000s"):
+        reader.frames(0, CAMERA, [6, 7])
+    for episode, t in ((0, 6), (1, 0), (1, 7)):
+        error = np.abs(reader.frames(episode, CAMERA, [t]).astype(int) - source.frames(episode, CAMERA, [t])).mean()
+        assert error < 8.0, (episode, t, error)
 
 
 def test_undecodable_frames(images):
@@ -319,3 +361,97 @@ def test_aloha_with_more_episode_files_than_open_handles(tmp_path):
     write_aloha(SyntheticReader(episodes=OPEN_FILES + 1, episode_length=4, image_size=16), tmp_path / "aloha")
     assert check_dataset(tmp_path / "aloha", "hdf5", layout="aloha") == []
     assert len(HDF5Reader(tmp_path / "aloha", layout="aloha").episodes()) == OPEN_FILES + 1
+
+
+def _drop(path: Path, column: str) -> None:
+    pq.write_table(pq.read_table(path).drop_columns([column]), path)
+
+
+def _null_cell(path: Path, column: str, row: int) -> None:
+    table = pq.read_table(path)
+    cells = table[column].to_pylist()
+    cells[row] = None
+    new = pa.array(cells, table.schema.field(column).type)
+    pq.write_table(table.set_column(table.column_names.index(column), column, new), path)
+
+
+def test_malformed_metadata_names_the_file_and_episode(videos, tmp_path):
+    """A missing or null cell of the episode index is a DatasetFormatError naming the file and the
+    episode (the trainer's one line; an 'unreadable' problem for the checks), never a KeyError;
+    a null from_timestamp is never read as 0 (the first episode's frames)."""
+    episodes = videos / "meta/episodes/chunk-000/file-000.parquet"
+    v21 = write_lerobot(_source(), tmp_path / "v21", video=False, version="v2.1")
+    lines = (v21 / "meta/episodes.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    del row["length"]
+    cases = [
+        (
+            lambda: _null_cell(episodes, f"videos/{CAMERA}/from_timestamp", 3),
+            videos,
+            f"{episodes} (episode 3): videos/{CAMERA}/from_timestamp is null",
+        ),
+        (lambda: _drop(episodes, "length"), videos, f"{episodes} (episode 0): length is missing"),
+        (
+            lambda: _edit_json(videos / "meta/info.json", lambda info: info.update(video_path=None)),
+            videos,
+            f"{videos / 'meta/info.json'}: video_path is None, but ['{CAMERA}'] are videos",
+        ),
+        (
+            lambda: (v21 / "meta/episodes.jsonl").write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]])),
+            v21,
+            f"{v21 / 'meta/episodes.jsonl'} row 3 (episode 2): length is missing",
+        ),
+    ]
+    for damage, root, message in cases:
+        damage()
+        with pytest.raises(DatasetFormatError) as caught:
+            LeRobotReader(root)
+        assert str(caught.value) == message
+        problems = check_dataset(root, "lerobot")
+        assert [(p.kind, p.episode) for p in problems] == [("unreadable", None)] and message in problems[0].message
+
+
+def test_camera_shape_declared_channel_first(images):
+    """(C, H, W) with names channel/channels/rgb, or no names, stands for the (H, W, 3) frames."""
+    camera = images / "meta/info.json"
+    for names in (["channel", "height", "width"], ["rgb", "height", "width"], None):
+        _edit_json(camera, lambda info, n=names: info["features"][CAMERA].update(shape=[3, 16, 16], names=n))
+        assert check_dataset(images, "lerobot") == [], names
+    _edit_json(
+        camera, lambda info: info["features"][CAMERA].update(shape=[3, 16, 20], names=["channel", "height", "width"])
+    )
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("bad_feature", e) for e in range(4)}
+    assert "frames are (16, 16, 3), the features say (16, 20, 3)" in problems[0].message
+    for shape, names, hwc in (
+        ([3, 48, 64], ["channel", "height", "width"], (48, 64, 3)),
+        ([3, 48, 64], ["channels", "width", "height"], (64, 48, 3)),
+        ([48, 64, 3], ["height", "width", "rgb"], (48, 64, 3)),
+        ([3, 48, 64], None, (48, 64, 3)),
+        ([48, 64, 3], ["h", "w", "c"], (48, 64, 3)),
+        ([48, 64, 3], ["a", "b", "c"], (48, 64, 3)),
+    ):
+        assert expected_hwc({"shape": shape, "names": names}) == hwc, (shape, names)
+
+
+def test_a_null_text_cell_is_a_frame_without_narration(images):
+    """A null text cell is a frame without narration (None, not the string 'None'): the check
+    names the episode and frame, and the dataset gives that frame an empty language target."""
+    _null_cell(images / FILE0, "narration", 8 + 3)  # episode 1, frame 3
+    problems = check_dataset(images, "lerobot", text_key="narration")
+    assert _kinds(problems) == {("missing_text", 1)} and problems[0].file.endswith(FILE0)
+    assert "1 null text cell(s), first at frame 3" in problems[0].message
+    reader = LeRobotReader(images, text_key="narration")
+    text = reader.numeric(1).text
+    assert text[3] is None and all(isinstance(t, str) and t != "None" for i, t in enumerate(text) if i != 3)
+
+    class Words:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    prompts = PromptTokenizer(Words(), "do {instruction}", "text")
+    dataset = RobotDataset(reader, [1], 2, 1, Normalizer(compute_stats(reader, [1]), "mean_std"), 16, prompts)
+    assert len(dataset[3]["target_ids"]) == 0
+    assert len(dataset[2]["target_ids"]) > 1 and len(dataset[4]["target_ids"]) > 1

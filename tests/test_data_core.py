@@ -48,6 +48,18 @@ class NanActions(SyntheticReader):
         return arrays
 
 
+class Untold(SyntheticReader):
+    """Synthetic episodes without narration at frame 3 (a null text cell), and none at all in episode 5."""
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        arrays = super().numeric(episode_index)
+        if episode_index == 5:
+            arrays.text = None
+        else:
+            arrays.text[3] = None
+        return arrays
+
+
 @pytest.fixture(scope="module")
 def reader() -> SyntheticReader:
     return SyntheticReader(episodes=8, episode_length=12, image_size=32)
@@ -225,6 +237,7 @@ def test_prompt_tokenizer_targets():
     _, target = action_target("pick up the red block", None, acts, mask)
     assert target.tolist() == [100, 228, 355, 2]  # bins 0, 128, 255 of the one valid step, then eos
     np.testing.assert_allclose(bins_to_action(np.array([0, 128, 255]), 256), [-1, 0, 1], atol=1 / 256)
+    assert text_target("pick up the red block", None, acts, mask)[1].shape == (0,)  # no narration: no target
     no_target = PromptTokenizer(WordTokenizer(eos=None), DEFAULT_TEMPLATE, "none")
     _, target = no_target("pick up the red block", "hold", acts, mask)
     assert target.shape == (0,)
@@ -263,6 +276,20 @@ def test_nan_actions_are_masked_and_zeroed(stats):
     s = ds[2]  # frames 2, 3, 4 of episode 0; frame 3 is NaN
     assert s["action_mask"].tolist() == [True, False, True]
     assert torch.all(s["actions"][1] == 0)
+
+
+def test_a_frame_without_text_has_no_language_target(stats):
+    """A frame whose narration is missing trains no language output (an empty, fully masked target,
+    not even eos); an episode with no text at all is an error naming it."""
+    untold = Untold(episodes=8, episode_length=12, image_size=32)
+    ds = _dataset(untold, stats, episodes=[0, 1, 5])
+    assert ds[3]["target_ids"].tolist() == [] and len(ds[2]["target_ids"]) > 1 and len(ds[16]["target_ids"]) > 1
+    batch = collate([ds[2], ds[3]])
+    assert batch["target_mask"][1].sum() == 0 and batch["target_mask"][0].sum() == len(ds[2]["target_ids"])
+    with pytest.raises(ValueError, match="language_target=text but episode 5 has no per-frame text"):
+        ds[24]
+    with pytest.raises(ValueError, match="episode 5 has no per-frame text"):
+        _dataset(untold, stats, episodes=[5])
 
 
 def test_dataset_errors(reader, stats):

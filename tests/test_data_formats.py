@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
+import av
 import h5py
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -207,6 +210,53 @@ def test_video_frame_cache(datasets, tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
     again = build_reader(fmt, **{**kwargs, "frame_cache": str(tmp_path / "cache")})
     assert np.array_equal(again.frames(4, CAMERA, range(LENGTH)), plain.frames(4, CAMERA, range(LENGTH)))
+
+
+class ThreeCameras(SyntheticReader):
+    """The synthetic episodes seen by three cameras (pixel (0, 0) tagged with the camera's number)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.cameras = [f"observation.images.cam{k}" for k in range(3)]
+
+    def frames(self, episode_index, camera, frame_indices):
+        frames = super().frames(episode_index, CAMERA, frame_indices).copy()
+        frames[:, 0, 0] = 50 * self.cameras.index(camera)
+        return frames
+
+
+def test_image_cells_are_read_once_in_shuffled_multi_camera_access(tmp_path, monkeypatch):
+    """Three cameras, shuffled samples over a file of 4 episodes (one row group each, as written):
+    each image cell is read from parquet once, and each frame is its own episode's and camera's."""
+    source = ThreeCameras(episodes=4, episode_length=6, image_size=16)
+    path = write_lerobot(source, tmp_path / "ds", video=False, episodes_per_file=4)
+    cells_read = []
+
+    def counted(table):  # image cells materialised, whichever pyarrow call read them
+        cells_read.append(table.num_rows * len(set(table.column_names) & set(source.cameras)))
+        return table
+
+    read_table, read_row_group = pq.read_table, pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: counted(read_table(*a, **k)))
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: counted(read_row_group(self, *a, **k)))
+    reader = build_reader("lerobot", path=str(path))
+    samples = [(e, t) for e in range(4) for t in range(6)]
+    random.Random(0).shuffle(samples)
+    for episode, t in samples:
+        for camera in source.cameras:
+            np.testing.assert_array_equal(reader.frames(episode, camera, [t]), source.frames(episode, camera, [t]))
+    assert sum(cells_read) == 4 * 6 * 3
+
+
+def test_video_files_stay_open_across_episodes(datasets, monkeypatch):
+    """v2.1 has one MP4 per episode and camera: reading 5 episodes round-robin, twice, opens each once."""
+    reader, _ = _reader(datasets, "v21_h264")
+    opened, real_open = [], av.open
+    monkeypatch.setattr(av, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    for t in (0, 5):
+        for episode in range(N_EPISODES):
+            reader.frames(episode, CAMERA, [t])
+    assert len(opened) == len(set(opened)) == N_EPISODES
 
 
 def test_video_reader_in_workers(datasets):
