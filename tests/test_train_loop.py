@@ -121,6 +121,7 @@ def test_a_frozen_trunk_with_gradnorm_diagnostics_trains_without_them(tmp_path):
     [
         ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4),  # 0.949 improves by less than min_delta
         ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4),
+        ("min", [math.nan, 1.0, 0.5, 0.6, 0.7], 3, 5),  # NaN is never the best, nor a value to beat
     ],
 )
 def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop):

@@ -437,13 +437,17 @@ def validate_and_select(run: Run) -> dict[str, float]:
         raise RecipeError(f"train.best_metric: '{key}' is not a validation metric; have: {', '.join(sorted(values))}")
     value = values[key]
     sign = 1.0 if r.train.best_mode == "min" else -1.0
-    if st.best_value is None or sign * (st.best_value - value) > r.train.early_stopping.min_delta:
+    # A non-finite value is never the best: NaN would compare False with every later value.
+    if math.isfinite(value) and (
+        st.best_value is None or sign * (st.best_value - value) > r.train.early_stopping.min_delta
+    ):
         st.best_value, st.best_step, st.evals_since_best = value, st.step, 0
     else:
         st.evals_since_best += 1
     run.early_stop = stalled(r, st)
     run.progress.write(
-        f"step {st.step}: val {key}={value:.4g} (best {st.best_value:.4g} @ {st.best_step})"
+        f"step {st.step}: val {key}={value:.4g} "
+        + (f"(best {st.best_value:.4g} @ {st.best_step})" if st.best_value is not None else "(no finite value yet)")
         + "".join(f" {k[4:]}={values[k]:.4g}" for k in ("val/baseline_l1", "val/gripper_acc") if k in values)
     )
     return values
