@@ -43,7 +43,13 @@ MAX_OPEN = 64
 """Containers kept open per process (LRU). Reopening costs a file open and a header parse per
 frame; a v2.1 dataset has one file per episode and camera, so shuffled samples over 3 cameras
 with a handful open reopened a file for 9 frames in 10. An open container that has decoded
-holds its decoder (frame buffers, and FFmpeg's idle slice threads: about one per core)."""
+holds its decoder (frame buffers, and the decoder's threads, see DECODE_THREADS)."""
+
+DECODE_THREADS = 1
+"""Decoder threads per open container. FFmpeg's default (0: one per core, plus one) would park
+cores+1 idle threads in each of the ``MAX_OPEN`` containers of each DataLoader worker (thousands
+on a large node, past many containers' process limits), and on one 224x224 H.264 frame it cost as
+much CPU as one thread or more; the loader's workers are the parallelism."""
 
 
 class VideoDecoder:
@@ -70,6 +76,8 @@ class VideoDecoder:
             self._open.move_to_end(path)
             return self._open[path]
         container = av.open(path)
+        for stream in container.streams.video:
+            stream.thread_count = DECODE_THREADS
         self._open[path] = container
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -249,14 +250,18 @@ def test_image_cells_are_read_once_in_shuffled_multi_camera_access(tmp_path, mon
 
 
 def test_video_files_stay_open_across_episodes(datasets, monkeypatch):
-    """v2.1 has one MP4 per episode and camera: reading 5 episodes round-robin, twice, opens each once."""
+    """v2.1 has one MP4 per episode and camera: reading 5 episodes round-robin, twice, opens each
+    once, and the open decoders park no threads (FFmpeg's default: one per core, per container)."""
     reader, _ = _reader(datasets, "v21_h264")
     opened, real_open = [], av.open
     monkeypatch.setattr(av, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    reader.frames(0, CAMERA, [0])
+    threads = len(os.listdir("/proc/self/task"))
     for t in (0, 5):
         for episode in range(N_EPISODES):
             reader.frames(episode, CAMERA, [t])
     assert len(opened) == len(set(opened)) == N_EPISODES
+    assert len(os.listdir("/proc/self/task")) == threads
 
 
 def test_video_reader_in_workers(datasets):
