@@ -24,7 +24,7 @@ def test_grid_is_every_combination_with_yaml_values():
     variants = ablate_variants.grid_variants(grid)
     assert len(variants) == 2 * 2 * 2
     first = variants[0]
-    assert first.overrides == {"optim.lr": "1e-3", "data.cameras": ["a", "b"], "freeze.projector": True}
+    assert first.overrides == {"optim.lr": 1e-3, "data.cameras": ["a", "b"], "freeze.projector": True}  # YAML 1.2 float
     assert first.name == "optim.lr=1e-3+data.cameras=__a___b__+freeze.projector=true"
     assert len({v.name for v in variants}) == 8
     with pytest.raises(RecipeError, match="--grid 'optim.lr' must look like"):
@@ -206,9 +206,7 @@ def test_grid_refuses_keys_ablate_sets_a_key_given_twice_and_values_that_are_one
     base = [*TINY, f"output_dir={tmp_path}"]
     with pytest.raises(RecipeError) as err:
         ablate_variants.plan(QUICKSTART, base, ["optim.lr=1e-3,0.001"])
-    assert "variants 'optim.lr=1e-3' and 'optim.lr=0.001' are the same recipe (optim.lr: '1e-3' vs 0.001)" in str(
-        err.value
-    )
+    assert "variants 'optim.lr=1e-3' and 'optim.lr=0.001' are the same recipe" in str(err.value)
     with pytest.raises(RecipeError, match="ablation.variants.moved: output_dir cannot differ between variants"):
         ablate_variants.plan(QUICKSTART, [*base, "ablation.variants={moved: {output_dir: elsewhere}}"], [])
 

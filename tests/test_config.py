@@ -249,3 +249,127 @@ def test_the_recipe_knows_every_reader_and_the_cli_starts_without_torch():
     assert set(READERS) == set(FORMATS)
     probe = "import sys, vla_ft.cli; print(sorted({'torch', 'robot_data', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_a_loss_schedule_without_the_scheduled_strategy_is_refused():
+    """The ramps are read by the scheduled strategy only: under another one they would silently do nothing."""
+    ramp = "loss.schedule.gripper={start_step: 0, end_step: 100, start: 0.0, end: 1.0}"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, [ramp, "loss.strategy=dwa"])
+    assert "loss.schedule: ramps for gripper apply only with loss.strategy=scheduled" in str(err.value)
+    assert "loss.strategy is 'dwa'" in str(err.value)
+    assert load_recipe(QUICKSTART, [ramp, "loss.strategy=scheduled"]).loss.schedule
+
+
+def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
+    """A negative group LR trains by gradient ascent; inf or NaN anywhere trains nothing meaningful."""
+    bad = {
+        "optim.groups.action_head.lr": ("-1e-2", "must be finite and > 0"),
+        "optim.groups.projector.lr": (".nan", "must be finite and > 0"),
+        "optim.groups.projector.weight_decay": ("-0.1", "must be >= 0"),
+        "optim.eps": (".inf", "must be finite and > 0"),
+        "optim.momentum": ("1.0", "must be in [0, 1)"),
+        "optim.weight_decay": (".inf", "must be finite"),
+        "loss.gripper.pos_weight": (".inf", "must be finite"),
+        "loss.gripper.threshold": (".nan", "must be finite"),
+        "loss.action.dim_weights[1]": ("[1, .inf]", "must be finite"),
+        "loss.action.horizon_weights[2]": ("[1, 1, .nan]", "must be finite"),
+        "data.augment.crop_scale[0]": ("[.nan, 1.0]", "must be finite"),
+        "loss.schedule.action.end": ("{end: .inf}", "must be finite"),
+    }
+    overrides = [f"{k.split('[')[0]}={v}" for k, (v, _) in bad.items() if k != "loss.schedule.action.end"]
+    overrides += ["loss.strategy=scheduled", "loss.schedule.action={end: .inf}"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, [*TINY, *overrides])
+    for key, (_, message) in bad.items():
+        assert f"{key}: {message}" in str(err.value), key
+    assert len(err.value.problems) == len(bad)  # one message per key, not one per check
+    ok = ["optim.groups.projector={lr: 1e-5, weight_decay: 0}", "optim.momentum=0", "optim.grad_clip=0"]
+    assert load_recipe(QUICKSTART, ok).optim.groups["projector"].lr == 1e-5
+
+
+def test_exponent_notation_is_a_float_in_every_section(tmp_path: Path):
+    """YAML 1.1 reads 1e-6 as a string; free-form sections (model.language.config) have no float type to fix it."""
+    from vla_ft.config import read_yaml, save_recipe
+    from vla_ft.config.loader import parse_value
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  language: {config: {rms_norm_eps: 1e-6}}\n  vision: {kwargs: {drop_path_rate: 1E-1}}\n")
+    raw = read_yaml(path)
+    assert raw["model"]["language"]["config"]["rms_norm_eps"] == 1e-6
+    assert raw["model"]["vision"]["kwargs"]["drop_path_rate"] == 0.1
+    assert [parse_value(t, "test") for t in ("1e6", "-2.5e-3", "+3e2", "7", "'1e-6'")] == [
+        1e6,
+        -2.5e-3,
+        300.0,
+        7,
+        "1e-6",
+    ]
+    r = load_recipe(QUICKSTART, ["model.language.config.rms_norm_eps=1e-6", "output_dir='1e5'"])
+    assert r.model.language.config["rms_norm_eps"] == 1e-6 and r.output_dir == "1e5"
+    save_recipe(r, tmp_path / "saved.yaml")  # a string that reads as a number is written quoted
+    assert load_recipe(tmp_path / "saved.yaml") == r
+
+
+def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(RecipeError, match="model.language.attn_implementation: flash_attention_2 needs the flash_attn"):
+        load_recipe(QUICKSTART, ["model.language.attn_implementation=flash_attention_2"])
+
+
+def test_seeds_must_be_non_negative():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, ["train.seed=-1", "data.synthetic.seed=-1"])
+    assert "train.seed: must be in [0, 2**32), got -1" in str(err.value)
+    assert "data.synthetic.seed: must be in [0, 2**32), got -1" in str(err.value)
+    assert load_recipe(QUICKSTART, ["train.seed=0", f"data.synthetic.seed={2**32 - 1}"]).train.seed == 0
+
+
+def test_lora_targets_are_checked_by_validate_without_building_the_model():
+    with pytest.raises(RecipeError, match=r"model.lora.target_modules: pattern\(s\) \['qproj'\] match no module"):
+        load_recipe(QUICKSTART, ["model.lora.enabled=true", "model.lora.target_modules=[qproj]"])
+    with pytest.raises(RecipeError, match=r"model.lora.vision_target_modules: pattern\(s\) \['qkvv'\] match no"):
+        load_recipe(QUICKSTART, ["model.lora.vision=true", "model.lora.vision_target_modules=[qkvv]"])
+    assert load_recipe(QUICKSTART, ["model.lora.enabled=true", "model.lora.target_modules=[q_proj]"]).model.lora
+
+
+def test_unknown_module_and_term_names_are_reported_with_the_type_errors():
+    raw = {
+        "train": {"stepz": 3},
+        "optim": {"groups": {"projectr": {"lr": 1e-4}}},
+        "loss": {"schedule": {"languag": {"end": 1.0}}},
+    }
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(raw)
+    assert err.value.problems == [
+        "unknown key 'train.stepz' (did you mean 'train.steps'?)",
+        "optim.groups.projectr: unknown module (did you mean 'projector'?); modules: vision_encoder, projector, "
+        "proprio_encoder, language_model, action_queries, action_head, gripper_head",
+        "loss.schedule.languag: unknown term (did you mean 'language'?); terms: language, action, gripper",
+    ]
+
+
+def test_keys_setting_a_module_the_model_does_not_have_are_refused():
+    overrides = ["model.gripper_head=false", "optim.groups.gripper_head.lr=1e-2", "freeze.gripper_head=true"]
+    overrides += ["model.proprio=false", "freeze.proprio_encoder=true", "unfreeze.proprio_encoder={at_step: 2}"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, overrides)
+    for key, switch in (
+        ("optim.groups.gripper_head", "model.gripper_head"),
+        ("freeze.gripper_head", "model.gripper_head"),
+        ("freeze.proprio_encoder", "model.proprio"),
+        ("unfreeze.proprio_encoder", "model.proprio"),
+    ):
+        assert f"{key}: {switch} is false, so the model has no" in str(err.value), key
+    assert len(err.value.problems) == 4
+
+
+def test_early_stopping_needs_validations_during_the_run():
+    with pytest.raises(RecipeError, match="train.early_stopping.patience: 1 .* the run has no validation set"):
+        load_recipe(QUICKSTART, ["data.val_ratio=0", "train.early_stopping.patience=1"])
+    with pytest.raises(RecipeError, match="train.early_stopping.patience: 1 .* train.val_every is 0"):
+        load_recipe(QUICKSTART, ["train.val_every=0", "train.early_stopping.patience=1"])
+    assert load_recipe(QUICKSTART, ["data.val_ratio=0", "data.val_episodes=[0]", "train.early_stopping.patience=1"])

@@ -303,3 +303,23 @@ def test_train_mode_reaches_every_submodule_and_keeps_frozen_ones_in_eval(tmp_pa
     model.set_frozen(set())  # thawed while in eval: stays eval until train()
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_arguments_the_libraries_refuse_are_errors_naming_the_free_form_key(tmp_path):
+    """model.vision.kwargs and model.language.config go to timm and transformers as they are: what those
+    refuse is a RecipeError naming the key and quoting the library, not a traceback from deep inside."""
+    for overrides, message in (
+        (["model.vision.kwargs.bogus_kw=1"], r"model.vision.kwargs: timm.create_model\('vit_tiny.*unexpected keyword"),
+        (["model.vision.kwargs.embed_dim=33"], "model.vision.kwargs: .* AssertionError: dim should be divisible"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            build_vision_encoder(tiny_recipe(tmp_path, *overrides).model, n_cameras=1)
+    for overrides, message in (
+        (
+            ["model.language.config.rms_norm_eps='1e-6'"],
+            "model.language.config: transformers refused it: .*rms_norm_eps",
+        ),
+        (["model.language.config.hidden_size=x"], "model.language.config: .*hidden_size"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            build_language_model(tiny_recipe(tmp_path, *overrides).model, vocab_size=284)

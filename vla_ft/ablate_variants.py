@@ -80,13 +80,14 @@ def grid_variants(specs: Sequence[str]) -> list[Variant]:
                 f"in one --grid {key}=v1,v2"
             )
         swept.setdefault(key, spec)
-        axes.append([(key, parse_value(v, f"--grid '{spec}'")) for v in split_top_level(values)])
+        axes.append([(key, parse_value(v, f"--grid '{spec}'"), v.strip()) for v in split_top_level(values)])
     if problems:
         raise RecipeError(problems, "command line")
     variants = []
     for combo in itertools.product(*axes):
-        name = "+".join(f"{key}={_short(value)}" for key, value in combo)
-        variants.append(Variant(name, dict(combo)))
+        # A float is named as typed (1e-3, not 0.001): the run directory matches the command line.
+        name = "+".join(f"{key}={_short(text if isinstance(value, float) else value)}" for key, value, text in combo)
+        variants.append(Variant(name, {key: value for key, value, _ in combo}))
     return variants
 
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from vla_ft import lm_compile
-from vla_ft.config import LanguageConfig, ModelConfig, RecipeError
+from vla_ft.config import LanguageConfig, ModelConfig, RecipeError, VisionConfig
 
 
 class VisionEncoder(nn.Module):
@@ -138,17 +138,11 @@ def create_backbone(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
 
     ``pretrained=False`` (inference rebuilds) ignores the recipe's weights: the checkpoint's come next.
     """
-    import timm
-
     v = cfg.vision
-    if not timm.is_model(v.name):
-        close = difflib.get_close_matches(v.name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise RecipeError(f"model.vision.name: unknown timm model '{v.name}'{hint}")
     from_hub = pretrained and v.pretrained is True
     file = weights_file(v.pretrained) if pretrained and isinstance(v.pretrained, str) else None
     try:
-        backbone = _create_timm(v.name, {"num_classes": 0, "img_size": v.img_size, **v.kwargs}, from_hub)
+        backbone = _backbone(v, from_hub)
     except (OSError, RuntimeError) as err:  # hub download, cache miss, no weights for this tag
         if not from_hub:
             raise
@@ -189,6 +183,36 @@ def patchify_as_matmul(module: nn.Module) -> None:
             m.__class__ = PatchifyConv
 
 
+def _backbone(v: VisionConfig, from_hub: bool) -> nn.Module:
+    """``timm.create_model`` for ``model.vision``; an unknown name or arguments the model refuses
+    (``model.vision.kwargs`` are passed as they are) is a RecipeError with timm's message."""
+    import timm
+
+    if not timm.is_model(v.name):
+        close = difflib.get_close_matches(v.name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise RecipeError(f"model.vision.name: unknown timm model '{v.name}'{hint}")
+    kwargs = {"num_classes": 0, "img_size": v.img_size, **v.kwargs}
+    try:
+        return _create_timm(v.name, kwargs, from_hub)
+    except (TypeError, ValueError, AssertionError, KeyError) as err:  # an unknown or ill-typed keyword, a bad size
+        key = "model.vision.kwargs" if v.kwargs else "model.vision.img_size"
+        call = ", ".join(f"{k}={val!r}" for k, val in kwargs.items() if k != "num_classes")
+        raise RecipeError(f"{key}: timm.create_model('{v.name}', {call}) failed: {_library_message(err)}") from None
+
+
+def vision_skeleton(cfg: ModelConfig) -> nn.Module:
+    """One vision backbone's module tree on the meta device: no weights, no memory, no download."""
+    with torch.device("meta"):
+        return _backbone(cfg.vision, from_hub=False)
+
+
+def _library_message(err: BaseException) -> str:
+    """A library's exception as one line: its type and message, whitespace collapsed, at most ~400 characters."""
+    text = " ".join(str(err).split()) or repr(err)
+    return f"{type(err).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}"
+
+
 def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
     import timm
 
@@ -223,20 +247,14 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
     Weights stay float32 whatever the checkpoint's dtype (transformers 5 would load bf16 hub
     weights as bf16): they are the optimizer's master weights; autocast does low-precision math.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     lang = cfg.language
     common = {"attn_implementation": lang.attn_implementation, "dtype": torch.float32}
     if config is not None:
         lm = AutoModelForCausalLM.from_config(config, **common)
     elif lang.name is None:
-        if "model_type" not in lang.config:
-            raise RecipeError("model.language.config: needs model_type (e.g. qwen2) when model.language.name is null")
-        try:
-            config = AutoConfig.for_model(**{"vocab_size": vocab_size, **lang.config})
-        except ValueError as err:
-            raise RecipeError(f"model.language.config: {err}") from None
-        lm = AutoModelForCausalLM.from_config(config, **common)
+        lm = _lm_from_config(_lm_config(lang, {"vocab_size": vocab_size}), lang, common)
     else:
         lm = _pretrained_language_model(lang, common)
     if lm.get_input_embeddings().num_embeddings < vocab_size:
@@ -246,6 +264,59 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
     lm_compile.use_causal_sdpa(lm)
     lm_compile.compute_rotary_once(lm.get_decoder())
     return lm
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a bad config value (its dataclass validation has its own base class)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (ValueError, TypeError, KeyError, AssertionError, StrictDataclassError)
+
+
+def _lm_config(lang: LanguageConfig, defaults: dict[str, Any]) -> Any:
+    """``model.language.config`` (a model_type and its kwargs) -> a ``PretrainedConfig``."""
+    from transformers import AutoConfig
+
+    if "model_type" not in lang.config:
+        raise RecipeError("model.language.config: needs model_type (e.g. qwen2) when model.language.name is null")
+    try:
+        return AutoConfig.for_model(**{**defaults, **lang.config})
+    except _config_errors() as err:
+        raise RecipeError(f"model.language.config: transformers refused it: {_library_message(err)}") from None
+
+
+def _lm_from_config(config: Any, lang: LanguageConfig, common: dict[str, Any]) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` for ``model.language.config``; what the model refuses names the key."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, **common)
+    except ImportError as err:  # an attention kernel's package (flash_attn) is missing
+        raise RecipeError(f"model.language.attn_implementation: {_library_message(err)}") from None
+    except _config_errors() as err:
+        raise RecipeError(f"model.language.config: transformers cannot build it: {_library_message(err)}") from None
+
+
+def language_model_skeleton(cfg: ModelConfig) -> nn.Module | None:
+    """The LM's module tree on the meta device (no weights, no memory), for checks before training.
+
+    None when its config cannot be read offline (a hub name missing from the local cache): building
+    the model names that problem.
+    """
+    from transformers import AutoConfig
+
+    lang = cfg.language
+    common = {"attn_implementation": "eager", "dtype": torch.float32}  # module names do not depend on the kernel
+    if lang.name is None:
+        config = _lm_config(lang, {})
+    else:
+        path = Path(lang.name).expanduser()
+        try:
+            config = AutoConfig.from_pretrained(str(path) if path.exists() else lang.name, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        return _lm_from_config(config, lang, common)
 
 
 def _enable_checkpointing(lm: nn.Module) -> None:
@@ -266,6 +337,8 @@ def _pretrained_language_model(lang: LanguageConfig, common: dict[str, Any]) -> 
         lm, info = AutoModelForCausalLM.from_pretrained(
             str(path) if path.exists() else lang.name, output_loading_info=True, **common
         )
+    except ImportError as err:  # an attention kernel's package (flash_attn) is missing
+        raise RecipeError(f"model.language.attn_implementation: {_library_message(err)}") from None
     except (OSError, ValueError) as err:
         raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
     except SafetensorError as err:  # its message names no file

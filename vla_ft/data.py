@@ -222,7 +222,10 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
         try:
             return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
         except ValueError as err:  # an unknown or every episode in data.val_episodes: the message names it
-            raise RecipeError(f"data.{err}") from None
+            key = str(err).split(":", 1)[0]
+            raise RecipeError(
+                f"data.{err}" if key in ("val_episodes", "val_ratio") else f"data.val_ratio: {err}"
+            ) from None
     val = [e for e in _filtered(reader, "val_filter", d.val_filter) if e in usable]
     shared = sorted(set(val) & set(pool)) if d.train_filter else []
     if shared:

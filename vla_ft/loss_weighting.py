@@ -63,10 +63,13 @@ def check_weights(cfg: LossConfig) -> list[str]:
             problems.append(f"loss.weights.{term}: must be finite and >= 0, got {value}")
     if cfg.strategy != "scheduled" and not any(getattr(cfg.weights, t) for t in TERMS):
         problems.append("loss.weights: every term has weight 0")
+    if cfg.schedule and cfg.strategy != "scheduled":  # only ScheduledWeighting reads the ramps
+        problems.append(
+            f"loss.schedule: ramps for {', '.join(cfg.schedule)} apply only with loss.strategy=scheduled, "
+            f"but loss.strategy is '{cfg.strategy}': set loss.strategy: scheduled, or remove loss.schedule"
+        )
+    problems += schedule_term_problems(cfg)
     for term, spec in cfg.schedule.items():
-        if term not in TERMS:
-            hint = suggest(term, TERMS)
-            problems.append(f"loss.schedule.{term}: unknown term{hint}; terms: {', '.join(TERMS)}")
         if spec.shape not in RAMPS:
             problems.append(f"loss.schedule.{term}.shape: '{spec.shape}' is not one of {', '.join(RAMPS)}")
         if spec.end_step < spec.start_step:
@@ -78,6 +81,15 @@ def check_weights(cfg: LossConfig) -> list[str]:
     if cfg.dwa_window < 1:
         problems.append(f"loss.dwa_window: must be >= 1, got {cfg.dwa_window}")
     return problems
+
+
+def schedule_term_problems(cfg: LossConfig) -> list[str]:
+    """``loss.schedule`` entries naming no loss term (reported even next to type errors)."""
+    return [
+        f"loss.schedule.{term}: unknown term{suggest(term, TERMS)}; terms: {', '.join(TERMS)}"
+        for term in cfg.schedule
+        if term not in TERMS
+    ]
 
 
 class Weighting(nn.Module):

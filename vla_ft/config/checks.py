@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import string
 import typing
 
@@ -37,22 +39,17 @@ def validate(r: Recipe) -> list[str]:
                 f"data.layout: unknown hdf5 layout '{r.data.layout}'{suggest(r.data.layout, LAYOUTS)}; "
                 f"valid: {', '.join(LAYOUTS)}"
             )
+    p += name_problems(r)
     p += range_problems(r)
-    if not r.optim.lr > 0 or r.optim.lr == float("inf"):
-        p.append(f"optim.lr: must be finite and > 0, got {r.optim.lr}")
+    p += absent_module_problems(r)
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
-    for section, keys in (("optim.groups", r.optim.groups), ("unfreeze", r.unfreeze)):
-        for name in keys:
-            if name not in MODULE_NAMES:
-                p.append(
-                    f"{section}.{name}: unknown module{suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}"
-                )
+    absent = absent_modules(r)
     for name, spec in r.unfreeze.items():
         lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)
         if lora:
             p.append(f"unfreeze.{name}: module is LoRA-wrapped (its adapters train from the start)")
-        elif name in MODULE_NAMES and not getattr(r.freeze, name):
+        elif name in MODULE_NAMES and name not in absent and not getattr(r.freeze, name):
             p.append(f"unfreeze.{name}: module is not frozen (set freeze.{name}: true)")
         if spec.at_step < 0 or spec.warmup_steps < 0:
             p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
@@ -80,12 +77,88 @@ def validate(r: Recipe) -> list[str]:
         p.append("data.val_filter and data.val_episodes both choose the validation episodes; set one")
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
+    p += early_stopping_problems(r)
     p += cache_problems(r)
     p += fsdp_problems(r)
+    p += model_problems(r)
+    p += nonfinite_problems(r, reported=p)
     if not p:  # the metric names need a consistent loss and data section
         from vla_ft.metrics import best_metric_problems
 
         p += best_metric_problems(r)
+    return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def name_problems(r: Recipe) -> list[str]:
+    """Names of modules and loss terms used as keys (``optim.groups.<module>``, ``unfreeze.<module>``,
+    ``loss.schedule.<term>``) that name nothing. They need only the section's keys, so the loader
+    reports them together with the type errors."""
+    from vla_ft.loss_weighting import schedule_term_problems
+
+    p = []
+    for section, keys in (("optim.groups", r.optim.groups), ("unfreeze", r.unfreeze)):
+        for name in keys:
+            if name not in MODULE_NAMES:
+                p.append(
+                    f"{section}.{name}: unknown module{suggest(name, MODULE_NAMES)}; modules: {', '.join(MODULE_NAMES)}"
+                )
+    return p + schedule_term_problems(r.loss)
+
+
+def absent_modules(r: Recipe) -> dict[str, str]:
+    """Modules this recipe's model does not have -> the switch that leaves them out."""
+    switches = {
+        "gripper_head": ("model.gripper_head", r.model.gripper_head),
+        "proprio_encoder": ("model.proprio", r.model.proprio),
+    }
+    return {name: key for name, (key, on) in switches.items() if not on}
+
+
+def absent_module_problems(r: Recipe) -> list[str]:
+    """Keys that set a module the model does not have: they would do nothing (a pattern matching
+    nothing is an error)."""
+    p = []
+    for name, switch in absent_modules(r).items():
+        keys = [f"optim.groups.{name}"] if name in r.optim.groups else []
+        keys += [f"freeze.{name}"] if getattr(r.freeze, name) else []
+        keys += [f"unfreeze.{name}"] if name in r.unfreeze else []
+        p += [
+            f"{key}: {switch} is false, so the model has no {name}; remove {key} or set {switch}: true" for key in keys
+        ]
+    return p
+
+
+def early_stopping_problems(r: Recipe) -> list[str]:
+    """``train.early_stopping.patience`` counts validations: without any during the run it does nothing."""
+    t, d = r.train, r.data
+    if not t.early_stopping.patience > 0:
+        return []
+    key = f"train.early_stopping.patience: {t.early_stopping.patience} stops on stalled validations, but"
+    if d.val_ratio == 0 and not d.val_episodes and not d.val_filter:
+        return [
+            f"{key} the run has no validation set (data.val_ratio is 0, no data.val_episodes or data.val_filter): "
+            "set data.val_ratio > 0, or patience 0"
+        ]
+    if t.val_every == 0:
+        return [f"{key} train.val_every is 0 (validation only at the end): set train.val_every, or patience 0"]
+    return []
+
+
+def model_problems(r: Recipe) -> list[str]:
+    """What the model section asks of the installed libraries and the model's structure, checked before
+    any weight exists: the attention kernel's package, and the LoRA target patterns (on the meta device)."""
+    import importlib.util
+
+    p = []
+    if r.model.language.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        p.append(
+            "model.language.attn_implementation: flash_attention_2 needs the flash_attn package, which is not "
+            "installed (pip install flash-attn, on a CUDA machine); or use sdpa"
+        )
+    if r.model.lora.enabled or r.model.lora.vision:
+        from vla_ft.lora import target_problems  # torch, transformers and timm: only for LoRA recipes
+
+        p += target_problems(r.model)
     return p
 
 
@@ -127,6 +200,9 @@ def range_problems(r: Recipe) -> list[str]:
             "model.projector_hidden": m.projector_hidden,
         },
     }
+    for name, group in o.groups.items():  # null: the group takes optim.weight_decay
+        if group.weight_decay is not None:
+            at_least[0][f"optim.groups.{name}.weight_decay"] = group.weight_decay
     p = [
         f"{key}: must be >= {low}, got {value}"
         for low, keys in at_least.items()
@@ -141,9 +217,61 @@ def range_problems(r: Recipe) -> list[str]:
     ):
         if not (0.0 <= value < 1.0 or (one_ok and value == 1.0)):
             p.append(f"{key}: must be in [0, 1{']' if one_ok else ')'}, got {value}")
-    if not o.eps > 0:
-        p.append(f"optim.eps: must be > 0, got {o.eps}")
+    for key, value in (  # a negative LR ascends the gradient; an infinite one or eps is no step size
+        ("optim.lr", o.lr),
+        *((f"optim.groups.{name}.lr", g.lr) for name, g in o.groups.items() if g.lr is not None),
+        ("optim.eps", o.eps),
+    ):
+        if not 0 < value < math.inf:
+            p.append(f"{key}: must be finite and > 0, got {value}")
+    if not 0.0 <= o.momentum < 1.0:
+        p.append(f"optim.momentum: must be in [0, 1), got {o.momentum}")
+    for key, seed in (("train.seed", t.seed), ("data.synthetic.seed", d.synthetic.seed)):
+        if not 0 <= seed < 2**32:  # numpy refuses negative seeds; the samplers multiply the seed into 64 bits
+            p.append(f"{key}: must be in [0, 2**32), got {seed}")
     return p
+
+
+# Float keys whose infinite value means something (documented in their help text): none so far.
+# (optim.grad_clip says "0 = off", so .inf is refused rather than read as a second spelling of off.)
+INFINITE_OK: frozenset[str] = frozenset()
+
+
+def nonfinite_problems(r: Recipe, reported: typing.Iterable[str] = ()) -> list[str]:
+    """Every float of the recipe (lists and keyed sections included) must be finite: inf or NaN
+    trains nothing meaningful. Keys in :data:`INFINITE_OK` may be inf; free-form sections
+    (``dict[str, Any]``: model.vision.kwargs, model.language.config, ablation.variants) belong to
+    their libraries. Keys already named in ``reported`` (a range check) are not reported twice."""
+    named = {problem.split(":", 1)[0] for problem in reported}
+    return [
+        f"{key}: must be finite, got {value}"
+        for key, value in _floats(r, "")
+        if not math.isfinite(value)
+        and key not in named
+        and key.split("[", 1)[0] not in named
+        and not (value == math.inf and key in INFINITE_OK)
+    ]
+
+
+def _floats(obj: typing.Any, key: str) -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float below ``obj``, following the schema's types."""
+    if dataclasses.is_dataclass(obj):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if not _free_form(hints[f.name]):
+                yield from _floats(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for name, value in obj.items():
+            yield from _floats(value, f"{key}.{name}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _floats(value, f"{key}[{i}]")
+    elif isinstance(obj, float):
+        yield key, obj
+
+
+def _free_form(tp: typing.Any) -> bool:
+    return tp is typing.Any or any(_free_form(arg) for arg in typing.get_args(tp))
 
 
 def fsdp_problems(r: Recipe) -> list[str]:

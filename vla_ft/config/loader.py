@@ -7,6 +7,7 @@ suggesting the nearest valid one; then the cross-key checks of :mod:`vla_ft.conf
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,8 +15,29 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from vla_ft.config.checks import suggest, validate
+from vla_ft.config.checks import name_problems, suggest, validate
 from vla_ft.config.schema import Recipe, RecipeError
+
+# YAML 1.2's float: PyYAML implements YAML 1.1, whose floats need a dot, so 1e-6 would be the string
+# '1e-6' in every key the schema does not type as float (model.language.config, model.vision.kwargs).
+FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent notation without a dot (1e-6, -2.5e-3, 1E6) as floats."""
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings :class:`RecipeLoader` would read back as floats."""
+
+
+for _cls in (RecipeLoader, RecipeDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python, numbers as YAML 1.2 reads them (see :class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _type_name(tp: Any) -> str:
@@ -126,7 +148,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 def parse_value(text: str, where: str) -> Any:
     """A command-line value as YAML (empty: null); bad YAML is a RecipeError naming ``where``."""
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return load_yaml(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError(f"{where}: not a valid YAML value ({' '.join(str(err).split())})", "command line") from None
 
@@ -151,7 +173,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -165,8 +187,9 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     """Build and validate a Recipe from a raw mapping; all problems are reported at once."""
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
-    if not problems:
-        problems += validate(recipe)
+    # With type errors the cross-key rules would judge placeholder values; names of modules and terms
+    # need only the keys, so they are reported with the type errors ("every problem at once").
+    problems += name_problems(recipe) if problems else validate(recipe)
     if problems:
         raise RecipeError(problems, source)
     return recipe
@@ -179,7 +202,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(recipe), Dumper=RecipeDumper, sort_keys=False))
 
 
 def describe_keys(prefix: str = "", cls: type = Recipe, path: str = "") -> str:
