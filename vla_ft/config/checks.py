@@ -232,24 +232,16 @@ def range_problems(r: Recipe) -> list[str]:
     return p
 
 
-# Float keys whose infinite value means something (documented in their help text): none so far.
-# (optim.grad_clip says "0 = off", so .inf is refused rather than read as a second spelling of off.)
-INFINITE_OK: frozenset[str] = frozenset()
-
-
 def nonfinite_problems(r: Recipe, reported: typing.Iterable[str] = ()) -> list[str]:
     """Every float of the recipe (lists and keyed sections included) must be finite: inf or NaN
-    trains nothing meaningful. Keys in :data:`INFINITE_OK` may be inf; free-form sections
+    trains nothing meaningful (no key gives inf a meaning: optim.grad_clip's off is 0). Free-form sections
     (``dict[str, Any]``: model.vision.kwargs, model.language.config, ablation.variants) belong to
     their libraries. Keys already named in ``reported`` (a range check) are not reported twice."""
     named = {problem.split(":", 1)[0] for problem in reported}
     return [
         f"{key}: must be finite, got {value}"
         for key, value in _floats(r, "")
-        if not math.isfinite(value)
-        and key not in named
-        and key.split("[", 1)[0] not in named
-        and not (value == math.inf and key in INFINITE_OK)
+        if not math.isfinite(value) and key not in named and key.split("[", 1)[0] not in named
     ]
 
 
