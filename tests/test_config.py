@@ -336,6 +336,29 @@ def test_lora_targets_are_checked_by_validate_without_building_the_model():
     assert load_recipe(QUICKSTART, ["model.lora.enabled=true", "model.lora.target_modules=[q_proj]"]).model.lora
 
 
+def test_the_model_section_is_checked_by_validate_on_the_meta_device():
+    """What timm or transformers would refuse, misread or fail on at the first step is refused at load,
+    naming the key: a misspelt LM config key (transformers would keep it and build its default width),
+    head counts that do not divide the width, an LM config next to a pretrained LM's name."""
+    cases = {
+        "model.language.config.hidden_sise=96": "model.language.config.hidden_sise: not a Qwen2Config key, "
+        "so transformers would ignore it (did you mean 'hidden_size'?)",
+        "model.language.config.num_attention_heads=5": "model.language.config: the LM fails on a 4-token input",
+        "model.language.config.num_key_value_heads=3": "model.language.config: the LM fails on a 4-token input",
+        "model.language.name=some/lm": "model.language.config: used only when model.language.name is null",
+        "model.vision.kwargs.num_heads=5": "model.vision.kwargs: timm.create_model(",
+        "model.vision.kwargs.embed_dimm=96": "unexpected keyword argument 'embed_dimm'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(RecipeError) as err:
+            load_recipe(QUICKSTART, [override])
+        assert message in str(err.value), (override, str(err.value))
+    # keys a config takes through **kwargs, or that resemble none of its keys, pass
+    ok = load_recipe(QUICKSTART, ["model.language.config.rope_theta=10000.0", "model.language.config.my_flag=1"])
+    assert ok.model.language.config["my_flag"] == 1
+    assert load_recipe(QUICKSTART, ["model.language.name=some/lm", "model.language.config={}"]).model.language.name
+
+
 def test_unknown_module_and_term_names_are_reported_with_the_type_errors():
     raw = {
         "train": {"stepz": 3},

@@ -75,7 +75,7 @@ def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path):
     from transformers import AutoModelForCausalLM
 
     save_lm_dir(tmp_path / "lm")
-    recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}")
+    recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}")
     _perturb_adapters(model.language_model)
     run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
     write_model_files(run, tmp_path / "ckpt")

@@ -118,9 +118,11 @@ def test_only_patchifying_convs_become_matmuls(tmp_path):
 def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, model_type):
     saved = save_lm_dir(tmp_path / "lm", model_type, dtype=torch.bfloat16)  # as hub LMs ship
     save_tokenizer_dir(tmp_path / "tok")
-    # TINY's model.language.config (a qwen2 config) stays in the recipe: with a name it is not used.
     recipe = tiny_recipe(
-        tmp_path, f"model.language.name={tmp_path / 'lm'}", f"model.language.tokenizer={tmp_path / 'tok'}"
+        tmp_path,
+        f"model.language.name={tmp_path / 'lm'}",
+        "model.language.config={}",
+        f"model.language.tokenizer={tmp_path / 'tok'}",
     )
     lm = build_language_model(recipe.model, vocab_size=284)
     assert lm.config.model_type == model_type and lm.config._attn_implementation == lm_compile.NAME
@@ -133,7 +135,10 @@ def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, mode
 
 def test_a_larger_tokenizer_grows_the_embeddings(tmp_path):
     save_lm_dir(tmp_path / "lm")  # 284 rows
-    lm = build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}").model, vocab_size=300)
+    lm = build_language_model(
+        tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}").model,
+        vocab_size=300,
+    )
     assert lm.get_input_embeddings().num_embeddings == 300 and lm.get_output_embeddings().out_features == 300
 
 
@@ -144,7 +149,9 @@ def test_lm_weights_missing_from_the_directory_are_an_error(tmp_path):
     weights = load_file(str(tmp_path / "lm" / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if "q_proj" not in k}, str(tmp_path / "lm" / "model.safetensors"))
     with pytest.raises(RecipeError, match=r"model.language.name: 2 weights missing .*q_proj"):
-        build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}").model, 284)
+        build_language_model(
+            tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}").model, 284
+        )
 
 
 def _truncate(path: Path) -> None:
@@ -161,7 +168,7 @@ def test_truncated_pretrained_weights_are_errors_naming_the_key(tmp_path):
     with pytest.raises(RecipeError, match=f"model.vision.pretrained: {vit} is damaged"):
         build_vision_encoder(tiny_recipe(tmp_path, f"model.vision.pretrained={vit}").model, 1)
     with pytest.raises(RecipeError, match=f"model.language.name: a weights file in '{lm}' is damaged"):
-        build_language_model(tiny_recipe(tmp_path, f"model.language.name={lm}").model, 284)
+        build_language_model(tiny_recipe(tmp_path, f"model.language.name={lm}", "model.language.config={}").model, 284)
 
 
 def test_gradient_checkpointing_is_on_and_backward_runs(tmp_path):
@@ -182,7 +189,9 @@ def test_hub_names_resolve_offline_from_a_filled_cache(tmp_path, monkeypatch):
     add_to_hf_cache(tmp_path / "hf", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", tmp_path / "vit")  # timm's id
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    recipe = tiny_recipe(tmp_path, "model.language.name=tiny-org/tiny-lm", "model.vision.pretrained=true")
+    recipe = tiny_recipe(
+        tmp_path, "model.language.name=tiny-org/tiny-lm", "model.language.config={}", "model.vision.pretrained=true"
+    )
     lm = build_language_model(recipe.model, 284).state_dict()
     vit = build_vision_encoder(recipe.model, 1).backbones[0].state_dict()
     assert all(torch.equal(lm[k], v) for k, v in lm_state.items())
@@ -267,9 +276,13 @@ def test_wrong_recipes_are_errors_naming_the_key(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="model.vision.pretrained: no weights file in"):
         build_vision_encoder(tiny_recipe(tmp_path, f"model.vision.pretrained={tmp_path / 'empty'}").model, 1)
     with pytest.raises(RecipeError, match="model.language.name: directory not found"):
-        build_language_model(tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'nope'}").model, 284)
+        build_language_model(
+            tiny_recipe(tmp_path, f"model.language.name={tmp_path / 'nope'}", "model.language.config={}").model, 284
+        )
     with pytest.raises(RecipeError, match="model.language.name: cannot load 'no-such-org/no-such-lm'"):
-        build_language_model(tiny_recipe(tmp_path, "model.language.name=no-such-org/no-such-lm").model, 284)
+        build_language_model(
+            tiny_recipe(tmp_path, "model.language.name=no-such-org/no-such-lm", "model.language.config={}").model, 284
+        )
     with pytest.raises(RecipeError, match="model.language.tokenizer: tokenizer directory not found"):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(RecipeError, match="model.language.tokenizer: cannot load a tokenizer from directory"):

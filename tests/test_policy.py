@@ -33,6 +33,7 @@ def trained(tmp_path_factory) -> Path:
             tmp,
             f"model.vision.pretrained={tmp / 'parts' / 'vit.safetensors'}",
             f"model.language.name={tmp / 'parts' / 'lm'}",
+            "model.language.config={}",
             "data.history=2",
             "train.steps=2",
             "checkpoint.every=2",

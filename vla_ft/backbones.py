@@ -239,7 +239,7 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
     * ``config``: a saved ``PretrainedConfig`` (random init): how checkpoints rebuild the LM, whose
       weights then come from the checkpoint, never from the hub;
     * ``model.language.name``: a local directory or a hub name (see the module docstring);
-      ``model.language.config`` is then not used;
+      validation refuses a ``model.language.config`` next to it;
     * ``model.language.config`` with a ``model_type`` when name is null (tiny models).
 
     ``sdpa`` becomes :data:`vla_ft.lm_compile.NAME` where the model allows (SDPA that keeps its

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from vla_ft.config import LoraConfig, ModelConfig, RecipeError
+from vla_ft.config import LoraConfig, RecipeError
 
 if TYPE_CHECKING:
     from vla_ft.model import VLA
@@ -39,29 +39,6 @@ def check_targets(module: nn.Module, patterns: list[str], key: str) -> None:
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
         raise RecipeError(f"{key}: pattern(s) {missing} match no module; linear layers here: {', '.join(leaves)}")
-
-
-def target_problems(cfg: ModelConfig) -> list[str]:
-    """:func:`check_targets` for ``vla-ft validate``, on the backbones' module trees built on the meta
-    device (no weights). An LM named by a hub id missing from the local cache is left to ``build_model``."""
-    from vla_ft.backbones import language_model_skeleton, vision_skeleton
-
-    p = []
-    for on, build, targets, key in (
-        (cfg.lora.enabled, language_model_skeleton, cfg.lora.target_modules, "model.lora.target_modules"),
-        (cfg.lora.vision, vision_skeleton, cfg.lora.vision_target_modules, "model.lora.vision_target_modules"),
-    ):
-        if not on:
-            continue
-        try:
-            module = build(cfg)
-            if module is not None:
-                check_targets(module, targets, key)
-        except RecipeError as err:
-            p += err.problems
-        except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: build_model checks
-            continue
-    return p
 
 
 def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_type: str | None = None) -> nn.Module:

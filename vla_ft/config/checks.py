@@ -146,7 +146,8 @@ def early_stopping_problems(r: Recipe) -> list[str]:
 
 def model_problems(r: Recipe) -> list[str]:
     """What the model section asks of the installed libraries and the model's structure, checked before
-    any weight exists: the attention kernel's package, and the LoRA target patterns (on the meta device)."""
+    any weight exists: the attention kernel's package, and the backbones built on the meta device
+    (:mod:`vla_ft.model_check`)."""
     import importlib.util
 
     p = []
@@ -155,11 +156,9 @@ def model_problems(r: Recipe) -> list[str]:
             "model.language.attn_implementation: flash_attention_2 needs the flash_attn package, which is not "
             "installed (pip install flash-attn, on a CUDA machine); or use sdpa"
         )
-    if r.model.lora.enabled or r.model.lora.vision:
-        from vla_ft.lora import target_problems  # torch, transformers and timm: only for LoRA recipes
+    from vla_ft.model_check import model_structure_problems  # torch, timm, transformers: not at import
 
-        p += target_problems(r.model)
-    return p
+    return p + model_structure_problems(r.model)
 
 
 def range_problems(r: Recipe) -> list[str]:

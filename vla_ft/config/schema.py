@@ -59,7 +59,9 @@ class VisionConfig:
 @dataclass
 class LanguageConfig:
     name: str | None = doc("hub name or local directory of a causal LM; null builds from `config`", None)
-    config: dict[str, Any] = doc("transformers config kwargs incl. model_type, used when name is null", factory=dict)
+    config: dict[str, Any] = doc(
+        "transformers config kwargs incl. model_type, to build a random-init LM; only with name null", factory=dict
+    )
     tokenizer: str = doc("hub name or directory of the tokenizer; 'builtin:tiny' = the shipped offline one", "")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("attention kernel", "sdpa")
     gradient_checkpointing: bool = doc("recompute LM activations in backward to save memory", False)
