@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ def unknown_config_keys(config: dict[str, Any]) -> list[str]:
     return p
 
 
-def _meta_forward(run: Any) -> str | None:
+def _meta_forward(run: Callable[[], object]) -> str | None:
     """Runs ``run()`` on meta tensors: None if it works or the meta device cannot run it, else the error."""
     try:
         with torch.device("meta"), torch.no_grad():
