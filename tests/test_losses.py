@@ -379,6 +379,27 @@ def test_uncertainty_ignores_empty_terms() -> None:
     assert loss.weighting.log_vars["language"].grad.item() != 0.0
 
 
+def test_uncertainty_regulariser_is_pooled_like_one_batch() -> None:
+    """A micro-batch without language target (a frame with no narration) must not drop its part
+    of the language log-variance regulariser: the accumulated gradient of every s_k is the one of
+    one batch of both micro-batches (it was off by w_language x 0.5 x 1/2: the regulariser half-counted)."""
+    loss = CompositeLoss(make_cfg(strategy="uncertainty"), A, C, True)
+    micro = [make_inputs(seed) for seed in (0, 1)]
+    for (outputs, batch), text in zip(micro, (False, True), strict=True):
+        batch["target_mask"] = torch.full((B, 2), text)  # lm_labels (B * Lt,) with Lt = 2
+        outputs["lm_labels"] = outputs["lm_labels"].clamp(min=0).masked_fill(~batch["target_mask"].flatten(), -100)
+    joined = [{k: torch.cat([m[i][k] for m in micro]) for k in micro[0][i]} for i in (0, 1)]
+    loss(*joined)[0].backward()
+    expected = {k: p.grad.clone() for k, p in loss.weighting.log_vars.items()}
+    loss.zero_grad()
+    counts = [loss.counts(batch) for _, batch in micro]
+    for (outputs, batch), count in zip(micro, counts, strict=True):
+        share = {k: 2 * count[k] / sum(c[k] for c in counts) for k in count}  # vla_ft.train.term_shares
+        (loss(outputs, batch, share)[0] / 2).backward()
+    for k, p in loss.weighting.log_vars.items():
+        torch.testing.assert_close(p.grad, expected[k], msg=f"d/ds_{k}")
+
+
 def ref_dwa(history: list[list[dict[str, float]]], window: int, temp: float, names: list[str]) -> list[dict]:
     """Lambda used at each step: K softmax(ratio of the last two closed window averages / T)."""
     out = []

@@ -358,12 +358,18 @@ class CompositeLoss(nn.Module):
         """Unweighted, undetached 0-dim terms, active terms only."""
         return {k: r.value for k, r in self.evaluate(outputs, batch).items()}
 
-    def combine(self, terms: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
-        """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid elements."""
+    def combine(
+        self,
+        terms: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        share: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid
+        elements, ``share`` is the pooling share the terms were multiplied by (see :meth:`forward`)."""
         if not terms:  # nothing to learn from in this batch: a leaf zero keeps backward() valid
             return torch.zeros((), device=self.regress_dims.device, requires_grad=True)
         with _no_autocast(next(iter(terms.values()))):
-            return self.weighting.combine(terms, present)
+            return self.weighting.combine(terms, present, share)
 
     def forward(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor], share: dict[str, Tensor] | None = None
@@ -371,8 +377,9 @@ class CompositeLoss(nn.Module):
         """(total, parts); in training mode also feeds the strategy's statistics (DWA).
 
         ``share`` multiplies each term's mean before the weighting (``loss/<term>`` included): the
-        trainer's pooling of one optimizer step's micro-batches (:meth:`counts`). DWA statistics
-        and the gradient-norm diagnostic keep the micro-batch's own means.
+        trainer's pooling of one optimizer step's micro-batches (:meth:`counts`); it scales the
+        uncertainty regulariser too. DWA statistics and the gradient-norm diagnostic keep the
+        micro-batch's own means.
         """
         results = self.evaluate(outputs, batch)
         means = {k: r.value for k, r in results.items()}
@@ -381,7 +388,7 @@ class CompositeLoss(nn.Module):
         if self.training:
             self.weighting.observe({k: v.detach() for k, v in means.items()}, present, new_step)
         values = means if share is None else {k: v * share[k] for k, v in means.items()}
-        total = self.combine(values, present)
+        total = self.combine(values, present, share)
         parts = self._parts(results, values, total.device)
         if self.training and new_step and self._grad_norm_due():
             parts.update(self.term_grad_norms(means, self._watched))
