@@ -22,6 +22,7 @@ from vla_ft.config import (
 )
 from vla_ft.loss_weighting import KENDALL_SCALE, TERMS, ramp_weight
 from vla_ft.losses import CompositeLoss
+from vla_ft.tracking import Averager
 
 B, C, A, V = 3, 4, 5, 7
 GRIP = [2]  # deliberately not the last dim
@@ -220,12 +221,26 @@ def test_fully_masked_batch_is_zero_without_nan() -> None:
     total, parts = loss(outputs, batch)
     total.backward()
     assert total.item() == 0.0
-    undefined = {"metric/gripper_transition_acc"}  # no transition: NaN, left out of logged means
+    # nothing to measure: NaN, left out of logged means (a 0 there would dilute them)
+    undefined = {"metric/gripper_transition_acc", "metric/gripper_acc", "metric/token_acc", "metric/perplexity"}
     assert all(torch.isfinite(v) for k, v in parts.items() if k not in undefined)
-    assert parts["metric/gripper_transition_acc"].isnan() and parts["metric/gripper_f1"].item() == 1.0
+    assert all(parts[k].isnan() for k in undefined) and parts["metric/gripper_f1"].item() == 1.0
     for key in ("actions", "gripper_logits", "lm_logits"):
         assert (outputs[key].grad == 0).all()
-    assert parts["metric/perplexity"].item() == 1.0
+
+
+def test_a_batch_without_target_tokens_does_not_dilute_the_logged_metrics() -> None:
+    """Frames without narration give batches with no language target: the window's token accuracy
+    and perplexity are those of the batches that have tokens (they were averaged with 0 and 1)."""
+    loss = CompositeLoss(make_cfg(), A, C, True)
+    outputs, batch = make_inputs()
+    window = Averager()
+    window.add(loss(outputs, batch)[1])
+    expected = window.means()
+    outputs["lm_labels"] = torch.full((6,), -100)
+    window.add(loss(outputs, batch)[1])
+    for key in ("metric/token_acc", "metric/perplexity"):
+        assert window.means()[key] == pytest.approx(expected[key])
 
 
 def test_no_language_target_means_no_language_term() -> None:
