@@ -22,6 +22,7 @@ from vla_ft.config import (
 )
 from vla_ft.loss_weighting import KENDALL_SCALE, TERMS, ramp_weight
 from vla_ft.losses import CompositeLoss
+from vla_ft.tracking import Averager
 
 B, C, A, V = 3, 4, 5, 7
 GRIP = [2]  # deliberately not the last dim
@@ -220,12 +221,26 @@ def test_fully_masked_batch_is_zero_without_nan() -> None:
     total, parts = loss(outputs, batch)
     total.backward()
     assert total.item() == 0.0
-    undefined = {"metric/gripper_transition_acc"}  # no transition: NaN, left out of logged means
+    # nothing to measure: NaN, left out of logged means (a 0 there would dilute them)
+    undefined = {"metric/gripper_transition_acc", "metric/gripper_acc", "metric/token_acc", "metric/perplexity"}
     assert all(torch.isfinite(v) for k, v in parts.items() if k not in undefined)
-    assert parts["metric/gripper_transition_acc"].isnan() and parts["metric/gripper_f1"].item() == 1.0
+    assert all(parts[k].isnan() for k in undefined) and parts["metric/gripper_f1"].item() == 1.0
     for key in ("actions", "gripper_logits", "lm_logits"):
         assert (outputs[key].grad == 0).all()
-    assert parts["metric/perplexity"].item() == 1.0
+
+
+def test_a_batch_without_target_tokens_does_not_dilute_the_logged_metrics() -> None:
+    """Frames without narration give batches with no language target: the window's token accuracy
+    and perplexity are those of the batches that have tokens (they were averaged with 0 and 1)."""
+    loss = CompositeLoss(make_cfg(), A, C, True)
+    outputs, batch = make_inputs()
+    window = Averager()
+    window.add(loss(outputs, batch)[1])
+    expected = window.means()
+    outputs["lm_labels"] = torch.full((6,), -100)
+    window.add(loss(outputs, batch)[1])
+    for key in ("metric/token_acc", "metric/perplexity"):
+        assert window.means()[key] == pytest.approx(expected[key])
 
 
 def test_no_language_target_means_no_language_term() -> None:
@@ -377,6 +392,27 @@ def test_uncertainty_ignores_empty_terms() -> None:
     assert loss.weighting.log_vars["action"].grad.item() == 0.0
     assert loss.weighting.log_vars["gripper"].grad.item() == 0.0
     assert loss.weighting.log_vars["language"].grad.item() != 0.0
+
+
+def test_uncertainty_regulariser_is_pooled_like_one_batch() -> None:
+    """A micro-batch without language target (a frame with no narration) must not drop its part
+    of the language log-variance regulariser: the accumulated gradient of every s_k is the one of
+    one batch of both micro-batches (it was off by w_language x 0.5 x 1/2: the regulariser half-counted)."""
+    loss = CompositeLoss(make_cfg(strategy="uncertainty"), A, C, True)
+    micro = [make_inputs(seed) for seed in (0, 1)]
+    for (outputs, batch), text in zip(micro, (False, True), strict=True):
+        batch["target_mask"] = torch.full((B, 2), text)  # lm_labels (B * Lt,) with Lt = 2
+        outputs["lm_labels"] = outputs["lm_labels"].clamp(min=0).masked_fill(~batch["target_mask"].flatten(), -100)
+    joined = [{k: torch.cat([m[i][k] for m in micro]) for k in micro[0][i]} for i in (0, 1)]
+    loss(*joined)[0].backward()
+    expected = {k: p.grad.clone() for k, p in loss.weighting.log_vars.items()}
+    loss.zero_grad()
+    counts = [loss.counts(batch) for _, batch in micro]
+    for (outputs, batch), count in zip(micro, counts, strict=True):
+        share = {k: 2 * count[k] / sum(c[k] for c in counts) for k in count}  # vla_ft.train.term_shares
+        (loss(outputs, batch, share)[0] / 2).backward()
+    for k, p in loss.weighting.log_vars.items():
+        torch.testing.assert_close(p.grad, expected[k], msg=f"d/ds_{k}")
 
 
 def ref_dwa(history: list[list[dict[str, float]]], window: int, temp: float, names: list[str]) -> list[dict]:

@@ -121,11 +121,18 @@ class Weighting(nn.Module):
         """What the strategy multiplies the base weight of ``term`` by."""
         return 1.0
 
-    def combine(self, values: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+    def combine(
+        self,
+        values: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        share: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """Weighted sum of the (non-empty) terms ``{name: 0-dim}``.
 
         ``present[name]`` is false where a term had no valid element; such a term is 0 already,
-        so only strategies with extra per-term parts (uncertainty) need it.
+        so only strategies with extra per-term parts (uncertainty) need it. ``share[name]`` (0-dim)
+        is the micro-batch's pooling share the values were already multiplied by (None: a lone
+        batch); likewise only for the extra parts, which the values do not carry.
         """
         weighted = [self.base_weight(k) * self.factor(k) * v for k, v in values.items()]
         return torch.stack(weighted).sum()
@@ -175,11 +182,20 @@ class UncertaintyWeighting(Weighting):
     def factor(self, term: str) -> Tensor:
         return KENDALL_SCALE[term] * torch.exp(-self.log_vars[term])
 
-    def combine(self, values: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+    def combine(
+        self,
+        values: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        share: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The regulariser ``s_k / 2`` is scaled by the term's pooling share like the data part:
+        the step then counts it once (a micro-batch or rank without the term adds none of it and
+        the others make up for it), as one batch of all the step's samples does."""
         weighted = []
         for name, value in values.items():
             s = self.log_vars[name]
-            term = self.base_weight(name) * (KENDALL_SCALE[name] * torch.exp(-s) * value + 0.5 * s)
+            regulariser = 0.5 * s if share is None else 0.5 * s * share[name]
+            term = self.base_weight(name) * (KENDALL_SCALE[name] * torch.exp(-s) * value + regulariser)
             # an empty term must not pull its variance down through the regulariser alone
             weighted.append(term if present is None else torch.where(present[name], term, 0.0))
         return torch.stack(weighted).sum()

@@ -19,6 +19,7 @@ Contract: ``CompositeLoss.forward(outputs, batch, share=None) -> (total, parts)`
            metric/token_acc, metric/perplexity                               (language computed)
            metric/gripper_acc, metric/gripper_f1, metric/gripper_transition_acc  (gripper computed)
            gradnorm/<term>, gradnorm_weighted/<term>   on the watched layer, every grad_norm_every steps
+           A metric is NaN where undefined (no target token, no valid step, no transition).
 
 Gripper labels (the gripper dims of ``batch["actions"]``, raw units): label 1 = closed.
 ``high = value > loss.gripper.threshold``; ``closed = high`` if ``closed_is_high`` else ``not high``
@@ -99,6 +100,12 @@ def _divide(total: Tensor, count: Tensor) -> Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
+def _defined(value: Tensor, count: Tensor) -> Tensor:
+    """A metric over ``count`` elements, NaN where there is none: undefined, so the trainer's
+    log leaves it out of its mean (``vla_ft.tracking.Averager``) instead of averaging in a 0."""
+    return torch.where(count > 0, value, torch.nan)
+
+
 def _grad_norm(value: Tensor, params: list[Tensor]) -> Tensor:
     """L2 norm of d value / d params (0 when value does not depend on them); keeps the graph."""
     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True) if value.requires_grad else ()
@@ -153,8 +160,8 @@ def language_term(logits: Tensor, labels: Tensor, label_smoothing: float) -> Ter
         nll = ce if label_smoothing == 0 else plain(logits, labels)
         hits = (logits.argmax(dim=-1) == labels) & valid
         metrics = {
-            "metric/token_acc": _divide(hits.sum().to(count.dtype), count),
-            "metric/perplexity": torch.exp(_divide(nll.sum(), count)),
+            "metric/token_acc": _defined(_divide(hits.sum().to(count.dtype), count), count),
+            "metric/perplexity": _defined(torch.exp(_divide(nll.sum(), count)), count),
         }
     return TermResult(value, count, metrics)
 
@@ -196,10 +203,11 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
         tp, fp, fn = ((pred & labels & mask).sum(), (pred & ~labels & mask).sum(), (~pred & labels & mask).sum())
         trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1]
         f1_den, n_trans = (2 * tp + fp + fn).to(count.dtype), trans.sum().to(count.dtype)
-        # As validation (vla_ft.metrics): F1 is 1 with no closed step and none predicted; transition
-        # accuracy is undefined (NaN, left out of the logged mean) in a batch without a transition.
+        # As validation (vla_ft.metrics): F1 is 1 with no closed step and none predicted; accuracy
+        # without a valid step and transition accuracy without a transition are undefined (NaN,
+        # left out of the logged mean).
         metrics = {
-            "metric/gripper_acc": _divide((correct & mask).sum().to(count.dtype), count),
+            "metric/gripper_acc": _defined(_divide((correct & mask).sum().to(count.dtype), count), count),
             "metric/gripper_f1": torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0),
             "metric/gripper_transition_acc": (correct[:, 1:] & trans).sum().to(count.dtype) / n_trans,
         }
@@ -358,12 +366,18 @@ class CompositeLoss(nn.Module):
         """Unweighted, undetached 0-dim terms, active terms only."""
         return {k: r.value for k, r in self.evaluate(outputs, batch).items()}
 
-    def combine(self, terms: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
-        """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid elements."""
+    def combine(
+        self,
+        terms: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        share: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid
+        elements, ``share`` is the pooling share the terms were multiplied by (see :meth:`forward`)."""
         if not terms:  # nothing to learn from in this batch: a leaf zero keeps backward() valid
             return torch.zeros((), device=self.regress_dims.device, requires_grad=True)
         with _no_autocast(next(iter(terms.values()))):
-            return self.weighting.combine(terms, present)
+            return self.weighting.combine(terms, present, share)
 
     def forward(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor], share: dict[str, Tensor] | None = None
@@ -371,8 +385,9 @@ class CompositeLoss(nn.Module):
         """(total, parts); in training mode also feeds the strategy's statistics (DWA).
 
         ``share`` multiplies each term's mean before the weighting (``loss/<term>`` included): the
-        trainer's pooling of one optimizer step's micro-batches (:meth:`counts`). DWA statistics
-        and the gradient-norm diagnostic keep the micro-batch's own means.
+        trainer's pooling of one optimizer step's micro-batches (:meth:`counts`); it scales the
+        uncertainty regulariser too. DWA statistics and the gradient-norm diagnostic keep the
+        micro-batch's own means.
         """
         results = self.evaluate(outputs, batch)
         means = {k: r.value for k, r in results.items()}
@@ -381,7 +396,7 @@ class CompositeLoss(nn.Module):
         if self.training:
             self.weighting.observe({k: v.detach() for k, v in means.items()}, present, new_step)
         values = means if share is None else {k: v * share[k] for k, v in means.items()}
-        total = self.combine(values, present)
+        total = self.combine(values, present, share)
         parts = self._parts(results, values, total.device)
         if self.training and new_step and self._grad_norm_due():
             parts.update(self.term_grad_norms(means, self._watched))
