@@ -107,6 +107,23 @@ def test_consecutive_nonfinite_steps_halt_naming_step_samples_and_lr(tmp_path, m
     assert [r["fault/nonfinite_skips"] for r in metric_rows(tmp_path / "run")] == [1.0, 2.0, 3.0]
 
 
+def test_a_resume_after_a_halt_on_skips_drops_the_halted_runs_skip_rows(tmp_path):
+    """Skips right after a checkpoint are logged at its step; the resume from it drops them:
+    ``fault/nonfinite_skips`` then reads as one run (0 throughout), not 0, 1, 2, 0."""
+    overrides = ("train.steps=6", "checkpoint.every=3", "train.max_consecutive_skips=2")
+    run = tiny_run(tmp_path / "run", *overrides)
+    poison_gradient(run, bad_calls={3, 4})  # the two attempts after the checkpoint at step 3
+    with pytest.raises(train_mod.TrainingHalted, match="halted at step 4"):
+        fit(run)
+    run.logger.close()
+    run = tiny_run(tmp_path / "run", *overrides, "train.resume=true")
+    fit(run)
+    run.logger.close()
+    rows = metric_rows(tmp_path / "run")
+    counts = [(r["step"], r["fault/nonfinite_skips"]) for r in rows if "fault/nonfinite_skips" in r]
+    assert counts == [(step, 0.0) for step in range(1, 7)]
+
+
 @pytest.mark.parametrize("failure", ["enospc", "no_errno"])
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
     run_dir = tmp_path / "run"

@@ -210,7 +210,7 @@ def setup(recipe: Recipe) -> Run:
         run.resumed_from = resume_from
         if rt.is_main:
             restore_best_pointer(run)
-        logger.truncate_after(run.state.step)
+        logger.truncate_after(run.state.step, run.state.skipped)
         run.progress = Progress(recipe.train.steps, run.state.step, recipe.logging.progress, rt.is_main)
         run.progress.write(f"resumed from {resume_from} at step {run.state.step}")
     elif (moved := logger.start_fresh()) is not None:

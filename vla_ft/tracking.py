@@ -212,18 +212,29 @@ class MetricsLogger:
         self.path.rename(old)
         return old
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the file reads as one run."""
+    def truncate_after(self, step: int, skipped: int | None = None) -> None:
+        """On resume, drop rows logged after the checkpoint so the file reads as one run.
+
+        A skip is logged at the step of the last update (``signals.record_skip``), so skips right
+        after the checkpoint (a halt on consecutive skips, then a resume) have its step; with the
+        checkpoint's ``skipped`` count, a row counting more skips than that is dropped too."""
         self.purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        rows = [line for line in self.path.read_text().splitlines() if not _after(line, step, skipped)]
         self.path.write_text("".join(r + "\n" for r in rows))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _after(line: str, step: int, skipped: int | None) -> bool:
+    """Whether a metrics row was logged after a checkpoint at ``step`` holding ``skipped`` skips."""
+    if _step_of(line) != step or skipped is None:
+        return _step_of(line) > step
+    return json.loads(line).get("fault/nonfinite_skips", 0) > skipped
 
 
 def _step_of(line: str) -> float:
