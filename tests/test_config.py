@@ -218,6 +218,19 @@ def test_best_metric_is_checked_against_what_validation_of_this_recipe_logs():
         assert load_recipe(quickstart, overrides).train.best_metric == overrides[0].split("=")[1]
 
 
+def test_best_mode_must_follow_the_metric_direction():
+    """best_mode min on an accuracy would keep the worst checkpoint and stop early while it improves."""
+    for overrides, message in (
+        (["train.best_metric=val/gripper_acc"], "train.best_mode: min, but higher is better for 'val/gripper_acc'"),
+        (["train.best_metric=val/token_acc"], "set train.best_mode: max"),
+        (["train.best_metric=val/loss/action", "train.best_mode=max"], "but lower is better for 'val/loss/action'"),
+        (["train.best_metric=val/baseline_l1"], "mean-action baseline's error, which training does not change"),
+    ):
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe(QUICKSTART, overrides)
+    assert load_recipe(QUICKSTART, ["train.best_metric=val/gripper_acc", "train.best_mode=max"]).train.best_mode
+
+
 def test_best_metric_of_a_part_the_recipe_leaves_out_names_the_switch_not_a_lookalike():
     """Without a gripper head, 'val/gripper_acc' is no typo: suggesting 'val/token_acc' would mislead."""
     quickstart = ROOT / "recipes/quickstart.yaml"

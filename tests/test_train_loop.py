@@ -125,12 +125,13 @@ def test_a_frozen_trunk_with_gradnorm_diagnostics_trains_without_them(tmp_path):
     ],
 )
 def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop):
-    scripted = iter(values)
-    monkeypatch.setattr(train_mod, "evaluate", lambda run: {"val/action_l1": next(scripted), "val/baseline_l1": 1.0})
+    scripted, metric = iter(values), "val/action_l1" if mode == "min" else "val/gripper_acc"
+    monkeypatch.setattr(train_mod, "evaluate", lambda run: {metric: next(scripted), "val/baseline_l1": 1.0})
     run = tiny_run(
         tmp_path / "run",
         "train.steps=10",
         "train.val_every=1",
+        f"train.best_metric={metric}",
         f"train.best_mode={mode}",
         "train.early_stopping.patience=2",
         "train.early_stopping.min_delta=0.01",

@@ -266,7 +266,7 @@ class TrainConfig:
     val_every: int = doc("validate every N steps (0 = only at the end)", 100)
     val_batches: int = doc("max validation batches (0 = all)", 0)
     best_metric: str = doc("validation metric selecting the best checkpoint", "val/action_l1")
-    best_mode: Literal["min", "max"] = doc("whether lower or higher is better", "min")
+    best_mode: Literal["min", "max"] = doc("max for accuracies and F1, min for losses and errors (checked)", "min")
     early_stopping: EarlyStoppingConfig = doc("stop when best_metric stalls", factory=EarlyStoppingConfig)
     resume: bool = doc("continue from the newest complete checkpoint in output_dir", False)
     max_consecutive_skips: int = doc("halt after this many consecutive non-finite steps", 5)
