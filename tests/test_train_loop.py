@@ -146,6 +146,17 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values,
     assert ck.latest_checkpoint(root) == root / ck.step_dir_name(stop)
 
 
+def test_early_stopping_between_log_steps_logs_the_last_steps(tmp_path, monkeypatch):
+    scripted = iter([1.0, 2.0])
+    monkeypatch.setattr(train_mod, "evaluate", lambda run: {"val/action_l1": next(scripted), "val/baseline_l1": 1.0})
+    run = tiny_run(
+        tmp_path / "run", "train.steps=12", "train.val_every=3", "logging.every=4", "train.early_stopping.patience=1"
+    )
+    fit(run)
+    assert run.state.step == 6 and run.early_stop
+    assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [4, 6]
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     overrides = ("train.precision=bf16", "train.param_dtype=fp32", "train.steps=2", "checkpoint.every=0")
     run = tiny_run(tmp_path / "run", *overrides)

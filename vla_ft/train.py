@@ -159,6 +159,8 @@ class StepLoop:
             due = (bool(r.checkpoint.every) and st.step % r.checkpoint.every == 0) or st.step == r.train.steps
             due = due or st.best_step == st.step  # the best is always a real checkpoint
         stopping = run.rt.any_true(stop.requested) or run.early_stop
+        if run.early_stop and self.window.samples:  # the run ends here: its last steps get their row
+            log_train(run, self.window)  # (a signal keeps them in the checkpoint's window instead)
         if due or stopping:
             with self.window.paused(run.rt.device):
                 save_training_checkpoint(run)
