@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT, TINY
+from tiny_models import save_lm_dir
 
 from robot_data import collate
 from vla_ft import feature_cache, train
@@ -175,3 +176,27 @@ def test_a_dataset_edited_in_place_changes_the_fingerprint_and_the_caches_do_not
     assert feature_cache.data_files(recipe) == before
     os.utime(data / "episode_0.hdf5", ns=(0, 123))  # rewritten in place, same size
     assert feature_cache.data_files(recipe) != before
+
+
+def test_an_lm_config_edited_next_to_its_weights_changes_the_fingerprint(tmp_path):
+    # model.language.name names a directory: the recipe and the weights stay the same while its
+    # config.json changes what the LM computes, so the cached readout would be stale.
+    save_lm_dir(tmp_path / "lm")
+    lm = [f"model.language.name={tmp_path / 'lm'}", "model.language.config={}"]
+
+    def key_and_readout(name: str) -> tuple[str, torch.Tensor]:
+        run = setup(load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / name}", *lm]))
+        try:
+            readout = feature_cache.build_memory(run, run.data.train_set).tensors["readout"]
+            return feature_cache.fingerprint(run, "train", run.data.train_set), readout
+        finally:
+            teardown(run)
+
+    key, readout = key_and_readout("a")
+    assert key_and_readout("b")[0] == key  # the same model again: reused
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    edited_key, edited = key_and_readout("c")
+    assert not torch.allclose(edited, readout, atol=1e-3)  # the edit matters to the trunk...
+    assert edited_key != key  # ...so the cache built before it is not served

@@ -47,6 +47,7 @@ from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
 from vla_ft.data import EpochSampler, make_loader, to_device
 from vla_ft.model import pad_token_id
+from vla_ft.model_files import base_language_model
 
 if TYPE_CHECKING:
     from robot_data import RobotDataset
@@ -256,13 +257,18 @@ def _check_order(index: torch.Tensor) -> None:
 
 def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
-    loader settings), the model recipe, normalisation, episodes, tokenizer and precision."""
+    loader settings), the model recipe, the LM's config, normalisation, episodes, tokenizer and precision.
+
+    The LM's config is hashed as loaded: with ``model.language.name`` the recipe holds only a
+    path or hub name, and a ``config.json`` edited there (rope, norm eps) changes the readout
+    without changing a weight."""
     h = hashlib.blake2b(digest_size=16)
     data = {k: v for k, v in to_dict(run.recipe.data).items() if k not in LOADER_ONLY_KEYS}
     meta = {
         "split": split,
         "data": data,
         "model": to_dict(run.recipe.model),
+        "lm_config": base_language_model(run.model).config.to_json_string(use_diff=False),
         "seed": run.recipe.train.seed,
         "normalizer": run.data.normalizer.to_dict(),
         "episodes": [e.index for e in dataset.episodes],
