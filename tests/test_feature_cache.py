@@ -200,3 +200,18 @@ def test_an_lm_config_edited_next_to_its_weights_changes_the_fingerprint(tmp_pat
     edited_key, edited = key_and_readout("c")
     assert not torch.allclose(edited, readout, atol=1e-3)  # the edit matters to the trunk...
     assert edited_key != key  # ...so the cache built before it is not served
+
+
+def test_files_in_a_symlinked_folder_of_the_dataset_are_part_of_the_fingerprint(tmp_path):
+    data, videos = tmp_path / "data", tmp_path / "other_disk" / "videos"
+    data.mkdir()
+    videos.mkdir(parents=True)
+    (data / "episode_0.hdf5").write_bytes(b"x" * 100)
+    (videos / "a.mp4").write_bytes(b"y" * 10)
+    (data / "videos").symlink_to(videos, target_is_directory=True)
+    (videos / "loop").symlink_to(data, target_is_directory=True)  # a link cycle is walked once
+    recipe = _recipe(tmp_path, f"data.path={data}")
+    before = feature_cache.data_files(recipe)
+    assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
+    (videos / "a.mp4").write_bytes(b"z" * 12)  # the videos re-encoded on the other disk
+    assert feature_cache.data_files(recipe) != before

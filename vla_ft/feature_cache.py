@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -289,12 +290,13 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
 def data_files(recipe) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime in ns) of every file of ``data.path``: a dataset edited in
     place (same path, same episodes) must not be served from features of its old contents.
-    The caches' own directories are left out (they change as they fill)."""
+    The caches' own directories are left out (they change as they fill). Symlinked folders are
+    followed (a ``videos/`` linked to another disk is part of the data; ``rglob`` skips them)."""
     if not recipe.data.path:
         return []
     root = Path(recipe.data.path)
     skip = [Path(d).resolve() for d in (recipe.data.frame_cache, recipe.train.feature_cache_dir) if d]
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    files = [root] if root.is_file() else sorted(_walk_files(root))
     out = []
     for f in files:
         if any(f.resolve().is_relative_to(d) for d in skip):
@@ -302,6 +304,18 @@ def data_files(recipe) -> list[tuple[str, int, int]]:
         stat = f.stat()
         out.append((str(f.relative_to(root)) if f != root else f.name, stat.st_size, stat.st_mtime_ns))
     return out
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, through symlinked folders, each real folder once (no link cycles)."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        yield from (Path(folder, name) for name in names if Path(folder, name).is_file())
 
 
 def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple[DiskFeatures, bool]:
