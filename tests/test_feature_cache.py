@@ -215,3 +215,33 @@ def test_files_in_a_symlinked_folder_of_the_dataset_are_part_of_the_fingerprint(
     assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
     (videos / "a.mp4").write_bytes(b"z" * 12)  # the videos re-encoded on the other disk
     assert feature_cache.data_files(recipe) != before
+
+
+def test_a_disk_cache_is_shared_by_runs_that_differ_only_in_their_heads(tmp_path, monkeypatch):
+    cache_dir, builds = tmp_path / "cache", []
+    write_disk = feature_cache.write_disk
+    monkeypatch.setattr(
+        feature_cache, "write_disk", lambda run, ds, d, key: builds.append(d.name) or write_disk(run, ds, d, key)
+    )
+
+    def cached(name: str, *extra: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(every cached train sample, the dataset's own actions (N, C, A)) of a run set up with ``extra``."""
+        builds.clear()
+        run = setup(_recipe(tmp_path / name, f"train.feature_cache_dir={cache_dir}", *extra))
+        try:
+            store = feature_cache.DiskFeatures(cache_dir / "train")
+            actions = torch.stack([run.data.train_set[i]["actions"] for i in range(len(store))])
+            return store.batch(torch.arange(len(store))), actions
+        finally:
+            teardown(run)
+
+    first, _ = cached("a")
+    assert builds == ["train", "val"]
+    wider, _ = cached("b", "model.action_head_hidden=64")  # a head sweep: the trunk is the same
+    assert builds == []
+    assert torch.equal(wider["readout"], first["readout"])
+    # Without the gripper head its dims are normalised like the others: the labels change, so it rebuilds.
+    plain, actions = cached("c", "model.gripper_head=false", "loss.weights.gripper=0")
+    assert builds == ["train", "val"]
+    torch.testing.assert_close(plain["actions"], actions)
+    assert not torch.allclose(plain["actions"], first["actions"])

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
 SHARD_BYTES = 256 * 2**20  # readout bytes per shard file: bounds the memory used while writing
 LOADER_ONLY_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+HEAD_ONLY_KEYS = ("action_head_hidden", "gripper_head")  # model.*: the heads, which train on the cache
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -258,7 +259,8 @@ def _check_order(index: torch.Tensor) -> None:
 
 def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
-    loader settings), the model recipe, the LM's config, normalisation, episodes, tokenizer and precision.
+    loader settings), the model recipe (minus the heads': a sweep over head widths shares one
+    cache), the LM's config, normalisation, episodes, tokenizer and precision.
 
     The LM's config is hashed as loaded: with ``model.language.name`` the recipe holds only a
     path or hub name, and a ``config.json`` edited there (rope, norm eps) changes the readout
@@ -268,7 +270,7 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     meta = {
         "split": split,
         "data": data,
-        "model": to_dict(run.recipe.model),
+        "model": {k: v for k, v in to_dict(run.recipe.model).items() if k not in HEAD_ONLY_KEYS},
         "lm_config": base_language_model(run.model).config.to_json_string(use_diff=False),
         "seed": run.recipe.train.seed,
         "normalizer": run.data.normalizer.to_dict(),
