@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT, TINY
+from tiny_models import save_lm_dir
 
 from robot_data import collate
 from vla_ft import feature_cache, train
@@ -175,3 +176,72 @@ def test_a_dataset_edited_in_place_changes_the_fingerprint_and_the_caches_do_not
     assert feature_cache.data_files(recipe) == before
     os.utime(data / "episode_0.hdf5", ns=(0, 123))  # rewritten in place, same size
     assert feature_cache.data_files(recipe) != before
+
+
+def test_an_lm_config_edited_next_to_its_weights_changes_the_fingerprint(tmp_path):
+    # model.language.name names a directory: the recipe and the weights stay the same while its
+    # config.json changes what the LM computes, so the cached readout would be stale.
+    save_lm_dir(tmp_path / "lm")
+    lm = [f"model.language.name={tmp_path / 'lm'}", "model.language.config={}"]
+
+    def key_and_readout(name: str) -> tuple[str, torch.Tensor]:
+        run = setup(load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / name}", *lm]))
+        try:
+            readout = feature_cache.build_memory(run, run.data.train_set).tensors["readout"]
+            return feature_cache.fingerprint(run, "train", run.data.train_set), readout
+        finally:
+            teardown(run)
+
+    key, readout = key_and_readout("a")
+    assert key_and_readout("b")[0] == key  # the same model again: reused
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    edited_key, edited = key_and_readout("c")
+    assert not torch.allclose(edited, readout, atol=1e-3)  # the edit matters to the trunk...
+    assert edited_key != key  # ...so the cache built before it is not served
+
+
+def test_files_in_a_symlinked_folder_of_the_dataset_are_part_of_the_fingerprint(tmp_path):
+    data, videos = tmp_path / "data", tmp_path / "other_disk" / "videos"
+    data.mkdir()
+    videos.mkdir(parents=True)
+    (data / "episode_0.hdf5").write_bytes(b"x" * 100)
+    (videos / "a.mp4").write_bytes(b"y" * 10)
+    (data / "videos").symlink_to(videos, target_is_directory=True)
+    (videos / "loop").symlink_to(data, target_is_directory=True)  # a link cycle is walked once
+    recipe = _recipe(tmp_path, f"data.path={data}")
+    before = feature_cache.data_files(recipe)
+    assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
+    (videos / "a.mp4").write_bytes(b"z" * 12)  # the videos re-encoded on the other disk
+    assert feature_cache.data_files(recipe) != before
+
+
+def test_a_disk_cache_is_shared_by_runs_that_differ_only_in_their_heads(tmp_path, monkeypatch):
+    cache_dir, builds = tmp_path / "cache", []
+    write_disk = feature_cache.write_disk
+    monkeypatch.setattr(
+        feature_cache, "write_disk", lambda run, ds, d, key: builds.append(d.name) or write_disk(run, ds, d, key)
+    )
+
+    def cached(name: str, *extra: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(every cached train sample, the dataset's own actions (N, C, A)) of a run set up with ``extra``."""
+        builds.clear()
+        run = setup(_recipe(tmp_path / name, f"train.feature_cache_dir={cache_dir}", *extra))
+        try:
+            store = feature_cache.DiskFeatures(cache_dir / "train")
+            actions = torch.stack([run.data.train_set[i]["actions"] for i in range(len(store))])
+            return store.batch(torch.arange(len(store))), actions
+        finally:
+            teardown(run)
+
+    first, _ = cached("a")
+    assert builds == ["train", "val"]
+    wider, _ = cached("b", "model.action_head_hidden=64")  # a head sweep: the trunk is the same
+    assert builds == []
+    assert torch.equal(wider["readout"], first["readout"])
+    # Without the gripper head its dims are normalised like the others: the labels change, so it rebuilds.
+    plain, actions = cached("c", "model.gripper_head=false", "loss.weights.gripper=0")
+    assert builds == ["train", "val"]
+    torch.testing.assert_close(plain["actions"], actions)
+    assert not torch.allclose(plain["actions"], first["actions"])

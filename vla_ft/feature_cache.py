@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -47,6 +48,7 @@ from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
 from vla_ft.data import EpochSampler, make_loader, to_device
 from vla_ft.model import pad_token_id
+from vla_ft.model_files import base_language_model
 
 if TYPE_CHECKING:
     from robot_data import RobotDataset
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
 SHARD_BYTES = 256 * 2**20  # readout bytes per shard file: bounds the memory used while writing
 LOADER_ONLY_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+HEAD_ONLY_KEYS = ("action_head_hidden", "gripper_head")  # model.*: the heads, which train on the cache
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -256,13 +259,19 @@ def _check_order(index: torch.Tensor) -> None:
 
 def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
-    loader settings), the model recipe, normalisation, episodes, tokenizer and precision."""
+    loader settings), the model recipe (minus the heads': a sweep over head widths shares one
+    cache), the LM's config, normalisation, episodes, tokenizer and precision.
+
+    The LM's config is hashed as loaded: with ``model.language.name`` the recipe holds only a
+    path or hub name, and a ``config.json`` edited there (rope, norm eps) changes the readout
+    without changing a weight."""
     h = hashlib.blake2b(digest_size=16)
     data = {k: v for k, v in to_dict(run.recipe.data).items() if k not in LOADER_ONLY_KEYS}
     meta = {
         "split": split,
         "data": data,
-        "model": to_dict(run.recipe.model),
+        "model": {k: v for k, v in to_dict(run.recipe.model).items() if k not in HEAD_ONLY_KEYS},
+        "lm_config": base_language_model(run.model).config.to_json_string(use_diff=False),
         "seed": run.recipe.train.seed,
         "normalizer": run.data.normalizer.to_dict(),
         "episodes": [e.index for e in dataset.episodes],
@@ -283,12 +292,13 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
 def data_files(recipe) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime in ns) of every file of ``data.path``: a dataset edited in
     place (same path, same episodes) must not be served from features of its old contents.
-    The caches' own directories are left out (they change as they fill)."""
+    The caches' own directories are left out (they change as they fill). Symlinked folders are
+    followed (a ``videos/`` linked to another disk is part of the data; ``rglob`` skips them)."""
     if not recipe.data.path:
         return []
     root = Path(recipe.data.path)
     skip = [Path(d).resolve() for d in (recipe.data.frame_cache, recipe.train.feature_cache_dir) if d]
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    files = [root] if root.is_file() else sorted(_walk_files(root))
     out = []
     for f in files:
         if any(f.resolve().is_relative_to(d) for d in skip):
@@ -296,6 +306,18 @@ def data_files(recipe) -> list[tuple[str, int, int]]:
         stat = f.stat()
         out.append((str(f.relative_to(root)) if f != root else f.name, stat.st_size, stat.st_mtime_ns))
     return out
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, through symlinked folders, each real folder once (no link cycles)."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        yield from (Path(folder, name) for name in names if Path(folder, name).is_file())
 
 
 def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple[DiskFeatures, bool]:
