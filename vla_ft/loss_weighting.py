@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from vla_ft.config import LossConfig, RecipeError, ScheduledWeight
 from vla_ft.config.checks import suggest
 
+TermValues = dict[str, Tensor]
+"""0-dim tensors by term name (language, action, gripper)."""
+
 TERMS = ("language", "action", "gripper")
 
 # Kendall et al. 2018: a Gaussian likelihood gives 1/(2 sigma^2) L + log sigma, a softmax (or
@@ -121,12 +124,7 @@ class Weighting(nn.Module):
         """What the strategy multiplies the base weight of ``term`` by."""
         return 1.0
 
-    def combine(
-        self,
-        values: dict[str, Tensor],
-        present: dict[str, Tensor] | None = None,
-        share: dict[str, Tensor] | None = None,
-    ) -> Tensor:
+    def combine(self, values: TermValues, present: TermValues | None = None, share: TermValues | None = None) -> Tensor:
         """Weighted sum of the (non-empty) terms ``{name: 0-dim}``.
 
         ``present[name]`` is false where a term had no valid element; such a term is 0 already,
@@ -182,12 +180,7 @@ class UncertaintyWeighting(Weighting):
     def factor(self, term: str) -> Tensor:
         return KENDALL_SCALE[term] * torch.exp(-self.log_vars[term])
 
-    def combine(
-        self,
-        values: dict[str, Tensor],
-        present: dict[str, Tensor] | None = None,
-        share: dict[str, Tensor] | None = None,
-    ) -> Tensor:
+    def combine(self, values: TermValues, present: TermValues | None = None, share: TermValues | None = None) -> Tensor:
         """The regulariser ``s_k / 2`` is scaled by the term's pooling share like the data part:
         the step then counts it once (a micro-batch or rank without the term adds none of it and
         the others make up for it), as one batch of all the step's samples does."""

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_ft.config import ActionLossConfig, LossConfig, RecipeError
-from vla_ft.loss_weighting import TERMS, build_weighting
+from vla_ft.loss_weighting import TERMS, TermValues, build_weighting
 
 IGNORE_INDEX = -100
 ElementLoss = Callable[[Tensor, Tensor], Tensor]
@@ -366,12 +366,7 @@ class CompositeLoss(nn.Module):
         """Unweighted, undetached 0-dim terms, active terms only."""
         return {k: r.value for k, r in self.evaluate(outputs, batch).items()}
 
-    def combine(
-        self,
-        terms: dict[str, Tensor],
-        present: dict[str, Tensor] | None = None,
-        share: dict[str, Tensor] | None = None,
-    ) -> Tensor:
+    def combine(self, terms: TermValues, present: TermValues | None = None, share: TermValues | None = None) -> Tensor:
         """Total loss of the terms under the weighting strategy; ``present`` marks terms with valid
         elements, ``share`` is the pooling share the terms were multiplied by (see :meth:`forward`)."""
         if not terms:  # nothing to learn from in this batch: a leaf zero keeps backward() valid
