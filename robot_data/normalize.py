@@ -140,7 +140,10 @@ def _compute_stats(reader: Reader, episode_sets: list[list[int]]) -> list[dict[s
 
 
 def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(centre, scale) with x_norm = (x - centre) / scale."""
+    """(centre, scale) with x_norm = (x - centre) / scale; both (dim,) float32, fresh arrays.
+
+    Fresh, never views of ``stats``: the caller zeroes raw dims in them, which must not rewrite
+    the statistics themselves (mean_std's centre *is* ``stats["mean"]``)."""
     if mode == "none":
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
     if mode == "mean_std":
@@ -149,7 +152,7 @@ def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarra
         lo, hi = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
         centre, scale = (hi + lo) / 2, (hi - lo) / 2  # maps [lo, hi] onto [-1, 1]
     scale = np.where(scale < EPS, 1.0, scale)
-    return np.asarray(centre, np.float32), np.asarray(scale, np.float32)
+    return np.array(centre, np.float32), np.array(scale, np.float32)
 
 
 class Normalizer:

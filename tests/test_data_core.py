@@ -176,6 +176,21 @@ def test_normalizer_formulas(stats, reader):
     np.testing.assert_allclose(y[:, :2].max(0), 1, atol=1e-5)
 
 
+def test_raw_dims_leave_the_stats_untouched(reader):
+    """Raw dims pass through (centre 0, scale 1), but their statistics stay what the data says:
+    norm_stats.json and the mean-action baseline read them, and the caller's dict is not ours."""
+    fresh = compute_stats(reader, range(8))
+    mean = fresh["action"]["mean"].copy()
+    assert mean[2] != 0
+    norm = Normalizer(fresh, "mean_std", raw_action_dims=[2])
+    np.testing.assert_array_equal(fresh["action"]["mean"], mean)
+    np.testing.assert_array_equal(norm.stats["action"]["mean"], mean)
+    assert norm.to_dict()["stats"]["action"]["mean"][2] == float(mean[2])
+    x = reader.numeric(0).action
+    expected = (x - mean) / fresh["action"]["std"]
+    np.testing.assert_allclose(Normalizer(fresh, "mean_std").normalize("action", x), expected, rtol=1e-5)
+
+
 def test_normalizer_guards_constant_dims(stats):
     flat = {k: {s: v.copy() for s, v in d.items()} for k, d in stats.items()}
     for s in ("std", "min", "max", "q01", "q99"):
