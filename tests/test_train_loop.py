@@ -157,6 +157,16 @@ def test_early_stopping_between_log_steps_logs_the_last_steps(tmp_path, monkeypa
     assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [4, 6]
 
 
+def test_val_batches_spread_their_samples_over_the_validation_set(tmp_path):
+    """train.val_batches=1 (batch 4) over 2 validation episodes of 10 frames: the first 4 samples would
+    be the first frames of one episode; the samples are spread evenly, first and last included."""
+    run = tiny_run(tmp_path / "run", "train.val_batches=1")
+    (batch,) = list(run.val_loader)
+    assert batch["episode_index"].tolist() == [2, 2, 3, 3] and batch["frame_index"].tolist() == [0, 6, 3, 9]
+    assert set(train_mod.evaluate(run)) >= {"val/loss/action", "val/action_l1"}
+    assert len(list(tiny_run(tmp_path / "all", "train.val_batches=0").val_loader)) == 5
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     overrides = ("train.precision=bf16", "train.param_dtype=fp32", "train.steps=2", "checkpoint.every=0")
     run = tiny_run(tmp_path / "run", *overrides)

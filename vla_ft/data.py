@@ -9,6 +9,7 @@ with any number of processes.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -77,6 +78,29 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         shard = len(range(self.rank, self._usable, self.world))  # no permutation needed for a length
         return max(0, shard - self.start)
+
+
+class ValidationSampler(Sampler[tuple[int, int]]):
+    """The validation samples in order, as (epoch 0, index) pairs like :class:`EpochSampler`: every
+    sample, or with ``train.val_batches`` N, N batches' worth spread evenly over the set. The first
+    N batches would be the first frames of the first episodes: a best checkpoint and early stopping
+    chosen on one phase of one task. Every rank evaluates the same samples."""
+
+    def __init__(self, n: int, recipe: Recipe):
+        wanted = recipe.train.val_batches * recipe.train.batch_size
+        if not wanted or wanted >= n:
+            self.indices = list(range(n))
+        else:  # a spacing of (n - 1) / (wanted - 1) >= 1 keeps the rounded indices distinct
+            self.indices = [round(i * (n - 1) / max(wanted - 1, 1)) for i in range(wanted)]
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Validation has no epochs (the loaders' common interface)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(0, i) for i in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class EpochDataset(Dataset):

@@ -46,7 +46,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
-from vla_ft.data import EpochSampler, make_loader, to_device
+from vla_ft.data import EpochSampler, ValidationSampler, make_loader, to_device
 from vla_ft.model import pad_token_id
 from vla_ft.model_files import base_language_model
 
@@ -157,7 +157,9 @@ class CachedLoader:
     Stands in for the run's DataLoader: the loop calls ``sampler.set_epoch`` and iterates this.
     """
 
-    def __init__(self, store: FeatureStore, sampler: EpochSampler, batch_size: int, drop_last: bool):
+    def __init__(
+        self, store: FeatureStore, sampler: EpochSampler | ValidationSampler, batch_size: int, drop_last: bool
+    ):
         self.store, self.sampler, self.batch_size, self.drop_last = store, sampler, batch_size, drop_last
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -354,7 +356,7 @@ def install(run: Run) -> None:
             stores[split] = build_memory(run, dataset)
     run.train_loader = CachedLoader(stores["train"], run.sampler, r.train.batch_size, drop_last=True)
     if "val" in stores:
-        val_sampler = EpochSampler(len(stores["val"]), r.train.seed, False)
+        val_sampler = ValidationSampler(len(stores["val"]), r)
         run.val_loader = CachedLoader(stores["val"], val_sampler, r.train.batch_size, drop_last=False)
     where = r.train.feature_cache_dir or "memory"
     counts = " + ".join(f"{len(s)} {k}" for k, s in stores.items())

@@ -19,7 +19,7 @@ from torch import nn
 from vla_ft import checkpoint as ck
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError, save_recipe
-from vla_ft.data import DataBundle, EpochSampler, build_data, make_loader
+from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
 from vla_ft.model_files import read_norm_stats
@@ -183,8 +183,9 @@ def setup(recipe: Recipe) -> Run:
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
     if data.val_set is not None:
-        val_sampler = EpochSampler(len(data.val_set), recipe.train.seed, False)
-        val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
+        val_loader = make_loader(
+            data.val_set, recipe, ValidationSampler(len(data.val_set), recipe), pad, rt.device, False
+        )
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, recipe.logging.tensorboard, enabled=rt.is_main)

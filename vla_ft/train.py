@@ -411,9 +411,7 @@ def evaluate(run: Run) -> dict[str, float]:
     )
     sums: dict[str, torch.Tensor] = {}  # per term: sum of value x valid count, and the count
     counts: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(run.val_loader):
-        if r.train.val_batches and i >= r.train.val_batches:
-            break
+    for batch in run.val_loader:
         batch = to_device(batch, run.rt.device)
         with run.rt.autocast():
             outputs = run.forward(batch)
