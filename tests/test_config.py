@@ -126,6 +126,16 @@ def test_cli_user_errors_are_one_message_without_traceback(tmp_path: Path):
     assert ok.returncode == 0 and "valid recipe" in ok.stdout
 
 
+def test_validate_checks_the_ablation_variants_ablate_would_refuse(tmp_path: Path):
+    """``validate`` said ok to an ablation recipe whose variant ``ablate`` then refused."""
+    ablation = str(ROOT / "recipes/ablation_freeze.yaml")
+    bad = _cli("validate", ablation, "train.steps=100", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "variant 'staged_unfreeze': unfreeze.vision_encoder.at_step: 200 is not before" in bad.stderr
+    ok = _cli("validate", ablation, cwd=tmp_path)
+    assert ok.returncode == 0 and "5 ablation variants" in ok.stdout, ok.stderr
+
+
 def test_numbers_outside_their_range_are_reported_at_once():
     """A count of 0 or -1 would log, validate or load differently from what the recipe says."""
     bad = {

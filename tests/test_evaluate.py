@@ -129,6 +129,15 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
     assert "refused model.lora.enabled: the checkpoint fixes it" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_data_path_the_synthetic_format_would_ignore(checkpoint, tmp_path, capsys):
+    """``vla-ft eval CKPT data.path=/data/other`` of a synthetic-task checkpoint evaluated the
+    synthetic task again, and printed its metrics as those of the other data."""
+    assert cli(["eval", str(checkpoint), f"data.path={tmp_path / 'other'}", "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "data.path: " in err and "is not read with data.format=synthetic" in err and "Traceback" not in err
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "why"),
     [

@@ -168,7 +168,8 @@ def test_a_dataset_edited_in_place_changes_the_fingerprint_and_the_caches_do_not
     (data / "videos").mkdir(parents=True)
     (data / "episode_0.hdf5").write_bytes(b"x" * 100)
     (data / "videos" / "a.mp4").write_bytes(b"y" * 10)
-    recipe = _recipe(tmp_path, f"data.path={data}", f"data.frame_cache={data / 'frames'}")
+    hdf5 = ["data.format=hdf5", "data.layout=aloha"]  # data.path is read by the recorded formats only
+    recipe = _recipe(tmp_path, *hdf5, f"data.path={data}", f"data.frame_cache={data / 'frames'}")
     before = feature_cache.data_files(recipe)
     assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
     (data / "frames").mkdir()
@@ -210,7 +211,7 @@ def test_files_in_a_symlinked_folder_of_the_dataset_are_part_of_the_fingerprint(
     (videos / "a.mp4").write_bytes(b"y" * 10)
     (data / "videos").symlink_to(videos, target_is_directory=True)
     (videos / "loop").symlink_to(data, target_is_directory=True)  # a link cycle is walked once
-    recipe = _recipe(tmp_path, f"data.path={data}")
+    recipe = _recipe(tmp_path, "data.format=hdf5", "data.layout=aloha", f"data.path={data}")
     before = feature_cache.data_files(recipe)
     assert [f[0] for f in before] == ["episode_0.hdf5", "videos/a.mp4"]
     (videos / "a.mp4").write_bytes(b"z" * 12)  # the videos re-encoded on the other disk

@@ -30,7 +30,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    print(f"ok: {args.recipe} is a valid recipe (output_dir={recipe.output_dir})")
+    variants = ""
+    if recipe.ablation.variants:  # `vla-ft ablate` trains the variants, not the base: check them as it does
+        from vla_ft.ablate_variants import plan
+
+        variants = f", {len(plan(args.recipe, args.overrides, [])[1])} ablation variants"
+    print(f"ok: {args.recipe} is a valid recipe (output_dir={recipe.output_dir}{variants})")
     return 0
 
 

@@ -31,6 +31,11 @@ def validate(r: Recipe) -> list[str]:
         )
     elif r.data.format != "synthetic" and not r.data.path:
         p.append(f"data.path: required for data.format={r.data.format}")
+    elif r.data.format == "synthetic" and r.data.path:  # else ignored: train and eval would run on the synthetic task
+        p.append(
+            f"data.path: {r.data.path} is not read with data.format=synthetic (the task is generated); "
+            f"set data.format to lerobot or hdf5 to read it"
+        )
     if r.data.format == "hdf5":
         from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
 
