@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from vla_ft import distributed, extensions
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError, load_recipe
-from vla_ft.run_setup import build_components
+from vla_ft.run_setup import build_components, setup, teardown
 from vla_ft.run_state import check_resume_compatible, read_saved_recipe
 from vla_ft.train import main
 
@@ -234,6 +234,28 @@ def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
     model, _ = load_model(ckpt)  # strict load: tied LM embeddings are stored once, as save_model does
     loaded, saved = model.state_dict(), weights(run_dir, 9)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_fsdp_checkpoint_resumes_on_one_process_with_bf16_weights(tmp_path):
+    """On one GPU ``param_dtype`` auto is bf16 (FSDP's ranks had fp32 shards): the shards must fill
+    the fp32 masters the optimizer updates, and the saved Adam moments go to those masters."""
+    run_dir = tmp_path / "fsdp"
+    short = [*RECIPE, "train.steps=2", "unfreeze.vision_encoder.at_step=1", "train.val_every=0"]
+    train_2_processes(run_dir, [*short, "train.batch_size=2", "distributed.strategy=fsdp"])
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    saved = load_file(str(distributed.consolidate(ckpt, out=tmp_path / "merged.safetensors")))
+    bf16 = ["train.precision=bf16", "train.param_dtype=bf16", "train.batch_size=4", "train.resume=true"]
+    run = setup(load_recipe(QUICKSTART, [*short, *bf16, f"output_dir={run_dir}"]))
+    try:
+        masters = run.model.master_weights
+        names = {id(p): n for n, p in run.model.named_parameters(remove_duplicate=False) if n in saved}  # tied: once
+        assert masters is not None and run.optimizer.state
+        for p, m in zip(masters.params, masters.masters, strict=True):
+            assert torch.equal(m, saved[names[id(p)]]), names[id(p)]  # fp32, exactly as saved
+            assert torch.equal(p, m.to(p.dtype))
+        assert all(id(p) in map(id, masters.masters) for p in run.optimizer.state if p.dim())
+    finally:
+        teardown(run)
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(single, ddp, tmp_path):

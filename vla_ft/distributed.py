@@ -57,6 +57,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import Recipe
+from vla_ft.master_weights import optimized
 
 if TYPE_CHECKING:
     from vla_ft.run_setup import Run
@@ -254,8 +255,10 @@ def mean_over_ranks(run: Run, values: dict[str, float]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- DCP checkpoints
 def _param_names(run: Run) -> dict[int, str]:
-    """id(parameter) -> stable name across world sizes: ``model.<fqn>`` or ``loss.<fqn>``."""
+    """id(parameter) -> stable name across world sizes: ``model.<fqn>`` or ``loss.<fqn>``. A model
+    weight's fp32 master (one process with bf16 weights, which the optimizer updates) has its name."""
     names = {id(p): f"model.{n}" for n, p in run.model.named_parameters()}
+    names.update({id(optimized(run.model, p)): f"model.{n}" for n, p in run.model.named_parameters()})
     names.update({id(p): f"loss.{n}" for n, p in run.loss_fn.named_parameters()})
     return names
 

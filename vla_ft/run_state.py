@@ -274,7 +274,8 @@ def load_weights_and_optimizer(run: Run, path: Path) -> None:
     if (path / "model_dcp").is_dir():
         from vla_ft.distributed import DCP_DIR, load_dcp_state
 
-        load_dcp_state(run, path / DCP_DIR)
+        with full_precision(run.model):  # one process with bf16 weights: the shards fill the fp32 masters
+            load_dcp_state(run, path / DCP_DIR)
         return
     with full_precision(run.model), ck.reading(path / "model.safetensors"):  # into the fp32 masters
         load_model(run.model, str(path / "model.safetensors"), strict=True)
