@@ -102,8 +102,9 @@ class TrainWindow:
     """What happened since the last train log line: values, samples, time spent waiting for data.
 
     Its time is training time: validation and checkpoints run :meth:`paused`, so throughput and
-    MFU do not drop in the window after them. A checkpoint keeps the window (:meth:`state_dict`):
-    the first row after a resume covers every step since the last row, as without the stop.
+    MFU do not drop in the window after them. A checkpoint keeps the window (:meth:`state_dict`),
+    its FLOPs included: the first row after a resume covers every step since the last row (its
+    samples, time and FLOPs alike), as without the stop.
     """
 
     def __init__(self) -> None:
@@ -114,6 +115,7 @@ class TrainWindow:
         self.samples = 0
         self.wait_s = 0.0
         self.carried_s = 0.0  # training seconds of the window before a resume
+        self.flops: Any = None  # this process's model FLOPs (vla_ft.flops.FlopMeter adds them; None without one)
         self.start_clock()
 
     def start_clock(self) -> None:
@@ -148,12 +150,14 @@ class TrainWindow:
             "samples": self.samples,
             "wait_s": self.wait_s,
             "elapsed_s": self.elapsed(),
+            "flops": None if self.flops is None else float(self.flops),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.reset()
         self.values.load_state_dict(state["values"], device)
         self.samples, self.wait_s, self.carried_s = state["samples"], state["wait_s"], state["elapsed_s"]
+        self.flops = state.get("flops")  # older checkpoints lack it
 
 
 def mean_window(states: list[dict[str, Any]]) -> dict[str, Any]:
