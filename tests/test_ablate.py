@@ -79,6 +79,19 @@ def test_summary_row_from_metrics_by_hand(tmp_path):
     assert (best_acc["best val/gripper_acc"], best_acc["best_step"]) == (0.9, 6)
 
 
+def test_a_tied_best_is_at_its_first_step_in_max_mode_too(tmp_path):
+    """Accuracies on a small validation set tie often; the trainer's best checkpoint is the first
+    step that reached the value, and so is the table's best_step, for max as for min."""
+    run = tmp_path / "v"
+    run.mkdir()
+    rows = [{"step": s, "val/gripper_acc": a, "val/action_l1": -a} for s, a in ((2, 0.7), (4, 0.9), (6, 0.9))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = ablate_table.summary_row("v", run, "val/gripper_acc", "max")
+    assert (best["best val/gripper_acc"], best["best_step"]) == (0.9, 4)
+    best = ablate_table.summary_row("v", run, "val/action_l1", "min")
+    assert (best["best val/action_l1"], best["best_step"]) == (-0.9, 4)
+
+
 def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch, capsys):
     root = tmp_path / "abl"
     argv = [

@@ -293,6 +293,14 @@ def test_a_stop_between_log_steps_logs_the_rows_of_the_uninterrupted_run(tmp_pat
     rows = metric_rows(tmp_path / "split")
     assert [r["step"] for r in rows if "loss" in r] == [5, 7]
     assert as_text(rows) == as_text(metric_rows(tmp_path / "straight"))
+    # the FLOPs of steps 1-3 travel too: TFLOP/s over the row's samples/s (FLOPs per sample, the
+    # seconds cancel) is the straight run's, not 2/5 of it
+    want = flops_per_sample(metric_rows(tmp_path / "straight"))
+    assert flops_per_sample(rows) == pytest.approx(want, rel=1e-3)
+
+
+def flops_per_sample(rows: list[dict]) -> list[float]:
+    return [1e12 * r["perf/tflops"] / r["perf/samples_per_s"] for r in rows if "loss" in r]
 
 
 def test_a_log_window_saved_by_two_processes_resumes_on_one_as_their_mean():

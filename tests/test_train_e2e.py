@@ -80,3 +80,25 @@ def test_quickstart_run_directory_and_resume(tiny_overrides, capsys):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/action")] == list(range(1, 10))  # stale 4-6 purged
+
+
+def test_a_resume_after_skips_at_the_checkpoint_step_hides_them_in_tensorboard_too(tmp_path: Path):
+    """Skips are logged at the step of the last update: checkpoint at step 3, two skips (rows at
+    step 3), a halt, a resume. metrics.jsonl drops the two skip rows; TensorBoard, which can only
+    hide whole steps, must show step 3 as the file does (not 0, 1, 2 skips at step 3)."""
+    from vla_ft.tracking import MetricsLogger
+
+    first = MetricsLogger(tmp_path, tensorboard=True)
+    first.start_fresh()
+    for step, skips in ((1, 0.0), (2, 0.0), (3, 0.0), (3, 1.0), (3, 2.0)):
+        first.log(step, {"fault/nonfinite_skips": skips, **({"loss": float(step)} if skips == 0 else {})})
+    first.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True)
+    resumed.truncate_after(3, skipped=0)
+    resumed.log(4, {"fault/nonfinite_skips": 0.0, "loss": 4.0})
+    resumed.close()
+    assert [(r["step"], r["fault/nonfinite_skips"]) for r in _rows(tmp_path)] == [(s, 0.0) for s in (1, 2, 3, 4)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("fault/nonfinite_skips")] == [(s, 0.0) for s in (1, 2, 3, 4)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, float(s)) for s in (1, 2, 3, 4)]

@@ -35,8 +35,7 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
     """One table row from a variant's metrics.jsonl and run_summary.json."""
     rows, info = read_rows(run_dir), read_summary(run_dir)
     steps, values = metric_curve(rows, metric)
-    finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
-    best_value, best_step = (min(finite) if mode == "min" else max(finite)) if finite else (math.nan, None)
+    best_value, best_step = best_point(steps, values, mode)
     val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
     final = val_rows[-1] if val_rows else {}
     rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
@@ -61,6 +60,16 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
     if info.get("failed") or info.get("halted"):
         row["error"] = info.get("failed") or info.get("halted")
     return row
+
+
+def best_point(steps: list[int], values: list[float], mode: str) -> tuple[float, int | None]:
+    """The best finite value and the first step that reached it: a tie later on is no improvement,
+    as for the trainer's best checkpoint (``max`` of (value, step) pairs took the last tied step)."""
+    finite = [(v if mode == "min" else -v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    if not finite:
+        return math.nan, None
+    value, step = min(finite)
+    return (value if mode == "min" else -value), step
 
 
 def variant_status(info: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from vla_ft.lora_kernel import peft_forward
+from vla_ft.tracking import TrainWindow
 
 if TYPE_CHECKING:
     from vla_ft.model import VLA
@@ -261,12 +262,16 @@ class FlopMeter:
     come from recording an eager forward on one sample of the batch (in eval mode, with the RNG
     state restored: it changes nothing the run sees) at the first training forward and whenever
     what trains changes (staged unfreeze). Evaluation forwards (eval mode) are not counted.
-    FLOPs are this process's own: ``perf/tflops`` and ``perf/mfu`` are per GPU.
+    FLOPs are this process's own: ``perf/tflops`` and ``perf/mfu`` are per GPU. They add up in
+    ``window`` (the run's :class:`~vla_ft.tracking.TrainWindow`), which a checkpoint saves with the
+    samples and seconds they go with: after a resume the first row's TFLOP/s is not diluted.
     """
 
-    def __init__(self, model: VLA, peak: float | None, attention: AttentionCount = "causal"):
+    def __init__(
+        self, model: VLA, peak: float | None, attention: AttentionCount = "causal", window: TrainWindow | None = None
+    ):
         self.model, self.peak, self.attention = model, peak, attention
-        self.flops: Tensor | None = None
+        self.window = window if window is not None else TrainWindow()
         self.coeffs: StepFlops | None = None
         self._key: tuple | None = None
         # prepend: the recording forward runs before a wrapper's own pre-forward hooks (FSDP2)
@@ -285,7 +290,7 @@ class FlopMeter:
         if key != self._key:
             self.coeffs, self._key = self._record(batch), key
         flops = self.coeffs.total(batch, key[1], self.attention)
-        self.flops = flops if self.flops is None else self.flops + flops
+        self.window.flops = flops if self.window.flops is None else self.window.flops + flops
 
     def _record(self, batch: dict[str, Tensor]) -> StepFlops:
         one = {k: v[:1] for k, v in batch.items()}
@@ -300,10 +305,10 @@ class FlopMeter:
 
     def metrics(self, elapsed: float) -> dict[str, float]:
         """``perf/tflops`` (and ``perf/mfu`` where the peak is known) over the ``elapsed`` s since the last call."""
-        if self.flops is None:
+        if self.window.flops is None:
             return {}
-        tflops = float(self.flops) / max(elapsed, 1e-9) / 1e12  # the log interval's one sync
-        self.flops = None
+        tflops = float(self.window.flops) / max(elapsed, 1e-9) / 1e12  # the log interval's one sync
+        self.window.flops = None
         out = {"perf/tflops": tflops}
         if self.peak:
             out["perf/mfu"] = tflops / self.peak
@@ -315,7 +320,7 @@ class FlopMeter:
 
 def install_meter(run: Run) -> None:
     """Extension installer: log ``perf/tflops`` and ``perf/mfu`` with the train metrics."""
-    meter = FlopMeter(run.model, peak_tflops(run.rt.device))
+    meter = FlopMeter(run.model, peak_tflops(run.rt.device), window=run.window)
     previous = run.hooks.perf_metrics
 
     def perf_metrics(run: Run, samples: int, elapsed: float) -> dict[str, float]:

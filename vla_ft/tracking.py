@@ -102,8 +102,9 @@ class TrainWindow:
     """What happened since the last train log line: values, samples, time spent waiting for data.
 
     Its time is training time: validation and checkpoints run :meth:`paused`, so throughput and
-    MFU do not drop in the window after them. A checkpoint keeps the window (:meth:`state_dict`):
-    the first row after a resume covers every step since the last row, as without the stop.
+    MFU do not drop in the window after them. A checkpoint keeps the window (:meth:`state_dict`),
+    its FLOPs included: the first row after a resume covers every step since the last row (its
+    samples, time and FLOPs alike), as without the stop.
     """
 
     def __init__(self) -> None:
@@ -114,6 +115,7 @@ class TrainWindow:
         self.samples = 0
         self.wait_s = 0.0
         self.carried_s = 0.0  # training seconds of the window before a resume
+        self.flops: Any = None  # this process's model FLOPs (vla_ft.flops.FlopMeter adds them; None without one)
         self.start_clock()
 
     def start_clock(self) -> None:
@@ -148,12 +150,14 @@ class TrainWindow:
             "samples": self.samples,
             "wait_s": self.wait_s,
             "elapsed_s": self.elapsed(),
+            "flops": None if self.flops is None else float(self.flops),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.reset()
         self.values.load_state_dict(state["values"], device)
         self.samples, self.wait_s, self.carried_s = state["samples"], state["wait_s"], state["elapsed_s"]
+        self.flops = state.get("flops")  # older checkpoints lack it
 
 
 def mean_window(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,6 +186,7 @@ class MetricsLogger:
         self.tensorboard = enabled and tensorboard
         self.writer = None
         self.purge_step: int | None = None
+        self.replay: list[dict[str, Any]] = []  # kept rows at purge_step, written again to a new writer
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -198,6 +203,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+            for row in self.replay:
+                for key, value in row.items():
+                    if key != "step":
+                        self.writer.add_scalar(key, math.nan if value is None else value, row["step"])
         return self.writer
 
     def start_fresh(self) -> Path | None:
@@ -217,11 +226,16 @@ class MetricsLogger:
 
         A skip is logged at the step of the last update (``signals.record_skip``), so skips right
         after the checkpoint (a halt on consecutive skips, then a resume) have its step; with the
-        checkpoint's ``skipped`` count, a row counting more skips than that is dropped too."""
+        checkpoint's ``skipped`` count, a row counting more skips than that is dropped too. TensorBoard
+        can only hide whole steps: then it hides the checkpoint's step too and is given its kept rows again."""
         self.purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if not _after(line, step, skipped)]
+        lines = self.path.read_text().splitlines()
+        rows = [line for line in lines if not _after(line, step, skipped)]
+        if any(_step_of(line) == step for line in lines if _after(line, step, skipped)):
+            self.purge_step = step
+            self.replay = [json.loads(line) for line in rows if _step_of(line) == step]
         self.path.write_text("".join(r + "\n" for r in rows))
 
     def close(self) -> None:
