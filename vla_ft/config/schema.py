@@ -211,14 +211,18 @@ class GroupConfig:
 class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = doc("optimizer", "adamw")
     lr: float = doc("base learning rate", 3e-4)
-    weight_decay: float = doc("decoupled weight decay (biases, norms, embeddings get 0)", 0.01)
+    weight_decay: float = doc(
+        "weight decay: decoupled for adamw, L2 in the gradient for adam and sgd (biases, norms, embeddings get 0)", 0.01
+    )
     betas: list[float] = doc("Adam betas", factory=lambda: [0.9, 0.95])
     eps: float = doc("Adam epsilon", 1e-8)
     momentum: float = doc("SGD momentum", 0.9)
     groups: dict[str, GroupConfig] = doc("per-module overrides, keyed by module name", factory=dict)
     scheduler: Literal["cosine", "linear", "constant"] = doc("LR schedule after warmup", "cosine")
     warmup_steps: int = doc("linear warmup steps", 20)
-    min_lr_ratio: float = doc("final LR as a fraction of the peak (cosine/linear)", 0.1)
+    min_lr_ratio: float = doc(
+        "LR at the end of the decay as a fraction of the peak (cosine/linear; the last update is one step short)", 0.1
+    )
     grad_clip: float = doc("max global gradient norm (0 = off)", 1.0)
     accumulation: int = doc("micro-batches per optimizer step", 1)
 
