@@ -198,7 +198,7 @@ def _backbone(v: VisionConfig, from_hub: bool) -> nn.Module:
     except (TypeError, ValueError, AssertionError, KeyError) as err:  # an unknown or ill-typed keyword, a bad size
         key = "model.vision.kwargs" if v.kwargs else "model.vision.img_size"
         call = ", ".join(f"{k}={val!r}" for k, val in kwargs.items() if k != "num_classes")
-        raise RecipeError(f"{key}: timm.create_model('{v.name}', {call}) failed: {_library_message(err)}") from None
+        raise RecipeError(f"{key}: timm.create_model('{v.name}', {call}) failed: {library_message(err)}") from None
 
 
 def vision_skeleton(cfg: ModelConfig) -> nn.Module:
@@ -207,7 +207,7 @@ def vision_skeleton(cfg: ModelConfig) -> nn.Module:
         return _backbone(cfg.vision, from_hub=False)
 
 
-def _library_message(err: BaseException) -> str:
+def library_message(err: BaseException) -> str:
     """A library's exception as one line: its type and message, whitespace collapsed, at most ~400 characters."""
     text = " ".join(str(err).split()) or repr(err)
     return f"{type(err).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}"
@@ -282,7 +282,7 @@ def _lm_config(lang: LanguageConfig, defaults: dict[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(**{**defaults, **lang.config})
     except _config_errors() as err:
-        raise RecipeError(f"model.language.config: transformers refused it: {_library_message(err)}") from None
+        raise RecipeError(f"model.language.config: transformers refused it: {library_message(err)}") from None
 
 
 def _lm_from_config(config: Any, lang: LanguageConfig, common: dict[str, Any]) -> nn.Module:
@@ -292,9 +292,9 @@ def _lm_from_config(config: Any, lang: LanguageConfig, common: dict[str, Any]) -
     try:
         return AutoModelForCausalLM.from_config(config, **common)
     except ImportError as err:  # an attention kernel's package (flash_attn) is missing
-        raise RecipeError(f"model.language.attn_implementation: {_library_message(err)}") from None
+        raise RecipeError(f"model.language.attn_implementation: {library_message(err)}") from None
     except _config_errors() as err:
-        raise RecipeError(f"model.language.config: transformers cannot build it: {_library_message(err)}") from None
+        raise RecipeError(f"model.language.config: transformers cannot build it: {library_message(err)}") from None
 
 
 def language_model_skeleton(cfg: ModelConfig) -> nn.Module | None:
@@ -338,7 +338,7 @@ def _pretrained_language_model(lang: LanguageConfig, common: dict[str, Any]) -> 
             str(path) if path.exists() else lang.name, output_loading_info=True, **common
         )
     except ImportError as err:  # an attention kernel's package (flash_attn) is missing
-        raise RecipeError(f"model.language.attn_implementation: {_library_message(err)}") from None
+        raise RecipeError(f"model.language.attn_implementation: {library_message(err)}") from None
     except (OSError, ValueError) as err:
         raise RecipeError(f"model.language.name: cannot load '{lang.name}': {err}") from None
     except SafetensorError as err:  # its message names no file

@@ -257,8 +257,9 @@ def mean_over_ranks(run: Run, values: dict[str, float]) -> dict[str, float]:
 def _param_names(run: Run) -> dict[int, str]:
     """id(parameter) -> stable name across world sizes: ``model.<fqn>`` or ``loss.<fqn>``. A model
     weight's fp32 master (one process with bf16 weights, which the optimizer updates) has its name."""
-    names = {id(p): f"model.{n}" for n, p in run.model.named_parameters()}
-    names.update({id(optimized(run.model, p)): f"model.{n}" for n, p in run.model.named_parameters()})
+    names: dict[int, str] = {}
+    for n, p in run.model.named_parameters():
+        names[id(p)] = names[id(optimized(run.model, p))] = f"model.{n}"
     names.update({id(p): f"loss.{n}" for n, p in run.loss_fn.named_parameters()})
     return names
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vla_ft.backbones import _library_message, language_model_skeleton, vision_skeleton
+from vla_ft.backbones import language_model_skeleton, library_message, vision_skeleton
 from vla_ft.config import ModelConfig, RecipeError
 from vla_ft.lora import check_targets
 
@@ -59,6 +59,8 @@ def _language_problems(cfg: ModelConfig) -> list[str]:
             "model.language.config: used only when model.language.name is null (a pretrained LM's own "
             "config.json decides its shape); remove it, or override it with model.language.config={}"
         ]
+    if lang.name is not None and not cfg.lora.enabled:  # a pretrained LM's shapes are its checkpoint's
+        return []
     p = unknown_config_keys(lang.config) if lang.name is None else []
     try:
         lm = language_model_skeleton(cfg)
@@ -68,7 +70,7 @@ def _language_problems(cfg: ModelConfig) -> list[str]:
         return p + err.problems
     except Exception:  # noqa: BLE001 - as for the vision backbone
         return p
-    if lang.name is not None:  # a pretrained LM's shapes are its checkpoint's
+    if lang.name is not None:  # built for its LoRA targets only
         return p
     probe = _meta_forward(lambda: lm(input_ids=torch.zeros(1, 4, dtype=torch.long)))
     return p + ([f"model.language.config: the LM fails on a 4-token input: {probe}"] if probe else [])
@@ -113,5 +115,5 @@ def _meta_forward(run: Callable[[], object]) -> str | None:
         text = str(err)
         if "meta" in text.lower() or "data-dependent" in text.lower():  # .item(), a bool of a meta tensor
             return None
-        return _library_message(err)
+        return library_message(err)
     return None

@@ -183,9 +183,8 @@ def setup(recipe: Recipe) -> Run:
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
     if data.val_set is not None:
-        val_loader = make_loader(
-            data.val_set, recipe, ValidationSampler(len(data.val_set), recipe), pad, rt.device, False
-        )
+        val_sampler = ValidationSampler(len(data.val_set), recipe)
+        val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(run_dir, recipe.logging.tensorboard, enabled=rt.is_main)

@@ -231,9 +231,10 @@ class MetricsLogger:
         self.purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        rows = [line for line in lines if not _after(line, step, skipped)]
-        if any(_step_of(line) == step for line in lines if _after(line, step, skipped)):
+        rows, dropped = [], []
+        for line in self.path.read_text().splitlines():
+            (dropped if _after(line, step, skipped) else rows).append(line)
+        if any(_step_of(line) == step for line in dropped):
             self.purge_step = step
             self.replay = [json.loads(line) for line in rows if _step_of(line) == step]
         self.path.write_text("".join(r + "\n" for r in rows))
