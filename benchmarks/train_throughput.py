@@ -540,6 +540,9 @@ def hf_trainer(bench: Bench, name: str, compile_: bool, patch: Callable[[VLA], N
             return DataLoader(Batches(), batch_size=None, shuffle=False)
 
     o = recipe.optim
+    # Accelerate's state is a singleton: a second Trainer would keep the first one's compile setting;
+    # reset before TrainingArguments, which sets up its device (use_cpu) in that state
+    AcceleratorState._reset_state(True)
     args = TrainingArguments(
         output_dir=str(bench.workdir / name),
         max_steps=n,
@@ -565,7 +568,6 @@ def hf_trainer(bench: Bench, name: str, compile_: bool, patch: Callable[[VLA], N
         seed=recipe.train.seed,
         use_cpu=not cuda,
     )
-    AcceleratorState._reset_state(True)  # a singleton: a second Trainer would keep the first one's compile setting
     trainer = VLATrainer(model=model, args=args, callbacks=[StepEnds()])
     trainer.train()
     compiled = isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
@@ -839,7 +841,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; valid: {', '.join(ROWS)}")
     workdir = Path(tempfile.mkdtemp(prefix="vla_bench_"))
-    overrides = [*(SMOKE if smoke else ()), *args.set]
+    overrides = [*(SMOKE if smoke else ()), f"train.device={device.type}", *args.set]
     probe = load_recipe(RECIPE, [*COMMON, *overrides])
     bench = Bench(
         device,

@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU: gloo, 2 processes forked from the test process (no re-import).
+"""Data-parallel training on CPU: gloo, 2 processes forked from the test process (no re-import;
+spawned where CUDA exists, since autograd's device threads do not survive a fork).
 
 The reference is an independent single-process run of the same recipe with the same global
 batch (2 processes x batch 2 = 1 process x batch 4): the sampler gives both the same samples
@@ -40,6 +41,7 @@ from vla_ft.train import main
 # weight is learned (uncertainty): a parameter outside DDP whose gradient must be averaged.
 RECIPE = [
     *TINY,
+    "train.device=cpu",  # gloo on CPU even where CUDA exists
     "data.chunk=4",
     "data.synthetic.episode_length=10",
     "loss.weights.gripper=0",
@@ -110,7 +112,8 @@ def _inject(run, faults: dict[str, int]) -> None:
 
 def train_2_processes(run_dir: Path, overrides: list[str], faults: dict[str, int] | None = None) -> list[dict]:
     args = (2, _free_port(), [*overrides, f"output_dir={run_dir}"], faults or {})
-    mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")  # raises if a rank failed
+    method = "spawn" if torch.cuda.is_available() else "fork"  # autograd's CUDA threads break forks
+    mp.start_processes(_worker, args=args, nprocs=2, start_method=method)  # raises if a rank failed
     return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -229,7 +230,7 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tm
     run_dir, marker = tmp_path / "run", tmp_path / "blocked"
     overrides = [*FAST, "train.steps=4", "checkpoint.every=1", "checkpoint.keep_last=0"]
     proc = start_forked(
-        train_argv(run_dir, overrides), tmp_path / "log.txt", prepare=lambda: _block_inside_step_2_save(str(marker))
+        train_argv(run_dir, overrides), tmp_path / "log.txt", prepare=partial(_block_inside_step_2_save, str(marker))
     )
     wait_for(marker.exists, 120, "the save of step 2", proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -237,12 +238,12 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tm
     assert proc.exitcode == -signal.SIGKILL
 
     root = run_dir / "checkpoints"
-    partial = root / ".tmp_step_000002"
-    assert (partial / "model.safetensors").is_file() and not (partial / ck.COMPLETE).exists()
+    unfinished = root / ".tmp_step_000002"
+    assert (unfinished / "model.safetensors").is_file() and not (unfinished / ck.COMPLETE).exists()
     assert ck.latest_checkpoint(root) == root / "step_000001"
 
     run = tiny_run(run_dir, *overrides[len(FAST) :], "train.resume=true")
     assert (run.resumed_from, run.state.step) == (root / "step_000001", 1)
     fit(run)
     assert ck.latest_checkpoint(root) == root / "step_000004"
-    assert not partial.exists() and ck.is_complete(root / "step_000002")
+    assert not unfinished.exists() and ck.is_complete(root / "step_000002")

@@ -67,9 +67,13 @@ _WARM = False
 
 def start_forked(argv: list[str], log: Path, prepare: Callable[[], None] | None = None):
     """``vla-ft <argv>`` in a forked child process (started, not waited for); output goes to ``log``.
-    ``prepare`` runs in the child first (fault injection through monkeypatching)."""
-    warm_imports()
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(argv, str(log), prepare))
+    ``prepare`` runs in the child first (fault injection through monkeypatching). Where CUDA exists
+    the child is spawned instead: after the first backward, autograd's CUDA worker threads make
+    a forked child's backward fail (``prepare`` must then pickle: a module-level function)."""
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    if method == "fork":
+        warm_imports()
+    proc = multiprocessing.get_context(method).Process(target=_child, args=(argv, str(log), prepare))
     proc.start()
     return proc
 
