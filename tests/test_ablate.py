@@ -92,6 +92,29 @@ def test_a_tied_best_is_at_its_first_step_in_max_mode_too(tmp_path):
     assert (best["best val/action_l1"], best["best_step"]) == (-0.9, 4)
 
 
+def test_best_by_is_among_the_finished_variants(tmp_path):
+    """A variant that failed or was stopped trained fewer steps (its best may predate a
+    divergence): the table still lists it, but "Best by" names a finished variant and says which
+    ones were left out."""
+    outcomes = {"diverged": ({"halted": "non-finite loss"}, 0.1), "done": ({"finished": True}, 0.3)}
+    outcomes |= {"cut": ({}, 0.2)}  # stopped by a signal: no outcome in its summary
+    for name, (info, value) in outcomes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 2, "val/action_l1": value}) + "\n")
+        (tmp_path / name / "run_summary.json").write_text(json.dumps(info))
+    rows = ablate_table.write_summary(tmp_path, list(outcomes), "val/action_l1", "min")
+    assert [r["status"] for r in rows] == ["halted", "finished", "stopped"]
+    md = (tmp_path / "summary.md").read_text()
+    assert md.endswith(
+        "Best by val/action_l1 (min) among the finished variants (not: diverged (halted), cut (stopped)): **done**.\n"
+    )
+    (tmp_path / "done" / "run_summary.json").write_text("{}")
+    md = ablate_table.markdown_table(
+        ablate_table.write_summary(tmp_path, ["done"], "val/action_l1", "min"), "val/action_l1", "min"
+    )
+    assert md.endswith("Best by val/action_l1 (min): none, no variant finished with a finite value.\n")
+
+
 def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch, capsys):
     root = tmp_path / "abl"
     argv = [

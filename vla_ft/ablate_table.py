@@ -107,7 +107,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def best_variant(rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
-    scored = [(r[f"best {metric}"], r["variant"]) for r in rows if math.isfinite(r[f"best {metric}"])]
+    """The finished variant with the best value: a failed, halted or stopped one trained fewer
+    steps than the others (its best may predate a divergence), so it is not in the running."""
+    scored = [
+        (r[f"best {metric}"], r["variant"])
+        for r in rows
+        if r["status"] == "finished" and math.isfinite(r[f"best {metric}"])
+    ]
     if not scored:
         return None
     return (min(scored) if mode == "min" else max(scored))[1]
@@ -118,8 +124,12 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, mode: str) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
     best = best_variant(rows, metric, mode)
+    unfinished = [f"{r['variant']} ({r['status']})" for r in rows if r["status"] != "finished"]
+    among = f" among the finished variants (not: {', '.join(unfinished)})" if unfinished else ""
     if best is not None:
-        lines += ["", f"Best by {metric} ({mode}): **{best}**."]
+        lines += ["", f"Best by {metric} ({mode}){among}: **{best}**."]
+    elif rows:
+        lines += ["", f"Best by {metric} ({mode}): none, no variant finished with a finite value."]
     return "\n".join(lines) + "\n"
 
 
