@@ -3,12 +3,14 @@ refusals, and a disk cache that is reused only while it is valid."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -179,7 +181,7 @@ def test_a_dataset_edited_in_place_changes_the_fingerprint_and_the_caches_do_not
     assert feature_cache.data_files(recipe) != before
 
 
-def test_an_lm_config_edited_next_to_its_weights_changes_the_fingerprint(tmp_path):
+def test_an_lm_config_edited_next_to_its_weights_or_a_library_upgrade_changes_the_fingerprint(tmp_path):
     # model.language.name names a directory: the recipe and the weights stay the same while its
     # config.json changes what the LM computes, so the cached readout would be stale.
     save_lm_dir(tmp_path / "lm")
@@ -195,6 +197,9 @@ def test_an_lm_config_edited_next_to_its_weights_changes_the_fingerprint(tmp_pat
 
     key, readout = key_and_readout("a")
     assert key_and_readout("b")[0] == key  # the same model again: reused
+    version = importlib.metadata.version
+    with mock.patch("importlib.metadata.version", lambda name: "99.0" if name == "timm" else version(name)):
+        assert key_and_readout("timm_upgraded")[0] != key  # a new timm may run the backbone otherwise
     config = json.loads((tmp_path / "lm" / "config.json").read_text())
     config["rms_norm_eps"] = 0.5
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))

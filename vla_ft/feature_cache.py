@@ -31,6 +31,7 @@ written by rank 0 and read by all.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import time
@@ -58,6 +59,7 @@ LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
 SHARD_BYTES = 256 * 2**20  # readout bytes per shard file: bounds the memory used while writing
 LOADER_ONLY_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
 HEAD_ONLY_KEYS = ("action_head_hidden", "gripper_head")  # model.*: the heads, which train on the cache
+TRUNK_LIBRARIES = ("torch", "timm", "transformers", "peft")  # whose upgrade may change the trunk's forward
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -262,7 +264,8 @@ def _check_order(index: torch.Tensor) -> None:
 def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
     loader settings), the model recipe (minus the heads': a sweep over head widths shares one
-    cache), the LM's config, normalisation, episodes, tokenizer and precision.
+    cache), the LM's config, normalisation, episodes, tokenizer, precision and the versions of
+    the libraries that compute the trunk (an upgraded timm may build or run a backbone otherwise).
 
     The LM's config is hashed as loaded: with ``model.language.name`` the recipe holds only a
     path or hub name, and a ``config.json`` edited there (rope, norm eps) changes the readout
@@ -280,6 +283,7 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
         "precision": str(run.rt.amp_dtype),
         "vocab": sorted(run.tokenizer.get_vocab().items()),
         "files": data_files(run.recipe),
+        "libraries": {name: importlib.metadata.version(name) for name in TRUNK_LIBRARIES},
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name in TRUNK_MODULES:
