@@ -322,3 +322,28 @@ def test_validation_and_checkpoints_are_left_out_of_the_throughput(tmp_path, mon
     rate = {r["step"]: r["perf/samples_per_s"] for r in metric_rows(tmp_path / "run") if "perf/samples_per_s" in r}
     assert sorted(rate) == [3, 6, 9]
     assert min(rate[6], rate[9]) > 0.4 * rate[3], rate  # 3 s of sleep per window would cut it below 0.2
+
+
+def test_a_log_row_measures_samples_and_flops_over_one_interval(monkeypatch):
+    """samples/s, data wait and TFLOP/s of a row divide by the same seconds: read twice, a clock
+    tick between the reads skewed FLOPs per sample (a flaky resume test caught it)."""
+    from types import SimpleNamespace
+
+    from vla_ft import tracking
+
+    ticks = itertools.count()
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: float(next(ticks)))  # 1 s per read
+    window = tracking.TrainWindow()
+    window.samples = 8
+    logged = {}
+    run = SimpleNamespace(
+        state=SimpleNamespace(step=5, skipped=0),
+        scaler=None,
+        optimizer=SimpleNamespace(param_groups=[{"module": "action_head", "lr": 0.1}]),
+        reduce_metrics=lambda values: values,
+        perf_metrics=lambda samples, elapsed: {"perf/tflops": 8e12 / elapsed / 1e12},  # 1 TFLOP per sample
+        logger=SimpleNamespace(log=lambda step, values: logged.update(values)),
+        progress=SimpleNamespace(update=lambda step, summary: None),
+    )
+    train_mod.log_train(run, window)
+    assert logged["perf/tflops"] == logged["perf/samples_per_s"]

@@ -135,9 +135,10 @@ class TrainWindow:
         finally:
             self.paused_s += time.perf_counter() - start
 
-    def perf(self) -> dict[str, float]:
-        """``perf/samples_per_s`` and ``perf/data_wait_frac`` (share of training time spent waiting for batches)."""
-        elapsed = max(self.elapsed(), 1e-9)
+    def perf(self, elapsed: float) -> dict[str, float]:
+        """``perf/samples_per_s`` and ``perf/data_wait_frac`` (share of training time spent waiting
+        for batches) over ``elapsed`` training seconds (:meth:`elapsed`)."""
+        elapsed = max(elapsed, 1e-9)
         return {"perf/samples_per_s": self.samples / elapsed, "perf/data_wait_frac": self.wait_s / elapsed}
 
     def elapsed(self) -> float:

@@ -387,8 +387,9 @@ def after_update(run: Run, result: StepResult, window: TrainWindow) -> dict[str,
 def log_train(run: Run, window: TrainWindow) -> None:
     """Means over the window (the one host sync per log interval), LRs, throughput, faults."""
     st = run.state
-    values = {**run.reduce_metrics(window.values.means()), **window.perf(), **optim.group_lrs(run.optimizer)}
-    values.update(run.perf_metrics(window.samples, window.elapsed()))
+    values = {**run.reduce_metrics(window.values.means()), **optim.group_lrs(run.optimizer)}
+    elapsed = window.elapsed()  # read once: samples/s, data wait and TFLOP/s share one interval
+    values.update({**window.perf(elapsed), **run.perf_metrics(window.samples, elapsed)})
     values["fault/nonfinite_skips"] = float(st.skipped)
     if run.scaler:
         values.update({"amp/scale": run.scaler.get_scale(), "amp/scaler_skips": float(st.scaler_skips)})
