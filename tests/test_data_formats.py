@@ -446,3 +446,39 @@ def test_robomimic_filter_keys(tmp_path):
 
 def _source_aloha(tmp_path: Path) -> Path:
     return write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=8), tmp_path / "aloha")
+
+
+def _lerobot_stats_shapes(stats: dict, where: str) -> None:
+    """LeRobot's ``aggregate_stats`` runs ``_assert_type_and_shape`` on every stats dict it pools
+    (huggingface/lerobot src/lerobot/datasets/compute_stats.py): ``count`` must have shape (1,),
+    the frame count ``np.array([len(array)])`` of ``get_feature_stats``; every stat at least 1-D."""
+    for feature, values in stats.items():
+        for stat, value in values.items():
+            assert np.asarray(value).ndim >= 1, f"{where}: {feature}/{stat} is a scalar"
+        assert np.asarray(values["count"]).shape == (1,), f"{where}: {feature}/count is {values['count']}"
+
+
+def test_writer_stats_and_info_load_in_lerobot(datasets):
+    """What our writer ships must load in LeRobot itself.
+
+    v2.1: ``LeRobotDatasetMetadata.load_metadata`` pools ``meta/episodes_stats.jsonl`` with
+    ``aggregate_stats`` (huggingface/lerobot src/lerobot/datasets/lerobot_dataset.py, v2.1), which
+    refuses a ``count`` of any shape but (1,). v3.0: ``save_episode`` pools ``meta/stats.json`` with
+    each new episode's stats the same way, and appending reads ``info["data_files_size_in_mb"]`` /
+    ``info["video_files_size_in_mb"]``, which ``create_empty_dataset_info`` always writes
+    (huggingface/lerobot src/lerobot/datasets/utils.py)."""
+    v21 = Path(datasets["v21_image"][1]["path"])
+    for row in (json.loads(line) for line in (v21 / "meta/episodes_stats.jsonl").read_text().splitlines()):
+        _lerobot_stats_shapes(row["stats"], f"episodes_stats.jsonl episode {row['episode_index']}")
+    v3 = Path(datasets["v3_h264"][1]["path"])
+    _lerobot_stats_shapes(json.loads((v3 / "meta/stats.json").read_text()), "stats.json")
+    episodes = pq.read_table(v3 / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    for row in episodes:
+        flat = {k.split("/")[1]: {} for k in row if k.startswith("stats/")}
+        for key, value in row.items():
+            if key.startswith("stats/"):
+                flat[key.split("/")[1]][key.split("/")[2]] = value
+        _lerobot_stats_shapes(flat, f"meta/episodes episode {row['episode_index']}")
+        assert flat["action"]["count"] == [row["length"]]
+    info = json.loads((v3 / "meta/info.json").read_text())
+    assert info["data_files_size_in_mb"] == 100 and info["video_files_size_in_mb"] == 500
