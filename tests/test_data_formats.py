@@ -482,3 +482,26 @@ def test_writer_stats_and_info_load_in_lerobot(datasets):
         assert flat["action"]["count"] == [row["length"]]
     info = json.loads((v3 / "meta/info.json").read_text())
     assert info["data_files_size_in_mb"] == 100 and info["video_files_size_in_mb"] == 500
+
+
+def test_hdf5_writer_has_the_keys_the_real_loaders_read(tmp_path):
+    """Files from our HDF5 writer must load in the tools of their layout, not only in our reader.
+
+    ALOHA: ACT's ``EpisodicDataset.__getitem__`` and ``get_norm_stats`` read ``root.attrs['sim']``,
+    ``/observations/qpos``, ``/observations/qvel`` and ``/action`` of every episode_<i>.hdf5
+    (tonyzhaozh/act utils.py). robomimic: ``SequenceDataset`` reads ``config.train.dataset_keys``,
+    by default ("actions", "rewards", "dones"), from each data/demo_<i> of ``attrs['num_samples']``
+    rows (ARISE-Initiative/robomimic robomimic/config/base_config.py, robomimic/utils/dataset.py)."""
+    source = SyntheticReader(episodes=2, episode_length=5, image_size=8)
+    aloha = write_aloha(source, tmp_path / "aloha")
+    for ep in source.episodes():
+        with h5py.File(aloha / f"episode_{ep.index}.hdf5") as f:
+            assert "sim" in f.attrs
+            for key in ("/observations/qpos", "/observations/qvel", "/action"):
+                assert key in f and len(f[key]) == ep.length, key
+    with h5py.File(write_robomimic(source, tmp_path / "rm.hdf5")) as f:
+        for ep in source.episodes():
+            demo = f[f"data/demo_{ep.index}"]
+            for key in ("actions", "rewards", "dones"):
+                assert key in demo and len(demo[key]) == demo.attrs["num_samples"] == ep.length, key
+            assert demo["dones"][-1] == 1 and not demo["dones"][:-1].any()
