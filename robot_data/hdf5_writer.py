@@ -1,7 +1,9 @@
 """Write any reader in the robomimic or ALOHA HDF5 layout (see :mod:`robot_data.hdf5`).
 
 Used for test fixtures and to try the HDF5 recipes on the synthetic task. robomimic gets
-``obs/state``, ``obs/<camera>_image`` and ``actions``; ALOHA gets ``observations/qpos``,
+``obs/state``, ``obs/<camera>_image``, ``actions`` and robomimic's other default dataset keys
+``rewards`` (zeros) and ``dones`` (1 at the last step); ALOHA gets ``observations/qpos``,
+``observations/qvel`` (zeros, which ACT's loader reads),
 ``observations/images/<camera>`` (raw, or PNG bytes padded per row when ``compress``, channels
 reversed as ``cv2.imencode`` stores them) and
 ``action``. Per-frame text goes to a ``narration`` string dataset, the instruction to a ``task``
@@ -45,6 +47,9 @@ def write_robomimic(reader: Reader, path: str | Path) -> Path:
             demo = data.create_group(f"demo_{ep.index}")
             demo.attrs["num_samples"], demo.attrs["task"] = ep.length, ep.task
             demo.create_dataset("actions", data=arrays.action)
+            # robomimic's default train.dataset_keys: no reward is known, done only at the last step
+            demo.create_dataset("rewards", data=np.zeros(ep.length))
+            demo.create_dataset("dones", data=np.arange(ep.length) == ep.length - 1, dtype=np.int64)
             demo.create_dataset("obs/state", data=arrays.state)
             for camera in reader.cameras:
                 images = reader.frames(ep.index, camera, range(ep.length))
@@ -79,6 +84,7 @@ def write_aloha(reader: Reader, directory: str | Path, compress: bool = False) -
             f.attrs["sim"], f.attrs["compress"], f.attrs["fps"], f.attrs["task"] = True, compress, reader.fps, ep.task
             f.create_dataset("action", data=arrays.action)
             f.create_dataset("observations/qpos", data=arrays.state)
+            f.create_dataset("observations/qvel", data=np.zeros_like(arrays.state))  # ACT reads it; none known
             for camera in reader.cameras:
                 images = reader.frames(ep.index, camera, range(ep.length))
                 data = _png_rows(images) if compress else images

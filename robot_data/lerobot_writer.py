@@ -26,6 +26,8 @@ from robot_data.reader import Episode, Reader
 from robot_data.video import encode_video
 
 CHUNKS_SIZE = 1000
+FILE_SIZES_IN_MB = {"data_files_size_in_mb": 100, "video_files_size_in_mb": 500}
+"""v3.0 info.json keys LeRobot always writes (its defaults) and reads when it appends episodes."""
 V3_DATA = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_VIDEO = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 V2_DATA = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
@@ -45,10 +47,13 @@ def _vectors(x: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
 
 
-def _stats_json(reader: Reader, episodes: list[int]) -> dict[str, dict[str, list[float]]]:
-    stats = compute_stats(reader, episodes)
+def _stats_json(reader: Reader, episodes: list[Episode]) -> dict[str, dict[str, list[float]]]:
+    """Stats of ``episodes`` as LeRobot writes them: ``count`` is the frame count, shape (1,) (its
+    ``aggregate_stats`` refuses any other shape), not the per-dim finite counts of ``compute_stats``."""
+    stats = compute_stats(reader, [e.index for e in episodes])
+    frames = [sum(e.length for e in episodes)]
     names = {STATE: "state", ACTION: "action"}
-    return {name: {s: v.tolist() for s, v in stats[key].items()} for name, key in names.items()}
+    return {name: {**{s: v.tolist() for s, v in stats[key].items()}, "count": frames} for name, key in names.items()}
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -130,7 +135,7 @@ class _Writer:
                     "dataset_to_index": index + ep.length,
                     "meta/episodes/chunk_index": 0,
                     "meta/episodes/file_index": 0,
-                    "stats": _stats_json(self.reader, [ep.index]),
+                    "stats": _stats_json(self.reader, [ep]),
                 }
             )
             index += ep.length
@@ -241,6 +246,7 @@ def write_lerobot(
         "total_frames": index,
         "total_tasks": len(tasks),
         "chunks_size": CHUNKS_SIZE,
+        **(FILE_SIZES_IN_MB if version == "v3.0" else {}),
         "fps": reader.fps,
         "splits": {"train": f"0:{len(episodes)}"},
         "data_path": V3_DATA if version == "v3.0" else V2_DATA,
@@ -255,7 +261,7 @@ def write_lerobot(
             row.update({f"stats/{k}/{s}": v for k, d in row.pop("stats").items() for s, v in d.items()})
         (out / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), out / "meta/episodes/chunk-000/file-000.parquet")
-        stats = _stats_json(reader, [e.index for e in episodes])
+        stats = _stats_json(reader, episodes)
         (out / "meta/stats.json").write_text(json.dumps(stats, indent=4))
     else:
         _jsonl(out / "meta/tasks.jsonl", [{"task_index": i, "task": t} for i, t in enumerate(tasks)])

@@ -154,7 +154,7 @@ def test_an_hdf5_key_naming_no_dataset_is_one_line_with_the_keys(tmp_path, tiny_
         err = capsys.readouterr().err
         assert message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-        assert "keys: obs/state, obs/top_image, actions, narration" in err or "valid: top_image" in err
+        assert "keys: obs/state, obs/top_image, actions, dones, narration, rewards" in err or "valid: top_image" in err
 
 
 def test_an_hdf5_path_of_another_layout_is_one_line_naming_it(tmp_path, tiny_overrides, capsys):
@@ -181,7 +181,7 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
     aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")
     capsys.readouterr()
     features = "; features: observation.state, action, observation.images.top, narration"
-    keys = "; keys: observations/images, observations/qpos, action, narration"
+    keys = "; keys: observations/images, observations/qpos, observations/qvel, action, narration"
     for args, message in (
         ([ds, "--state-key", "observation.stat"], f"'observation.stat' is not a feature of {ds} (did you mean"),
         ([ds, "--action-key", "actoin"], f"'actoin' is not a feature of {ds} (did you mean 'action'?){features}"),

@@ -446,3 +446,62 @@ def test_robomimic_filter_keys(tmp_path):
 
 def _source_aloha(tmp_path: Path) -> Path:
     return write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=8), tmp_path / "aloha")
+
+
+def _lerobot_stats_shapes(stats: dict, where: str) -> None:
+    """LeRobot's ``aggregate_stats`` runs ``_assert_type_and_shape`` on every stats dict it pools
+    (huggingface/lerobot src/lerobot/datasets/compute_stats.py): ``count`` must have shape (1,),
+    the frame count ``np.array([len(array)])`` of ``get_feature_stats``; every stat at least 1-D."""
+    for feature, values in stats.items():
+        for stat, value in values.items():
+            assert np.asarray(value).ndim >= 1, f"{where}: {feature}/{stat} is a scalar"
+        assert np.asarray(values["count"]).shape == (1,), f"{where}: {feature}/count is {values['count']}"
+
+
+def test_writer_stats_and_info_load_in_lerobot(datasets):
+    """What our writer ships must load in LeRobot itself.
+
+    v2.1: ``LeRobotDatasetMetadata.load_metadata`` pools ``meta/episodes_stats.jsonl`` with
+    ``aggregate_stats`` (huggingface/lerobot src/lerobot/datasets/lerobot_dataset.py, v2.1), which
+    refuses a ``count`` of any shape but (1,). v3.0: ``save_episode`` pools ``meta/stats.json`` with
+    each new episode's stats the same way, and appending reads ``info["data_files_size_in_mb"]`` /
+    ``info["video_files_size_in_mb"]``, which ``create_empty_dataset_info`` always writes
+    (huggingface/lerobot src/lerobot/datasets/utils.py)."""
+    v21 = Path(datasets["v21_image"][1]["path"])
+    for row in (json.loads(line) for line in (v21 / "meta/episodes_stats.jsonl").read_text().splitlines()):
+        _lerobot_stats_shapes(row["stats"], f"episodes_stats.jsonl episode {row['episode_index']}")
+    v3 = Path(datasets["v3_h264"][1]["path"])
+    _lerobot_stats_shapes(json.loads((v3 / "meta/stats.json").read_text()), "stats.json")
+    episodes = pq.read_table(v3 / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    for row in episodes:
+        flat = {k.split("/")[1]: {} for k in row if k.startswith("stats/")}
+        for key, value in row.items():
+            if key.startswith("stats/"):
+                flat[key.split("/")[1]][key.split("/")[2]] = value
+        _lerobot_stats_shapes(flat, f"meta/episodes episode {row['episode_index']}")
+        assert flat["action"]["count"] == [row["length"]]
+    info = json.loads((v3 / "meta/info.json").read_text())
+    assert info["data_files_size_in_mb"] == 100 and info["video_files_size_in_mb"] == 500
+
+
+def test_hdf5_writer_has_the_keys_the_real_loaders_read(tmp_path):
+    """Files from our HDF5 writer must load in the tools of their layout, not only in our reader.
+
+    ALOHA: ACT's ``EpisodicDataset.__getitem__`` and ``get_norm_stats`` read ``root.attrs['sim']``,
+    ``/observations/qpos``, ``/observations/qvel`` and ``/action`` of every episode_<i>.hdf5
+    (tonyzhaozh/act utils.py). robomimic: ``SequenceDataset`` reads ``config.train.dataset_keys``,
+    by default ("actions", "rewards", "dones"), from each data/demo_<i> of ``attrs['num_samples']``
+    rows (ARISE-Initiative/robomimic robomimic/config/base_config.py, robomimic/utils/dataset.py)."""
+    source = SyntheticReader(episodes=2, episode_length=5, image_size=8)
+    aloha = write_aloha(source, tmp_path / "aloha")
+    for ep in source.episodes():
+        with h5py.File(aloha / f"episode_{ep.index}.hdf5") as f:
+            assert "sim" in f.attrs
+            for key in ("/observations/qpos", "/observations/qvel", "/action"):
+                assert key in f and len(f[key]) == ep.length, key
+    with h5py.File(write_robomimic(source, tmp_path / "rm.hdf5")) as f:
+        for ep in source.episodes():
+            demo = f[f"data/demo_{ep.index}"]
+            for key in ("actions", "rewards", "dones"):
+                assert key in demo and len(demo[key]) == demo.attrs["num_samples"] == ep.length, key
+            assert demo["dones"][-1] == 1 and not demo["dones"][:-1].any()
