@@ -226,9 +226,7 @@ class HDF5Reader(Reader):
                     tasks[_demo_number(name)] = self._task(group, f["data"], _text(problem) or env)
         else:
             files = sorted(self.path.glob("*.hdf5")) if self.path.is_dir() else [self.path]
-            numbers = [_number(p.stem) for p in files]
-            if None in numbers or len(set(numbers)) != len(numbers):
-                numbers = list(range(len(files)))  # no usable numbering: order by name
+            numbers = self._file_numbers(files)
             for number, file in zip(numbers, files, strict=True):
                 sources[number] = _Source(file, "/")
                 try:
@@ -237,6 +235,28 @@ class HDF5Reader(Reader):
                     self.unreadable[number] = f"unreadable HDF5 file ({_one_line(err)})"
                     tasks[number] = ""
         return sources, tasks
+
+    def _file_numbers(self, files: list[Path]) -> list[int]:
+        """Episode index of each ALOHA file: the last number in its name (``episode_12.hdf5`` ->
+        12), or the name order where no file has one. A file without a number, or a number used
+        twice, among numbered episodes is refused: renumbering all by name order would silently
+        move every episode index (``episode_10`` before ``episode_2``) that splits and
+        ``data.val_episodes`` name."""
+        named = {p.name: _number(p.stem) for p in files}
+        numbered = {name: n for name, n in named.items() if n is not None}
+        if not numbered:
+            return list(range(len(files)))
+        if len(numbered) < len(named):
+            stray = ", ".join(name for name in named if name not in numbered)
+            why = f"{stray}: no episode number in the name, unlike {next(iter(numbered))}"
+            raise _not_a_dataset(self.path, self.layout, f"{why} (move it out of the folder or rename it)")
+        by_number: dict[int, list[str]] = {}
+        for name, n in numbered.items():
+            by_number.setdefault(n, []).append(name)
+        clashes = [f"{', '.join(names)} share episode number {n}" for n, names in by_number.items() if len(names) > 1]
+        if clashes:
+            raise _not_a_dataset(self.path, self.layout, f"{'; '.join(clashes)} (keep one file per episode)")
+        return list(numbered.values())
 
     @staticmethod
     def _task(group: h5py.Group, parent: h5py.Group | None, fallback: str) -> str:

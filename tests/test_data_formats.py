@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import av
@@ -442,6 +443,29 @@ def test_robomimic_filter_keys(tmp_path):
     with pytest.raises(DatasetFormatError, match="mask/broken names demos the file lacks: \\['demo_7'\\]"):
         broken.episode_filters()
     assert build_reader("hdf5", path=str(_source_aloha(tmp_path)), layout="aloha").episode_filters() == {}
+
+
+def test_aloha_episodes_keep_the_numbers_in_their_file_names(tmp_path):
+    """ACT's recorder names files episode_<i>.hdf5. A stray file, or two files of one number,
+    used to renumber every episode by name order (episode_10 before episode_2), silently moving
+    the episodes that data.val_episodes and the splits name; now it is refused, naming the files."""
+    source = write_aloha(SyntheticReader(episodes=1, episode_length=4, image_size=8), tmp_path / "src")
+    aloha = tmp_path / "aloha"
+    aloha.mkdir()
+    for name in ("episode_2.hdf5", "episode_10.hdf5"):
+        shutil.copy(source / "episode_0.hdf5", aloha / name)
+    assert [e.index for e in build_reader("hdf5", path=str(aloha), layout="aloha").episodes()] == [2, 10]
+
+    shutil.copy(source / "episode_0.hdf5", aloha / "calibration.hdf5")
+    with pytest.raises(DatasetFormatError, match="calibration.hdf5: no episode number in the name, unlike episode_"):
+        build_reader("hdf5", path=str(aloha), layout="aloha")
+    (aloha / "calibration.hdf5").rename(aloha / "retake_episode_2.hdf5")
+    with pytest.raises(DatasetFormatError, match="episode_2.hdf5, retake_episode_2.hdf5 share episode number 2"):
+        build_reader("hdf5", path=str(aloha), layout="aloha")
+
+    for old, new in {"episode_2": "b", "episode_10": "a", "retake_episode_2": "c"}.items():  # no numbers at all
+        (aloha / f"{old}.hdf5").rename(aloha / f"{new}.hdf5")
+    assert [e.index for e in build_reader("hdf5", path=str(aloha), layout="aloha").episodes()] == [0, 1, 2]
 
 
 def _source_aloha(tmp_path: Path) -> Path:
