@@ -104,6 +104,11 @@ def test_stats_skip_nan():
     assert np.all(s["count"] == 14)
     np.testing.assert_allclose(s["mean"], np.nanmean(x, 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s["std"], np.nanstd(x, 0), rtol=1e-5, atol=1e-6)
+    # a dim with no finite value at all (a missing sensor) gets neutral stats, never inf or NaN
+    acc = normalize._Accumulator()
+    acc.add(np.array([[1.0, np.nan], [3.0, np.nan]]))
+    empty = acc.finish()
+    assert all(empty[k][1] == 0 for k in empty) and empty["max"][0] == 3 and empty["q99"][0] > 2.9
 
 
 def test_stats_stable_with_large_offset():
@@ -174,6 +179,10 @@ def test_normalizer_formulas(stats, reader):
     y = Normalizer(stats, "min_max").normalize("state", x)
     np.testing.assert_allclose(y[:, :2].min(0), -1, atol=1e-5)
     np.testing.assert_allclose(y[:, :2].max(0), 1, atol=1e-5)
+    # q01_q99 maps the data's own 1st/99th percentiles (numpy's, not the stats' min/max) onto -1/1
+    q01, q99 = np.quantile(x.astype(np.float64), [0.01, 0.99], axis=0)
+    expected = (x - (q99 + q01) / 2) / ((q99 - q01) / 2)
+    np.testing.assert_allclose(Normalizer(stats, "q01_q99").normalize("state", x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_raw_dims_leave_the_stats_untouched(reader):
@@ -196,9 +205,14 @@ def test_normalizer_guards_constant_dims(stats):
     for s in ("std", "min", "max", "q01", "q99"):
         flat["state"][s][0] = 0.0 if s == "std" else 5.0
     flat["state"]["mean"][0] = 5.0
+    # dim 1 nearly constant: a spread of 1e-7 (float rounding of a constant) is below EPS too
+    flat["state"]["mean"][1], flat["state"]["std"][1] = 0.5, 1e-7
+    for s, v in (("min", 0.5 - 1e-7), ("q01", 0.5 - 1e-7), ("max", 0.5 + 1e-7), ("q99", 0.5 + 1e-7)):
+        flat["state"][s][1] = v
     for mode in ("mean_std", "min_max", "q01_q99"):
-        y = Normalizer(flat, mode).normalize("state", np.array([[5.5, 0.5, 0.0]], np.float32))
+        y = Normalizer(flat, mode).normalize("state", np.array([[5.5, 0.75, 0.0]], np.float32))
         assert np.isfinite(y).all() and y[0, 0] == pytest.approx(0.5)  # scale 1, not 1/eps
+        assert y[0, 1] == pytest.approx(0.25, abs=1e-6), mode
 
 
 def test_normalizer_dict_round_trip_is_exact(stats):
@@ -229,6 +243,7 @@ def test_split_deterministic_and_by_episode():
     assert split_episodes(eps, 0.1, [3, 5], seed=1) == ([e for e in eps if e not in (3, 5)], [3, 5])
     assert split_episodes([0], 0.5) == ([0], [])  # at least one train episode
     assert split_episodes(eps, 0.0) == (eps, [])
+    assert len(split_episodes(range(10), 0.17)[1]) == 2  # round(1.7), not int(1.7)
 
 
 def test_split_errors():

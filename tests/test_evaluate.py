@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import QUICKSTART, TINY
 from safetensors.torch import load_file, save_file
 
-from robot_data import SyntheticReader, split_episodes
+from robot_data import Normalizer, SyntheticReader, split_episodes
 from vla_ft import train
 from vla_ft.cli import main as cli
-from vla_ft.config import RecipeError, load_recipe
+from vla_ft.config import GripperLossConfig, RecipeError, load_recipe
 from vla_ft.evaluate import check_compatible, evaluate_checkpoint, select_episodes
+from vla_ft.metrics import ActionMetrics
 
 HEAD_OUTPUT = np.array([0.5, -1.0, 0.3])  # normalised; dim 2 (gripper) is replaced by the gripper head
 CHUNK, THRESHOLD = 3, 0.5
@@ -115,6 +117,64 @@ def test_eval_metrics_match_a_hand_computation(checkpoint, tmp_path):
     assert sorted(result["trajectories"]) == held_out[:2] and traj["frames"].tolist() == list(range(10))
     np.testing.assert_allclose(traj["true"], reader.numeric(first).action, rtol=1e-5, atol=1e-6)
     assert np.ptp(traj["pred"], axis=0).max() < 1e-5  # the constant policy
+
+
+@pytest.mark.parametrize("closed_is_high", [True, False])
+def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high):
+    """ActionMetrics on two batches against plain loops: de-normalised errors over valid steps only,
+    a missing step inside a chunk (not only padding at its end), gripper F1 with misses (the eval
+    policy above always predicts closed, so it never has one), transitions across a missing step
+    left out."""
+    mean, std = np.array([1.0, -2.0, 0.4]), np.array([2.0, 0.5, 0.3])
+    lo, hi = np.array([-5.0, -4.0, 0.0]), np.array([6.0, 1.0, 1.0])
+    axis = {"mean": mean, "std": std, "min": lo, "max": hi}
+    norm = Normalizer({"state": axis, "action": axis}, "mean_std", raw_action_dims=[2])
+    gripper = GripperLossConfig(dims=[2], threshold=0.5, closed_is_high=closed_is_high)
+    metrics = ActionMetrics(norm, 3, 4, [2], gripper, gripper_head=True)
+    rng = np.random.default_rng(0)
+    t, f = True, False  # step 1 of the first batch's second row is missing; the others are padding
+    masks = [[[t, t, t, f], [t, f, t, t]], [[t, t, t, t], [t, t, f, f]]]
+    errs, base, by_h, labels, preds, trans = [], [], {h: [] for h in range(4)}, [], [], []
+    for mask in masks:
+        pred_norm = rng.normal(size=(2, 4, 3))
+        logits = rng.normal(size=(2, 4, 1))
+        target = rng.normal(size=(2, 4, 3))
+        target[..., 2] = rng.choice([0.0, 1.0], size=(2, 4))  # raw gripper values
+        for b in range(2):
+            for c in range(4):
+                if not mask[b][c]:
+                    continue
+                pred = pred_norm[b, c] * std + mean
+                closed, opened = (hi[2], lo[2]) if closed_is_high else (lo[2], hi[2])
+                pred[2] = closed if logits[b, c, 0] > 0 else opened  # the dataset's closed/open value
+                true = target[b, c] * std + mean
+                true[2] = target[b, c, 2]
+                errs.append(pred - true)
+                base.append(mean - true)
+                by_h[c].append(np.abs(pred - true)[:2].mean())
+                labels.append((true[2] > 0.5) == closed_is_high)  # label 1 = closed
+                preds.append((pred[2] > 0.5) == closed_is_high)
+                if c > 0 and mask[b][c - 1] and target[b, c - 1, 2] != target[b, c, 2]:
+                    trans.append(preds[-1] == labels[-1])
+        outputs = {"actions": torch.tensor(pred_norm), "gripper_logits": torch.tensor(logits)}
+        metrics.update(outputs, {"actions": torch.tensor(target), "action_mask": torch.tensor(mask)})
+    err, base, labels, preds = np.array(errs), np.array(base), np.array(labels), np.array(preds)
+    tp, fp, fn = (preds & labels).sum(), (preds & ~labels).sum(), (~preds & labels).sum()
+    assert fn > 0 and fp > 0 and len(trans) > 0  # not degenerate
+    expected = {
+        "action_l1": np.abs(err[:, :2]).mean(),
+        "action_mse": np.square(err[:, :2]).mean(),
+        "baseline_l1": np.abs(base[:, :2]).mean(),
+        "gripper_acc": (preds == labels).mean(),
+        "gripper_f1": 2 * tp / (2 * tp + fp + fn),
+        "gripper_transition_acc": np.mean(trans),
+        **{f"action_l1/dim{d}": np.abs(err[:, d]).mean() for d in range(3)},
+        **{f"action_mse/dim{d}": np.square(err[:, d]).mean() for d in range(3)},
+        **{f"action_l1/h{h}": np.mean(v) for h, v in by_h.items()},
+    }
+    got = metrics.compute("")
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys):

@@ -120,6 +120,19 @@ def test_padding_is_not_counted():
     assert float(coeffs.total(dense_positions, want_text=True)) > together
 
 
+def test_a_target_the_trunk_does_not_append_is_not_counted():
+    """Without the language target in the trunk (want_text false) its tokens are no LM rows:
+    per row, prefix + prompt + chunk tokens, by hand."""
+    coeffs = flops.StepFlops(per_lm_token=10.0, per_supervised=100.0, per_lm_pair=1.0, prefix_tokens=2, chunk=3)
+    batch = make_batch(prompt_lens=(3, 5), target_lens=(4, 2))
+    rows = [2 + 3 + 3, 2 + 5 + 3]
+    got = coeffs.count(batch, want_text=False)
+    assert float(got["language_model"]) == 10.0 * sum(rows)
+    assert float(got["lm_attention"]) == sum(n * (n + 1) / 2 for n in rows)
+    with_text = coeffs.count(batch, want_text=True)  # + 6 target tokens, each also through the LM head
+    assert float(with_text["language_model"]) == 10.0 * (sum(rows) + 6) + 100.0 * 6
+
+
 def test_causal_attention_counts_the_lower_triangle():
     model, _ = tiny()
     batch = make_batch(prompt_lens=(5,), target_lens=(4,))

@@ -156,6 +156,8 @@ def test_gripper_matches_reference(closed_is_high: bool, pos_weight: float | Non
     )
     loss = CompositeLoss(cfg, A, C, True)
     outputs, batch = make_inputs()
+    # a missing (NaN) step inside the chunk: a label change across it is no transition
+    batch["action_mask"][1] = torch.tensor([True, False, True, True])
     raw = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.5, 0.6, 0.0, 0.9], [0.1, 0.2, 0.9, 0.3]], dtype=torch.float64)
     batch["actions"][..., GRIP[0]] = raw.float()
     outputs["gripper_logits"] = torch.tensor(
@@ -303,6 +305,9 @@ def test_config_errors() -> None:
         CompositeLoss(make_cfg(action=ActionLossConfig(type="huber")), A, C, True)  # type: ignore[arg-type]
     with pytest.raises(RecipeError, match=r"loss\.gripper\.dims"):
         CompositeLoss(make_cfg(gripper=GripperLossConfig(dims=[])), A, C, True)
+    # smoothing 1 is a uniform target: the language term would not read the labels at all
+    with pytest.raises(RecipeError, match=r"label_smoothing: must be in \[0, 1\), got 1\.0"):
+        CompositeLoss(make_cfg(language=LanguageLossConfig(label_smoothing=1.0)), A, C, True)
 
 
 # ----------------------------------------------------------------------------- weighting strategies

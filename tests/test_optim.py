@@ -63,6 +63,7 @@ def test_every_trainable_parameter_is_in_exactly_one_named_group():
     assert settings["projector"] == (1e-3, 0.01, 0, 2)
     assert settings["action_queries/no_decay"] == (1e-3, 0.0, 0, 2)
     assert "action_queries" not in settings
+    assert settings["loss_weights"] == (1e-3, 0.0, 0, 2)  # decay would pull the log-variances to 0
 
 
 def test_a_trainable_parameter_outside_every_group_is_caught():
@@ -90,8 +91,11 @@ def test_lr_factor_against_hand_computed_values():
     ("name", "cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
 )
 def test_optimizers_by_name(name, cls):
-    _, _, opt, _ = build_components(recipe(*TINY, f"optim.name={name}"), torch.device("cpu"))
+    settings = ["optim.betas=[0.8,0.9]", "optim.eps=1.0e-6", "optim.momentum=0.7"]
+    _, _, opt, _ = build_components(recipe(*TINY, f"optim.name={name}", *settings), torch.device("cpu"))
     assert type(opt) is cls
+    for g in opt.param_groups:  # the recipe's settings, not torch's defaults
+        assert (g["momentum"] == 0.7) if name == "sgd" else (g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6)
     # Adam(W) fused also on the CPU: one code path, with the update skipped on the device (train.queue_update)
     assert bool(opt.defaults.get("fused")) == (name != "sgd")
 
