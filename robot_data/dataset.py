@@ -72,6 +72,9 @@ class RobotDataset(Dataset):
             raise ValueError(f"chunk and history must be >= 1, got chunk={chunk}, history={history}")
         self.reader, self.chunk, self.history = reader, chunk, history
         self.normalizer, self.image_size, self.prompt_tokenizer = normalizer, image_size, prompt_tokenizer
+        if not reader.cameras:  # a low-dim dataset: every sample would fail to stack its images
+            source = getattr(reader, "path", type(reader).__name__)
+            raise ValueError(f"cameras: {source} has no camera (no image or video feature); a VLA needs one")
         self.cameras = list(cameras) if cameras else list(reader.cameras)
         unknown = [c for c in self.cameras if c not in reader.cameras]
         if unknown:

@@ -468,6 +468,22 @@ def test_aloha_episodes_keep_the_numbers_in_their_file_names(tmp_path):
     assert [e.index for e in build_reader("hdf5", path=str(aloha), layout="aloha").episodes()] == [0, 1, 2]
 
 
+def test_a_dataset_without_cameras_is_refused_naming_the_file(tmp_path):
+    """A robomimic low-dim file (no image observations) used to pass setup and fail in the first
+    batch with numpy's 'need at least one array to stack'."""
+    path = tmp_path / "low_dim.hdf5"
+    with h5py.File(path, "w") as f:  # robomimic's layout: data/demo_<i>/{actions, obs/<key>}
+        demo = f.create_group("data/demo_0")
+        demo.attrs["num_samples"] = 4
+        demo.create_dataset("actions", data=np.zeros((4, 7), np.float32))
+        demo.create_dataset("obs/robot0_eef_pos", data=np.zeros((4, 3), np.float32))
+    reader = build_reader("hdf5", path=str(path), state_key="robot0_eef_pos")
+    normalizer = Normalizer(compute_stats(reader, [0]), "mean_std")
+    for cameras in (None, ["agentview_image"]):
+        with pytest.raises(ValueError, match=f"cameras: {path} has no camera \\(no image or video feature\\)"):
+            RobotDataset(reader, [0], 2, 1, normalizer, 16, None, cameras=cameras)
+
+
 def _source_aloha(tmp_path: Path) -> Path:
     return write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=8), tmp_path / "aloha")
 
