@@ -424,3 +424,14 @@ def test_early_stopping_needs_validations_during_the_run():
     with pytest.raises(RecipeError, match="train.early_stopping.patience: 1 .* train.val_every is 0"):
         load_recipe(QUICKSTART, ["train.val_every=0", "train.early_stopping.patience=1"])
     assert load_recipe(QUICKSTART, ["data.val_ratio=0", "data.val_episodes=[0]", "train.early_stopping.patience=1"])
+
+
+def test_keys_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_path: Path):
+    """``vla-ft keys | head`` printed a BrokenPipeError traceback once head had read its lines."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_ft", "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err  # as a Unix tool killed by SIGPIPE reports it
+    assert err == ""

@@ -277,3 +277,15 @@ def test_a_validation_episode_skipped_as_bad_is_named_as_such(tmp_path, tiny_ove
     )
     assert message in err and "unknown" not in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "least"), [("--episodes", "0", 1), ("--length", "-2", 1), ("--image-size", "4", 8)]
+)
+def test_synth_refuses_a_size_out_of_range_naming_the_option(tmp_path, capsys, option, value, least):
+    """``data synth --episodes 0`` ended in a ValueError traceback that named no option."""
+    with pytest.raises(SystemExit) as info:
+        cli(["data", "synth", str(tmp_path / "ds"), option, value])
+    assert info.value.code == 2
+    assert f"argument {option}: must be an integer >= {least}, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()

@@ -231,7 +231,9 @@ def test_eval_of_an_export(checkpoint, tmp_path, capsys):
     for key, value in expected.items():
         assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert cli(["eval", str(export), "data.val_episodes=[0,1]"]) == 0
-    assert "2 episodes, 20 samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 episodes, 20 samples" in out
+    assert f"checkpoint {export} (an export: trained step not recorded)" in out  # it said "(step None)"
 
 
 def test_cameras_must_keep_the_checkpoints_order():

@@ -294,6 +294,18 @@ def test_a_fresh_run_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp_pa
         setup(load_recipe(QUICKSTART, [*overrides, "train.steps=2"]))
 
 
+@pytest.mark.parametrize("below", ["", "run"])
+def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, below):
+    """output_dir=README.md said only "[Errno 17] File exists"; output_dir=README.md/run was a traceback."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    output_dir = notes / below if below else notes
+    overrides = [*TINY, "train.steps=1", "train.val_every=0", f"output_dir={output_dir}"]
+    with pytest.raises(RecipeError, match=f"output_dir: {notes} is a file, not a directory; choose another output_dir"):
+        setup(load_recipe(QUICKSTART, overrides))
+    assert notes.read_text() == "keep me"
+
+
 def test_a_term_ramped_from_zero_is_validated_before_its_ramp(tmp_path):
     """Validation logs val/loss/<term> for every term the run trains, also while its scheduled
     weight is still 0, so a best_metric on it (accepted at load) never fails mid-run."""

@@ -7,6 +7,7 @@ one clear message and exit with status 2, without a traceback; bugs still show t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -159,6 +160,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, CheckpointError, TrainingHalted)
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`vla-ft keys | head`): stop quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush does not raise again, and
+    the status is the one of a process ended by SIGPIPE (128 + 13), which shells expect there.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -169,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except user_errors() as err:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
         print(f"vla-ft {command}: error: {err}", file=sys.stderr)

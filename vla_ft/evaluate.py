@@ -282,9 +282,10 @@ def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, A
 def format_report(report: dict[str, Any]) -> str:
     """Headline metrics, then per-dimension L1/MSE and L1 by horizon, as aligned text tables."""
     m = report["metrics"]
+    # an export keeps no trainer state, so its step is unknown (null in metrics.json), not "None"
+    step = "an export: trained step not recorded" if report["step"] is None else f"step {report['step']}"
     lines = [
-        f"checkpoint {report['checkpoint']} (step {report['step']}): {len(report['episodes'])} episodes, "
-        f"{report['samples']} samples"
+        f"checkpoint {report['checkpoint']} ({step}): {len(report['episodes'])} episodes, {report['samples']} samples"
     ]
     headline = (
         "action_l1",

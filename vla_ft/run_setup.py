@@ -157,9 +157,18 @@ def build_components(
     return model, loss_fn, optimizer, (tokenizer, data)
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse an output_dir that is (or lies under) a file, naming the key, before the model and
+    the data are built: mkdir would fail only then, with a bare OSError or a traceback."""
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RecipeError(f"output_dir: {blocking} is a file, not a directory; choose another output_dir")
+
+
 def setup(recipe: Recipe) -> Run:
     rt = init_runtime(recipe)
     run_dir = Path(recipe.output_dir)
+    check_output_dir(run_dir)
     resume_from = find_resume_checkpoint(recipe, run_dir)
     earlier = ck.latest_checkpoint(run_dir / "checkpoints") if resume_from is None else None
     if earlier is not None:  # a fresh run here would interleave its checkpoints with the old ones
