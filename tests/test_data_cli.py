@@ -176,6 +176,13 @@ def test_an_hdf5_path_of_another_layout_is_one_line_naming_it(tmp_path, tiny_ove
         assert expected in err and f"the {layout} layout" in err, err
 
 
+def test_check_of_a_missing_path_names_it_and_no_episodes(tmp_path, capsys):
+    assert cli(["data", "check", str(tmp_path / "nope")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert str(tmp_path / "nope") in lines[0]
+    assert lines[-1] == "1 problem(s)"  # not "in 0 episode(s) []"
+
+
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
     ds, rm = _synth(tmp_path), _robomimic(tmp_path)
     aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")

@@ -130,6 +130,9 @@ def test_an_unconsolidated_fsdp_checkpoint_says_to_consolidate(exported, tmp_pat
     (sharded / "model_dcp").mkdir()  # what an FSDP run writes instead
     assert cli(["export", str(sharded), str(tmp_path / "out")]) == 2
     assert f"run `vla-ft consolidate {sharded}`" in capsys.readouterr().err
+    # a mistyped path is no "not an FSDP checkpoint"
+    assert cli(["consolidate", str(tmp_path / "step_00002")]) == 2
+    assert f"{tmp_path / 'step_00002'}: no such checkpoint directory" in capsys.readouterr().err
 
 
 def test_an_adapter_on_a_tied_lm_head_moves_only_the_head(tmp_path):

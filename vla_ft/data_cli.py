@@ -51,7 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     episodes = sorted({p.episode for p in problems if p.episode is not None})
-    print(f"{len(problems)} problem(s) in {len(episodes)} episode(s) {episodes[:20]}", file=sys.stderr)
+    where = f" in {len(episodes)} episode(s) {episodes[:20]}" if episodes else ""
+    print(f"{len(problems)} problem(s){where}", file=sys.stderr)
     if args.format == "lerobot" and _looks_like_hdf5(Path(args.path)):
         hint = "check it with --format hdf5 (--layout aloha for episode files)"
         print(f"{args.path} holds HDF5 data: {hint}", file=sys.stderr)

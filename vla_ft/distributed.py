@@ -346,6 +346,8 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     src = checkpoint / DCP_DIR
+    if not checkpoint.is_dir():
+        raise ck.CheckpointError(f"{checkpoint}: no such checkpoint directory")
     if not src.is_dir():
         raise ck.CheckpointError(f"{checkpoint} has no {DCP_DIR}/ (not an FSDP checkpoint)")
     meta = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
