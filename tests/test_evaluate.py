@@ -187,6 +187,11 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
 
     assert cli(["eval", str(checkpoint), "model.lora.enabled=true"]) == 2
     assert "refused model.lora.enabled: the checkpoint fixes it" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert cli(["eval", str(checkpoint), "--out", str(notes / "eval")]) == 2  # was a bare "[Errno 20] Not a directory"
+    assert f"--out: {notes} is a file, not a directory; choose another --out" in capsys.readouterr().err
+    assert notes.read_text() == "keep me"
 
 
 def test_eval_refuses_a_data_path_the_synthetic_format_would_ignore(checkpoint, tmp_path, capsys):

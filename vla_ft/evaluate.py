@@ -186,7 +186,10 @@ def evaluate_checkpoint(
     """
     from vla_ft import plots
     from vla_ft.metrics import ActionMetrics
+    from vla_ft.run_setup import check_output_dir
 
+    if out:
+        check_output_dir(Path(out), "--out")
     ev = load_evaluation(path, overrides)
     r, d = ev.recipe, ev.data
     ids = select_episodes(episodes, d.train_episodes, d.val_episodes)

@@ -157,12 +157,12 @@ def build_components(
     return model, loss_fn, optimizer, (tokenizer, data)
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """Refuse an output_dir that is (or lies under) a file, naming the key, before the model and
+def check_output_dir(run_dir: Path, key: str = "output_dir") -> None:
+    """Refuse an output directory (``key``) that is, or lies under, a file, before the model and
     the data are built: mkdir would fail only then, with a bare OSError or a traceback."""
     blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise RecipeError(f"output_dir: {blocking} is a file, not a directory; choose another output_dir")
+        raise RecipeError(f"{key}: {blocking} is a file, not a directory; choose another {key}")
 
 
 def setup(recipe: Recipe) -> Run:
