@@ -99,7 +99,8 @@ def test_export_layout_and_a_standalone_lm(exported):
 def test_export_refuses_a_non_empty_output_directory(exported, capsys):
     ckpt, out = exported
     assert cli(["export", str(ckpt), str(out)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err  # one prefix, as data synth says it (not "error: export: ...")
+    assert err == f"vla-ft export: error: {out}: exists and is not empty; choose a new OUT directory\n"
 
 
 def test_an_export_is_synced_whole_or_leaves_nothing(exported, tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the export of ``checkpoint`` (any path :func:`~vla_ft.policy.resolve_directory` takes) to ``out``."""
     source, out = resolve_directory(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ck.CheckpointError(f"export: {out} exists and is not empty; choose a new OUT directory")
+        raise ck.CheckpointError(f"{out}: exists and is not empty; choose a new OUT directory")
     missing = [source / name for name in COPIED if not (source / name).exists()]
     if missing:
         raise ck.CheckpointError(f"{', '.join(map(str, missing))} missing: {ck.damaged(source)}")
