@@ -70,11 +70,8 @@ def _at_least(least: int) -> Callable[[str], int]:
     before anything is written, instead of failing later inside the writer with a traceback."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        if value is None or value < least:
             raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
         return value
 

@@ -345,9 +345,9 @@ def consolidate(checkpoint: Path, out: Path | None = None) -> Path:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    src = checkpoint / DCP_DIR
     if not checkpoint.is_dir():
         raise ck.CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    src = checkpoint / DCP_DIR
     if not src.is_dir():
         raise ck.CheckpointError(f"{checkpoint} has no {DCP_DIR}/ (not an FSDP checkpoint)")
     meta = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
