@@ -319,3 +319,25 @@ def test_a_log_window_saved_by_two_processes_resumes_on_one_as_their_mean():
     window.load_state_dict(rank_window(saved, 0, 1), torch.device("cpu"))
     window.values.add({"loss": torch.tensor(5.0)})  # the third step, on one process
     assert window.values.means() == {"loss": (2.0 * 2 + 5.0) / 3} and window.samples == 16
+
+
+def test_the_cli_prints_its_own_warnings_as_one_line(tmp_path: Path, capsys):
+    """A harmless change on resume warns; Python's format (file:line: UserWarning, then the
+    source line) read like a crash, the CLI says it like its errors."""
+    import sys
+
+    from vla_ft.cli import main as cli
+
+    argv = train_argv(tmp_path / "run", [*TINY, "train.steps=1", "train.val_every=0", "logging.tensorboard=false"])
+    assert cli(argv) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # pytest records warnings; show them as Python would, through warnings.formatwarning
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line)
+        )
+        assert cli([*argv, "train.resume=true", "train.steps=2"]) == 0
+        warnings.warn("a library's own warning", UserWarning, stacklevel=1)  # not ours: Python's format
+    err = capsys.readouterr().err
+    assert "vla-ft train: warning: resuming from " in err and "with changed keys: train.steps\n" in err
+    assert f"{__file__}:" in err and "UserWarning: a library's own warning" in err

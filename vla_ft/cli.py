@@ -7,15 +7,19 @@ one clear message and exit with status 2, without a traceback; bugs still show t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from vla_ft.config import RecipeError, describe_keys, load_recipe
 from vla_ft.config.checks import suggest
 from vla_ft.config.loader import recipe_keys
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError, FileExistsError)
+OUR_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("vla_ft", "robot_data"))
 
 
 def _recipe(args: argparse.Namespace):
@@ -171,6 +175,25 @@ def _stdout_closed() -> int:
     return 141
 
 
+@contextlib.contextmanager
+def plain_warnings(command: str) -> Iterator[None]:
+    """vla-ft's own warnings (a recipe changed on resume, a best checkpoint gone) as one line each,
+    like its errors: ``vla-ft train: warning: ...``. Python's format shows a file, a line and a
+    source line, which reads like a crash; a library's warnings keep it (it says where they come from)."""
+    python_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if str(Path(filename).resolve()).startswith(OUR_PACKAGES):
+            return f"vla-ft {command}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -180,14 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
-        status = args.func(args)
+        with plain_warnings(command):
+            status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
         return status
     except BrokenPipeError:
         return _stdout_closed()
     except user_errors() as err:
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
         print(f"vla-ft {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
