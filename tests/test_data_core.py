@@ -289,6 +289,12 @@ def test_sample_keys_shapes_dtypes(reader, stats):
     norm = ds.normalizer
     np.testing.assert_allclose(s["actions"].numpy(), norm.normalize("action", raw.action[1:5]), atol=1e-6)
     np.testing.assert_allclose(s["state"].numpy(), norm.normalize("state", raw.state[0:2]), atol=1e-6)
+    # The camera frame of time t itself (native size: no resize), channels first.
+    native = _dataset(reader, stats, image_size=32)
+    for index, (episode, t) in ((13, (1, 1)), (30, (2, 6))):
+        frame = reader.frames(episode, reader.cameras[0], [t])[0]
+        assert not np.array_equal(frame, reader.frames(episode, reader.cameras[0], [t - 1])[0])
+        np.testing.assert_array_equal(native[index]["images"][0].numpy(), frame.transpose(2, 0, 1))
 
 
 def test_chunk_padding_and_history_clamp(reader, stats):
@@ -361,6 +367,33 @@ def test_augmentation_train_only_reproducible_order_free(reader, stats):
     assert not torch.equal(train_b[5]["images"], forward[5])
     off = _dataset(reader, stats, augment={**augment, "enabled": False}, train=True)
     assert torch.equal(off[5]["images"], plain[5]["images"])
+
+
+def test_resize_is_bilinear_and_the_crop_box_stays_inside_the_image():
+    from robot_data.images import ASPECT_RANGE, crop_box, resize
+
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)  # 1-pixel black/white checkerboard
+    small = resize(np.repeat(checker[..., None], 3, axis=2), 32)
+    assert small.shape == (32, 32, 3) and np.abs(small.astype(int) - 128).max() <= 3  # averaged, not sampled
+    rng = np.random.default_rng(0)
+    for height, width in ((30, 200), (200, 30), (48, 64)):
+        for _ in range(50):
+            x0, y0, x1, y1 = crop_box(height, width, rng, (0.3, 0.6))
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (height, width)
+            if (x1 - x0, y1 - y0) != (width, height):  # not the full-image fallback
+                assert 0.3 - 1e-9 <= (x1 - x0) * (y1 - y0) / (height * width) <= 0.6 + 1e-9
+                assert ASPECT_RANGE[0] - 1e-9 <= (x1 - x0) / (y1 - y0) <= ASPECT_RANGE[1] + 1e-9
+
+
+def test_colour_jitter_of_a_uniform_grey_image_rounds_its_brightness_to_nearest():
+    """On a uniform grey image contrast (pivot = its own mean) and saturation change nothing, so
+    each pixel becomes round(v * brightness), brightness being the first factor drawn."""
+    from robot_data.images import color_jitter
+
+    brightness = np.random.default_rng(1).uniform(0.7, 1.3, size=3)[0]
+    for v in range(10, 250, 7):
+        out = color_jitter(np.full((3, 8, 8), v, np.uint8), np.random.default_rng(1), 0.3)
+        assert out.dtype == np.uint8 and (out == min(255, round(v * brightness))).all(), (v, brightness)
 
 
 def test_workers_do_not_change_samples(reader, stats):

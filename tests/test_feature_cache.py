@@ -62,7 +62,7 @@ def test_cached_and_uncached_head_only_runs_agree(tmp_path):
         assert resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path):
+def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path, monkeypatch):
     run = setup(_recipe(tmp_path))
     try:
         batch = next(iter(run.train_loader))
@@ -80,6 +80,17 @@ def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path):
         # Same sample order as the uncached loader would use: the run's own sampler.
         run.sampler.set_epoch(0)
         assert batch["index"].tolist() == [i for _, i in run.sampler][:4]
+        # A batch size that does not divide the set: the last, partial batch is cached too.
+        dataset = run.data.train_set
+        monkeypatch.setattr(run.recipe.train, "batch_size", 6)
+        assert len(dataset) % 6
+        store = feature_cache.build_memory(run, dataset)
+        assert len(store) == len(dataset)
+        last = store.batch(torch.tensor([len(dataset) - 1]))
+        with torch.no_grad():
+            expected = run.model.trunk(collate([dataset[len(dataset) - 1]], pad_id=pad_token_id(run.tokenizer)))
+        torch.testing.assert_close(last["readout"], expected["readout"], rtol=1e-5, atol=1e-6)
+        assert last["index"].tolist() == [len(dataset) - 1]
     finally:
         teardown(run)
 

@@ -92,6 +92,20 @@ def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path):
         assert not torch.allclose(theirs(input_ids=ids).logits, ours, atol=1e-3)  # the adapter matters
 
 
+def test_the_recipes_lora_dropout_reaches_the_adapters(tmp_path):
+    """model.lora.dropout: adapter inputs are dropped while training (two passes differ), never in eval."""
+    _, model = _lora_model(tmp_path, "model.lora.dropout=0.5", "model.lora.target_modules=[q_proj]")
+    _perturb_adapters(model.language_model)
+    layer = next(m for n, m in model.language_model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    assert {type(d).__name__ for d in layer.lora_dropout.values()} == {"Dropout"}
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.train()
+        assert not torch.allclose(layer(x), layer(x))
+        layer.eval()
+        torch.testing.assert_close(layer(x), layer(x))
+
+
 def test_vision_lora_adapters_train_and_are_saved_in_peft_format(tmp_path):
     from peft import PeftModel
 

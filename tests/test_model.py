@@ -113,6 +113,26 @@ def test_only_patchifying_convs_become_matmuls(tmp_path):
     assert type(encoder.backbones[0].patch_embed.proj) is PatchifyConv
 
 
+def test_pixels_normalised_with_the_backbones_stats_and_each_camera_in_its_own_row(tmp_path):
+    """uint8 frames -> (x / 255 - mean) / std with timm's own data config, per image; the shared
+    encoder's one batched call keeps every camera's tokens in its own batch row, in camera order."""
+    import timm
+
+    enc = build_vision_encoder(tiny_recipe(tmp_path).model, n_cameras=2).eval()
+    bb = enc.backbones[0]
+    cfg = timm.data.resolve_data_config({}, model=bb)
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+    images = torch.randint(0, 256, (3, 2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = enc(images)
+        for row in range(3):
+            want = [
+                bb.forward_features(((images[row, cam].float() / 255 - mean) / std)[None])[:, bb.num_prefix_tokens :]
+                for cam in range(2)
+            ]
+            torch.testing.assert_close(got[row : row + 1], torch.cat(want, 1), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- language model
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_language_model_and_tokenizer_load_from_local_directories(tmp_path, model_type):
@@ -263,6 +283,28 @@ def test_action_tokens_target_uses_the_reserved_last_ids(tmp_path):
     out = model(collate([sample, data.train_set[1]], pad_id=0))
     total, parts = loss_fn(out, collate([sample, data.train_set[1]], pad_id=0))
     assert torch.isfinite(total) and "loss/language" in parts
+
+
+def test_lm_labels_ignore_the_target_padding(tmp_path):
+    model = _model(tmp_path)
+    batch = fake_batch(model, batch_size=2, target_len=3)
+    batch["target_mask"][0, 1:] = False  # row 0: one real target token, then right padding
+    labels = model(batch)["lm_labels"].view(2, 3)
+    assert labels[0].tolist() == [int(batch["target_ids"][0, 0]), -100, -100]
+    assert labels[1].tolist() == batch["target_ids"][1].tolist()
+
+
+def test_a_frozen_module_between_trainable_ones_passes_their_gradients(tmp_path):
+    """Projector and LM frozen, vision encoder and action queries trained: the frozen modules must
+    still run under autograd, or the modules upstream of them get no gradient."""
+    model = _model(tmp_path)
+    model.set_frozen({"projector", "proprio_encoder", "language_model"})
+    model.train()
+    model(fake_batch(model))["actions"].square().sum().backward()
+    for name in ("vision_encoder", "action_queries"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is None for p in model.projector.parameters())
 
 
 # ----------------------------------------------------------------------------- errors naming the key

@@ -126,6 +126,19 @@ def test_actions_come_back_in_real_units(trained, offline, closed):
     np.testing.assert_allclose(actions, np.tile(expected, (3, 1)), rtol=1e-6, atol=1e-7)
 
 
+def test_a_missing_state_reading_acts_as_in_training(trained, offline):
+    """A NaN state entry (a sensor dropout) is zeroed after normalisation, as RobotDataset does:
+    the same actions as that entry at its dataset mean, not an error blaming the checkpoint."""
+    policy = VLAPolicy.from_pretrained(trained)
+    stats = json.loads((trained / "checkpoints" / "step_000002" / "norm_stats.json").read_text())
+    assert stats["mode"] == "mean_std"
+    state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
+    at_mean = state.copy()
+    state[1, 0], at_mean[1, 0] = np.nan, stats["stats"]["state"]["mean"][0]
+    got = policy.predict_action(_frame(0), TASK, state)
+    np.testing.assert_allclose(got, policy.predict_action(_frame(0), TASK, at_mean), atol=1e-5)
+
+
 def test_a_batch_gives_the_rows_of_single_calls(trained, offline):
     policy = VLAPolicy.from_pretrained(trained)
     frames = np.stack([_frame(i) for i in range(3)])
@@ -137,6 +150,29 @@ def test_a_batch_gives_the_rows_of_single_calls(trained, offline):
         np.testing.assert_allclose(batch[i], policy.predict_action(frames[i], tasks[i], states[i]), atol=1e-5)
     one_task = policy.predict_action([frames], TASK, states)  # a list of cameras, one instruction for all rows
     np.testing.assert_allclose(one_task[0], batch[0], atol=1e-5)
+
+
+def test_a_dict_of_cameras_is_read_in_the_models_camera_order(tmp_path):
+    """Camera names not in sorted order: a dict gives the actions of the list in the checkpoint's order."""
+    from tiny_models import save_tokenizer_dir
+
+    from robot_data import Normalizer, SyntheticReader, compute_stats
+    from vla_ft.model import build_model
+    from vla_ft.model_files import model_meta
+    from vla_ft.tokenizer import load_tokenizer
+
+    save_tokenizer_dir(tmp_path / "tok")
+    recipe = tiny_recipe(tmp_path, f"model.language.tokenizer={tmp_path / 'tok'}")
+    torch.manual_seed(0)
+    model = build_model(recipe, state_dim=3, action_dim=3, n_cameras=2, vocab_size=284).eval()
+    cameras = ["top", "left"]
+    normalizer = Normalizer(compute_stats(SyntheticReader(episodes=2, episode_length=5), range(2)), "mean_std", [2])
+    tokenizer = load_tokenizer(recipe.model.language.tokenizer)
+    policy = VLAPolicy(model, model_meta(model, recipe, cameras), normalizer, tokenizer, torch.device("cpu"))
+    top, left, state = _frame(0), _frame(1), np.zeros(3, np.float32)
+    in_order = policy.predict_action([top, left], TASK, state)
+    assert not np.allclose(in_order, policy.predict_action([left, top], TASK, state))  # the order matters
+    np.testing.assert_array_equal(policy.predict_action({"left": left, "top": top}, TASK, state), in_order)
 
 
 def test_wrong_inputs_are_errors_naming_the_argument(trained, offline):
