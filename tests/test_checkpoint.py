@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import pickle
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUICKSTART, TINY
@@ -132,10 +134,15 @@ def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
         f"output_dir={tmp_path / 'run'}",
     ]
     run = setup(load_recipe(QUICKSTART, overrides))
+    np.random.rand(3), random.random()  # a library drawing from the global RNGs during the run
     fit(run)
     path = tmp_path / "run" / "checkpoints" / "step_000002"
+    saved_rngs = np.random.get_state(), random.getstate()  # as the final checkpoint saved them
+    np.random.seed(12345), random.seed(12345)  # whatever the process did since
     expected = {
         "model.safetensors",
+        "model_meta.json",  # inference and export rebuild the model from these two
+        "language_model",
         "optimizer.pt",
         "loss_state.safetensors",
         "rng.pt",
@@ -157,6 +164,9 @@ def test_a_training_checkpoint_round_trips_bit_exactly(tmp_path):
     for i, state in oa["state"].items():
         assert all(torch.equal(v, ob["state"][i][k]) for k, v in state.items())
     assert torch.equal(torch.get_rng_state(), ck.torch_load(path / "rng.pt")["cpu"])
+    (np_saved, py_saved), np_now = saved_rngs, np.random.get_state()
+    assert np_now[0] == np_saved[0] and np.array_equal(np_now[1], np_saved[1]) and np_now[2:] == np_saved[2:]
+    assert random.getstate() == py_saved
     assert json.loads((path / "norm_stats.json").read_text()) == back.data.normalizer.to_dict()
 
     # a harmless recipe change on resume takes effect: the saved group settings do not override it

@@ -74,9 +74,14 @@ def test_a_nonfinite_gradient_skips_the_step_without_moving_weights_or_schedule(
     assert [r["fault/nonfinite_skips"] for r in train_rows] == [0.0, 1.0, 1.0, 1.0]
 
 
-def test_a_nonfinite_loss_is_skipped_too(tmp_path, monkeypatch):
-    run = tiny_run(tmp_path / "run", "train.steps=2", "checkpoint.every=0")
-    poison_first_loss(monkeypatch, run.loss_fn)
+@pytest.mark.parametrize(
+    ("optimizer", "finite_grads"), [("adamw", False), ("adamw", True), ("sgd", True)], ids=["nan", "value", "sgd"]
+)
+def test_a_nonfinite_loss_is_skipped_too(tmp_path, monkeypatch, optimizer, finite_grads):
+    """Also when only the loss's value is NaN (its gradients finite): on the fused path (AdamW,
+    flags read on the device) and the plain one (SGD, read on the host) the step does not count."""
+    run = tiny_run(tmp_path / "run", "train.steps=2", "checkpoint.every=0", f"optim.name={optimizer}")
+    poison_first_loss(monkeypatch, run.loss_fn, finite_grads=finite_grads)
     fit(run)
     assert (run.state.step, run.state.skipped) == (2, 1)
 

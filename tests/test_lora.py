@@ -36,8 +36,11 @@ def _perturb_adapters(module: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def test_only_the_adapters_of_the_targeted_layers_train(tmp_path):
-    recipe, model = _lora_model(tmp_path, "model.lora.target_modules=[q_proj, v_proj]")
+@pytest.mark.parametrize("freeze_lm", [False, True])  # recipes/lora.yaml freezes the LM: its adapters still train
+def test_only_the_adapters_of_the_targeted_layers_train(tmp_path, freeze_lm):
+    recipe, model = _lora_model(
+        tmp_path, "model.lora.target_modules=[q_proj, v_proj]", f"freeze.language_model={str(freeze_lm).lower()}"
+    )
     base = model.language_model.get_base_model()
     # Independent count: r * (in + out) per adapted Linear, from the base model's layer shapes.
     expected = sum(

@@ -11,6 +11,7 @@ from conftest import QUICKSTART, TINY
 
 from vla_ft import optim
 from vla_ft.config import load_recipe
+from vla_ft.losses import CompositeLoss
 from vla_ft.run_setup import build_components, setup
 from vla_ft.train import fit
 
@@ -152,6 +153,21 @@ def test_staged_unfreeze_schedule_modes_and_gradients_through_a_run(tmp_path):
     assert "lr/proprio_encoder" not in rows[0]
 
 
+def test_gradnorm_diagnostics_follow_a_staged_unfreeze_of_the_trunk(tmp_path, monkeypatch):
+    """gradnorm/* measure the last trunk layer that trains: the action queries while the LM is
+    frozen, the LM's last decoder layer from its unfreeze on."""
+    watched = []
+    norms = CompositeLoss.term_grad_norms
+    record = lambda self, terms, params: watched.append({id(p) for p in params}) or norms(self, terms, params)  # noqa: E731
+    monkeypatch.setattr(CompositeLoss, "term_grad_norms", record)
+    plan = ["freeze.language_model=true", "unfreeze.language_model.at_step=1", "loss.grad_norm_every=1"]
+    run = train_run(tmp_path, *TINY, *plan, "train.steps=2")
+    last_layer = {id(p) for p in run.model.decoder.layers[-1].parameters()}
+    queries = {id(p) for p in run.model.action_queries.parameters()}
+    fit(run)
+    assert watched == [queries, last_layer]
+
+
 def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_gradient(tmp_path):
     run = train_run(tmp_path, *TINY, "freeze.language_model=true", "train.steps=1")
     lm, vision = run.model.language_model, run.model.vision_encoder
@@ -163,6 +179,15 @@ def test_a_frozen_module_below_a_trained_one_runs_with_autograd_but_gets_no_grad
     fit(run)
     assert seen == [(False, True)]  # eval mode, but autograd runs through it for the vision encoder
     assert grads == [(False, True)]
+
+
+def test_grad_clip_0_trains_unclipped(tmp_path):
+    """optim.grad_clip=0 turns clipping off: the weights are those of a clip too large to bite."""
+    after = []
+    for clip in ("0", "1.0e9"):
+        fit(run := train_run(tmp_path / clip, *TINY, f"optim.grad_clip={clip}", "train.steps=2"))
+        after.append([p.detach().clone() for p in run.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*after, strict=True))
 
 
 @pytest.mark.parametrize("clip", [0.5, 1e6])  # clipping active / inactive

@@ -10,6 +10,7 @@ its checkpoint k and must reproduce the rest of the straight run exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -128,10 +129,27 @@ def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
         ("data.text_key=instruction", "data.text_key"),
         ("loss.gripper.threshold=0.2", "loss.gripper.threshold"),
         ("loss.gripper.closed_is_high=false", "loss.gripper.closed_is_high"),
+        ("train.seed=7", "train.seed"),  # another batch stream from the resumed position on
     ):
         recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
         with pytest.raises(RecipeError, match=f"break equivalence: {key}"):
             setup(recipe)
+
+
+def test_the_global_batch_counts_the_processes_that_saved_the_checkpoint(tmp_path: Path):
+    """A checkpoint of 2 processes resumed on 1 with the same train.batch_size would halve the
+    global batch: refused, naming the batch_size that keeps it; doubled, it resumes."""
+    from vla_ft.config import to_dict
+    from vla_ft.run_state import check_resume_compatible
+
+    saved = load_recipe(QUICKSTART, list(TINY))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"world_size": 2}))
+    b, a = saved.train.batch_size, saved.optim.accumulation
+    with pytest.raises(RecipeError, match=rf"x 2 = {2 * b * a} -> .* x 1 = {b * a} \(train.batch_size={2 * b} keeps"):
+        check_resume_compatible(to_dict(saved), saved, tmp_path, world_size=1)
+    doubled = load_recipe(QUICKSTART, [*TINY, f"train.batch_size={2 * b}"])
+    with pytest.warns(UserWarning, match="changed keys: train.batch_size"):
+        check_resume_compatible(to_dict(saved), doubled, tmp_path, world_size=1)
 
 
 def test_a_changed_best_metric_or_mode_is_refused(straight: Path, tmp_path: Path):
@@ -223,6 +241,16 @@ def test_an_early_stopped_run_relaunched_does_not_train_on(tmp_path: Path):
     fit(run)
     assert run.state.step == 2 and run.early_stop
     assert ck.latest_checkpoint(tmp_path / "checkpoints") == ckpt(tmp_path, 2)
+
+
+def test_a_finished_run_relaunched_trains_no_more_and_returns_its_validation(tmp_path: Path):
+    overrides = [*TINY, "train.steps=2", "train.val_every=0", "checkpoint.every=0", "logging.tensorboard=false"]
+    overrides += [f"output_dir={tmp_path}"]
+    fit(setup(load_recipe(QUICKSTART, overrides)))
+    run = setup(load_recipe(QUICKSTART, [*overrides, "train.resume=true"]))
+    final = fit(run)
+    assert run.state.step == 2 and math.isfinite(final["val/action_l1"])  # what main's summary line reads
+    assert ck.complete_checkpoints(tmp_path / "checkpoints") == [ckpt(tmp_path, 2)]
 
 
 def test_switching_a_learned_terms_weight_off_is_refused(tmp_path: Path):

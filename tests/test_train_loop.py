@@ -117,14 +117,15 @@ def test_a_frozen_trunk_with_gradnorm_diagnostics_trains_without_them(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("mode", "values", "best", "stop"),
+    ("mode", "values", "best", "stop", "min_delta"),
     [
-        ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4),  # 0.949 improves by less than min_delta
-        ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4),
-        ("min", [math.nan, 1.0, 0.5, 0.6, 0.7], 3, 5),  # NaN is never the best, nor a value to beat
+        ("min", [1.0, 0.95, 0.949, 0.96, 0.5], 2, 4, 0.01),  # 0.949 improves by less than min_delta
+        ("max", [0.1, 0.3, 0.305, 0.2, 0.9], 2, 4, 0.01),
+        ("min", [math.nan, 1.0, 0.5, 0.6, 0.7], 3, 5, 0.01),  # NaN is never the best, nor a value to beat
+        ("max", [0.5] + [1.0] * 9, 2, 4, 0.0),  # min_delta 0: an equal value is no improvement
     ],
 )
-def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop):
+def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values, best, stop, min_delta):
     scripted, metric = iter(values), "val/action_l1" if mode == "min" else "val/gripper_acc"
     monkeypatch.setattr(train_mod, "evaluate", lambda run: {metric: next(scripted), "val/baseline_l1": 1.0})
     run = tiny_run(
@@ -134,7 +135,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values,
         f"train.best_metric={metric}",
         f"train.best_mode={mode}",
         "train.early_stopping.patience=2",
-        "train.early_stopping.min_delta=0.01",
+        f"train.early_stopping.min_delta={min_delta}",
         "checkpoint.every=0",
         "checkpoint.keep_last=1",
     )
@@ -144,6 +145,21 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, mode, values,
     assert sorted(p.name for p in root.glob("step_*")) == [ck.step_dir_name(best), ck.step_dir_name(stop)]
     assert ck.read_pointer(root, "best") == root / ck.step_dir_name(best)
     assert ck.latest_checkpoint(root) == root / ck.step_dir_name(stop)
+
+
+def test_the_last_step_is_logged_validated_and_checkpointed_off_the_cadence(tmp_path, monkeypatch):
+    """5 steps, every cadence 2: rows, validations and checkpoints at steps 2 and 4, and at 5 (the end)."""
+    scripted = iter([1.0, 2.0, 3.0])  # the best stays at step 2: step 5 is not saved as the best
+    monkeypatch.setattr(train_mod, "evaluate", lambda run: {"val/action_l1": next(scripted), "val/baseline_l1": 1.0})
+    cadence = ["logging.every=2", "train.val_every=2", "checkpoint.every=2", "checkpoint.keep_last=0"]
+    run = tiny_run(tmp_path / "run", "train.steps=5", "train.early_stopping.patience=0", *cadence)
+    fit(run)
+    rows = metric_rows(tmp_path / "run")
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows if "val/action_l1" in r] == [2, 4, 5]
+    root = tmp_path / "run" / "checkpoints"
+    assert ck.complete_checkpoints(root) == [root / ck.step_dir_name(s) for s in (2, 4, 5)]
+    assert ck.read_pointer(root, "best") == root / ck.step_dir_name(2)
 
 
 def test_early_stopping_between_log_steps_logs_the_last_steps(tmp_path, monkeypatch):
@@ -334,6 +350,22 @@ def test_validation_and_checkpoints_are_left_out_of_the_throughput(tmp_path, mon
     rate = {r["step"]: r["perf/samples_per_s"] for r in metric_rows(tmp_path / "run") if "perf/samples_per_s" in r}
     assert sorted(rate) == [3, 6, 9]
     assert min(rate[6], rate[9]) > 0.4 * rate[3], rate  # 3 s of sleep per window would cut it below 0.2
+
+
+def test_a_resumed_window_counts_the_training_seconds_before_the_stop(monkeypatch):
+    """12 samples in 3 s, a checkpoint, a resume, 12 more in 3 s: the row says 4 samples/s, not 8."""
+    from vla_ft import tracking
+
+    now = [0.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: now[0])
+    window = tracking.TrainWindow()
+    window.samples, now[0] = 12, 3.0
+    state = window.state_dict()
+    back = tracking.TrainWindow()
+    back.load_state_dict(state, torch.device("cpu"))
+    back.start_clock()  # the resumed run starts training
+    back.samples, now[0] = back.samples + 12, 6.0
+    assert back.perf(back.elapsed())["perf/samples_per_s"] == 4.0
 
 
 def test_a_log_row_measures_samples_and_flops_over_one_interval(monkeypatch):

@@ -10,6 +10,7 @@ and starts from the same imported-only state. One resume per matrix still goes t
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -127,13 +128,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ between {a} and {b}, e.g. {different[:3]}"
 
 
-def poison_first_loss(monkeypatch, loss_fn) -> None:
-    """Make the first training forward of ``loss_fn`` return a NaN total (a real non-finite loss)."""
+def poison_first_loss(monkeypatch, loss_fn, finite_grads: bool = False) -> None:
+    """Make the first training forward of ``loss_fn`` return a NaN total (a real non-finite loss);
+    ``finite_grads``: a NaN added to the value only, so the gradients stay finite."""
     forward, calls = loss_fn.forward, []
 
     def nan_once(outputs, batch, share=None):
         total, parts = forward(outputs, batch, share)
         calls.append(1)
-        return (total * float("nan") if len(calls) == 1 else total), parts
+        if len(calls) > 1:
+            return total, parts
+        return (total + torch.tensor(math.nan) if finite_grads else total * float("nan")), parts
 
     monkeypatch.setattr(loss_fn, "forward", nan_once)
