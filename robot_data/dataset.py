@@ -24,12 +24,13 @@ AUGMENT_KEYS = ("enabled", "crop_scale", "color_jitter")
 
 @dataclass
 class _Prepared:
-    """Normalised numeric arrays of one episode. state: (T, S), action: (T, A) float32 (NaN -> 0);
-    action_ok: (T,) bool, False where the raw action had a NaN/inf entry."""
+    """Numeric arrays of one episode. state: (T, S) normalised float32 (NaN -> 0); raw_state (T, S)
+    and raw_action (T, A) in dataset units, as read: a sample's actions are encoded from them
+    (:meth:`Normalizer.encode_actions`: delta dims are offsets from the state at its frame)."""
 
     state: np.ndarray
-    action: np.ndarray
-    action_ok: np.ndarray
+    raw_state: np.ndarray
+    raw_action: np.ndarray
     text: list[str | None] | None  # a frame's None: no narration there, so no language target
     tasks: list[str] | None  # per-frame instructions, when they change within the episode
 
@@ -118,10 +119,8 @@ class RobotDataset(Dataset):
                 raise ValueError(
                     f"language_target=text but episode {episode_index} has no per-frame text (set data.text_key)"
                 )
-            action_ok = np.isfinite(raw.action).all(axis=1)
             state = np.nan_to_num(self.normalizer.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
-            action = np.nan_to_num(self.normalizer.normalize("action", raw.action), nan=0.0, posinf=0.0, neginf=0.0)
-            self._cache[episode_index] = _Prepared(state, action, action_ok, raw.text, raw.tasks)
+            self._cache[episode_index] = _Prepared(state, raw.state, raw.action, raw.text, raw.tasks)
         return self._cache[episode_index]
 
     def _images(self, episode: Episode, t: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -139,11 +138,12 @@ class RobotDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         episode, t = self.locate(index)
         prep = self._prepared(episode.index)
-        last = len(prep.action) - 1
+        last = len(prep.raw_action) - 1
         steps = np.arange(t, t + self.chunk)
         rows = np.minimum(steps, last)  # past the end: repeat the last action, masked out
-        mask = (steps <= last) & prep.action_ok[rows]
-        actions = prep.action[rows]
+        actions = self.normalizer.encode_actions(prep.raw_action[rows], prep.raw_state[t])
+        mask = (steps <= last) & np.isfinite(actions).all(axis=1)  # a NaN action (or delta state): missing
+        actions = np.nan_to_num(actions, nan=0.0, posinf=0.0, neginf=0.0)
         state = prep.state[np.maximum(np.arange(t - self.history + 1, t + 1), 0)]  # clamped at the start
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment is not None else None
         if self.prompt_tokenizer is None:

@@ -2,6 +2,8 @@
 
 Stats layout (also what :meth:`Normalizer.to_dict` stores): ``{key: {stat: (D,) float32}}`` for
 key in ("state", "action") and stat in ("mean", "std", "min", "max", "q01", "q99", "count").
+With delta actions (:mod:`robot_data.delta_actions`) the action stats of the delta dims are those
+of the offsets every sample's chunk holds; the normaliser records which dims they are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from robot_data.delta_actions import DeltaActions
 from robot_data.reader import Reader
 
 NORM_KEYS = ("state", "action")
@@ -110,17 +113,24 @@ class _Accumulator:
         return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def compute_stats(reader: Reader, episode_indices: Iterable[int]) -> dict[str, dict[str, np.ndarray]]:
+def compute_stats(
+    reader: Reader, episode_indices: Iterable[int], delta: DeltaActions | None = None, chunk: int = 1
+) -> dict[str, dict[str, np.ndarray]]:
     """Per-dim stats of state and action over the given episodes, in one pass over ``numeric()``.
 
     NaN/inf entries are skipped per dim (``count`` says how many values each dim had). std is the
-    population std (ddof=0); q01/q99 use linear interpolation like ``np.quantile``.
+    population std (ddof=0); q01/q99 use linear interpolation like ``np.quantile``. With ``delta``,
+    the delta action dims hold the stats of the offsets of ``chunk``-step samples
+    (:meth:`DeltaActions.chunk_offsets`; ``count`` is theirs), the other dims those of the frames.
     """
-    return _compute_stats(reader, [list(episode_indices)])[0]
+    return _compute_stats(reader, [list(episode_indices)], delta, chunk)[0]
 
 
-def _compute_stats(reader: Reader, episode_sets: list[list[int]]) -> list[dict[str, dict[str, np.ndarray]]]:
-    """:func:`compute_stats` of each episode set, reading every episode once.
+def _compute_stats(
+    reader: Reader, episode_sets: list[list[int]], delta: DeltaActions | None = None, chunk: int = 1
+) -> list[dict[str, dict[str, np.ndarray]]]:
+    """:func:`compute_stats` of each episode set, reading every episode once; ``delta`` applies to
+    the first set only (the others describe the data as stored, for :func:`compare_stats`).
 
     Episodes are read in the first set's order, then the others' new ones: the first set's stats are
     bit-identical to :func:`compute_stats` of it alone; another set's may differ from that in float
@@ -129,6 +139,7 @@ def _compute_stats(reader: Reader, episode_sets: list[list[int]]) -> list[dict[s
     if not all(episode_sets):
         raise ValueError("compute_stats: no episodes given")
     accs = [{key: _Accumulator() for key in NORM_KEYS} for _ in episode_sets]
+    offsets = _Accumulator()
     members = [set(episodes) for episodes in episode_sets]
     for ep in dict.fromkeys(ep for episodes in episode_sets for ep in episodes):
         arrays = reader.numeric(ep)
@@ -136,7 +147,13 @@ def _compute_stats(reader: Reader, episode_sets: list[list[int]]) -> list[dict[s
             if ep in member:
                 acc["state"].add(arrays.state)
                 acc["action"].add(arrays.action)
-    return [{key: a.finish() for key, a in acc.items()} for acc in accs]
+        if delta is not None and ep in members[0]:
+            offsets.add(delta.chunk_offsets(arrays.action, arrays.state, chunk))
+    out = [{key: a.finish() for key, a in acc.items()} for acc in accs]
+    if delta is not None:
+        for stat, values in offsets.finish().items():
+            out[0]["action"][stat][list(delta.action_dims)] = values
+    return out
 
 
 def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,12 +185,14 @@ class Normalizer:
         mode: str = "mean_std",
         raw_action_dims: list[int] | None = None,
         raw_state_dims: list[int] | None = None,
+        delta: DeltaActions | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"normalize: unknown mode '{mode}'; valid: {', '.join(MODES)}")
         self.mode = mode
         self.stats = {k: {s: np.asarray(v, np.float32).reshape(-1) for s, v in stats[k].items()} for k in NORM_KEYS}
         self.raw_dims = {"action": sorted(raw_action_dims or []), "state": sorted(raw_state_dims or [])}
+        self.delta = delta  # the stats' delta action dims are offsets from the state
         self._affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key in NORM_KEYS:
             missing = [s for s in MODE_STATS[mode] if s not in self.stats[key]]
@@ -187,6 +206,10 @@ class Normalizer:
             centre, scale = _scale(self.stats[key], mode, dim)
             centre[self.raw_dims[key]], scale[self.raw_dims[key]] = 0.0, 1.0  # (x - 0) / 1 == x exactly
             self._affine[key] = centre, scale
+        widths = {key: len(centre) for key, (centre, _) in self._affine.items()}
+        bad = [] if delta is None else delta.range_problems(widths["action"], widths["state"])
+        if bad:
+            raise ValueError(f"normalize: {'; '.join(bad)}")
 
     def _params(self, key: str, x: ArrayT) -> tuple[Any, Any]:
         if key not in self._affine:
@@ -213,18 +236,31 @@ class Normalizer:
         out = x * scale + centre
         return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
 
+    def encode_actions(self, actions: ArrayT, state: ArrayT) -> ArrayT:
+        """What the model learns: actions (..., C, A) and the state (..., S) at the sample's frame,
+        both in dataset units -> normalised, with offsets on the delta dims."""
+        return self.normalize("action", actions if self.delta is None else self.delta.to_delta(actions, state))
+
+    def absolute_actions(self, actions: ArrayT, state: ArrayT) -> ArrayT:
+        """Dataset-unit actions (..., C, A) as the model predicts them (offsets on the delta dims)
+        plus the state (..., S) they start from -> the absolute actions a robot is sent."""
+        return actions if self.delta is None else self.delta.to_absolute(actions, state)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict; float32 -> Python float -> float32 is exact, so from_dict round-trips."""
         return {
             "mode": self.mode,
             "raw_action_dims": list(self.raw_dims["action"]),
             "raw_state_dims": list(self.raw_dims["state"]),
+            "delta_actions": None if self.delta is None else self.delta.to_dict(),
             "stats": {k: {s: [float(v) for v in arr] for s, arr in self.stats[k].items()} for k in NORM_KEYS},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
-        return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"])
+        """From :meth:`to_dict` (files written before delta actions existed have none)."""
+        delta = DeltaActions.from_dict(data.get("delta_actions"))
+        return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"], delta)
 
 
 def compare_stats(
@@ -256,6 +292,8 @@ def resolve_stats(
     train_episodes: Iterable[int],
     tolerance: float = 0.05,
     usable_episodes: Iterable[int] | None = None,
+    delta: DeltaActions | None = None,
+    chunk: int = 1,
 ) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
     """The stats to normalise with, computed over ``train_episodes`` only, plus a report of
     where a stats file shipped with the dataset disagrees with the data.
@@ -264,12 +302,13 @@ def resolve_stats(
     is never normalised with: one outlier validation episode would move min/max/q01/q99. It is
     compared with stats computed over ``usable_episodes`` (default: every episode; what the file
     claims to describe, less episodes a run skips as unreadable), in the same pass over the data;
-    each disagreement is a line of the report (:func:`compare_stats`).
+    each disagreement is a line of the report (:func:`compare_stats`). ``delta`` and ``chunk``: as in
+    :func:`compute_stats`, for the stats to normalise with; the comparison is of absolute actions.
     """
     train = list(train_episodes)
     shipped = reader.stats()
     if shipped is None:
-        return compute_stats(reader, train), []
+        return compute_stats(reader, train, delta, chunk), []
     usable = [e.index for e in reader.episodes()] if usable_episodes is None else list(usable_episodes)
-    fresh, described = _compute_stats(reader, [train, usable])
+    fresh, described = _compute_stats(reader, [train, usable], delta, chunk)
     return fresh, compare_stats(shipped, described, tolerance)

@@ -11,9 +11,11 @@ images             uint8     (n_cam, 3, H, W)    camera frames at time t, resize
 state              float32   (n_hist, S)         normalised robot state, frames t-n_hist+1 .. t
                                                  (clamped at the episode start)
 actions            float32   (chunk, A)          actions t .. t+chunk-1, normalised except the
-                                                 raw dims (grippers stay in dataset units)
+                                                 raw dims (grippers stay in dataset units);
+                                                 delta dims are offsets from the state at t
 action_mask        bool      (chunk,)            False for steps past the episode end (padded
-                                                 by repeating the last action) or missing (NaN)
+                                                 by repeating the last action) or missing (NaN,
+                                                 also in the state a delta is taken from)
 prompt_ids         int64     (Lp,)               tokenised prompt (template + instruction)
 target_ids         int64     (Lt,)               language target (narration / action tokens,
                                                  + eos); may be empty

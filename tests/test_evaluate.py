@@ -207,6 +207,7 @@ def test_eval_refuses_a_data_path_the_synthetic_format_would_ignore(checkpoint, 
     ("override", "why"),
     [
         ("data.normalize=min_max", "data.normalize: the checkpoint's norm_stats.json sets the normalisation"),
+        ("data.delta_action_dims=[0]", "data.delta_action_dims: the checkpoint's norm_stats.json sets which"),
         ("data.prompt_template={instruction}", "data.prompt_template: the model was trained on the checkpoint's"),
         ("data.language_target=none", "data.language_target: token accuracy is measured on the target"),
         ("data.chunk=1", "data.chunk: the model predicts the chunk it was trained with"),

@@ -122,6 +122,7 @@ def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
     for change, key in (
         ("model.action_head_hidden=16", "model.action_head_hidden"),
         ("data.normalize=min_max", "data.normalize"),
+        ("data.delta_action_dims=[0]", "data.delta_action_dims"),  # other targets, other stats
         ("unfreeze.vision_encoder.at_step=5", "unfreeze.vision_encoder.at_step"),
         # the prompt, the language targets' column and the gripper labels define the inputs and
         # labels of the steps already trained: changing them mid-run is another experiment

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import robot_data
 from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
 from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
+from robot_data.delta_actions import DeltaActions
 from robot_data.normalize import resolve_stats
 from robot_data.reader import DatasetFormatError, UnknownFeatureError, did_you_mean
 from vla_ft.config import Recipe, RecipeError
@@ -157,17 +158,18 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_train_val(recipe, reader, episodes)
     first = reader.numeric(train_eps[0])
-    check_action_dims(recipe, first.action.shape[1], reader.gripper_dims)
+    check_action_dims(recipe, first.action.shape[1], first.state.shape[1], reader.gripper_dims)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     raw = d.raw_dims if d.raw_dims is not None else gripper
     if stats is not None:
         normalizer = Normalizer.from_dict(stats)
     else:
         # Computed over the training episodes only; a stats file the dataset ships is only compared.
-        fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes)
+        delta = DeltaActions.build(d.delta_action_dims, d.delta_state_dims)
+        fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes, delta=delta, chunk=d.chunk)
         for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
             say(f"data stats: {line}")
-        normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw)
+        normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw, delta=delta)
     prompts = PromptTokenizer(
         tokenizer,
         d.prompt_template,
@@ -198,7 +200,9 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     )
 
 
-def check_action_dims(recipe: Recipe, action_dim: int, dataset_gripper: list[int] | None = None) -> None:
+def check_action_dims(
+    recipe: Recipe, action_dim: int, state_dim: int, dataset_gripper: list[int] | None = None
+) -> None:
     """Keys indexing action dims, checked as soon as the data gives the action dim: an index out of
     range would otherwise surface as an index error in the normaliser, the model or the loss.
 
@@ -217,6 +221,9 @@ def check_action_dims(recipe: Recipe, action_dim: int, dataset_gripper: list[int
     bad = [i for i in recipe.data.raw_dims or [] if not 0 <= i < action_dim]
     if bad:
         problems.append(f"data.raw_dims: {bad} out of range for the data's {action_dim} action dims")
+    delta = DeltaActions.build(recipe.data.delta_action_dims, recipe.data.delta_state_dims)
+    if delta is not None:
+        problems += [f"data.{line}" for line in delta.range_problems(action_dim, state_dim)]
     problems += best_metric_problems(recipe, action_dim)
     if problems:
         raise RecipeError(problems)

@@ -51,6 +51,7 @@ OVERRIDABLE = (
 FIXED = {
     "data.normalize": "the checkpoint's norm_stats.json sets the normalisation",
     "data.raw_dims": "the checkpoint's norm_stats.json sets the normalisation",
+    "data.delta_": "the checkpoint's norm_stats.json sets which action dims are offsets from the state",
     "data.prompt_template": "the model was trained on the checkpoint's prompt; another one changes the metric",
     "data.language_target": "token accuracy is measured on the target the model was trained on",
     "data.chunk": "the model predicts the chunk it was trained with",
@@ -264,8 +265,11 @@ def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, A
             metrics.update(outputs, batch)
             if not keep:
                 continue
-            pred = metrics.predicted_real(outputs)[:, 0].numpy()
-            true = metrics.norm.unnormalize("action", batch["actions"][:, 0].float().cpu()).numpy()
+            # chunk step 0, absolute also for delta actions (a state entry missing in the data reads as its mean)
+            state = metrics.norm.unnormalize("state", batch["state"][:, -1].float().cpu())
+            pred = metrics.norm.absolute_actions(metrics.predicted_real(outputs)[:, :1], state)[:, 0].numpy()
+            true = metrics.norm.unnormalize("action", batch["actions"][:, :1].float().cpu())
+            true = metrics.norm.absolute_actions(true, state)[:, 0].numpy()
             for i, (e, f) in enumerate(
                 zip(batch["episode_index"].tolist(), batch["frame_index"].tolist(), strict=True)
             ):

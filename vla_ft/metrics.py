@@ -4,7 +4,10 @@ Used by validation during training and by ``vla-ft eval``. Predictions are de-no
 with the run's statistics; with a gripper head the gripper dims are predicted as the
 dataset's open/closed values (min/max of that dim), which is what a robot would receive.
 Also reported: the L1 of the *mean-action baseline* (always predicting the training mean),
-so "is it learning?" has an answer on the same line.
+so "is it learning?" has an answer on the same line. Delta action dims
+(``data.delta_action_dims``) are compared as offsets from the frame's state: the same errors as
+absolute actions (both sides shift by that state), and their baseline is the state plus the mean
+offset, a stronger one than the mean absolute action.
 """
 
 from __future__ import annotations

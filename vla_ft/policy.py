@@ -155,7 +155,9 @@ class VLAPolicy:
         state: raw robot state in dataset units, ``(S,)`` or ``(history, S)`` (oldest first);
             with a batch ``(B, S)`` or ``(B, history, S)``.
         Returns float32 ``(chunk, action_dim)``, or ``(B, chunk, action_dim)`` for a batch, in the
-        dataset's units, gripper dims as the dataset's open/closed values. Non-finite outputs
+        dataset's units, gripper dims as the dataset's open/closed values; absolute also where
+        the model was trained on delta actions (``data.delta_action_dims``: the state of the
+        current frame, the last history row, is added back). Non-finite outputs
         (damaged weights or statistics) are a :class:`~vla_ft.checkpoint.CheckpointError`, never
         actions: a NaN gripper logit would otherwise read as "open".
         """
@@ -163,11 +165,8 @@ class VLAPolicy:
         batched = per_camera[0].ndim == 4
         pixels = self._pixels(per_camera, batched)
         b = pixels.shape[0]
-        batch = {
-            "images": pixels,
-            "state": self._state(_as_array(state).astype(np.float32, copy=False), b, batched),
-            **self._prompt(instruction, b),
-        }
+        raw_state = self._raw_state(_as_array(state).astype(np.float32, copy=False), b, batched)
+        batch = {"images": pixels, "state": self._state(raw_state), **self._prompt(instruction, b)}
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             outputs = self.model.heads(self.model.trunk(batch)["readout"])
@@ -178,7 +177,8 @@ class VLAPolicy:
             self.normalizer,
             self.meta["gripper"]["dims"],
             self.meta["gripper"]["closed_is_high"],
-        ).numpy()
+        )
+        actions = self.normalizer.absolute_actions(actions, torch.tensor(raw_state[:, -1])).numpy()
         bad = [] if np.isfinite(actions).all() else ["actions in dataset units"]
         self._check_finite(bad, f"its {NORM_STATS} holds non-finite statistics")
         return actions if batched else actions[0]
@@ -225,8 +225,8 @@ class VLAPolicy:
             out.append(np.stack([to_chw(resize(np.ascontiguousarray(f), size)) for f in frames]))
         return torch.from_numpy(np.stack(out, axis=1))
 
-    def _state(self, state: np.ndarray, b: int, batched: bool) -> torch.Tensor:
-        """Raw state -> normalised (B, history, S), as robot_data.RobotDataset builds it."""
+    def _raw_state(self, state: np.ndarray, b: int, batched: bool) -> np.ndarray:
+        """The state as given -> (B, history, S) in dataset units, checked."""
         hist, dim = self.meta["history"], self.meta["state_dim"]
         rows = state if batched else state[None]
         if rows.ndim == 2 and hist == 1:
@@ -234,6 +234,16 @@ class VLAPolicy:
         if rows.shape != (b, hist, dim):
             want = f"({'B, ' if batched else ''}{'' if hist == 1 else f'{hist}, '}{dim})"
             raise ValueError(f"state: expected shape {want} with B={b}, got {tuple(state.shape)}")
+        delta = self.normalizer.delta
+        if delta is not None and not np.isfinite(rows[:, -1][:, list(delta.state_dims)]).all():
+            raise ValueError(
+                f"state: NaN or inf in state dim(s) {list(delta.state_dims)} of the current frame; this policy "
+                f"predicts action dim(s) {list(delta.action_dims)} as offsets from them"
+            )
+        return rows
+
+    def _state(self, rows: np.ndarray) -> torch.Tensor:
+        """Raw (B, history, S) -> normalised, NaN zeroed, as robot_data.RobotDataset builds it."""
         norm = self.normalizer.normalize("state", rows)
         return torch.from_numpy(np.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0))
 

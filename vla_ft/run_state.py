@@ -54,6 +54,7 @@ BREAKING = (
     "data.history",
     "data.normalize",
     "data.raw_dims",
+    "data.delta_",
     "data.language_target",
     "data.synthetic.",
     "data.prompt_template",

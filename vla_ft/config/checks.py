@@ -77,6 +77,7 @@ def validate(r: Recipe) -> list[str]:
             f"data.raw_dims: gripper dim(s) {normalised} would be normalised, but the gripper labels threshold "
             f"raw values (loss.gripper.threshold={r.loss.gripper.threshold}): include them"
         )
+    p += delta_problems(r)
     p += template_problems(r.data.prompt_template)
     if r.data.val_filter and r.data.val_episodes:
         p.append("data.val_filter and data.val_episodes both choose the validation episodes; set one")
@@ -92,6 +93,24 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def delta_problems(r: Recipe) -> list[str]:
+    """``data.delta_action_dims`` / ``data.delta_state_dims`` that cannot work whatever the data
+    (their range is checked when the data is open: ``vla_ft.data.check_action_dims``)."""
+    from robot_data.delta_actions import DeltaActions
+
+    try:
+        delta = DeltaActions.build(r.data.delta_action_dims, r.data.delta_state_dims)
+    except ValueError as err:
+        return [f"data.{line}" for line in str(err).split("; ")]
+    gripper = sorted(set(delta.action_dims) & set(r.loss.gripper.dims)) if delta and r.model.gripper_head else []
+    if gripper:
+        return [
+            f"data.delta_action_dims: gripper dim(s) {gripper} must stay absolute: their labels threshold the raw "
+            f"command (loss.gripper.threshold={r.loss.gripper.threshold})"
+        ]
+    return []
 
 
 def name_problems(r: Recipe) -> list[str]:

@@ -130,6 +130,14 @@ class DataConfig:
     val_filter: str | None = doc("robomimic filter key to validate on, e.g. valid (overrides val_ratio)", None)
     normalize: Literal["mean_std", "min_max", "q01_q99", "none"] = doc("normalisation of state and action", "mean_std")
     raw_dims: list[int] | None = doc("action dims left raw (null: the gripper dims)", None)
+    delta_action_dims: list[int] = doc(
+        "action dims trained as offsets from the state at the sample's frame (openpi's delta actions; "
+        "the policy adds the state back); e.g. an arm's joint targets, never its gripper",
+        factory=list,
+    )
+    delta_state_dims: list[int] | None = doc(
+        "the state dim each delta action dim is taken from, in order (null: the same index)", None
+    )
     prompt_template: str = doc(
         "prompt; {instruction} is replaced by the task", "what should the robot do to {instruction} ?"
     )
