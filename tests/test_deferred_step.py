@@ -73,16 +73,19 @@ def optimizer_state(run) -> list[torch.Tensor]:
     return [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
 
 
-def test_reading_each_step_late_trains_exactly_like_reading_it_at_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [[], ["train.ema_decay=0.8"]], ids=["plain", "ema"])
+def test_reading_each_step_late_trains_exactly_like_reading_it_at_once(tmp_path, monkeypatch, ema):
     bad = frozenset({2, 7, 8})  # one skip, then two in a row: 15 attempts for 12 updates
-    at_once, seen_at_once = train(tmp_path / "at_once", monkeypatch, False, bad_calls=bad)
-    late, seen_late = train(tmp_path / "late", monkeypatch, True, bad_calls=bad)
+    at_once, seen_at_once = train(tmp_path / "at_once", monkeypatch, False, *ema, bad_calls=bad)
+    late, seen_late = train(tmp_path / "late", monkeypatch, True, *ema, bad_calls=bad)
 
     assert seen_at_once == []
     assert len(seen_late) >= 6 and seen_late.count(False) >= 2  # most steps, and skips, were read late
     for a, b in zip(at_once.model.parameters(), late.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(map(torch.equal, optimizer_state(at_once), optimizer_state(late)))
+    if ema:  # a skipped update, found late or at once, leaves the average as it was
+        assert all(map(torch.equal, at_once.ema.averages, late.ema.averages))
     assert at_once.state == late.state
     assert (late.state.step, late.state.skipped, late.state.consecutive_skips) == (12, 3, 0)
     assert at_once.loss_fn.step_state() == late.loss_fn.step_state()
@@ -107,13 +110,14 @@ def interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train_mod, "train_step", interrupted)
 
 
-def test_a_resume_from_a_deferring_run_ends_where_the_uninterrupted_run_does(tmp_path, monkeypatch):
-    whole, _ = train(tmp_path / "whole", monkeypatch, True)
+@pytest.mark.parametrize("ema", [[], ["train.ema_decay=0.8"]], ids=["plain", "ema"])
+def test_a_resume_from_a_deferring_run_ends_where_the_uninterrupted_run_does(tmp_path, monkeypatch, ema):
+    whole, _ = train(tmp_path / "whole", monkeypatch, True, *ema)
     with monkeypatch.context() as m:
         interrupt_at(m, 4)
-        first, _ = train(tmp_path / "split", m, True)
+        first, _ = train(tmp_path / "split", m, True, *ema)
     assert first.state.step == 5
-    resumed, seen = train(tmp_path / "split", monkeypatch, True, "train.resume=true")
+    resumed, seen = train(tmp_path / "split", monkeypatch, True, *ema, "train.resume=true")
     assert resumed.resumed_from.name == "step_000005" and len(seen) >= 2
     for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -196,6 +196,20 @@ def test_two_process_checkpoint_resumes_on_one_process(single, ddp, tmp_path):
     assert max_weight_diff(weights(resumed, 9), weights(single, 9)) < WEIGHT_ATOL
 
 
+def test_ddp_keeps_the_average_one_process_keeps(tmp_path):
+    """Each rank averages the same weights; rank 0 saves them (learned loss weights stay out)."""
+    ema = [*RECIPE, "train.ema_decay=0.5"]
+    main(load_recipe(QUICKSTART, [*ema, "train.batch_size=4", f"output_dir={tmp_path / 'one'}"]))
+    ranks = train_2_processes(tmp_path / "two", [*ema, "train.batch_size=2"])
+    assert ranks[0] == ranks[1]
+    one, two = (
+        load_file(str(tmp_path / d / "checkpoints" / "step_000009" / "ema.safetensors")) for d in ("one", "two")
+    )
+    assert max_weight_diff(one, two) < WEIGHT_ATOL
+    trained = weights(tmp_path / "two", 9)
+    assert max(float((two[k] - trained[k]).abs().max()) for k in two if k in trained) > 10 * WEIGHT_ATOL
+
+
 def test_resume_refuses_a_changed_global_batch(ddp):
     run_dir, _ = ddp
     ckpt = run_dir / "checkpoints" / "step_000006"

@@ -131,6 +131,7 @@ def test_a_breaking_recipe_change_is_refused(straight: Path, tmp_path: Path):
         ("loss.gripper.threshold=0.2", "loss.gripper.threshold"),
         ("loss.gripper.closed_is_high=false", "loss.gripper.closed_is_high"),
         ("train.seed=7", "train.seed"),  # another batch stream from the resumed position on
+        ("train.ema_decay=0.9", "train.ema_decay"),  # the checkpoint holds no average to continue
     ):
         recipe = load_recipe(QUICKSTART, [*MATRIX, change, "train.resume=true", f"output_dir={resumed}"])
         with pytest.raises(RecipeError, match=f"break equivalence: {key}"):

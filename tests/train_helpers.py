@@ -122,10 +122,15 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ between {a} and {b}, e.g. {different[:3]}"
+    """The two checkpoints hold the same weights, bit for bit, and the same weight average if any."""
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert (a / name).is_file() == (b / name).is_file(), name
+        if not (a / name).is_file():
+            continue
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not different, f"{len(different)} tensors of {name} differ between {a} and {b}, e.g. {different[:3]}"
 
 
 def poison_first_loss(monkeypatch, loss_fn, finite_grads: bool = False) -> None:

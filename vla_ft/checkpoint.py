@@ -13,6 +13,8 @@ A run directory's checkpoints::
         adapter/                LM LoRA adapters in PEFT's format (only with model.lora.enabled)
         vision_adapter/         vision LoRA adapters in PEFT's format (only with model.lora.vision)
         optimizer.pt            optimizer state (torch.save of tensors; loaded weights_only)
+        ema.safetensors         fp32 average of the trained weights (only with train.ema_decay);
+                                inference loads it over model.safetensors
         model_dcp/              FSDP only, instead of the two above: sharded weights and optimizer
                                 state (torch.distributed.checkpoint), readable by any world size
         loss_state.safetensors  loss-weighting state (uncertainty log-vars, DWA averages)

@@ -33,6 +33,7 @@ from torch import nn
 from robot_data import Normalizer
 from vla_ft import checkpoint as ck
 from vla_ft.config import LanguageConfig, LoraConfig, ModelConfig, VisionConfig, to_dict
+from vla_ft.ema import load_averages
 from vla_ft.lora import apply_lora
 from vla_ft.model import VLA
 
@@ -165,8 +166,11 @@ def load_saved_tokenizer(directory: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA, dict[str, Any]]:
-    """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode."""
+def load_model(directory: Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[VLA, dict[str, Any]]:
+    """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode.
+
+    ``ema``: a checkpoint of a run with ``train.ema_decay`` holds the weight average too
+    (``ema.safetensors``); it replaces the trained weights unless ``ema`` is False."""
     directory = Path(directory)
     meta = read_model_meta(directory)
     if (directory / "model_dcp").is_dir() and not (directory / "model.safetensors").is_file():
@@ -187,6 +191,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[VLA
         "n_gripper": len(meta["gripper"]["dims"]),
     }
     model = _export_model(directory, cfg, dims) if meta["merged"] else _checkpoint_model(directory, cfg, dims)
+    if ema:
+        load_averages(model, directory)
     model.wants_language = False
     return model.to(device).eval(), meta
 

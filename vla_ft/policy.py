@@ -112,18 +112,20 @@ class VLAPolicy:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, ema: bool = True
     ) -> VLAPolicy:
         """Load from a checkpoint (``<run>/checkpoints/step_N``), ``<run>/checkpoints/best``, a run
         directory (its newest checkpoint) or an export; see :func:`resolve_directory`.
 
         ``dtype``: of the weights; ``torch.bfloat16`` halves the memory and runs the matmuls in
         bf16 on a GPU (under autocast, as mixed-precision training does), at bf16's precision.
+        ``ema``: a run with ``train.ema_decay`` saved the average of its weights too; the policy
+        acts with it (what validation measured) unless ``ema`` is False.
         """
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: a floating-point dtype such as torch.bfloat16, got {dtype}")
         directory = resolve_directory(path)
-        model, meta = load_model(directory, device)
+        model, meta = load_model(directory, device, ema)
         model.to(dtype)
         normalizer = Normalizer.from_dict(read_norm_stats(directory))
         tokenizer = load_saved_tokenizer(directory)

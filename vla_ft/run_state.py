@@ -20,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import DATA_SOURCE, DATA_SPLIT, Recipe, RecipeError, save_recipe, to_dict
+from vla_ft.ema import EMA_FILE
 from vla_ft.master_weights import full_precision
 from vla_ft.model_files import write_model_files
 from vla_ft.tracking import mean_window
@@ -67,6 +68,7 @@ BREAKING = (
     "freeze.",
     "unfreeze",
     "train.seed",
+    "train.ema_decay",
     "train.best_metric",
     "train.best_mode",
 )  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)
@@ -173,6 +175,8 @@ def save_training_checkpoint(run: Run) -> Path | None:
                 if run.recipe.checkpoint.save_optimizer:
                     torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
             write_model_files(run, tmp)  # model_meta.json, language_model/, PEFT adapters
+            if run.ema is not None:
+                run.ema.save(tmp / EMA_FILE)
             loss_state = {k: v.detach().cpu().contiguous() for k, v in run.loss_fn.state_dict().items()}
             if loss_state:
                 save_file(loss_state, str(tmp / "loss_state.safetensors"))
@@ -237,6 +241,8 @@ def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
 def load_training_checkpoint(run: Run, path: Path) -> None:
     """Restore weights, optimizer, loss strategy, scaler, RNG, data position and log window from ``path``."""
     load_weights_and_optimizer(run, path)
+    if run.ema is not None:
+        run.ema.load(path / EMA_FILE)
     if (path / "loss_state.safetensors").is_file():
         with ck.reading(path / "loss_state.safetensors"):
             run.loss_fn.load_state_dict(load_file(str(path / "loss_state.safetensors")))

@@ -15,6 +15,7 @@ or a skip) -> ``after_update`` (log, validate) -> checkpoint if due or if asked 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -262,6 +263,8 @@ def train_step(
         before_update()
     if fused:
         result.flags, result.applied = queue_update(run, finite, result.grad_norm, clip), None
+        if run.ema is not None:
+            run.ema.update(finite.all())  # a skipped update leaves the average as it is, unread
         opt.zero_grad(set_to_none=True)
         if not defer:
             resolve(run, result, group)
@@ -275,6 +278,8 @@ def train_step(
         result.applied = scaler_step(run)
     else:
         opt.step()
+    if run.ema is not None and result.applied:
+        run.ema.update(torch.ones((), device=run.rt.device))
     opt.zero_grad(set_to_none=True)
     # an fp16 overflow is routine until the scale falls below 1 (get_scale reads the device: skips only)
     routine = not result.applied and bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0)
@@ -429,7 +434,8 @@ def evaluate(run: Run) -> dict[str, float]:
 def validate_and_select(run: Run) -> dict[str, float]:
     """Validate, log, track the best value of ``train.best_metric`` and early stopping."""
     r, st = run.recipe, run.state
-    values = evaluate(run)
+    with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+        values = evaluate(run)
     if not values:
         return values
     run.logger.log(st.step, values)

@@ -236,6 +236,7 @@ def range_problems(r: Recipe) -> list[str]:
         ("data.val_ratio", d.val_ratio, False),
         ("optim.min_lr_ratio", o.min_lr_ratio, True),
         ("model.lora.dropout", m.lora.dropout, False),
+        ("train.ema_decay", t.ema_decay, False),
         *((f"optim.betas[{i}]", beta, False) for i, beta in enumerate(o.betas)),
     ):
         if not (0.0 <= value < 1.0 or (one_ok and value == 1.0)):
@@ -303,6 +304,8 @@ def fsdp_problems(r: Recipe) -> list[str]:
         p.append("train.cache_features: the feature cache runs the trunk outside FSDP; use ddp")
     if r.model.lora.enabled or r.model.lora.vision:
         p.append("model.lora: PEFT saves adapters from whole tensors, not FSDP shards; use ddp with LoRA")
+    if r.train.ema_decay:
+        p.append("train.ema_decay: the weight average is kept and saved whole, not as FSDP shards; use ddp")
     return p
 
 

@@ -282,6 +282,11 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = doc("stop when best_metric stalls", factory=EarlyStoppingConfig)
     resume: bool = doc("continue from the newest complete checkpoint in output_dir", False)
     max_consecutive_skips: int = doc("halt after this many consecutive non-finite steps", 5)
+    ema_decay: float = doc(
+        "exponential moving average of the trained weights, e.g. 0.999 (0 = off): validation, the best "
+        "checkpoint, eval, export and VLAPolicy use the average",
+        0.0,
+    )
     cache_features: bool = doc("head-only runs: cache the frozen trunk's readout features", False)
     feature_cache_dir: str | None = doc("on-disk feature cache (null: in memory)", None)
     threads: int = doc("CPU threads for torch (0 = torch default)", 0)
