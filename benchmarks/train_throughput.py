@@ -63,6 +63,7 @@ from robot_data import collate  # noqa: E402
 from vla_ft import extensions, flops, optim  # noqa: E402
 from vla_ft.backbones import PatchifyConv  # noqa: E402
 from vla_ft.config import Recipe, load_recipe  # noqa: E402
+from vla_ft.ema import weight_average  # noqa: E402
 from vla_ft.lm_compile import RotaryOnce  # noqa: E402
 from vla_ft.losses import CompositeLoss  # noqa: E402
 from vla_ft.model import VLA, build_model  # noqa: E402
@@ -136,6 +137,7 @@ ROWS = (
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_autotune",
+    "vla_full_ema",
     "vla_head",
 )
 SMOKE_ROWS = (
@@ -153,6 +155,7 @@ SMOKE_ROWS = (
     "vla_lora_peft",
     "vla_lora_graphs",
     "vla_full_graphs",
+    "vla_full_ema",
     "vla_head",
 )
 
@@ -394,6 +397,7 @@ def vla_run(
         progress=Progress(recipe.train.steps, 0, "none"),
         tokenizer=None,
         gripper_dims=recipe.loss.gripper.dims,
+        ema=weight_average(model, opt, recipe.train.ema_decay),
     )
     optim.set_lr(recipe, opt, 0)
     loss_fn.watch(run.shared_params)
@@ -696,6 +700,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_full_graphs": lambda b, n: vla(
         b, n, "full", ("train.compile_mode=reduce-overhead",), note="full, CUDA graphs (reduce-overhead)"
+    ),
+    "vla_full_ema": lambda b, n: vla(
+        b, n, "full", ("train.ema_decay=0.999",), note="full, + a weight average updated every step (ema_decay)"
     ),
     "vla_full_autotune": lambda b, n: vla(
         b, n, "full", ("train.compile_mode=max-autotune-no-cudagraphs",), note="full, inductor max-autotune"

@@ -21,7 +21,11 @@ def load_benchmark(name: str = "train_throughput"):
     return module
 
 
-def test_train_throughput_smoke(tmp_path, capsys):
+def test_train_throughput_smoke(tmp_path, capsys, monkeypatch):
+    from vla_ft.ema import WeightEMA
+
+    updates, update = [], WeightEMA.update
+    monkeypatch.setattr(WeightEMA, "update", lambda self, counts: (updates.append(1), update(self, counts))[1])
     bench = load_benchmark()
     out = tmp_path / "bench.json"
     rows = bench.main(["--smoke", "--out", str(out)])
@@ -40,6 +44,7 @@ def test_train_throughput_smoke(tmp_path, capsys):
     first = {name: saved["losses"][name][0] for name in bench.SMOKE_ROWS if name not in ("vla_head", "vla_lora")}
     assert max(first.values()) - min(first.values()) < 1e-4, first
     assert "row" in capsys.readouterr().out  # the table was printed
+    assert len(updates) >= 3  # vla_full_ema's steps update its weight average (no other row has one)
 
 
 def test_the_stock_model_has_none_of_vla_fts_rewrites():

@@ -90,6 +90,11 @@ class WeightEMA:
             average.copy_(saved[name])
 
 
+def weight_average(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float) -> WeightEMA | None:
+    """The run's average (``train.ema_decay``), or None when it is 0 (off)."""
+    return WeightEMA(model, optimizer, decay) if decay else None
+
+
 def _computed_with(model: nn.Module, source: torch.Tensor) -> torch.Tensor:
     """The weight the model computes with for what the optimizer updates: a master's bf16 weight,
     else the parameter itself."""

@@ -20,7 +20,7 @@ from vla_ft import checkpoint as ck
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError, save_recipe
 from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader
-from vla_ft.ema import WeightEMA
+from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
 from vla_ft.model_files import read_norm_stats
@@ -215,7 +215,7 @@ def setup(recipe: Recipe) -> Run:
         Progress(recipe.train.steps, 0, recipe.logging.progress, rt.is_main),
         tokenizer,
         gripper,
-        ema=WeightEMA(model, optimizer, recipe.train.ema_decay) if recipe.train.ema_decay else None,
+        ema=weight_average(model, optimizer, recipe.train.ema_decay),
     )
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)
