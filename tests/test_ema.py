@@ -159,3 +159,14 @@ def test_the_average_is_named_in_the_checkpoint_tree(pair):
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     assert meta["state"]["step"] == 6 and (ckpt / EMA_FILE).is_file()
     assert not (pair["plain"] / "checkpoints" / ck.step_dir_name(6) / EMA_FILE).exists()
+
+
+def test_the_disk_estimate_of_a_save_counts_the_average(tmp_path):
+    """A full disk is reported with the space a save needs: the average is part of it."""
+    from vla_ft.run_state import checkpoint_bytes
+
+    run = tiny_run(tmp_path / "run", f"train.ema_decay={DECAY}", "train.steps=1")
+    fit(run)
+    ckpt = ck.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    files = sum((ckpt / name).stat().st_size for name in ("model.safetensors", EMA_FILE, "optimizer.pt"))
+    assert 0.9 * files <= checkpoint_bytes(run) <= 1.1 * files

@@ -215,10 +215,12 @@ def restore_best_pointer(run: Run) -> None:
 
 
 def checkpoint_bytes(run: Run) -> int:
-    """About what a checkpoint takes on disk: weights, plus two Adam moments per trainable weight."""
+    """About what a checkpoint takes on disk: weights, two Adam moments per trainable weight, and
+    the fp32 weight average (``train.ema_decay``)."""
     weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
     moments = 2 * sum(p.numel() * p.element_size() for p in run.trainable_params())
-    return weights + (moments if run.recipe.checkpoint.save_optimizer else 0)
+    average = sum(4 * a.numel() for a in run.ema.averages) if run.ema is not None else 0
+    return weights + average + (moments if run.recipe.checkpoint.save_optimizer else 0)
 
 
 def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
