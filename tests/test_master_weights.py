@@ -76,7 +76,7 @@ def test_one_step_equals_fp32_accumulation_clip_and_adamw_on_the_masters(tmp_pat
 
     params = [p for p in masters.params if p.requires_grad]
     grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    shares = term_shares(run, group) if n > 1 else [None]  # the step's pooling (tested in test_train_loop)
+    shares = term_shares(run, group)[0] if n > 1 else [None]  # the step's pooling (tested in test_train_loop)
     for batch, share in zip(group, shares, strict=True):
         with run.rt.autocast():
             total, _ = run.loss_fn(run.model(batch), batch, share)

@@ -391,3 +391,31 @@ def test_a_log_row_measures_samples_and_flops_over_one_interval(monkeypatch):
     )
     train_mod.log_train(run, window)
     assert logged["perf/tflops"] == logged["perf/samples_per_s"]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_step_without_any_of_a_terms_elements_is_left_out_of_its_logged_mean(tmp_path, monkeypatch, accumulation):
+    """Language targets missing from every sample of a step (sparse annotations) give that step no
+    loss/language: a logged row averages the steps that had targets, not zeros for the others."""
+    calls: list[int] = []
+
+    def drop_targets_of_even_steps(batch, device):
+        out = to_device(batch, device)
+        calls.append(1)
+        if (len(calls) - 1) // accumulation % 2 == 1:  # every micro-batch of steps 2, 4, ...
+            out["target_mask"] = torch.zeros_like(out["target_mask"])
+        return out
+
+    rows = {}
+    for every in (1, 2):
+        calls.clear()
+        monkeypatch.setattr(train_mod, "to_device", drop_targets_of_even_steps)
+        run = tiny_run(tmp_path / str(every), f"logging.every={every}", f"optim.accumulation={accumulation}")
+        fit(run)
+        rows[every] = {r["step"]: r for r in metric_rows(tmp_path / str(every)) if "loss" in r}
+    each, pairs = rows[1], rows[2]
+    assert all(each[s]["loss/language"] is None for s in (2, 4, 6))  # no value (null), not 0
+    assert all(each[s]["loss/language"] > 0 for s in (1, 3, 5))
+    for s in (2, 4, 6):
+        assert pairs[s]["loss/language"] == pytest.approx(each[s - 1]["loss/language"], rel=1e-6)
+        assert pairs[s]["loss/action"] == pytest.approx((each[s - 1]["loss/action"] + each[s]["loss/action"]) / 2)

@@ -48,20 +48,25 @@ class Averager:
     every N steps): each key is divided by its own count, not by the number of steps.
 
     A ``metric/*`` value that is NaN (undefined for that batch, e.g. transition accuracy without
-    a transition) is left out of its mean; any other NaN (a loss) shows in the mean.
+    a transition) is left out of its mean; any other NaN (a loss) shows in the mean. ``weights``
+    may give a key its own 0-dim weight per :meth:`add` (a loss term left out of the steps whose
+    batches held none of its elements, ``vla_ft.train.StepResult.defined``).
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, values: dict[str, Any]) -> None:
+    def add(self, values: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
         for k, v in values.items():
             if v is None:
                 continue
             v = v.detach() if isinstance(v, torch.Tensor) else v
             weight: Any = 1
-            if k.startswith("metric/") and isinstance(v, torch.Tensor):
+            if weights is not None and k in weights:
+                weight = weights[k]  # 0-dim bool on the device: no sync
+                v = torch.where(weight, v, 0.0)
+            elif k.startswith("metric/") and isinstance(v, torch.Tensor):
                 weight = torch.isfinite(v)  # stays on the device: no sync
                 v = torch.where(weight, v, 0.0)
             self.sums[k] = self.sums[k] + v if k in self.sums else v

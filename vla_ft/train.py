@@ -44,6 +44,9 @@ class StepResult:
     grad_norm: torch.Tensor | None = None  # total norm before clipping (unscaled under fp16)
     applied: bool | None = True  # False: skipped (non-finite, or an fp16 overflow); None: flags not read yet
     samples: int = 0  # this rank's samples in the group
+    # per term: did the step (every micro-batch, every rank) hold any of its elements? (0-dim bool)
+    # A step without any has no value of loss/<term>: the log's mean leaves it out.
+    defined: dict[str, torch.Tensor] = field(default_factory=dict)
     flags: QueuedFlags | None = None  # a queued update's finite flags until :func:`resolve` reads them
 
 
@@ -236,7 +239,7 @@ def train_step(
     pooled = pools_terms(run, group)  # the shares need every micro-batch's counts first
     moved = (to_device(b, run.rt.device) for b in group)  # one micro-batch on the device at a time...
     batches = list(moved) if pooled else moved  # ...unless the shares need them all first
-    shares = term_shares(run, batches) if pooled else None
+    shares, defined = term_shares(run, batches) if pooled else (None, None)
     for i, batch in enumerate(batches):
         with run.no_sync(last=i == n - 1), run.rt.autocast():
             outputs = run.forward(batch)
@@ -250,7 +253,9 @@ def train_step(
             model.master_weights.collect_grads(keep_bf16=reads_bf16 and i == n - 1)
         parts.add({"loss": total, **terms})
         samples += batch["actions"].shape[0]
-    result = StepResult(parts.mean_values(), samples=samples)
+    if defined is None:  # one micro-batch in one process: its own counts say
+        defined = {k: c > 0 for k, c in run.loss_fn.counts(batch).items()}
+    result = StepResult(parts.mean_values(), samples=samples, defined=defined)
     if run.scaler:
         run.scaler.unscale_(opt)
     clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
@@ -292,18 +297,19 @@ def pools_terms(run: Run, group: Group) -> bool:
     return len(group) > 1 or run.rt.distributed
 
 
-def term_shares(run: Run, batches: Group) -> list[dict[str, torch.Tensor]]:
+def term_shares(run: Run, batches: Group) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Per micro-batch, each term's share ``n W c_i / C`` (``c_i`` its valid count, ``C`` the sum
     over the step's n micro-batches and W ranks): a masked mean over a micro-batch with fewer
     target tokens or padded action steps then weighs what it holds (``CompositeLoss.counts``).
-    The gradient is the one of a single batch of all the step's samples, whatever the split."""
+    The gradient is the one of a single batch of all the step's samples, whatever the split.
+    Also returns, per term, whether C > 0 (:attr:`StepResult.defined`)."""
     counts = [run.loss_fn.counts(b) for b in batches]
     names = sorted(set.intersection(*(set(c) for c in counts)))
     table = torch.stack([torch.stack([c[k] for k in names]) for c in counts])  # (n, terms)
     pooled = run.rt.all_sum(table.sum(0))
     scale = len(batches) * run.rt.world_size
     shares = table * scale / torch.where(pooled > 0, pooled, torch.ones_like(pooled))
-    return [dict(zip(names, row, strict=True)) for row in shares]
+    return [dict(zip(names, row, strict=True)) for row in shares], dict(zip(names, pooled > 0, strict=True))
 
 
 def queues_step(run: Run) -> bool:
@@ -379,7 +385,9 @@ def scaler_step(run: Run) -> bool:
 def after_update(run: Run, result: StepResult, window: TrainWindow) -> dict[str, float]:
     """Log at log steps, validate at validation steps (returns the validation values, else {})."""
     r, st = run.recipe, run.state
-    window.values.add({**result.parts, "grad_norm": result.grad_norm})
+    window.values.add(
+        {**result.parts, "grad_norm": result.grad_norm}, {f"loss/{k}": d for k, d in result.defined.items()}
+    )
     run.progress.update(st.step)
     if st.step % r.logging.every == 0 or st.step == r.train.steps:
         log_train(run, window)
