@@ -5,14 +5,13 @@ request. The fused optimizer's device-side skip makes this path the same on CPU 
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import assert_same_weights, deterministic, metric_rows, tiny_run
+from train_helpers import assert_same_weights, deterministic, metric_rows, poison, tiny_run
 
 import vla_ft.train as train_mod
 from vla_ft import checkpoint as ck
@@ -31,17 +30,6 @@ DEFERRING = [
 
 def deferring_run(run_dir: Path, *overrides: str):
     return tiny_run(run_dir, *DEFERRING, *overrides)
-
-
-def poison(run, bad_calls: set[int]) -> None:
-    """NaN into the action head's gradient on the given backward calls (0-based)."""
-    calls: list[int] = []
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        calls.append(len(calls))
-        return grad * math.nan if calls[-1] in bad_calls else grad
-
-    run.model.action_head[-1].weight.register_hook(hook)
 
 
 def read_late(monkeypatch) -> list[bool]:

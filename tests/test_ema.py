@@ -4,7 +4,6 @@ out), leaves training untouched, is what validation measures, and is what infere
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_recipe
-from train_helpers import metric_rows, tiny_run, weights
+from train_helpers import metric_rows, poison, tiny_run, weights
 
 from vla_ft import VLAPolicy
 from vla_ft import checkpoint as ck
@@ -26,17 +25,6 @@ from vla_ft.train import main as train
 
 DECAY = 0.5  # large steps: an average one update behind would show
 TIED = {"language_model.model.embed_tokens.weight": "language_model.lm_head.weight"}  # saved once, as the head
-
-
-def _poison(run, bad_calls: set[int]) -> None:
-    """NaN into the action head's gradient on the given backward calls (0-based): skipped steps."""
-    calls: list[int] = []
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        calls.append(len(calls))
-        return grad * math.nan if calls[-1] in bad_calls else grad
-
-    run.model.action_head[-1].weight.register_hook(hook)
 
 
 BF16 = ["train.precision=bf16", "train.param_dtype=bf16"]  # bf16 weights, fp32 masters in the optimizer
@@ -64,7 +52,7 @@ def test_the_average_follows_the_saved_weights_step_by_step(tmp_path, setting):
     )
     # step 0: the initial weights (the fp32 masters where the model computes in bf16)
     average = {n: optimized(run.model, p).detach().double().cpu() for n, p in run.model.named_parameters()}
-    _poison(run, {2})  # the third attempt is skipped: 6 attempts for 5 updates
+    poison(run, {2})  # the third attempt is skipped: 6 attempts for 5 updates
     fit(run)
     assert run.state.skipped == 1
     for step in range(1, 6):

@@ -146,3 +146,14 @@ def poison_first_loss(monkeypatch, loss_fn, finite_grads: bool = False) -> None:
         return (total + torch.tensor(math.nan) if finite_grads else total * float("nan")), parts
 
     monkeypatch.setattr(loss_fn, "forward", nan_once)
+
+
+def poison(run, bad_calls: set[int]) -> None:
+    """NaN into the action head's gradient on the given backward calls (0-based)."""
+    calls: list[int] = []
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(len(calls))
+        return grad * math.nan if calls[-1] in bad_calls else grad
+
+    run.model.action_head[-1].weight.register_hook(hook)

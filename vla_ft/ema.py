@@ -4,7 +4,8 @@ Why: the average of the last few hundred updates is smoother than any one of the
 fine-tuned policies act better with it (openpi fine-tunes pi0 with an EMA of 0.99). With the
 average on, validation measures it (so ``checkpoints/best`` and early stopping select on it),
 every checkpoint stores it in ``ema.safetensors`` next to the trained weights (which resuming
-needs), and ``VLAPolicy``, ``vla-ft eval`` and ``vla-ft export`` load it.
+needs), and ``VLAPolicy``, ``vla-ft eval`` and ``vla-ft export`` load it. (A LoRA checkpoint's
+``adapter/`` keeps the trained adapters, for peft; ``vla-ft export`` merges the averaged ones.)
 
 After every optimizer step that counts: ``ema += (1 - decay) (w - ema)``, in fp32, for every
 parameter the optimizer holds (the fp32 masters where the model computes in bf16). A module
