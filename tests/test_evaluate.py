@@ -278,3 +278,19 @@ def test_eval_refuses_an_incomplete_or_damaged_checkpoint(checkpoint, tmp_path, 
     (copy / "COMPLETE").unlink()
     assert cli(["eval", str(copy)]) == 2
     assert f"{copy} is an incomplete checkpoint" in capsys.readouterr().err
+
+
+def test_eval_keeps_an_evaluation_of_other_data_in_the_default_directory(checkpoint, capsys):
+    """CHECKPOINT/eval is rewritten by the same evaluation, never by one of other episodes or data."""
+    shutil.rmtree(checkpoint / "eval", ignore_errors=True)  # what other tests evaluated
+    out = checkpoint / "eval" / "metrics.json"
+    assert cli(["eval", str(checkpoint), "data.val_episodes=[0]"]) == 0
+    first = out.read_text()
+    assert cli(["eval", str(checkpoint), "data.val_episodes=[0]"]) == 0  # the same again: rewritten
+    assert cli(["eval", str(checkpoint), "data.val_episodes=[1]"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {checkpoint / 'eval'} holds another evaluation (overrides ['data.val_episodes=[0]']" in err
+    assert "pass --out DIR to keep both" in err
+    assert cli(["eval", str(checkpoint), "data.val_episodes=[0]", "--episodes", "all"]) == 2
+    assert out.read_text() == first
+    shutil.rmtree(checkpoint / "eval")

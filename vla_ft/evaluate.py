@@ -191,7 +191,9 @@ def evaluate_checkpoint(
 
     if out:
         check_output_dir(Path(out), "--out")
-    ev = load_evaluation(path, overrides)
+    ev = load_evaluation(path, overrides)  # refused overrides and damaged checkpoints are reported first
+    if not out:
+        keep_other_evaluation(ev.checkpoint / "eval", overrides, episodes)
     r, d = ev.recipe, ev.data
     ids = select_episodes(episodes, d.train_episodes, d.val_episodes)
     loader = episode_loader(ev, ids)
@@ -202,6 +204,7 @@ def evaluate_checkpoint(
         "checkpoint": str(ev.checkpoint),
         "step": trained_steps(ev.checkpoint),
         "episodes": ids,
+        "selection": episodes,
         "samples": len(loader.dataset),
         "overrides": list(overrides),
         "metrics": metrics.compute(prefix=""),
@@ -214,6 +217,26 @@ def evaluate_checkpoint(
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}
+
+
+def keep_other_evaluation(out_dir: Path, overrides: Sequence[str], episodes: str) -> None:
+    """The default output directory may hold an evaluation of other data or episodes: refuse to
+    overwrite it (the same evaluation run again is overwritten)."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        before = (saved["overrides"], saved.get("selection", "val"))  # older files: the default selection
+    except (ValueError, KeyError, TypeError):
+        before = None  # not written by vla-ft eval, or damaged: keep it too
+    if before != (list(overrides), episodes):
+        what = (
+            "a file vla-ft eval did not write" if before is None else f"overrides {before[0]}, --episodes {before[1]}"
+        )
+        raise RecipeError(
+            f"--out: {out_dir} holds another evaluation ({what}); pass --out DIR to keep both, or delete it"
+        )
 
 
 def trained_steps(directory: Path) -> int | None:
