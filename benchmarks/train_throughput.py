@@ -397,7 +397,7 @@ def vla_run(
         progress=Progress(recipe.train.steps, 0, "none"),
         tokenizer=None,
         gripper_dims=recipe.loss.gripper.dims,
-        ema=weight_average(model, opt, recipe.train.ema_decay),
+        ema=weight_average(model, opt, recipe.train),
     )
     optim.set_lr(recipe, opt, 0)
     loss_fn.watch(run.shared_params)

@@ -25,7 +25,7 @@ def test_train_throughput_smoke(tmp_path, capsys, monkeypatch):
     from vla_ft.ema import WeightEMA
 
     updates, update = [], WeightEMA.update
-    monkeypatch.setattr(WeightEMA, "update", lambda self, counts: (updates.append(1), update(self, counts))[1])
+    monkeypatch.setattr(WeightEMA, "update", lambda self, *args: (updates.append(1), update(self, *args))[1])
     bench = load_benchmark()
     out = tmp_path / "bench.json"
     rows = bench.main(["--smoke", "--out", str(out)])

@@ -38,8 +38,9 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
         ["optim.name=sgd"],  # the plain step: the host reads the flag first
         ["optim.name=adamw", *BF16],  # the average of the fp32 masters
         pytest.param(["optim.name=adamw", "train.device=cuda", *BF16], marks=GPU),  # MasterAdamW's kernel
+        ["train.ema_warmup=false"],  # ema_decay from the first update
     ],
-    ids=["fused", "plain", "masters", "cuda"],
+    ids=["fused", "plain", "masters", "cuda", "no-warmup"],
 )
 def test_the_average_follows_the_saved_weights_step_by_step(tmp_path, setting):
     run = tiny_run(
@@ -55,12 +56,14 @@ def test_the_average_follows_the_saved_weights_step_by_step(tmp_path, setting):
     poison(run, {2})  # the third attempt is skipped: 6 attempts for 5 updates
     fit(run)
     assert run.state.skipped == 1
+    warmup = run.recipe.train.ema_warmup
     for step in range(1, 6):
         ckpt = tmp_path / "run" / "checkpoints" / ck.step_dir_name(step)
         trained, saved = weights(ckpt), load_file(str(ckpt / EMA_FILE))
         assert set(saved) == set(average) and {TIED.get(n, n) for n in saved} == set(trained)
+        decay = min(DECAY, step / (9 + step)) if warmup else DECAY  # update step - 1: (1 + t) / (10 + t)
         for name in saved:
-            average[name] += (1 - DECAY) * (trained[TIED.get(name, name)].double() - average[name])
+            average[name] += (1 - decay) * (trained[TIED.get(name, name)].double() - average[name])
             torch.testing.assert_close(saved[name].double(), average[name], rtol=1e-6, atol=1e-7)
 
 

@@ -12,6 +12,11 @@ parameter the optimizer holds (the fp32 masters where the model computes in bf16
 frozen until step N averages its frozen weights until then, so its average starts from them.
 The step's finite flag scales the update on the device, so a skipped step leaves the average
 as it was without the host reading the flag (``vla_ft.train.queue_update``).
+
+``train.ema_warmup`` (default on) ramps the decay of update t (0-based) as
+``min(decay, (1 + t) / (10 + t))``, as TensorFlow's ExponentialMovingAverage does with
+``num_updates``: with a constant 0.999 the initial weights would still hold 0.999^1000 = 37% of
+the average after a 1000-step fine-tune; with the ramp they are gone within the first steps.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,16 +33,19 @@ from torch import nn
 from vla_ft import checkpoint as ck
 from vla_ft.master_weights import optimized
 
+if TYPE_CHECKING:
+    from vla_ft.config import TrainConfig
+
 EMA_FILE = "ema.safetensors"
 
 
 class WeightEMA:
     """fp32 averages of the parameters ``optimizer`` updates, named as in ``model.state_dict()``."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, decay: float):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: must be in (0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         name_of = {id(optimized(model, p)): n for n, p in model.named_parameters()}
         # the model's parameters among the optimizer's (a learned loss weighting has its own)
         self.sources = [p for g in optimizer.param_groups for p in g["params"] if id(p) in name_of]
@@ -45,14 +54,19 @@ class WeightEMA:
         self.averages = [p.detach().float().clone() for p in self.sources]
 
     @torch.no_grad()
-    def update(self, counts: torch.Tensor) -> None:
-        """One step of the average over the parameters that train now; ``counts`` (0-dim, on their
-        device) is 1 for a step that counted and 0 for a skipped one (then nothing changes)."""
+    def update(self, counts: torch.Tensor, step: int) -> None:
+        """Update ``step`` (0-based) of the average, over the parameters that train now; ``counts``
+        (0-dim, on their device) is 1 for a step that counted and 0 for a skipped one (then nothing
+        changes, and the step's retry is update ``step`` again)."""
         live = [i for i, p in enumerate(self.sources) if p.requires_grad]
         if not live:
             return
-        weight = (1.0 - self.decay) * counts.float()  # a tensor: the host never reads the flag
+        weight = (1.0 - self.decay_at(step)) * counts.float()  # a tensor: the host never reads the flag
         torch._foreach_lerp_([self.averages[i] for i in live], [self.sources[i] for i in live], [weight] * len(live))
+
+    def decay_at(self, step: int) -> float:
+        """The decay of update ``step`` (0-based)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -91,9 +105,9 @@ class WeightEMA:
             average.copy_(saved[name])
 
 
-def weight_average(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float) -> WeightEMA | None:
-    """The run's average (``train.ema_decay``), or None when it is 0 (off)."""
-    return WeightEMA(model, optimizer, decay) if decay else None
+def weight_average(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig) -> WeightEMA | None:
+    """The run's average (``train``: the recipe's ``TrainConfig``), or None when ``ema_decay`` is 0 (off)."""
+    return WeightEMA(model, optimizer, train.ema_decay, train.ema_warmup) if train.ema_decay else None
 
 
 def _computed_with(model: nn.Module, source: torch.Tensor) -> torch.Tensor:

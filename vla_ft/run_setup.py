@@ -215,7 +215,7 @@ def setup(recipe: Recipe) -> Run:
         Progress(recipe.train.steps, 0, recipe.logging.progress, rt.is_main),
         tokenizer,
         gripper,
-        ema=weight_average(model, optimizer, recipe.train.ema_decay),
+        ema=weight_average(model, optimizer, recipe.train),
     )
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)

@@ -68,7 +68,7 @@ BREAKING = (
     "freeze.",
     "unfreeze",
     "train.seed",
-    "train.ema_decay",
+    "train.ema_",
     "train.best_metric",
     "train.best_mode",
 )  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)

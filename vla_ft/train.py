@@ -269,7 +269,7 @@ def train_step(
     if fused:
         result.flags, result.applied = queue_update(run, finite, result.grad_norm, clip), None
         if run.ema is not None:
-            run.ema.update(finite.all())  # a skipped update leaves the average as it is, unread
+            run.ema.update(finite.all(), run.state.step)  # a skipped update leaves it as it is, unread
         opt.zero_grad(set_to_none=True)
         if not defer:
             resolve(run, result, group)
@@ -284,7 +284,7 @@ def train_step(
     else:
         opt.step()
     if run.ema is not None and result.applied:
-        run.ema.update(torch.ones((), device=run.rt.device))
+        run.ema.update(torch.ones((), device=run.rt.device), run.state.step)
     opt.zero_grad(set_to_none=True)
     # an fp16 overflow is routine until the scale falls below 1 (get_scale reads the device: skips only)
     routine = not result.applied and bool(run.scaler and loss_ok and run.scaler.get_scale() >= 1.0)

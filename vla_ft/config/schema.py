@@ -287,6 +287,11 @@ class TrainConfig:
         "checkpoint, eval, export and VLAPolicy use the average",
         0.0,
     )
+    ema_warmup: bool = doc(
+        "ramp the average's decay as min(ema_decay, (1 + t) / (10 + t)) at update t, so the initial weights "
+        "fade within the first steps (false: ema_decay from the start, as openpi)",
+        True,
+    )
     cache_features: bool = doc("head-only runs: cache the frozen trunk's readout features", False)
     feature_cache_dir: str | None = doc("on-disk feature cache (null: in memory)", None)
     threads: int = doc("CPU threads for torch (0 = torch default)", 0)
