@@ -306,3 +306,19 @@ def test_bf16_weights_predict_as_fp32_within_bf16_precision(trained, offline):
     np.testing.assert_allclose(low[..., :2], full[..., :2], atol=0.05 * np.abs(full[..., :2]).max())
     with pytest.raises(ValueError, match="dtype: a floating-point dtype"):
         VLAPolicy.from_pretrained(trained, dtype=torch.int8)
+
+
+def test_a_chunk_runner_drives_a_loaded_policy(trained, offline):
+    """ChunkRunner on a real policy: the first action of a receding horizon is the chunk's first
+    row, and an ensembled gripper holds one of the dataset's two values."""
+    from vla_ft import ChunkRunner
+
+    policy = VLAPolicy.from_pretrained(trained)
+    state = np.zeros((2, 3), np.float32)
+    chunk = policy.predict_action(_frame(0), TASK, state)
+    np.testing.assert_array_equal(ChunkRunner(policy, execute=2).act(_frame(0), TASK, state), chunk[0])
+    runner = ChunkRunner(policy, ensemble=0.1)
+    stats = json.loads((trained / "checkpoints" / "step_000002" / "norm_stats.json").read_text())["stats"]["action"]
+    for seed in range(3):
+        action = runner.act(_frame(seed), TASK, state)
+        assert action.shape == (3,) and float(action[2]) in (stats["min"][2], stats["max"][2])

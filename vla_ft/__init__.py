@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["VLAPolicy", "__version__"]
+__all__ = ["ChunkRunner", "VLAPolicy", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from vla_ft.policy import VLAPolicy
 
         return VLAPolicy
+    if name == "ChunkRunner":
+        from vla_ft.execution import ChunkRunner
+
+        return ChunkRunner
     raise AttributeError(f"module 'vla_ft' has no attribute {name!r}")

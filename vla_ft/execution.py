@@ -1,0 +1,76 @@
+"""Running a chunk policy on a robot: one action per control step from predicted action chunks.
+
+``VLAPolicy.predict_action`` returns the next ``chunk`` actions. A control loop sends one action
+per step, and there are two standard ways to get it from the chunks:
+
+- **receding horizon** (``execute=k``): predict a chunk, send its first k actions, predict again
+  (LeRobot's ``n_action_steps``; openpi's ``action_horizon``);
+- **temporal ensembling** (``ensemble=m``, ACT, Zhao et al. 2023): predict a chunk at every step;
+  the action of step t is the weighted mean of what every chunk still covering t predicted for it,
+  with weight ``exp(-m i)`` for the i-th oldest (i = 0: the oldest), which smooths the switch from
+  one chunk to the next.
+
+Gripper dims hold the dataset's open or closed value; after ensembling they are set to the nearer
+of the two, since a mean of "open" and "closed" is a command the gripper never saw.
+
+::
+
+    runner = ChunkRunner(VLAPolicy.from_pretrained("runs/aloha"), ensemble=0.01)
+    for _ in range(steps):
+        robot.send(runner.act(camera.read(), "insert the peg", robot.state()))
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+
+class ChunkRunner:
+    """One action per :meth:`act` from ``policy`` (a :class:`vla_ft.VLAPolicy`); give exactly one of
+    ``execute`` (1 .. chunk actions sent per prediction) or ``ensemble`` (m >= 0: predict every step)."""
+
+    def __init__(self, policy: Any, execute: int | None = None, ensemble: float | None = None):
+        if (execute is None) == (ensemble is None):
+            raise ValueError("ChunkRunner: give execute (receding horizon) or ensemble (temporal ensembling), not both")
+        if execute is not None and not 1 <= execute <= policy.chunk:
+            raise ValueError(f"execute: {execute} actions per prediction, the policy predicts chunks of {policy.chunk}")
+        if ensemble is not None and not 0 <= ensemble < math.inf:
+            raise ValueError(f"ensemble: the weights' decay m must be finite and >= 0, got {ensemble}")
+        self.policy, self.execute, self.ensemble = policy, execute, ensemble
+        stats = policy.normalizer.stats["action"]
+        dims = list(policy.meta["gripper"]["dims"])
+        self._gripper = (dims, stats["min"][dims], stats["max"][dims])  # open/closed values per gripper dim
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the chunks in flight (a new episode)."""
+        self.t = 0
+        self._queue: deque[np.ndarray] = deque()  # receding horizon: actions still to send
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # ensembling: (step predicted at, chunk)
+
+    def act(self, images: Any, instruction: str, state: Any) -> np.ndarray:
+        """The action for this control step, ``(action_dim,)`` float32 in the dataset's units."""
+        if self.execute is not None:
+            if not self._queue:
+                self._queue.extend(self.policy.predict_action(images, instruction, state)[: self.execute])
+            action = self._queue.popleft()
+        else:
+            self._chunks.append((self.t, self.policy.predict_action(images, instruction, state)))
+            while self._chunks[0][0] + len(self._chunks[0][1]) <= self.t:  # no longer covers this step
+                self._chunks.popleft()
+            predictions = np.stack([chunk[self.t - start] for start, chunk in self._chunks])  # oldest first
+            weights = np.exp(-self.ensemble * np.arange(len(predictions)))
+            action = self._snap_gripper((weights @ predictions) / weights.sum())
+        self.t += 1
+        return action.astype(np.float32)
+
+    def _snap_gripper(self, action: np.ndarray) -> np.ndarray:
+        dims, low, high = self._gripper
+        if dims:
+            value = action[dims]
+            action[dims] = np.where(np.abs(value - low) <= np.abs(value - high), low, high)
+        return action
