@@ -20,6 +20,7 @@ from vla_ft.config import RecipeError
 from vla_ft.ema import EMA_FILE
 from vla_ft.master_weights import optimized
 from vla_ft.model_files import load_model
+from vla_ft.run_setup import setup
 from vla_ft.train import fit
 from vla_ft.train import main as train
 
@@ -161,3 +162,15 @@ def test_the_disk_estimate_of_a_save_counts_the_average(tmp_path):
     ckpt = ck.latest_checkpoint(tmp_path / "run" / "checkpoints")
     files = sum((ckpt / name).stat().st_size for name in ("model.safetensors", EMA_FILE, "optimizer.pt"))
     assert 0.9 * files <= checkpoint_bytes(run) <= 1.1 * files
+
+
+def test_a_relaunch_of_a_finished_run_reports_the_average(pair, tmp_path):
+    """Relaunched at its last step, the run has nothing to train: the values it returns (and
+    prints) are the last validation's, of the average, not of the trained weights."""
+    shutil.copytree(pair["ema"], tmp_path / "run")
+    run = setup(tiny_recipe(tmp_path, f"train.ema_decay={DECAY}", "train.resume=true"))
+    try:
+        final = fit(run)
+    finally:
+        run.logger.close()
+    assert final["val/action_l1"] == pytest.approx(_val(pair["ema"], 6)["val/action_l1"], rel=1e-6)

@@ -87,14 +87,14 @@ def fit(run: Run) -> dict[str, float]:
     r, st = run.recipe, run.state
     if st.step >= r.train.steps:
         run.progress.write(f"nothing to do: the checkpoint is at step {st.step} of {r.train.steps}")
-        return evaluate(run)
+        return validate(run)
     if stalled(r, st):  # relaunched after early stopping
         run.early_stop, patience = True, r.train.early_stopping.patience
         run.progress.write(
             f"nothing to do: the run stopped early at step {st.step} ({r.train.best_metric} did not improve "
             f"for {patience} validations); raise train.early_stopping.patience to train on"
         )
-        return evaluate(run)
+        return validate(run)
     groups = step_groups(run.train_loader, run.sampler, st, r.optim.accumulation)
     with StopRequest() as stop:
         loop = StepLoop(run, stop)
@@ -439,11 +439,17 @@ def evaluate(run: Run) -> dict[str, float]:
     return run.reduce_metrics(out)
 
 
+def validate(run: Run) -> dict[str, float]:
+    """:func:`evaluate` of the weights the run ships: the average with ``train.ema_decay`` (what
+    every validation and the best checkpoint measure), else the trained weights."""
+    with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+        return evaluate(run)
+
+
 def validate_and_select(run: Run) -> dict[str, float]:
     """Validate, log, track the best value of ``train.best_metric`` and early stopping."""
     r, st = run.recipe, run.state
-    with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
-        values = evaluate(run)
+    values = validate(run)
     if not values:
         return values
     run.logger.log(st.step, values)
