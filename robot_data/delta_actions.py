@@ -33,10 +33,19 @@ class DeltaActions:
     @classmethod
     def build(cls, action_dims: Sequence[int], state_dims: Sequence[int] | None = None) -> DeltaActions | None:
         """None when ``action_dims`` is empty (every action absolute); else a checked instance."""
+        problems = cls.problems(action_dims, state_dims)
+        if problems:
+            raise ValueError("; ".join(problems))
         if not action_dims:
-            if state_dims:
-                raise ValueError(f"delta_state_dims: {list(state_dims)} given without delta_action_dims")
             return None
+        state = action_dims if state_dims is None else state_dims
+        return cls(tuple(int(d) for d in action_dims), tuple(int(d) for d in state))
+
+    @staticmethod
+    def problems(action_dims: Sequence[int], state_dims: Sequence[int] | None = None) -> list[str]:
+        """What :meth:`build` refuses, one line per key (a list: a line may itself hold "; ")."""
+        if not action_dims:
+            return [f"delta_state_dims: {list(state_dims)} given without delta_action_dims"] if state_dims else []
         state = list(action_dims) if state_dims is None else list(state_dims)
         problems = []
         if len(state) != len(action_dims):
@@ -49,9 +58,7 @@ class DeltaActions:
                 problems.append(f"{key}: {dims} has a negative index")
             if len(set(dims)) != len(dims):
                 problems.append(f"{key}: {dims} repeats a dim")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return cls(tuple(int(d) for d in action_dims), tuple(int(d) for d in state))
+        return problems
 
     def range_problems(self, action_dim: int, state_dim: int) -> list[str]:
         """Indices past the data's widths, one line per key (checked once the data is open)."""

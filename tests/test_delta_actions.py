@@ -119,6 +119,14 @@ def test_delta_keys_that_cannot_work_are_refused_on_load(tmp_path, overrides, me
         tiny_recipe(tmp_path, *overrides)
 
 
+def test_a_count_mismatch_is_one_problem_naming_its_key(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        tiny_recipe(tmp_path, "data.delta_action_dims=[0,1]", "data.delta_state_dims=[0]")
+    assert err.value.problems == [
+        "data.delta_state_dims: 1 dims [0] for 2 delta_action_dims [0, 1]; give one state dim per action dim"
+    ]
+
+
 def test_delta_dims_past_the_data_are_refused_naming_the_key(tmp_path):
     from vla_ft.data import build_data
     from vla_ft.tokenizer import load_tokenizer

@@ -100,10 +100,10 @@ def delta_problems(r: Recipe) -> list[str]:
     (their range is checked when the data is open: ``vla_ft.data.check_action_dims``)."""
     from robot_data.delta_actions import DeltaActions
 
-    try:
-        delta = DeltaActions.build(r.data.delta_action_dims, r.data.delta_state_dims)
-    except ValueError as err:
-        return [f"data.{line}" for line in str(err).split("; ")]
+    problems = DeltaActions.problems(r.data.delta_action_dims, r.data.delta_state_dims)
+    if problems:
+        return [f"data.{line}" for line in problems]
+    delta = DeltaActions.build(r.data.delta_action_dims, r.data.delta_state_dims)
     gripper = sorted(set(delta.action_dims) & set(r.loss.gripper.dims)) if delta and r.model.gripper_head else []
     if gripper:
         return [
