@@ -154,6 +154,26 @@ def test_the_global_batch_counts_the_processes_that_saved_the_checkpoint(tmp_pat
         check_resume_compatible(to_dict(saved), doubled, tmp_path, world_size=1)
 
 
+def test_keys_added_after_a_checkpoint_was_written_read_as_their_defaults(tmp_path: Path):
+    """A checkpoint's config.yaml written before data.delta_* and train.ema_* existed trained as
+    their defaults do: it resumes; a recipe that turns one of them on is refused."""
+    from vla_ft.config import to_dict
+    from vla_ft.run_state import check_resume_compatible
+
+    recipe = load_recipe(QUICKSTART, list(TINY))
+    saved = to_dict(recipe)
+    for section, key in (("data", "delta_action_dims"), ("data", "delta_state_dims"), ("train", "ema_decay")):
+        del saved[section][key]
+    del saved["train"]["ema_warmup"]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"world_size": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a changed key
+        check_resume_compatible(saved, recipe, tmp_path, world_size=1)
+    averaged = load_recipe(QUICKSTART, [*TINY, "train.ema_decay=0.9"])
+    with pytest.raises(RecipeError, match=r"break equivalence: train.ema_decay: 0.0 -> 0.9$"):
+        check_resume_compatible(saved, averaged, tmp_path, world_size=1)
+
+
 def test_a_changed_best_metric_or_mode_is_refused(straight: Path, tmp_path: Path):
     """The saved best value is of the old metric: the new one would be compared with it."""
     resumed = copy_at(straight, 4, tmp_path / "run")

@@ -88,13 +88,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _flatten_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved recipe, flattened; a key it lacks (added to the schema after it was written, such
+    as ``train.ema_decay``) reads as the schema's default, which is how that run trained: else
+    every run saved before a new key existed would read as changed, and refused where it breaks."""
+    old = _flatten(saved)
+    missing = {k: v for k, v in _flatten(to_dict(Recipe())).items() if k not in old}
+    # a dict-valued key the saved recipe fills ({} by default, e.g. unfreeze) is not missing
+    return {**{k: v for k, v in missing.items() if not any(o.startswith(k + ".") for o in old)}, **old}
+
+
 def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path, world_size: int = 1) -> None:
     """Error for changes that break equivalence with the saved run; warning for the rest.
 
     The global batch (``train.batch_size x optim.accumulation x processes``) must stay: a run
     resumes on another number of processes with ``train.batch_size`` adjusted.
     """
-    old, new = _flatten(saved), _flatten(to_dict(current))
+    old, new = _flatten_saved(saved), _flatten(to_dict(current))
     changed = changed_keys(old, new)
     breaking = [k for k in changed if k.startswith(BREAKING) and not k.startswith(HARMLESS)]
     problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
@@ -116,7 +126,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def recipe_changes(saved: dict[str, Any], current: Recipe, allowed: tuple[str, ...] = ()) -> list[str]:
     """``key: old -> new`` for every key (but ``IGNORED`` and the ``allowed`` prefixes) where
     ``current`` differs from a saved recipe dict."""
-    old, new = _flatten(saved), _flatten(to_dict(current))
+    old, new = _flatten_saved(saved), _flatten(to_dict(current))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new) if not k.startswith(allowed)]
 
 
