@@ -21,6 +21,7 @@ gripper_head``.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -278,14 +279,28 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def build_model(recipe: Recipe, *, state_dim: int, action_dim: int, n_cameras: int, vocab_size: int) -> VLA:
-    """The VLA for a recipe and the data's dimensions, with LoRA applied when asked."""
+def build_model(
+    recipe: Recipe,
+    *,
+    state_dim: int,
+    action_dim: int,
+    n_cameras: int,
+    vocab_size: int,
+    resume_from: Path | None = None,
+) -> VLA:
+    """The VLA for a recipe and the data's dimensions, with LoRA applied when asked. With
+    ``model.init_from`` the LM's architecture is the source run's (read from ``resume_from`` when
+    resuming, whose checkpoint also holds the weights), and a fresh run copies the source's weights
+    in (:mod:`vla_ft.init_from`)."""
+    from vla_ft import init_from
     from vla_ft.lora import apply_lora
+    from vla_ft.runtime import say
 
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     bad = [d for d in gripper if not 0 <= d < action_dim]
     if bad:
         raise RecipeError(f"loss.gripper.dims: {bad} out of range for {action_dim} action dims")
+    source = recipe.model.init_from
     model = VLA(
         recipe.model,
         state_dim=state_dim,
@@ -295,6 +310,14 @@ def build_model(recipe: Recipe, *, state_dim: int, action_dim: int, n_cameras: i
         n_history=recipe.data.history,
         vocab_size=vocab_size,
         n_gripper=len(gripper),
+        pretrained=source is None,
+        lm_config=None if source is None else init_from.source_lm_config(resume_from or source),
     )
+    if source is not None and resume_from is None:
+        fresh = init_from.copy_source_weights(model, source)
+        say(
+            f"{init_from.KEY}: weights of {init_from.source_directory(source)}"
+            + (f"; fresh: {', '.join(fresh)}" if fresh else "")
+        )
     apply_lora(model, recipe.model.lora)
     return model

@@ -199,7 +199,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu", ema: bool = 
 
 def _checkpoint_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VLA:
     """A checkpoint's VLA: the LM built from its saved config, every weight from ``model.safetensors``."""
-    model = VLA(cfg, pretrained=False, lm_config=_lm_config(directory), **dims)
+    model = VLA(cfg, pretrained=False, lm_config=load_lm_config(directory), **dims)
     apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
     with ck.reading(directory / "model.safetensors", directory):
         load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
@@ -215,7 +215,7 @@ def _export_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VL
     return model
 
 
-def _lm_config(directory: Path) -> Any:
+def load_lm_config(directory: Path) -> Any:
     """The LM's ``PretrainedConfig`` from ``language_model/config.json``."""
     from transformers import AutoConfig
 
@@ -227,7 +227,7 @@ def _lm_config(directory: Path) -> Any:
 def _check_export_lm(directory: Path) -> None:
     """Name a missing or truncated file of an export's ``language_model/`` here: transformers'
     loader would report it as a failure of the recipe key ``model.language.name``."""
-    _lm_config(directory)
+    load_lm_config(directory)
     lm_dir = directory / LM_DIR
     index = lm_dir / "model.safetensors.index.json"  # save_pretrained shards a large LM
     names = ["model.safetensors"]

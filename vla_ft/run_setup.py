@@ -122,6 +122,10 @@ class Run:
 
 def _default_tokenizer(recipe: Recipe) -> str:
     lang = recipe.model.language
+    if not lang.tokenizer and recipe.model.init_from:
+        from vla_ft.init_from import source_tokenizer
+
+        return source_tokenizer(recipe.model.init_from)
     return lang.tokenizer or lang.name or BUILTIN_TINY
 
 
@@ -152,6 +156,7 @@ def build_components(
         action_dim=data.action_dim,
         n_cameras=len(data.cameras),
         vocab_size=len(tokenizer),
+        resume_from=resume_from,
     ).to(device)
     loss_fn = CompositeLoss(recipe.loss, data.action_dim, recipe.data.chunk, recipe.model.gripper_head).to(device)
     model.wants_language = recipe.data.language_target != "none" and loss_fn.wants("language")

@@ -94,6 +94,11 @@ class ModelConfig:
     proprio: bool = doc("encode the robot state into one token", True)
     action_head_hidden: int = doc("hidden width of the action-head MLP", 256)
     gripper_head: bool = doc("separate gripper head with BCE logits (gripper dims leave the regression)", True)
+    init_from: str | None = doc(
+        "a vla-ft checkpoint, export or run directory to start from (a second stage on other data): its "
+        "weights, its LM architecture and its tokenizer; heads of other widths start fresh",
+        None,
+    )
     action_tokens_bins: int = doc("bins for discretised action tokens (data.language_target=action_tokens)", 256)
 
 

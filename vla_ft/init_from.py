@@ -1,0 +1,82 @@
+"""``model.init_from``: start a run from the weights of an earlier vla-ft run (a checkpoint or an
+export), for a second stage on other data or another task (a base policy fine-tuned per task).
+
+The model is built as the source's was: no hub or pretrained file is read, and the LM's
+architecture comes from the source's ``language_model/config.json``. Every tensor of the source (its
+weight average when it has one, LoRA merged into the base weights) is then copied by name, before
+this run's own LoRA adapters are added. The modules that depend on the new data's widths (action
+and gripper heads, proprio encoder, action queries) may differ in shape or be absent: they keep
+their fresh initialisation and are listed. Any other difference means the recipe builds another
+model than the source's, and is refused, naming the tensor. The optimizer, the schedule and the
+normalisation start afresh; the tokenizer is the source's unless ``model.language.tokenizer`` names one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vla_ft import checkpoint as ck
+from vla_ft.config import RecipeError
+from vla_ft.lora import merge_lora
+from vla_ft.model import VLA
+from vla_ft.model_files import TOKENIZER_DIR, load_lm_config, load_model
+
+KEY = "model.init_from"
+DATA_SHAPED = ("action_head.", "gripper_head.", "proprio_encoder.", "action_queries.")  # may start fresh
+
+
+def source_directory(path: str) -> Path:
+    """The checkpoint or export ``model.init_from`` names (a run directory: its newest checkpoint)."""
+    from vla_ft.policy import resolve_directory
+
+    try:
+        return resolve_directory(path)
+    except (FileNotFoundError, ck.CheckpointError) as err:
+        raise RecipeError(f"{KEY}: {str(err).removeprefix('VLAPolicy: ')}") from None
+
+
+def source_tokenizer(path: str) -> str:
+    return str(source_directory(path) / TOKENIZER_DIR)
+
+
+def source_lm_config(path: str | Path) -> Any:
+    """The LM architecture (``PretrainedConfig``) of the source, or of the run's own checkpoint on a
+    resume: the LM is built from it, not from the hub."""
+    directory = source_directory(str(path))
+    try:
+        return load_lm_config(directory)
+    except ck.CheckpointError as err:
+        raise RecipeError(f"{KEY}: {err}") from None
+
+
+@torch.no_grad()
+def copy_source_weights(model: VLA, path: str) -> list[str]:
+    """Copy the source's tensors into ``model`` (built without LoRA); returns the modules left fresh."""
+    directory = source_directory(path)
+    try:
+        source, _ = load_model(directory)
+    except ck.CheckpointError as err:
+        raise RecipeError(f"{KEY}: {err}") from None
+    merge_lora(source)
+    theirs, ours = source.state_dict(), model.state_dict()
+    fresh, problems = set(), []
+    for name, tensor in ours.items():
+        if name in theirs and theirs[name].shape == tensor.shape:
+            tensor.copy_(theirs[name])
+        elif name.startswith(DATA_SHAPED):
+            fresh.add(name.split(".")[0])
+        elif name in theirs:
+            problems.append(f"{name} is {tuple(theirs[name].shape)} there, {tuple(tensor.shape)} here")
+        else:
+            problems.append(f"{name} is not in it")
+    problems += [f"it has {n}, this model not" for n in theirs if n not in ours and not n.startswith(DATA_SHAPED)]
+    if problems:
+        raise RecipeError(
+            f"{KEY}: {directory} holds another model than this recipe builds (model.vision, model.language and "
+            f"model.projector_hidden must be the source's): {'; '.join(problems[:3])}"
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        )
+    return sorted(fresh)
