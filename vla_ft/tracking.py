@@ -62,12 +62,12 @@ class Averager:
             if v is None:
                 continue
             v = v.detach() if isinstance(v, torch.Tensor) else v
-            weight: Any = 1
-            if weights is not None and k in weights:
-                weight = weights[k]  # 0-dim bool on the device: no sync
-                v = torch.where(weight, v, 0.0)
-            elif k.startswith("metric/") and isinstance(v, torch.Tensor):
-                weight = torch.isfinite(v)  # stays on the device: no sync
+            weight: Any = (weights or {}).get(k)  # 0-dim bools stay on the device: no sync
+            if weight is None and k.startswith("metric/") and isinstance(v, torch.Tensor):
+                weight = torch.isfinite(v)
+            if weight is None:
+                weight = 1
+            else:
                 v = torch.where(weight, v, 0.0)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + weight
