@@ -9,6 +9,7 @@ from robot_data.hdf5 import HDF5Reader
 from robot_data.language import PromptTokenizer
 from robot_data.lerobot import LeRobotReader
 from robot_data.lerobot_writer import write_lerobot
+from robot_data.mixture import MixtureReader
 from robot_data.normalize import Normalizer, compare_stats, compute_stats, resolve_stats
 from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.registry import READERS, build_reader
@@ -25,6 +26,7 @@ __all__ = [
     "EpisodeArrays",
     "HDF5Reader",
     "LeRobotReader",
+    "MixtureReader",
     "Normalizer",
     "Problem",
     "PromptTokenizer",

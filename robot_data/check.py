@@ -11,15 +11,17 @@ frame of every episode and camera, ``"all"`` every frame, ``"none"`` none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
+from robot_data.mixture import next_offsets, robomimic_files
 from robot_data.reader import EpisodeArrays, UnknownFeatureError
+from robot_data.registry import build_reader, is_robomimic_dir
 
 KINDS = (
     "missing_file",
@@ -197,4 +199,24 @@ def check_dataset(path: str | Path, format: str, decode: str = "ends", **kwargs:
     checks = {"lerobot": check_lerobot, "hdf5": check_hdf5, "synthetic": lambda *a, **k: []}
     if format not in checks:
         raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
+    if is_robomimic_dir(format, {**kwargs, "path": path}):
+        return check_mixture({f.stem: f for f in robomimic_files(path)}, format, decode, **kwargs)
     return checks[format](path, decode=decode, **kwargs)
+
+
+def check_mixture(paths: Mapping[str, str | Path], format: str, decode: str = "ends", **kwargs: Any) -> list[Problem]:
+    """Every source's problems, each episode numbered as :class:`~robot_data.mixture.MixtureReader`
+    numbers it (its source's offset plus its own id)."""
+    found, ids = {}, {}
+    for name, path in paths.items():
+        found[name] = check_dataset(path, format, decode, **kwargs)
+        try:
+            ids[name] = [e.index for e in build_reader(format, path=path, **kwargs).episodes()]
+        except (ValueError, OSError):  # unreadable: its whole-dataset problem is in found[name]
+            ids[name] = []
+    offsets = next_offsets(ids)
+    return [
+        p if p.episode is None else replace(p, episode=p.episode + offsets[name])
+        for name, problems in found.items()
+        for p in problems
+    ]

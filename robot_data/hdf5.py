@@ -48,7 +48,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "action": "actions",
         "obs": "obs",
         "fps": 20.0,
-        "expects": "one HDF5 file with groups data/demo_<i>",
+        "expects": "one HDF5 file with groups data/demo_<i> (or a directory of them)",
     },
     "aloha": {
         "state": ["observations/qpos"],
@@ -208,7 +208,7 @@ class HDF5Reader(Reader):
         """Episode index -> where it lives, and its instruction."""
         sources, tasks = {}, {}
         if self.layout == "robomimic":
-            if self.path.is_dir():
+            if self.path.is_dir():  # robot_data.build_reader reads it as a mixture of its files
                 raise _not_a_dataset(self.path, self.layout, "a directory, not an HDF5 file")
             try:
                 f = self._file(self.path)

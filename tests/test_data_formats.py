@@ -305,7 +305,6 @@ def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
         ("robomimic", tmp_path / "no_data.hdf5", "no 'data' group, so not a robomimic file"),
         ("robomimic", tmp_path / "no_demos.hdf5", "no episodes found (no data/demo_<i> groups)"),
         ("robomimic", tmp_path / "junk.hdf5", "unreadable HDF5 file (Unable to"),
-        ("robomimic", Path(aloha), "a directory, not an HDF5 file"),
         ("aloha", tmp_path / "empty", "no episodes found (no episode_<i>.hdf5 files)"),
         ("aloha", tmp_path / "junk.hdf5", "no episode file can be opened (junk.hdf5: unreadable HDF5 file"),
     ):
@@ -317,6 +316,14 @@ def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
         assert [(p.kind, p.file, p.message) for p in check_dataset(path, "hdf5", layout=layout)] == [
             ("unreadable", str(path), message)
         ]
+    # a directory in the robomimic layout is a LIBERO suite, one file per task: each file is named
+    first = Path(aloha) / "episode_0.hdf5"
+    with pytest.raises(DatasetFormatError, match=f"^{first}: no 'data' group, so not a robomimic file"):
+        build_reader("hdf5", path=aloha, layout="robomimic")
+    problems = check_dataset(aloha, "hdf5", layout="robomimic")
+    assert [(p.kind, p.file, p.episode) for p in problems] == [
+        ("unreadable", str(f), None) for f in sorted(Path(aloha).glob("*.hdf5"))
+    ]
 
 
 def test_robomimic_hand_written(tmp_path):

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import robot_data
-from robot_data import Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
-from robot_data.check import DatasetCheckError, check_dataset, episodes_to_skip
+from robot_data import MixtureReader, Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
+from robot_data.check import DatasetCheckError, check_dataset, check_mixture, episodes_to_skip
 from robot_data.delta_actions import DeltaActions
 from robot_data.normalize import resolve_stats
 from robot_data.reader import DatasetFormatError, UnknownFeatureError, did_you_mean
@@ -41,6 +41,7 @@ class DataBundle:
     state_dim: int
     action_dim: int
     cameras: list[str]
+    train_weights: torch.Tensor | None = None  # per training sample, data.mix weights (None: uniform)
 
 
 class EpochSampler(Sampler[int]):
@@ -48,10 +49,23 @@ class EpochSampler(Sampler[int]):
 
     With batch B per rank, global batch k holds ``perm[k*B*W : (k+1)*B*W]`` whatever W is,
     so a single process with batch B*W sees the same samples per step as W processes.
+    With ``weights`` ((n,), a dataset mixture's per-sample weights) an epoch is n draws with
+    replacement in proportion to them instead of a permutation: as seeded, sharded and skippable.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: torch.Tensor | None = None,
+    ):
+        if weights is not None and (len(weights) != n or not shuffle):
+            raise ValueError(f"weights: {len(weights)} for {n} samples (shuffle={shuffle}); need n, shuffled")
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world_size
+        self.weights = weights
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
@@ -66,7 +80,10 @@ class EpochSampler(Sampler[int]):
     def _shard(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.weights is not None:
+                perm = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+            else:
+                perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
         return perm[: self._usable][self.rank :: self.world]
@@ -120,11 +137,12 @@ class EpochDataset(Dataset):
 
 
 def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """The reader's keyword arguments, ``path`` excepted (one per source: :func:`data_sources`)."""
     d = recipe.data
     if d.format == "synthetic":
         s = d.synthetic
         return {"episodes": s.episodes, "episode_length": s.episode_length, "image_size": s.image_size, "seed": s.seed}
-    kw: dict[str, Any] = {"path": d.path, "state_key": d.state_key, "action_key": d.action_key}
+    kw: dict[str, Any] = {"state_key": d.state_key, "action_key": d.action_key}
     if d.format == "lerobot":
         kw.update(text_key=d.text_key, video_tolerance_s=d.video_tolerance_s, frame_cache=d.frame_cache)
     if d.format == "hdf5":
@@ -132,16 +150,46 @@ def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kw
 
 
+def data_sources(recipe: Recipe) -> dict[str, str]:
+    """The recipe's recorded datasets, ``{recipe key of the path: path}``: ``data.path``, or every
+    ``data.mix.<name>.path``; none for the synthetic task."""
+    d = recipe.data
+    if d.format == "synthetic":
+        return {}
+    if d.mix:
+        return {f"data.mix.{name}.path": source.path for name, source in d.mix.items()}
+    return {"data.path": str(d.path)}
+
+
+def describe_data(recipe: Recipe) -> str:
+    """The dataset in words, for messages: its path, the mixture's paths, or the synthetic task."""
+    return ", ".join(data_sources(recipe).values()) or "the synthetic dataset"
+
+
 def build_reader(recipe: Recipe):
-    """The recipe's reader; a missing dataset or a key naming no feature is a RecipeError naming the key."""
+    """The recipe's reader (a :class:`~robot_data.MixtureReader` over ``data.mix``); a missing dataset
+    or a key naming no feature is a RecipeError naming the key."""
+    kwargs, sources = _reader_kwargs(recipe), data_sources(recipe)
+    if not sources:
+        return robot_data.build_reader(recipe.data.format, **kwargs)
+    readers = {key: _open(recipe.data.format, key, path, kwargs) for key, path in sources.items()}
+    if not recipe.data.mix:
+        return readers["data.path"]
     try:
-        return robot_data.build_reader(recipe.data.format, **_reader_kwargs(recipe))
+        return MixtureReader({key.split(".")[2]: reader for key, reader in readers.items()})
+    except DatasetFormatError as err:  # sources that disagree: the message starts with the source's name
+        raise RecipeError(f"data.mix.{err}") from None
+
+
+def _open(format: str, key: str, path: str, kwargs: dict[str, Any]):
+    try:
+        return robot_data.build_reader(format, path=path, **kwargs)
     except FileNotFoundError as err:
-        raise RecipeError(f"data.path: {err}") from None
+        raise RecipeError(f"{key}: {err}") from None
     except UnknownFeatureError as err:  # its message starts with the data.* key
         raise RecipeError(str(err)) from None
     except DatasetFormatError as err:  # no usable metadata: not a dataset of data.format
-        raise RecipeError(f"data.path: {err}") from None
+        raise RecipeError(f"{key}: {err}") from None
 
 
 def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBundle:
@@ -157,6 +205,10 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     skip = checked_skip_list(recipe)
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_train_val(recipe, reader, episodes)
+    if isinstance(reader, MixtureReader):
+        check_mixture_widths(recipe, reader, episodes)
+        for line in reader.describe():
+            say(f"data: {line}")
     first = reader.numeric(train_eps[0])
     check_action_dims(recipe, first.action.shape[1], first.state.shape[1], reader.gripper_dims)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
@@ -196,8 +248,57 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     except ValueError as err:  # unknown camera, missing text column, ...: name the recipe key
         raise RecipeError(f"data.{err}" if str(err).startswith("cameras:") else f"data: {err}") from None
     return DataBundle(
-        reader, train_set, val_set, normalizer, train_eps, val_eps, first.state.shape[1], first.action.shape[1], cameras
+        reader,
+        train_set,
+        val_set,
+        normalizer,
+        train_eps,
+        val_eps,
+        first.state.shape[1],
+        first.action.shape[1],
+        cameras,
+        mixture_weights(recipe, reader, train_set),
     )
+
+
+def check_mixture_widths(recipe: Recipe, reader: MixtureReader, episodes: list[int]) -> None:
+    """Every source's state and action widths, from its first usable episode, equal the first source's."""
+    widths = reader.widths(episodes)
+    (first, want), *others = widths.items()
+    problems = [
+        f"{_source_key(recipe, name)}: state/action dims {got}, but {_source_key(recipe, first)} has {want}: "
+        "the sources must be one robot"
+        for name, got in others
+        if got != want
+    ]
+    if problems:
+        raise RecipeError(problems)
+
+
+def _source_key(recipe: Recipe, name: str) -> str:
+    """How messages name a mixture's source: its recipe key, or a file of a robomimic directory."""
+    return f"data.mix.{name}" if recipe.data.mix else f"data.path: {name}.hdf5"
+
+
+def mixture_weights(recipe: Recipe, reader: Any, train_set: RobotDataset) -> torch.Tensor | None:
+    """(len(train_set),) draw weights that give each ``data.mix`` source its weight's share of the
+    training samples, spread evenly over its frames; None without weights (uniform over frames)."""
+    mix = recipe.data.mix
+    if not mix or mix[next(iter(mix))].weight is None:  # the config allows all weights or none
+        return None
+    lengths = torch.tensor([e.length for e in train_set.episodes], dtype=torch.float64)
+    owner = [reader.source_name(e.index) for e in train_set.episodes]
+    frames = dict.fromkeys(mix, 0.0)
+    for name, n in zip(owner, lengths.tolist(), strict=True):
+        frames[name] += n
+    empty = [f"data.mix.{name}" for name, n in frames.items() if n == 0]
+    if empty:
+        raise RecipeError(f"{', '.join(empty)}: weighted, but no training episode left (all validation or skipped)")
+    per_episode = torch.tensor([mix[name].weight / frames[name] for name in owner], dtype=torch.float64)
+    total = sum(source.weight for source in mix.values())
+    shares = ", ".join(f"{name} {source.weight / total:.0%}" for name, source in mix.items())
+    say(f"data.mix: training samples drawn by weight: {shares}")
+    return torch.repeat_interleave(per_episode, lengths.long())
 
 
 def check_action_dims(
@@ -213,7 +314,7 @@ def check_action_dims(
     problems = check_action_dim(recipe.loss, action_dim, recipe.model.gripper_head)
     dims = recipe.loss.gripper.dims
     if recipe.model.gripper_head and dataset_gripper and sorted(dims) != sorted(dataset_gripper):
-        source = "the synthetic dataset" if recipe.data.format == "synthetic" else recipe.data.path
+        source = describe_data(recipe)
         problems.append(
             f"loss.gripper.dims: {list(dims)}, but {source} has its gripper at action dim(s) {list(dataset_gripper)}; "
             f"set loss.gripper.dims={list(dataset_gripper)}, or model.gripper_head=false to regress every action dim"
@@ -236,21 +337,24 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     d = recipe.data
     if not episodes:
         raise RecipeError(
-            f"data.path: no episode left to train on: every episode of {d.path} failed its checks "
-            f"and data.skip_bad_episodes leaves them out (vla-ft data check {d.path})"
+            f"data.path: no episode left to train on: every episode of {describe_data(recipe)} failed its checks "
+            f"and data.skip_bad_episodes leaves them out (vla-ft data check)"
         )
     usable = set(episodes)
     skipped = sorted(set(d.val_episodes or []) & ({e.index for e in reader.episodes()} - usable))
     if skipped:
         raise RecipeError(
             f"data.val_episodes: episode(s) {skipped} failed their checks and data.skip_bad_episodes leaves "
-            f"them out (vla-ft data check {d.path}); drop them from data.val_episodes"
+            f"them out (vla-ft data check {describe_data(recipe)}); drop them from data.val_episodes"
         )
     pool = [e for e in _filtered(reader, "train_filter", d.train_filter) if e in usable] if d.train_filter else episodes
     if not pool:
         raise RecipeError(f"data.train_filter: '{d.train_filter}' holds none of the dataset's usable episodes")
     if not d.val_filter:
         try:
+            if isinstance(reader, MixtureReader) and not d.val_episodes:  # every source validates
+                parts = [split_episodes(ids, d.val_ratio, (), recipe.train.seed) for ids in _by_source(reader, pool)]
+                return sorted(e for train, _ in parts for e in train), sorted(e for _, val in parts for e in val)
             return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
         except ValueError as err:  # an unknown or every episode in data.val_episodes: the message names it
             key = str(err).split(":", 1)[0]
@@ -270,6 +374,10 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     return train, val
 
 
+def _by_source(reader: MixtureReader, episodes: list[int]) -> list[list[int]]:
+    return [ids for ids in reader.source_episodes(episodes).values() if ids]
+
+
 def _filtered(reader: Any, key: str, name: str) -> list[int]:
     """The episodes of the dataset's filter key ``name``; an unknown name is ``data.<key>``'s error."""
     try:
@@ -284,18 +392,25 @@ def _filtered(reader: Any, key: str, name: str) -> list[int]:
 
 
 def checked_skip_list(recipe: Recipe) -> set[int]:
-    """Run ``robot_data.check_dataset``; refuse a failing dataset unless ``data.skip_bad_episodes``.
+    """Run ``robot_data.check_dataset`` (each source of ``data.mix``); refuse a failing dataset
+    unless ``data.skip_bad_episodes``.
 
-    Returns the episodes to leave out (listed on stdout so the user sees what was dropped).
+    Returns the episodes to leave out, as the reader numbers them (listed on stdout so the user
+    sees what was dropped).
     """
-    d = recipe.data
-    if d.format == "synthetic":
+    d, sources = recipe.data, data_sources(recipe)
+    if not sources:
         return set()
-    kwargs = {k: v for k, v in _reader_kwargs(recipe).items() if k != "path"}
+    kwargs = _reader_kwargs(recipe)
     try:
-        skip = episodes_to_skip(check_dataset(d.path, d.format, **kwargs), d.skip_bad_episodes)
+        if d.mix:
+            problems = check_mixture({key.split(".")[2]: path for key, path in sources.items()}, d.format, **kwargs)
+        else:
+            problems = check_dataset(d.path, d.format, **kwargs)
+        skip = episodes_to_skip(problems, d.skip_bad_episodes)
     except DatasetCheckError as err:
-        raise RecipeError(f"data.path: {d.path} failed its checks (vla-ft data check {d.path}):\n{err}") from None
+        key = "data.mix" if d.mix else "data.path"
+        raise RecipeError(f"{key}: {describe_data(recipe)} failed its checks (vla-ft data check):\n{err}") from None
     if skip:
         say(f"data.skip_bad_episodes: skipping {len(skip)} episode(s): {sorted(skip)}")
     return skip

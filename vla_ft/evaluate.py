@@ -24,6 +24,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,15 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
             "command line",
         )
     raw = read_saved_recipe(checkpoint)
-    raw["train"] = {**raw.get("train", {}), "resume": False, "cache_features": False}
+    # eval selects no checkpoint: the best metric, maybe of a source the overrides leave out, is not checked
+    train = {k: v for k, v in raw.get("train", {}).items() if k not in ("best_metric", "best_mode")}
+    raw["train"] = {**train, "resume": False, "cache_features": False}
     raw["data"].setdefault("augment", {})["enabled"] = False
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    if "data.path" in keys:  # one dataset in place of the mixture trained on, or the other way round
+        raw["data"]["mix"] = {}
+    elif any(k.startswith("data.mix.") for k in keys) and not raw["data"].get("mix"):
+        raw["data"]["path"] = None
     return recipe_from_dict(apply_overrides(raw, overrides), str(checkpoint / "config.yaml"))
 
 
@@ -186,7 +194,7 @@ def evaluate_checkpoint(
     Returns the metrics.json content plus ``trajectories`` (the plotted arrays) and ``out``.
     """
     from vla_ft import plots
-    from vla_ft.metrics import ActionMetrics
+    from vla_ft.metrics import ActionMetrics, source_metrics
     from vla_ft.run_setup import check_output_dir
 
     if out:
@@ -198,8 +206,11 @@ def evaluate_checkpoint(
     ids = select_episodes(episodes, d.train_episodes, d.val_episodes)
     loader = episode_loader(ev, ids)
     gripper = r.loss.gripper.dims if r.model.gripper_head else []
-    metrics = ActionMetrics(d.normalizer, d.action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head)
-    trajectories = predict(ev.model, loader, metrics, ev.rt, set(ids[:plot_episodes]))
+    make = partial(
+        ActionMetrics, d.normalizer, d.action_dim, r.data.chunk, gripper, r.loss.gripper, r.model.gripper_head
+    )
+    metrics, per_source = make(), source_metrics(d.reader, ids, make)
+    trajectories = predict(ev.model, loader, metrics, ev.rt, set(ids[:plot_episodes]), per_source)
     report = {
         "checkpoint": str(ev.checkpoint),
         "step": trained_steps(ev.checkpoint),
@@ -207,7 +218,7 @@ def evaluate_checkpoint(
         "selection": episodes,
         "samples": len(loader.dataset),
         "overrides": list(overrides),
-        "metrics": metrics.compute(prefix=""),
+        "metrics": {**metrics.compute(prefix=""), **(per_source.compute(prefix="") if per_source else {})},
     }
     out_dir = Path(out) if out else ev.checkpoint / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,9 +281,10 @@ def check_compatible(
             raise RecipeError(f"{key}: {value}, the checkpoint was trained with {trained}")
 
 
-def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, Any]]:
-    """Run ``model`` over ``loader`` feeding ``metrics``; return chunk-step-0 predicted and true
-    actions in real units for the episodes in ``keep``: {episode: {frames (T,), pred (T, A), true (T, A)}}."""
+def predict(model, loader, metrics, rt, keep: set[int], per_source=None) -> dict[int, dict[str, Any]]:
+    """Run ``model`` over ``loader`` feeding ``metrics`` (and a mixture's ``per_source`` metrics); return
+    chunk-step-0 predicted and true actions in real units for the episodes in ``keep``:
+    {episode: {frames (T,), pred (T, A), true (T, A)}}."""
     import numpy as np
     import torch
 
@@ -286,6 +298,8 @@ def predict(model, loader, metrics, rt, keep: set[int]) -> dict[int, dict[str, A
             with rt.autocast():
                 outputs = model(batch)
             metrics.update(outputs, batch)
+            if per_source is not None:
+                per_source.update(outputs, batch)
             if not keep:
                 continue
             # chunk step 0, absolute also for delta actions (a state entry missing in the data reads as its mean)

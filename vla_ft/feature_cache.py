@@ -47,7 +47,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
-from vla_ft.data import EpochSampler, ValidationSampler, make_loader, to_device
+from vla_ft.data import EpochSampler, ValidationSampler, data_sources, make_loader, to_device
 from vla_ft.model import pad_token_id
 from vla_ft.model_files import base_language_model
 
@@ -296,21 +296,21 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
 
 
 def data_files(recipe) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime in ns) of every file of ``data.path``: a dataset edited in
-    place (same path, same episodes) must not be served from features of its old contents.
+    """(path relative to its dataset, size, mtime in ns) of every file of ``data.path`` (or of each
+    ``data.mix`` source, prefixed with its key): a dataset edited in place (same path, same
+    episodes) must not be served from features of its old contents.
     The caches' own directories are left out (they change as they fill). Symlinked folders are
     followed (a ``videos/`` linked to another disk is part of the data; ``rglob`` skips them)."""
-    if not recipe.data.path:
-        return []
-    root = Path(recipe.data.path)
     skip = [Path(d).resolve() for d in (recipe.data.frame_cache, recipe.train.feature_cache_dir) if d]
-    files = [root] if root.is_file() else sorted(_walk_files(root))
     out = []
-    for f in files:
-        if any(f.resolve().is_relative_to(d) for d in skip):
-            continue
-        stat = f.stat()
-        out.append((str(f.relative_to(root)) if f != root else f.name, stat.st_size, stat.st_mtime_ns))
+    for key, path in data_sources(recipe).items():
+        root = Path(path)
+        prefix = f"{key}:" if recipe.data.mix else ""
+        for f in [root] if root.is_file() else sorted(_walk_files(root)):
+            if any(f.resolve().is_relative_to(d) for d in skip):
+                continue
+            stat = f.stat()
+            out.append((prefix + (str(f.relative_to(root)) if f != root else f.name), stat.st_size, stat.st_mtime_ns))
     return out
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable
 
 import torch
 
+from robot_data import MixtureReader
 from vla_ft.config import GripperLossConfig, Recipe
 from vla_ft.loss_weighting import build_weighting
 from vla_ft.losses import gripper_labels, loss_terms, regressed_dims
@@ -142,6 +144,46 @@ class ActionMetrics:
         return out
 
 
+SOURCE_METRICS = ("action_l1", "action_mse", "baseline_l1", "gripper_acc", "gripper_f1")
+"""The headline metrics logged per source of a dataset mixture, as ``<prefix>mix/<source>/<name>``."""
+
+
+class SourceMetrics:
+    """:class:`ActionMetrics` per source of a dataset mixture (a LIBERO suite's tasks, the datasets
+    of ``data.mix``): one mean over every source hides the task a policy fails. Each sample goes to
+    its source by ``batch["episode_index"]``; ``owner`` maps episode id -> source name."""
+
+    def __init__(self, owner: dict[int, str], make: Callable[[], ActionMetrics]):
+        self.owner = owner
+        self.metrics = {name: make() for name in dict.fromkeys(owner.values())}
+
+    def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        names = [self.owner[int(e)] for e in batch["episode_index"].tolist()]
+        size = len(names)
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name])
+            pick = {  # per-sample tensors; the LM's logits sit at supervised positions of the whole batch
+                key: value[rows.to(value.device)]
+                for key, value in outputs.items()
+                if not key.startswith("lm_") and value.ndim and len(value) == size
+            }
+            self.metrics[name].update(pick, {k: batch[k][rows.to(batch[k].device)] for k in ("actions", "action_mask")})
+
+    def compute(self, prefix: str = "val/") -> dict[str, float]:
+        out = {}
+        for name, metrics in self.metrics.items():
+            values = metrics.compute("")
+            out.update({f"{prefix}mix/{name}/{k}": values[k] for k in SOURCE_METRICS if k in values})
+        return out
+
+
+def source_metrics(reader, episodes: list[int], make: Callable[[], ActionMetrics]) -> SourceMetrics | None:
+    """Per-source metrics over ``episodes`` when ``reader`` is a mixture, else None."""
+    if not isinstance(reader, MixtureReader):
+        return None
+    return SourceMetrics({e: reader.source_name(e) for e in episodes}, make)
+
+
 def validation_names(
     recipe: Recipe, action_dim: int, gripper_head: bool | None = None, language: bool | None = None
 ) -> list[str]:
@@ -161,7 +203,9 @@ def validation_names(
     gripper = r.loss.gripper.dims if head else []
     metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, head)
     metrics.g_total, metrics.tok_total = float(head), float(language)
-    return [f"val/loss/{t}" for t in terms] + list(metrics.compute("val/"))
+    values = metrics.compute("")
+    per_source = [f"val/mix/{name}/{k}" for name in r.data.mix for k in SOURCE_METRICS if k in values]
+    return [f"val/loss/{t}" for t in terms] + [f"val/{k}" for k in values] + per_source
 
 
 def _left_out(recipe: Recipe, key: str, action_dim: int) -> str | None:

@@ -188,7 +188,7 @@ def setup(recipe: Recipe) -> Run:
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
-    sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size)
+    sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size, data.train_weights)
     if len(data.train_set) // rt.world_size < recipe.train.batch_size:  # every batch is dropped: no step, ever
         raise RecipeError(
             f"train.batch_size: {recipe.train.batch_size} is more than the {len(data.train_set)} training samples"

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -27,7 +28,7 @@ from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError
 from vla_ft.data import step_groups, to_device
 from vla_ft.master_adamw import MasterAdamW
-from vla_ft.metrics import ActionMetrics
+from vla_ft.metrics import ActionMetrics, source_metrics
 from vla_ft.run_setup import Run, setup, teardown
 from vla_ft.run_state import TrainState, save_training_checkpoint
 from vla_ft.signals import StopRequest, TrainingHalted, record_skip
@@ -420,9 +421,12 @@ def evaluate(run: Run) -> dict[str, float]:
     model.eval()
     run.loss_fn.eval()
     model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
-    metrics = ActionMetrics(
-        run.data.normalizer, run.data.action_dim, r.data.chunk, run.gripper_dims, r.loss.gripper, r.model.gripper_head
+
+    d = run.data
+    make = partial(
+        ActionMetrics, d.normalizer, d.action_dim, r.data.chunk, run.gripper_dims, r.loss.gripper, r.model.gripper_head
     )
+    metrics, per_source = make(), source_metrics(d.reader, d.val_episodes, make)
     sums: dict[str, torch.Tensor] = {}  # per term: sum of value x valid count, and the count
     counts: dict[str, torch.Tensor] = {}
     for batch in run.val_loader:
@@ -434,8 +438,11 @@ def evaluate(run: Run) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + res.value.detach().float() * res.count
             counts[k] = counts.get(k, 0.0) + res.count
         metrics.update(outputs, batch)
+        if per_source is not None:
+            per_source.update(outputs, batch)
     out = {f"val/loss/{k}": float(sums[k] / counts[k]) if counts[k] > 0 else math.nan for k in sums}
     out.update(metrics.compute("val/"))
+    out.update(per_source.compute("val/") if per_source is not None else {})
     return run.reduce_metrics(out)
 
 

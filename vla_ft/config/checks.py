@@ -29,13 +29,15 @@ def validate(r: Recipe) -> list[str]:
             f"data.format: unknown reader '{r.data.format}'{suggest(r.data.format, READERS)}; "
             f"valid: {', '.join(READERS)}"
         )
-    elif r.data.format != "synthetic" and not r.data.path:
-        p.append(f"data.path: required for data.format={r.data.format}")
-    elif r.data.format == "synthetic" and r.data.path:  # else ignored: train and eval would run on the synthetic task
+    elif r.data.format != "synthetic" and not (r.data.path or r.data.mix):
+        p.append(f"data.path: required for data.format={r.data.format} (or data.mix: several datasets)")
+    elif r.data.format == "synthetic" and (r.data.path or r.data.mix):  # else ignored: the task is generated
+        key, what = ("data.path", r.data.path) if r.data.path else ("data.mix", ", ".join(r.data.mix))
         p.append(
-            f"data.path: {r.data.path} is not read with data.format=synthetic (the task is generated); "
+            f"{key}: {what} is not read with data.format=synthetic (the task is generated); "
             f"set data.format to lerobot or hdf5 to read it"
         )
+    p += mix_problems(r)
     if r.data.format == "hdf5":
         from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
 
@@ -93,6 +95,25 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def mix_problems(r: Recipe) -> list[str]:
+    """``data.mix``: instead of ``data.path``, every source with a path, weights on all sources or none."""
+    mix = r.data.mix
+    if not mix:
+        return []
+    p = ["data.mix: replaces data.path (one dataset); set one of them"] if r.data.path else []
+    p += [f"data.mix.{name}.path: required" for name, source in mix.items() if not source.path]
+    weighted = [name for name, source in mix.items() if source.weight is not None]
+    if weighted and len(weighted) < len(mix):
+        unset = [f"data.mix.{name}.weight" for name in mix if name not in weighted]
+        p.append(f"{', '.join(unset)}: set a weight on every source or on none (none: in proportion to frames)")
+    p += [
+        f"data.mix.{name}.weight: must be finite and > 0, got {mix[name].weight}"
+        for name in weighted
+        if not 0 < mix[name].weight < float("inf")
+    ]
+    return p
 
 
 def delta_problems(r: Recipe) -> list[str]:

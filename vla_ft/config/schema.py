@@ -119,9 +119,23 @@ class AugmentConfig:
 
 
 @dataclass
+class MixSourceConfig:
+    path: str = doc("dataset location (directory or file)", "")
+    weight: float | None = doc(
+        "share of the training samples drawn from this source (relative to the others'); null on every "
+        "source: each in proportion to its frames",
+        None,
+    )
+
+
+@dataclass
 class DataConfig:
     format: str = doc("dataset reader: synthetic | lerobot | hdf5", "synthetic")
-    path: str | None = doc("dataset location (directory or file)", None)
+    path: str | None = doc("dataset location (directory or file; hdf5 robomimic: a file, or a directory of them)", None)
+    mix: dict[str, MixSourceConfig] = doc(
+        "several datasets of one robot trained as one, by name (instead of data.path): same format, keys, fps",
+        factory=dict,
+    )
     layout: str = doc("hdf5 layout: robomimic | aloha", "robomimic")
     cameras: list[str] = doc("camera feature names (empty: all cameras of the dataset)", factory=list)
     state_key: str = doc("state feature name", "observation.state")
@@ -361,7 +375,15 @@ class Recipe:
 
 
 # Groups of dotted keys that resume, eval and ablate reason about alike.
-DATA_SOURCE = ("data.format", "data.path", "data.layout", "data.cameras", "data.state_key", "data.action_key")
+DATA_SOURCE = (
+    "data.format",
+    "data.path",
+    "data.mix",
+    "data.layout",
+    "data.cameras",
+    "data.state_key",
+    "data.action_key",
+)
 """Which dataset and which of its features: a resume may not change them; an eval may point elsewhere."""
 DATA_SPLIT = ("data.val_ratio", "data.val_episodes", "data.train_filter", "data.val_filter", "data.skip_bad_episodes")
 """Which episodes train and which validate."""
