@@ -271,3 +271,15 @@ def test_a_mixture_of_lerobot_datasets(tmp_path, tiny_overrides):
     np.testing.assert_array_equal(reader.frames(1, camera, [2]), sessions[0].frames(1, sessions[0].cameras[0], [2]))
     decoded = reader.frames(4, camera, [2]).astype(int)  # lossy video: close to the rendered frame
     assert np.abs(decoded - sessions[1].frames(1, sessions[1].cameras[0], [2])).mean() < 8.0
+
+
+def test_a_source_name_with_a_dot_or_a_slash_is_refused(tmp_path, tiny_overrides):
+    """'x.a' and 'x.b' would both read as source 'x' (the second replacing the first); 'a/1' would
+    make val/mix/a/1/action_l1 ambiguous."""
+    from vla_ft.config import apply_overrides, read_yaml, recipe_from_dict
+
+    for names in (("x.a", "x.b"), ("a/1", "b")):
+        raw = apply_overrides(read_yaml(QUICKSTART), [*tiny_overrides, "data.format=hdf5"])
+        raw["data"]["mix"] = {name: {"path": str(tmp_path / f"{i}.hdf5")} for i, name in enumerate(names)}
+        with pytest.raises(RecipeError, match=re.escape(f"data.mix.{names[0]}: a source name may not hold")):
+            recipe_from_dict(raw)

@@ -103,6 +103,12 @@ def mix_problems(r: Recipe) -> list[str]:
     if not mix:
         return []
     p = ["data.mix: replaces data.path (one dataset); set one of them"] if r.data.path else []
+    p += [
+        f"data.mix.{name}: a source name may not hold '.' or '/' (it is the <name> of data.mix.<name>.path "
+        "and of val/mix/<name>/...)"
+        for name in mix
+        if not name or "." in name or "/" in name
+    ]
     p += [f"data.mix.{name}.path: required" for name, source in mix.items() if not source.path]
     weighted = [name for name, source in mix.items() if source.weight is not None]
     if weighted and len(weighted) < len(mix):
