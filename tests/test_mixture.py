@@ -283,3 +283,21 @@ def test_a_source_name_with_a_dot_or_a_slash_is_refused(tmp_path, tiny_overrides
         raw["data"]["mix"] = {name: {"path": str(tmp_path / f"{i}.hdf5")} for i, name in enumerate(names)}
         with pytest.raises(RecipeError, match=re.escape(f"data.mix.{names[0]}: a source name may not hold")):
             recipe_from_dict(raw)
+
+
+def test_cameras_a_source_lacks_are_named(tmp_path, tiny_overrides):
+    a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
+    b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)
+    with h5py.File(b, "a") as f:  # b's camera under another name: the sources share none
+        for demo in f["data"].values():
+            demo.move("obs/top_image", "obs/wrist_image")
+    with pytest.raises(RecipeError) as err:
+        build_data(load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b)]), None)
+    assert err.value.problems == [
+        "data.cameras: data.mix.a has no camera ['wrist_image']; a mixture reads the cameras every source has: "
+        "none in common",
+        "data.cameras: data.mix.b has no camera ['top_image']; a mixture reads the cameras every source has: "
+        "none in common",
+    ]
+    with pytest.raises(RecipeError, match=r"data\.cameras: data\.mix\.b has no camera \['top_image'\];"):
+        build_data(load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b), "data.cameras=[top_image]"]), None)

@@ -207,6 +207,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     train_eps, val_eps = split_train_val(recipe, reader, episodes)
     if isinstance(reader, MixtureReader):
         check_mixture_widths(recipe, reader, episodes)
+        check_mixture_cameras(recipe, reader)
         for line in reader.describe():
             say(f"data: {line}")
     first = reader.numeric(train_eps[0])
@@ -270,6 +271,20 @@ def check_mixture_widths(recipe: Recipe, reader: MixtureReader, episodes: list[i
         "the sources must be one robot"
         for name, got in others
         if got != want
+    ]
+    if problems:
+        raise RecipeError(problems)
+
+
+def check_mixture_cameras(recipe: Recipe, reader: MixtureReader) -> None:
+    """The cameras training reads (``data.cameras``, else those every source has) are in every source:
+    else the dataset would say the mixture has no such camera, or none at all, without naming a source."""
+    wanted = recipe.data.cameras or ([] if reader.cameras else [c for r in reader.sources.values() for c in r.cameras])
+    problems = [
+        f"data.cameras: {_source_key(recipe, name)} has no camera {lacking}; a mixture reads the cameras every "
+        f"source has: {', '.join(reader.cameras) or 'none in common'}"
+        for name, missing in reader.missing_cameras.items()
+        if (lacking := list(dict.fromkeys(c for c in wanted if c in missing)))
     ]
     if problems:
         raise RecipeError(problems)
