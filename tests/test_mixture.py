@@ -285,6 +285,17 @@ def test_a_source_name_with_a_dot_or_a_slash_is_refused(tmp_path, tiny_overrides
             recipe_from_dict(raw)
 
 
+def test_a_best_metric_of_a_source_without_validation_episodes_is_refused_before_training(tmp_path, tiny_overrides):
+    a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
+    b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)
+    mix = [*tiny_overrides, *_mix(a, b), "data.val_episodes=[0]"]  # validation: a's demo_0 only
+    recipe = load_recipe(QUICKSTART, [*mix, "train.best_metric=val/mix/b/action_l1"])
+    with pytest.raises(RecipeError, match=r"train\.best_metric: 'val/mix/b/action_l1' is never logged: data\.mix\.b"):
+        build_data(recipe, _tokenizer(recipe))
+    recipe = load_recipe(QUICKSTART, [*mix, "train.best_metric=val/mix/a/action_l1"])
+    assert build_data(recipe, _tokenizer(recipe)).val_episodes == [0]
+
+
 def test_cameras_a_source_lacks_are_named(tmp_path, tiny_overrides):
     a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
     b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)

@@ -208,6 +208,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     if isinstance(reader, MixtureReader):
         check_mixture_widths(recipe, reader, episodes)
         check_mixture_cameras(recipe, reader)
+        check_best_source(recipe, reader, val_eps)
         for line in reader.describe():
             say(f"data: {line}")
     first = reader.numeric(train_eps[0])
@@ -288,6 +289,18 @@ def check_mixture_cameras(recipe: Recipe, reader: MixtureReader) -> None:
     ]
     if problems:
         raise RecipeError(problems)
+
+
+def check_best_source(recipe: Recipe, reader: MixtureReader, val_eps: list[int]) -> None:
+    """A ``train.best_metric`` of one source (``val/mix/<source>/...``) needs validation episodes of
+    that source: else validation never logs it and the run stops at its first validation."""
+    key = recipe.train.best_metric
+    name = key.split("/")[2] if key.startswith("val/mix/") else None
+    if val_eps and name in reader.sources and not reader.source_episodes(val_eps)[name]:
+        raise RecipeError(
+            f"train.best_metric: '{key}' is never logged: {_source_key(recipe, name)} has no validation episode "
+            "(data.val_episodes, data.val_filter or data.train_filter leave it none)"
+        )
 
 
 def _source_key(recipe: Recipe, name: str) -> str:
