@@ -312,3 +312,13 @@ def test_cameras_a_source_lacks_are_named(tmp_path, tiny_overrides):
     ]
     with pytest.raises(RecipeError, match=r"data\.cameras: data\.mix\.b has no camera \['top_image'\];"):
         build_data(load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b), "data.cameras=[top_image]"]), None)
+
+
+def test_a_weighted_source_without_training_episodes_names_the_train_filter(tmp_path, tiny_overrides):
+    a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
+    b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)
+    with h5py.File(b, "a") as f:  # b has no filter key 'valid': data.train_filter=valid keeps none of it
+        del f["mask"]
+    recipe = load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b, 1.0, 2.0), "data.train_filter=valid"])
+    with pytest.raises(RecipeError, match=r"data\.mix\.b: weighted, but no training episode left \(data\.train_filter"):
+        build_data(recipe, _tokenizer(recipe))

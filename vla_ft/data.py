@@ -321,7 +321,10 @@ def mixture_weights(recipe: Recipe, reader: Any, train_set: RobotDataset) -> tor
         frames[name] += n
     empty = [f"data.mix.{name}" for name, n in frames.items() if n == 0]
     if empty:
-        raise RecipeError(f"{', '.join(empty)}: weighted, but no training episode left (all validation or skipped)")
+        raise RecipeError(
+            f"{', '.join(empty)}: weighted, but no training episode left (data.train_filter, the validation split "
+            "or data.skip_bad_episodes took them all)"
+        )
     per_episode = torch.tensor([mix[name].weight / frames[name] for name in owner], dtype=torch.float64)
     total = sum(source.weight for source in mix.values())
     shares = ", ".join(f"{name} {source.weight / total:.0%}" for name, source in mix.items())
