@@ -236,6 +236,9 @@ def test_a_mixture_trains_resumes_and_refuses_another_mixture(tmp_path):
     assert run.sampler.weights is not None and run.state.step == 2
     with pytest.raises(RecipeError, match=r"data\.mix\.b\.weight: 2\.0 -> 3\.0"):
         tiny_run(run_dir, *_mix(a, b, 1.0, 3.0), "train.steps=4", "train.resume=true")
+    same = _mix(a, b, 1.0, 2.0)  # the same sources, b first: b's episodes would become 0..3
+    with pytest.raises(RecipeError, match=re.escape("data.mix: sources in order ['a', 'b'] -> ['b', 'a']")):
+        tiny_run(run_dir, *same[:4], *same[6:], *same[4:6], *mix[8:], "train.steps=4", "train.resume=true")
 
 
 def _fast(run_dir: Path) -> list[str]:

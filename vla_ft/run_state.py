@@ -110,6 +110,7 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     problems = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking]
     problems += _global_batch_change(old, current, where, world_size)
     problems += _learned_terms_change(old, new)
+    problems += _mix_order_change(saved, current)
     if problems:
         detail = "; ".join(problems)
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
@@ -128,6 +129,15 @@ def recipe_changes(saved: dict[str, Any], current: Recipe, allowed: tuple[str, .
     ``current`` differs from a saved recipe dict."""
     old, new = _flatten_saved(saved), _flatten(to_dict(current))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new) if not k.startswith(allowed)]
+
+
+def _mix_order_change(saved: dict[str, Any], current: Recipe) -> list[str]:
+    """``data.mix`` numbers episodes source after source: its sources in another order (the same
+    flattened keys) renumber them, so ``data.val_episodes`` and the sample order would mean others."""
+    before, after = list((saved.get("data") or {}).get("mix") or {}), list(current.data.mix)
+    if before == after or sorted(before) != sorted(after):  # another set of sources is a changed key
+        return []
+    return [f"data.mix: sources in order {before} -> {after} (episodes are numbered source after source)"]
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
