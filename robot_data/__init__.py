@@ -16,6 +16,7 @@ from robot_data.registry import READERS, build_reader
 from robot_data.sample import SAMPLE_KEYS, collate
 from robot_data.splits import split_episodes
 from robot_data.synthetic import SYNTHETIC_VOCAB, SyntheticReader
+from robot_data.synthetic_env import SyntheticPickEnv
 
 __all__ = [
     "READERS",
@@ -32,6 +33,7 @@ __all__ = [
     "PromptTokenizer",
     "Reader",
     "RobotDataset",
+    "SyntheticPickEnv",
     "SyntheticReader",
     "bad_episodes",
     "build_reader",

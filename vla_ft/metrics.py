@@ -205,7 +205,8 @@ def validation_names(
     metrics.g_total, metrics.tok_total = float(head), float(language)
     values = metrics.compute("")
     per_source = [f"val/mix/{name}/{k}" for name in r.data.mix for k in SOURCE_METRICS if k in values]
-    return [f"val/loss/{t}" for t in terms] + [f"val/{k}" for k in values] + per_source
+    rollout = ["val/rollout/success_rate", "val/rollout/mean_reward"] if r.rollout.episodes else []
+    return [f"val/loss/{t}" for t in terms] + [f"val/{k}" for k in values] + per_source + rollout
 
 
 def _left_out(recipe: Recipe, key: str, action_dim: int) -> str | None:
@@ -241,7 +242,7 @@ def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[
     ]
 
 
-HIGHER_IS_BETTER = ("_acc", "_f1")
+HIGHER_IS_BETTER = ("_acc", "_f1", "/success_rate", "/mean_reward")
 """Suffixes of the validation metrics where higher is better; every other one is a loss or an error."""
 
 

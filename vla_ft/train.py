@@ -29,6 +29,7 @@ from vla_ft.config import Recipe, RecipeError
 from vla_ft.data import step_groups, to_device
 from vla_ft.master_adamw import MasterAdamW
 from vla_ft.metrics import ActionMetrics, source_metrics
+from vla_ft.rollout import rollout_metrics
 from vla_ft.run_setup import Run, setup, teardown
 from vla_ft.run_state import TrainState, save_training_checkpoint
 from vla_ft.signals import StopRequest, TrainingHalted, record_skip
@@ -414,11 +415,19 @@ def log_train(run: Run, window: TrainWindow) -> None:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Each loss term (``val/loss/<term>``) and action metrics in real units on the held-out episodes."""
-    if run.val_loader is None:
+    """Each loss term (``val/loss/<term>``) and action metrics in real units on the held-out episodes,
+    and with ``rollout.episodes`` the closed-loop success rate (``val/rollout/*``)."""
+    if run.val_loader is None and not run.recipe.rollout.episodes:
         return {}
+    run.model.eval()
+    out = held_out_metrics(run) if run.val_loader is not None else {}
+    out.update(rollout_metrics(run))
+    return run.reduce_metrics(out)
+
+
+def held_out_metrics(run: Run) -> dict[str, float]:
+    """The loss terms and action metrics on the validation episodes (the model in eval mode)."""
     r, model = run.recipe, run.model
-    model.eval()
     run.loss_fn.eval()
     model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
 
@@ -443,7 +452,7 @@ def evaluate(run: Run) -> dict[str, float]:
     out = {f"val/loss/{k}": float(sums[k] / counts[k]) if counts[k] > 0 else math.nan for k in sums}
     out.update(metrics.compute("val/"))
     out.update(per_source.compute("val/") if per_source is not None else {})
-    return run.reduce_metrics(out)
+    return out
 
 
 def validate(run: Run) -> dict[str, float]:
@@ -451,6 +460,10 @@ def validate(run: Run) -> dict[str, float]:
     every validation and the best checkpoint measure), else the trained weights."""
     with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
         return evaluate(run)
+
+
+SHOWN = ("val/baseline_l1", "val/gripper_acc", "val/rollout/success_rate")
+"""Validation values the progress line shows after the best metric's."""
 
 
 def validate_and_select(run: Run) -> dict[str, float]:
@@ -476,6 +489,6 @@ def validate_and_select(run: Run) -> dict[str, float]:
     run.progress.write(
         f"step {st.step}: val {key}={value:.4g} "
         + (f"(best {st.best_value:.4g} @ {st.best_step})" if st.best_value is not None else "(no finite value yet)")
-        + "".join(f" {k[4:]}={values[k]:.4g}" for k in ("val/baseline_l1", "val/gripper_acc") if k in values)
+        + "".join(f" {k[4:]}={values[k]:.4g}" for k in SHOWN if k in values)
     )
     return values

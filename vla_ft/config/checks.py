@@ -38,6 +38,7 @@ def validate(r: Recipe) -> list[str]:
             f"set data.format to lerobot or hdf5 to read it"
         )
     p += mix_problems(r)
+    p += rollout_problems(r)
     if r.data.format == "hdf5":
         from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
 
@@ -95,6 +96,24 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def rollout_problems(r: Recipe) -> list[str]:
+    """``rollout``: one way to run chunks, an environment to run them in, one the loop can drive."""
+    o, p = r.rollout, []
+    if o.execute is not None and o.ensemble is not None:
+        p.append("rollout.execute and rollout.ensemble: set one (receding horizon or temporal ensembling)")
+    if o.execute is not None and not 1 <= o.execute <= r.data.chunk:
+        p.append(f"rollout.execute: {o.execute} actions per chunk, but the policy predicts {r.data.chunk} (data.chunk)")
+    if o.ensemble is not None and not 0 <= o.ensemble < float("inf"):
+        p.append(f"rollout.ensemble: the decay must be finite and >= 0, got {o.ensemble}")
+    if o.episodes < 0 or o.max_steps < 1:
+        p.append(f"rollout.episodes >= 0 and rollout.max_steps >= 1, got {o.episodes} and {o.max_steps}")
+    if o.episodes and not o.env and r.data.format != "synthetic":
+        p.append(f"rollout.env: required to roll out a policy of data.format={r.data.format} (module:callable)")
+    if o.episodes and r.distributed.strategy == "fsdp":
+        p.append("rollout.episodes: rollouts run the whole model on each process; use distributed.strategy=ddp")
+    return p
 
 
 def mix_problems(r: Recipe) -> list[str]:

@@ -350,6 +350,24 @@ class DistributedConfig:
 
 
 @dataclass
+class RolloutConfig:
+    episodes: int = doc(
+        "closed-loop episodes run at every validation (0 = off): val/rollout/success_rate, val/rollout/mean_reward",
+        0,
+    )
+    env: str | None = doc(
+        "module:callable returning a gymnasium-style env (e.g. gymnasium:make); null: the synthetic task", None
+    )
+    env_kwargs: dict[str, Any] = doc("keyword arguments of the env factory", factory=dict)
+    start: int | None = doc(
+        "first reset seed (null: synthetic: the first scene past the training episodes; else 0)", None
+    )
+    execute: int | None = doc("actions sent per predicted chunk (null: half a chunk unless ensemble is set)", None)
+    ensemble: float | None = doc("temporal ensembling with weights exp(-m i) instead of execute (ACT)", None)
+    max_steps: int = doc("env steps per episode at most", 80)
+
+
+@dataclass
 class AblationConfig:
     variants: dict[str, dict[str, Any] | None] = doc(
         "variant name -> {key.sub: value} overrides (empty or null: the recipe as is)", factory=dict
@@ -370,6 +388,9 @@ class Recipe:
     train: TrainConfig = doc("training loop", factory=TrainConfig)
     checkpoint: CheckpointConfig = doc("checkpointing", factory=CheckpointConfig)
     logging: LoggingConfig = doc("metrics, TensorBoard, progress", factory=LoggingConfig)
+    rollout: RolloutConfig = doc(
+        "closed-loop evaluation in an environment (vla-ft rollout, validation)", factory=RolloutConfig
+    )
     distributed: DistributedConfig = doc("multi-process training", factory=DistributedConfig)
     ablation: AblationConfig = doc("variants run by `vla-ft ablate`", factory=AblationConfig)
 

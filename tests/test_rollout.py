@@ -1,0 +1,210 @@
+"""Closed-loop rollouts: the synthetic task as an environment, and `vla-ft rollout`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import av
+import numpy as np
+import pytest
+from conftest import QUICKSTART
+
+from robot_data import SyntheticReader
+from robot_data.synthetic import BIN, expert_step, make_scene
+from robot_data.synthetic_env import SyntheticPickEnv
+from vla_ft import ChunkRunner, VLAPolicy
+from vla_ft.cli import main as cli
+from vla_ft.rollout import policy_inputs, run_episode, summarize
+
+CAMERA = "observation.images.top"
+SCENES: list = []
+
+
+class Expert:
+    """The scripted expert of the synthetic data as a runner, reading the scene from the env."""
+
+    def __init__(self, env: SyntheticPickEnv):
+        self.env = env
+        self.seen: list[np.ndarray] = []
+        self.scenes = SCENES  # every episode's scene, in order
+
+    def reset(self) -> None:
+        self.phase, self.seen = "reach", []
+        self.scenes.append(self.env.scene)
+
+    def act(self, images, instruction, state) -> np.ndarray:
+        assert instruction == self.env.scene.instruction and set(images) == {CAMERA}
+        self.seen.append(np.asarray(state))
+        move, command, _ = expert_step(self.env.scene, self.env.ee, self.phase)
+        if self.phase != "done" and command != self.env.grip:
+            self.phase = "carry" if self.phase == "reach" else "done"
+        return np.array([move[0], move[1], command])
+
+
+def test_the_env_replays_the_synthetic_dataset_frame_for_frame():
+    data = SyntheticReader(episodes=6, episode_length=24, image_size=48, seed=3)
+    env = SyntheticPickEnv(image_size=48, seed=3, max_steps=200)
+    expert = Expert(env)
+    for episode in range(6):
+        obs, info = env.reset(seed=episode)
+        expert.reset()
+        arrays, frames = data.numeric(episode), data.frames(episode, CAMERA, range(24))
+        assert info["task"] == data.episodes()[episode].task
+        for t in range(24):
+            np.testing.assert_array_equal(obs["agent_pos"], arrays.state[t])
+            np.testing.assert_array_equal(obs["pixels"]["top"], frames[t])
+            obs, _, terminated, _, _ = env.step(expert.act({CAMERA: None}, env.task, obs["agent_pos"]))
+            if terminated:
+                break
+        env.reset(seed=episode)
+        for action, state in zip(arrays.action, arrays.state, strict=True):  # the recorded float32 actions
+            np.testing.assert_allclose(env.state, state, atol=1e-6)
+            if env.step(action)[2]:
+                break
+
+
+def test_success_is_the_instructed_block_released_in_the_bin():
+    env = SyntheticPickEnv(image_size=32, seed=0, max_steps=200)
+    expert = Expert(env)
+    for episode in range(10):
+        result = run_episode(env, expert, episode, [CAMERA])
+        released = [t for t, text in enumerate(_expert_text(episode)) if text.startswith("release")][0]
+        assert result.success and result.steps == released + 1 and result.reward == 1.0
+    env.reset(seed=0)
+    scene = env.scene
+    other = next(i for i in range(3) if i != scene.target)
+    assert not _carry(env, scene.blocks[other], BIN)[-1]["is_success"]  # the wrong block in the bin
+    env.reset(seed=0)
+    last = _carry(env, scene.blocks[scene.target], BIN + np.array([0.0, 0.3]))[-1]  # the right one, off the bin
+    assert not last["is_success"] and env.held is None and env.t < env.max_steps
+    env.reset(seed=0)
+    env.step([0.0, 0.0, 1.0])  # closing far from every block grasps nothing
+    assert env.held is None or np.abs(scene.blocks[env.held] - scene.ee_start).max() <= 1 / 16
+    short = SyntheticPickEnv(image_size=32, seed=0, max_steps=3)
+    short.reset(seed=0)
+    assert [short.step([0.0, 0.0, 0.0])[3] for _ in range(3)] == [False, False, True]  # truncated at max_steps
+    with pytest.raises(ValueError, match="expected 3 finite values"):
+        short.step([0.0, np.nan, 0.0])
+
+
+def _expert_text(episode: int) -> list[str]:
+    from robot_data.synthetic import rollout
+
+    return rollout(make_scene(0, episode), 200).text
+
+
+def _carry(env: SyntheticPickEnv, block: np.ndarray, goal: np.ndarray) -> list[dict]:
+    """Move onto ``block``, close, move to ``goal``, open; the infos of every step."""
+    infos = []
+    for target, command in ((block, 0.0), (block, 1.0), (goal, 1.0), (goal, 0.0)):
+        while True:
+            delta = target - env.ee
+            infos.append(env.step([*np.clip(delta, -0.035, 0.035), command])[4])
+            if np.abs(delta).max() <= 0.035 and env.grip == command:
+                break
+    return infos
+
+
+def test_the_episode_loop_feeds_a_state_history_and_matches_cameras_by_name():
+    env = SyntheticPickEnv(image_size=32, seed=0, max_steps=4)
+    expert = Expert(env)
+    result = run_episode(env, expert, 2, [CAMERA], history=3, record=True)
+    first = make_scene(0, 2).ee_start.astype(np.float32)
+    np.testing.assert_array_equal(expert.seen[0], np.stack([[*first, 0.0]] * 3))  # the first state, repeated
+    np.testing.assert_array_equal(expert.seen[1][:2], expert.seen[0][1:])  # then a sliding window
+    assert result.steps == 4 and len(result.frames) == 5 and not result.success  # frames: every obs
+    images, state = policy_inputs({"pixels": {"top": 1, "wrist": 2}, "agent_pos": 3}, [CAMERA], "agent_pos")
+    assert images == {CAMERA: 1} and state == 3
+    with pytest.raises(ValueError, match=r"no camera 'observation.images.wrist' \(or 'wrist'\)"):
+        policy_inputs({"pixels": {"top": 1}, "agent_pos": 3}, ["observation.images.wrist"], "agent_pos")
+    assert policy_inputs({"pixels": 7, "agent_pos": 3}, [CAMERA], "agent_pos")[0] == {CAMERA: 7}
+    assert summarize([result])["success_rate"] == 0.0
+
+
+def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "logging.tensorboard=false"]) == 0
+    assert cli(["rollout", str(run), "--episodes", "2", "--max-steps", "5", "--videos", "1", "--execute", "2"]) == 0
+    assert "success 0% over 2 episodes (synthetic)" in capsys.readouterr().out
+    report = json.loads((run / "checkpoints" / "step_000002" / "rollout" / "rollouts.json").read_text())
+    assert [r["seed"] for r in report["results"]] == [6, 7]  # the first scenes past the 6 training episodes
+    # the same episodes, stepped here with the policy and the runner
+    policy = VLAPolicy.from_pretrained(run)
+    runner, env = ChunkRunner(policy, execute=2), SyntheticPickEnv(image_size=64, seed=0, max_steps=5)
+    seen = {}
+    for seed, row in zip((6, 7), report["results"], strict=True):
+        obs, info = env.reset(seed=seed)
+        runner.reset()
+        seen[seed] = [obs["pixels"]["top"]]
+        for _ in range(5):
+            obs, *_ = env.step(runner.act(obs["pixels"]["top"], info["task"], obs["agent_pos"]))
+            seen[seed].append(obs["pixels"]["top"])
+        assert row["steps"] == 5 and row["success"] is False and row["instruction"] == info["task"]
+    assert np.abs(seen[6][-1].astype(int) - seen[6][0]).sum() > 0  # the policy moved the arm
+    with av.open(str(run / "checkpoints" / "step_000002" / "rollout" / report["videos"][0])) as video:
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert report["videos"] == ["rollout_6.mp4"] and len(frames) == 6
+    for decoded, frame in zip(frames, seen[6], strict=True):  # what the policy saw, through H.264
+        assert np.abs(decoded.astype(int) - frame).mean() < 6.0
+    for args, message in (
+        (["--env", "no_such_module:make"], "--env: cannot load 'no_such_module:make'"),
+        (["--env", "robot_data.synthetic_env"], "--env: expected module:callable"),
+        (["--env-kwargs", "{oops"], "--env-kwargs: not JSON"),
+        (["--env", "robot_data.synthetic_env:SyntheticPickEnv", "--env-kwargs", '{"image_size": 7}'], "image_size"),
+    ):
+        assert cli(["rollout", str(run), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_validation_rolls_out_and_a_best_checkpoint_is_chosen_by_success(tmp_path, tiny_overrides, monkeypatch):
+    """The loop's plumbing, with the scripted expert standing in for the tiny policy (which never
+    succeeds): every validation logs the success rate of rollout.episodes episodes."""
+    import vla_ft.rollout as rollout_module
+
+    envs, make_env = [], rollout_module.make_env
+    monkeypatch.setattr(rollout_module, "make_env", lambda *a: envs.append(make_env(*a)) or envs[-1])
+    monkeypatch.setattr(rollout_module, "chunk_runner", lambda policy, execute, ensemble: Expert(envs[-1][0]))
+    rollout = ["rollout.episodes=3", "rollout.max_steps=60", "train.best_metric=val/rollout/success_rate"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, "train.best_mode=max"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], row["val/rollout/success_rate"]) for row in rows if "val/rollout/success_rate" in row]
+    assert logged == [(3, 1.0), (6, 1.0)] and len(envs) == 1  # one env for the run
+    want = [make_scene(0, seed).blocks for seed in (6, 7, 8)] * 2  # the scenes past the 6 training episodes
+    assert len(SCENES) >= 6 and all(np.array_equal(a.blocks, b) for a, b in zip(SCENES[-6:], want, strict=True))
+    assert all(row["val/rollout/mean_reward"] == 1.0 for row in rows if "val/rollout/mean_reward" in row)
+    assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip().endswith("step_000003")
+
+
+def test_the_tiny_policy_rolls_out_in_validation_and_the_cli_takes_the_recipes_settings(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    rollout = ["rollout.episodes=2", "rollout.max_steps=3", "rollout.execute=2", "train.steps=3"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, "logging.tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val/rollout/success_rate"] for row in rows if "val/rollout/success_rate" in row] == [0.0]
+    assert cli(["rollout", str(run), "--episodes", "1", "--videos", "0", "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "rollouts.json").read_text())
+    assert report["runner"] == {"execute": 2, "ensemble": None} and report["max_steps"] == 3
+    assert report["results"][0]["steps"] == 3 and report["videos"] == []
+
+
+def test_rollout_settings_are_checked(tiny_overrides):
+    from vla_ft.config import RecipeError, load_recipe
+    from vla_ft.rollout import check_rollout_processes
+
+    cases = {
+        ("rollout.execute=2", "rollout.ensemble=0.1"): "rollout.execute and rollout.ensemble: set one",
+        ("rollout.execute=4",): "rollout.execute: 4 actions per chunk, but the policy predicts 3 (data.chunk)",
+        ("rollout.episodes=2", "data.format=hdf5", "data.path=x.hdf5"): "rollout.env: required",
+        ("rollout.episodes=2", "distributed.strategy=fsdp"): "use distributed.strategy=ddp",
+        ("train.best_metric=val/rollout/success_rate", "rollout.episodes=2"): "train.best_mode: min, but higher",
+        ("train.best_metric=val/rollout/success_rate",): "is not a validation metric",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe(QUICKSTART, [*tiny_overrides, "data.text_key=narration", *overrides])
+    recipe = load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=3"])
+    check_rollout_processes(recipe, 3)
+    with pytest.raises(RecipeError, match="3 episodes do not split evenly over 2 processes"):
+        check_rollout_processes(recipe, 2)

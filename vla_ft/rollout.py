@@ -1,0 +1,296 @@
+"""``vla-ft rollout``: run a policy closed loop in an environment and score its success rate.
+
+Held-out action L1 says how closely a policy imitates the demonstrations; only a rollout, where
+its own actions decide what it sees next, says whether it finishes the task. The loop speaks
+gymnasium's API (``reset(seed=)`` -> ``(obs, info)``, ``step`` -> ``(obs, reward, terminated,
+truncated, info)``) and LeRobot's gym observations (``obs["pixels"]``: ``{camera: (H, W, 3)}`` or
+one array, ``obs["agent_pos"]``: the state; success from ``info["is_success"]``), so gymnasium
+environments (``--env gymnasium:make --env-kwargs '{"id": ...}'``) and any factory returning such an
+environment (``--env my_pkg.envs:make_env``) run as they are. A policy trained on the embedded
+synthetic task rolls out in :class:`robot_data.synthetic_env.SyntheticPickEnv` by default, on
+scenes past the training episodes. Actions come from :class:`vla_ft.ChunkRunner` (receding
+horizon or temporal ensembling).
+
+Writes ``rollouts.json`` (per episode: seed, success, steps, return; the success rate) and MP4s
+of the first episodes (what the policy's first camera saw) to ``CHECKPOINT/rollout`` or ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_ft.config import RecipeError, RolloutConfig, to_dict
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    steps: int  # env steps taken
+    reward: float  # sum of the env's rewards
+    instruction: str
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)  # first camera, when recorded
+
+
+def policy_inputs(obs: Mapping[str, Any], cameras: Sequence[str], state_key: str) -> tuple[dict[str, Any], Any]:
+    """A gym observation -> (``{policy camera: frame}``, state). An env camera matches a policy
+    camera by its name or the name's last dotted part (``observation.images.top`` <-> ``top``)."""
+    if "pixels" not in obs or state_key not in obs:
+        raise ValueError(f"observation: expected keys 'pixels' and '{state_key}', got {sorted(obs)}")
+    pixels = obs["pixels"]
+    if not isinstance(pixels, Mapping):
+        if len(cameras) != 1:
+            raise ValueError(f"observation: one 'pixels' array, but the policy reads cameras {list(cameras)}")
+        return {cameras[0]: pixels}, obs[state_key]
+    images = {}
+    for camera in cameras:
+        key = camera if camera in pixels else camera.rsplit(".", 1)[-1]
+        if key not in pixels:
+            raise ValueError(f"observation: no camera '{camera}' (or '{key}') in pixels; it has {sorted(pixels)}")
+        images[camera] = pixels[key]
+    return images, obs[state_key]
+
+
+def run_episode(
+    env: Any,
+    runner: Any,
+    seed: int,
+    cameras: Sequence[str],
+    history: int = 1,
+    instruction: str | None = None,
+    max_steps: int | None = None,
+    state_key: str = "agent_pos",
+    record: bool = False,
+) -> EpisodeResult:
+    """One episode: reset ``env`` to ``seed``, then ``runner.act`` until the env ends it or
+    ``max_steps``. The state history repeats the first state at the start, as training samples do."""
+    obs, info = env.reset(seed=seed)
+    task = instruction or info.get("task") or getattr(env, "task", None)
+    if not task:
+        raise ValueError("instruction: the env gives no task (info['task'] or env.task); pass --instruction")
+    runner.reset()
+    states: deque[np.ndarray] = deque(maxlen=history)
+    result = EpisodeResult(seed, False, 0, 0.0, task)
+    while max_steps is None or result.steps < max_steps:
+        images, state = policy_inputs(obs, cameras, state_key)
+        state = np.asarray(state, np.float32)
+        while len(states) < history - 1:  # the first step: its state stands for the frames before it
+            states.append(state)
+        states.append(state)
+        if record:
+            result.frames.append(np.asarray(images[cameras[0]]))
+        action = runner.act(images, task, np.stack(states) if history > 1 else state)
+        obs, reward, terminated, truncated, info = env.step(action)
+        result.steps, result.reward = result.steps + 1, result.reward + float(reward)
+        result.success = result.success or bool(info.get("is_success", False))
+        if terminated or truncated:
+            break
+    if record:
+        result.frames.append(np.asarray(policy_inputs(obs, cameras, state_key)[0][cameras[0]]))
+    return result
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Success rate and step counts over episodes."""
+    wins = [r for r in results if r.success]
+    return {
+        "episodes": len(results),
+        "success_rate": len(wins) / len(results) if results else float("nan"),
+        "mean_steps_to_success": float(np.mean([r.steps for r in wins])) if wins else None,
+        "mean_reward": float(np.mean([r.reward for r in results])) if results else float("nan"),
+    }
+
+
+# ----------------------------------------------------------------------------- environments
+def make_env(spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int) -> tuple[Any, int]:
+    """(env, the first seed to run). ``spec`` None: the synthetic task the checkpoint trained on,
+    from its first unseen scene; else ``module:callable`` called with ``kwargs``."""
+    if spec is None:
+        data = recipe.get("data", {})
+        if data.get("format", "synthetic") != "synthetic":
+            raise RecipeError(f"--env: the checkpoint trained on data.format={data['format']}; name its environment")
+        from robot_data.synthetic_env import SyntheticPickEnv
+
+        synth = data.get("synthetic", {})
+        env = SyntheticPickEnv(synth.get("image_size", 64), synth.get("seed", 0), max_steps)
+        return env, int(synth.get("episodes", 64))
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise RecipeError(f"--env: expected module:callable (e.g. gymnasium:make), got '{spec}'")
+    try:
+        factory: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"--env: cannot load '{spec}': {err}") from None
+    try:
+        return factory(**kwargs), 0
+    except (TypeError, ValueError) as err:  # arguments the factory refuses
+        raise RecipeError(f"--env: {spec}(**{kwargs}) failed: {err}") from None
+
+
+def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> list[str]:
+    """One MP4 per recorded episode, ``rollout_<seed>.mp4``."""
+    from robot_data.video import encode_video
+
+    names = []
+    for r in results:
+        if r.frames:
+            names.append(f"rollout_{r.seed}.mp4")
+            encode_video(r.frames, out / names[-1], fps)
+    return names
+
+
+def chunk_runner(policy: Any, execute: int | None, ensemble: float | None) -> Any:
+    """:class:`~vla_ft.execution.ChunkRunner`; neither given: half a chunk sent per prediction."""
+    from vla_ft.execution import ChunkRunner
+
+    if execute is None and ensemble is None:
+        execute = max(1, policy.chunk // 2)
+    return ChunkRunner(policy, execute=execute, ensemble=ensemble)
+
+
+def rollout_metrics(run: Any) -> dict[str, float]:
+    """``val/rollout/*`` of the run's weights as they are (validation swaps the average in first):
+    ``rollout.episodes`` seeds, split evenly over the processes (the logged mean over ranks is then
+    the mean over every episode)."""
+    from vla_ft.config import to_dict
+    from vla_ft.model_files import model_meta
+    from vla_ft.policy import VLAPolicy
+
+    o, rt = run.recipe.rollout, run.rt
+    if not o.episodes:
+        return {}
+    if run.rollout_env is None:  # built once per run: simulators are slow to start
+        run.rollout_env = make_env(o.env, o.env_kwargs, to_dict(run.recipe), o.max_steps)
+    env, first = run.rollout_env
+    meta = model_meta(run.model, run.recipe, run.data.cameras)
+    policy = VLAPolicy(run.model, meta, run.data.normalizer, run.tokenizer, rt.device)
+    runner = chunk_runner(policy, o.execute, o.ensemble)
+    begin = first if o.start is None else o.start
+    seeds = range(begin + rt.rank, begin + o.episodes, rt.world_size)
+    results = [run_episode(env, runner, s, policy.cameras, meta["history"], None, o.max_steps) for s in seeds]
+    summary = summarize(results)
+    return {"val/rollout/success_rate": summary["success_rate"], "val/rollout/mean_reward": summary["mean_reward"]}
+
+
+def check_rollout_processes(recipe: Any, world_size: int) -> None:
+    """Every process runs as many episodes, so the mean over ranks is the mean over episodes."""
+    if recipe.rollout.episodes % world_size:
+        raise RecipeError(
+            f"rollout.episodes: {recipe.rollout.episodes} episodes do not split evenly over {world_size} processes"
+        )
+
+
+def rollout_checkpoint(
+    path: str | Path,
+    env_spec: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    episodes: int = 20,
+    start: int | None = None,
+    execute: int | None = None,
+    ensemble: float | None = None,
+    max_steps: int | None = None,
+    instruction: str | None = None,
+    videos: int = 2,
+    out: str | Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Roll a checkpoint's policy out for ``episodes`` seeds from ``start`` and write the report.
+    Arguments left None come from the checkpoint recipe's ``rollout`` section."""
+    from vla_ft.policy import VLAPolicy, resolve_directory
+    from vla_ft.run_state import read_saved_recipe
+
+    directory = resolve_directory(path)
+    recipe = read_saved_recipe(directory)
+    saved = {**to_dict(RolloutConfig()), **(recipe.get("rollout") or {})}  # older checkpoints: the defaults
+    if env_spec is None:
+        env_spec, env_kwargs = saved["env"], env_kwargs or saved["env_kwargs"]
+    if execute is None and ensemble is None:
+        execute, ensemble = saved["execute"], saved["ensemble"]
+    start = saved["start"] if start is None else start
+    max_steps = saved["max_steps"] if max_steps is None else max_steps
+    env, first = make_env(env_spec, env_kwargs or {}, recipe, max_steps)
+    policy = VLAPolicy.from_pretrained(directory, device=device)
+    runner = chunk_runner(policy, execute, ensemble)
+    seeds = range(first if start is None else start, (first if start is None else start) + episodes)
+    try:
+        results = [
+            run_episode(
+                env, runner, s, policy.cameras, policy.meta["history"], instruction, max_steps, record=i < videos
+            )
+            for i, s in enumerate(seeds)
+        ]
+    except ValueError as err:  # an env whose observations or actions do not fit the policy
+        raise RecipeError(f"--env: {err}", "command line") from None
+    out_dir = Path(out) if out else directory / "rollout"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = float(getattr(env, "metadata", {}).get("render_fps") or 10.0)
+    report = {
+        "checkpoint": str(directory),
+        "env": env_spec or "synthetic",
+        "env_kwargs": env_kwargs or {},
+        "runner": {"execute": runner.execute, "ensemble": runner.ensemble},
+        "max_steps": max_steps,
+        **summarize(results),
+        "videos": write_videos(results, out_dir, fps),
+        "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
+    }
+    (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
+    return {**report, "out": out_dir}
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    try:
+        kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"--env-kwargs: not JSON ({err})", "command line") from None
+    report = rollout_checkpoint(
+        args.checkpoint,
+        args.env,
+        kwargs,
+        args.episodes,
+        args.start,
+        args.execute,
+        args.ensemble,
+        args.max_steps,
+        args.instruction,
+        args.videos,
+        args.out,
+        args.device,
+    )
+    rate, n = report["success_rate"], report["episodes"]
+    print(f"success {rate:.0%} over {n} episodes ({report['env']}); wrote {report['out'] / 'rollouts.json'}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.evaluate import CHECKPOINT_HELP
+
+    text = "run a policy closed loop in an environment and report its success rate"
+    p = sub.add_parser("rollout", help=text, description=text)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--env",
+        default=None,
+        help="module:callable returning a gymnasium-style env (default: the recipe's rollout.env, else synthetic)",
+    )
+    p.add_argument("--env-kwargs", default=None, help="JSON keyword arguments of the env factory")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--start", type=int, default=None, help="first reset seed (synthetic: the first unseen scene)")
+    runner = p.add_mutually_exclusive_group()
+    runner.add_argument("--execute", type=int, default=None, help="actions sent per chunk (default: half a chunk)")
+    runner.add_argument("--ensemble", type=float, default=None, help="temporal ensembling with decay m")
+    p.add_argument("--max-steps", type=int, default=None, help="(default: the recipe's rollout.max_steps)")
+    p.add_argument("--instruction", default=None, help="the task in words (default: the env's)")
+    p.add_argument("--videos", type=int, default=2, help="episodes written as MP4")
+    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/rollout)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_rollout)
