@@ -325,3 +325,23 @@ def test_a_weighted_source_without_training_episodes_names_the_train_filter(tmp_
     recipe = load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b, 1.0, 2.0), "data.train_filter=valid"])
     with pytest.raises(RecipeError, match=r"data\.mix\.b: weighted, but no training episode left \(data\.train_filter"):
         build_data(recipe, _tokenizer(recipe))
+
+
+def test_a_libero_task_is_a_best_metric_and_a_source_left_out_is_reported(tmp_path, tiny_overrides, capsys):
+    suite = _suite(tmp_path / "suite")
+    disk = ["data.format=hdf5", f"data.path={suite}", "data.state_key=state", "data.text_key=narration"]
+    best = "train.best_metric=val/mix/pick_bowl_demo/action_l1"
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *disk, best, "train.steps=2", "train.val_every=2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/mix/pick_bowl_demo/action_l1" in row for row in rows)
+    with pytest.raises(RecipeError, match="did you mean 'val/mix/pick_bowl_demo/action_l1'"):
+        load_recipe(QUICKSTART, [*tiny_overrides, *disk, "train.best_metric=val/mix/pick_bowl/action_l1"])
+    a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
+    b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)
+    with h5py.File(b, "a") as f:
+        del f["mask"]
+        f["mask/other"] = np.array([b"demo_0"])
+    capsys.readouterr()
+    recipe = load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b), "data.train_filter=valid", "data.val_ratio=0"])
+    build_data(recipe, _tokenizer(recipe))
+    assert "data: warning: data.mix.b gives no training episode" in capsys.readouterr().out

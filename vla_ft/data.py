@@ -211,6 +211,9 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
         check_best_source(recipe, reader, val_eps)
         for line in reader.describe():
             say(f"data: {line}")
+        for name, ids in reader.source_episodes(train_eps).items():
+            if not ids:  # e.g. data.train_filter names a filter key only the other sources have
+                say(f"data: warning: {_source_key(recipe, name)} gives no training episode")
     first = reader.numeric(train_eps[0])
     check_action_dims(recipe, first.action.shape[1], first.state.shape[1], reader.gripper_dims)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []

@@ -184,6 +184,24 @@ def source_metrics(reader, episodes: list[int], make: Callable[[], ActionMetrics
     return SourceMetrics({e: reader.source_name(e) for e in episodes}, make)
 
 
+def mixture_sources(recipe: Recipe) -> list[str]:
+    """The source names a recipe's data is read as: ``data.mix``'s, or the files of a robomimic
+    directory (a LIBERO suite's tasks, by file stem); none for one dataset."""
+    from robot_data.mixture import robomimic_files
+    from robot_data.reader import DatasetFormatError
+    from robot_data.registry import is_robomimic_dir
+
+    d = recipe.data
+    if d.mix:
+        return list(d.mix)
+    if d.path is None or not is_robomimic_dir(d.format, {"path": d.path, "layout": d.layout}):
+        return []
+    try:
+        return [f.stem for f in robomimic_files(d.path)]
+    except DatasetFormatError:  # no files: reading the data says so
+        return []
+
+
 def validation_names(
     recipe: Recipe, action_dim: int, gripper_head: bool | None = None, language: bool | None = None
 ) -> list[str]:
@@ -204,7 +222,7 @@ def validation_names(
     metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, head)
     metrics.g_total, metrics.tok_total = float(head), float(language)
     values = metrics.compute("")
-    per_source = [f"val/mix/{name}/{k}" for name in r.data.mix for k in SOURCE_METRICS if k in values]
+    per_source = [f"val/mix/{name}/{k}" for name in mixture_sources(r) for k in SOURCE_METRICS if k in values]
     rollout = ["val/rollout/success_rate", "val/rollout/mean_reward"] if r.rollout.episodes else []
     return [f"val/loss/{t}" for t in terms] + [f"val/{k}" for k in values] + per_source + rollout
 
