@@ -189,9 +189,16 @@ def test_the_tiny_policy_rolls_out_in_validation_and_the_cli_takes_the_recipes_s
     assert report["results"][0]["steps"] == 3 and report["videos"] == []
 
 
+def test_a_wrong_rollout_env_fails_before_training(tmp_path, tiny_overrides, capsys):
+    args = ["rollout.episodes=2", "rollout.env=no_such_module:make"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *args]) == 2
+    assert "rollout.env: cannot load 'no_such_module:make'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_rollout_settings_are_checked(tiny_overrides):
     from vla_ft.config import RecipeError, load_recipe
-    from vla_ft.rollout import check_rollout_processes
+    from vla_ft.rollout import training_env
 
     cases = {
         ("rollout.execute=2", "rollout.ensemble=0.1"): "rollout.execute and rollout.ensemble: set one",
@@ -205,6 +212,7 @@ def test_rollout_settings_are_checked(tiny_overrides):
         with pytest.raises(RecipeError, match=re.escape(message)):
             load_recipe(QUICKSTART, [*tiny_overrides, "data.text_key=narration", *overrides])
     recipe = load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=3"])
-    check_rollout_processes(recipe, 3)
+    env, first = training_env(recipe, 3)
+    assert isinstance(env, SyntheticPickEnv) and first == 6 and env.max_steps == 80
     with pytest.raises(RecipeError, match="3 episodes do not split evenly over 2 processes"):
-        check_rollout_processes(recipe, 2)
+        training_env(recipe, 2)

@@ -111,13 +111,15 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- environments
-def make_env(spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int) -> tuple[Any, int]:
+def make_env(
+    spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int, key: str = "--env"
+) -> tuple[Any, int]:
     """(env, the first seed to run). ``spec`` None: the synthetic task the checkpoint trained on,
-    from its first unseen scene; else ``module:callable`` called with ``kwargs``."""
+    from its first unseen scene; else ``module:callable`` called with ``kwargs``. Errors name ``key``."""
     if spec is None:
         data = recipe.get("data", {})
         if data.get("format", "synthetic") != "synthetic":
-            raise RecipeError(f"--env: the checkpoint trained on data.format={data['format']}; name its environment")
+            raise RecipeError(f"{key}: the checkpoint trained on data.format={data['format']}; name its environment")
         from robot_data.synthetic_env import SyntheticPickEnv
 
         synth = data.get("synthetic", {})
@@ -125,15 +127,15 @@ def make_env(spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], m
         return env, int(synth.get("episodes", 64))
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise RecipeError(f"--env: expected module:callable (e.g. gymnasium:make), got '{spec}'")
+        raise RecipeError(f"{key}: expected module:callable (e.g. gymnasium:make), got '{spec}'")
     try:
         factory: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise RecipeError(f"--env: cannot load '{spec}': {err}") from None
+        raise RecipeError(f"{key}: cannot load '{spec}': {err}") from None
     try:
         return factory(**kwargs), 0
     except (TypeError, ValueError) as err:  # arguments the factory refuses
-        raise RecipeError(f"--env: {spec}(**{kwargs}) failed: {err}") from None
+        raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}") from None
 
 
 def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> list[str]:
@@ -161,15 +163,12 @@ def rollout_metrics(run: Any) -> dict[str, float]:
     """``val/rollout/*`` of the run's weights as they are (validation swaps the average in first):
     ``rollout.episodes`` seeds, split evenly over the processes (the logged mean over ranks is then
     the mean over every episode)."""
-    from vla_ft.config import to_dict
     from vla_ft.model_files import model_meta
     from vla_ft.policy import VLAPolicy
 
     o, rt = run.recipe.rollout, run.rt
     if not o.episodes:
         return {}
-    if run.rollout_env is None:  # built once per run: simulators are slow to start
-        run.rollout_env = make_env(o.env, o.env_kwargs, to_dict(run.recipe), o.max_steps)
     env, first = run.rollout_env
     meta = model_meta(run.model, run.recipe, run.data.cameras)
     policy = VLAPolicy(run.model, meta, run.data.normalizer, run.tokenizer, rt.device)
@@ -181,12 +180,16 @@ def rollout_metrics(run: Any) -> dict[str, float]:
     return {"val/rollout/success_rate": summary["success_rate"], "val/rollout/mean_reward": summary["mean_reward"]}
 
 
-def check_rollout_processes(recipe: Any, world_size: int) -> None:
-    """Every process runs as many episodes, so the mean over ranks is the mean over episodes."""
-    if recipe.rollout.episodes % world_size:
-        raise RecipeError(
-            f"rollout.episodes: {recipe.rollout.episodes} episodes do not split evenly over {world_size} processes"
-        )
+def training_env(recipe: Any, world_size: int) -> tuple[Any, int] | None:
+    """(env, first seed) for ``rollout.episodes``, built at setup: a wrong ``rollout.env`` fails before
+    training, and a simulator starts once per run. Every process runs as many episodes, so the mean
+    over ranks is the mean over episodes."""
+    o = recipe.rollout
+    if not o.episodes:
+        return None
+    if o.episodes % world_size:
+        raise RecipeError(f"rollout.episodes: {o.episodes} episodes do not split evenly over {world_size} processes")
+    return make_env(o.env, o.env_kwargs, to_dict(recipe), o.max_steps, "rollout.env")
 
 
 def rollout_checkpoint(
