@@ -208,3 +208,21 @@ def test_rollout_settings_are_checked(tiny_overrides):
     check_rollout_processes(recipe, 3)
     with pytest.raises(RecipeError, match="3 episodes do not split evenly over 2 processes"):
         check_rollout_processes(recipe, 2)
+
+
+def test_rollouts_alone_validate_a_run_without_a_validation_set(tmp_path, tiny_overrides):
+    """data.val_ratio=0: validation only rolls out, so the best metric must be a rollout's (a held-out
+    metric stopped the run at its first validation), and early stopping counts those validations."""
+    from vla_ft.config import RecipeError, load_recipe
+
+    rollout = ["data.val_ratio=0", "rollout.episodes=1", "rollout.max_steps=2", "logging.tensorboard=false"]
+    with pytest.raises(RecipeError, match=re.escape("train.best_metric: 'val/action_l1' needs a validation set")):
+        load_recipe(QUICKSTART, [*tiny_overrides, *rollout])
+    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max", "train.early_stopping.patience=5"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, *best]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["val/rollout/success_rate"]) for row in rows if "val/rollout/success_rate" in row] == [
+        (3, 0.0),
+        (6, 0.0),
+    ]
+    assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip().endswith("step_000003")
