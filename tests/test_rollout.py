@@ -226,3 +226,23 @@ def test_rollouts_alone_validate_a_run_without_a_validation_set(tmp_path, tiny_o
         (6, 0.0),
     ]
     assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip().endswith("step_000003")
+
+
+def test_resuming_with_other_rollouts_is_refused_when_they_choose_the_best_checkpoint(tmp_path, tiny_overrides):
+    """Rollouts leave training as it is (their settings may change on resume), but with a
+    val/rollout/* best metric they are what the saved best value measured."""
+    import warnings
+
+    from vla_ft.config import RecipeError, load_recipe, to_dict
+    from vla_ft.run_state import check_resume_compatible
+
+    def recipe(*overrides):
+        return load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=2", *overrides])
+
+    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max"]
+    with pytest.raises(RecipeError, match=re.escape("rollout.max_steps: 80 -> 200 (train.best_metric is a rollout's)")):
+        check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.max_steps=200"), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_resume_compatible(to_dict(recipe()), recipe("rollout.max_steps=200", "rollout.episodes=4"), tmp_path)
+    assert "changed keys: rollout.episodes, rollout.max_steps" in str(caught[0].message)
