@@ -246,3 +246,17 @@ def test_resuming_with_other_rollouts_is_refused_when_they_choose_the_best_check
         warnings.simplefilter("always")
         check_resume_compatible(to_dict(recipe()), recipe("rollout.max_steps=200", "rollout.episodes=4"), tmp_path)
     assert "changed keys: rollout.episodes, rollout.max_steps" in str(caught[0].message)
+
+
+def test_eval_on_another_dataset_does_not_ask_for_a_rollout_env(tmp_path, tiny_overrides):
+    """vla-ft eval rolls nothing out: a checkpoint trained with rollout.episodes on the synthetic task
+    is evaluated on recorded data without an env (it was refused: 'rollout.env: required')."""
+    from vla_ft.evaluate import eval_recipe
+
+    assert (
+        cli(["train", str(QUICKSTART), *tiny_overrides, "rollout.episodes=1", "rollout.max_steps=2", "train.steps=3"])
+        == 0
+    )
+    step = tmp_path / "run" / "checkpoints" / "step_000003"
+    recipe = eval_recipe(step, ["data.format=lerobot", f"data.path={tmp_path}", "data.text_key=task"])
+    assert recipe.data.format == "lerobot" and recipe.rollout.episodes == 0
