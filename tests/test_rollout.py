@@ -216,3 +216,55 @@ def test_rollout_settings_are_checked(tiny_overrides):
     assert isinstance(env, SyntheticPickEnv) and first == 6 and env.max_steps == 80
     with pytest.raises(RecipeError, match="3 episodes do not split evenly over 2 processes"):
         training_env(recipe, 2)
+
+
+def test_rollouts_alone_validate_a_run_without_a_validation_set(tmp_path, tiny_overrides):
+    """data.val_ratio=0: validation only rolls out, so the best metric must be a rollout's (a held-out
+    metric stopped the run at its first validation), and early stopping counts those validations."""
+    from vla_ft.config import RecipeError, load_recipe
+
+    rollout = ["data.val_ratio=0", "rollout.episodes=1", "rollout.max_steps=2", "logging.tensorboard=false"]
+    with pytest.raises(RecipeError, match=re.escape("train.best_metric: 'val/action_l1' needs a validation set")):
+        load_recipe(QUICKSTART, [*tiny_overrides, *rollout])
+    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max", "train.early_stopping.patience=5"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, *best]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["val/rollout/success_rate"]) for row in rows if "val/rollout/success_rate" in row] == [
+        (3, 0.0),
+        (6, 0.0),
+    ]
+    assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip().endswith("step_000003")
+
+
+def test_resuming_with_other_rollouts_is_refused_when_they_choose_the_best_checkpoint(tmp_path, tiny_overrides):
+    """Rollouts leave training as it is (their settings may change on resume), but with a
+    val/rollout/* best metric they are what the saved best value measured."""
+    import warnings
+
+    from vla_ft.config import RecipeError, load_recipe, to_dict
+    from vla_ft.run_state import check_resume_compatible
+
+    def recipe(*overrides):
+        return load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=2", *overrides])
+
+    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max"]
+    with pytest.raises(RecipeError, match=re.escape("rollout.max_steps: 80 -> 200 (train.best_metric is a rollout's)")):
+        check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.max_steps=200"), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_resume_compatible(to_dict(recipe()), recipe("rollout.max_steps=200", "rollout.episodes=4"), tmp_path)
+    assert "changed keys: rollout.episodes, rollout.max_steps" in str(caught[0].message)
+
+
+def test_eval_on_another_dataset_does_not_ask_for_a_rollout_env(tmp_path, tiny_overrides):
+    """vla-ft eval rolls nothing out: a checkpoint trained with rollout.episodes on the synthetic task
+    is evaluated on recorded data without an env (it was refused: 'rollout.env: required')."""
+    from vla_ft.evaluate import eval_recipe
+
+    assert (
+        cli(["train", str(QUICKSTART), *tiny_overrides, "rollout.episodes=1", "rollout.max_steps=2", "train.steps=3"])
+        == 0
+    )
+    step = tmp_path / "run" / "checkpoints" / "step_000003"
+    recipe = eval_recipe(step, ["data.format=lerobot", f"data.path={tmp_path}", "data.text_key=task"])
+    assert recipe.data.format == "lerobot" and recipe.rollout.episodes == 0

@@ -102,6 +102,7 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
     train = {k: v for k, v in raw.get("train", {}).items() if k not in ("best_metric", "best_mode")}
     raw["train"] = {**train, "resume": False, "cache_features": False}
     raw["data"].setdefault("augment", {})["enabled"] = False
+    raw["rollout"] = {**(raw.get("rollout") or {}), "episodes": 0}  # eval rolls nothing out: no env to check
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     if "data.path" in keys:  # one dataset in place of the mixture trained on, or the other way round
         raw["data"]["mix"] = {}

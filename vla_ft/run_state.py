@@ -111,6 +111,7 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     problems += _global_batch_change(old, current, where, world_size)
     problems += _learned_terms_change(old, new)
     problems += _mix_order_change(saved, current)
+    problems += _rollout_change(old, new, changed, current)
     if problems:
         detail = "; ".join(problems)
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
@@ -138,6 +139,18 @@ def _mix_order_change(saved: dict[str, Any], current: Recipe) -> list[str]:
     if before == after or sorted(before) != sorted(after):  # another set of sources is a changed key
         return []
     return [f"data.mix: sources in order {before} -> {after} (episodes are numbered source after source)"]
+
+
+def _rollout_change(old: dict[str, Any], new: dict[str, Any], changed: list[str], current: Recipe) -> list[str]:
+    """With a ``val/rollout/*`` best metric the rollout settings are what the saved best value measures
+    (other episodes, env or runner: a success rate not comparable with it); else they may change."""
+    if not current.train.best_metric.startswith("val/rollout/"):
+        return []
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r} (train.best_metric is a rollout's)"
+        for k in changed
+        if k.startswith("rollout.")
+    ]
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

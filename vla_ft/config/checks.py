@@ -113,6 +113,14 @@ def rollout_problems(r: Recipe) -> list[str]:
         p.append(f"rollout.env: required to roll out a policy of data.format={r.data.format} (module:callable)")
     if o.episodes and r.distributed.strategy == "fsdp":
         p.append("rollout.episodes: rollouts run the whole model on each process; use distributed.strategy=ddp")
+    d, key = r.data, r.train.best_metric
+    no_val_set = d.val_ratio == 0 and not d.val_episodes and not d.val_filter
+    if o.episodes and no_val_set and not key.startswith("val/rollout/"):
+        p.append(
+            f"train.best_metric: '{key}' needs a validation set, but the run has none (data.val_ratio is 0, no "
+            "data.val_episodes or data.val_filter) and validation only rolls out: set data.val_ratio > 0, or "
+            "train.best_metric: val/rollout/success_rate with train.best_mode: max"
+        )
     return p
 
 
@@ -204,7 +212,7 @@ def early_stopping_problems(r: Recipe) -> list[str]:
     if not t.early_stopping.patience > 0:
         return []
     key = f"train.early_stopping.patience: {t.early_stopping.patience} stops on stalled validations, but"
-    if d.val_ratio == 0 and not d.val_episodes and not d.val_filter:
+    if d.val_ratio == 0 and not d.val_episodes and not d.val_filter and not r.rollout.episodes:
         return [
             f"{key} the run has no validation set (data.val_ratio is 0, no data.val_episodes or data.val_filter): "
             "set data.val_ratio > 0, or patience 0"
