@@ -206,7 +206,7 @@ def test_rollout_settings_are_checked(tiny_overrides):
         ("rollout.episodes=2", "data.format=hdf5", "data.path=x.hdf5"): "rollout.env: required",
         ("rollout.episodes=2", "distributed.strategy=fsdp"): "use distributed.strategy=ddp",
         ("train.best_metric=val/rollout/success_rate", "rollout.episodes=2"): "train.best_mode: min, but higher",
-        ("train.best_metric=val/rollout/success_rate",): "is not a validation metric",
+        ("train.best_metric=val/rollout/success_rate",): "is logged only with rollout.episodes > 0",
     }
     for overrides, message in cases.items():
         with pytest.raises(RecipeError, match=re.escape(message)):
@@ -268,3 +268,10 @@ def test_eval_on_another_dataset_does_not_ask_for_a_rollout_env(tmp_path, tiny_o
     step = tmp_path / "run" / "checkpoints" / "step_000003"
     recipe = eval_recipe(step, ["data.format=lerobot", f"data.path={tmp_path}", "data.text_key=task"])
     assert recipe.data.format == "lerobot" and recipe.rollout.episodes == 0
+
+
+def test_rollout_counts_are_checked(tmp_path, capsys):
+    for option, value in (("--episodes", "0"), ("--max-steps", "-1"), ("--videos", "-1")):
+        with pytest.raises(SystemExit) as info:
+            cli(["rollout", str(tmp_path), option, value])
+        assert info.value.code == 2 and f"argument {option}: must be an integer" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def _looks_like_hdf5(path: Path) -> bool:
     return path.suffix in suffixes if path.is_file() else path.is_dir() and any(path.glob("*.hdf5"))
 
 
-def _at_least(least: int) -> Callable[[str], int]:
+def at_least(least: int) -> Callable[[str], int]:
     """An argparse type for a size option: a value below ``least`` is refused naming the option,
     before anything is written, instead of failing later inside the writer with a traceback."""
 
@@ -83,9 +83,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="write the synthetic task as a LeRobot dataset")
     synth.add_argument("out", help="output directory (must not exist or be empty)")
-    synth.add_argument("--episodes", type=_at_least(1), default=64)
-    synth.add_argument("--length", type=_at_least(1), default=32, help="frames per episode")
-    synth.add_argument("--image-size", type=_at_least(8), default=64)
+    synth.add_argument("--episodes", type=at_least(1), default=64)
+    synth.add_argument("--length", type=at_least(1), default=32, help="frames per episode")
+    synth.add_argument("--image-size", type=at_least(8), default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--video", action="store_true", help="MP4 videos instead of PNG bytes in parquet")
     synth.add_argument("--codec", choices=["h264", "av1"], default="h264")

@@ -236,6 +236,8 @@ def _left_out(recipe: Recipe, key: str, action_dim: int) -> str | None:
         if recipe.data.language_target == "none":
             return "data.language_target: text or action_tokens"
         return "loss.weights.language > 0 (or a loss.schedule.language ramp)"
+    if key in ("val/rollout/success_rate", "val/rollout/mean_reward"):
+        return "rollout.episodes > 0"
     return None
 
 

@@ -247,6 +247,8 @@ def rollout_checkpoint(
         "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
     }
     (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
+    if hasattr(env, "close"):  # a simulator's renderer and processes
+        env.close()
     return {**report, "out": out_dir}
 
 
@@ -275,6 +277,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.data_cli import at_least
     from vla_ft.evaluate import CHECKPOINT_HELP
 
     text = "run a policy closed loop in an environment and report its success rate"
@@ -286,14 +289,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="module:callable returning a gymnasium-style env (default: the recipe's rollout.env, else synthetic)",
     )
     p.add_argument("--env-kwargs", default=None, help="JSON keyword arguments of the env factory")
-    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--episodes", type=at_least(1), default=20)
     p.add_argument("--start", type=int, default=None, help="first reset seed (synthetic: the first unseen scene)")
     runner = p.add_mutually_exclusive_group()
     runner.add_argument("--execute", type=int, default=None, help="actions sent per chunk (default: half a chunk)")
     runner.add_argument("--ensemble", type=float, default=None, help="temporal ensembling with decay m")
-    p.add_argument("--max-steps", type=int, default=None, help="(default: the recipe's rollout.max_steps)")
+    p.add_argument("--max-steps", type=at_least(1), default=None, help="(default: the recipe's rollout.max_steps)")
     p.add_argument("--instruction", default=None, help="the task in words (default: the env's)")
-    p.add_argument("--videos", type=int, default=2, help="episodes written as MP4")
+    p.add_argument("--videos", type=at_least(0), default=2, help="episodes written as MP4")
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/rollout)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_rollout)
