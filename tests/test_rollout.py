@@ -8,6 +8,7 @@ import re
 import av
 import numpy as np
 import pytest
+import torch
 from conftest import QUICKSTART
 
 from robot_data import SyntheticReader
@@ -275,3 +276,34 @@ def test_rollout_counts_are_checked(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             cli(["rollout", str(tmp_path), option, value])
         assert info.value.code == 2 and f"argument {option}: must be an integer" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_validation_rollouts_on_cuda_act_as_the_saved_policy(tmp_path, tiny_overrides, monkeypatch):
+    """bf16 weights (fp32 masters) on CUDA: the actions validation's rollouts sent are those the
+    checkpoint's policy, loaded in bf16 on the GPU, sends in the same episodes."""
+    import vla_ft.rollout as rollout_module
+
+    sent, real = [], rollout_module.chunk_runner
+
+    def recording(policy, execute, ensemble):
+        runner = real(policy, execute, ensemble)
+        act = runner.act
+        runner.act = lambda *args: sent.append(act(*args).copy()) or sent[-1]
+        return runner
+
+    monkeypatch.setattr(rollout_module, "chunk_runner", recording)
+    run = tmp_path / "run"
+    cuda = ["train.device=cuda", "train.steps=3", "train.val_every=3", "rollout.episodes=2", "rollout.max_steps=4"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *cuda, "logging.tensorboard=false"]) == 0
+    policy = VLAPolicy.from_pretrained(run, device="cuda", dtype=torch.bfloat16)
+    runner, env = ChunkRunner(policy, execute=1), SyntheticPickEnv(image_size=64, seed=0, max_steps=4)
+    replayed = []
+    for seed in (6, 7):
+        obs, info = env.reset(seed=seed)
+        runner.reset()
+        for _ in range(4):
+            replayed.append(runner.act(obs["pixels"]["top"], info["task"], obs["agent_pos"]))
+            obs, *_ = env.step(replayed[-1])
+    assert len(sent) == 8
+    np.testing.assert_allclose(np.stack(sent), np.stack(replayed), atol=1e-5)
