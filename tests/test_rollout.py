@@ -152,6 +152,7 @@ def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
         (["--env", "no_such_module:make"], "--env: cannot load 'no_such_module:make'"),
         (["--env", "robot_data.synthetic_env"], "--env: expected module:callable"),
         (["--env-kwargs", "{oops"], "--env-kwargs: not JSON"),
+        (["--env-kwargs", '{"image_size": 32}'], "--env: keyword arguments {'image_size': 32} given, but no env"),
         (["--env", "robot_data.synthetic_env:SyntheticPickEnv", "--env-kwargs", '{"image_size": 7}'], "image_size"),
     ):
         assert cli(["rollout", str(run), *args]) == 2

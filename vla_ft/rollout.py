@@ -116,6 +116,8 @@ def make_env(
 ) -> tuple[Any, int]:
     """(env, the first seed to run). ``spec`` None: the synthetic task the checkpoint trained on,
     from its first unseen scene; else ``module:callable`` called with ``kwargs``. Errors name ``key``."""
+    if spec is None and kwargs:
+        raise RecipeError(f"{key}: keyword arguments {kwargs} given, but no env to call with them (module:callable)")
     if spec is None:
         data = recipe.get("data", {})
         if data.get("format", "synthetic") != "synthetic":
