@@ -306,5 +306,6 @@ def test_validation_rollouts_on_cuda_act_as_the_saved_policy(tmp_path, tiny_over
         for _ in range(4):
             replayed.append(runner.act(obs["pixels"]["top"], info["task"], obs["agent_pos"]))
             obs, *_ = env.step(replayed[-1])
-    assert len(sent) == 8
-    np.testing.assert_allclose(np.stack(sent), np.stack(replayed), atol=1e-5)
+    assert len(sent) == 8  # bf16 matmuls: equal to bf16 precision (actions are ~1e-2), not bitwise
+    np.testing.assert_allclose(np.stack(sent), np.stack(replayed), atol=5e-4)
+    np.testing.assert_allclose(sent[0], replayed[0], atol=1e-6)  # the first observation: the same inputs
