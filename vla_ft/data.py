@@ -372,7 +372,7 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     if not episodes:
         raise RecipeError(
             f"data.path: no episode left to train on: every episode of {describe_data(recipe)} failed its checks "
-            f"and data.skip_bad_episodes leaves them out (vla-ft data check)"
+            f"and data.skip_bad_episodes leaves them out (vla-ft data check {describe_data(recipe)})"
         )
     usable = set(episodes)
     skipped = sorted(set(d.val_episodes or []) & ({e.index for e in reader.episodes()} - usable))
@@ -444,7 +444,8 @@ def checked_skip_list(recipe: Recipe) -> set[int]:
         skip = episodes_to_skip(problems, d.skip_bad_episodes)
     except DatasetCheckError as err:
         key = "data.mix" if d.mix else "data.path"
-        raise RecipeError(f"{key}: {describe_data(recipe)} failed its checks (vla-ft data check):\n{err}") from None
+        what = describe_data(recipe)
+        raise RecipeError(f"{key}: {what} failed its checks (vla-ft data check {what}):\n{err}") from None
     if skip:
         say(f"data.skip_bad_episodes: skipping {len(skip)} episode(s): {sorted(skip)}")
     return skip
