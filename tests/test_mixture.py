@@ -345,3 +345,18 @@ def test_a_libero_task_is_a_best_metric_and_a_source_left_out_is_reported(tmp_pa
     recipe = load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b), "data.train_filter=valid", "data.val_ratio=0"])
     build_data(recipe, _tokenizer(recipe))
     assert "data: warning: data.mix.b gives no training episode" in capsys.readouterr().out
+
+
+def test_ablate_sees_a_mixture_in_another_order_as_another_recipe(tmp_path, tiny_overrides):
+    """ablate's rerun check (recipe_changes) refuses what resume refuses: sources in another order."""
+    from vla_ft.config import to_dict
+    from vla_ft.run_state import recipe_changes
+
+    a, b = tmp_path / "a.hdf5", tmp_path / "b.hdf5"
+    first = load_recipe(QUICKSTART, [*tiny_overrides, *_mix(a, b)])
+    order = ["data.format=hdf5", "data.state_key=state", "data.text_key=narration", "data.val_ratio=0.25"]
+    swapped = load_recipe(QUICKSTART, [*tiny_overrides, *order, f"data.mix.b.path={b}", f"data.mix.a.path={a}"])
+    assert recipe_changes(to_dict(first), first) == []
+    assert recipe_changes(to_dict(first), swapped) == [
+        "data.mix: sources in order ['a', 'b'] -> ['b', 'a'] (episodes are numbered source after source)"
+    ]

@@ -309,3 +309,33 @@ def test_validation_rollouts_on_cuda_act_as_the_saved_policy(tmp_path, tiny_over
     assert len(sent) == 8  # bf16 matmuls: equal to bf16 precision (actions are ~1e-2), not bitwise
     np.testing.assert_allclose(np.stack(sent), np.stack(replayed), atol=5e-4)
     np.testing.assert_allclose(sent[0], replayed[0], atol=1e-6)  # the first observation: the same inputs
+
+
+CLOSED: list = []
+
+
+class ClosingEnv(SyntheticPickEnv):
+    """A user's environment (``rollout.env=test_rollout:ClosingEnv``) that records its close()."""
+
+    def close(self) -> None:
+        CLOSED.append(self)
+
+
+def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides):
+    CLOSED.clear()
+    user = ["rollout.episodes=2", "rollout.env=test_rollout:ClosingEnv", "rollout.max_steps=2", "train.steps=3"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *user, "logging.tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val/rollout/success_rate"] for row in rows if "val/rollout/success_rate" in row] == [0.0]
+    assert len(CLOSED) == 1 and np.array_equal(CLOSED[0].scene.blocks, make_scene(0, 1).blocks)  # seeds 0, 1
+
+
+def test_rollouts_in_validation_run_under_the_runs_autocast(tmp_path, tiny_overrides, monkeypatch):
+    """fp32 weights with train.precision=bf16: the rollouts run under bf16 autocast as validation does."""
+    import vla_ft.rollout as rollout_module
+
+    dtypes, real = [], rollout_module.chunk_runner
+    monkeypatch.setattr(rollout_module, "chunk_runner", lambda p, e, m: dtypes.append(p.dtype) or real(p, e, m))
+    bf16 = ["train.precision=bf16", "train.param_dtype=fp32", "train.steps=3", "rollout.episodes=1"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *bf16, "rollout.max_steps=2"]) == 0
+    assert dtypes == [torch.bfloat16]

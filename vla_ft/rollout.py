@@ -174,6 +174,7 @@ def rollout_metrics(run: Any) -> dict[str, float]:
     env, first = run.rollout_env
     meta = model_meta(run.model, run.recipe, run.data.cameras)
     policy = VLAPolicy(run.model, meta, run.data.normalizer, run.tokenizer, rt.device)
+    policy.dtype = rt.amp_dtype or policy.dtype  # the run's autocast, as held-out validation (fp32 weights too)
     runner = chunk_runner(policy, o.execute, o.ensemble)
     begin = first if o.start is None else o.start
     seeds = range(begin + rt.rank, begin + o.episodes, rt.world_size)

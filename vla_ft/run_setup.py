@@ -258,4 +258,7 @@ def _install_extensions(run: Run) -> None:
 
 def teardown(run: Run) -> None:
     run.logger.close()
+    env = run.rollout_env[0] if run.rollout_env is not None else None
+    if hasattr(env, "close"):  # a simulator's renderer and processes
+        env.close()
     shutdown(run.rt)

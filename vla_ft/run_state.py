@@ -129,7 +129,8 @@ def recipe_changes(saved: dict[str, Any], current: Recipe, allowed: tuple[str, .
     """``key: old -> new`` for every key (but ``IGNORED`` and the ``allowed`` prefixes) where
     ``current`` differs from a saved recipe dict."""
     old, new = _flatten_saved(saved), _flatten(to_dict(current))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new) if not k.startswith(allowed)]
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed_keys(old, new) if not k.startswith(allowed)]
+    return changes + _mix_order_change(saved, current)
 
 
 def _mix_order_change(saved: dict[str, Any], current: Recipe) -> list[str]:
