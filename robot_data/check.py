@@ -187,8 +187,11 @@ def _hdf5_contents(
     return problems
 
 
-def check_dataset(path: str | Path, format: str, decode: str = "ends", **kwargs: Any) -> list[Problem]:
-    """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...).
+def check_dataset(
+    path: str | Path, format: str, decode: str = "ends", offsets: Mapping[str, int] | None = None, **kwargs: Any
+) -> list[Problem]:
+    """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...);
+    ``offsets``: of the reader already open on a robomimic directory (see :func:`check_mixture`).
 
     A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem.
     """
@@ -200,23 +203,33 @@ def check_dataset(path: str | Path, format: str, decode: str = "ends", **kwargs:
     if format not in checks:
         raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
     if is_robomimic_dir(format, {**kwargs, "path": path}):
-        return check_mixture({f.stem: f for f in robomimic_files(path)}, format, decode, **kwargs)
+        return check_mixture({f.stem: f for f in robomimic_files(path)}, format, decode, offsets, **kwargs)
     return checks[format](path, decode=decode, **kwargs)
 
 
-def check_mixture(paths: Mapping[str, str | Path], format: str, decode: str = "ends", **kwargs: Any) -> list[Problem]:
+def check_mixture(
+    paths: Mapping[str, str | Path],
+    format: str,
+    decode: str = "ends",
+    offsets: Mapping[str, int] | None = None,
+    **kwargs: Any,
+) -> list[Problem]:
     """Every source's problems, each episode numbered as :class:`~robot_data.mixture.MixtureReader`
-    numbers it (its source's offset plus its own id)."""
-    found, ids = {}, {}
-    for name, path in paths.items():
-        found[name] = check_dataset(path, format, decode, **kwargs)
-        try:
-            ids[name] = [e.index for e in build_reader(format, path=path, **kwargs).episodes()]
-        except (ValueError, OSError):  # unreadable: its whole-dataset problem is in found[name]
-            ids[name] = []
-    offsets = next_offsets(ids)
+    numbers it (its source's offset plus its own id): ``offsets`` of the reader when one is open,
+    else each source is opened here to number its episodes."""
+    found = {name: check_dataset(path, format, decode, **kwargs) for name, path in paths.items()}
+    if offsets is None:
+        offsets = next_offsets({name: _episode_ids(format, path, kwargs) for name, path in paths.items()})
     return [
         p if p.episode is None else replace(p, episode=p.episode + offsets[name])
         for name, problems in found.items()
         for p in problems
     ]
+
+
+def _episode_ids(format: str, path: str | Path, kwargs: dict[str, Any]) -> list[int]:
+    """A dataset's episode ids; none when it cannot be read (its whole-dataset problem says why)."""
+    try:
+        return [e.index for e in build_reader(format, path=path, **kwargs).episodes()]
+    except (ValueError, OSError):
+        return []

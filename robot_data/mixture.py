@@ -110,12 +110,12 @@ class MixtureReader(Reader):
 
     def widths(self, episodes: Sequence[int]) -> dict[str, tuple[int, int]]:
         """(state dim, action dim) of each source that has one of ``episodes``, read from its first."""
-        return {
-            name: (arrays.state.shape[1], arrays.action.shape[1])
-            for name, ids in self.source_episodes(episodes).items()
-            if ids
-            for arrays in [self.numeric(ids[0])]
-        }
+        widths = {}
+        for name, ids in self.source_episodes(episodes).items():
+            if ids:
+                arrays = self.numeric(ids[0])
+                widths[name] = (arrays.state.shape[1], arrays.action.shape[1])
+        return widths
 
     def describe(self) -> list[str]:
         """One line per source: its name, its episodes' ids in the mixture and its frame count."""

@@ -176,7 +176,7 @@ def build_reader(recipe: Recipe):
     if not recipe.data.mix:
         return readers["data.path"]
     try:
-        return MixtureReader({key.split(".")[2]: reader for key, reader in readers.items()})
+        return MixtureReader({name: readers[f"data.mix.{name}.path"] for name in recipe.data.mix})
     except DatasetFormatError as err:  # sources that disagree: the message starts with the source's name
         raise RecipeError(f"data.mix.{err}") from None
 
@@ -202,7 +202,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     """
     d = recipe.data
     reader = build_reader(recipe)
-    skip = checked_skip_list(recipe)
+    skip = checked_skip_list(recipe, reader)
     episodes = [e.index for e in reader.episodes() if e.index not in skip]
     train_eps, val_eps = split_train_val(recipe, reader, episodes)
     if isinstance(reader, MixtureReader):
@@ -425,22 +425,24 @@ def _filtered(reader: Any, key: str, name: str) -> list[int]:
     return filters[name]
 
 
-def checked_skip_list(recipe: Recipe) -> set[int]:
+def checked_skip_list(recipe: Recipe, reader: Any = None) -> set[int]:
     """Run ``robot_data.check_dataset`` (each source of ``data.mix``); refuse a failing dataset
-    unless ``data.skip_bad_episodes``.
+    unless ``data.skip_bad_episodes``. ``reader``: the recipe's, when open (a mixture's episodes
+    are then numbered by its offsets instead of opening every source again).
 
     Returns the episodes to leave out, as the reader numbers them (listed on stdout so the user
     sees what was dropped).
     """
-    d, sources = recipe.data, data_sources(recipe)
-    if not sources:
+    d = recipe.data
+    if not data_sources(recipe):
         return set()
     kwargs = _reader_kwargs(recipe)
+    offsets = reader.offsets if isinstance(reader, MixtureReader) else None
     try:
         if d.mix:
-            problems = check_mixture({key.split(".")[2]: path for key, path in sources.items()}, d.format, **kwargs)
+            problems = check_mixture({name: s.path for name, s in d.mix.items()}, d.format, offsets=offsets, **kwargs)
         else:
-            problems = check_dataset(d.path, d.format, **kwargs)
+            problems = check_dataset(d.path, d.format, offsets=offsets, **kwargs)
         skip = episodes_to_skip(problems, d.skip_bad_episodes)
     except DatasetCheckError as err:
         key = "data.mix" if d.mix else "data.path"

@@ -140,6 +140,12 @@ def make_env(
         raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}") from None
 
 
+def close_env(env: Any) -> None:
+    """Close an env that can be closed (a simulator's renderer and processes)."""
+    if hasattr(env, "close"):
+        env.close()
+
+
 def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> list[str]:
     """One MP4 per recorded episode, ``rollout_<seed>.mp4``."""
     from robot_data.video import encode_video
@@ -226,7 +232,8 @@ def rollout_checkpoint(
     env, first = make_env(env_spec, env_kwargs or {}, recipe, max_steps)
     policy = VLAPolicy.from_pretrained(directory, device=device)
     runner = chunk_runner(policy, execute, ensemble)
-    seeds = range(first if start is None else start, (first if start is None else start) + episodes)
+    begin = first if start is None else start
+    seeds = range(begin, begin + episodes)
     try:
         results = [
             run_episode(
@@ -250,8 +257,7 @@ def rollout_checkpoint(
         "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
     }
     (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
-    if hasattr(env, "close"):  # a simulator's renderer and processes
-        env.close()
+    close_env(env)
     return {**report, "out": out_dir}
 
 

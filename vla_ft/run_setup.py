@@ -25,7 +25,7 @@ from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
 from vla_ft.model_files import read_norm_stats
 from vla_ft.report import format_table, parameter_rows
-from vla_ft.rollout import training_env
+from vla_ft.rollout import close_env, training_env
 from vla_ft.run_state import (
     TrainState,
     check_resume_compatible,
@@ -258,7 +258,6 @@ def _install_extensions(run: Run) -> None:
 
 def teardown(run: Run) -> None:
     run.logger.close()
-    env = run.rollout_env[0] if run.rollout_env is not None else None
-    if hasattr(env, "close"):  # a simulator's renderer and processes
-        env.close()
+    if run.rollout_env is not None:
+        close_env(run.rollout_env[0])
     shutdown(run.rt)
