@@ -96,3 +96,17 @@ def test_lora_layer_smoke_checks_every_variant_against_peft(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [(r[0], r[2]) for r in rows[:3]] == [("q/o", "peft"), ("q/o", "fused"), ("q/o", "fused_nocat")]
     assert len(rows) == 12
+
+
+def test_vision_grounding_smoke(capsys):
+    rows = load_benchmark("vision_grounding").main(["--steps", "3", "--episodes", "4", "--threads", "1"])
+
+    assert [(r["target"], r["position_init"]) for r in rows] == [
+        ("arm", "sincos"),
+        ("arm", "timm"),
+        ("block", "sincos"),
+        ("block", "timm"),
+    ]
+    assert all(len(r["errors"]) == 3 and all(map(math.isfinite, r["errors"])) and r["baseline"] > 0 for r in rows)
+    assert rows[0]["errors"] != rows[1]["errors"]  # the init is what differs between the two rows
+    assert "| named block | timm |" in capsys.readouterr().out

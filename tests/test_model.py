@@ -56,6 +56,30 @@ def test_vision_image_size_override_resamples_position_embeddings(tmp_path):
     assert enc(torch.zeros(2, 1, 3, 32, 32, dtype=torch.uint8)).shape == (2, 4, 32)
 
 
+def _sin_cos_reference(h: int, w: int, dim: int) -> torch.Tensor:
+    """(h * w, dim), patches row by row: [sin(row f), sin(col f), cos(row f), cos(col f)],
+    f = 10000^(-k / (dim / 4)), k = 0 .. dim / 4 - 1 (MAE's 2-D layout, written out)."""
+    f = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    r, c = rows.reshape(-1, 1) * f, cols.reshape(-1, 1) * f
+    return torch.cat([r.sin(), c.sin(), r.cos(), c.cos()], dim=1).float()
+
+
+def test_a_random_init_vit_starts_from_sin_cos_positions(tmp_path):
+    vit = build_vision_encoder(tiny_recipe(tmp_path).model, n_cameras=1).backbones[0]
+    (h, w), pos = vit.patch_embed.grid_size, vit.pos_embed.detach()[0]
+    assert torch.allclose(pos[1:], _sin_cos_reference(h, w, pos.shape[1]), atol=1e-6)
+    assert torch.equal(pos[0], torch.zeros_like(pos[0]))  # the class token's
+    assert vit.pos_embed.requires_grad  # an init, learned from there
+    timm_init = build_vision_encoder(tiny_recipe(tmp_path, "model.vision.position_init=timm").model, n_cameras=1)
+    pos = timm_init.backbones[0].pos_embed.detach()
+    assert 0.01 < pos.std() < 0.03  # timm's own: trunc_normal(std=0.02)
+    odd = tiny_recipe(tmp_path, "model.vision.kwargs.embed_dim=34").model  # 2 heads of 17: no 4-way split
+    with pytest.warns(UserWarning, match="width divisible by 4 \\(got 34\\)"):
+        pos = build_vision_encoder(odd, n_cameras=1).backbones[0].pos_embed.detach()
+    assert 0.01 < pos.std() < 0.03
+
+
 def test_vision_weights_of_another_architecture_are_refused(tmp_path):
     from safetensors.torch import save_file
 

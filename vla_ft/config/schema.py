@@ -54,6 +54,11 @@ class VisionConfig:
     features: Literal["patch", "pooled"] = doc("patch tokens, or one pooled token per camera", "patch")
     per_camera: bool = doc("one encoder per camera instead of a shared one", False)
     kwargs: dict[str, Any] = doc("extra keyword arguments for timm.create_model (tiny models)", factory=dict)
+    position_init: Literal["sincos", "timm"] = doc(
+        "position embeddings of a ViT built from random init: 2-D sin-cos (as MAE), with which it learns where "
+        "things are in fewer steps, or timm's small random init; trained either way, ignored with pretrained weights",
+        "sincos",
+    )
 
 
 @dataclass
