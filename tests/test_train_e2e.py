@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,27 @@ def test_a_resume_after_skips_at_the_checkpoint_step_hides_them_in_tensorboard_t
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("fault/nonfinite_skips")] == [(s, 0.0) for s in (1, 2, 3, 4)]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, float(s)) for s in (1, 2, 3, 4)]
+
+
+def test_a_writer_reopened_within_the_same_second_is_read_after_the_first(tmp_path: Path, monkeypatch):
+    """TensorBoard reads a directory's event files in name order: the opening second, host, pid and a
+    per-process counter compared as text, so writer 10 opened in the second of writer 9 was read first
+    and the resumed run's purge hid nothing (steps 4-6 of the crashed run came back)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    from vla_ft.tracking import MetricsLogger
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    time.sleep(1 - time.time() % 1)  # both writers open early in one second
+    first = MetricsLogger(tmp_path, tensorboard=True)
+    first.start_fresh()
+    for step in range(1, 7):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True)
+    resumed.truncate_after(3)
+    resumed.log(4, {"loss": 40.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -208,7 +208,9 @@ class MetricsLogger:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+            log_dir = self.run_dir / "tensorboard"
+            _wait_past_the_newest_event_file(log_dir)
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=self.purge_step)
             for row in self.replay:
                 for key, value in row.items():
                     if key != "step":
@@ -249,6 +251,19 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _wait_past_the_newest_event_file(log_dir: Path) -> None:
+    """Sleep (under a second) until the clock is past the second the newest event file was opened in.
+
+    Why: TensorBoard reads a run's event files in name order, ``events.out.tfevents.<second>.<host>.<pid>.<n>``.
+    Within one second, pid and the per-process counter n compare as text and need not follow the opening
+    order (n 9 then 10, pid 999 then 1000): a writer opened in the second of the one before it (a quick
+    resume) could be read first, and its purge of a crashed run's stale steps then hid nothing."""
+    names = [p.name.split(".") for p in log_dir.glob("events.out.tfevents.*")]
+    newest = max((int(n[3]) for n in names if len(n) > 3 and n[3].isdigit()), default=None)
+    if newest is not None:
+        time.sleep(max(0.0, newest + 1 - time.time()))
 
 
 def _after(line: str, step: int, skipped: int | None) -> bool:
