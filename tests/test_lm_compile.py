@@ -173,8 +173,12 @@ def test_a_rotary_module_with_saved_state_is_left_as_it_is():
 
 
 def test_a_model_that_dispatches_on_the_name_sdpa_keeps_it(tmp_path):
-    """Falcon picks its attention classes by the literal name: built as lm_compile.NAME it raised KeyError."""
+    """Falcon (transformers < 5.25) picks its attention classes by the literal name: built as lm_compile.NAME
+    it raised KeyError. Since 5.25 it calls the attention interface and can take lm_compile.NAME."""
+    from transformers.models.falcon import modeling_falcon
+
     cfg = AutoConfig.for_model("falcon", vocab_size=284, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
     lm = build_language_model(tiny_recipe(tmp_path).model, vocab_size=284, config=cfg)
-    assert lm.config._attn_implementation == "sdpa"
+    by_name = hasattr(modeling_falcon, "FALCON_ATTENTION_CLASSES")
+    assert lm.config._attn_implementation == ("sdpa" if by_name else lm_compile.NAME)
     assert lm.get_decoder()(inputs_embeds=torch.randn(2, 5, 32)).last_hidden_state.shape == (2, 5, 32)
