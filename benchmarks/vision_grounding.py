@@ -1,6 +1,6 @@
 """Can the quickstart's vision encoder, trained from random init, locate things? A probe per position init.
 
-    python benchmarks/vision_grounding.py                      # 600 steps per row, ~1 min per row on 2 cores
+    python benchmarks/vision_grounding.py                      # 600 steps per row, 1.5-2 min per row on 2 cores
     python benchmarks/vision_grounding.py --steps 20 --episodes 20
 
 The encoder is the one ``recipes/quickstart.yaml`` builds (``vla_ft.backbones.create_backbone``: a 3-block

@@ -288,6 +288,15 @@ def test_a_fresh_start_moves_an_earlier_runs_metrics_aside(tmp_path):
     assert moved.read_text().startswith('{"step": 1, "loss": 9.0}')
 
 
+def test_two_fresh_starts_in_one_second_keep_both_earlier_logs(tmp_path):
+    """Names of moved-aside logs carry the second; a second move in the same second overwrote the first."""
+    for loss in (9.0, 7.0):
+        (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "loss": {loss}}}\n')
+        MetricsLogger(tmp_path, tensorboard=False).start_fresh()
+    kept = sorted(p.read_text() for p in tmp_path.glob("metrics.*.jsonl"))
+    assert kept == ['{"step": 1, "loss": 7.0}\n', '{"step": 1, "loss": 9.0}\n']
+
+
 def test_metrics_rows_are_strict_json_and_read_back_nan(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=False)
     logger.log(3, {"loss": 0.5, "metric/gripper_transition_acc": float("nan")})

@@ -225,7 +225,11 @@ class MetricsLogger:
         self.purge_step = 1
         if not self.enabled or not self.path.exists():
             return None
-        old = self.path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        old, n = self.path.with_name(f"metrics.{stamp}.jsonl"), 0
+        while old.exists():  # two fresh starts in one second: neither log is overwritten
+            n += 1
+            old = self.path.with_name(f"metrics.{stamp}-{n}.jsonl")
         self.path.rename(old)
         return old
 
