@@ -20,9 +20,9 @@ from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError, load_recipe
-from vla_ft.data import EpochSampler, build_data
+from vla_ft.data import EpochSampler, ValidationSampler, build_data, sample_sources
 from vla_ft.feature_cache import data_files
-from vla_ft.run_setup import _default_tokenizer
+from vla_ft.run_setup import _default_tokenizer, setup, teardown
 from vla_ft.tokenizer import load_tokenizer
 
 LENGTH = 10
@@ -124,6 +124,32 @@ def test_a_mixture_normalises_over_both_sources_and_validates_on_each(tmp_path, 
     last = files[-1]
     want = (_demo(*last, "obs/state")[-1] - stats["mean"]) / stats["std"]
     np.testing.assert_allclose(sample["state"][-1].numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_val_batches_keep_a_sample_of_every_source(tmp_path, tiny_overrides):
+    """Three sources, the middle one small: 4 samples spread over all validation frames stepped over
+    b's 10, and val/mix/b/... was never logged. Each source gets its share, at least one sample."""
+    a, b, c = (
+        _task_file(tmp_path / f"{n}.hdf5", f"task {n}", seed=i, episodes=k)
+        for i, (n, k) in enumerate((("a", 32), ("b", 4), ("c", 36)))
+    )
+    mix = ["data.format=hdf5", "data.state_key=state", "data.text_key=narration", "data.val_ratio=0.25"]
+    mix += [f"data.mix.{n}.path={p}" for n, p in zip("abc", (a, b, c), strict=True)]
+    recipe = load_recipe(QUICKSTART, [*tiny_overrides, *mix, "train.batch_size=4", "train.val_batches=1"])
+    data = build_data(recipe, _tokenizer(recipe))
+
+    def sources_of(sampler: ValidationSampler) -> list[str]:
+        return [data.val_set.reader.source_name(data.val_set.locate(i)[0].index) for i in sampler.indices]
+
+    assert "b" not in sources_of(ValidationSampler(len(data.val_set), recipe))  # the spread over the whole set
+    sampler = ValidationSampler(len(data.val_set), recipe, sample_sources(data.val_set))
+    assert sorted(set(sources_of(sampler))) == ["a", "b", "c"] and len(sampler) in (4, 5)
+    assert sampler.indices == sorted(set(sampler.indices))  # in order, none twice
+    run = setup(recipe)  # what training validates on
+    try:
+        assert run.val_loader.sampler.indices == sampler.indices
+    finally:
+        teardown(run)
 
 
 def test_weights_set_each_sources_share_of_the_samples(tmp_path, tiny_overrides):

@@ -9,7 +9,7 @@ with any number of processes.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -102,14 +102,24 @@ class ValidationSampler(Sampler[tuple[int, int]]):
     """The validation samples in order, as (epoch 0, index) pairs like :class:`EpochSampler`: every
     sample, or with ``train.val_batches`` N, N batches' worth spread evenly over the set. The first
     N batches would be the first frames of the first episodes: a best checkpoint and early stopping
-    chosen on one phase of one task. Every rank evaluates the same samples."""
+    chosen on one phase of one task. Every rank evaluates the same samples.
 
-    def __init__(self, n: int, recipe: Recipe):
+    ``sources`` (n,), each sample's mixture source (:func:`sample_sources`): the spread is then per
+    source, each getting its share and at least one sample; over the whole set it could step over a
+    small source between two others, and that source's ``val/mix/<source>/...`` was never logged."""
+
+    def __init__(self, n: int, recipe: Recipe, sources: Sequence[str] | None = None):
         wanted = recipe.train.val_batches * recipe.train.batch_size
         if not wanted or wanted >= n:
             self.indices = list(range(n))
-        else:  # a spacing of (n - 1) / (wanted - 1) >= 1 keeps the rounded indices distinct
-            self.indices = [round(i * (n - 1) / max(wanted - 1, 1)) for i in range(wanted)]
+        elif sources is None:
+            self.indices = _spread(range(n), wanted)
+        else:
+            members: dict[str, list[int]] = {}
+            for i, source in enumerate(sources):
+                members.setdefault(source, []).append(i)
+            shares = (_spread(ids, max(1, round(wanted * len(ids) / n))) for ids in members.values())
+            self.indices = sorted(i for share in shares for i in share)
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         """Validation has no epochs (the loaders' common interface)."""
@@ -119,6 +129,21 @@ class ValidationSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def _spread(ids: Sequence[int], k: int) -> list[int]:
+    """k of ``ids`` evenly spaced, the first and the last among them; a spacing of (len - 1) / (k - 1)
+    >= 1 keeps the rounded positions distinct."""
+    k = min(k, len(ids))
+    return [ids[round(i * (len(ids) - 1) / max(k - 1, 1))] for i in range(k)]
+
+
+def sample_sources(dataset: RobotDataset) -> list[str] | None:
+    """(len(dataset),) the mixture source of each sample, or None for one dataset."""
+    reader = dataset.reader
+    if not isinstance(reader, MixtureReader):
+        return None
+    return [reader.source_name(e.index) for e in dataset.episodes for _ in range(e.length)]
 
 
 class EpochDataset(Dataset):

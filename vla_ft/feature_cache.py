@@ -360,7 +360,7 @@ def install(run: Run) -> None:
             stores[split] = build_memory(run, dataset)
     run.train_loader = CachedLoader(stores["train"], run.sampler, r.train.batch_size, drop_last=True)
     if "val" in stores:
-        val_sampler = ValidationSampler(len(stores["val"]), r)
+        val_sampler = run.val_loader.sampler  # the samples validation reads without the cache
         run.val_loader = CachedLoader(stores["val"], val_sampler, r.train.batch_size, drop_last=False)
     where = r.train.feature_cache_dir or "memory"
     counts = " + ".join(f"{len(s)} {k}" for k, s in stores.items())

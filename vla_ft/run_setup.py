@@ -19,7 +19,7 @@ from torch import nn
 from vla_ft import checkpoint as ck
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError, save_recipe
-from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader
+from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader, sample_sources
 from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
@@ -202,7 +202,7 @@ def setup(recipe: Recipe) -> Run:
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
     if data.val_set is not None:
-        val_sampler = ValidationSampler(len(data.val_set), recipe)
+        val_sampler = ValidationSampler(len(data.val_set), recipe, sample_sources(data.val_set))
         val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -300,7 +300,11 @@ class TrainConfig:
         "torch.compile mode; reduce-overhead replays CUDA graphs (no per-kernel launch cost)", "default"
     )
     val_every: int = doc("validate every N steps (0 = only at the end)", 100)
-    val_batches: int = doc("validation batches, their samples spread evenly over the validation set (0 = all)", 0)
+    val_batches: int = doc(
+        "validation batches, their samples spread evenly over the validation set (each source of a mixture gets "
+        "its share); 0 = all",
+        0,
+    )
     best_metric: str = doc("validation metric selecting the best checkpoint", "val/action_l1")
     best_mode: Literal["min", "max"] = doc("max for accuracies and F1, min for losses and errors (checked)", "min")
     early_stopping: EarlyStoppingConfig = doc("stop when best_metric stalls", factory=EarlyStoppingConfig)
