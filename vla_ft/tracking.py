@@ -265,7 +265,7 @@ def _wait_past_the_newest_event_file(log_dir: Path) -> None:
     order (n 9 then 10, pid 999 then 1000): a writer opened in the second of the one before it (a quick
     resume) could be read first, and its purge of a crashed run's stale steps then hid nothing."""
     names = [p.name.split(".") for p in log_dir.glob("events.out.tfevents.*")]
-    newest = max((int(n[3]) for n in names if len(n) > 3 and n[3].isdigit()), default=None)
+    newest = max((int(n[3]) for n in names if n[3].isdigit()), default=None)
     if newest is not None:
         time.sleep(max(0.0, newest + 1 - time.time()))
 
