@@ -398,7 +398,7 @@ def test_unknown_module_and_term_names_are_reported_with_the_type_errors():
     assert err.value.problems == [
         "unknown key 'train.stepz' (did you mean 'train.steps'?)",
         "optim.groups.projectr: unknown module (did you mean 'projector'?); modules: vision_encoder, projector, "
-        "proprio_encoder, language_model, action_queries, action_head, gripper_head",
+        "proprio_encoder, film, language_model, action_queries, action_head, gripper_head",
         "loss.schedule.languag: unknown term (did you mean 'language'?); terms: language, action, gripper",
     ]
 

@@ -39,8 +39,10 @@ from vla_ft.train import main
 # Vision frozen until update 3 (staged unfreeze); the gripper head trains but its term has
 # weight 0, so it never gets a gradient (DDP's unused-parameter case); the action term's
 # weight is learned (uncertainty): a parameter outside DDP whose gradient must be averaged.
+# FiLM trains from the start, through the frozen encoder's blocks (hooks on FSDP's units).
 RECIPE = [
     *TINY,
+    "model.vision.film=true",
     "train.device=cpu",  # gloo on CPU even where CUDA exists
     "data.chunk=4",
     "data.synthetic.episode_length=10",

@@ -255,7 +255,7 @@ def test_hub_names_resolve_offline_from_a_filled_cache(tmp_path, monkeypatch):
 def test_forward_shapes(tmp_path, n_cameras, overrides, prefix_tokens):
     model = _model(tmp_path, *overrides, n_cameras=n_cameras)
     batch = fake_batch(model, batch_size=2, target_len=3)
-    prefix = model.embed_prefix(batch)
+    prefix = model.embed_prefix(batch, model.language_model.get_input_embeddings()(batch["prompt_ids"]))
     assert prefix.shape == (2, prefix_tokens, 32)
     out = model(batch)
     assert out["actions"].shape == (2, 3, 3)  # (B, chunk, action_dim)
@@ -283,7 +283,7 @@ def test_target_hidden_states_predict_the_next_token(tmp_path):
     batch = fake_batch(model, batch_size=1, prompt_lens=(3,), target_len=3)
     out = model.trunk(batch)
     embeds = model.language_model.get_input_embeddings()
-    prefix = model.embed_prefix(batch)
+    prefix = model.embed_prefix(batch, embeds(batch["prompt_ids"]))
     seq = torch.cat([prefix, embeds(batch["prompt_ids"]), model.action_queries(1), embeds(batch["target_ids"])], 1)
     hidden = model.decoder(inputs_embeds=seq).last_hidden_state  # no padding: plain causal LM
     q_end = prefix.shape[1] + 3 + 3  # prefix + prompt + 3 queries

@@ -14,9 +14,11 @@ Every failure is a :class:`~vla_ft.config.RecipeError` naming the recipe key.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +28,39 @@ from torch import nn
 
 from vla_ft import lm_compile
 from vla_ft.config import LanguageConfig, ModelConfig, RecipeError, VisionConfig
+from vla_ft.film import install_hooks, vit_blocks
 
 
 class VisionEncoder(nn.Module):
     """timm backbone(s) -> tokens (B, n_cam * N, Dv), N = patch tokens or 1 pooled token per camera.
 
     Pixel normalisation (the backbone's own mean/std) happens here, on the device, so the
-    data pipeline ships uint8.
+    data pipeline ships uint8. With ``film`` every ViT block's output is scaled and shifted by
+    the instruction (:mod:`vla_ft.film`).
     """
 
-    def __init__(self, backbones: nn.ModuleList, features: str, mean: tuple, std: tuple, n_cameras: int):
+    def __init__(
+        self, backbones: nn.ModuleList, features: str, mean: tuple, std: tuple, n_cameras: int, film: bool = False
+    ):
         super().__init__()
         self.backbones = backbones
         self.features = features
         self.n_cameras = n_cameras
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.film_blocks = 0  # blocks per backbone that FiLM modulates
+        self._film: torch.Tensor | None = None  # (B * n_cam, blocks, 2, D) during a forward
+        if film:
+            for bb in backbones:
+                blocks = vit_blocks(bb, type(bb).__name__)
+                install_hooks(blocks, lambda: self._film)
+                self.film_blocks = len(blocks)
+
+    @property
+    def residual_width(self) -> int:
+        """Width of the blocks' outputs, which FiLM modulates."""
+        bb = self.backbones[0]
+        return getattr(bb, "embed_dim", bb.num_features)
 
     @property
     def width(self) -> int:
@@ -59,15 +78,29 @@ class VisionEncoder(nn.Module):
             return feats.flatten(1, 2) if nhwc else feats.flatten(2).transpose(1, 2)
         return feats[:, getattr(backbone, "num_prefix_tokens", 0) :]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: uint8 (B, n_cam, 3, H, W) -> (B, n_cam * N, Dv)."""
+    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        """images: uint8 (B, n_cam, 3, H, W), film (B, blocks, 2, D) or None -> (B, n_cam * N, Dv)."""
         b, n_cam = images.shape[:2]
         check_cameras(self.n_cameras, n_cam)
         pixels = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
         if len(self.backbones) == 1:  # shared encoder: one batched call over all cameras
-            tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
+            with self._conditioned(film, n_cam):
+                tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
             return tokens.reshape(b, n_cam * tokens.shape[1], -1)
-        return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+        with self._conditioned(film, 1):
+            return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+
+    @contextlib.contextmanager
+    def _conditioned(self, film: torch.Tensor | None, repeat: int) -> Iterator[None]:
+        """The blocks' hooks read ``film`` (one row per image: each sample's row ``repeat`` times) inside."""
+        if (film is None) != (self.film_blocks == 0):
+            built, given = bool(self.film_blocks), film is not None
+            raise ValueError(f"vision encoder: built with film={built}, called with film={given}")
+        self._film = None if film is None else film.repeat_interleave(repeat, dim=0) if repeat > 1 else film
+        try:
+            yield
+        finally:
+            self._film = None
 
 
 def check_cameras(n_model: int, n_data: int) -> None:
@@ -260,7 +293,7 @@ def build_vision_encoder(cfg: ModelConfig, n_cameras: int, pretrained: bool = Tr
     n_backbones = n_cameras if cfg.vision.per_camera else 1
     backbones = nn.ModuleList(create_backbone(cfg, pretrained) for _ in range(n_backbones))
     data_cfg = timm.data.resolve_data_config({}, model=backbones[0])
-    return VisionEncoder(backbones, cfg.vision.features, data_cfg["mean"], data_cfg["std"], n_cameras)
+    return VisionEncoder(backbones, cfg.vision.features, data_cfg["mean"], data_cfg["std"], n_cameras, cfg.vision.film)
 
 
 def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) -> nn.Module:

@@ -5,7 +5,7 @@
     OUT/
       language_model/       the LM with every LoRA adapter merged (save_pretrained: config.json +
                             model.safetensors), loadable by AutoModelForCausalLM on its own
-      policy.safetensors    every other weight: vision encoder (adapters merged), projector,
+      policy.safetensors    every other weight: vision encoder (adapters merged), projector, FiLM,
                             proprio encoder, action queries, action and gripper heads
       model_meta.json       as in checkpoints, with "merged": true and LoRA off
       norm_stats.json       normalisation statistics (the policy inverts with these)

@@ -64,6 +64,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 AttentionCount = Literal["causal", "dense"]
 PER_IMAGE = ("vision_encoder", "projector")
+PER_SAMPLE = ("proprio_encoder", "film")
 PER_QUERY = ("action_head", "gripper_head")
 
 
@@ -163,7 +164,7 @@ def _is_vit_attention(module: nn.Module) -> bool:
 class StepFlops:
     """Per-unit FLOP coefficients of a model in one trainability state (fwd + bwd).
 
-    Units: an image (vision encoder, projector), a sample (proprio encoder), an LM token
+    Units: an image (vision encoder, projector), a sample (proprio encoder, FiLM), an LM token
     (non-padding), a supervised token (LM head), a query token (heads), and a causal
     (query, key) pair of the LM.
     """
@@ -200,7 +201,7 @@ class StepFlops:
         rows = prompt + target + (self.prefix_tokens + self.chunk)  # (B,) non-padding LM tokens per row
         pairs = rows * (rows + 1) / 2 if attention == "causal" else rows * rows
         out["vision"] = scalar(images * self.per_image)
-        out["proprio"] = scalar(b * self.per_sample)
+        out["per_sample"] = scalar(b * self.per_sample)
         out["language_model"] = rows.sum() * self.per_lm_token + target.sum() * self.per_supervised
         out["lm_attention"] = pairs.sum() * self.per_lm_pair
         return out
@@ -230,7 +231,7 @@ def step_flops(model: VLA, rec: Recording, batch: dict[str, Tensor]) -> StepFlop
         images = batch["images"].shape[0] * batch["images"].shape[1]
         vit = sum(4 * a.batch * a.tokens**2 * a.width * (3 if a.grad else 1) for a in rec.vision_attention)
         sf.per_image = (sum(sums.get(k, 0.0) for k in PER_IMAGE) + vit) / images
-        sf.per_sample = sums.get("proprio_encoder", 0.0) / b
+        sf.per_sample = sum(sums.get(k, 0.0) for k in PER_SAMPLE) / b
         lp, lt = batch["prompt_ids"].shape[1], batch["target_ids"].shape[1] if want_text(model, batch) else 0
         sf.per_lm_token = sums.get("language_model", 0.0) / max(lm_rows, 1)
         sf.per_supervised = sums.get("lm_head", 0.0) / max(b * lt, 1)

@@ -6,7 +6,8 @@ architecture comes from the source's ``language_model/config.json``. Every tenso
 weight average when it has one, LoRA merged into the base weights) is then copied by name, before
 this run's own LoRA adapters are added. The modules that depend on the new data's widths (action
 and gripper heads, proprio encoder, action queries) may differ in shape or be absent: they keep
-their fresh initialisation and are listed. Any other difference means the recipe builds another
+their fresh initialisation and are listed, as does a FiLM projection the source lacks
+(``model.vision.film`` added for the second stage). Any other difference means the recipe builds another
 model than the source's, and is refused, naming the tensor. The optimizer, the schedule and the
 normalisation start afresh; the tokenizer is the source's unless ``model.language.tokenizer`` names one.
 """
@@ -26,6 +27,7 @@ from vla_ft.model_files import TOKENIZER_DIR, load_lm_config, load_model
 
 KEY = "model.init_from"
 DATA_SHAPED = ("action_head.", "gripper_head.", "proprio_encoder.", "action_queries.")  # may start fresh
+ADDED = ("film.",)  # may be new here (a FiLM projection starts at zero: the source's model, unchanged)
 
 
 def source_directory(path: str) -> Path:
@@ -66,7 +68,7 @@ def copy_source_weights(model: VLA, path: str) -> list[str]:
     for name, tensor in ours.items():
         if name in theirs and theirs[name].shape == tensor.shape:
             tensor.copy_(theirs[name])
-        elif name.startswith(DATA_SHAPED):
+        elif name.startswith(DATA_SHAPED) or (name.startswith(ADDED) and name not in theirs):
             fresh.add(name.split(".")[0])
         elif name in theirs:
             problems.append(f"{name} is {tuple(theirs[name].shape)} there, {tuple(tensor.shape)} here")

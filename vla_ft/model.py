@@ -14,8 +14,9 @@ and the gripper head ``(B, C, G)``; LM logits are computed only at the target po
 ``(B * Lt, V)``, never over the whole sequence.
 
 Named children (freezing, LR groups, LoRA and reports all use these names):
-``vision_encoder, projector, proprio_encoder, language_model, action_queries, action_head,
-gripper_head``.
+``vision_encoder, projector, proprio_encoder, film, language_model, action_queries, action_head,
+gripper_head``. ``film`` (``model.vision.film``) turns the prompt into a scale and shift of every
+ViT block's output (:mod:`vla_ft.film`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from vla_ft.backbones import build_language_model, build_vision_encoder
 from vla_ft.config import ModelConfig, Recipe, RecipeError
+from vla_ft.film import FiLM
 
 if TYPE_CHECKING:
     from vla_ft.master_weights import MasterWeights
@@ -36,11 +38,12 @@ if TYPE_CHECKING:
 # Upstream modules of each trunk module: a frozen module may run without autograd only
 # when everything feeding it is frozen too.
 UPSTREAM = {
-    "vision_encoder": (),
-    "projector": ("vision_encoder",),
+    "film": (),  # its input, the prompt's token embeddings, is detached (vla_ft.film)
+    "vision_encoder": ("film",),
+    "projector": ("vision_encoder", "film"),
     "proprio_encoder": (),
     "action_queries": (),
-    "language_model": ("vision_encoder", "projector", "proprio_encoder", "action_queries"),
+    "language_model": ("vision_encoder", "projector", "film", "proprio_encoder", "action_queries"),
 }
 
 
@@ -96,6 +99,8 @@ class VLA(nn.Module):
         width = self.language_model.get_input_embeddings().embedding_dim
         self.projector = _mlp(self.vision_encoder.width, cfg.projector_hidden, width)
         self.proprio_encoder = _mlp(state_dim * n_history, width, width) if cfg.proprio else None
+        vis = self.vision_encoder
+        self.film = FiLM(vis.film_blocks, width, vis.residual_width) if cfg.vision.film else None
         self.action_queries = ActionQueries(chunk, width)
         self.action_head = _mlp(width, cfg.action_head_hidden, action_dim)
         self.gripper_head = _mlp(width, cfg.action_head_hidden, n_gripper) if cfg.gripper_head else None
@@ -181,10 +186,15 @@ class VLA(nn.Module):
         return params or [p for p in self.action_queries.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ forward
-    def embed_prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Vision + state tokens: (B, Nv + 1, D) embeddings (never padded)."""
+    def embed_prefix(self, batch: dict[str, torch.Tensor], prompt: torch.Tensor) -> torch.Tensor:
+        """Vision + state tokens: (B, Nv + 1, D) embeddings (never padded); ``prompt`` (B, Lp, D),
+        the prompt's token embeddings, conditions the vision encoder through FiLM."""
+        film = None
+        if self.film is not None:
+            with self._grad_ctx("film"):
+                film = self.film(prompt, batch["prompt_mask"])
         with self._grad_ctx("vision_encoder"):
-            vis = self.vision_encoder(batch["images"])
+            vis = self.vision_encoder(batch["images"], film)
         with self._grad_ctx("projector"):
             tokens = [self.projector(vis)]
         if self.proprio_encoder is not None:
@@ -200,9 +210,10 @@ class VLA(nn.Module):
     def lm_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The LM's last hidden states (B, L, D) over [prefix | prompt | queries | target | pads],
         and each row's first query position q0 (B, 1)."""
-        prefix = self.embed_prefix(batch)
         embed = self.language_model.get_input_embeddings()
-        parts = [prefix, embed(batch["prompt_ids"]), self.action_queries(prefix.shape[0]).to(prefix.dtype)]
+        prompt = embed(batch["prompt_ids"])
+        prefix = self.embed_prefix(batch, prompt)
+        parts = [prefix, prompt, self.action_queries(prefix.shape[0]).to(prefix.dtype)]
         if self.appends_target(batch):
             parts.append(embed(batch["target_ids"]))
         seq = _pads_to_the_end(torch.cat(parts, dim=1), prefix.shape[1], batch["prompt_mask"])

@@ -24,6 +24,7 @@ import torch
 
 from vla_ft.backbones import language_model_skeleton, library_message, vision_skeleton
 from vla_ft.config import ModelConfig, RecipeError
+from vla_ft.film import vit_blocks
 from vla_ft.lora import check_targets
 
 _checked: dict[str, list[str]] = {}
@@ -43,6 +44,8 @@ def _vision_problems(cfg: ModelConfig) -> list[str]:
         backbone = vision_skeleton(cfg)
         if cfg.lora.vision:
             check_targets(backbone, cfg.lora.vision_target_modules, "model.lora.vision_target_modules")
+        if cfg.vision.film:
+            vit_blocks(backbone, cfg.vision.name)
     except RecipeError as err:
         return err.problems
     except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: build_model checks it

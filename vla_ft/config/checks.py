@@ -188,6 +188,7 @@ def absent_modules(r: Recipe) -> dict[str, str]:
     switches = {
         "gripper_head": ("model.gripper_head", r.model.gripper_head),
         "proprio_encoder": ("model.proprio", r.model.proprio),
+        "film": ("model.vision.film", r.model.vision.film),
     }
     return {name: key for name, (key, on) in switches.items() if not on}
 
@@ -389,8 +390,9 @@ def cache_problems(r: Recipe) -> list[str]:
     p = []
     if r.data.augment.enabled:
         p.append(f"{why} data.augment.enabled is true (every epoch sees new images; cached features would be stale)")
+    absent = absent_modules(r)
     for name in TRUNK_MODULES:
-        if name == "proprio_encoder" and not r.model.proprio:
+        if name in absent:
             continue
         if not getattr(r.freeze, name):
             p.append(f"{why} freeze.{name} is false (a trained trunk module changes its features): set it true")

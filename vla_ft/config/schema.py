@@ -15,12 +15,13 @@ MODULE_NAMES = (
     "vision_encoder",
     "projector",
     "proprio_encoder",
+    "film",
     "language_model",
     "action_queries",
     "action_head",
     "gripper_head",
 )
-TRUNK_MODULES = ("vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries")
+TRUNK_MODULES = ("vision_encoder", "projector", "proprio_encoder", "film", "language_model", "action_queries")
 
 
 class RecipeError(ValueError):
@@ -58,6 +59,11 @@ class VisionConfig:
         "position embeddings of a ViT built from random init: 2-D sin-cos (as MAE), with which it learns where "
         "things are in fewer steps, or timm's small random init; trained either way, ignored with pretrained weights",
         "sincos",
+    )
+    film: bool = doc(
+        "the instruction scales and shifts every ViT block's output (FiLM, as OpenVLA-OFT+), through the `film` "
+        "module: a projection of the prompt's mean token embedding, zero at init",
+        False,
     )
 
 
@@ -270,6 +276,7 @@ class FreezeConfig:
     vision_encoder: bool = doc("freeze the vision encoder", False)
     projector: bool = doc("freeze the projector", False)
     proprio_encoder: bool = doc("freeze the proprio encoder", False)
+    film: bool = doc("freeze the FiLM projection (model.vision.film)", False)
     language_model: bool = doc("freeze the language model (with LoRA its adapters train regardless)", False)
     action_queries: bool = doc("freeze the learnable action query tokens", False)
     action_head: bool = doc("freeze the action head", False)
