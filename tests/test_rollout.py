@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -16,7 +17,7 @@ from robot_data.synthetic import BIN, expert_step, make_scene
 from robot_data.synthetic_env import SyntheticPickEnv
 from vla_ft import ChunkRunner, VLAPolicy
 from vla_ft.cli import main as cli
-from vla_ft.rollout import policy_inputs, run_episode, summarize
+from vla_ft.rollout import policy_inputs, run_episode, run_episodes, summarize
 
 CAMERA = "observation.images.top"
 SCENES: list = []
@@ -123,6 +124,66 @@ def test_the_episode_loop_feeds_a_state_history_and_matches_cameras_by_name():
     assert summarize([result])["success_rate"] == 0.0
 
 
+class OraclePolicy:
+    """A policy whose chunk is the scripted expert's move and gripper command, repeated: it finds
+    each row's env by its exact state (every scene starts elsewhere), so a row's prediction is the
+    same alone or in any batch. Records the batch size of every call."""
+
+    chunk, cameras = 4, [CAMERA]
+    meta = {"gripper": {"dims": [2]}, "history": 1}
+    normalizer = SimpleNamespace(stats={"action": {"min": np.zeros(3), "max": np.ones(3)}})
+
+    def __init__(self, envs: list[SyntheticPickEnv]):
+        self.envs, self.calls = envs, []
+
+    def predict_action(self, images, instruction, state) -> np.ndarray:
+        states = np.asarray(state).reshape(-1, 3)
+        frames = np.asarray(images[CAMERA]).reshape(-1, *images[CAMERA].shape[-3:])
+        texts = [instruction] * len(states) if isinstance(instruction, str) else list(instruction)
+        self.calls.append(len(states))
+        chunks = []
+        for row, frame, text in zip(states, frames, texts, strict=True):
+            env = next(e for e in self.envs if np.array_equal(e.state, row))
+            assert text == env.task and np.array_equal(frame, env.render())
+            move, command, _ = expert_step(env.scene, env.ee, "reach" if env.held is None else "carry")
+            chunks.append(np.tile([move[0], move[1], command], (self.chunk, 1)))
+        return np.stack(chunks) if np.asarray(state).ndim == 2 else chunks[0]
+
+
+@pytest.mark.parametrize("runner", [{"execute": 2}, {"execute": 1}, {"ensemble": 0.5}])
+def test_batched_episodes_equal_one_after_another(runner):
+    """4 envs for 9 seeds: episodes end at different steps (the expert's own length, or max_steps)
+    and each env takes the next seed; every result equals the serial one, the first 2 keep frames."""
+    envs = [SyntheticPickEnv(image_size=32, seed=0, max_steps=30) for _ in range(4)]
+    policy = OraclePolicy(envs)
+    seeds = list(range(10, 19))
+    serial = [
+        run_episode(envs[0], ChunkRunner(policy, **runner), s, [CAMERA], record=i < 2) for i, s in enumerate(seeds)
+    ]
+    policy.calls.clear()
+    batched = run_episodes(envs, [ChunkRunner(policy, **runner) for _ in envs], seeds, [CAMERA], record=2)
+    assert [(r.seed, r.success, r.steps, r.reward) for r in batched] == [
+        (r.seed, r.success, r.steps, r.reward) for r in serial
+    ]
+    assert len({r.steps for r in serial}) >= 2 and any(r.success for r in serial)
+    for a, b in zip(batched, serial, strict=True):
+        assert len(a.frames) == len(b.frames) and all(map(np.array_equal, a.frames, b.frames))
+    assert [len(r.frames) > 0 for r in batched] == [True, True] + [False] * 7
+    assert max(policy.calls) == 4 and sum(policy.calls) == sum(  # one row per prediction a runner needs
+        -(-r.steps // runner["execute"]) if "execute" in runner else r.steps for r in serial
+    )
+
+
+def test_a_chunk_runner_step_takes_a_chunk_exactly_when_it_needs_one():
+    runner = ChunkRunner(OraclePolicy([]), execute=2)
+    with pytest.raises(ValueError, match="needs a chunk"):
+        runner.step(None)
+    runner.step(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="needs no chunk"):
+        runner.step(np.zeros((4, 3)))
+    assert runner.step(None).shape == (3,) and runner.needs_chunk()
+
+
 def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "logging.tensorboard=false"]) == 0
@@ -165,14 +226,16 @@ def test_validation_rolls_out_and_a_best_checkpoint_is_chosen_by_success(tmp_pat
     succeeds): every validation logs the success rate of rollout.episodes episodes."""
     import vla_ft.rollout as rollout_module
 
-    envs, make_env = [], rollout_module.make_env
+    envs, runners, make_env = [], [], rollout_module.make_env
     monkeypatch.setattr(rollout_module, "make_env", lambda *a: envs.append(make_env(*a)) or envs[-1])
-    monkeypatch.setattr(rollout_module, "chunk_runner", lambda policy, execute, ensemble: Expert(envs[-1][0]))
+    # runner k of each validation drives env k (an expert, which is no ChunkRunner: it acts on its own)
+    expert = lambda *a: runners.append(Expert(envs[len(runners) % len(envs)][0])) or runners[-1]  # noqa: E731
+    monkeypatch.setattr(rollout_module, "chunk_runner", expert)
     rollout = ["rollout.episodes=3", "rollout.max_steps=60", "train.best_metric=val/rollout/success_rate"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, "train.best_mode=max"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [(row["step"], row["val/rollout/success_rate"]) for row in rows if "val/rollout/success_rate" in row]
-    assert logged == [(3, 1.0), (6, 1.0)] and len(envs) == 1  # one env for the run
+    assert logged == [(3, 1.0), (6, 1.0)] and len(envs) == 3  # one env per episode at once, for the whole run
     want = [make_scene(0, seed).blocks for seed in (6, 7, 8)] * 2  # the scenes past the 6 training episodes
     assert len(SCENES) >= 6 and all(np.array_equal(a.blocks, b) for a, b in zip(SCENES[-6:], want, strict=True))
     assert all(row["val/rollout/mean_reward"] == 1.0 for row in rows if "val/rollout/mean_reward" in row)
@@ -185,9 +248,13 @@ def test_the_tiny_policy_rolls_out_in_validation_and_the_cli_takes_the_recipes_s
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, "logging.tensorboard=false"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["val/rollout/success_rate"] for row in rows if "val/rollout/success_rate" in row] == [0.0]
-    assert cli(["rollout", str(run), "--episodes", "1", "--videos", "0", "--out", str(tmp_path / "r")]) == 0
+    assert (
+        cli(["rollout", str(run), "--episodes", "3", "--batch", "2", "--videos", "0", "--out", str(tmp_path / "r")])
+        == 0
+    )
     report = json.loads((tmp_path / "r" / "rollouts.json").read_text())
     assert report["runner"] == {"execute": 2, "ensemble": None} and report["max_steps"] == 3
+    assert report["batch"] == 2 and [r["seed"] for r in report["results"]] == [6, 7, 8]
     assert report["results"][0]["steps"] == 3 and report["videos"] == []
 
 
@@ -200,7 +267,7 @@ def test_a_wrong_rollout_env_fails_before_training(tmp_path, tiny_overrides, cap
 
 def test_rollout_settings_are_checked(tiny_overrides):
     from vla_ft.config import RecipeError, load_recipe
-    from vla_ft.rollout import training_env
+    from vla_ft.rollout import training_envs
 
     cases = {
         ("rollout.execute=2", "rollout.ensemble=0.1"): "rollout.execute and rollout.ensemble: set one",
@@ -214,10 +281,13 @@ def test_rollout_settings_are_checked(tiny_overrides):
         with pytest.raises(RecipeError, match=re.escape(message)):
             load_recipe(QUICKSTART, [*tiny_overrides, "data.text_key=narration", *overrides])
     recipe = load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=3"])
-    env, first = training_env(recipe, 3)
-    assert isinstance(env, SyntheticPickEnv) and first == 6 and env.max_steps == 80
+    envs, first = training_envs(recipe, 3)  # one episode per process
+    assert len(envs) == 1 and isinstance(envs[0], SyntheticPickEnv) and first == 6 and envs[0].max_steps == 80
+    assert len(training_envs(load_recipe(QUICKSTART, [*tiny_overrides, "rollout.episodes=30"]), 1)[0]) == 8
     with pytest.raises(RecipeError, match="3 episodes do not split evenly over 2 processes"):
-        training_env(recipe, 2)
+        training_envs(recipe, 2)
+    with pytest.raises(RecipeError, match="rollout.batch: episodes run at once must be >= 1, got 0"):
+        load_recipe(QUICKSTART, [*tiny_overrides, "rollout.batch=0"])
 
 
 def test_rollouts_alone_validate_a_run_without_a_validation_set(tmp_path, tiny_overrides):
@@ -252,6 +322,10 @@ def test_resuming_with_other_rollouts_is_refused_when_they_choose_the_best_check
     best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max"]
     with pytest.raises(RecipeError, match=re.escape("rollout.max_steps: 80 -> 200 (train.best_metric is a rollout's)")):
         check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.max_steps=200"), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:  # how many run at once is not what they measure
+        warnings.simplefilter("always")
+        check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.batch=1"), tmp_path)
+    assert "changed keys: rollout.batch" in str(caught[0].message)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_resume_compatible(to_dict(recipe()), recipe("rollout.max_steps=200", "rollout.episodes=4"), tmp_path)
@@ -327,7 +401,9 @@ def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tin
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *user, "logging.tensorboard=false"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["val/rollout/success_rate"] for row in rows if "val/rollout/success_rate" in row] == [0.0]
-    assert len(CLOSED) == 1 and np.array_equal(CLOSED[0].scene.blocks, make_scene(0, 1).blocks)  # seeds 0, 1
+    assert len(CLOSED) == 2  # both episodes at once, one env each, every env closed
+    scenes = [make_scene(0, seed).blocks for seed in (0, 1)]
+    assert all(np.array_equal(env.scene.blocks, blocks) for env, blocks in zip(CLOSED, scenes, strict=True))
 
 
 def test_rollouts_in_validation_run_under_the_runs_autocast(tmp_path, tiny_overrides, monkeypatch):

@@ -54,15 +54,26 @@ class ChunkRunner:
 
     def act(self, images: Any, instruction: str, state: Any) -> np.ndarray:
         """The action for this control step, ``(action_dim,)`` float32 in the dataset's units."""
+        return self.step(self.policy.predict_action(images, instruction, state) if self.needs_chunk() else None)
+
+    def needs_chunk(self) -> bool:
+        """Whether this control step needs a new prediction (then :meth:`step` must get one)."""
+        return self.ensemble is not None or not self._queue
+
+    def step(self, chunk: np.ndarray | None) -> np.ndarray:
+        """The action for this control step given this step's prediction ``chunk`` ``(chunk, action_dim)``,
+        None when :meth:`needs_chunk` is false: how a caller batches the predictions of several runners."""
+        if self.needs_chunk() != (chunk is not None):
+            raise ValueError(f"ChunkRunner.step: this control step needs {'a' if self.needs_chunk() else 'no'} chunk")
         if self.execute is not None:
-            if not self._queue:
-                self._queue.extend(self.policy.predict_action(images, instruction, state)[: self.execute])
+            if chunk is not None:
+                self._queue.extend(chunk[: self.execute])
             action = self._queue.popleft()
         else:
-            self._chunks.append((self.t, self.policy.predict_action(images, instruction, state)))
+            self._chunks.append((self.t, chunk))
             while self._chunks[0][0] + len(self._chunks[0][1]) <= self.t:  # no longer covers this step
                 self._chunks.popleft()
-            predictions = np.stack([chunk[self.t - start] for start, chunk in self._chunks])  # oldest first
+            predictions = np.stack([c[self.t - start] for start, c in self._chunks])  # oldest first
             weights = np.exp(-self.ensemble * np.arange(len(predictions)))
             action = self._snap_gripper((weights @ predictions) / weights.sum())
         self.t += 1

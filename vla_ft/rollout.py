@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.config import RecipeError, RolloutConfig, to_dict
+from vla_ft.execution import ChunkRunner
 
 
 @dataclass
@@ -60,6 +61,53 @@ def policy_inputs(obs: Mapping[str, Any], cameras: Sequence[str], state_key: str
     return images, obs[state_key]
 
 
+class _Episode:
+    """One episode in progress on ``env``: its observation, state history and result."""
+
+    def __init__(
+        self,
+        env: Any,
+        seed: int,
+        cameras: Sequence[str],
+        history: int,
+        instruction: str | None,
+        max_steps: int | None,
+        state_key: str,
+        record: bool,
+    ):
+        self.obs, info = env.reset(seed=seed)
+        task = instruction or info.get("task") or getattr(env, "task", None)
+        if not task:
+            raise ValueError("instruction: the env gives no task (info['task'] or env.task); pass --instruction")
+        self.env, self.cameras, self.history, self.max_steps = env, cameras, history, max_steps
+        self.state_key, self.record = state_key, record
+        self.states: deque[np.ndarray] = deque(maxlen=history)
+        self.result = EpisodeResult(seed, False, 0, 0.0, task)
+
+    def inputs(self) -> tuple[dict[str, Any], str, np.ndarray]:
+        """(images, instruction, state) for this step; state (S,), or (history, S) oldest first, whose
+        first step repeats its state for the frames before it, as training samples do."""
+        images, state = policy_inputs(self.obs, self.cameras, self.state_key)
+        state = np.asarray(state, np.float32)
+        while len(self.states) < self.history - 1:
+            self.states.append(state)
+        self.states.append(state)
+        if self.record:
+            self.result.frames.append(np.asarray(images[self.cameras[0]]))
+        return images, self.result.instruction, np.stack(self.states) if self.history > 1 else state
+
+    def advance(self, action: np.ndarray) -> bool:
+        """Send ``action``; whether the episode is over (the env ended it, or ``max_steps``)."""
+        self.obs, reward, terminated, truncated, info = self.env.step(action)
+        r = self.result
+        r.steps, r.reward = r.steps + 1, r.reward + float(reward)
+        r.success = r.success or bool(info.get("is_success", False))
+        over = terminated or truncated or (self.max_steps is not None and r.steps >= self.max_steps)
+        if over and self.record:
+            r.frames.append(np.asarray(policy_inputs(self.obs, self.cameras, self.state_key)[0][self.cameras[0]]))
+        return bool(over)
+
+
 def run_episode(
     env: Any,
     runner: Any,
@@ -71,32 +119,65 @@ def run_episode(
     state_key: str = "agent_pos",
     record: bool = False,
 ) -> EpisodeResult:
-    """One episode: reset ``env`` to ``seed``, then ``runner.act`` until the env ends it or
-    ``max_steps``. The state history repeats the first state at the start, as training samples do."""
-    obs, info = env.reset(seed=seed)
-    task = instruction or info.get("task") or getattr(env, "task", None)
-    if not task:
-        raise ValueError("instruction: the env gives no task (info['task'] or env.task); pass --instruction")
+    """One episode: reset ``env`` to ``seed``, then ``runner.act`` (any object with ``reset`` and
+    ``act(images, instruction, state)``) until the env ends it or ``max_steps``."""
+    episode = _Episode(env, seed, cameras, history, instruction, max_steps, state_key, record)
     runner.reset()
-    states: deque[np.ndarray] = deque(maxlen=history)
-    result = EpisodeResult(seed, False, 0, 0.0, task)
-    while max_steps is None or result.steps < max_steps:
-        images, state = policy_inputs(obs, cameras, state_key)
-        state = np.asarray(state, np.float32)
-        while len(states) < history - 1:  # the first step: its state stands for the frames before it
-            states.append(state)
-        states.append(state)
-        if record:
-            result.frames.append(np.asarray(images[cameras[0]]))
-        action = runner.act(images, task, np.stack(states) if history > 1 else state)
-        obs, reward, terminated, truncated, info = env.step(action)
-        result.steps, result.reward = result.steps + 1, result.reward + float(reward)
-        result.success = result.success or bool(info.get("is_success", False))
-        if terminated or truncated:
-            break
-    if record:
-        result.frames.append(np.asarray(policy_inputs(obs, cameras, state_key)[0][cameras[0]]))
-    return result
+    if max_steps == 0:
+        return episode.result
+    while not episode.advance(runner.act(*episode.inputs())):
+        pass
+    return episode.result
+
+
+def run_episodes(
+    envs: Sequence[Any],
+    runners: Sequence[Any],
+    seeds: Sequence[int],
+    cameras: Sequence[str],
+    history: int = 1,
+    instruction: str | None = None,
+    max_steps: int | None = None,
+    state_key: str = "agent_pos",
+    record: int = 0,
+) -> list[EpisodeResult]:
+    """The episodes of ``seeds`` on ``len(envs)`` environments at once, one runner per env: at every
+    control step the :class:`~vla_ft.execution.ChunkRunner`s (of one policy) that need a chunk get it
+    from one batched prediction (any other runner acts on its own), and an env whose episode ends
+    takes the next seed. The first ``record`` episodes keep their frames. Results in the order of ``seeds``;
+    each equals :func:`run_episode`'s for its seed up to the batch's rounding.
+
+    Why: a batch-1 forward leaves an accelerator nearly idle, and rollouts at every validation
+    (``rollout.episodes``) ran one episode after another.
+    """
+    pending = deque(enumerate(seeds))
+    results: dict[int, EpisodeResult] = {}
+
+    def begin(env: Any, runner: Any) -> tuple[int, Any, _Episode]:
+        index, seed = pending.popleft()
+        episode = _Episode(env, seed, cameras, history, instruction, max_steps, state_key, index < record)
+        runner.reset()  # after the env's reset, as in run_episode: a scripted runner may read the new scene
+        return index, runner, episode
+
+    live = [begin(env, runner) for env, runner in list(zip(envs, runners, strict=True))[: len(seeds)]]
+    while live:
+        inputs = [episode.inputs() for _, _, episode in live]
+        need = [k for k, (_, runner, _) in enumerate(live) if isinstance(runner, ChunkRunner) and runner.needs_chunk()]
+        rows = [inputs[k] for k in need]
+        chunks = dict(zip(need, predict_batch(live[need[0]][1].policy, rows), strict=True)) if need else {}
+        for k, (index, runner, episode) in enumerate(live):
+            action = runner.step(chunks.get(k)) if isinstance(runner, ChunkRunner) else runner.act(*inputs[k])
+            if episode.advance(action):
+                results[index] = episode.result
+                live[k] = begin(episode.env, runner) if pending else None
+        live = [entry for entry in live if entry is not None]
+    return [results[i] for i in range(len(seeds))]
+
+
+def predict_batch(policy: Any, rows: Sequence[tuple[dict[str, Any], str, np.ndarray]]) -> np.ndarray:
+    """``policy.predict_action`` over rows of (images, instruction, state): (B, chunk, action_dim)."""
+    images = {camera: np.stack([np.asarray(r[0][camera]) for r in rows]) for camera in rows[0][0]}
+    return policy.predict_action(images, [r[1] for r in rows], np.stack([r[2] for r in rows]))
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -140,10 +221,22 @@ def make_env(
         raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}") from None
 
 
-def close_env(env: Any) -> None:
-    """Close an env that can be closed (a simulator's renderer and processes)."""
-    if hasattr(env, "close"):
-        env.close()
+def make_envs(
+    spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int, count: int, key: str = "--env"
+) -> tuple[list[Any], int]:
+    """``count`` environments of :func:`make_env` (one per episode run at once) and the first seed."""
+    envs, first = [], 0
+    for _ in range(count):
+        env, first = make_env(spec, kwargs, recipe, max_steps, key)
+        envs.append(env)
+    return envs, first
+
+
+def close_envs(envs: Sequence[Any]) -> None:
+    """Close the envs that can be closed (a simulator's renderer and processes)."""
+    for env in envs:
+        if hasattr(env, "close"):
+            env.close()
 
 
 def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> list[str]:
@@ -160,8 +253,6 @@ def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> lis
 
 def chunk_runner(policy: Any, execute: int | None, ensemble: float | None) -> Any:
     """:class:`~vla_ft.execution.ChunkRunner`; neither given: half a chunk sent per prediction."""
-    from vla_ft.execution import ChunkRunner
-
     if execute is None and ensemble is None:
         execute = max(1, policy.chunk // 2)
     return ChunkRunner(policy, execute=execute, ensemble=ensemble)
@@ -177,28 +268,29 @@ def rollout_metrics(run: Any) -> dict[str, float]:
     o, rt = run.recipe.rollout, run.rt
     if not o.episodes:
         return {}
-    env, first = run.rollout_env
+    envs, first = run.rollout_env
     meta = model_meta(run.model, run.recipe, run.data.cameras)
     policy = VLAPolicy(run.model, meta, run.data.normalizer, run.tokenizer, rt.device)
     policy.dtype = rt.amp_dtype or policy.dtype  # the run's autocast, as held-out validation (fp32 weights too)
-    runner = chunk_runner(policy, o.execute, o.ensemble)
+    runners = [chunk_runner(policy, o.execute, o.ensemble) for _ in envs]
     begin = first if o.start is None else o.start
     seeds = range(begin + rt.rank, begin + o.episodes, rt.world_size)
-    results = [run_episode(env, runner, s, policy.cameras, meta["history"], None, o.max_steps) for s in seeds]
+    results = run_episodes(envs, runners, seeds, policy.cameras, meta["history"], None, o.max_steps)
     summary = summarize(results)
     return {"val/rollout/success_rate": summary["success_rate"], "val/rollout/mean_reward": summary["mean_reward"]}
 
 
-def training_env(recipe: Any, world_size: int) -> tuple[Any, int] | None:
-    """(env, first seed) for ``rollout.episodes``, built at setup: a wrong ``rollout.env`` fails before
-    training, and a simulator starts once per run. Every process runs as many episodes, so the mean
-    over ranks is the mean over episodes."""
+def training_envs(recipe: Any, world_size: int) -> tuple[list[Any], int] | None:
+    """(envs, first seed) for ``rollout.episodes``, ``rollout.batch`` envs at most, built at setup: a
+    wrong ``rollout.env`` fails before training, and a simulator starts once per run. Every process
+    runs as many episodes, so the mean over ranks is the mean over episodes."""
     o = recipe.rollout
     if not o.episodes:
         return None
     if o.episodes % world_size:
         raise RecipeError(f"rollout.episodes: {o.episodes} episodes do not split evenly over {world_size} processes")
-    return make_env(o.env, o.env_kwargs, to_dict(recipe), o.max_steps, "rollout.env")
+    count = min(o.batch, o.episodes // world_size)
+    return make_envs(o.env, o.env_kwargs, to_dict(recipe), o.max_steps, count, "rollout.env")
 
 
 def rollout_checkpoint(
@@ -214,6 +306,7 @@ def rollout_checkpoint(
     videos: int = 2,
     out: str | Path | None = None,
     device: str = "cpu",
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Roll a checkpoint's policy out for ``episodes`` seeds from ``start`` and write the report.
     Arguments left None come from the checkpoint recipe's ``rollout`` section."""
@@ -229,35 +322,34 @@ def rollout_checkpoint(
         execute, ensemble = saved["execute"], saved["ensemble"]
     start = saved["start"] if start is None else start
     max_steps = saved["max_steps"] if max_steps is None else max_steps
-    env, first = make_env(env_spec, env_kwargs or {}, recipe, max_steps)
+    batch = saved["batch"] if batch is None else batch
+    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes))
     policy = VLAPolicy.from_pretrained(directory, device=device)
-    runner = chunk_runner(policy, execute, ensemble)
+    runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
     begin = first if start is None else start
     seeds = range(begin, begin + episodes)
     try:
-        results = [
-            run_episode(
-                env, runner, s, policy.cameras, policy.meta["history"], instruction, max_steps, record=i < videos
-            )
-            for i, s in enumerate(seeds)
-        ]
+        results = run_episodes(
+            envs, runners, seeds, policy.cameras, policy.meta["history"], instruction, max_steps, record=videos
+        )
     except ValueError as err:  # an env whose observations or actions do not fit the policy
         raise RecipeError(f"--env: {err}", "command line") from None
     out_dir = Path(out) if out else directory / "rollout"
     out_dir.mkdir(parents=True, exist_ok=True)
-    fps = float(getattr(env, "metadata", {}).get("render_fps") or 10.0)
+    fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
     report = {
         "checkpoint": str(directory),
         "env": env_spec or "synthetic",
         "env_kwargs": env_kwargs or {},
-        "runner": {"execute": runner.execute, "ensemble": runner.ensemble},
+        "runner": {"execute": runners[0].execute, "ensemble": runners[0].ensemble},
+        "batch": len(envs),
         "max_steps": max_steps,
         **summarize(results),
         "videos": write_videos(results, out_dir, fps),
         "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
     }
     (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
-    close_env(env)
+    close_envs(envs)
     return {**report, "out": out_dir}
 
 
@@ -279,6 +371,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         args.videos,
         args.out,
         args.device,
+        args.batch,
     )
     rate, n = report["success_rate"], report["episodes"]
     print(f"success {rate:.0%} over {n} episodes ({report['env']}); wrote {report['out'] / 'rollouts.json'}")
@@ -308,4 +401,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=at_least(0), default=2, help="episodes written as MP4")
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/rollout)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--batch", type=at_least(1), default=None, help="episodes run at once, one env each (default: rollout.batch)"
+    )
     p.set_defaults(func=cmd_rollout)

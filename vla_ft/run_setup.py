@@ -25,7 +25,7 @@ from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
 from vla_ft.model_files import read_norm_stats
 from vla_ft.report import format_table, parameter_rows
-from vla_ft.rollout import close_env, training_env
+from vla_ft.rollout import close_envs, training_envs
 from vla_ft.run_state import (
     TrainState,
     check_resume_compatible,
@@ -74,7 +74,7 @@ class Run:
     early_stop: bool = False
     wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed
     ema: WeightEMA | None = None  # train.ema_decay: the average validation measures and checkpoints keep
-    rollout_env: tuple[Any, int] | None = None  # rollout.episodes: (env, first seed)
+    rollout_env: tuple[list[Any], int] | None = None  # rollout.episodes: (envs, first seed)
     hooks: RunHooks = field(default_factory=RunHooks)
 
     # ------------------------------------------------------------------ hooks used by the loop
@@ -187,7 +187,7 @@ def setup(recipe: Recipe) -> Run:
         )
     if resume_from is not None:
         check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from, rt.world_size)
-    rollout_env = training_env(recipe, rt.world_size)
+    rollout_env = training_envs(recipe, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
@@ -259,5 +259,5 @@ def _install_extensions(run: Run) -> None:
 def teardown(run: Run) -> None:
     run.logger.close()
     if run.rollout_env is not None:
-        close_env(run.rollout_env[0])
+        close_envs(run.rollout_env[0])
     shutdown(run.rt)

@@ -109,6 +109,8 @@ def rollout_problems(r: Recipe) -> list[str]:
         p.append(f"rollout.ensemble: the decay must be finite and >= 0, got {o.ensemble}")
     if o.episodes < 0 or o.max_steps < 1:
         p.append(f"rollout.episodes >= 0 and rollout.max_steps >= 1, got {o.episodes} and {o.max_steps}")
+    if o.batch < 1:
+        p.append(f"rollout.batch: episodes run at once must be >= 1, got {o.batch}")
     if o.episodes and not o.env and r.data.format != "synthetic":
         p.append(f"rollout.env: required to roll out a policy of data.format={r.data.format} (module:callable)")
     if o.episodes and r.distributed.strategy == "fsdp":

@@ -381,6 +381,9 @@ class RolloutConfig:
     execute: int | None = doc("actions sent per predicted chunk (null: half a chunk unless ensemble is set)", None)
     ensemble: float | None = doc("temporal ensembling with weights exp(-m i) instead of execute (ACT)", None)
     max_steps: int = doc("env steps per episode at most", 80)
+    batch: int = doc(
+        "episodes run at once, one env each, their chunks predicted in one batch (1: one after another)", 8
+    )
 
 
 @dataclass
