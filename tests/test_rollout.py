@@ -363,13 +363,14 @@ def test_validation_rollouts_on_cuda_act_as_the_saved_policy(tmp_path, tiny_over
 
     def recording(policy, execute, ensemble):
         runner = real(policy, execute, ensemble)
-        act = runner.act
-        runner.act = lambda *args: sent.append(act(*args).copy()) or sent[-1]
+        step = runner.step
+        runner.step = lambda chunk: sent.append(step(chunk).copy()) or sent[-1]
         return runner
 
     monkeypatch.setattr(rollout_module, "chunk_runner", recording)
     run = tmp_path / "run"
     cuda = ["train.device=cuda", "train.steps=3", "train.val_every=3", "rollout.episodes=2", "rollout.max_steps=4"]
+    cuda += ["rollout.batch=1"]  # batch 1 as the replay below: the first action from the very same inputs
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *cuda, "logging.tensorboard=false"]) == 0
     policy = VLAPolicy.from_pretrained(run, device="cuda", dtype=torch.bfloat16)
     runner, env = ChunkRunner(policy, execute=1), SyntheticPickEnv(image_size=64, seed=0, max_steps=4)
