@@ -138,6 +138,8 @@ ROWS = (
     "vla_full_graphs",
     "vla_full_autotune",
     "vla_full_ema",
+    "vla_full_vision_ckpt",
+    "vla_full_film",
     "vla_head",
 )
 SMOKE_ROWS = (
@@ -156,6 +158,8 @@ SMOKE_ROWS = (
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_ema",
+    "vla_full_vision_ckpt",
+    "vla_full_film",
     "vla_head",
 )
 
@@ -706,6 +710,12 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_full_autotune": lambda b, n: vla(
         b, n, "full", ("train.compile_mode=max-autotune-no-cudagraphs",), note="full, inductor max-autotune"
+    ),
+    "vla_full_vision_ckpt": lambda b, n: vla(
+        b, n, "full", ("model.vision.gradient_checkpointing=true",), note="full, ViT blocks recomputed in backward"
+    ),
+    "vla_full_film": lambda b, n: vla(
+        b, n, "full", ("model.vision.film=true",), note="full, + FiLM of every ViT block by the prompt"
     ),
     "vla_head": lambda b, n: vla(b, n, "head", note="heads on precomputed readout (feature cache)"),
 }

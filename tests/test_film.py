@@ -48,7 +48,7 @@ def _by_hand(vit, pixels: torch.Tensor, condition: torch.Tensor) -> torch.Tensor
     pixels (B, 3, H, W), condition (B, blocks, 2, D) -> patch tokens (B, N, D)."""
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
     for i, block in enumerate(vit.blocks):
-        x = block(x) * (1 + condition[:, i, 0, None, :]) + condition[:, i, 1, None, :]
+        x = block.forward(x) * (1 + condition[:, i, 0, None, :]) + condition[:, i, 1, None, :]  # no hooks
     return vit.norm(x)[:, vit.num_prefix_tokens :]
 
 
@@ -64,7 +64,8 @@ def test_every_block_is_scaled_and_shifted_by_its_rows_condition(tmp_path):
         vit = enc.backbones[0]
         want = torch.cat([_by_hand(vit, pixels[:, cam], condition) for cam in range(2)], dim=1)
     torch.testing.assert_close(got, want)
-    assert enc._film is None  # nothing left behind for a later call
+    with pytest.raises(ValueError, match="built with film=True, called with film=False"):
+        enc(batch["images"])
 
 
 def test_at_init_film_leaves_the_model_as_without_it(tmp_path):
@@ -207,3 +208,29 @@ def test_film_trains_compiled_in_bf16_on_cuda(tmp_path, frozen_vision):
     assert not torch.equal(run.model.film.proj.weight, start)
     rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_vision_checkpointing_recomputes_blocks_with_their_film_and_the_same_gradients(tmp_path):
+    """model.vision.gradient_checkpointing: backward reruns each block (after the forward returned)
+    and must modulate it as the forward did, so every gradient equals the plain run's."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = _model(tmp_path, *FILM, f"model.vision.gradient_checkpointing={checkpointing}").train()
+        _randomise(model.film)
+        blocks = model.vision_encoder.backbones[0].blocks
+        assert (
+            blocks[0].__class__.__name__ == "Block"
+            and model.vision_encoder.backbones[0].grad_checkpointing is checkpointing
+        )
+        calls.append(0)
+        blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
+        model(fake_batch(model))["actions"].square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]  # the checkpointed block ran again in backward
+    assert grads[0].keys() == grads[1].keys() and "film.proj.weight" in grads[1]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+    from vla_ft.backbones import checkpoint_blocks
+
+    with pytest.raises(RecipeError, match="model.vision.gradient_checkpointing: timm's 'mlp' cannot recompute"):
+        checkpoint_blocks(torch.nn.Linear(2, 2), "mlp")  # no set_grad_checkpointing

@@ -14,11 +14,9 @@ Every failure is a :class:`~vla_ft.config.RecipeError` naming the recipe key.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ class VisionEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self.film_blocks = 0  # blocks per backbone that FiLM modulates
-        self._film: torch.Tensor | None = None  # (B * n_cam, blocks, 2, D) during a forward
+        self._film: torch.Tensor | None = None  # (B * n_cam, blocks, 2, D) of the latest forward
         if film:
             for bb in backbones:
                 blocks = vit_blocks(bb, type(bb).__name__)
@@ -84,23 +82,20 @@ class VisionEncoder(nn.Module):
         check_cameras(self.n_cameras, n_cam)
         pixels = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
         if len(self.backbones) == 1:  # shared encoder: one batched call over all cameras
-            with self._conditioned(film, n_cam):
-                tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
+            self._condition(film, n_cam)
+            tokens = self.encode(self.backbones[0], pixels.flatten(0, 1))
             return tokens.reshape(b, n_cam * tokens.shape[1], -1)
-        with self._conditioned(film, 1):
-            return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+        self._condition(film, 1)
+        return torch.cat([self.encode(bb, pixels[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
 
-    @contextlib.contextmanager
-    def _conditioned(self, film: torch.Tensor | None, repeat: int) -> Iterator[None]:
-        """The blocks' hooks read ``film`` (one row per image: each sample's row ``repeat`` times) inside."""
+    def _condition(self, film: torch.Tensor | None, repeat: int) -> None:
+        """What the blocks' hooks read: ``film`` with one row per image (each sample's row ``repeat``
+        times). Kept until the next forward: with ``model.vision.gradient_checkpointing`` backward
+        recomputes the blocks after the forward returned, and must modulate them as it did."""
         if (film is None) != (self.film_blocks == 0):
             built, given = bool(self.film_blocks), film is not None
             raise ValueError(f"vision encoder: built with film={built}, called with film={given}")
         self._film = None if film is None else film.repeat_interleave(repeat, dim=0) if repeat > 1 else film
-        try:
-            yield
-        finally:
-            self._film = None
 
 
 def check_cameras(n_model: int, n_data: int) -> None:
@@ -185,7 +180,18 @@ def create_backbone(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
     elif pretrained and not from_hub and v.position_init == "sincos":
         init_sincos_positions(backbone)
     patchify_as_matmul(backbone)
+    if v.gradient_checkpointing:
+        checkpoint_blocks(backbone, v.name)
     return backbone
+
+
+def checkpoint_blocks(backbone: nn.Module, name: str) -> None:
+    """timm's activation checkpointing: each block's activations are recomputed in backward."""
+    try:
+        backbone.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as err:
+        key = "model.vision.gradient_checkpointing"
+        raise RecipeError(f"{key}: timm's '{name}' cannot recompute its blocks ({err})") from None
 
 
 def init_sincos_positions(backbone: nn.Module) -> None:

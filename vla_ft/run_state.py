@@ -73,7 +73,12 @@ BREAKING = (
     "train.best_mode",
 )  # train.batch_size and optim.accumulation may change when the global batch stays (_global_batch_change)
 # Exceptions inside BREAKING: how the model computes, not what it is.
-HARMLESS = ("model.language.attn_implementation", "model.language.gradient_checkpointing", "model.lora.fused")
+HARMLESS = (
+    "model.language.attn_implementation",
+    "model.language.gradient_checkpointing",
+    "model.vision.gradient_checkpointing",
+    "model.lora.fused",
+)
 IGNORED = ("train.resume", "output_dir")
 
 

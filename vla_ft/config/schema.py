@@ -60,6 +60,9 @@ class VisionConfig:
         "things are in fewer steps, or timm's small random init; trained either way, ignored with pretrained weights",
         "sincos",
     )
+    gradient_checkpointing: bool = doc(
+        "recompute the encoder's block activations in backward to save memory (timm's set_grad_checkpointing)", False
+    )
     film: bool = doc(
         "the instruction scales and shifts every ViT block's output (FiLM, as OpenVLA-OFT+), through the `film` "
         "module: a projection of the prompt's mean token embedding, zero at init",
