@@ -123,8 +123,6 @@ def run_episode(
     ``act(images, instruction, state)``) until the env ends it or ``max_steps``."""
     episode = _Episode(env, seed, cameras, history, instruction, max_steps, state_key, record)
     runner.reset()
-    if max_steps == 0:
-        return episode.result
     while not episode.advance(runner.act(*episode.inputs())):
         pass
     return episode.result
