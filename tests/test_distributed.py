@@ -232,6 +232,20 @@ def test_ranks_agree_on_a_gradient_poisoned_on_one_rank(single, tmp_path, capfd)
     assert "ddp over 2 processes (gloo, cpu); global batch 4 = 2 per device x 1 accumulation x 2 processes" in out
 
 
+def test_a_second_stage_under_ddp_trains_as_one_process(single, tmp_path, capsys):
+    """``model.init_from`` on 2 processes: every rank builds the source's LM and loads its weights
+    (the action queries start fresh for another chunk), then trains as one process with the global batch."""
+    stage = [*RECIPE, f"model.init_from={single}", "data.chunk=3", "train.steps=3", "unfreeze.vision_encoder.at_step=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(load_recipe(QUICKSTART, [*stage, "train.batch_size=4", f"output_dir={one}"]))
+    source = single / "checkpoints" / "step_000009"
+    assert f"model.init_from: weights of {source}; fresh: action_queries" in capsys.readouterr().out
+    ranks = train_2_processes(two, [*stage, "train.batch_size=2"])
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == 3
+    assert_losses_match(losses(two), losses(one), range(1, 4))
+    assert max_weight_diff(weights(two, 3), weights(one, 3)) < WEIGHT_ATOL
+
+
 # ----------------------------------------------------------------------------- FSDP2
 def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
     run_dir = tmp_path / "fsdp"
