@@ -174,6 +174,45 @@ def test_batched_episodes_equal_one_after_another(runner):
     )
 
 
+class ToyPolicy(OraclePolicy):
+    """Moves towards a point read from the frame and closes the gripper past half the steps: a
+    function of each row's observation only, so it needs no access to the envs."""
+
+    def predict_action(self, images, instruction, state) -> np.ndarray:
+        states = np.asarray(state).reshape(-1, 3)
+        frames = np.asarray(images[CAMERA]).reshape(-1, *images[CAMERA].shape[-3:]).astype(np.float64)
+        goal = np.stack([frames[:, :, :, 0].mean((1, 2)), frames[:, :, :, 1].mean((1, 2))], 1) / 255.0
+        move = np.clip(goal - states[:, :2], -0.03, 0.03)
+        grip = (states[:, :2].sum(1, keepdims=True) > 0.8).astype(np.float64)
+        chunks = np.repeat(np.concatenate([move, grip], 1)[:, None], self.chunk, axis=1)
+        return chunks if np.asarray(state).ndim == 2 else chunks[0]
+
+
+def test_envs_in_their_own_processes_roll_out_as_in_this_one():
+    """rollout.env_processes: each env built from the same spec in a spawned process, stepped in
+    parallel; the episodes equal those of the same envs in this process. Errors come back typed."""
+    from vla_ft.config import RecipeError
+    from vla_ft.rollout import close_envs, make_envs
+
+    recipe = {"data": {"format": "synthetic", "synthetic": {"image_size": 32, "episodes": 6}}}
+    results = []
+    for processes in (False, True):
+        envs, first = make_envs(None, {}, recipe, 12, 2, "rollout.env", processes)
+        runners = [ChunkRunner(ToyPolicy([]), execute=2) for _ in envs]
+        results.append(run_episodes(envs, runners, range(first, first + 3), [CAMERA], record=1))
+        if processes:
+            with pytest.raises(ValueError, match="action: expected 3 finite values"):
+                envs[0].step(np.zeros(2))
+            assert envs[0].reset(seed=first)[1]["task"] == results[0][0].instruction  # still serving
+        close_envs(envs)
+    assert first == 6 and [r.seed for r in results[1]] == [6, 7, 8]
+    for a, b in zip(*results, strict=True):
+        assert (a.steps, a.reward, a.success, a.instruction) == (b.steps, b.reward, b.success, b.instruction)
+        assert len(a.frames) == len(b.frames) and all(map(np.array_equal, a.frames, b.frames))
+    with pytest.raises(RecipeError, match="rollout.env: cannot load 'no_such_module:make'"):
+        make_envs("no_such_module:make", {}, recipe, 12, 1, "rollout.env", processes=True)
+
+
 def test_a_chunk_runner_step_takes_a_chunk_exactly_when_it_needs_one():
     runner = ChunkRunner(OraclePolicy([]), execute=2)
     with pytest.raises(ValueError, match="needs a chunk"):
@@ -255,6 +294,11 @@ def test_the_tiny_policy_rolls_out_in_validation_and_the_cli_takes_the_recipes_s
     report = json.loads((tmp_path / "r" / "rollouts.json").read_text())
     assert report["runner"] == {"execute": 2, "ensemble": None} and report["max_steps"] == 3
     assert report["batch"] == 2 and [r["seed"] for r in report["results"]] == [6, 7, 8]
+    assert report["env_processes"] is False
+    args = ["rollout", str(run), "--episodes", "2", "--env-processes", "--videos", "0", "--out", str(tmp_path / "p")]
+    assert cli(args) == 0
+    in_processes = json.loads((tmp_path / "p" / "rollouts.json").read_text())
+    assert in_processes["env_processes"] is True and in_processes["results"] == report["results"][:2]
     assert report["results"][0]["steps"] == 3 and report["videos"] == []
 
 
@@ -405,6 +449,16 @@ def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tin
     assert len(CLOSED) == 2  # both episodes at once, one env each, every env closed
     scenes = [make_scene(0, seed).blocks for seed in (0, 1)]
     assert all(np.array_equal(env.scene.blocks, blocks) for env, blocks in zip(CLOSED, scenes, strict=True))
+
+
+def test_validation_rolls_out_in_env_processes_and_ends_them(tmp_path, tiny_overrides):
+    import multiprocessing
+
+    procs = ["rollout.episodes=2", "rollout.env_processes=true", "rollout.max_steps=3", "train.steps=3"]
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, *procs, "logging.tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val/rollout/success_rate"] for row in rows if "val/rollout/success_rate" in row] == [0.0]
+    assert not multiprocessing.active_children()  # both env processes closed with the run
 
 
 def test_rollouts_in_validation_run_under_the_runs_autocast(tmp_path, tiny_overrides, monkeypatch):

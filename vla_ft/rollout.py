@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.config import RecipeError, RolloutConfig, to_dict
+from vla_ft.env_process import EnvProcess
 from vla_ft.execution import ChunkRunner
 
 
@@ -83,6 +84,7 @@ class _Episode:
         self.state_key, self.record = state_key, record
         self.states: deque[np.ndarray] = deque(maxlen=history)
         self.result = EpisodeResult(seed, False, 0, 0.0, task)
+        self._stepped: tuple | None = None  # the in-process env's answer to the action sent
 
     def inputs(self) -> tuple[dict[str, Any], str, np.ndarray]:
         """(images, instruction, state) for this step; state (S,), or (history, S) oldest first, whose
@@ -98,7 +100,21 @@ class _Episode:
 
     def advance(self, action: np.ndarray) -> bool:
         """Send ``action``; whether the episode is over (the env ended it, or ``max_steps``)."""
-        self.obs, reward, terminated, truncated, info = self.env.step(action)
+        self.send(action)
+        return self.receive()
+
+    def send(self, action: np.ndarray) -> None:
+        """Send ``action``; an env in its own process steps while the caller sends the others theirs."""
+        if isinstance(self.env, EnvProcess):
+            self.env.step_async(action)
+            self._stepped = None
+        else:
+            self._stepped = self.env.step(action)
+
+    def receive(self) -> bool:
+        """The sent action's outcome: whether the episode is over (the env ended it, or ``max_steps``)."""
+        stepped = self.env.step_wait() if self._stepped is None else self._stepped
+        self.obs, reward, terminated, truncated, info = stepped
         r = self.result
         r.steps, r.reward = r.steps + 1, r.reward + float(reward)
         r.success = r.success or bool(info.get("is_success", False))
@@ -163,9 +179,10 @@ def run_episodes(
         need = [k for k, (_, runner, _) in enumerate(live) if isinstance(runner, ChunkRunner) and runner.needs_chunk()]
         rows = [inputs[k] for k in need]
         chunks = dict(zip(need, predict_batch(live[need[0]][1].policy, rows), strict=True)) if need else {}
+        for k, (_, runner, episode) in enumerate(live):  # every env gets its action before any is waited for
+            episode.send(runner.step(chunks.get(k)) if isinstance(runner, ChunkRunner) else runner.act(*inputs[k]))
         for k, (index, runner, episode) in enumerate(live):
-            action = runner.step(chunks.get(k)) if isinstance(runner, ChunkRunner) else runner.act(*inputs[k])
-            if episode.advance(action):
+            if episode.receive():
                 results[index] = episode.result
                 live[k] = begin(episode.env, runner) if pending else None
         live = [entry for entry in live if entry is not None]
@@ -220,9 +237,19 @@ def make_env(
 
 
 def make_envs(
-    spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int, count: int, key: str = "--env"
+    spec: str | None,
+    kwargs: dict[str, Any],
+    recipe: dict[str, Any],
+    max_steps: int,
+    count: int,
+    key: str = "--env",
+    processes: bool = False,
 ) -> tuple[list[Any], int]:
-    """``count`` environments of :func:`make_env` (one per episode run at once) and the first seed."""
+    """``count`` environments of :func:`make_env` (one per episode run at once) and the first seed;
+    with ``processes`` each in its own process (:class:`~vla_ft.env_process.EnvProcess`)."""
+    if processes:
+        envs = [EnvProcess(spec, kwargs, recipe, max_steps, key) for _ in range(count)]
+        return envs, envs[0].first_seed
     envs, first = [], 0
     for _ in range(count):
         env, first = make_env(spec, kwargs, recipe, max_steps, key)
@@ -288,7 +315,7 @@ def training_envs(recipe: Any, world_size: int) -> tuple[list[Any], int] | None:
     if o.episodes % world_size:
         raise RecipeError(f"rollout.episodes: {o.episodes} episodes do not split evenly over {world_size} processes")
     count = min(o.batch, o.episodes // world_size)
-    return make_envs(o.env, o.env_kwargs, to_dict(recipe), o.max_steps, count, "rollout.env")
+    return make_envs(o.env, o.env_kwargs, to_dict(recipe), o.max_steps, count, "rollout.env", o.env_processes)
 
 
 def rollout_checkpoint(
@@ -305,6 +332,7 @@ def rollout_checkpoint(
     out: str | Path | None = None,
     device: str = "cpu",
     batch: int | None = None,
+    env_processes: bool | None = None,
 ) -> dict[str, Any]:
     """Roll a checkpoint's policy out for ``episodes`` seeds from ``start`` and write the report.
     Arguments left None come from the checkpoint recipe's ``rollout`` section."""
@@ -321,7 +349,8 @@ def rollout_checkpoint(
     start = saved["start"] if start is None else start
     max_steps = saved["max_steps"] if max_steps is None else max_steps
     batch = saved["batch"] if batch is None else batch
-    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes))
+    env_processes = saved["env_processes"] if env_processes is None else env_processes
+    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes), "--env", env_processes)
     policy = VLAPolicy.from_pretrained(directory, device=device)
     runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
     begin = first if start is None else start
@@ -341,6 +370,7 @@ def rollout_checkpoint(
         "env_kwargs": env_kwargs or {},
         "runner": {"execute": runners[0].execute, "ensemble": runners[0].ensemble},
         "batch": len(envs),
+        "env_processes": env_processes,
         "max_steps": max_steps,
         **summarize(results),
         "videos": write_videos(results, out_dir, fps),
@@ -370,6 +400,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         args.out,
         args.device,
         args.batch,
+        args.env_processes,
     )
     rate, n = report["success_rate"], report["episodes"]
     print(f"success {rate:.0%} over {n} episodes ({report['env']}); wrote {report['out'] / 'rollouts.json'}")
@@ -401,5 +432,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--batch", type=at_least(1), default=None, help="episodes run at once, one env each (default: rollout.batch)"
+    )
+    p.add_argument(
+        "--env-processes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each env in its own process, stepping in parallel (default: rollout.env_processes)",
     )
     p.set_defaults(func=cmd_rollout)

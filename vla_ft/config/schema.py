@@ -387,6 +387,9 @@ class RolloutConfig:
     batch: int = doc(
         "episodes run at once, one env each, their chunks predicted in one batch (1: one after another)", 8
     )
+    env_processes: bool = doc(
+        "each of the batch's envs in its own process, all stepping at once (simulators whose step is slow)", False
+    )
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""An environment in its own process, so that several step at the same time (``rollout.env_processes``).
+
+Why: batched rollouts (:func:`vla_ft.rollout.run_episodes`) predict every env's chunk in one
+forward, but a simulator's ``step`` (physics and rendering, tens of milliseconds) still ran one env
+after another in the trainer's process. :class:`EnvProcess` builds the env in another process
+from the same ``module:callable`` spec and keyword arguments, and splits
+``step`` into :meth:`~EnvProcess.step_async` and :meth:`~EnvProcess.step_wait`, so a caller sends
+every env its action before waiting for any. Observations come back pickled through a pipe.
+The processes are forks of multiprocessing's fork server (a fresh process, so safe next to CUDA),
+which imports the modules a synthetic env needs once; a script that builds them must guard its
+top level with ``if __name__ == "__main__":``, as every multiprocessing program.
+An exception inside the env is raised again here with its type (ValueError for a bad action)
+and message; one while building it is a RecipeError naming the recipe key, as in-process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.connection import Connection
+from typing import Any
+
+from vla_ft.config import RecipeError
+
+RAISED_AGAIN = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
+# Imported once by the fork server, whose forks then start without importing them again (torch among them).
+PRELOAD = ["__main__", "vla_ft.rollout", "robot_data"]
+
+
+def _serve(conn: Connection, spec: str | None, kwargs: dict[str, Any], recipe: dict, max_steps: int, key: str):
+    """The child: build the env, then answer reset/step/close until close."""
+    from vla_ft.rollout import close_envs, make_env
+
+    try:
+        env, first = make_env(spec, kwargs, recipe, max_steps, key)
+    except Exception as err:  # noqa: BLE001 - sent to the parent, raised there
+        message = "; ".join(err.problems) if isinstance(err, RecipeError) else str(err)
+        conn.send(("error", (type(err).__name__, message)))
+        return
+    conn.send(("ok", (first, dict(getattr(env, "metadata", None) or {}))))
+    while True:
+        command, arg = conn.recv()
+        try:
+            if command == "reset":
+                out = env.reset(seed=arg)
+            elif command == "step":
+                out = env.step(arg)
+            else:
+                close_envs([env])
+                conn.send(("ok", None))
+                return
+        except Exception as err:  # noqa: BLE001 - sent to the parent, raised there
+            conn.send(("error", (type(err).__name__, str(err))))
+            continue
+        conn.send(("ok", out))
+
+
+class EnvProcess:
+    """The env of ``make_env(spec, kwargs, recipe, max_steps, key)`` in a spawned process, with the
+    gymnasium calls ``reset``/``step``/``close`` and ``step_async``/``step_wait``."""
+
+    def __init__(self, spec: str | None, kwargs: dict[str, Any], recipe: dict, max_steps: int, key: str = "--env"):
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, spec, kwargs, recipe, max_steps, key), daemon=True)
+        self._process.start()
+        child.close()
+        status, payload = self._conn.recv()
+        if status == "error":
+            self._process.join()
+            message = payload[1] if payload[0] == "RecipeError" else f"{payload[0]}: {payload[1]}"
+            raise RecipeError(message if message.startswith(key) else f"{key}: {message}")
+        self.first_seed, self.metadata = payload
+
+    def reset(self, seed: int | None = None) -> tuple[dict, dict]:
+        self._conn.send(("reset", seed))
+        return self._answer()
+
+    def step_async(self, action: Any) -> None:
+        self._conn.send(("step", action))
+
+    def step_wait(self) -> tuple[dict, float, bool, bool, dict]:
+        return self._answer()
+
+    def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
+        self.step_async(action)
+        return self.step_wait()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(("close", None))
+            self._conn.recv()
+            self._process.join()
+        self._conn.close()
+
+    def _answer(self) -> Any:
+        status, payload = self._conn.recv()
+        if status == "error":
+            name, message = payload
+            raise RAISED_AGAIN.get(name, RuntimeError)(message if name in RAISED_AGAIN else f"{name}: {message}")
+        return payload
