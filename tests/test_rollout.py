@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from types import SimpleNamespace
 
 import av
@@ -204,6 +206,9 @@ def test_envs_in_their_own_processes_roll_out_as_in_this_one():
             with pytest.raises(ValueError, match="action: expected 3 finite values"):
                 envs[0].step(np.zeros(2))
             assert envs[0].reset(seed=first)[1]["task"] == results[0][0].instruction  # still serving
+            os.kill(envs[1]._process.pid, signal.SIGKILL)  # a simulator that crashes its process
+            with pytest.raises(RuntimeError, match=r"env process ended unexpectedly \(exit code -9\)"):
+                envs[1].reset(seed=first)
         close_envs(envs)
     assert first == 6 and [r.seed for r in results[1]] == [6, 7, 8]
     for a, b in zip(*results, strict=True):

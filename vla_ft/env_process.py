@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from vla_ft.config import RecipeError
 
@@ -55,7 +55,7 @@ def _serve(conn: Connection, spec: str | None, kwargs: dict[str, Any], recipe: d
 
 
 class EnvProcess:
-    """The env of ``make_env(spec, kwargs, recipe, max_steps, key)`` in a spawned process, with the
+    """The env of ``make_env(spec, kwargs, recipe, max_steps, key)`` in its own process, with the
     gymnasium calls ``reset``/``step``/``close`` and ``step_async``/``step_wait``."""
 
     def __init__(self, spec: str | None, kwargs: dict[str, Any], recipe: dict, max_steps: int, key: str = "--env"):
@@ -65,7 +65,7 @@ class EnvProcess:
         self._process = context.Process(target=_serve, args=(child, spec, kwargs, recipe, max_steps, key), daemon=True)
         self._process.start()
         child.close()
-        status, payload = self._conn.recv()
+        status, payload = self._receive()
         if status == "error":
             self._process.join()
             message = payload[1] if payload[0] == "RecipeError" else f"{payload[0]}: {payload[1]}"
@@ -73,11 +73,11 @@ class EnvProcess:
         self.first_seed, self.metadata = payload
 
     def reset(self, seed: int | None = None) -> tuple[dict, dict]:
-        self._conn.send(("reset", seed))
+        self._send("reset", seed)
         return self._answer()
 
     def step_async(self, action: Any) -> None:
-        self._conn.send(("step", action))
+        self._send("step", action)
 
     def step_wait(self) -> tuple[dict, float, bool, bool, dict]:
         return self._answer()
@@ -88,14 +88,30 @@ class EnvProcess:
 
     def close(self) -> None:
         if self._process.is_alive():
-            self._conn.send(("close", None))
-            self._conn.recv()
+            self._send("close", None)
+            self._receive()
             self._process.join()
         self._conn.close()
 
     def _answer(self) -> Any:
-        status, payload = self._conn.recv()
+        status, payload = self._receive()
         if status == "error":
             name, message = payload
             raise RAISED_AGAIN.get(name, RuntimeError)(message if name in RAISED_AGAIN else f"{name}: {message}")
         return payload
+
+    def _send(self, command: str, arg: Any) -> None:
+        try:
+            self._conn.send((command, arg))
+        except (BrokenPipeError, ConnectionResetError):
+            self._ended()
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionResetError):  # the simulator crashed the process (a segfault sends nothing)
+            self._ended()
+
+    def _ended(self) -> NoReturn:
+        self._process.join(timeout=5)
+        raise RuntimeError(f"env process ended unexpectedly (exit code {self._process.exitcode})") from None
