@@ -65,7 +65,7 @@ def test_summary_row_from_metrics_by_hand(tmp_path):
         {"step": 2, "val/action_l1": 0.5, "val/gripper_acc": 0.6},
         {"step": 3, "loss": 1.2, "perf/samples_per_s": 20.0},
         {"step": 4, "val/action_l1": 0.3, "val/gripper_acc": 0.7},
-        {"step": 6, "val/action_l1": 0.4, "val/gripper_acc": 0.9},
+        {"step": 6, "val/action_l1": 0.4, "val/gripper_acc": 0.9, "val/rollout/success_rate": 0.25},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = {"trainable_params": 123, "wall_s": 9.5, "peak_mem_gb": 1.25, "peak_mem_kind": "cpu_peak_rss"}
@@ -73,6 +73,7 @@ def test_summary_row_from_metrics_by_hand(tmp_path):
     row = ablate_table.summary_row("v", run, "val/action_l1", "min")
     assert row["best val/action_l1"] == 0.3 and row["best_step"] == 4
     assert row["final val/action_l1"] == 0.4 and row["final val/gripper_acc"] == 0.9
+    assert row["final val/rollout/success_rate"] == 0.25  # closed-loop success, when the variants roll out
     assert row["samples_per_s"] == 20.0  # median of 10, 30, 20
     assert (row["steps"], row["trainable_params"], row["wall_s"], row["peak_mem_gb"]) == (6, 123, 9.5, 1.25)
     best_acc = ablate_table.summary_row("v", run, "val/gripper_acc", "max")

@@ -11,7 +11,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-HEADLINE = ("val/action_l1", "val/action_mse", "val/baseline_l1", "val/gripper_acc", "val/gripper_f1")
+HEADLINE = (
+    "val/action_l1",
+    "val/action_mse",
+    "val/baseline_l1",
+    "val/gripper_acc",
+    "val/gripper_f1",
+    "val/rollout/success_rate",  # with rollout.episodes: what a closed-loop comparison is for
+)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
