@@ -19,7 +19,7 @@ from robot_data.synthetic import BIN, expert_step, make_scene
 from robot_data.synthetic_env import SyntheticPickEnv
 from vla_ft import ChunkRunner, VLAPolicy
 from vla_ft.cli import main as cli
-from vla_ft.rollout import policy_inputs, run_episode, run_episodes, summarize
+from vla_ft.rollout import EpisodeResult, policy_inputs, run_episode, run_episodes, summarize
 
 CAMERA = "observation.images.top"
 SCENES: list = []
@@ -124,6 +124,13 @@ def test_the_episode_loop_feeds_a_state_history_and_matches_cameras_by_name():
         policy_inputs({"pixels": {"top": 1}, "agent_pos": 3}, ["observation.images.wrist"], "agent_pos")
     assert policy_inputs({"pixels": 7, "agent_pos": 3}, [CAMERA], "agent_pos")[0] == {CAMERA: 7}
     assert summarize([result])["success_rate"] == 0.0
+    won = EpisodeResult(3, True, 5, 1.0, "pick up the red block")
+    lost = EpisodeResult(4, False, 9, 0.0, "pick up the red block")
+    tasks = summarize([won, lost, result])["by_instruction"]  # one task solved half the time, the other never
+    assert result.instruction != won.instruction and tasks == {
+        "pick up the red block": {"episodes": 2, "success_rate": 0.5},
+        result.instruction: {"episodes": 1, "success_rate": 0.0},
+    }
 
 
 class OraclePolicy:

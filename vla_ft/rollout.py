@@ -196,13 +196,21 @@ def predict_batch(policy: Any, rows: Sequence[tuple[dict[str, Any], str, np.ndar
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
-    """Success rate and step counts over episodes."""
+    """Success rate and step counts over episodes, and the success rate per instruction: a
+    multi-task suite (LIBERO's ten tasks) is reported task by task, where one mean hides a task
+    the policy never solves."""
     wins = [r for r in results if r.success]
+    tasks: dict[str, list[bool]] = {}
+    for r in results:
+        tasks.setdefault(r.instruction, []).append(r.success)
     return {
         "episodes": len(results),
         "success_rate": len(wins) / len(results) if results else float("nan"),
         "mean_steps_to_success": float(np.mean([r.steps for r in wins])) if wins else None,
         "mean_reward": float(np.mean([r.reward for r in results])) if results else float("nan"),
+        "by_instruction": {
+            task: {"episodes": len(ok), "success_rate": sum(ok) / len(ok)} for task, ok in sorted(tasks.items())
+        },
     }
 
 
@@ -402,7 +410,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         args.batch,
         args.env_processes,
     )
-    rate, n = report["success_rate"], report["episodes"]
+    rate, n, tasks = report["success_rate"], report["episodes"], report["by_instruction"]
+    if len(tasks) > 1:
+        for task, row in tasks.items():
+            print(f"  {row['success_rate']:4.0%} of {row['episodes']:3d}  {task}")
     print(f"success {rate:.0%} over {n} episodes ({report['env']}); wrote {report['out'] / 'rollouts.json'}")
     return 0
 
