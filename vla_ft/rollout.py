@@ -162,7 +162,8 @@ def run_episodes(
     each equals :func:`run_episode`'s for its seed up to the batch's rounding.
 
     Why: a batch-1 forward leaves an accelerator nearly idle, and rollouts at every validation
-    (``rollout.episodes``) ran one episode after another.
+    (``rollout.episodes``) ran one episode after another. Every env is sent its action before any
+    is waited for, so envs in their own processes (:mod:`vla_ft.env_process`) step at once.
     """
     pending = deque(enumerate(seeds))
     results: dict[int, EpisodeResult] = {}
