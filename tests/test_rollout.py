@@ -380,8 +380,10 @@ def test_resuming_with_other_rollouts_is_refused_when_they_choose_the_best_check
         check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.max_steps=200"), tmp_path)
     with warnings.catch_warnings(record=True) as caught:  # how many run at once is not what they measure
         warnings.simplefilter("always")
-        check_resume_compatible(to_dict(recipe(*best)), recipe(*best, "rollout.batch=1"), tmp_path)
-    assert "changed keys: rollout.batch" in str(caught[0].message)
+        check_resume_compatible(
+            to_dict(recipe(*best)), recipe(*best, "rollout.batch=1", "rollout.env_processes=true"), tmp_path
+        )
+    assert "changed keys: rollout.batch, rollout.env_processes" in str(caught[0].message)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_resume_compatible(to_dict(recipe()), recipe("rollout.max_steps=200", "rollout.episodes=4"), tmp_path)

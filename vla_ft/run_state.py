@@ -150,13 +150,13 @@ def _mix_order_change(saved: dict[str, Any], current: Recipe) -> list[str]:
 def _rollout_change(old: dict[str, Any], new: dict[str, Any], changed: list[str], current: Recipe) -> list[str]:
     """With a ``val/rollout/*`` best metric the rollout settings are what the saved best value measures
     (other episodes, env or runner: a success rate not comparable with it); else they may change, as
-    may ``rollout.batch`` always (how many run at once, not which)."""
+    may ``rollout.batch`` and ``rollout.env_processes`` always (how the episodes run, not which)."""
     if not current.train.best_metric.startswith("val/rollout/"):
         return []
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r} (train.best_metric is a rollout's)"
         for k in changed
-        if k.startswith("rollout.") and k != "rollout.batch"
+        if k.startswith("rollout.") and k not in ("rollout.batch", "rollout.env_processes")
     ]
 
 
