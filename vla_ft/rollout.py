@@ -98,11 +98,6 @@ class _Episode:
             self.result.frames.append(np.asarray(images[self.cameras[0]]))
         return images, self.result.instruction, np.stack(self.states) if self.history > 1 else state
 
-    def advance(self, action: np.ndarray) -> bool:
-        """Send ``action``; whether the episode is over (the env ended it, or ``max_steps``)."""
-        self.send(action)
-        return self.receive()
-
     def send(self, action: np.ndarray) -> None:
         """Send ``action``; an env in its own process steps while the caller sends the others theirs."""
         if isinstance(self.env, EnvProcess):
@@ -135,13 +130,9 @@ def run_episode(
     state_key: str = "agent_pos",
     record: bool = False,
 ) -> EpisodeResult:
-    """One episode: reset ``env`` to ``seed``, then ``runner.act`` (any object with ``reset`` and
-    ``act(images, instruction, state)``) until the env ends it or ``max_steps``."""
-    episode = _Episode(env, seed, cameras, history, instruction, max_steps, state_key, record)
-    runner.reset()
-    while not episode.advance(runner.act(*episode.inputs())):
-        pass
-    return episode.result
+    """One episode: reset ``env`` to ``seed``, then act with ``runner`` (a ChunkRunner, or any object
+    with ``reset`` and ``act(images, instruction, state)``) until the env ends it or ``max_steps``."""
+    return run_episodes([env], [runner], [seed], cameras, history, instruction, max_steps, state_key, int(record))[0]
 
 
 def run_episodes(
