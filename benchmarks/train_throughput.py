@@ -27,6 +27,7 @@ Rows:
   vla_frozen      recipe + freeze.vision_encoder=true
   vla_lora        recipe + LoRA on every LM linear (r=32) + frozen vision encoder
   vla_lora_peft   ablation of vla_lora: peft's own LoRA forward (``model.lora.fused=false``)
+  vla_qlora       vla_lora on a 4-bit (nf4) LM base: QLoRA (``model.language.quantize=nf4``)
   vla_head        head-only: the heads on readout features of the frozen trunk, computed once (what
                   ``train.cache_features`` feeds the step)
 
@@ -134,6 +135,7 @@ ROWS = (
     "vla_frozen",
     "vla_lora",
     "vla_lora_peft",
+    "vla_qlora",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_autotune",
@@ -155,6 +157,7 @@ SMOKE_ROWS = (
     "vla_frozen",
     "vla_lora",
     "vla_lora_peft",
+    "vla_qlora",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_ema",
@@ -246,7 +249,9 @@ def make_batches(n: int, batch_size: int, img: int, chunk: int, device: torch.de
 def build_vla(recipe: Recipe, device: torch.device) -> tuple[VLA, CompositeLoss]:
     """The model and loss exactly as ``run_setup.build_components`` makes them, for 7-D actions."""
     seed_everything(recipe.train.seed)
-    model = build_model(recipe, state_dim=STATE_DIM, action_dim=ACTION_DIM, n_cameras=1, vocab_size=VOCAB)
+    model = build_model(
+        recipe, state_dim=STATE_DIM, action_dim=ACTION_DIM, n_cameras=1, vocab_size=VOCAB, device=device
+    )
     loss_fn = CompositeLoss(recipe.loss, ACTION_DIM, recipe.data.chunk, recipe.model.gripper_head)
     model.set_frozen(optim.frozen_at(recipe, model, 0))
     return model.to(device), loss_fn.to(device)
@@ -698,6 +703,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     "vla_lora": lambda b, n: vla(b, n, "lora", note="LoRA r=32 on LM linears, frozen vision"),
     "vla_lora_peft": lambda b, n: vla(
         b, n, "lora", ("model.lora.fused=false",), note="ablation: LoRA through peft's own forward"
+    ),
+    "vla_qlora": lambda b, n: vla(
+        b, n, "lora", ("model.language.quantize=nf4",), note="QLoRA: LoRA r=32 on a 4-bit (nf4) LM, frozen vision"
     ),
     "vla_lora_graphs": lambda b, n: vla(
         b, n, "lora", ("train.compile_mode=reduce-overhead",), note="LoRA, CUDA graphs (reduce-overhead)"

@@ -212,6 +212,16 @@ def test_ddp_keeps_the_average_one_process_keeps(tmp_path):
     assert max(float((two[k] - trained[k]).abs().max()) for k in two if k in trained) > 10 * WEIGHT_ATOL
 
 
+def test_qlora_under_ddp_trains_as_one_process(tmp_path):
+    """4-bit LM codes made on each rank alike (no broadcast of their statistics), LoRA adapters averaged."""
+    pytest.importorskip("bitsandbytes")
+    qlora = [*RECIPE, "model.language.quantize=nf4", "model.lora.enabled=true", "model.lora.r=4", "train.steps=4"]
+    main(load_recipe(QUICKSTART, [*qlora, "train.batch_size=4", f"output_dir={tmp_path / 'one'}"]))
+    train_2_processes(tmp_path / "two", [*qlora, "train.batch_size=2"])
+    assert_losses_match(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))
+    assert max_weight_diff(weights(tmp_path / "one", 4), weights(tmp_path / "two", 4)) < WEIGHT_ATOL
+
+
 def test_resume_refuses_a_changed_global_batch(ddp):
     run_dir, _ = ddp
     ckpt = run_dir / "checkpoints" / "step_000006"

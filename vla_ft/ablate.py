@@ -79,10 +79,11 @@ def peak_memory_gb(device_type: str) -> float:
 def observe_run(info: dict[str, Any]):
     """Record what the trainer built (parameter counts, device) through a temporary installer."""
     from vla_ft import extensions
+    from vla_ft.quantize import weight_count
 
     def observe(run) -> None:
         info["trainable_params"] = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
-        info["total_params"] = sum(p.numel() for p in run.model.parameters())
+        info["total_params"] = sum(weight_count(p) for p in run.model.parameters())
         info["device"] = run.rt.device.type
 
     extensions.INSTALLERS.append(observe)

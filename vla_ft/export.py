@@ -4,7 +4,8 @@
 
     OUT/
       language_model/       the LM with every LoRA adapter merged (save_pretrained: config.json +
-                            model.safetensors), loadable by AutoModelForCausalLM on its own
+                            model.safetensors), loadable by AutoModelForCausalLM on its own; a
+                            4-bit LM (model.language.quantize) is stored dequantised, in fp32
       policy.safetensors    every other weight: vision encoder (adapters merged), projector, FiLM,
                             proprio encoder, action queries, action and gripper heads
       model_meta.json       as in checkpoints, with "merged": true and LoRA off
@@ -42,7 +43,7 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
     missing = [source / name for name in COPIED if not (source / name).exists()]
     if missing:
         raise ck.CheckpointError(f"{', '.join(map(str, missing))} missing: {ck.damaged(source)}")
-    model, meta = load_model(source)
+    model, meta = load_model(source, dequantize=True)  # a 4-bit LM leaves as a plain fp32 one
     merge_lora(model)
     meta.update(merged=True, source=str(source.resolve()))
     meta["model"]["lora"].update(enabled=False, vision=False)

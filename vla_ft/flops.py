@@ -129,8 +129,10 @@ def record_forward(model: VLA) -> Iterator[Recording]:
     def on_layer(owner: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             x, w = args[0], module.weight
-            rows = x.numel() // module.in_features if isinstance(module, nn.Linear) else output[0, 0].numel() * len(x)
-            rec.layers.append(LayerUse(owner, w.numel(), rows, w.requires_grad, x.requires_grad, module is lm_head))
+            linear = isinstance(module, nn.Linear)
+            rows = x.numel() // module.in_features if linear else output[0, 0].numel() * len(x)
+            numel = module.in_features * module.out_features if linear else w.numel()  # 4-bit weights: packed
+            rec.layers.append(LayerUse(owner, numel, rows, w.requires_grad, x.requires_grad, module is lm_head))
             if owner == "language_model" and module is not lm_head:
                 rec.lm_grad = rec.lm_grad or output.requires_grad
 

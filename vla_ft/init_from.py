@@ -3,8 +3,9 @@ export), for a second stage on other data or another task (a base policy fine-tu
 
 The model is built as the source's was: no hub or pretrained file is read, and the LM's
 architecture comes from the source's ``language_model/config.json``. Every tensor of the source (its
-weight average when it has one, LoRA merged into the base weights) is then copied by name, before
-this run's own LoRA adapters are added. The modules that depend on the new data's widths (action
+weight average when it has one, a 4-bit LM dequantised, LoRA merged into the base weights) is then
+copied by name, before this run quantises its LM (``model.language.quantize``) and adds its own
+LoRA adapters. The modules that depend on the new data's widths (action
 and gripper heads, proprio encoder, action queries) may differ in shape or be absent: they keep
 their fresh initialisation and are listed, as does a FiLM projection the source lacks
 (``model.vision.film`` added for the second stage). Any other difference means the recipe builds another
@@ -59,7 +60,7 @@ def copy_source_weights(model: VLA, path: str) -> list[str]:
     """Copy the source's tensors into ``model`` (built without LoRA); returns the modules left fresh."""
     directory = source_directory(path)
     try:
-        source, _ = load_model(directory)
+        source, _ = load_model(directory, dequantize=True)
     except ck.CheckpointError as err:
         raise RecipeError(f"{KEY}: {err}") from None
     merge_lora(source)

@@ -298,13 +298,17 @@ def build_model(
     n_cameras: int,
     vocab_size: int,
     resume_from: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> VLA:
     """The VLA for a recipe and the data's dimensions, with LoRA applied when asked. With
     ``model.init_from`` the LM's architecture is the source run's (read from ``resume_from`` when
     resuming, whose checkpoint also holds the weights), and a fresh run copies the source's weights
-    in (:mod:`vla_ft.init_from`)."""
+    in (:mod:`vla_ft.init_from`). ``model.language.quantize``: the LM's linears become 4-bit, their
+    codes computed on ``device`` (:mod:`vla_ft.quantize`; a resume then loads the checkpoint's).
+    The model is returned on the CPU but for those codes: the caller moves it."""
     from vla_ft import init_from
     from vla_ft.lora import apply_lora
+    from vla_ft.quantize import quantize_linears
     from vla_ft.runtime import say
 
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
@@ -330,5 +334,7 @@ def build_model(
             f"{init_from.KEY}: weights of {init_from.source_directory(source)}"
             + (f"; fresh: {', '.join(fresh)}" if fresh else "")
         )
+    if recipe.model.language.quantize != "none":
+        quantize_linears(model.language_model, recipe.model.language.quantize, device)
     apply_lora(model, recipe.model.lora)
     return model

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import load_model as load_safetensors_model
 from torch import nn
 
 from robot_data import Normalizer
@@ -36,6 +35,7 @@ from vla_ft.config import LanguageConfig, LoraConfig, ModelConfig, VisionConfig,
 from vla_ft.ema import load_averages
 from vla_ft.lora import apply_lora
 from vla_ft.model import VLA
+from vla_ft.quantize import dequantize_state, load_quantized_state, quantize_linears, quantized_layers
 
 META_FILE = "model_meta.json"
 FORMAT_VERSION = 1
@@ -166,11 +166,16 @@ def load_saved_tokenizer(directory: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[VLA, dict[str, Any]]:
+def load_model(
+    directory: Path, device: str | torch.device = "cpu", ema: bool = True, dequantize: bool = False
+) -> tuple[VLA, dict[str, Any]]:
     """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode.
 
     ``ema``: a checkpoint of a run with ``train.ema_decay`` holds the weight average too
-    (``ema.safetensors``); it replaces the trained weights unless ``ema`` is False."""
+    (``ema.safetensors``); it replaces the trained weights unless ``ema`` is False.
+    ``dequantize``: a 4-bit LM (``model.language.quantize``) comes back as plain fp32 linears
+    holding its dequantised weights (for export and ``model.init_from``); the returned
+    ``meta["model"]`` then says so."""
     directory = Path(directory)
     meta = read_model_meta(directory)
     if (directory / "model_dcp").is_dir() and not (directory / "model.safetensors").is_file():
@@ -181,6 +186,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu", ema: bool = 
     with ck.reading(directory / META_FILE, directory):  # e.g. a model field this version does not know
         cfg = model_config(meta["model"])
     cfg.vision.pretrained = False
+    if dequantize:
+        cfg.language.quantize = meta["model"]["language"]["quantize"] = "none"
     dims = {
         "state_dim": meta["state_dim"],
         "action_dim": meta["action_dim"],
@@ -200,10 +207,36 @@ def load_model(directory: Path, device: str | torch.device = "cpu", ema: bool = 
 def _checkpoint_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VLA:
     """A checkpoint's VLA: the LM built from its saved config, every weight from ``model.safetensors``."""
     model = VLA(cfg, pretrained=False, lm_config=load_lm_config(directory), **dims)
+    if cfg.language.quantize != "none":  # 4-bit layers whose codes the weights file holds
+        quantize_linears(model.language_model, cfg.language.quantize, None)
     apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
     with ck.reading(directory / "model.safetensors", directory):
-        load_safetensors_model(model, str(directory / "model.safetensors"), strict=True)
+        load_weights(model, directory / "model.safetensors")
     return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """``model.safetensors`` into ``model``, strictly (tied tensors are stored once). A 4-bit layer's
+    codes and statistics go into the model's 4-bit layer, or, in a model built without
+    quantisation, are dequantised into its plain one (:mod:`vla_ft.quantize`)."""
+    state = load_file(str(path))
+    filled = load_quantized_state(model, state) if quantized_layers(model) else set()
+    dequantize_state(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied, loaded = _shared_names(model), set(state) | filled
+    missing = [k for k in missing if k not in filled and not tied.get(k, set()) & loaded]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def _shared_names(model: nn.Module) -> dict[str, set[str]]:
+    """State-dict name -> the other names of the same tensor (tied weights, saved once)."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), set()).add(name)
+    return {name: names - {name} for names in by_tensor.values() for name in names}
 
 
 def _export_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -> VLA:

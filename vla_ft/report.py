@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vla_ft.master_weights import optimized
+from vla_ft.quantize import dtype_name, weight_count
 
 
 def parameter_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
@@ -36,11 +37,11 @@ def parameter_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
         rows.append(
             {
                 "module": name,
-                "params": sum(p.numel() for p in params),
+                "params": sum(weight_count(p) for p in params),
                 "trainable": sum(p.numel() for p in trainable),
                 "lr": ",".join(f"{v:g}" for v in lrs) or "-",
                 "weight_decay": ",".join(f"{v:g}" for v in wds) or "-",
-                "dtype": ",".join(sorted({str(p.dtype).replace("torch.", "") for p in params})),
+                "dtype": ",".join(sorted({dtype_name(p) for p in params})),
                 "mode": mode,
             }
         )

@@ -159,6 +159,7 @@ def build_components(
         n_cameras=len(data.cameras),
         vocab_size=len(tokenizer),
         resume_from=resume_from,
+        device=device,
     ).to(device)
     loss_fn = CompositeLoss(recipe.loss, data.action_dim, recipe.data.chunk, recipe.model.gripper_head).to(device)
     model.wants_language = recipe.data.language_target != "none" and loss_fn.wants("language")

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import DATA_SOURCE, DATA_SPLIT, Recipe, RecipeError, save_recipe, to_dict
 from vla_ft.ema import EMA_FILE
 from vla_ft.master_weights import full_precision
-from vla_ft.model_files import write_model_files
+from vla_ft.model_files import load_weights, write_model_files
 from vla_ft.tracking import mean_window
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def load_weights_and_optimizer(run: Run, path: Path) -> None:
             load_dcp_state(run, path / DCP_DIR)
         return
     with full_precision(run.model), ck.reading(path / "model.safetensors"):  # into the fp32 masters
-        load_model(run.model, str(path / "model.safetensors"), strict=True)
+        load_weights(run.model, path / "model.safetensors")
     if (path / "optimizer.pt").is_file():
         load_optimizer_state(run.optimizer, ck.torch_load(path / "optimizer.pt"), path)
     elif run.recipe.checkpoint.save_optimizer:

@@ -89,6 +89,7 @@ def validate(r: Recipe) -> list[str]:
     p += early_stopping_problems(r)
     p += cache_problems(r)
     p += fsdp_problems(r)
+    p += quantize_problems(r)
     p += model_problems(r)
     p += nonfinite_problems(r, reported=p)
     if not p:  # the metric names need a consistent loss and data section
@@ -363,6 +364,30 @@ def fsdp_problems(r: Recipe) -> list[str]:
         p.append("model.lora: PEFT saves adapters from whole tensors, not FSDP shards; use ddp with LoRA")
     if r.train.ema_decay:
         p.append("train.ema_decay: the weight average is kept and saved whole, not as FSDP shards; use ddp")
+    return p
+
+
+def quantize_problems(r: Recipe) -> list[str]:
+    """``model.language.quantize``: 4-bit weights never train, FSDP cannot shard them, and bitsandbytes
+    must be installed (looked up, not imported: importing it loads its CUDA libraries)."""
+    import importlib.util
+
+    kind = r.model.language.quantize
+    if kind == "none":
+        return []
+    key = f"model.language.quantize: {kind}"
+    p = []
+    if not (r.model.lora.enabled or r.freeze.language_model):
+        p.append(
+            f"{key} weights cannot train: set model.lora.enabled: true (QLoRA: adapters on the 4-bit base) "
+            "or freeze.language_model: true"
+        )
+    if "language_model" in r.unfreeze:
+        p.append(f"unfreeze.language_model: the LM is quantized ({key}); its 4-bit weights cannot train")
+    if r.distributed.strategy == "fsdp":
+        p.append(f"{key}: FSDP cannot shard 4-bit weights; use distributed.strategy: ddp")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        p.append(f"{key}: needs bitsandbytes (pip install 'vla-ft[quant]')")
     return p
 
 

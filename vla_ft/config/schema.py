@@ -79,6 +79,11 @@ class LanguageConfig:
     tokenizer: str = doc("hub name or directory of the tokenizer; 'builtin:tiny' = the shipped offline one", "")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("attention kernel", "sdpa")
     gradient_checkpointing: bool = doc("recompute LM activations in backward to save memory", False)
+    quantize: Literal["none", "nf4", "fp4"] = doc(
+        "store the LM's linear layers in 4 bits (QLoRA, bitsandbytes): they stay frozen, so train LoRA on them "
+        "(model.lora.enabled) or freeze the LM; the output head and embeddings keep full precision",
+        "none",
+    )
 
 
 @dataclass
