@@ -28,6 +28,7 @@ Rows:
   vla_lora        recipe + LoRA on every LM linear (r=32) + frozen vision encoder
   vla_lora_peft   ablation of vla_lora: peft's own LoRA forward (``model.lora.fused=false``)
   vla_qlora       vla_lora on a 4-bit (nf4) LM base: QLoRA (``model.language.quantize=nf4``)
+  vla_full_adamw8bit  vla_full with bitsandbytes' AdamW on 8-bit moments (``optim.name=adamw8bit``)
   vla_head        head-only: the heads on readout features of the frozen trunk, computed once (what
                   ``train.cache_features`` feeds the step)
 
@@ -140,6 +141,7 @@ ROWS = (
     "vla_full_graphs",
     "vla_full_autotune",
     "vla_full_ema",
+    "vla_full_adamw8bit",
     "vla_full_vision_ckpt",
     "vla_full_film",
     "vla_head",
@@ -161,6 +163,7 @@ SMOKE_ROWS = (
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_ema",
+    "vla_full_adamw8bit",
     "vla_full_vision_ckpt",
     "vla_full_film",
     "vla_head",
@@ -715,6 +718,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_full_ema": lambda b, n: vla(
         b, n, "full", ("train.ema_decay=0.999",), note="full, + a weight average updated every step (ema_decay)"
+    ),
+    "vla_full_adamw8bit": lambda b, n: vla(
+        b, n, "full", ("optim.name=adamw8bit",), note="full, AdamW with 8-bit moments (bitsandbytes)"
     ),
     "vla_full_autotune": lambda b, n: vla(
         b, n, "full", ("train.compile_mode=max-autotune-no-cudagraphs",), note="full, inductor max-autotune"

@@ -1,4 +1,5 @@
-"""``model.language.quantize``: the LM's linears in 4 bits (QLoRA through bitsandbytes).
+"""bitsandbytes: the LM's linears in 4 bits (``model.language.quantize``, QLoRA) and AdamW with 8-bit
+moments (``optim.name: adamw8bit``).
 
 The reference for what a 4-bit layer computes is NF4 decoded by hand from the saved bytes with the
 code table of the QLoRA paper (Dettmers et al. 2023, appendix E), not bitsandbytes' own decoder."""
@@ -142,20 +143,25 @@ def test_only_adapters_train_and_the_codes_never_change(qlora_run):
     assert any("lora_B" in k for k in changed) and any(k.startswith("action_head.") for k in changed)
 
 
-def test_resume_reproduces_the_straight_qlora_run(qlora_run, tmp_path):
+def assert_resume_reproduces(straight: Path, overrides: list[str], tmp_path: Path) -> None:
+    """Resuming ``straight`` (4 steps) from its step-2 checkpoint gives its losses and final weights."""
     import shutil
 
     from vla_ft import checkpoint as ck
 
-    resumed = tmp_path / "run"
-    shutil.copytree(qlora_run, resumed)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
     shutil.rmtree(ckpt(resumed, 4))
     ck.write_pointer(resumed / "checkpoints", "latest", "step_000002")
-    argv = train_argv(resumed, [*RUN, "train.resume=true"])
+    argv = train_argv(resumed, [*overrides, "train.resume=true"])
     assert run_forked(argv, tmp_path / "log.txt") == 0, (tmp_path / "log.txt").read_text()[-3000:]
-    losses = [[r["loss"] for r in metric_rows(d) if "loss" in r] for d in (qlora_run, resumed)]
+    losses = [[r["loss"] for r in metric_rows(d) if "loss" in r] for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
-    assert_same_weights(ckpt(qlora_run, 4), ckpt(resumed, 4))
+    assert_same_weights(ckpt(straight, 4), ckpt(resumed, 4))
+
+
+def test_resume_reproduces_the_straight_qlora_run(qlora_run, tmp_path):
+    assert_resume_reproduces(qlora_run, RUN, tmp_path)
 
 
 def test_checkpoint_and_export_predict_as_the_trained_model(qlora_run, tmp_path):
@@ -223,3 +229,63 @@ def test_qlora_trains_compiled_in_bf16_on_cuda_and_its_checkpoint_loads_there(tm
     for name, module in loaded.items():
         assert module.weight.device.type == "cuda" and torch.equal(module.weight.data, layers[name].weight.data)
         assert torch.equal(module.weight.quant_state.absmax, layers[name].weight.quant_state.absmax)
+
+
+# ----------------------------------------------------------------------------- 8-bit AdamW
+def test_adamw8bit_follows_adamw_group_by_group(tmp_path):
+    """Same gradients into AdamW and AdamW8bit over the recipe's groups (the action head at 10x the
+    LR, biases and norms without decay): the 8-bit moments of the large weights move them as fp32
+    moments do, to the rounding of 8-bit block-wise quantisation."""
+    from vla_ft import optim
+
+    deltas, states = [], []
+    for name in ("adamw", "adamw8bit"):
+        recipe = tiny_recipe(tmp_path, f"optim.name={name}", "optim.groups.action_head.lr=3e-3", "optim.lr=3e-4")
+        torch.manual_seed(0)
+        model = build_model(recipe, **DIMS)
+        model.set_frozen(optim.frozen_at(recipe, model, 0))
+        opt = optim.make_optimizer(recipe, model, [], torch.device("cpu"))
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            optim.set_lr(recipe, opt, step + 20)  # after the warmup
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g) if p.requires_grad else None
+            opt.step()
+        assert all(group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8 for group in opt.param_groups)  # the recipe's
+        deltas.append({n: p.detach() - start[n] for n, p in model.named_parameters()})
+        states.append(opt.state)
+    eight_bit = [
+        n for n, p in model.named_parameters() if states[1][p].get("state1", torch.empty(0)).dtype == torch.uint8
+    ]
+    assert "vision_encoder.backbones.0.patch_embed.proj.weight" in eight_bit and len(eight_bit) >= 3
+    head = "action_head.0.weight"
+    assert deltas[0][head].abs().mean() > 5 * deltas[0]["projector.weight"].abs().mean()  # the head's own LR
+    for n in deltas[0]:
+        d32, d8 = deltas[0][n], deltas[1][n]
+        assert (d8 - d32).norm() <= 0.05 * d32.norm() + 1e-7, n
+
+
+def test_adamw8bit_resumes_exactly(tmp_path):
+    overrides = [*FAST, "optim.name=adamw8bit", "train.steps=4", "checkpoint.every=2"]
+    straight = tmp_path / "straight"
+    assert run_forked(train_argv(straight, overrides), tmp_path / "straight.txt") == 0
+    saved = torch.load(ckpt(straight, 2) / "optimizer.pt", weights_only=True)
+    assert any(
+        torch.is_tensor(v) and v.dtype == torch.uint8 for entry in saved["state"].values() for v in _tensors(entry)
+    )
+    assert_resume_reproduces(straight, overrides, tmp_path)
+
+
+def _tensors(entry):
+    for value in entry.values():
+        yield from _tensors(value) if isinstance(value, dict) else [value]
+
+
+def test_adamw8bit_refusals_name_the_key(tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="optim.name: adamw8bit: FSDP cannot shard"):
+        tiny_recipe(tmp_path, "optim.name=adamw8bit", "distributed.strategy=fsdp")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
+    with pytest.raises(RecipeError, match="optim.name: adamw8bit: needs bitsandbytes"):
+        tiny_recipe(tmp_path, "optim.name=adamw8bit")

@@ -172,10 +172,15 @@ def make_optimizer(
 
 
 def build_optimizer(recipe: Recipe, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or Adam (fused: one kernel per step, and a device-side skip, see ``train.queue_update``), or SGD."""
+    """AdamW or Adam (fused: one kernel per step, and a device-side skip, see ``train.queue_update``),
+    bitsandbytes' AdamW with 8-bit moments (the plain step path: host check, then the update), or SGD."""
     o = recipe.optim
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    if o.name == "adamw8bit":
+        from vla_ft.quantize import bitsandbytes
+
+        return bitsandbytes("optim.name: adamw8bit").optim.AdamW8bit(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 

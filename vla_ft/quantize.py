@@ -29,12 +29,12 @@ KEY = "model.language.quantize"
 QUANT_STATE = ".quant_state.bitsandbytes__"  # in the key bitsandbytes saves a 4-bit weight's state under
 
 
-def bitsandbytes() -> Any:
-    """The bitsandbytes module, or a RecipeError naming the key when it is not installed."""
+def bitsandbytes(key: str = KEY) -> Any:
+    """The bitsandbytes module, or a RecipeError naming the recipe key that needs it."""
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise RecipeError(f"{KEY}: needs bitsandbytes (pip install 'vla-ft[quant]'): {err}") from None
+        raise RecipeError(f"{key}: needs bitsandbytes (pip install 'vla-ft[quant]'): {err}") from None
     return bnb
 
 

@@ -368,26 +368,27 @@ def fsdp_problems(r: Recipe) -> list[str]:
 
 
 def quantize_problems(r: Recipe) -> list[str]:
-    """``model.language.quantize``: 4-bit weights never train, FSDP cannot shard them, and bitsandbytes
-    must be installed (looked up, not imported: importing it loads its CUDA libraries)."""
+    """``model.language.quantize`` and ``optim.name: adamw8bit`` (bitsandbytes): 4-bit weights never
+    train, FSDP shards neither, and bitsandbytes must be installed (looked up, not imported: importing
+    it loads its CUDA libraries)."""
     import importlib.util
 
-    kind = r.model.language.quantize
-    if kind == "none":
-        return []
-    key = f"model.language.quantize: {kind}"
+    keys = [f"model.language.quantize: {r.model.language.quantize}"] if r.model.language.quantize != "none" else []
+    keys += ["optim.name: adamw8bit"] if r.optim.name == "adamw8bit" else []
+    if keys and importlib.util.find_spec("bitsandbytes") is None:
+        return [f"{key}: needs bitsandbytes (pip install 'vla-ft[quant]')" for key in keys]
     p = []
-    if not (r.model.lora.enabled or r.freeze.language_model):
-        p.append(
-            f"{key} weights cannot train: set model.lora.enabled: true (QLoRA: adapters on the 4-bit base) "
-            "or freeze.language_model: true"
-        )
-    if "language_model" in r.unfreeze:
-        p.append(f"unfreeze.language_model: the LM is quantized ({key}); its 4-bit weights cannot train")
     if r.distributed.strategy == "fsdp":
-        p.append(f"{key}: FSDP cannot shard 4-bit weights; use distributed.strategy: ddp")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        p.append(f"{key}: needs bitsandbytes (pip install 'vla-ft[quant]')")
+        p += [f"{key}: FSDP cannot shard bitsandbytes' tensors; use distributed.strategy: ddp" for key in keys]
+    if r.model.language.quantize != "none":
+        key = keys[0]
+        if not (r.model.lora.enabled or r.freeze.language_model):
+            p.append(
+                f"{key} weights cannot train: set model.lora.enabled: true (QLoRA: adapters on the 4-bit base) "
+                "or freeze.language_model: true"
+            )
+        if "language_model" in r.unfreeze:
+            p.append(f"unfreeze.language_model: the LM is quantized ({key}); its 4-bit weights cannot train")
     return p
 
 

@@ -255,10 +255,15 @@ class GroupConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = doc("optimizer", "adamw")
+    name: Literal["adamw", "adamw8bit", "adam", "sgd"] = doc(
+        "optimizer; adamw8bit: AdamW with block-wise 8-bit moments (bitsandbytes), 2 instead of 8 bytes of state "
+        "per trained weight",
+        "adamw",
+    )
     lr: float = doc("base learning rate", 3e-4)
     weight_decay: float = doc(
-        "weight decay: decoupled for adamw, L2 in the gradient for adam and sgd (biases, norms, embeddings get 0)", 0.01
+        "weight decay: decoupled for adamw(8bit), L2 in the gradient for adam, sgd (biases, norms, embeddings get 0)",
+        0.01,
     )
     betas: list[float] = doc("Adam betas", factory=lambda: [0.9, 0.95])
     eps: float = doc("Adam epsilon", 1e-8)
