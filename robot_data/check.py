@@ -22,6 +22,7 @@ from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
 from robot_data.reader import EpisodeArrays, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
+from robot_data.rlds import RLDSReader
 
 KINDS = (
     "missing_file",
@@ -142,6 +143,40 @@ def check_hdf5(
     return problems
 
 
+def check_rlds(path: str | Path, decode: str = "ends", **kwargs: Any) -> list[Problem]:
+    """RLDS: every episode's record parses with its features' declared sizes, dims as the first sound
+    episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...)."""
+    if not Path(path).exists():
+        return [Problem("missing_file", str(path), None, "dataset not found")]
+    try:
+        reader = RLDSReader(path, **kwargs)
+    except UnknownFeatureError:
+        raise  # a key naming no feature: the caller's typo, not the data's problem
+    except (ValueError, OSError) as err:
+        return [Problem("unreadable", str(path), None, str(err))]
+    problems: list[Problem] = []
+    dims: tuple[int, int] | None = None
+    for ep in reader.episodes():
+        where = reader.location(ep.index)
+        if ep.index in reader.unreadable:
+            problems.append(
+                Problem("unreadable", where, ep.index, reader.unreadable[ep.index].removeprefix(f"{where}: "))
+            )
+            continue
+        arrays = reader.numeric(ep.index)
+        dims = dims or (arrays.state.shape[1], arrays.action.shape[1])
+        for name, values, dim in (("state", arrays.state, dims[0]), ("action", arrays.action, dims[1])):
+            if values.shape[1] != dim:
+                msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
+                problems.append(Problem("bad_feature", where, ep.index, msg))
+            problems += non_finite(values, name, where, ep.index)
+        for camera in reader.cameras:
+            frames = lambda idx, cam=camera, e=ep.index: reader.frames(e, cam, idx)  # noqa: E731
+            shape = reader.camera_shapes[camera]
+            problems += decode_checks(frames, ep.length, shape, decode, where, ep.index, camera)
+    return problems
+
+
 def _hdf5_structure(reader: HDF5Reader, episode: int, length: int) -> list[Problem]:
     """An episode's file opens, its datasets exist, and every state (and text) dataset has one row per action."""
     if episode in reader.unreadable:
@@ -199,7 +234,7 @@ def check_dataset(
 
     if decode not in DECODE_MODES:
         raise ValueError(f"decode: unknown '{decode}'; valid: {', '.join(DECODE_MODES)}")
-    checks = {"lerobot": check_lerobot, "hdf5": check_hdf5, "synthetic": lambda *a, **k: []}
+    checks = {"lerobot": check_lerobot, "hdf5": check_hdf5, "rlds": check_rlds, "synthetic": lambda *a, **k: []}
     if format not in checks:
         raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
     if is_robomimic_dir(format, {**kwargs, "path": path}):

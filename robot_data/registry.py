@@ -9,12 +9,14 @@ from robot_data.hdf5 import HDF5Reader
 from robot_data.lerobot import LeRobotReader
 from robot_data.mixture import MixtureReader, robomimic_files
 from robot_data.reader import Reader
+from robot_data.rlds import RLDSReader
 from robot_data.synthetic import SyntheticReader
 
 READERS: dict[str, type[Reader]] = {
     "synthetic": SyntheticReader,
     "lerobot": LeRobotReader,
     "hdf5": HDF5Reader,
+    "rlds": RLDSReader,
 }
 
 

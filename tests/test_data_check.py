@@ -71,8 +71,8 @@ def test_clean_datasets_pass(images, videos, tmp_path):
     write_aloha(_source(), tmp_path / "aloha", compress=True)
     assert check_dataset(tmp_path / "aloha", "hdf5", layout="aloha", decode="all") == []
     assert check_dataset(None, "synthetic") == []
-    with pytest.raises(ValueError, match="valid: lerobot, hdf5, synthetic"):
-        check_dataset(images, "rlds")
+    with pytest.raises(ValueError, match="valid: lerobot, hdf5, rlds, synthetic"):
+        check_dataset(images, "zarr")
 
 
 def test_missing_files(images, videos):

@@ -171,7 +171,9 @@ def _reader_kwargs(recipe: Recipe) -> dict[str, Any]:
     if d.format == "lerobot":
         kw.update(text_key=d.text_key, video_tolerance_s=d.video_tolerance_s, frame_cache=d.frame_cache)
     if d.format == "hdf5":
-        kw.update(layout=d.layout, text_key=d.text_key)
+        kw.update(layout=d.layout, text_key=d.text_key, fps=d.fps)
+    if d.format == "rlds":
+        kw.update(text_key=d.text_key, fps=d.fps, frame_cache=d.frame_cache)
     return kw
 
 

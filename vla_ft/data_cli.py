@@ -21,6 +21,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     reader = SyntheticReader(
         episodes=args.episodes, episode_length=args.length, image_size=args.image_size, seed=args.seed
     )
+    if args.format == "rlds":
+        from robot_data.rlds_writer import write_rlds
+
+        out = write_rlds(reader, Path(args.out) / "1.0.0")
+        print(
+            f"wrote {args.episodes} synthetic episodes (RLDS, PNG frames; read with data.fps={reader.fps:g}) to {out}"
+        )
+        return 0
     out = write_lerobot(reader, args.out, video=args.video, codec=args.codec, version=args.version)
     kind = f"{args.codec} video" if args.video else "images in parquet"
     print(f"wrote {args.episodes} synthetic episodes ({kind}, LeRobot {args.version}) to {out}")
@@ -32,7 +40,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from robot_data.reader import UnknownFeatureError
     from vla_ft.config import RecipeError
 
-    kwargs = {"layout": args.layout} if args.format == "hdf5" else {}
+    kwargs: dict = {"layout": args.layout} if args.format == "hdf5" else {}
+    if args.format == "rlds" or args.fps is not None:
+        kwargs["fps"] = args.fps
     if args.state_key:
         kwargs["state_key"] = args.state_key
     if args.action_key:
@@ -90,10 +100,12 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--video", action="store_true", help="MP4 videos instead of PNG bytes in parquet")
     synth.add_argument("--codec", choices=["h264", "av1"], default="h264")
     synth.add_argument("--version", choices=["v3.0", "v2.1"], default="v3.0")
+    synth.add_argument("--format", choices=["lerobot", "rlds"], default="lerobot", help="rlds: TFDS tfrecord layout")
     synth.set_defaults(func=cmd_synth)
     check = dsub.add_parser("check", help="report every problem of a dataset at once")
     check.add_argument("path")
-    check.add_argument("--format", choices=["lerobot", "hdf5"], default="lerobot")
+    check.add_argument("--format", choices=["lerobot", "hdf5", "rlds"], default="lerobot")
+    check.add_argument("--fps", type=float, default=None, help="control rate (rlds records none)")
     check.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
     check.add_argument("--state-key", default=None)
     check.add_argument("--action-key", default=None)

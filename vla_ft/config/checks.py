@@ -12,7 +12,7 @@ from vla_ft.config.schema import MODULE_NAMES, TRUNK_MODULES, Recipe
 
 # robot_data.READERS' names (tests keep them equal): importing robot_data here would pull torch and
 # every format library into `vla-ft --help` and `vla-ft validate`.
-READERS = ("synthetic", "lerobot", "hdf5")
+READERS = ("synthetic", "lerobot", "hdf5", "rlds")
 
 
 def suggest(name: str, valid: typing.Iterable[str]) -> str:
@@ -37,6 +37,12 @@ def validate(r: Recipe) -> list[str]:
             f"{key}: {what} is not read with data.format=synthetic (the task is generated); "
             f"set data.format to lerobot or hdf5 to read it"
         )
+    if r.data.format == "rlds" and r.data.fps is None:
+        p.append(
+            "data.fps: required for data.format=rlds (RLDS records no control rate; LIBERO runs at 20, Bridge at 5)"
+        )
+    if r.data.fps is not None and not 0 < r.data.fps < float("inf"):
+        p.append(f"data.fps: must be > 0, got {r.data.fps}")
     p += mix_problems(r)
     p += rollout_problems(r)
     if r.data.format == "hdf5":

@@ -149,13 +149,16 @@ class MixSourceConfig:
 
 @dataclass
 class DataConfig:
-    format: str = doc("dataset reader: synthetic | lerobot | hdf5", "synthetic")
+    format: str = doc("dataset reader: synthetic | lerobot | hdf5 | rlds", "synthetic")
     path: str | None = doc("dataset location (directory or file; hdf5 robomimic: a file, or a directory of them)", None)
     mix: dict[str, MixSourceConfig] = doc(
         "several datasets of one robot trained as one, by name (instead of data.path): same format, keys, fps",
         factory=dict,
     )
     layout: str = doc("hdf5 layout: robomimic | aloha", "robomimic")
+    fps: float | None = doc(
+        "control rate in Hz where the dataset records none (rlds: required; hdf5: overrides the file's)", None
+    )
     cameras: list[str] = doc("camera feature names (empty: all cameras of the dataset)", factory=list)
     state_key: str = doc("state feature name", "observation.state")
     action_key: str = doc("action feature name", "action")
@@ -185,7 +188,7 @@ class DataConfig:
     pin_memory: bool = doc("pinned host memory (CUDA only)", True)
     persistent_workers: bool = doc("keep workers alive between epochs", True)
     prefetch_factor: int = doc("batches prefetched per worker", 4)
-    frame_cache: str | None = doc("directory for a decoded-frame cache of video datasets", None)
+    frame_cache: str | None = doc("directory for a decoded-frame cache of video and RLDS datasets", None)
     skip_bad_episodes: bool = doc("skip episodes that fail checks instead of refusing the dataset", False)
     video_tolerance_s: float = doc("timestamp tolerance when locating video frames", 1e-3)
     synthetic: SyntheticConfig = doc("the embedded synthetic task", factory=SyntheticConfig)

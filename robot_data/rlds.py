@@ -1,0 +1,299 @@
+"""RLDS datasets (TensorFlow Datasets' tfrecord layout: Open X-Embodiment, OpenVLA's LIBERO), read
+without TensorFlow.
+
+A dataset version directory (``libero_spatial_no_noops/1.0.0/``) holds::
+
+    dataset_info.json   splits: name, shardLengths (episodes per shard), filepathTemplate
+    features.json       the feature tree: FeaturesDict{steps: Dataset(FeaturesDict{...}), ...}
+    <name>-<split>.tfrecord-00000-of-00016, ...   one tf.train.Example per episode
+
+An episode's Example holds each per-step feature as one flat list under its path (``steps/action``:
+T x 7 floats, ``steps/observation/image``: T encoded JPEG/PNG frames, ``steps/language_instruction``:
+T strings). Recipe keys name features by their path under ``steps`` (``observation/state``; dots work
+too, so the default ``observation.state`` and ``action`` fit LIBERO and most Open X datasets);
+``data.state_key`` may list several, comma-separated, concatenated in that order. Cameras are the
+image features (``observation/image``, ``observation/wrist_image``). The instruction is
+``language_instruction``. Episodes are numbered across the splits in ``dataset_info.json``'s order,
+and each split is an episode filter (``data.val_filter: val``). RLDS records no control rate:
+``fps`` must be given (``data.fps``).
+
+Opening reads every episode once (lengths, state, action and text are kept; frames are decoded
+from the episode's record when asked, or from the decoded-frame cache).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from robot_data.frame_cache import FrameCache
+from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
+from robot_data.tfrecord import parse_example, read_record, record_spans
+
+DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+INSTRUCTION = "language_instruction"
+STEPS = "steps/"
+PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
+
+
+def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
+    return [
+        template.replace("{DATASET}", dataset)
+        .replace("{SPLIT}", split)
+        .replace("{FILEFORMAT}", file_format)
+        .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{shards:05d}")
+        .replace("{SHARD_INDEX}", f"{i:05d}")
+        .replace("{NUM_SHARDS}", f"{shards:05d}")
+        for i in range(shards)
+    ]
+
+
+def _leaves(spec: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """A features.json FeaturesDict -> {path: leaf spec} (nested dicts joined with '/')."""
+    if "featuresDict" not in spec:
+        return {prefix: spec}
+    out = {}
+    for name, sub in spec["featuresDict"]["features"].items():
+        out.update(_leaves(sub, f"{prefix}/{name}" if prefix else name))
+    return out
+
+
+def _shape(leaf: dict[str, Any]) -> tuple[int, ...]:
+    body = leaf.get("tensor") or leaf.get("image") or {}
+    return tuple(int(d) for d in body.get("shape", {}).get("dimensions", []))
+
+
+def _is_camera(leaf: dict[str, Any]) -> bool:
+    shape = _shape(leaf)
+    return "image" in leaf or ("tensor" in leaf and leaf["tensor"].get("dtype") == "uint8" and len(shape) == 3)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+class RLDSReader(Reader):
+    """An RLDS/TFDS dataset version directory (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        state_key: str = "observation.state",
+        action_key: str = "action",
+        text_key: str | None = None,
+        fps: float | None = None,
+        frame_cache: str | Path | None = None,
+    ):
+        self.path = _version_dir(Path(path))
+        if fps is None:
+            raise DatasetFormatError(
+                f"{self.path}: RLDS records no control rate; set data.fps (LIBERO runs at 20, Bridge at 5)"
+            )
+        self.fps = float(fps)
+        self.gripper_dims: list[int] = []
+        info = _json(self.path / "dataset_info.json")
+        steps = _step_features(_json(self.path / "features.json"), self.path)
+        self.state_keys = [self._feature(k, "state_key", steps) for k in state_key.split(",")]
+        self.action_key = self._feature(action_key, "action_key", steps)
+        self.text_key = None if text_key is None else self._feature(text_key, "text_key", steps)
+        self._steps = steps
+        self.camera_keys = {name: STEPS + name for name, leaf in steps.items() if _is_camera(leaf)}
+        self.cameras = list(self.camera_keys)
+        self.camera_shapes = {name: _shape(steps[name]) for name in self.cameras}  # (H, W, 3) as declared
+        self._records, self._filters = self._index(info)
+        self._frame_cache = FrameCache(frame_cache) if frame_cache else None
+        self._parsed: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._pid = os.getpid()
+        self._numeric: dict[int, EpisodeArrays] = {}
+        self.unreadable: dict[int, str] = {}  # episodes whose record or features are broken: index -> why
+        self._episodes = [self._read_episode(i) for i in range(len(self._records))]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_parsed": OrderedDict()}  # parsed records (frames included) stay behind
+
+    def _read_episode(self, episode_index: int) -> Episode:
+        """The episode's numbers, kept; a broken one is recorded in ``unreadable`` (length 0)."""
+        try:
+            return self._read_numeric(episode_index)
+        except DatasetFormatError as err:
+            self.unreadable[episode_index] = str(err)
+            return Episode(episode_index, 0, "")
+
+    def _feature(self, key: str, role: str, steps: dict[str, dict[str, Any]]) -> str:
+        name = key.strip().replace(".", "/").removeprefix(STEPS)
+        if name not in steps:
+            raise UnknownFeatureError(role, key, self.path, sorted(steps))
+        return STEPS + name
+
+    def _index(self, info: dict[str, Any]) -> tuple[list[tuple[Path, int, int]], dict[str, list[int]]]:
+        """(shard file, offset, length) of every episode's record, and the episode ids of each split."""
+        records, filters = [], {}
+        file_format = info.get("fileFormat", "tfrecord")
+        if file_format != "tfrecord":
+            raise DatasetFormatError(f"{self.path}/dataset_info.json: fileFormat {file_format}; only tfrecord is read")
+        for split in info.get("splits", []):
+            lengths = [int(n) for n in split.get("shardLengths", [])]
+            template = split.get("filepathTemplate", DEFAULT_TEMPLATE)
+            names = _shard_names(template, info["name"], split["name"], file_format, len(lengths))
+            first = len(records)
+            for name, expected in zip(names, lengths, strict=True):
+                file = self.path / name
+                if not file.is_file():
+                    raise DatasetFormatError(f"{self.path}: shard {name} listed in dataset_info.json is missing")
+                try:
+                    spans = record_spans(file)
+                except ValueError as err:
+                    raise DatasetFormatError(str(err)) from None
+                if len(spans) != expected:
+                    raise DatasetFormatError(f"{file}: {len(spans)} episodes, dataset_info.json says {expected}")
+                records += [(file, offset, length) for offset, length in spans]
+            filters[split["name"]] = list(range(first, len(records)))
+        if not records:
+            raise DatasetFormatError(f"{self.path}: dataset_info.json lists no episodes")
+        return records, filters
+
+    def location(self, episode_index: int) -> str:
+        """'<shard file>, record k' of an episode, for messages."""
+        file, offset, _ = self._records[episode_index]
+        k = next(i for i, r in enumerate(r for r in self._records if r[0] == file) if r[1] == offset)
+        return f"{file.name}, record {k}"
+
+    def _example(self, episode_index: int) -> dict[str, Any]:
+        """The episode's parsed Example (the last few kept per process)."""
+        if os.getpid() != self._pid:  # a forked DataLoader worker starts its own cache
+            self._parsed, self._pid = OrderedDict(), os.getpid()
+        if episode_index not in self._parsed:
+            if not 0 <= episode_index < len(self._records):
+                raise IndexError(f"{self.path}: no episode {episode_index}")
+            try:
+                self._parsed[episode_index] = parse_example(read_record(*self._records[episode_index]))
+            except Exception as err:  # protobuf's DecodeError and the like: name the record
+                raise DatasetFormatError(f"{self.location(episode_index)}: not a tf.train.Example ({err})") from None
+            if len(self._parsed) > PARSED_EPISODES:
+                self._parsed.popitem(last=False)
+        self._parsed.move_to_end(episode_index)
+        return self._parsed[episode_index]
+
+    def _rows(self, example: dict[str, Any], key: str, episode_index: int, length: int | None) -> np.ndarray:
+        """A numeric per-step feature as (T, D) float32, its size checked against its declared shape."""
+        if key not in example:
+            raise DatasetFormatError(f"{self.location(episode_index)}: no {key}")
+        flat = example[key]
+        if isinstance(flat, list):
+            raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not numeric")
+        width = math.prod(_shape(self._steps[key.removeprefix(STEPS)]))
+        steps = len(flat) // max(width, 1)
+        if steps * width != len(flat) or (length is not None and steps != length):
+            want = f"{length} steps x {width}" if length is not None else f"a multiple of {width}"
+            raise DatasetFormatError(f"{self.location(episode_index)}: {key} holds {len(flat)} values, not {want}")
+        return flat.reshape(steps, width).astype(np.float32)
+
+    def _strings(self, example: dict[str, Any], key: str, episode_index: int, length: int) -> list[str]:
+        values = example.get(key)
+        if not isinstance(values, list) or len(values) != length:
+            raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not {length} strings")
+        return [_text(v) for v in values]
+
+    def _read_numeric(self, episode_index: int) -> Episode:
+        example = self._example(episode_index)
+        action = self._rows(example, self.action_key, episode_index, None)
+        length = len(action)
+        state = np.concatenate([self._rows(example, k, episode_index, length) for k in self.state_keys], axis=1)
+        text = self._strings(example, self.text_key, episode_index, length) if self.text_key else None
+        tasks = self._strings(example, STEPS + INSTRUCTION, episode_index, length) if INSTRUCTION in self._steps else []
+        task = tasks[0] if tasks else ""
+        timestamp = np.arange(length, dtype=np.float64) / self.fps
+        changing = tasks if len(set(tasks)) > 1 else None
+        self._numeric[episode_index] = EpisodeArrays(state, action, timestamp, text, changing)
+        return Episode(episode_index, length, task)
+
+    def episodes(self) -> list[Episode]:
+        return list(self._episodes)
+
+    def episode_filters(self) -> dict[str, list[int]]:
+        """Each split of ``dataset_info.json`` (``train``, ``val``, ...) -> its episode ids."""
+        return {name: list(ids) for name, ids in self._filters.items()}
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        if episode_index in self.unreadable:
+            raise DatasetFormatError(self.unreadable[episode_index])
+        if episode_index not in self._numeric:
+            raise IndexError(f"{self.path}: no episode {episode_index}")
+        return self._numeric[episode_index]
+
+    def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
+        if camera not in self.camera_keys:
+            raise KeyError(f"{self.path}: unknown camera '{camera}'; valid: {', '.join(self.cameras)}")
+        length = self._episodes[episode_index].length
+        wanted = np.asarray(frame_indices, np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= length):
+            raise IndexError(f"{self.path}: episode {episode_index} camera {camera} has {length} frames")
+        if self._frame_cache is not None:
+            file, offset, _ = self._records[episode_index]
+            every = range(length)
+            whole = self._frame_cache.get(
+                file, camera, episode_index, lambda: self._decode(episode_index, camera, every), extra=str(offset)
+            )
+            return np.ascontiguousarray(whole[wanted])
+        return self._decode(episode_index, camera, wanted)
+
+    def _decode(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
+        key, where = self.camera_keys[camera], self.location(episode_index)
+        leaf, values = self._steps[camera], self._example(episode_index).get(self.camera_keys[camera])
+        length = self._episodes[episode_index].length
+        if values is None or len(values) != (length if "image" in leaf else length * math.prod(_shape(leaf))):
+            raise DatasetFormatError(f"{where}: {key} does not hold {length} frames")
+        if "image" not in leaf:  # a raw uint8 tensor per step
+            return np.ascontiguousarray(values.reshape(length, *_shape(leaf))[list(frame_indices)], np.uint8)
+        rows = [_decode_image(values[i], f"{where}: {key} frame {i}") for i in frame_indices]
+        shape = _shape(leaf)
+        return np.stack(rows) if rows else np.zeros((0, *shape), np.uint8)
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as err:
+        raise DatasetFormatError(f"{where}: undecodable image ({err})") from None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetFormatError(f"{path.parent}: no {path.name}; not an RLDS (TFDS) dataset version directory")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetFormatError(f"{path}: unreadable ({err})") from None
+
+
+def _version_dir(path: Path) -> Path:
+    """The directory holding dataset_info.json: ``path``, or its only version subdirectory."""
+    if not path.exists():
+        raise FileNotFoundError(f"RLDS dataset not found: {path}")
+    if (path / "dataset_info.json").is_file() or not path.is_dir():
+        return path
+    versions = sorted(p for p in path.iterdir() if (p / "dataset_info.json").is_file())
+    if len(versions) == 1:
+        return versions[0]
+    if not versions:
+        raise DatasetFormatError(f"{path}: no dataset_info.json here or in a version subdirectory (1.0.0/)")
+    raise DatasetFormatError(f"{path}: several versions ({', '.join(p.name for p in versions)}); name one")
+
+
+def _step_features(features: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The per-step leaf features of features.json, by path under ``steps``."""
+    top = features.get("featuresDict", {}).get("features", {})
+    steps = top.get("steps", {}).get("sequence", {}).get("feature")
+    if steps is None:
+        raise DatasetFormatError(f"{path}/features.json: no 'steps' Dataset feature; not an RLDS dataset")
+    return _leaves(steps)

@@ -1,0 +1,239 @@
+"""RLDS datasets (TFDS tfrecord layout) read without TensorFlow: TFRecord framing, tf.train.Example,
+a dataset written by hand as TFDS documents it, the synthetic task round-tripped, checks and training."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import QUICKSTART, TINY
+from PIL import Image
+
+from robot_data import SyntheticReader
+from robot_data.check import check_dataset
+from robot_data.reader import DatasetFormatError, UnknownFeatureError
+from robot_data.rlds import RLDSReader
+from robot_data.rlds_writer import crc32c, frame_record, masked_crc, write_rlds
+from robot_data.tfrecord import Example, parse_example, record_spans
+from vla_ft.config import RecipeError, load_recipe
+
+SYNTH = SyntheticReader(episodes=6, episode_length=8, image_size=32, seed=3)
+
+
+def test_tfrecord_framing_and_checksums(tmp_path):
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, appendix B.4)
+    assert masked_crc(b"") == ((0 >> 15 | 0 << 17) + 0xA282EAD8) & 0xFFFFFFFF
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(frame_record(b"abc") + frame_record(b"") + frame_record(b"hello"))
+    assert record_spans(path) == [(12, 3), (12 + 3 + 4 + 12, 0), (2 * 16 + 3 + 12, 5)]
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=f"{path}: record at byte 35 claims 5 bytes"):
+        record_spans(path)
+
+
+def test_an_example_written_byte_by_byte_parses():
+    """features { feature { key: "a" value { float_list { value: [1.5, -2] } } } } on the wire."""
+    floats = b"\x0a\x08" + struct.pack("<2f", 1.5, -2.0)
+    feature = b"\x12" + bytes([len(floats)]) + floats
+    entry = b"\x0a\x01a\x12" + bytes([len(feature)]) + feature
+    features = b"\x0a" + bytes([len(entry)]) + entry
+    parsed = parse_example(b"\x0a" + bytes([len(features)]) + features)
+    assert list(parsed) == ["a"] and parsed["a"].tolist() == [1.5, -2.0]
+
+
+def _jpeg(rgb: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((4, 6, 3), rgb, np.uint8)).save(out, format="JPEG", quality=100)
+    return out.getvalue()
+
+
+def _hand_written(root: Path) -> Path:
+    """One episode of 3 steps, laid out as TFDS documents it (features.json as the DROID/LIBERO ones):
+    a nested observation with a float64 joint vector and a JPEG camera, bool and Text scalars."""
+    leaf = "tensorflow_datasets.core.features."
+    scalar = lambda dtype: {"pythonClassName": leaf + "scalar.Scalar", "tensor": {"shape": {}, "dtype": dtype}}  # noqa: E731
+    features = {
+        "pythonClassName": leaf + "features_dict.FeaturesDict",
+        "featuresDict": {
+            "features": {
+                "steps": {
+                    "pythonClassName": leaf + "dataset_feature.Dataset",
+                    "sequence": {
+                        "feature": {
+                            "pythonClassName": leaf + "features_dict.FeaturesDict",
+                            "featuresDict": {
+                                "features": {
+                                    "observation": {
+                                        "pythonClassName": leaf + "features_dict.FeaturesDict",
+                                        "featuresDict": {
+                                            "features": {
+                                                "joint_position": {
+                                                    "pythonClassName": leaf + "tensor_feature.Tensor",
+                                                    "tensor": {"shape": {"dimensions": ["2"]}, "dtype": "float64"},
+                                                },
+                                                "wrist": {
+                                                    "pythonClassName": leaf + "image_feature.Image",
+                                                    "image": {
+                                                        "shape": {"dimensions": ["4", "6", "3"]},
+                                                        "dtype": "uint8",
+                                                        "encodingFormat": "jpeg",
+                                                    },
+                                                },
+                                            }
+                                        },
+                                    },
+                                    "action": {
+                                        "pythonClassName": leaf + "tensor_feature.Tensor",
+                                        "tensor": {"shape": {"dimensions": ["3"]}, "dtype": "float32"},
+                                    },
+                                    "is_first": scalar("bool"),
+                                    "language_instruction": {"pythonClassName": leaf + "text_feature.Text", "text": {}},
+                                }
+                            },
+                        },
+                        "length": "-1",
+                    },
+                }
+            }
+        },
+    }
+    version = root / "hand" / "0.1.0"
+    version.mkdir(parents=True)
+    (version / "features.json").write_text(json.dumps(features))
+    info = {"name": "hand", "splits": [{"name": "train", "numBytes": "1", "shardLengths": ["1"]}]}
+    (version / "dataset_info.json").write_text(json.dumps(info))  # no template, no fileFormat: TFDS defaults
+    ex = Example()
+    f = ex.features.feature
+    f["steps/observation/joint_position"].float_list.value.extend([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    f["steps/observation/wrist"].bytes_list.value.extend([_jpeg((250, 0, 0)), _jpeg((0, 250, 0)), _jpeg((0, 0, 250))])
+    f["steps/action"].float_list.value.extend(range(9))
+    f["steps/is_first"].int64_list.value.extend([1, 0, 0])
+    f["steps/language_instruction"].bytes_list.value.extend([b"open the drawer", b"open the drawer", b"close it"])
+    (version / "hand-train.tfrecord-00000-of-00001").write_bytes(frame_record(ex.SerializeToString()))
+    return version.parent
+
+
+def test_a_dataset_laid_out_as_tfds_documents_it(tmp_path):
+    reader = RLDSReader(_hand_written(tmp_path), state_key="observation.joint_position", fps=15)
+    assert reader.path.name == "0.1.0"  # the only version directory
+    assert [(e.index, e.length, e.task) for e in reader.episodes()] == [(0, 3, "open the drawer")]
+    arrays = reader.numeric(0)
+    np.testing.assert_array_equal(arrays.state, [[0.5, 1.0], [1.5, 2.0], [2.5, 3.0]])
+    np.testing.assert_array_equal(arrays.action, np.arange(9, dtype=np.float32).reshape(3, 3))
+    np.testing.assert_allclose(arrays.timestamp, [0, 1 / 15, 2 / 15])
+    assert arrays.tasks == ["open the drawer", "open the drawer", "close it"]  # per frame: it changes
+    assert reader.cameras == ["observation/wrist"] and reader.episode_filters() == {"train": [0]}
+    frames = reader.frames(0, "observation/wrist", [2, 0])
+    assert frames.shape == (2, 4, 6, 3) and frames.dtype == np.uint8
+    assert (
+        np.abs(frames[0].astype(int) - (0, 0, 250)).max() < 8 and np.abs(frames[1].astype(int) - (250, 0, 0)).max() < 8
+    )
+    assert check_dataset(tmp_path / "hand", "rlds", decode="all", state_key="observation/joint_position", fps=15) == []
+
+
+@pytest.fixture(scope="module")
+def synthetic_rlds(tmp_path_factory) -> Path:
+    """The synthetic task as RLDS: episodes 0-3 in train (2 shards), 4-5 in val."""
+    return write_rlds(SYNTH, tmp_path_factory.mktemp("rlds") / "1.0.0", splits={"train": [0, 1, 2, 3], "val": [4, 5]})
+
+
+def test_the_synthetic_task_round_trips(synthetic_rlds):
+    reader = RLDSReader(synthetic_rlds.parent, text_key="narration", fps=SYNTH.fps)
+    assert reader.episode_filters() == {"train": [0, 1, 2, 3], "val": [4, 5]}
+    assert sorted(p.name for p in synthetic_rlds.glob("*.tfrecord-*")) == [
+        "vla_ft_synthetic-train.tfrecord-00000-of-00002",
+        "vla_ft_synthetic-train.tfrecord-00001-of-00002",
+        "vla_ft_synthetic-val.tfrecord-00000-of-00002",
+        "vla_ft_synthetic-val.tfrecord-00001-of-00002",
+    ]
+    assert [(e.length, e.task) for e in reader.episodes()] == [(e.length, e.task) for e in SYNTH.episodes()]
+    for e in SYNTH.episodes():
+        want, got = SYNTH.numeric(e.index), reader.numeric(e.index)
+        np.testing.assert_array_equal(got.state, want.state)
+        np.testing.assert_array_equal(got.action, want.action)
+        assert got.text == want.text
+        frames = reader.frames(e.index, "observation/top", [5, 0, 5])
+        np.testing.assert_array_equal(frames, SYNTH.frames(e.index, "observation.images.top", [5, 0, 5]))
+    assert reader.location(5) == "vla_ft_synthetic-val.tfrecord-00001-of-00002, record 0"
+
+
+def test_frames_through_the_decoded_frame_cache(synthetic_rlds, tmp_path):
+    cached = RLDSReader(synthetic_rlds, fps=10, frame_cache=tmp_path / "cache")
+    direct = RLDSReader(synthetic_rlds, fps=10)
+    for _ in range(2):  # a miss that decodes the episode, then a hit
+        np.testing.assert_array_equal(
+            cached.frames(3, "observation/top", [7, 1]), direct.frames(3, "observation/top", [7, 1])
+        )
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
+
+
+def test_what_a_user_gets_wrong_is_named(synthetic_rlds, tmp_path):
+    with pytest.raises(
+        UnknownFeatureError, match=r"data.state_key: 'observation.stat' .* \(did you mean 'observation/state'\?\)"
+    ):
+        RLDSReader(synthetic_rlds, state_key="observation.stat", fps=10)
+    with pytest.raises(DatasetFormatError, match="RLDS records no control rate; set data.fps"):
+        RLDSReader(synthetic_rlds)
+    with pytest.raises(RecipeError, match="data.fps: required for data.format=rlds"):
+        load_recipe(QUICKSTART, [*TINY, "data.format=rlds", f"data.path={synthetic_rlds}"])
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(synthetic_rlds, broken)
+    (broken / "vla_ft_synthetic-val.tfrecord-00001-of-00002").unlink()
+    with pytest.raises(DatasetFormatError, match="shard vla_ft_synthetic-val.tfrecord-00001-of-00002 listed in"):
+        RLDSReader(broken, fps=10)
+
+
+def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthetic_rlds, tmp_path):
+    """Episode 2's action list loses a value: the check names its shard and record, training refuses the
+    dataset, and with data.skip_bad_episodes trains on the others."""
+    import shutil
+
+    from vla_ft.data import build_reader, checked_skip_list
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    shard = broken / "vla_ft_synthetic-train.tfrecord-00001-of-00002"
+    spans = record_spans(shard)
+    records = [shard.read_bytes()[o : o + n] for o, n in spans]
+    example = Example.FromString(records[0])
+    del example.features.feature["steps/action"].float_list.value[-1]
+    shard.write_bytes(frame_record(example.SerializeToString()) + frame_record(records[1]))
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert [(p.kind, p.episode) for p in problems] == [("unreadable", 2)]
+    assert problems[0].file == "vla_ft_synthetic-train.tfrecord-00001-of-00002, record 0"
+    assert "steps/action holds 23 values, not a multiple of 3" in problems[0].message
+    overrides = [*TINY, "data.format=rlds", f"data.path={broken}", "data.fps=10", "data.text_key=narration"]
+    with pytest.raises(RecipeError, match="episode 2"):
+        checked_skip_list(load_recipe(QUICKSTART, overrides))
+    recipe = load_recipe(QUICKSTART, [*overrides, "data.skip_bad_episodes=true"])
+    assert checked_skip_list(recipe, build_reader(recipe)) == {2}
+
+
+def test_training_on_rlds_validates_on_its_val_split(synthetic_rlds, tmp_path):
+    from vla_ft.train import main
+
+    overrides = [
+        *TINY,
+        "data.format=rlds",
+        f"data.path={synthetic_rlds.parent}",
+        "data.fps=10",
+        "data.text_key=narration",
+        "data.val_filter=val",
+        "data.cameras=[observation/top]",
+        "train.steps=2",
+        "logging.tensorboard=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    from vla_ft.data import build_reader, split_train_val
+
+    recipe = load_recipe(QUICKSTART, overrides)
+    reader = build_reader(recipe)
+    assert split_train_val(recipe, reader, list(range(6))) == ([0, 1, 2, 3], [4, 5])
+    result = main(recipe)
+    assert np.isfinite(result["val/action_l1"])
