@@ -237,3 +237,14 @@ def test_training_on_rlds_validates_on_its_val_split(synthetic_rlds, tmp_path):
     assert split_train_val(recipe, reader, list(range(6))) == ([0, 1, 2, 3], [4, 5])
     result = main(recipe)
     assert np.isfinite(result["val/action_l1"])
+
+
+def test_data_fps_overrides_an_hdf5_files_rate(tmp_path):
+    from robot_data.hdf5_writer import write_robomimic
+    from vla_ft.data import build_reader
+
+    write_robomimic(SYNTH, tmp_path / "rm.hdf5")  # the file records the synthetic task's 10 Hz
+    base = [*TINY, "data.format=hdf5", f"data.path={tmp_path / 'rm.hdf5'}", "data.state_key=state"]
+    base += ["data.action_key=actions", "data.language_target=none", "data.cameras=[top_image]"]
+    assert build_reader(load_recipe(QUICKSTART, base)).fps == 10
+    assert build_reader(load_recipe(QUICKSTART, [*base, "data.fps=30"])).fps == 30
