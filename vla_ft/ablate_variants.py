@@ -130,6 +130,8 @@ def variant_recipe(base_raw: dict[str, Any], variant: Variant, root: Path) -> Re
         _set(raw, key, value)
     _set(raw, "output_dir", str(root / variant.name))
     _set(raw, "train.resume", True)
+    if not raw.get("logging", {}).get("wandb", {}).get("group"):  # the sweep's runs side by side in W&B
+        _set(raw, "logging.wandb.group", root.name)
     return recipe_from_dict(raw, f"variant '{variant.name}'")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from vla_ft import checkpoint as ck
 from vla_ft import optim
-from vla_ft.config import Recipe, RecipeError, save_recipe
+from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
 from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader, sample_sources
 from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
@@ -207,7 +207,9 @@ def setup(recipe: Recipe) -> Run:
         val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(run_dir, recipe.logging.tensorboard, enabled=rt.is_main)
+    logger = MetricsLogger(
+        run_dir, recipe.logging.tensorboard, rt.is_main, recipe.logging.wandb, to_dict(recipe) if rt.is_main else None
+    )
     run = Run(
         recipe,
         rt,

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,14 +179,25 @@ def mean_window(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class MetricsLogger:
-    """One JSON object per logged step in ``metrics.jsonl``; the same scalars in TensorBoard.
+    """One JSON object per logged step in ``metrics.jsonl``; the same scalars in TensorBoard and,
+    with ``wandb`` (``logging.wandb``), in a Weights & Biases run whose config is ``config``.
 
     The TensorBoard writer is opened on first use so that a resumed run can tell it where
     the checkpoint was (``purge_step``): TensorBoard then hides the stale events the crashed
-    run wrote after it, as ``truncate_after`` does for ``metrics.jsonl``.
+    run wrote after it, as ``truncate_after`` does for ``metrics.jsonl``. The W&B run is opened on
+    first use too, with an id kept in ``<run_dir>/wandb_id.txt``, so a resume continues the same run
+    (W&B keeps the first value it got for a step: rows a crashed attempt logged after its last
+    checkpoint stay there, unlike in the two files).
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool,
+        enabled: bool = True,
+        wandb: Any = None,
+        config: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
@@ -193,6 +205,9 @@ class MetricsLogger:
         self.writer = None
         self.purge_step: int | None = None
         self.replay: list[dict[str, Any]] = []  # kept rows at purge_step, written again to a new writer
+        self.wandb = wandb if enabled and wandb is not None and wandb.enabled else None
+        self.wandb_config = config
+        self.wandb_run = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -203,6 +218,28 @@ class MetricsLogger:
             writer = self._writer()
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self._wandb_run().log(values, step=step)
+
+    def _wandb_run(self):
+        if self.wandb_run is None:
+            import wandb
+
+            cfg, id_file = self.wandb, self.run_dir / "wandb_id.txt"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:8] + "\n")  # W&B's id alphabet: [a-z0-9]
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or self.run_dir.resolve().name,
+                group=cfg.group,
+                tags=list(cfg.tags) or None,
+                config=self.wandb_config,
+                dir=str(self.run_dir),
+                id=id_file.read_text().strip(),
+                resume="allow",
+            )
+        return self.wandb_run
 
     def _writer(self):
         if self.writer is None:
@@ -255,6 +292,9 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def _wait_past_the_newest_event_file(log_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import string
 import typing
@@ -96,6 +97,8 @@ def validate(r: Recipe) -> list[str]:
     p += cache_problems(r)
     p += fsdp_problems(r)
     p += quantize_problems(r)
+    if r.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        p.append("logging.wandb.enabled: needs wandb (pip install 'vla-ft[wandb]')")
     p += model_problems(r)
     p += nonfinite_problems(r, reported=p)
     if not p:  # the metric names need a consistent loss and data section
@@ -377,8 +380,6 @@ def quantize_problems(r: Recipe) -> list[str]:
     """``model.language.quantize`` and ``optim.name: adamw8bit`` (bitsandbytes): 4-bit weights never
     train, FSDP shards neither, and bitsandbytes must be installed (looked up, not imported: importing
     it loads its CUDA libraries)."""
-    import importlib.util
-
     keys = [f"model.language.quantize: {r.model.language.quantize}"] if r.model.language.quantize != "none" else []
     keys += ["optim.name: adamw8bit"] if r.optim.name == "adamw8bit" else []
     if keys and importlib.util.find_spec("bitsandbytes") is None:

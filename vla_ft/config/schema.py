@@ -356,9 +356,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = doc(
+        "also log every row to Weights & Biases (pip install 'vla-ft[wandb]'; WANDB_MODE=offline keeps the run "
+        "under <output_dir>/wandb for `wandb sync`)",
+        False,
+    )
+    project: str = doc("W&B project", "vla-ft")
+    entity: str | None = doc("W&B team or user (null: the logged-in default)", None)
+    name: str | None = doc("run name (null: the output_dir's name)", None)
+    group: str | None = doc("run group, e.g. one per ablation", None)
+    tags: list[str] = doc("run tags", factory=list)
+
+
+@dataclass
 class LoggingConfig:
     every: int = doc("log train metrics every N optimizer steps", 10)
     tensorboard: bool = doc("write TensorBoard event files under <output_dir>/tensorboard", True)
+    wandb: WandbConfig = doc(
+        "Weights & Biases (the same rows as metrics.jsonl, the recipe as its config)", factory=WandbConfig
+    )
     progress: Literal["auto", "bar", "plain", "none"] = doc("tqdm bar on a TTY, plain lines otherwise", "auto")
 
 
