@@ -253,7 +253,11 @@ def test_a_second_stage_under_ddp_trains_as_one_process(single, tmp_path, capsys
     ranks = train_2_processes(two, [*stage, "train.batch_size=2"])
     assert ranks[0] == ranks[1] and ranks[0]["step"] == 3
     assert_losses_match(losses(two), losses(one), range(1, 4))
-    assert max_weight_diff(weights(two, 3), weights(one, 3)) < WEIGHT_ATOL
+    # The vision encoder unfreezes at update 1 here, so its weights have seen Adam's first steps, which
+    # divide each gradient element by its own size: where an element is near zero, the two summation
+    # orders' rounding moves its weight by a visible fraction of one update (2e-3). Measured: 8e-6 on
+    # the 2-core CPU box, 1.6e-5 on the GPU host's CPU (patch_embed.proj.weight both times).
+    assert max_weight_diff(weights(two, 3), weights(one, 3)) < 5e-5
 
 
 # ----------------------------------------------------------------------------- FSDP2
