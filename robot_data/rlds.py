@@ -78,7 +78,7 @@ def _is_camera(leaf: dict[str, Any]) -> bool:
 
 
 def _text(value: bytes) -> str:
-    return value.decode("utf-8")
+    return value.decode("utf-8", errors="replace")  # TFDS Text is UTF-8; a stray byte must not stop the run
 
 
 class RLDSReader(Reader):
@@ -134,8 +134,9 @@ class RLDSReader(Reader):
             raise UnknownFeatureError(role, key, self.path, sorted(steps))
         return STEPS + name
 
-    def _index(self, info: dict[str, Any]) -> tuple[list[tuple[Path, int, int]], dict[str, list[int]]]:
-        """(shard file, offset, length) of every episode's record, and the episode ids of each split."""
+    def _index(self, info: dict[str, Any]) -> tuple[list[tuple[Path, int, int, int]], dict[str, list[int]]]:
+        """(shard file, offset, length, record number in the shard) of every episode's record, and the
+        episode ids of each split."""
         records, filters = [], {}
         file_format = info.get("fileFormat", "tfrecord")
         if file_format != "tfrecord":
@@ -155,7 +156,7 @@ class RLDSReader(Reader):
                     raise DatasetFormatError(str(err)) from None
                 if len(spans) != expected:
                     raise DatasetFormatError(f"{file}: {len(spans)} episodes, dataset_info.json says {expected}")
-                records += [(file, offset, length) for offset, length in spans]
+                records += [(file, offset, length, k) for k, (offset, length) in enumerate(spans)]
             filters[split["name"]] = list(range(first, len(records)))
         if not records:
             raise DatasetFormatError(f"{self.path}: dataset_info.json lists no episodes")
@@ -163,8 +164,7 @@ class RLDSReader(Reader):
 
     def location(self, episode_index: int) -> str:
         """'<shard file>, record k' of an episode, for messages."""
-        file, offset, _ = self._records[episode_index]
-        k = next(i for i, r in enumerate(r for r in self._records if r[0] == file) if r[1] == offset)
+        file, _, _, k = self._records[episode_index]
         return f"{file.name}, record {k}"
 
     def _example(self, episode_index: int) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class RLDSReader(Reader):
             if not 0 <= episode_index < len(self._records):
                 raise IndexError(f"{self.path}: no episode {episode_index}")
             try:
-                self._parsed[episode_index] = parse_example(read_record(*self._records[episode_index]))
+                self._parsed[episode_index] = parse_example(read_record(*self._records[episode_index][:3]))
             except Exception as err:  # protobuf's DecodeError and the like: name the record
                 raise DatasetFormatError(f"{self.location(episode_index)}: not a tf.train.Example ({err})") from None
             if len(self._parsed) > PARSED_EPISODES:
@@ -238,7 +238,7 @@ class RLDSReader(Reader):
         if len(wanted) and (wanted.min() < 0 or wanted.max() >= length):
             raise IndexError(f"{self.path}: episode {episode_index} camera {camera} has {length} frames")
         if self._frame_cache is not None:
-            file, offset, _ = self._records[episode_index]
+            file, offset, _, _ = self._records[episode_index]
             every = range(length)
             whole = self._frame_cache.get(
                 file, camera, episode_index, lambda: self._decode(episode_index, camera, every), extra=str(offset)

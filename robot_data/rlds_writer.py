@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from robot_data.hdf5_writer import TEXT, camera_name
-from robot_data.reader import Reader
+from robot_data.reader import Episode, Reader
 from robot_data.rlds import DEFAULT_TEMPLATE, INSTRUCTION, _shard_names
 from robot_data.tfrecord import Example
 
@@ -96,10 +96,10 @@ def _png(frame: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def episode_example(reader: Reader, episode: int) -> bytes:
+def episode_example(reader: Reader, ep: Episode) -> bytes:
     """One episode as a serialised tf.train.Example, every step feature one flat list."""
-    ep = next(e for e in reader.episodes() if e.index == episode)
-    arrays, n = reader.numeric(episode), ep.length
+    episode, n = ep.index, ep.length
+    arrays = reader.numeric(episode)
     example = Example()
     feature = example.features.feature
     feature["steps/observation/state"].float_list.value.extend(arrays.state.reshape(-1).tolist())
@@ -132,7 +132,8 @@ def write_rlds(
     tfrecord shards per split (``splits``: name -> episode ids; default every episode in ``train``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    splits = splits or {"train": [e.index for e in reader.episodes()]}
+    episodes = {e.index: e for e in reader.episodes()}
+    splits = splits or {"train": list(episodes)}
     first = reader.numeric(reader.episodes()[0].index)
     size = reader.frames(reader.episodes()[0].index, reader.cameras[0], [0]).shape[1]
     features = features_json(reader, first.state.shape[1], first.action.shape[1], first.text is not None, size)
@@ -141,7 +142,7 @@ def write_rlds(
     for split, ids in splits.items():
         parts = [list(part) for part in np.array_split(np.asarray(ids, dtype=np.int64), shards) if len(part)]
         for file, part in zip(_shard_names(DEFAULT_TEMPLATE, name, split, "tfrecord", len(parts)), parts, strict=True):
-            (directory / file).write_bytes(b"".join(frame_record(episode_example(reader, int(i))) for i in part))
+            (directory / file).write_bytes(b"".join(frame_record(episode_example(reader, episodes[i])) for i in part))
         info_splits.append(
             {"name": split, "shardLengths": [str(len(p)) for p in parts], "filepathTemplate": DEFAULT_TEMPLATE}
         )

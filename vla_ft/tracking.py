@@ -184,10 +184,10 @@ class MetricsLogger:
 
     The TensorBoard writer is opened on first use so that a resumed run can tell it where
     the checkpoint was (``purge_step``): TensorBoard then hides the stale events the crashed
-    run wrote after it, as ``truncate_after`` does for ``metrics.jsonl``. The W&B run is opened on
-    first use too, with an id kept in ``<run_dir>/wandb_id.txt``, so a resume continues the same run
-    (W&B keeps the first value it got for a step: rows a crashed attempt logged after its last
-    checkpoint stay there, unlike in the two files).
+    run wrote after it, as ``truncate_after`` does for ``metrics.jsonl``. The W&B run is opened at
+    once (a W&B login or network problem stops the run before it computes anything), with an id kept
+    in ``<run_dir>/wandb_id.txt``, so a resume continues the same run (W&B keeps the first value it got
+    for a step: rows a crashed attempt logged after its last checkpoint stay there, unlike in the two files).
     """
 
     def __init__(
@@ -208,6 +208,8 @@ class MetricsLogger:
         self.wandb = wandb if enabled and wandb is not None and wandb.enabled else None
         self.wandb_config = config
         self.wandb_run = None
+        if self.wandb is not None:  # before any compute: a W&B login or network problem shows at once
+            self._wandb_run()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
