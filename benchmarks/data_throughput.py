@@ -6,9 +6,9 @@
 
 
 The synthetic task is written to disk as LeRobot v3.0 (PNG images in parquet, and H.264 MP4)
-at ``--size`` pixels, then read back through RobotDataset + DataLoader (workers, persistent
-workers, pinned memory off: CPU). "first epoch" includes worker start-up and cold caches;
-"steady" is a second pass. The video dataset is also timed with the decoded-frame cache. The
+and as RLDS (PNG frames in tfrecords) at ``--size`` pixels, then read back through RobotDataset +
+DataLoader (workers, persistent workers, pinned memory off: CPU). "first epoch" includes worker
+start-up and cold caches; "steady" is a second pass. The video dataset is also timed with the decoded-frame cache. The
 last column is the CPU cost of one sample in one process, which other load does not change.
 
 With ``--root DIR`` it reads that LeRobot directory (e.g. from ``vla-ft data synth``) instead,
@@ -159,12 +159,14 @@ def main() -> None:
         return
     from robot_data import SyntheticReader, build_reader
     from robot_data.lerobot_writer import write_lerobot
+    from robot_data.rlds_writer import write_rlds
 
     source = SyntheticReader(episodes=args.episodes, episode_length=args.length, image_size=args.size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_lerobot(source, root / "images", video=False)
         write_lerobot(source, root / "video", video=True, codec="h264")
+        write_rlds(source, root / "rlds" / "1.0.0")
         rows = [
             ("synthetic, rendered in memory", source),
             ("LeRobot v3.0, PNG in parquet", build_reader("lerobot", path=str(root / "images"))),
@@ -172,6 +174,11 @@ def main() -> None:
             (
                 "LeRobot v3.0, H.264 + frame_cache",
                 build_reader("lerobot", path=str(root / "video"), frame_cache=str(root / "cache")),
+            ),
+            ("RLDS, PNG in tfrecords", build_reader("rlds", path=str(root / "rlds"), fps=source.fps)),
+            (
+                "RLDS + frame_cache",
+                build_reader("rlds", path=str(root / "rlds"), fps=source.fps, frame_cache=str(root / "rlds_cache")),
             ),
         ]
         frames = args.episodes * args.length
