@@ -289,3 +289,40 @@ def test_adamw8bit_refusals_name_the_key(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     with pytest.raises(RecipeError, match="optim.name: adamw8bit: needs bitsandbytes"):
         tiny_recipe(tmp_path, "optim.name=adamw8bit")
+
+
+def test_a_pretrained_lm_loads_in_bf16_for_quantising_and_keeps_the_rest_fp32(tmp_path, monkeypatch):
+    """Loading in bf16 halves the host memory of the load; the hub weights are bf16, so the codes are
+    those of the same weights loaded in fp32, and what stays full precision is fp32 as before."""
+    import bitsandbytes as bnb
+    from tiny_models import save_lm_dir, save_tokenizer_dir
+    from transformers import AutoModelForCausalLM
+
+    from vla_ft.quantize import quantized_layers
+
+    saved = save_lm_dir(tmp_path / "lm", dtype=torch.bfloat16)
+    save_tokenizer_dir(tmp_path / "tok")
+    dtypes, real = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda *a, **k: (dtypes.append(k["dtype"]), real(*a, **k))[1]
+    )
+    recipe = tiny_recipe(
+        tmp_path,
+        *QLORA,
+        f"model.language.name={tmp_path / 'lm'}",
+        "model.language.config={}",
+        f"model.language.tokenizer={tmp_path / 'tok'}",
+    )
+    model = build_model(recipe, **DIMS)
+    assert dtypes == [torch.bfloat16]
+    lm = model.language_model
+    rest = {n: p for n, p in lm.named_parameters() if p.is_floating_point()}
+    assert rest and all(p.dtype == torch.float32 for p in rest.values())
+    embed = next(p for n, p in rest.items() if n.endswith("embed_tokens.weight"))
+    assert torch.equal(embed, saved["model.embed_tokens.weight"].float())
+    assert len(quantized_layers(model)) == len(LINEARS)
+    for name, layer in quantized_layers(model).items():
+        key = name.removeprefix("language_model.base_model.model.").removesuffix(".base_layer") + ".weight"
+        ref = bnb.nn.Params4bit(saved[key].float(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+        ref = ref.to("cpu")
+        assert torch.equal(layer.weight.data, ref.data), name  # the codes of the fp32 load

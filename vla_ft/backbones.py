@@ -315,11 +315,16 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
     causal kernel when compiled) and the rotary tables are computed once per forward (:mod:`vla_ft.lm_compile`).
     Weights stay float32 whatever the checkpoint's dtype (transformers 5 would load bf16 hub
     weights as bf16): they are the optimizer's master weights; autocast does low-precision math.
+    (A pretrained LM that ``model.language.quantize`` will quantise loads in bf16; see below.)
     """
     from transformers import AutoModelForCausalLM
 
     lang = cfg.language
-    common = {"attn_implementation": lang.attn_implementation, "dtype": torch.float32}
+    # A LM to be quantised (model.language.quantize) loads in bf16: its linears become 4-bit codes right
+    # after, so fp32 would only double the host memory of the load (28 GB for a 7B LM); the rest is made
+    # fp32 again once quantised (vla_ft.quantize.quantize_linears). Hub weights are bf16: same values.
+    dtype = torch.bfloat16 if lang.quantize != "none" and lang.name is not None and config is None else torch.float32
+    common = {"attn_implementation": lang.attn_implementation, "dtype": dtype}
     if config is not None:
         lm = AutoModelForCausalLM.from_config(config, **common)
     elif lang.name is None:

@@ -86,6 +86,9 @@ def quantize_linears(lm: nn.Module, quant_type: str, device: torch.device | str 
             q.bias = nn.Parameter(linear.bias.data.to(q.weight.device), requires_grad=False)
         q.requires_grad_(False)
         setattr(lm.get_submodule(parent) if parent else lm, leaf, q)
+    for p in lm.parameters():  # a LM loaded in bf16 for quantising: what stays full precision is fp32
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
     return len(targets)
 
 
