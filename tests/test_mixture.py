@@ -189,6 +189,23 @@ def test_a_weighted_epoch_shards_and_resumes_like_a_permutation():
         EpochSampler(50, seed=3, shuffle=True, weights=weights[:49])
 
 
+def test_weighted_draws_beyond_torch_multinomials_limit():
+    """More than 2^24 frames (torch.multinomial's limit): two indices on either side of it hold all the
+    weight, 3 : 1; the draws follow it and repeat with the seed."""
+    from vla_ft.data import MULTINOMIAL_LIMIT, weighted_draws
+
+    n = MULTINOMIAL_LIMIT + 3
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[5], weights[n - 1] = 3.0, 1.0
+    draws = weighted_draws(weights, 4000, torch.Generator().manual_seed(0))
+    assert set(draws) == {5, n - 1}
+    assert draws.count(n - 1) / 4000 == pytest.approx(0.25, abs=0.03)
+    assert weighted_draws(weights, 4000, torch.Generator().manual_seed(0)) == draws
+    small = torch.rand(50, generator=torch.Generator().manual_seed(1)).double()  # below it: multinomial's stream
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert weighted_draws(small, 30, g1) == torch.multinomial(small, 30, replacement=True, generator=g2).tolist()
+
+
 def test_sources_of_another_robot_are_refused_naming_the_source(tmp_path, tiny_overrides):
     a = _task_file(tmp_path / "a.hdf5", "task a", seed=1)
     b = _task_file(tmp_path / "b.hdf5", "task b", seed=2)

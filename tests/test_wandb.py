@@ -40,9 +40,25 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records once the run's ``exit`` record is written: ``run.finish()`` may return before
+    wandb's core process has flushed the file (seen on the 2-core CI box, not on a quiet machine)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = wandb_records(path)
+        except Exception:  # noqa: BLE001 - a record still being written: read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def history(path: Path) -> dict[int, dict[str, float]]:
     rows = {}
-    for record in wandb_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             rows[row.pop("_step")] = row
@@ -71,7 +87,7 @@ def test_a_run_logs_its_rows_and_recipe_to_wandb_and_a_resume_continues_it(tmp_p
     assert rows[3]["val/action_l1"] == pytest.approx(
         next(r for r in metric_rows(run_dir) if "val/action_l1" in r)["val/action_l1"]
     )
-    run = next(r.run for r in wandb_records(first) if r.WhichOneof("record_type") == "run")
+    run = next(r.run for r in finished_records(first) if r.WhichOneof("record_type") == "run")
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert (run.display_name, run.project, config["train"]["steps"]) == ("run", "vla-ft", 3)
     assert list(run.tags) == ["ablation", "tiny"]

@@ -44,6 +44,22 @@ class DataBundle:
     train_weights: torch.Tensor | None = None  # per training sample, data.mix weights (None: uniform)
 
 
+MULTINOMIAL_LIMIT = 2**24  # torch.multinomial refuses more categories
+
+
+def weighted_draws(weights: torch.Tensor, n: int, g: torch.Generator) -> list[int]:
+    """``n`` indices drawn with replacement in proportion to ``weights`` ((N,), float64).
+
+    torch.multinomial up to its 2^24 categories (the stream runs saved before keep resuming on);
+    above, the inverse of the cumulative distribution at ``n`` uniform draws, for mixtures of more
+    than 16.7 M frames."""
+    if len(weights) <= MULTINOMIAL_LIMIT:
+        return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+    cdf = torch.cumsum(weights.double(), 0)
+    u = torch.rand(n, generator=g, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(weights) - 1).tolist()
+
+
 class EpochSampler(Sampler[int]):
     """Deterministic per-epoch permutation, sharded ``perm[rank::world]``, skippable.
 
@@ -81,7 +97,7 @@ class EpochSampler(Sampler[int]):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             if self.weights is not None:
-                perm = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+                perm = weighted_draws(self.weights, self.n, g)
             else:
                 perm = torch.randperm(self.n, generator=g).tolist()
         else:

@@ -2,14 +2,15 @@
 
 Why: with LoRA or a frozen LM, the LM's base weights never change, yet in bf16 they are most of a
 VLA's memory (a 7B LM: 14 GB). Stored as block-wise 4-bit codes (64 weights per block, their
-absmax quantised again, as QLoRA does) they take a quarter of that, and a 7B VLA fine-tunes on a
-24 GB GPU. The matmuls dequantise a block at a time to the input's dtype.
+absmax quantised again, as QLoRA does) they take about a quarter of that (0.52 bytes per weight with
+the statistics). The matmuls dequantise the weight to the input's dtype, in forward and in backward:
+memory for time (``benchmarks/RESULTS.md``).
 
 Every linear layer of the LM is quantised except the output head: it usually shares its weight with
 the input embeddings (a lookup, not a matmul) and runs only at the supervised positions
 (:meth:`vla_ft.model.VLA.language_logits`). The codes depend on the device that made them
-(bitsandbytes' CPU and CUDA kernels round the absmax differently), so the run quantises on its own
-device, and checkpoints store the codes and their statistics as bitsandbytes serialises them
+(bitsandbytes' CPU and CUDA kernels gave different absmax codes for the same weights), so the run
+quantises on its own device, and checkpoints store the codes and their statistics as bitsandbytes serialises them
 (``<layer>.weight`` plus ``<layer>.weight.absmax``, ``.quant_map``, ...): resuming and inference
 run against the very weights training saw, without the hub. Exports and ``model.init_from``
 read them dequantised (:func:`dequantize_state`) into a model built without quantisation: an
