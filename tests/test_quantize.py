@@ -190,6 +190,23 @@ def test_checkpoint_and_export_predict_as_the_trained_model(qlora_run, tmp_path)
     torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_a_qlora_second_stage_quantises_the_sources_merged_weights(qlora_run, tmp_path):
+    """init_from + quantize: the source's weights are copied first, then this run quantises them."""
+    import bitsandbytes as bnb
+
+    from vla_ft.quantize import quantized_layers
+
+    model = build_model(tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}", *QLORA), **DIMS)
+    plain = build_model(tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}"), **DIMS)
+    weights = plain.language_model.state_dict()
+    layers = quantized_layers(model)
+    assert len(layers) == len(LINEARS)
+    for name, layer in layers.items():
+        key = name.removeprefix("language_model.base_model.model.").removesuffix(".base_layer") + ".weight"
+        ref = bnb.nn.Params4bit(weights[key], requires_grad=False, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(layer.weight.data, ref.to("cpu").data), name
+
+
 def test_init_from_a_qlora_run_starts_from_its_dequantised_merged_weights(qlora_run, tmp_path):
     recipe = tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}")
     model = build_model(recipe, **DIMS)
