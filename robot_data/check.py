@@ -20,7 +20,7 @@ import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
-from robot_data.reader import EpisodeArrays, UnknownFeatureError
+from robot_data.reader import EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
 from robot_data.rlds import RLDSReader
 
@@ -143,9 +143,14 @@ def check_hdf5(
     return problems
 
 
-def check_rlds(path: str | Path, decode: str = "ends", **kwargs: Any) -> list[Problem]:
+def check_rlds(
+    path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, **kwargs: Any
+) -> list[Problem]:
     """RLDS: every episode's record parses with its features' declared sizes, dims as the first sound
-    episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...)."""
+    episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...).
+    ``opened``: the reader training already opened on ``path`` (opening reads every record once)."""
+    if opened is not None:
+        return _rlds_problems(opened, decode)
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
@@ -154,6 +159,10 @@ def check_rlds(path: str | Path, decode: str = "ends", **kwargs: Any) -> list[Pr
         raise  # a key naming no feature: the caller's typo, not the data's problem
     except (ValueError, OSError) as err:
         return [Problem("unreadable", str(path), None, str(err))]
+    return _rlds_problems(reader, decode)
+
+
+def _rlds_problems(reader: RLDSReader, decode: str) -> list[Problem]:
     problems: list[Problem] = []
     dims: tuple[int, int] | None = None
     for ep in reader.episodes():
@@ -223,10 +232,16 @@ def _hdf5_contents(
 
 
 def check_dataset(
-    path: str | Path, format: str, decode: str = "ends", offsets: Mapping[str, int] | None = None, **kwargs: Any
+    path: str | Path,
+    format: str,
+    decode: str = "ends",
+    offsets: Mapping[str, int] | None = None,
+    opened: Reader | None = None,
+    **kwargs: Any,
 ) -> list[Problem]:
     """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...);
-    ``offsets``: of the reader already open on a robomimic directory (see :func:`check_mixture`).
+    ``offsets``: of the reader already open on a robomimic directory (see :func:`check_mixture`);
+    ``opened``: an RLDS reader already open on ``path``, checked instead of opening another.
 
     A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem.
     """
@@ -239,6 +254,8 @@ def check_dataset(
         raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
     if is_robomimic_dir(format, {**kwargs, "path": path}):
         return check_mixture({f.stem: f for f in robomimic_files(path)}, format, decode, offsets, **kwargs)
+    if format == "rlds":
+        return check_rlds(path, decode=decode, opened=opened if isinstance(opened, RLDSReader) else None, **kwargs)
     return checks[format](path, decode=decode, **kwargs)
 
 
@@ -247,12 +264,16 @@ def check_mixture(
     format: str,
     decode: str = "ends",
     offsets: Mapping[str, int] | None = None,
+    opened: Mapping[str, Reader] | None = None,
     **kwargs: Any,
 ) -> list[Problem]:
     """Every source's problems, each episode numbered as :class:`~robot_data.mixture.MixtureReader`
     numbers it (its source's offset plus its own id): ``offsets`` of the reader when one is open,
-    else each source is opened here to number its episodes."""
-    found = {name: check_dataset(path, format, decode, **kwargs) for name, path in paths.items()}
+    else each source is opened here to number its episodes. ``opened``: its sources' readers."""
+    opened = opened or {}
+    found = {
+        name: check_dataset(path, format, decode, opened=opened.get(name), **kwargs) for name, path in paths.items()
+    }
     if offsets is None:
         offsets = next_offsets({name: _episode_ids(format, path, kwargs) for name, path in paths.items()})
     return [

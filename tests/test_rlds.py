@@ -189,7 +189,7 @@ def test_what_a_user_gets_wrong_is_named(synthetic_rlds, tmp_path):
         RLDSReader(broken, fps=10)
 
 
-def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthetic_rlds, tmp_path):
+def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthetic_rlds, tmp_path, monkeypatch):
     """Episode 2's action list loses a value: the check names its shard and record, training refuses the
     dataset, and with data.skip_bad_episodes trains on the others."""
     import shutil
@@ -212,7 +212,11 @@ def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthe
     with pytest.raises(RecipeError, match="episode 2"):
         checked_skip_list(load_recipe(QUICKSTART, overrides))
     recipe = load_recipe(QUICKSTART, [*overrides, "data.skip_bad_episodes=true"])
-    assert checked_skip_list(recipe, build_reader(recipe)) == {2}
+    reader, opened = build_reader(recipe), []
+    real_init = RLDSReader.__init__
+    monkeypatch.setattr(RLDSReader, "__init__", lambda self, *a, **k: (opened.append(1), real_init(self, *a, **k))[1])
+    assert checked_skip_list(recipe, reader) == {2}
+    assert opened == []  # the check reads the reader training opened: one pass over the records, not two
 
 
 def test_training_on_rlds_validates_on_its_val_split(synthetic_rlds, tmp_path):
@@ -261,6 +265,12 @@ def test_two_rlds_datasets_train_as_one_mixture(synthetic_rlds, tmp_path):
     reader = build_reader(recipe)
     assert [reader.source_name(e.index) for e in reader.episodes()] == ["a"] * 6 + ["b"] * 3
     assert reader.episode_filters() == {"train": [0, 1, 2, 3, 6, 7, 8], "val": [4, 5]}
+    from vla_ft.data import checked_skip_list
     from vla_ft.train import main
+
+    opened, real_init = [], RLDSReader.__init__
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(RLDSReader, "__init__", lambda self, *a, **k: (opened.append(1), real_init(self, *a, **k))[1])
+        assert checked_skip_list(recipe, reader) == set() and opened == []  # each source's open reader is checked
 
     assert np.isfinite(main(recipe)["val/action_l1"])

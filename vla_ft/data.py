@@ -483,9 +483,11 @@ def checked_skip_list(recipe: Recipe, reader: Any = None) -> set[int]:
     offsets = reader.offsets if isinstance(reader, MixtureReader) else None
     try:
         if d.mix:
-            problems = check_mixture({name: s.path for name, s in d.mix.items()}, d.format, offsets=offsets, **kwargs)
+            paths = {name: s.path for name, s in d.mix.items()}
+            sources = reader.sources if isinstance(reader, MixtureReader) else None
+            problems = check_mixture(paths, d.format, offsets=offsets, opened=sources, **kwargs)
         else:
-            problems = check_dataset(d.path, d.format, offsets=offsets, **kwargs)
+            problems = check_dataset(d.path, d.format, offsets=offsets, opened=reader, **kwargs)
         skip = episodes_to_skip(problems, d.skip_bad_episodes)
     except DatasetCheckError as err:
         key = "data.mix" if d.mix else "data.path"
