@@ -274,3 +274,12 @@ def test_two_rlds_datasets_train_as_one_mixture(synthetic_rlds, tmp_path):
         assert checked_skip_list(recipe, reader) == set() and opened == []  # each source's open reader is checked
 
     assert np.isfinite(main(recipe)["val/action_l1"])
+
+
+def test_vla_ft_data_check_reads_rlds(synthetic_rlds, capsys):
+    from vla_ft.cli import main as cli
+
+    assert cli(["data", "check", str(synthetic_rlds), "--format", "rlds", "--fps", "10", "--decode", "all"]) == 0
+    assert "passed every check" in capsys.readouterr().out
+    assert cli(["data", "check", str(synthetic_rlds), "--format", "rlds"]) == 2
+    assert "--fps: required with --format rlds" in capsys.readouterr().err

@@ -41,7 +41,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vla_ft.config import RecipeError
 
     kwargs: dict = {"layout": args.layout} if args.format == "hdf5" else {}
-    if args.format == "rlds" or args.fps is not None:
+    if args.format == "rlds" and args.fps is None:
+        raise RecipeError("--fps: required with --format rlds (RLDS records no control rate)", "command line")
+    if args.fps is not None:
         kwargs["fps"] = args.fps
     if args.state_key:
         kwargs["state_key"] = args.state_key
