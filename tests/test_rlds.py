@@ -75,6 +75,13 @@ def _hand_written(root: Path) -> Path:
                                                     "pythonClassName": leaf + "tensor_feature.Tensor",
                                                     "tensor": {"shape": {"dimensions": ["2"]}, "dtype": "float64"},
                                                 },
+                                                "raw": {
+                                                    "pythonClassName": leaf + "tensor_feature.Tensor",
+                                                    "tensor": {
+                                                        "shape": {"dimensions": ["2", "2", "3"]},
+                                                        "dtype": "uint8",
+                                                    },
+                                                },
                                                 "wrist": {
                                                     "pythonClassName": leaf + "image_feature.Image",
                                                     "image": {
@@ -111,6 +118,7 @@ def _hand_written(root: Path) -> Path:
     f["steps/observation/joint_position"].float_list.value.extend([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     f["steps/observation/wrist"].bytes_list.value.extend([_jpeg((250, 0, 0)), _jpeg((0, 250, 0)), _jpeg((0, 0, 250))])
     f["steps/action"].float_list.value.extend(range(9))
+    f["steps/observation/raw"].int64_list.value.extend(range(36))  # uint8 pixels as TFDS stores integers
     f["steps/is_first"].int64_list.value.extend([1, 0, 0])
     f["steps/language_instruction"].bytes_list.value.extend([b"open the drawer", b"open the drawer", b"close it"])
     (version / "hand-train.tfrecord-00000-of-00001").write_bytes(frame_record(ex.SerializeToString()))
@@ -126,7 +134,9 @@ def test_a_dataset_laid_out_as_tfds_documents_it(tmp_path):
     np.testing.assert_array_equal(arrays.action, np.arange(9, dtype=np.float32).reshape(3, 3))
     np.testing.assert_allclose(arrays.timestamp, [0, 1 / 15, 2 / 15])
     assert arrays.tasks == ["open the drawer", "open the drawer", "close it"]  # per frame: it changes
-    assert reader.cameras == ["observation/wrist"] and reader.episode_filters() == {"train": [0]}
+    assert reader.cameras == ["observation/raw", "observation/wrist"] and reader.episode_filters() == {"train": [0]}
+    raw = reader.frames(0, "observation/raw", [1])
+    assert raw.dtype == np.uint8 and raw.tolist() == [np.arange(12, 24).reshape(2, 2, 3).tolist()]
     frames = reader.frames(0, "observation/wrist", [2, 0])
     assert frames.shape == (2, 4, 6, 3) and frames.dtype == np.uint8
     assert (
