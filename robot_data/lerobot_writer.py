@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from robot_data.normalize import compute_stats
-from robot_data.reader import Episode, Reader
+from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.video import encode_video
 
 CHUNKS_SIZE = 1000
@@ -34,6 +34,33 @@ V2_DATA = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 V2_VIDEO = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 STATE, ACTION = "observation.state", "action"
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the HF datasets Image() layout
+
+
+def frame_tasks(ep: Episode, tasks: list[str] | None) -> list[str]:
+    """Each frame's instruction: the reader's per-frame ones when it changes within the episode."""
+    return list(tasks) if tasks is not None else [ep.task] * ep.length
+
+
+class LeRobotCameraNames(Reader):
+    """``reader`` with its cameras named as LeRobot names them (``observation.images.<last part>``)
+    and without the episodes it could not read (``reader.unreadable``), for :func:`write_lerobot`."""
+
+    def __init__(self, reader: Reader):
+        self.reader, self.fps, self.gripper_dims = reader, reader.fps, list(reader.gripper_dims)
+        self.source = {f"observation.images.{c.replace('/', '.').rsplit('.', 1)[-1]}": c for c in reader.cameras}
+        if len(self.source) != len(reader.cameras):
+            raise ValueError(f"cameras {reader.cameras}: two end in the same name")
+        self.cameras = list(self.source)
+        self.skipped = set(getattr(reader, "unreadable", {}))
+
+    def episodes(self) -> list[Episode]:
+        return [e for e in self.reader.episodes() if e.index not in self.skipped]
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        return self.reader.numeric(episode_index)
+
+    def frames(self, episode_index: int, camera: str, frame_indices) -> np.ndarray:
+        return self.reader.frames(episode_index, self.source[camera], frame_indices)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -94,8 +121,7 @@ class _Writer:
         self.codec, self.gop, self.text_name = codec, gop, text_name
         self.task_ids = {t: i for i, t in enumerate(tasks)}
 
-    def _table(self, ep: Episode, first_index: int) -> pa.Table:
-        arrays = self.reader.numeric(ep.index)
+    def _table(self, ep: Episode, arrays: EpisodeArrays, first_index: int) -> pa.Table:
         n = len(arrays.state)
         cols: dict[str, pa.Array] = {STATE: _vectors(arrays.state), ACTION: _vectors(arrays.action)}
         if not self.video:
@@ -108,7 +134,7 @@ class _Writer:
         cols["frame_index"] = pa.array(np.arange(n, dtype=np.int64))
         cols["episode_index"] = pa.array(np.full(n, ep.index, np.int64))
         cols["index"] = pa.array(np.arange(first_index, first_index + n, dtype=np.int64))
-        cols["task_index"] = pa.array(np.full(n, self.task_ids[ep.task], np.int64))
+        cols["task_index"] = pa.array([self.task_ids[t] for t in frame_tasks(ep, arrays.tasks)], pa.int64())
         return pa.table(cols)
 
     def write_file(self, file_number: int, group: list[Episode], index: int) -> list[dict[str, Any]]:
@@ -121,13 +147,14 @@ class _Writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows, writer = [], None
         for ep in group:
-            table = self._table(ep, index)
+            arrays = self.reader.numeric(ep.index)
+            table = self._table(ep, arrays, index)
             writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
             rows.append(
                 {
                     "episode_index": ep.index,
-                    "tasks": [ep.task],
+                    "tasks": list(dict.fromkeys(frame_tasks(ep, arrays.tasks))),
                     "length": ep.length,
                     "data/chunk_index": chunk,
                     "data/file_index": file_index,
@@ -231,7 +258,7 @@ def write_lerobot(
     check_new_directory(out)
     episodes = reader.episodes()
     first = reader.numeric(episodes[0].index)
-    tasks = list(dict.fromkeys(e.task for e in episodes))
+    tasks = list(dict.fromkeys(t for e in episodes for t in frame_tasks(e, reader.numeric(e.index).tasks)))
     writer = _Writer(reader, out, version, video, codec, gop, text_name if first.text is not None else None, tasks)
     per_file = episodes_per_file if version == "v3.0" else 1
     rows, index = [], 0

@@ -293,3 +293,33 @@ def test_vla_ft_data_check_reads_rlds(synthetic_rlds, capsys):
     assert "passed every check" in capsys.readouterr().out
     assert cli(["data", "check", str(synthetic_rlds), "--format", "rlds"]) == 2
     assert "--fps: required with --format rlds" in capsys.readouterr().err
+
+
+def test_vla_ft_data_convert_writes_rlds_as_lerobot(synthetic_rlds, tmp_path, capsys):
+    """Every episode's numbers, text and frames (PNG: lossless) read back from the LeRobot copy; the
+    camera becomes observation.images.<name>; a changing instruction stays per frame."""
+    from robot_data.lerobot import LeRobotReader
+    from vla_ft.cli import main as cli
+
+    out = tmp_path / "lerobot"
+    args = ["data", "convert", str(synthetic_rlds), str(out), "--format", "rlds", "--fps", "10"]
+    assert cli([*args, "--text-key", "narration"]) == 0
+    src, copy = RLDSReader(synthetic_rlds, text_key="narration", fps=10), LeRobotReader(out, text_key="narration")
+    assert copy.cameras == ["observation.images.top"] and copy.fps == 10
+    assert [(e.index, e.length, e.task) for e in copy.episodes()] == [
+        (e.index, e.length, e.task) for e in src.episodes()
+    ]
+    for e in src.episodes():
+        a, b = src.numeric(e.index), copy.numeric(e.index)
+        np.testing.assert_array_equal(b.state, a.state)
+        np.testing.assert_array_equal(b.action, a.action)
+        assert b.text == a.text
+        np.testing.assert_array_equal(
+            copy.frames(e.index, "observation.images.top", [0, 7]), src.frames(e.index, "observation/top", [0, 7])
+        )
+    hand = _hand_written(tmp_path / "h")
+    args = ["data", "convert", str(hand), str(tmp_path / "hand_lerobot"), "--format", "rlds", "--fps", "15"]
+    assert cli([*args, "--state-key", "observation/joint_position"]) == 0
+    converted = LeRobotReader(tmp_path / "hand_lerobot")
+    assert converted.numeric(0).tasks == ["open the drawer", "open the drawer", "close it"]
+    assert sorted(converted.cameras) == ["observation.images.raw", "observation.images.wrist"]

@@ -35,6 +35,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any dataset the readers take, written as a LeRobot dataset (cameras as observation.images.<name>)."""
+    from robot_data import build_reader
+    from robot_data.lerobot_writer import LeRobotCameraNames, write_lerobot
+    from vla_ft.config import RecipeError
+
+    kwargs: dict = {"path": args.src, "state_key": args.state_key, "action_key": args.action_key}
+    kwargs |= {"text_key": args.text_key} if args.text_key else {}
+    kwargs |= {"layout": args.layout} if args.format == "hdf5" else {}
+    if args.format == "rlds" and args.fps is None:
+        raise RecipeError("--fps: required with --format rlds (RLDS records no control rate)", "command line")
+    kwargs |= {"fps": args.fps} if args.fps is not None else {}
+    source = LeRobotCameraNames(build_reader(args.format, **kwargs))
+    for index in sorted(source.skipped):
+        print(f"skipped episode {index}: {source.reader.unreadable[index]}", file=sys.stderr)
+    out = write_lerobot(source, args.out, video=args.video, codec=args.codec, version=args.version)
+    kind = f"{args.codec} video" if args.video else "images in parquet"
+    print(f"wrote {len(source.episodes())} episodes of {args.src} ({kind}, LeRobot {args.version}) to {out}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from robot_data.check import check_dataset
     from robot_data.reader import UnknownFeatureError
@@ -104,6 +125,19 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--version", choices=["v3.0", "v2.1"], default="v3.0")
     synth.add_argument("--format", choices=["lerobot", "rlds"], default="lerobot", help="rlds: TFDS tfrecord layout")
     synth.set_defaults(func=cmd_synth)
+    convert = dsub.add_parser("convert", help="write an HDF5 or RLDS dataset as a LeRobot dataset")
+    convert.add_argument("src", help="the dataset to read")
+    convert.add_argument("out", help="output directory (must not exist or be empty)")
+    convert.add_argument("--format", choices=["hdf5", "rlds", "lerobot"], required=True)
+    convert.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
+    convert.add_argument("--fps", type=float, default=None, help="control rate (rlds records none)")
+    convert.add_argument("--state-key", default="observation.state")
+    convert.add_argument("--action-key", default="action")
+    convert.add_argument("--text-key", default=None, help="per-frame text to keep (written as 'narration')")
+    convert.add_argument("--video", action="store_true", help="MP4 videos instead of PNG bytes in parquet")
+    convert.add_argument("--codec", choices=["h264", "av1"], default="h264")
+    convert.add_argument("--version", choices=["v3.0", "v2.1"], default="v3.0")
+    convert.set_defaults(func=cmd_convert)
     check = dsub.add_parser("check", help="report every problem of a dataset at once")
     check.add_argument("path")
     check.add_argument("--format", choices=["lerobot", "hdf5", "rlds"], default="lerobot")
