@@ -323,3 +323,24 @@ def test_vla_ft_data_convert_writes_rlds_as_lerobot(synthetic_rlds, tmp_path, ca
     converted = LeRobotReader(tmp_path / "hand_lerobot")
     assert converted.numeric(0).tasks == ["open the drawer", "open the drawer", "close it"]
     assert sorted(converted.cameras) == ["observation.images.raw", "observation.images.wrist"]
+
+
+def test_vla_ft_data_convert_writes_robomimic_as_lerobot(tmp_path):
+    from robot_data.hdf5 import HDF5Reader
+    from robot_data.hdf5_writer import write_robomimic
+    from robot_data.lerobot import LeRobotReader
+    from vla_ft.cli import main as cli
+
+    write_robomimic(SYNTH, tmp_path / "rm.hdf5")
+    args = ["data", "convert", str(tmp_path / "rm.hdf5"), str(tmp_path / "out"), "--format", "hdf5"]
+    assert cli([*args, "--state-key", "state", "--action-key", "actions"]) == 0
+    src, copy = (
+        HDF5Reader(tmp_path / "rm.hdf5", state_key="state", action_key="actions"),
+        LeRobotReader(tmp_path / "out"),
+    )
+    assert copy.cameras == ["observation.images.top_image"]
+    for e in src.episodes():
+        np.testing.assert_array_equal(copy.numeric(e.index).action, src.numeric(e.index).action)
+        np.testing.assert_array_equal(
+            copy.frames(e.index, "observation.images.top_image", [3]), src.frames(e.index, "top_image", [3])
+        )
