@@ -18,15 +18,19 @@ and each split is an episode filter (``data.val_filter: val``). RLDS records no 
 ``fps`` must be given (``data.fps``).
 
 Opening reads every episode once (lengths, state, action and text are kept; frames are decoded
-from the episode's record when asked, or from the decoded-frame cache).
+from the episode's record when asked, or from the decoded-frame cache). With a frame cache
+(``data.frame_cache``) those numbers are saved there too (``rlds_index/``, keyed by the shards'
+sizes and times and the keys), so a later open of an unchanged dataset skips the pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +47,7 @@ DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
+NUMBERS_FORMAT = 1  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
@@ -115,7 +120,12 @@ class RLDSReader(Reader):
         self._pid = os.getpid()
         self._numeric: dict[int, EpisodeArrays] = {}
         self.unreadable: dict[int, str] = {}  # episodes whose record or features are broken: index -> why
-        self._episodes = [self._read_episode(i) for i in range(len(self._records))]
+        saved = Path(frame_cache) / "rlds_index" / self._numbers_key() if frame_cache else None
+        self._episodes = self._load_numbers(saved) if saved is not None else None
+        if self._episodes is None:
+            self._episodes = [self._read_episode(i) for i in range(len(self._records))]
+            if saved is not None:
+                self._save_numbers(saved)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_parsed": OrderedDict()}  # parsed records (frames included) stay behind
@@ -127,6 +137,63 @@ class RLDSReader(Reader):
         except DatasetFormatError as err:
             self.unreadable[episode_index] = str(err)
             return Episode(episode_index, 0, "")
+
+    def _numbers_key(self) -> str:
+        """What the numbers read at open depend on: the dataset's place, its shards' sizes and times, the keys."""
+        parts = [str(self.path.resolve()), *self.state_keys, self.action_key, str(self.text_key), str(NUMBERS_FORMAT)]
+        for file in dict.fromkeys(r[0] for r in self._records):
+            st = file.stat()
+            parts.append(f"{file.name}|{st.st_size}|{st.st_mtime_ns}")
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+    def _save_numbers(self, base: Path) -> None:
+        """Lengths, instructions, text and problems as JSON, state and action as one npz (written first:
+        the JSON's presence marks a whole entry), each under a temporary name and renamed."""
+        episodes = [
+            {
+                "length": e.length,
+                "task": e.task,
+                "unreadable": self.unreadable.get(e.index),
+                "text": None if e.index in self.unreadable else self._numeric[e.index].text,
+                "tasks": None if e.index in self.unreadable else self._numeric[e.index].tasks,
+            }
+            for e in self._episodes
+        ]
+        sound = [self._numeric[e.index] for e in self._episodes if e.index not in self.unreadable]
+        arrays = {
+            "state": np.concatenate([a.state for a in sound]) if sound else np.zeros((0, 0), np.float32),
+            "action": np.concatenate([a.action for a in sound]) if sound else np.zeros((0, 0), np.float32),
+        }
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, write in (
+            (".npz", lambda f: np.savez(f, **arrays)),
+            (".json", lambda f: f.write(json.dumps(episodes).encode())),
+        ):
+            fd, tmp = tempfile.mkstemp(dir=base.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, base.with_suffix(suffix))
+
+    def _load_numbers(self, base: Path) -> list[Episode] | None:
+        """The episodes and their numbers from :meth:`_save_numbers`, or None when there is no entry."""
+        if not base.with_suffix(".json").is_file():
+            return None
+        episodes = json.loads(base.with_suffix(".json").read_text())
+        with np.load(base.with_suffix(".npz")) as arrays:
+            state, action = arrays["state"], arrays["action"]
+        out, row = [], 0
+        for i, e in enumerate(episodes):
+            out.append(Episode(i, e["length"], e["task"]))
+            if e["unreadable"] is not None:
+                self.unreadable[i] = e["unreadable"]
+                continue
+            n = e["length"]
+            timestamp = np.arange(n, dtype=np.float64) / self.fps
+            self._numeric[i] = EpisodeArrays(
+                state[row : row + n], action[row : row + n], timestamp, e["text"], e["tasks"]
+            )
+            row += n
+        return out
 
     def _feature(self, key: str, role: str, steps: dict[str, dict[str, Any]]) -> str:
         name = key.strip().replace(".", "/").removeprefix(STEPS)

@@ -344,3 +344,41 @@ def test_vla_ft_data_convert_writes_robomimic_as_lerobot(tmp_path):
         np.testing.assert_array_equal(
             copy.frames(e.index, "observation.images.top_image", [3]), src.frames(e.index, "top_image", [3])
         )
+
+
+def test_the_numbers_read_at_open_are_kept_in_the_frame_cache(synthetic_rlds, tmp_path, monkeypatch):
+    """A second open of an unchanged dataset parses no record (broken episodes stay broken); a shard
+    that changed is read again."""
+    import os
+    import shutil
+
+    import robot_data.rlds as rlds
+
+    data = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, data)
+    shard = data / "vla_ft_synthetic-val.tfrecord-00000-of-00002"
+    example = Example.FromString(shard.read_bytes()[12 : 12 + record_spans(shard)[0][1]])
+    del example.features.feature["steps/action"].float_list.value[-1]
+    shard.write_bytes(frame_record(example.SerializeToString()))  # episode 4 broken
+    open_ = lambda: RLDSReader(data, text_key="narration", fps=10, frame_cache=tmp_path / "cache")  # noqa: E731
+    first = open_()
+    parsed, real = [], rlds.parse_example
+    monkeypatch.setattr(rlds, "parse_example", lambda b: (parsed.append(1), real(b))[1])
+    again = open_()
+    assert parsed == [] and list((tmp_path / "cache" / "rlds_index").glob("*.json"))
+    assert (
+        again.episodes() == first.episodes() and again.unreadable == first.unreadable and list(first.unreadable) == [4]
+    )
+    for e in first.episodes():
+        if e.index in first.unreadable:
+            continue
+        a, b = first.numeric(e.index), again.numeric(e.index)
+        for field in ("state", "action", "timestamp"):
+            np.testing.assert_array_equal(getattr(b, field), getattr(a, field))
+        assert (b.text, b.tasks) == (a.text, a.tasks)
+    np.testing.assert_array_equal(again.frames(1, "observation/top", [2]), first.frames(1, "observation/top", [2]))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    parsed.clear()
+    open_()
+    assert len(parsed) == len(first.episodes())  # read again: its numbers may have changed

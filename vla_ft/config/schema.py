@@ -188,7 +188,9 @@ class DataConfig:
     pin_memory: bool = doc("pinned host memory (CUDA only)", True)
     persistent_workers: bool = doc("keep workers alive between epochs", True)
     prefetch_factor: int = doc("batches prefetched per worker", 4)
-    frame_cache: str | None = doc("directory for a decoded-frame cache of video and RLDS datasets", None)
+    frame_cache: str | None = doc(
+        "directory for a decoded-frame cache of video and RLDS datasets (RLDS: also the numbers read at open)", None
+    )
     skip_bad_episodes: bool = doc("skip episodes that fail checks instead of refusing the dataset", False)
     video_tolerance_s: float = doc("timestamp tolerance when locating video frames", 1e-3)
     synthetic: SyntheticConfig = doc("the embedded synthetic task", factory=SyntheticConfig)
