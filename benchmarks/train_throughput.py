@@ -243,6 +243,7 @@ def make_batches(n: int, batch_size: int, img: int, chunk: int, device: torch.de
                     "episode_index": torch.tensor(0),
                     "frame_index": torch.tensor(i),
                     "index": torch.tensor(i),
+                    "source": torch.tensor(0),
                 }
             )
         batches.append({k: v.to(device) for k, v in collate(samples, pad_id=0, pad_to_multiple=8).items()})

@@ -10,7 +10,14 @@ from robot_data.language import PromptTokenizer
 from robot_data.lerobot import LeRobotReader
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.mixture import MixtureReader
-from robot_data.normalize import Normalizer, compare_stats, compute_stats, resolve_stats
+from robot_data.normalize import (
+    Normalizer,
+    PerSourceNormalizer,
+    compare_stats,
+    compute_stats,
+    load_normalizer,
+    resolve_stats,
+)
 from robot_data.reader import Episode, EpisodeArrays, Reader
 from robot_data.registry import READERS, build_reader
 from robot_data.sample import SAMPLE_KEYS, collate
@@ -29,6 +36,7 @@ __all__ = [
     "LeRobotReader",
     "MixtureReader",
     "Normalizer",
+    "PerSourceNormalizer",
     "Problem",
     "PromptTokenizer",
     "Reader",
@@ -42,6 +50,7 @@ __all__ = [
     "compare_stats",
     "compute_stats",
     "episodes_to_skip",
+    "load_normalizer",
     "resolve_stats",
     "split_episodes",
     "write_lerobot",

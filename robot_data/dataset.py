@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from robot_data import images
 from robot_data.language import PromptTokenizer
-from robot_data.normalize import Normalizer
+from robot_data.normalize import Normalizer, PerSourceNormalizer
 from robot_data.reader import Episode, Reader, did_you_mean
 
 AUGMENT_KEYS = ("enabled", "crop_scale", "color_jitter")
@@ -33,6 +33,8 @@ class _Prepared:
     raw_action: np.ndarray
     text: list[str | None] | None  # a frame's None: no narration there, so no language target
     tasks: list[str] | None  # per-frame instructions, when they change within the episode
+    source: int  # index of the episode's statistics in normalizer.sources (0: one set)
+    norm: Normalizer  # those statistics
 
 
 def _check_augment(augment: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -61,7 +63,7 @@ class RobotDataset(Dataset):
         episodes: Sequence[int],
         chunk: int,
         history: int,
-        normalizer: Normalizer,
+        normalizer: Normalizer | PerSourceNormalizer,
         image_size: int,
         prompt_tokenizer: PromptTokenizer | None,
         cameras: Sequence[str] | None = None,
@@ -81,6 +83,8 @@ class RobotDataset(Dataset):
         if unknown:
             hint = did_you_mean(unknown[0], reader.cameras)
             raise ValueError(f"cameras: unknown camera(s) {unknown}{hint}; valid: {', '.join(reader.cameras)}")
+        if normalizer.sources and not hasattr(reader, "source_name"):
+            raise ValueError(f"normalize: statistics per source ({', '.join(normalizer.sources)}) need a mixture")
         self.augment = _check_augment(augment) if train else None
         self.seed, self.train, self.epoch = seed, train, 0
         self.episodes = self._select(reader.episodes(), episodes)
@@ -119,8 +123,10 @@ class RobotDataset(Dataset):
                 raise ValueError(
                     f"language_target=text but episode {episode_index} has no per-frame text (set data.text_key)"
                 )
-            state = np.nan_to_num(self.normalizer.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
-            self._cache[episode_index] = _Prepared(state, raw.state, raw.action, raw.text, raw.tasks)
+            name = self.reader.source_name(episode_index) if self.normalizer.sources else None
+            norm, source = self.normalizer.for_source(name), self.normalizer.sources.index(name) if name else 0
+            state = np.nan_to_num(norm.normalize("state", raw.state), nan=0.0, posinf=0.0, neginf=0.0)
+            self._cache[episode_index] = _Prepared(state, raw.state, raw.action, raw.text, raw.tasks, source, norm)
         return self._cache[episode_index]
 
     def _images(self, episode: Episode, t: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -141,7 +147,7 @@ class RobotDataset(Dataset):
         last = len(prep.raw_action) - 1
         steps = np.arange(t, t + self.chunk)
         rows = np.minimum(steps, last)  # past the end: repeat the last action, masked out
-        actions = self.normalizer.encode_actions(prep.raw_action[rows], prep.raw_state[t])
+        actions = prep.norm.encode_actions(prep.raw_action[rows], prep.raw_state[t])
         mask = (steps <= last) & np.isfinite(actions).all(axis=1)  # a NaN action (or delta state): missing
         actions = np.nan_to_num(actions, nan=0.0, posinf=0.0, neginf=0.0)
         state = prep.state[np.maximum(np.arange(t - self.history + 1, t + 1), 0)]  # clamped at the start
@@ -162,4 +168,5 @@ class RobotDataset(Dataset):
             "episode_index": torch.tensor(episode.index, dtype=torch.int64),
             "frame_index": torch.tensor(t, dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
+            "source": torch.tensor(prep.source, dtype=torch.int64),
         }

@@ -1,4 +1,4 @@
-"""Several datasets of one robot read as one dataset.
+"""Several datasets of one robot (or of robots sharing an action space) read as one dataset.
 
 A LIBERO suite ships one robomimic file per task; a robot's recordings often live in several
 LeRobot datasets (one per session or operator). :class:`MixtureReader` reads such sources as one
@@ -8,7 +8,8 @@ largest id, so ids inside a source keep their order and gaps. The sources must m
 thing by a sample: one control rate (a chunk of 8 actions must span one duration) and, when
 known, the same gripper dims; the cameras are those every source has. State and action widths
 are the trainer's to compare (:meth:`MixtureReader.widths`): reading them costs an episode per
-source.
+source. Robots whose ranges differ are normalised source by source
+(:class:`~robot_data.normalize.PerSourceNormalizer`).
 """
 
 from __future__ import annotations

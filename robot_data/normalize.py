@@ -176,7 +176,8 @@ class Normalizer:
     """Normalises state and action per dim; ``raw_*_dims`` pass through untouched.
 
     normalize/unnormalize take numpy arrays or torch tensors of shape (..., D) and return the
-    same kind (torch: same dtype and device).
+    same kind (torch: same dtype and device). The ``source`` arguments are those of
+    :class:`PerSourceNormalizer`; with one set of statistics they are ignored.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class Normalizer:
         self.stats = {k: {s: np.asarray(v, np.float32).reshape(-1) for s, v in stats[k].items()} for k in NORM_KEYS}
         self.raw_dims = {"action": sorted(raw_action_dims or []), "state": sorted(raw_state_dims or [])}
         self.delta = delta  # the stats' delta action dims are offsets from the state
+        self.sources: list[str] = []  # one set of statistics for every sample (sample["source"] is 0)
         self._affine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key in NORM_KEYS:
             missing = [s for s in MODE_STATS[mode] if s not in self.stats[key]]
@@ -224,13 +226,13 @@ class Normalizer:
             )
         return centre, scale
 
-    def normalize(self, key: str, x: ArrayT) -> ArrayT:
+    def normalize(self, key: str, x: ArrayT, source: Any = None) -> ArrayT:
         """x: (..., D) in dataset units -> normalised."""
         centre, scale = self._params(key, x)
         out = (x - centre) / scale
         return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
 
-    def unnormalize(self, key: str, x: ArrayT) -> ArrayT:
+    def unnormalize(self, key: str, x: ArrayT, source: Any = None) -> ArrayT:
         """x: (..., D) normalised -> dataset units."""
         centre, scale = self._params(key, x)
         out = x * scale + centre
@@ -245,6 +247,16 @@ class Normalizer:
         """Dataset-unit actions (..., C, A) as the model predicts them (offsets on the delta dims)
         plus the state (..., S) they start from -> the absolute actions a robot is sent."""
         return actions if self.delta is None else self.delta.to_absolute(actions, state)
+
+    def stat(self, key: str, name: str, source: Any = None) -> np.ndarray:
+        """Statistic ``name`` ("mean", "min", ...) of ``key``: (D,) float32."""
+        return self.stats[key][name]
+
+    def for_source(self, source: str | None) -> Normalizer:
+        """This normaliser: it has no per-source statistics to choose from."""
+        if source is not None:
+            raise ValueError(f"source: '{source}' given, but these statistics are one set for every source")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict; float32 -> Python float -> float32 is exact, so from_dict round-trips."""
@@ -261,6 +273,104 @@ class Normalizer:
         """From :meth:`to_dict` (files written before delta actions existed have none)."""
         delta = DeltaActions.from_dict(data.get("delta_actions"))
         return cls(data["stats"], data["mode"], data["raw_action_dims"], data["raw_state_dims"], delta)
+
+
+class PerSourceNormalizer:
+    """One :class:`Normalizer` per source of a dataset mixture (``data.normalize_per_source``).
+
+    Robots that share an action space seldom share its ranges (OpenVLA normalises each Open X
+    dataset with its own statistics for that reason): a workspace 30 cm wide and one 80 cm wide
+    would otherwise both be squeezed into one scale. Each sample is normalised with its source's
+    statistics and carries the source's index in :attr:`sources`; the batch-wide methods take
+    ``source``: an int for all rows, or one index per row ((B,) for x of shape (B, ..., D)). A policy
+    drives one robot: :meth:`for_source` is its :class:`Normalizer`. Mode, raw dims and delta dims
+    are the recipe's, so equal for every source.
+    """
+
+    def __init__(self, by_source: dict[str, Normalizer]):
+        if not by_source:
+            raise ValueError("normalize: per-source statistics of no source")
+        self.by_source = dict(by_source)
+        self.sources = list(by_source)
+        first = next(iter(by_source.values()))
+        self.mode, self.raw_dims, self.delta = first.mode, first.raw_dims, first.delta
+        for name, norm in by_source.items():
+            same = (norm.mode, norm.raw_dims, norm.to_dict()["delta_actions"]) == (
+                first.mode,
+                first.raw_dims,
+                first.to_dict()["delta_actions"],
+            )
+            widths = {k: len(norm._affine[k][0]) for k in NORM_KEYS}
+            if not same or widths != {k: len(first._affine[k][0]) for k in NORM_KEYS}:
+                raise ValueError(f"normalize: source '{name}' differs from '{self.sources[0]}' in mode, dims or widths")
+        self._table = {
+            key: tuple(np.stack([n._affine[key][i] for n in by_source.values()]) for i in (0, 1)) for key in NORM_KEYS
+        }  # key -> (centre (S, D), scale (S, D))
+
+    def _rows(self, table: np.ndarray, x: ArrayT, source: Any) -> Any:
+        """``table`` (S, D) at ``source`` (int, or (B,) for x (B, ..., D)), shaped to broadcast with x."""
+        self._need(source)
+        if isinstance(x, torch.Tensor):
+            table = torch.as_tensor(table, device=x.device, dtype=x.dtype)
+            index = torch.as_tensor(source, device=x.device, dtype=torch.long)
+        else:
+            index = np.asarray(source, np.int64)
+        if index.ndim == 0:
+            return table[index]
+        if index.ndim != 1 or x.ndim < 2 or index.shape[0] != x.shape[0]:
+            raise ValueError(f"normalize: one source per row, got {tuple(index.shape)} for shape {tuple(x.shape)}")
+        return table[index].reshape(index.shape[0], *[1] * (x.ndim - 2), table.shape[-1])
+
+    def _need(self, source: Any) -> None:
+        if source is None:
+            raise ValueError(f"normalize: statistics per source ({', '.join(self.sources)}); say which source")
+
+    def _params(self, key: str, x: ArrayT, source: Any) -> tuple[Any, Any]:
+        self.by_source[self.sources[0]]._params(key, x)  # the key and width checks
+        centre, scale = self._table[key]
+        return self._rows(centre, x, source), self._rows(scale, x, source)
+
+    def normalize(self, key: str, x: ArrayT, source: Any = None) -> ArrayT:
+        """x: (..., D) in dataset units -> normalised with ``source``'s statistics."""
+        centre, scale = self._params(key, x, source)
+        out = (x - centre) / scale
+        return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
+
+    def unnormalize(self, key: str, x: ArrayT, source: Any = None) -> ArrayT:
+        """x: (..., D) normalised -> dataset units, with ``source``'s statistics."""
+        centre, scale = self._params(key, x, source)
+        out = x * scale + centre
+        return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out
+
+    def absolute_actions(self, actions: ArrayT, state: ArrayT) -> ArrayT:
+        """As :meth:`Normalizer.absolute_actions` (the delta dims are every source's)."""
+        return actions if self.delta is None else self.delta.to_absolute(actions, state)
+
+    def stat(self, key: str, name: str, source: Any = None) -> np.ndarray:
+        """Statistic ``name`` of ``key`` at ``source``: (D,) for an int, (B, D) for (B,) indices."""
+        self._need(source)
+        return np.stack([self.by_source[s].stats[key][name] for s in self.sources])[np.asarray(source, np.int64)]
+
+    def for_source(self, source: str | None) -> Normalizer:
+        """The statistics of the robot ``source`` (a policy drives one)."""
+        if source not in self.by_source:
+            given = "no source given" if source is None else f"unknown source '{source}'"
+            raise ValueError(
+                f"source: {given}; these statistics are per source (data.normalize_per_source): "
+                f"{', '.join(self.sources)}"
+            )
+        return self.by_source[source]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"per_source": {name: Normalizer.to_dict()}}``, in source order."""
+        return {"per_source": {name: norm.to_dict() for name, norm in self.by_source.items()}}
+
+
+def load_normalizer(data: dict[str, Any]) -> Normalizer | PerSourceNormalizer:
+    """The normaliser a ``norm_stats.json`` (``to_dict`` of either kind) describes."""
+    if "per_source" in data:
+        return PerSourceNormalizer({name: Normalizer.from_dict(d) for name, d in data["per_source"].items()})
+    return Normalizer.from_dict(data)
 
 
 def compare_stats(

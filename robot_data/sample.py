@@ -22,6 +22,9 @@ target_ids         int64     (Lt,)               language target (narration / ac
 episode_index      int64     ()                  episode id in the source dataset
 frame_index        int64     ()                  frame id t inside the episode
 index              int64     ()                  sample id inside this dataset (feature cache)
+source             int64     ()                  the statistics the sample is normalised with:
+                                                 its mixture source's index in the normaliser's
+                                                 ``sources`` (per-source statistics), else 0
 =================  ========  ==================  ================================================
 
 :func:`collate` stacks samples into a batch: prompts are *left*-padded and targets
@@ -45,6 +48,7 @@ SAMPLE_KEYS = (
     "episode_index",
     "frame_index",
     "index",
+    "source",
 )
 
 
@@ -61,7 +65,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int = 0, pad_to_multiple: int
     ``pad_to_multiple`` rounds Lp and Lt up so compiled graphs see few shapes.
     """
     batch: dict[str, torch.Tensor] = {}
-    for key in ("images", "state", "actions", "action_mask", "episode_index", "frame_index", "index"):
+    for key in ("images", "state", "actions", "action_mask", "episode_index", "frame_index", "index", "source"):
         batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     for key, left in (("prompt", True), ("target", False)):
         seqs = [torch.as_tensor(s[f"{key}_ids"], dtype=torch.long) for s in samples]

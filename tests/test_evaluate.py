@@ -17,7 +17,7 @@ import torch
 from conftest import QUICKSTART, TINY
 from safetensors.torch import load_file, save_file
 
-from robot_data import Normalizer, SyntheticReader, split_episodes
+from robot_data import Normalizer, PerSourceNormalizer, SyntheticReader, split_episodes
 from vla_ft import train
 from vla_ft.cli import main as cli
 from vla_ft.config import GripperLossConfig, RecipeError, load_recipe
@@ -119,28 +119,38 @@ def test_eval_metrics_match_a_hand_computation(checkpoint, tmp_path):
     assert np.ptp(traj["pred"], axis=0).max() < 1e-5  # the constant policy
 
 
+@pytest.mark.parametrize("per_source", [False, True])
 @pytest.mark.parametrize("closed_is_high", [True, False])
-def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high):
+def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high, per_source):
     """ActionMetrics on two batches against plain loops: de-normalised errors over valid steps only,
     a missing step inside a chunk (not only padding at its end), gripper F1 with misses (the eval
     policy above always predicts closed, so it never has one), transitions across a missing step
-    left out."""
-    mean, std = np.array([1.0, -2.0, 0.4]), np.array([2.0, 0.5, 0.3])
-    lo, hi = np.array([-5.0, -4.0, 0.0]), np.array([6.0, 1.0, 1.0])
-    axis = {"mean": mean, "std": std, "min": lo, "max": hi}
-    norm = Normalizer({"state": axis, "action": axis}, "mean_std", raw_action_dims=[2])
-    gripper = GripperLossConfig(dims=[2], threshold=0.5, closed_is_high=closed_is_high)
+    left out. ``per_source``: rows of two mixture sources with their own statistics
+    (``data.normalize_per_source``), each row de-normalised and given open/closed values with its own."""
+    axes = [
+        {"mean": [1.0, -2.0, 0.4], "std": [2.0, 0.5, 0.3], "min": [-5.0, -4.0, 0.0], "max": [6.0, 1.0, 1.0]},
+        {"mean": [-3.0, 0.5, 20.0], "std": [0.2, 4.0, 10.0], "min": [-9.0, -8.0, 0.0], "max": [2.0, 9.0, 20.0]},
+    ][: 2 if per_source else 1]
+    if per_source:  # grippers 0/10 and 0/20, both across the threshold of 5
+        axes[0]["max"][2] = 10.0
+    norms = [Normalizer({"state": a, "action": a}, "mean_std", raw_action_dims=[2]) for a in axes]
+    norm = PerSourceNormalizer({"left": norms[0], "right": norms[1]}) if per_source else norms[0]
+    gripper = GripperLossConfig(dims=[2], threshold=0.5 if not per_source else 5.0, closed_is_high=closed_is_high)
     metrics = ActionMetrics(norm, 3, 4, [2], gripper, gripper_head=True)
     rng = np.random.default_rng(0)
     t, f = True, False  # step 1 of the first batch's second row is missing; the others are padding
     masks = [[[t, t, t, f], [t, f, t, t]], [[t, t, t, t], [t, t, f, f]]]
+    sources = [[0, 1], [1, 1]] if per_source else [[0, 0], [0, 0]]
     errs, base, by_h, labels, preds, trans = [], [], {h: [] for h in range(4)}, [], [], []
-    for mask in masks:
+    for mask, source in zip(masks, sources, strict=True):
         pred_norm = rng.normal(size=(2, 4, 3))
         logits = rng.normal(size=(2, 4, 1))
         target = rng.normal(size=(2, 4, 3))
         target[..., 2] = rng.choice([0.0, 1.0], size=(2, 4))  # raw gripper values
+        if per_source:
+            target[..., 2] *= np.where(np.array(source) == 1, 20.0, 10.0)[:, None]
         for b in range(2):
+            mean, std, lo, hi = (np.array(axes[source[b]][k]) for k in ("mean", "std", "min", "max"))
             for c in range(4):
                 if not mask[b][c]:
                     continue
@@ -152,12 +162,13 @@ def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high):
                 errs.append(pred - true)
                 base.append(mean - true)
                 by_h[c].append(np.abs(pred - true)[:2].mean())
-                labels.append((true[2] > 0.5) == closed_is_high)  # label 1 = closed
-                preds.append((pred[2] > 0.5) == closed_is_high)
+                labels.append((true[2] > gripper.threshold) == closed_is_high)  # label 1 = closed
+                preds.append((pred[2] > gripper.threshold) == closed_is_high)
                 if c > 0 and mask[b][c - 1] and target[b, c - 1, 2] != target[b, c, 2]:
                     trans.append(preds[-1] == labels[-1])
         outputs = {"actions": torch.tensor(pred_norm), "gripper_logits": torch.tensor(logits)}
-        metrics.update(outputs, {"actions": torch.tensor(target), "action_mask": torch.tensor(mask)})
+        batch = {"actions": torch.tensor(target), "action_mask": torch.tensor(mask), "source": torch.tensor(source)}
+        metrics.update(outputs, batch)
     err, base, labels, preds = np.array(errs), np.array(base), np.array(labels), np.array(preds)
     tp, fp, fn = (preds & labels).sum(), (preds & ~labels).sum(), (~preds & labels).sum()
     assert fn > 0 and fp > 0 and len(trans) > 0  # not degenerate

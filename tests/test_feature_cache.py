@@ -66,7 +66,7 @@ def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path, monkeypat
     run = setup(_recipe(tmp_path))
     try:
         batch = next(iter(run.train_loader))
-        assert set(batch) == {"readout", "actions", "action_mask", "episode_index", "frame_index", "index"}
+        assert set(batch) == {"readout", "actions", "action_mask", "episode_index", "frame_index", "index", "source"}
         # Reference: the same samples straight from the dataset, through the trunk in eval mode.
         samples = [run.data.train_set[i] for i in batch["index"].tolist()]
         reference = collate(samples, pad_id=pad_token_id(run.tokenizer))

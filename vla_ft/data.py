@@ -19,7 +19,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import robot_data
-from robot_data import MixtureReader, Normalizer, PromptTokenizer, RobotDataset, collate, split_episodes
+from robot_data import (
+    MixtureReader,
+    Normalizer,
+    PerSourceNormalizer,
+    PromptTokenizer,
+    RobotDataset,
+    collate,
+    load_normalizer,
+    split_episodes,
+)
 from robot_data.check import DatasetCheckError, check_dataset, check_mixture, episodes_to_skip
 from robot_data.delta_actions import DeltaActions
 from robot_data.normalize import resolve_stats
@@ -35,7 +44,7 @@ class DataBundle:
     reader: Any
     train_set: RobotDataset
     val_set: RobotDataset | None
-    normalizer: Normalizer
+    normalizer: Normalizer | PerSourceNormalizer
     train_episodes: list[int]
     val_episodes: list[int]
     state_dim: int
@@ -259,17 +268,16 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
                 say(f"data: warning: {_source_key(recipe, name)} gives no training episode")
     first = reader.numeric(train_eps[0])
     check_action_dims(recipe, first.action.shape[1], first.state.shape[1], reader.gripper_dims)
-    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
-    raw = d.raw_dims if d.raw_dims is not None else gripper
     if stats is not None:
-        normalizer = Normalizer.from_dict(stats)
+        normalizer = load_normalizer(stats)
+        check_stats_sources(recipe, reader, normalizer)
     else:
-        # Computed over the training episodes only; a stats file the dataset ships is only compared.
-        delta = DeltaActions.build(d.delta_action_dims, d.delta_state_dims)
-        fresh, report = resolve_stats(reader, train_eps, usable_episodes=episodes, delta=delta, chunk=d.chunk)
-        for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
-            say(f"data stats: {line}")
-        normalizer = Normalizer(fresh, d.normalize, raw_action_dims=raw, delta=delta)
+        normalizer = fresh_normalizer(recipe, reader, train_eps, episodes)
+    if recipe.rollout.episodes or recipe.rollout.source is not None:
+        try:
+            normalizer.for_source(recipe.rollout.source)  # the statistics a rollout's robot uses exist
+        except ValueError as err:
+            raise RecipeError(f"rollout.{err}") from None
     prompts = PromptTokenizer(
         tokenizer,
         d.prompt_template,
@@ -309,13 +317,61 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
     )
 
 
+def fresh_normalizer(
+    recipe: Recipe, reader: Any, train_eps: list[int], usable: list[int]
+) -> Normalizer | PerSourceNormalizer:
+    """Statistics over the training episodes only (a stats file the dataset ships is only compared,
+    its disagreements said): of the whole data, or with ``data.normalize_per_source`` of each source."""
+    d = recipe.data
+    gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
+    raw = d.raw_dims if d.raw_dims is not None else gripper
+    delta = DeltaActions.build(d.delta_action_dims, d.delta_state_dims)
+
+    def normalizer(source: Any, train: list[int], usable: list[int], label: str) -> Normalizer:
+        fresh, report = resolve_stats(source, train, usable_episodes=usable, delta=delta, chunk=d.chunk)
+        for line in report:  # a shipped stats file that disagrees with the data is worth knowing about
+            say(f"data stats: {label}{line}")
+        return Normalizer(fresh, d.normalize, raw_action_dims=raw, delta=delta)
+
+    if not d.normalize_per_source:
+        return normalizer(reader, train_eps, usable, "")
+    if not isinstance(reader, MixtureReader):
+        raise RecipeError(
+            f"data.normalize_per_source: {describe_data(recipe)} is one dataset, not a mixture (data.mix, or a "
+            "directory of robomimic files)"
+        )
+    by_source, train, kept = {}, reader.source_episodes(train_eps), reader.source_episodes(usable)
+    for name, source in reader.sources.items():
+        if not train[name]:
+            raise RecipeError(
+                f"data.normalize_per_source: {_source_key(recipe, name)} has no training episode to compute its "
+                "statistics from"
+            )
+        local = [i - reader.offsets[name] for i in train[name]], [i - reader.offsets[name] for i in kept[name]]
+        by_source[name] = normalizer(source, *local, f"{name}: ")
+    return PerSourceNormalizer(by_source)
+
+
+def check_stats_sources(recipe: Recipe, reader: Any, normalizer: Normalizer | PerSourceNormalizer) -> None:
+    """Saved per-source statistics cover every source of the data read now (a resumed or evaluated run)."""
+    if not normalizer.sources:
+        return
+    names = list(reader.sources) if isinstance(reader, MixtureReader) else []
+    lacking = [name for name in names if name not in normalizer.sources]
+    if not names or lacking:
+        what = f"source(s) {', '.join(lacking)}" if names else f"{describe_data(recipe)}, one dataset"
+        raise RecipeError(
+            f"data: the checkpoint's statistics are per source ({', '.join(normalizer.sources)}); none for {what}"
+        )
+
+
 def check_mixture_widths(recipe: Recipe, reader: MixtureReader, episodes: list[int]) -> None:
     """Every source's state and action widths, from its first usable episode, equal the first source's."""
     widths = reader.widths(episodes)
     (first, want), *others = widths.items()
     problems = [
         f"{_source_key(recipe, name)}: state/action dims {got}, but {_source_key(recipe, first)} has {want}: "
-        "the sources must be one robot"
+        "the sources must share state and action spaces"
         for name, got in others
         if got != want
     ]

@@ -304,10 +304,11 @@ def predict(model, loader, metrics, rt, keep: set[int], per_source=None) -> dict
             if not keep:
                 continue
             # chunk step 0, absolute also for delta actions (a state entry missing in the data reads as its mean)
-            state = metrics.norm.unnormalize("state", batch["state"][:, -1].float().cpu())
-            pred = metrics.norm.absolute_actions(metrics.predicted_real(outputs)[:, :1], state)[:, 0].numpy()
-            true = metrics.norm.unnormalize("action", batch["actions"][:, :1].float().cpu())
-            true = metrics.norm.absolute_actions(true, state)[:, 0].numpy()
+            source = batch["source"]
+            state = metrics.real("state", batch["state"][:, -1], source)
+            pred = metrics.norm.absolute_actions(metrics.predicted_real(outputs, source)[:, :1], state)[:, 0].numpy()
+            true = metrics.norm.absolute_actions(metrics.real("action", batch["actions"][:, :1], source), state)
+            true = true[:, 0].numpy()
             for i, (e, f) in enumerate(
                 zip(batch["episode_index"].tolist(), batch["frame_index"].tolist(), strict=True)
             ):

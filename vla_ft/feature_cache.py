@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from robot_data import RobotDataset
     from vla_ft.run_setup import Run
 
-LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index")
+LABEL_KEYS = ("actions", "action_mask", "episode_index", "frame_index", "index", "source")
 SHARD_BYTES = 256 * 2**20  # readout bytes per shard file: bounds the memory used while writing
 LOADER_ONLY_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
 HEAD_ONLY_KEYS = ("action_head_hidden", "gripper_head")  # model.*: the heads, which train on the cache

@@ -28,22 +28,28 @@ INDEXED = re.compile(r"(/[a-z]+)(\d+)$")  # per-index names: .../dim3 (action di
 
 
 def real_actions(
-    outputs: dict[str, torch.Tensor], normalizer, gripper_dims: list[int], closed_is_high: bool
+    outputs: dict[str, torch.Tensor],
+    normalizer,
+    gripper_dims: list[int],
+    closed_is_high: bool,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Model outputs -> actions in the dataset's units, (B, C, A) float32 on the CPU.
 
     ``outputs["actions"]`` (B, C, A) is de-normalised; with ``outputs["gripper_logits"]`` (B, C, G),
     gripper dim ``gripper_dims[j]`` becomes the dataset's closed value where logit j > 0, else its
     open value (the max / min of that dim; swapped when ``closed_is_high`` is false): what a robot
-    is sent. A NaN logit stays NaN (``> 0`` would read it as open). Shared by validation metrics
-    and :class:`vla_ft.policy.VLAPolicy`.
+    is sent. A NaN logit stays NaN (``> 0`` would read it as open). ``source`` (B,): each row's
+    statistics, with per-source ones (``batch["source"]``). Shared by validation metrics and
+    :class:`vla_ft.policy.VLAPolicy`.
     """
-    pred = normalizer.unnormalize("action", outputs["actions"].detach().float().cpu())
+    source = None if source is None else source.cpu()
+    pred = normalizer.unnormalize("action", outputs["actions"].detach().float().cpu(), source)
     if gripper_dims and "gripper_logits" in outputs:
         logits = outputs["gripper_logits"].detach().float().cpu()
-        stats = normalizer.stats["action"]
+        lows, highs = (torch.as_tensor(normalizer.stat("action", s, source)) for s in ("min", "max"))
         for j, dim in enumerate(gripper_dims):
-            lo, hi = float(stats["min"][dim]), float(stats["max"][dim])
+            lo, hi = lows[..., dim, None], highs[..., dim, None]  # () or (B, 1): per row, over the chunk
             closed_value, open_value = (hi, lo) if closed_is_high else (lo, hi)
             value = torch.where(logits[..., j] > 0, closed_value, open_value)
             pred[..., dim] = value.masked_fill(logits[..., j].isnan(), math.nan)
@@ -79,19 +85,23 @@ class ActionMetrics:
         self.t_correct = self.t_total = 0.0
         self.tok_correct = self.tok_total = 0.0
 
-    def _real(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.norm.unnormalize("action", actions.detach().float().cpu()).double()
+    def real(self, key: str, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Batch rows (B, ..., D) of ``key`` ("state", "action") in dataset units, float64 on the CPU;
+        ``source`` (B,) is ``batch["source"]``."""
+        return self.norm.unnormalize(key, x.detach().float().cpu(), source.cpu()).double()
 
-    def predicted_real(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predicted_real(self, outputs: dict[str, torch.Tensor], source: torch.Tensor) -> torch.Tensor:
         """Predicted actions in real units (B, C, A), gripper dims as open/closed values."""
         dims = self.gripper_dims if self.gripper_head else []
-        return real_actions(outputs, self.norm, dims, self.gcfg.closed_is_high).double()
+        return real_actions(outputs, self.norm, dims, self.gcfg.closed_is_high, source).double()
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        pred, true = self.predicted_real(outputs), self._real(batch["actions"])
+        source = batch["source"].cpu()
+        pred, true = self.predicted_real(outputs, source), self.real("action", batch["actions"], source)
         mask = batch["action_mask"].cpu().double()  # (B, C)
         err = (pred - true).abs()
-        mean = torch.as_tensor(self.norm.stats["action"]["mean"], dtype=torch.float64)
+        mean = torch.as_tensor(self.norm.stat("action", "mean", source), dtype=torch.float64)  # (A,) or (B, A)
+        mean = mean[:, None] if mean.ndim == 2 else mean
         self.abs += (err * mask[..., None]).sum((0, 1))
         self.sq += (err.square() * mask[..., None]).sum((0, 1))
         self.base_abs += ((mean - true).abs() * mask[..., None]).sum((0, 1))
@@ -167,7 +177,9 @@ class SourceMetrics:
                 for key, value in outputs.items()
                 if not key.startswith("lm_") and value.ndim and len(value) == size
             }
-            self.metrics[name].update(pick, {k: batch[k][rows.to(batch[k].device)] for k in ("actions", "action_mask")})
+            self.metrics[name].update(
+                pick, {k: batch[k][rows.to(batch[k].device)] for k in ("actions", "action_mask", "source")}
+            )
 
     def compute(self, prefix: str = "val/") -> dict[str, float]:
         out = {}

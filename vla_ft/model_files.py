@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from robot_data import Normalizer
+from robot_data import load_normalizer
 from vla_ft import checkpoint as ck
 from vla_ft.config import LanguageConfig, LoraConfig, ModelConfig, VisionConfig, to_dict
 from vla_ft.ema import load_averages
@@ -149,11 +149,12 @@ def model_config(section: dict[str, Any]) -> ModelConfig:
 
 
 def read_norm_stats(directory: Path) -> dict[str, Any]:
-    """``norm_stats.json`` of a checkpoint or export, checked to build a :class:`robot_data.Normalizer`."""
+    """``norm_stats.json`` of a checkpoint or export, checked to build a normaliser
+    (:func:`robot_data.load_normalizer`: one set of statistics, or one per mixture source)."""
     path = Path(directory) / NORM_STATS
     stats = ck.load_json(path, directory)
     with ck.reading(path, directory):
-        Normalizer.from_dict(stats)
+        load_normalizer(stats)
     return stats
 
 

@@ -8,6 +8,7 @@
     # or "runs/quickstart/checkpoints/best" (best validation metric), ".../step_000200", an export
     actions = policy.predict_action({"observation.images.top": frame}, "pick up the red block", state)
     # actions: (chunk, action_dim) float32 numpy, in the dataset's units
+    # a run with data.normalize_per_source: VLAPolicy.from_pretrained(path, source="franka")
 
 Inputs are prepared exactly as in training: frames are resized with :mod:`robot_data.images`,
 the state is normalised and the prompt tokenised with the checkpoint's own statistics,
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robot_data import Normalizer, PromptTokenizer
+from robot_data import Normalizer, PromptTokenizer, load_normalizer
 from robot_data.images import resize, to_chw
 from vla_ft import checkpoint as ck
 from vla_ft.metrics import real_actions
@@ -112,7 +113,12 @@ class VLAPolicy:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, ema: bool = True
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        ema: bool = True,
+        source: str | None = None,
     ) -> VLAPolicy:
         """Load from a checkpoint (``<run>/checkpoints/step_N``), ``<run>/checkpoints/best``, a run
         directory (its newest checkpoint) or an export; see :func:`resolve_directory`.
@@ -121,13 +127,15 @@ class VLAPolicy:
         bf16 on a GPU (under autocast, as mixed-precision training does), at bf16's precision.
         ``ema``: a run with ``train.ema_decay`` saved the average of its weights too; the policy
         acts with it (what validation measured) unless ``ema`` is False.
+        ``source``: a run trained with ``data.normalize_per_source`` holds statistics per mixture
+        source; the policy drives one robot and takes its statistics (:attr:`sources` lists them).
         """
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: a floating-point dtype such as torch.bfloat16, got {dtype}")
         directory = resolve_directory(path)
+        normalizer = load_normalizer(read_norm_stats(directory)).for_source(source)  # before the weights load
         model, meta = load_model(directory, device, ema)
         model.to(dtype)
-        normalizer = Normalizer.from_dict(read_norm_stats(directory))
         tokenizer = load_saved_tokenizer(directory)
         return cls(model, meta, normalizer, tokenizer, torch.device(device), directory)
 

@@ -295,7 +295,8 @@ def rollout_metrics(run: Any) -> dict[str, float]:
         return {}
     envs, first = run.rollout_env
     meta = model_meta(run.model, run.recipe, run.data.cameras)
-    policy = VLAPolicy(run.model, meta, run.data.normalizer, run.tokenizer, rt.device)
+    normalizer = run.data.normalizer.for_source(o.source)  # per-source statistics: those of the env's robot
+    policy = VLAPolicy(run.model, meta, normalizer, run.tokenizer, rt.device)
     policy.dtype = rt.amp_dtype or policy.dtype  # the run's autocast, as held-out validation (fp32 weights too)
     runners = [chunk_runner(policy, o.execute, o.ensemble) for _ in envs]
     begin = first if o.start is None else o.start

@@ -45,6 +45,7 @@ def validate(r: Recipe) -> list[str]:
     if r.data.fps is not None and not 0 < r.data.fps < float("inf"):
         p.append(f"data.fps: must be > 0, got {r.data.fps}")
     p += mix_problems(r)
+    p += per_source_problems(r)
     p += rollout_problems(r)
     if r.data.format == "hdf5":
         from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
@@ -158,6 +159,27 @@ def mix_problems(r: Recipe) -> list[str]:
         for name in weighted
         if not 0 < mix[name].weight < float("inf")
     ]
+    return p
+
+
+def per_source_problems(r: Recipe) -> list[str]:
+    """``data.normalize_per_source`` needs sources; ``rollout.source`` names the one a rollout drives."""
+    d, source = r.data, r.rollout.source
+    p = []
+    if d.normalize_per_source and not d.mix and d.format != "hdf5":
+        p.append(
+            "data.normalize_per_source: statistics per source need a mixture (data.mix, or data.path a directory "
+            f"of robomimic files); this recipe reads one dataset ({d.format})"
+        )
+    if source is not None and not d.normalize_per_source:
+        p.append("rollout.source: only with data.normalize_per_source (one set of statistics drives every robot)")
+    if d.normalize_per_source and r.rollout.episodes and source is None:
+        p.append(
+            "rollout.source: required with data.normalize_per_source: the mixture source whose statistics the "
+            f"rollout env's robot uses{(': one of ' + ', '.join(d.mix)) if d.mix else ''}"
+        )
+    if source is not None and d.mix and source not in d.mix:
+        p.append(f"rollout.source: unknown source '{source}'{suggest(source, d.mix)}; valid: {', '.join(d.mix)}")
     return p
 
 

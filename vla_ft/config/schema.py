@@ -152,7 +152,8 @@ class DataConfig:
     format: str = doc("dataset reader: synthetic | lerobot | hdf5 | rlds", "synthetic")
     path: str | None = doc("dataset location (directory or file; hdf5 robomimic: a file, or a directory of them)", None)
     mix: dict[str, MixSourceConfig] = doc(
-        "several datasets of one robot trained as one, by name (instead of data.path): same format, keys, fps",
+        "several datasets of one robot (or robots sharing an action space: normalize_per_source) trained as one, "
+        "by name (instead of data.path): same format, keys, fps",
         factory=dict,
     )
     layout: str = doc("hdf5 layout: robomimic | aloha", "robomimic")
@@ -170,6 +171,11 @@ class DataConfig:
     train_filter: str | None = doc("robomimic filter key (mask/<key>) to train on, e.g. 20_percent", None)
     val_filter: str | None = doc("robomimic filter key to validate on, e.g. valid (overrides val_ratio)", None)
     normalize: Literal["mean_std", "min_max", "q01_q99", "none"] = doc("normalisation of state and action", "mean_std")
+    normalize_per_source: bool = doc(
+        "a mixture (data.mix, a directory of robomimic files): each source normalised with its own training "
+        "statistics (robots sharing an action space, not its ranges); a policy is told which source it drives",
+        False,
+    )
     raw_dims: list[int] | None = doc("action dims left raw (null: the gripper dims)", None)
     delta_action_dims: list[int] = doc(
         "action dims trained as offsets from the state at the sample's frame (openpi's delta actions; "
@@ -415,6 +421,9 @@ class RolloutConfig:
     )
     execute: int | None = doc("actions sent per predicted chunk (null: half a chunk unless ensemble is set)", None)
     ensemble: float | None = doc("temporal ensembling with weights exp(-m i) instead of execute (ACT)", None)
+    source: str | None = doc(
+        "with data.normalize_per_source: the mixture source whose statistics the env's robot uses", None
+    )
     max_steps: int = doc("env steps per episode at most", 80)
     batch: int = doc(
         "episodes run at once, one env each, their chunks predicted in one batch (1: one after another)", 8
