@@ -200,3 +200,42 @@ def test_a_damaged_export_names_its_file_not_a_recipe_key(exported, tmp_path, da
     message = str(refused.value)
     assert f"{out}/{named}" in message and f"the checkpoint or export {out} is damaged or incomplete" in message
     assert "recipe" not in message and "model.language" not in message
+
+
+@pytest.mark.parametrize("variant", ["use_rslora", "use_dora"])
+def test_rslora_and_dora_train_and_export_as_defined(tmp_path, variant):
+    """rsLoRA scales B A by alpha / sqrt(r); DoRA rescales each row of W + (alpha / r) B A to its trained
+    magnitude. The merged export weight is checked against those definitions, computed by hand from
+    the checkpoint's tensors, and the export acts as the checkpoint (whose layers run the adapters)."""
+    train(
+        tiny_recipe(
+            tmp_path,
+            "model.lora.enabled=true",
+            f"model.lora.r={R}",
+            f"model.lora.alpha={ALPHA}",
+            f"model.lora.{variant}=true",
+            "optim.groups.language_model.lr=0.05",
+            "train.steps=2",
+            "checkpoint.every=2",
+            "train.val_every=0",
+        )
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert cli(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    trained = load_file(str(ckpt / "model.safetensors"))
+    prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj."
+    base, a, b = (trained[prefix + k] for k in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"))
+    if variant == "use_rslora":
+        expected = base + (ALPHA / R**0.5) * b @ a
+    else:
+        magnitude = trained[prefix + "lora_magnitude_vector.default.weight"]  # (out,), trained from ||W|| per row
+        assert (magnitude - base.norm(dim=1)).abs().max() > 1e-4
+        direction = base + (ALPHA / R) * b @ a
+        expected = (magnitude / direction.norm(dim=1))[:, None] * direction
+    assert (expected - base).abs().max() > 1e-3
+    merged = load_file(str(tmp_path / "export" / "language_model" / "model.safetensors"))
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-5)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
+    acts = [VLAPolicy.from_pretrained(d).predict_action(frames, "pick", state) for d in (ckpt, tmp_path / "export")]
+    np.testing.assert_allclose(acts[1], acts[0], atol=1e-5)

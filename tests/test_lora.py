@@ -57,6 +57,11 @@ def test_only_the_adapters_of_the_targeted_layers_train(tmp_path, freeze_lm):
     assert in_lm_groups == {id(p) for p in trainable.values()}
 
 
+def test_a_lora_variant_without_adapters_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"model\.lora\.use_dora: no adapter to shape"):
+        tiny_recipe(tmp_path, "model.lora.use_dora=true")
+
+
 def test_a_target_that_matches_nothing_is_an_error_naming_the_key(tmp_path):
     with pytest.raises(RecipeError, match=r"model.lora.target_modules: pattern\(s\) \['qkv_proj'\] match no module"):
         _lora_model(tmp_path, "model.lora.target_modules=[q_proj, qkv_proj]")
@@ -73,18 +78,21 @@ def test_all_linear_shorthand_adapts_every_linear_layer_of_the_lm(tmp_path):
     assert "lm_head" not in adapted  # peft keeps the output layer out of all-linear
 
 
-def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path):
+@pytest.mark.parametrize("variant", ["lora", "use_dora"])
+def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path, variant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     save_lm_dir(tmp_path / "lm")
-    recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}")
+    extra = [f"model.lora.{variant}=true"] if variant != "lora" else []
+    recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}", *extra)
     _perturb_adapters(model.language_model)
     run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
     write_model_files(run, tmp_path / "ckpt")
 
     config = json.loads((tmp_path / "ckpt" / ADAPTER_DIR / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["task_type"] == "CAUSAL_LM"
+    assert config["use_dora"] == (variant == "use_dora")
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm"), dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, str(tmp_path / "ckpt" / ADAPTER_DIR)).eval()
     ids = torch.randint(4, 284, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -190,6 +190,28 @@ def test_checkpoint_and_export_predict_as_the_trained_model(qlora_run, tmp_path)
     torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_qdora_checkpoint_and_export_predict_alike(tmp_path):
+    """DoRA on the 4-bit base (QDoRA): the checkpoint loads (DoRA reads its base weight when built)
+    and acts as its export, whose merged weight is DoRA's on the hand-decoded NF4 base."""
+    run_dir = tmp_path / "run"
+    argv = train_argv(run_dir, [*RUN[:-2], "model.lora.use_dora=true", "train.steps=2", "checkpoint.every=2"])
+    assert run_forked(argv, tmp_path / "log.txt") == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
+    from_ckpt = VLAPolicy.from_pretrained(ckpt(run_dir, 2)).predict_action(frames, "pick", state)
+    assert cli(["export", str(ckpt(run_dir, 2)), str(tmp_path / "export")]) == 0
+    from_export = VLAPolicy.from_pretrained(tmp_path / "export").predict_action(frames, "pick", state)
+    np.testing.assert_allclose(from_export, from_ckpt, atol=1e-5)
+    trained = load_file(str(ckpt(run_dir, 2) / "model.safetensors"))
+    prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj."
+    base = decode_nf4(trained, prefix + "base_layer.weight", (32, 32))
+    a, b = trained[prefix + "lora_A.default.weight"], trained[prefix + "lora_B.default.weight"]
+    direction = base + (8 / 4) * b @ a
+    expected = (trained[prefix + "lora_magnitude_vector.default.weight"] / direction.norm(dim=1))[:, None] * direction
+    merged = load_file(str(tmp_path / "export" / "language_model" / "model.safetensors"))
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-5)
+
+
 def test_a_qlora_second_stage_quantises_the_sources_merged_weights(qlora_run, tmp_path):
     """init_from + quantize: the source's weights are copied first, then this run quantises them."""
     import bitsandbytes as bnb

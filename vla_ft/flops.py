@@ -21,6 +21,8 @@ recomputation of QK^T is hardware work, not model work): the LM's pairs are caus
 non-padding tokens only (``n (n + 1) / 2`` per row), a ViT's pairs are all token pairs.
 Embedding lookups, norms, activations, softmax and the loss are not counted (no matmul), nor
 is activation recomputation (gradient checkpointing): this is model FLOPs, not hardware FLOPs.
+DoRA's work on each adapted weight (B A and its row norms, about 2r + 3 FLOPs per weight element per
+forward) is not counted either: a batch's thousands of tokens cost 4 per element each.
 Padding is never counted: LM rows count their non-padding tokens, the LM head its supervised
 tokens.
 

@@ -51,7 +51,13 @@ def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_
     check_targets(module, targets, key)
     target_modules = ALL_LINEAR if targets == [ALL_LINEAR] else list(targets)
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_modules, task_type=task_type
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
     )
     model = get_peft_model(module, peft_cfg)
     if cfg.fused:

@@ -209,7 +209,8 @@ def _checkpoint_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -
     """A checkpoint's VLA: the LM built from its saved config, every weight from ``model.safetensors``."""
     model = VLA(cfg, pretrained=False, lm_config=load_lm_config(directory), **dims)
     if cfg.language.quantize != "none":  # 4-bit layers whose codes the weights file holds
-        quantize_linears(model.language_model, cfg.language.quantize, None)
+        # DoRA's adapters read their base weight when built, so it must hold codes (replaced by the file's)
+        quantize_linears(model.language_model, cfg.language.quantize, "cpu" if cfg.lora.use_dora else None)
     apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
     with ck.reading(directory / "model.safetensors", directory):
         load_weights(model, directory / "model.safetensors")

@@ -46,6 +46,7 @@ def validate(r: Recipe) -> list[str]:
         p.append(f"data.fps: must be > 0, got {r.data.fps}")
     p += mix_problems(r)
     p += per_source_problems(r)
+    p += lora_variant_problems(r)
     p += rollout_problems(r)
     if r.data.format == "hdf5":
         from robot_data.hdf5 import LAYOUTS  # only here: the reader pulls in h5py
@@ -160,6 +161,15 @@ def mix_problems(r: Recipe) -> list[str]:
         if not 0 < mix[name].weight < float("inf")
     ]
     return p
+
+
+def lora_variant_problems(r: Recipe) -> list[str]:
+    """``model.lora.use_rslora`` / ``use_dora`` shape adapters, so they need some."""
+    lora = r.model.lora
+    set_keys = [f"model.lora.{k}" for k in ("use_rslora", "use_dora") if getattr(lora, k)]
+    if set_keys and not (lora.enabled or lora.vision):
+        return [f"{', '.join(set_keys)}: no adapter to shape (set model.lora.enabled or model.lora.vision)"]
+    return []
 
 
 def per_source_problems(r: Recipe) -> list[str]:

@@ -97,6 +97,12 @@ class LoraConfig:
     )
     vision: bool = doc("also adapt the vision encoder", False)
     vision_target_modules: list[str] = doc("vision module name patterns to adapt", factory=lambda: ["qkv", "proj"])
+    use_rslora: bool = doc("rank-stabilised LoRA: adapters scaled by alpha / sqrt(r), not alpha / r (peft)", False)
+    use_dora: bool = doc(
+        "DoRA: each adapted weight split into a trained per-row magnitude and a LoRA-adapted direction (peft; "
+        "these layers run peft's forward, which recomputes the weight's row norms every step)",
+        False,
+    )
     fused: bool = doc(
         "compute each adapter inside its base layer's matmuls (vla_ft.lora_kernel: same numbers, no full-width "
         "adapter output; layers with dropout > 0 keep peft's forward); false = peft's own forward everywhere",
