@@ -28,6 +28,7 @@ Rows:
   vla_lora        recipe + LoRA on every LM linear (r=32) + frozen vision encoder
   vla_lora_peft   ablation of vla_lora: peft's own LoRA forward (``model.lora.fused=false``)
   vla_qlora       vla_lora on a 4-bit (nf4) LM base: QLoRA (``model.language.quantize=nf4``)
+  vla_dora        vla_lora with DoRA (``model.lora.use_dora=true``): a trained magnitude per row of each weight
   vla_full_adamw8bit  vla_full with bitsandbytes' AdamW on 8-bit moments (``optim.name=adamw8bit``)
   vla_head        head-only: the heads on readout features of the frozen trunk, computed once (what
                   ``train.cache_features`` feeds the step)
@@ -137,6 +138,7 @@ ROWS = (
     "vla_lora",
     "vla_lora_peft",
     "vla_qlora",
+    "vla_dora",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_autotune",
@@ -160,6 +162,7 @@ SMOKE_ROWS = (
     "vla_lora",
     "vla_lora_peft",
     "vla_qlora",
+    "vla_dora",
     "vla_lora_graphs",
     "vla_full_graphs",
     "vla_full_ema",
@@ -710,6 +713,9 @@ ROW_FUNCS: dict[str, Callable[[Bench, str], Row]] = {
     ),
     "vla_qlora": lambda b, n: vla(
         b, n, "lora", ("model.language.quantize=nf4",), note="QLoRA: LoRA r=32 on a 4-bit (nf4) LM, frozen vision"
+    ),
+    "vla_dora": lambda b, n: vla(
+        b, n, "lora", ("model.lora.use_dora=true",), note="DoRA r=32 on LM linears (peft's forward), frozen vision"
     ),
     "vla_lora_graphs": lambda b, n: vla(
         b, n, "lora", ("train.compile_mode=reduce-overhead",), note="LoRA, CUDA graphs (reduce-overhead)"

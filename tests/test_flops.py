@@ -208,3 +208,17 @@ def test_training_logs_tflops_and_no_mfu_on_cpu(tmp_path: Path):
     train_rows = [r for r in rows if "loss" in r]
     assert train_rows and all(r["perf/tflops"] > 0 for r in train_rows)
     assert not any("perf/mfu" in r for r in rows)
+
+
+def test_dora_counts_its_rows_not_the_adapter_product_it_builds_each_forward():
+    """peft's DoRA builds B A each forward by running lora_A, lora_B on an identity (in x in): work per
+    forward, not per token. The count is FlopCounterMode's less exactly that work, forward only (it
+    only feeds the detached weight norm): 2 in (in r + r out) per adapted layer."""
+    model, loss_fn = tiny(*REGIMES["lora_lm"], "model.lora.use_dora=true")
+    batch = make_batch()
+    counted = flops.measure_step_flops(model, batch).total(batch, want_text=True, attention="dense")
+    adapted = [m for m in model.language_model.modules() if hasattr(m, "lora_magnitude_vector") and m.lora_A]
+    r = adapted[0].lora_A["default"].out_features
+    per_forward = sum(2 * m.in_features * (m.in_features * r + r * m.out_features) for m in adapted)
+    assert adapted and per_forward > 0
+    assert float(counted) == pytest.approx(reference_model_flops(model, loss_fn, batch) - per_forward, rel=1e-9)

@@ -21,8 +21,8 @@ recomputation of QK^T is hardware work, not model work): the LM's pairs are caus
 non-padding tokens only (``n (n + 1) / 2`` per row), a ViT's pairs are all token pairs.
 Embedding lookups, norms, activations, softmax and the loss are not counted (no matmul), nor
 is activation recomputation (gradient checkpointing): this is model FLOPs, not hardware FLOPs.
-DoRA's work on each adapted weight (B A and its row norms, about 2r + 3 FLOPs per weight element per
-forward) is not counted either: a batch's thousands of tokens cost 4 per element each.
+DoRA's work on each adapted weight (peft builds B A from an identity matrix each forward, and its row
+norms) is not counted either: it is per forward, not per token.
 Padding is never counted: LM rows count their non-padding tokens, the LM head its supervised
 tokens.
 
@@ -33,6 +33,7 @@ fp32 runs; on a CPU or an unknown GPU only ``perf/tflops`` is logged.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -112,6 +113,7 @@ class Recording:
     layers: list[LayerUse] = field(default_factory=list)
     vision_attention: list[AttentionUse] = field(default_factory=list)
     lm_grad: bool = False  # whether the LM's attention outputs carry a gradient
+    paused: int = 0  # > 0 inside work done once per forward, not per row (DoRA's B A)
 
 
 def _owners(model: VLA) -> Iterator[tuple[str, nn.Module]]:
@@ -130,6 +132,8 @@ def record_forward(model: VLA) -> Iterator[Recording]:
 
     def on_layer(owner: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if rec.paused:
+                return
             x, w = args[0], module.weight
             linear = isinstance(module, nn.Linear)
             rows = x.numel() // module.in_features if linear else output[0, 0].numel() * len(x)
@@ -151,11 +155,37 @@ def record_forward(model: VLA) -> Iterator[Recording]:
             elif owner == "vision_encoder" and _is_vit_attention(sub):
                 handles.append(sub.register_forward_hook(on_attention))
     try:
-        with torch.compiler.set_stance("force_eager"), peft_forward():  # fused LoRA calls no sub-layer
-            yield rec
+        with torch.compiler.set_stance("force_eager"), peft_forward(), _dora_weight_unrecorded(rec):
+            yield rec  # (peft's forward: fused LoRA calls no sub-layer)
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _dora_weight_unrecorded(rec: Recording) -> Iterator[None]:
+    """DoRA (peft) builds each adapted layer's B A every forward by running its adapters on an
+    identity matrix: work per forward, not per row of the batch, so the hooks must not take those
+    calls for rows (they would scale with the batch's tokens; see the module docstring)."""
+    dora = sys.modules.get("peft.tuners.lora.dora")  # loaded with peft, which a DoRA model needs
+    layer = getattr(dora, "DoraLinearLayer", None)
+    if layer is None:
+        yield
+        return
+    original = layer.get_lora_weight
+
+    def unrecorded(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        rec.paused += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            rec.paused -= 1
+
+    layer.get_lora_weight = unrecorded
+    try:
+        yield
+    finally:
+        layer.get_lora_weight = original
 
 
 def _is_vit_attention(module: nn.Module) -> bool:
