@@ -188,7 +188,7 @@ class TopImageEnv(SyntheticPickEnv):
         return self._named(obs), *rest
 
 
-def test_a_rollout_drives_its_robot_with_its_sources_statistics(tmp_path, monkeypatch):
+def test_a_rollout_drives_its_robot_with_its_sources_statistics(tmp_path, monkeypatch, capsys):
     import vla_ft.rollout as rollout_module
 
     seen, original = [], rollout_module.chunk_runner
@@ -200,3 +200,9 @@ def test_a_rollout_drives_its_robot_with_its_sources_statistics(tmp_path, monkey
     assert cli(["train", str(QUICKSTART), *FAST, f"output_dir={run_dir}", *args, "train.val_every=2"]) == 0
     saved = json.loads((run_dir / "checkpoints" / "step_000002" / "norm_stats.json").read_text())
     assert seen and all(p.normalizer.to_dict() == saved["per_source"]["b"] for p in seen)
+    seen.clear()  # `vla-ft rollout`: the recipe's rollout.source, or --source
+    assert cli(["rollout", str(run_dir), "--episodes", "1", "--max-steps", "2", "--videos", "0"]) == 0
+    assert cli(["rollout", str(run_dir), "--episodes", "1", "--max-steps", "2", "--videos", "0", "--source", "a"]) == 0
+    assert [p.normalizer.to_dict() for p in seen] == [saved["per_source"][s] for s in "ba"]
+    assert cli(["rollout", str(run_dir), "--episodes", "1", "--source", "c"]) == 2
+    assert "--source: unknown source 'c'" in capsys.readouterr().err

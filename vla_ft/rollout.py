@@ -334,9 +334,11 @@ def rollout_checkpoint(
     device: str = "cpu",
     batch: int | None = None,
     env_processes: bool | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Roll a checkpoint's policy out for ``episodes`` seeds from ``start`` and write the report.
-    Arguments left None come from the checkpoint recipe's ``rollout`` section."""
+    Arguments left None come from the checkpoint recipe's ``rollout`` section (``source``: the
+    mixture source whose statistics the env's robot uses, with ``data.normalize_per_source``)."""
     from vla_ft.policy import VLAPolicy, resolve_directory
     from vla_ft.run_state import read_saved_recipe
 
@@ -351,8 +353,12 @@ def rollout_checkpoint(
     max_steps = saved["max_steps"] if max_steps is None else max_steps
     batch = saved["batch"] if batch is None else batch
     env_processes = saved["env_processes"] if env_processes is None else env_processes
+    source = saved["source"] if source is None else source
+    try:
+        policy = VLAPolicy.from_pretrained(directory, device=device, source=source)
+    except ValueError as err:  # per-source statistics and no source, or an unknown one
+        raise RecipeError(f"--{err}", "command line") from None
     envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes), "--env", env_processes)
-    policy = VLAPolicy.from_pretrained(directory, device=device)
     runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
     begin = first if start is None else start
     seeds = range(begin, begin + episodes)
@@ -402,6 +408,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         args.device,
         args.batch,
         args.env_processes,
+        args.source,
     )
     rate, n, tasks = report["success_rate"], report["episodes"], report["by_instruction"]
     if len(tasks) > 1:
@@ -434,6 +441,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=at_least(0), default=2, help="episodes written as MP4")
     p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/rollout)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--source", default=None, help="per-source statistics: the robot's source (default: rollout.source)")
     p.add_argument(
         "--batch", type=at_least(1), default=None, help="episodes run at once, one env each (default: rollout.batch)"
     )
