@@ -4,7 +4,6 @@ temporal ensembling, checked against actions written out by hand."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,11 +18,12 @@ class StubPolicy:
     that is closed (1.0) for k < 2 and open (0.0) after; the state is passed through untouched."""
 
     chunk = CHUNK
-    meta = {"gripper": {"dims": [1]}}
-    normalizer = SimpleNamespace(stats={"action": {"min": np.array([-5.0, 0.0]), "max": np.array([50.0, 1.0])}})
 
     def __init__(self):
         self.calls = 0
+
+    def gripper_range(self):
+        return [1], np.array([0.0]), np.array([1.0])  # dim 1: open at 0, closed at 1
 
     def predict_action(self, images, instruction, state):
         n, self.calls = self.calls, self.calls + 1

@@ -111,9 +111,9 @@ EXTRA_COMMANDS.append(_add_export)
 
 
 def _add_ablate_eval_plot(sub: argparse._SubParsersAction) -> None:
-    from vla_ft import ablate, evaluate, plots, rollout  # light: torch and matplotlib load when a command runs
+    from vla_ft import ablate, evaluate, plots, rollout, serve  # light: torch and matplotlib load when a command runs
 
-    for module in (ablate, evaluate, plots, rollout):
+    for module in (ablate, evaluate, plots, rollout, serve):
         module.add_parser(sub)
 
 

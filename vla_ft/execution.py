@@ -41,9 +41,7 @@ class ChunkRunner:
         if ensemble is not None and not 0 <= ensemble < math.inf:
             raise ValueError(f"ensemble: the weights' decay m must be finite and >= 0, got {ensemble}")
         self.policy, self.execute, self.ensemble = policy, execute, ensemble
-        stats = policy.normalizer.stats["action"]
-        dims = list(policy.meta["gripper"]["dims"])
-        self._gripper = (dims, stats["min"][dims], stats["max"][dims])  # open/closed values per gripper dim
+        self._gripper = policy.gripper_range()  # (dims, min, max): the open/closed values per gripper dim
         self.reset()
 
     def reset(self) -> None:

@@ -93,6 +93,22 @@ def _as_array(frames: Any) -> np.ndarray:
     return frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
 
 
+def camera_frames(cameras: Sequence[str], images: ImagesLike) -> list[np.ndarray]:
+    """``images`` as :meth:`VLAPolicy.predict_action` takes them -> one numpy array per camera, in
+    the order of ``cameras``."""
+    if isinstance(images, Mapping):
+        if set(images) != set(cameras):
+            raise ValueError(f"images: expected cameras {list(cameras)}, got {sorted(images)}")
+        return [_as_array(images[c]) for c in cameras]
+    if isinstance(images, np.ndarray | torch.Tensor):
+        if len(cameras) != 1:
+            raise ValueError(f"images: this policy needs {len(cameras)} cameras {list(cameras)}; pass a dict or a list")
+        return [_as_array(images)]
+    if len(images) != len(cameras):
+        raise ValueError(f"images: this policy needs {len(cameras)} camera(s) {list(cameras)}, got {len(images)}")
+    return [_as_array(x) for x in images]
+
+
 class VLAPolicy:
     """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
 
@@ -104,9 +120,11 @@ class VLAPolicy:
         tokenizer: Any,
         device: torch.device,
         directory: Path | None = None,
+        source: str | None = None,
     ):
         self.model, self.meta, self.normalizer, self.device = model, meta, normalizer, device
         self.directory = directory  # where the weights came from, for errors
+        self.source = source  # the mixture source whose statistics it uses (per-source statistics)
         self.dtype = next(model.parameters()).dtype
         self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none")
         self.pad_id = pad_token_id(tokenizer)
@@ -137,7 +155,7 @@ class VLAPolicy:
         model, meta = load_model(directory, device, ema)
         model.to(dtype)
         tokenizer = load_saved_tokenizer(directory)
-        return cls(model, meta, normalizer, tokenizer, torch.device(device), directory)
+        return cls(model, meta, normalizer, tokenizer, torch.device(device), directory, source)
 
     @property
     def cameras(self) -> list[str]:
@@ -150,6 +168,11 @@ class VLAPolicy:
     @property
     def action_dim(self) -> int:
         return int(self.meta["action_dim"])
+
+    def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The gripper action dims and the dataset's min and max there (its open and closed values)."""
+        dims, stats = list(self.meta["gripper"]["dims"]), self.normalizer.stats["action"]
+        return dims, stats["min"][dims], stats["max"][dims]
 
     @torch.no_grad()
     def predict_action(
@@ -171,7 +194,7 @@ class VLAPolicy:
         (damaged weights or statistics) are a :class:`~vla_ft.checkpoint.CheckpointError`, never
         actions: a NaN gripper logit would otherwise read as "open".
         """
-        per_camera = self._camera_list(images)
+        per_camera = camera_frames(self.cameras, images)
         batched = per_camera[0].ndim == 4
         pixels = self._pixels(per_camera, batched)
         b = pixels.shape[0]
@@ -204,20 +227,6 @@ class VLAPolicy:
             )
 
     # ------------------------------------------------------------------ input preparation
-    def _camera_list(self, images: ImagesLike) -> list[np.ndarray]:
-        cams = self.cameras
-        if isinstance(images, Mapping):
-            if set(images) != set(cams):
-                raise ValueError(f"images: expected cameras {cams}, got {sorted(images)}")
-            return [_as_array(images[c]) for c in cams]
-        if isinstance(images, np.ndarray | torch.Tensor):
-            if len(cams) != 1:
-                raise ValueError(f"images: this policy needs {len(cams)} cameras {cams}; pass a dict or a list")
-            return [_as_array(images)]
-        if len(images) != len(cams):
-            raise ValueError(f"images: this policy needs {len(cams)} camera(s) {cams}, got {len(images)}")
-        return [_as_array(x) for x in images]
-
     def _pixels(self, per_camera: list[np.ndarray], batched: bool) -> torch.Tensor:
         """Per-camera frames -> (B, n_cam, 3, S, S) uint8, resized like the training data.
 

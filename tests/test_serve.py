@@ -1,0 +1,130 @@
+"""``vla-ft serve``: a policy over HTTP gives the actions of the local policy, to our client and to
+a client written from the protocol alone; refused inputs come back as the policy's own message."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_recipe
+
+from vla_ft import ChunkRunner, VLAPolicy
+from vla_ft.serve import PolicyClient, PolicyServer
+from vla_ft.train import main as train
+
+TASKS = ["pick up the red block", "pick up the green block"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("serve")
+    torch.set_num_threads(1)
+    train(tiny_recipe(tmp, "data.history=2", "train.steps=2", "checkpoint.every=2", "train.val_every=0"))
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    """(the local policy, the URL of a server of the same policy in this process)."""
+    policy = VLAPolicy.from_pretrained(run_dir)
+    server = PolicyServer(policy, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield policy, f"http://127.0.0.1:{server.server_port}"
+    server.stop()
+    thread.join(timeout=30)
+
+
+def _inputs(batch: int | None):
+    rng = np.random.default_rng(0)
+    shape = (batch,) if batch else ()
+    frames = rng.integers(0, 256, (*shape, 48, 80, 3), dtype=np.uint8)  # any size: resized as in training
+    state = rng.normal(size=(*shape, 2, 3)).astype(np.float32)  # two state frames (data.history=2)
+    return frames, state
+
+
+def test_the_client_gets_the_local_policys_actions(served):
+    policy, url = served
+    client = PolicyClient(url)
+    assert (client.cameras, client.chunk, client.action_dim) == (policy.cameras, policy.chunk, policy.action_dim)
+    for batch, task in ((None, TASKS[0]), (2, TASKS)):
+        frames, state = _inputs(batch)
+        want = policy.predict_action(frames, task, state)
+        got = client.predict_action({policy.cameras[0]: frames}, task, state)
+        np.testing.assert_array_equal(got, want)  # same model, same inputs: bit for bit
+    client.close()
+
+
+def test_the_protocol_by_hand(served):
+    """What a robot written in another language would do: GET /info as JSON, POST an npz."""
+    policy, url = served
+    with urllib.request.urlopen(f"{url}/info") as response:
+        info = json.loads(response.read())
+    assert info["cameras"] == policy.cameras and info["history"] == 2 and info["gripper"]["dims"] == [2]
+    frames, state = _inputs(None)
+    body = io.BytesIO()
+    np.savez(body, **{f"images/{info['cameras'][0]}": frames}, state=state, instruction=np.array(TASKS[1]))
+    request = urllib.request.Request(f"{url}/predict", body.getvalue(), method="POST")
+    with urllib.request.urlopen(request) as response:
+        actions = np.load(io.BytesIO(response.read()))["actions"]
+    np.testing.assert_array_equal(actions, policy.predict_action(frames, TASKS[1], state))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/predict", b"not an npz", method="POST"))
+    assert err.value.code == 400
+
+
+def test_a_refused_input_raises_the_policys_message_and_the_server_goes_on(served):
+    policy, url = served
+    client = PolicyClient(url)
+    frames, state = _inputs(None)
+    with pytest.raises(ValueError, match=r"images: this policy needs 1 camera"):
+        client.predict_action([frames, frames], TASKS[0], state)  # caught before sending
+    with pytest.raises(ValueError, match=r"policy server .*: state: expected shape \(2, 3\)"):
+        client.predict_action(frames, TASKS[0], state[0])  # one state frame where the policy reads two
+    np.testing.assert_array_equal(
+        client.predict_action(frames, TASKS[0], state), policy.predict_action(frames, TASKS[0], state)
+    )
+
+
+def test_a_chunk_runner_drives_the_served_policy_as_the_local_one(served):
+    policy, url = served
+    frames, state = _inputs(None)
+    sent = []
+    for source in (policy, PolicyClient(url)):
+        runner = ChunkRunner(source, ensemble=0.5)  # gripper snapping reads gripper_range()
+        sent.append([runner.act(frames, TASKS[0], state) for _ in range(5)])
+    np.testing.assert_array_equal(np.stack(sent[1]), np.stack(sent[0]))
+
+
+def test_vla_ft_serve_on_the_command_line(run_dir):
+    command = [sys.executable, "-m", "vla_ft", "serve", str(run_dir), "--port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ") and "http://127.0.0.1:" in line, line or proc.stderr.read()
+        url = line.split(" at ", 1)[1].split()[0]
+        frames, state = _inputs(None)
+        want = VLAPolicy.from_pretrained(run_dir).predict_action(frames, TASKS[0], state)
+        np.testing.assert_allclose(PolicyClient(url).predict_action(frames, TASKS[0], state), want, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    with pytest.raises(ConnectionRefusedError, match="no policy server at"):
+        PolicyClient(url)
+
+
+def test_the_latency_benchmark_runs(run_dir):
+    script = Path(__file__).parents[1] / "benchmarks" / "serve_latency.py"
+    command = [sys.executable, str(script), str(run_dir), "--size", "32", "--requests", "2"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| PolicyClient -> vla-ft serve |" in out.stdout and "| added by serving |" in out.stdout

@@ -1,0 +1,286 @@
+"""A trained policy served over HTTP, for a robot whose computer is not the GPU machine (openpi's
+policy server, LeRobot's asynchronous inference).
+
+::
+
+    vla-ft serve runs/aloha --device cuda --dtype bfloat16 --host 0.0.0.0 --port 8000   # the GPU machine
+
+    from vla_ft import ChunkRunner                                                     # the robot
+    from vla_ft.serve import PolicyClient
+
+    runner = ChunkRunner(PolicyClient("http://gpu-box:8000"), ensemble=0.01)
+    robot.send(runner.act(camera.read(), "insert the peg", robot.state()))
+
+:class:`PolicyClient` has :class:`~vla_ft.policy.VLAPolicy`'s interface (``predict_action``,
+``cameras``, ``chunk``, ``action_dim``, ``meta``, ``gripper_range``), so a control loop written
+for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.npz`` as the body
+(frames are large; JSON would be slow), so any language with an npz reader can be a client:
+
+=====================  =======================================================================
+``GET /info``          JSON: ``cameras``, ``chunk``, ``action_dim``, ``state_dim``, ``history``,
+                       ``image_size``, ``gripper`` (``dims``, ``closed_is_high``, ``low``,
+                       ``high``: the open/closed values), ``source``, ``directory``
+``POST /predict``      npz in: ``images/<camera>`` uint8 ``(H, W, 3)`` or ``(B, H, W, 3)`` for
+                       each camera, ``state`` float (as ``predict_action`` takes it),
+                       ``instruction`` a str array, ``()`` or ``(B,)``;
+                       npz out: ``actions`` float32 ``(chunk, A)`` or ``(B, chunk, A)``
+=====================  =======================================================================
+
+An input the policy refuses is answered 400 with JSON ``{"error": message}`` (the client raises
+ValueError with the policy's message); a failure of the policy itself is 500 (RuntimeError).
+Connections stay open between requests; predictions run one at a time (one model), in the
+thread that serves (:meth:`PolicyServer.serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import io
+import json
+import queue
+import socket
+import sys
+import threading
+import traceback
+import urllib.parse
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+IMAGE_PREFIX = "images/"
+
+
+def encode(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays -> the bytes of an uncompressed ``.npz`` (``np.load`` reads them)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode(body: bytes) -> dict[str, np.ndarray]:
+    """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted."""
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def policy_info(policy: Any) -> dict[str, Any]:
+    """What a client needs to know about ``policy`` (a :class:`~vla_ft.policy.VLAPolicy`), JSON-safe."""
+    meta = policy.meta
+    dims, low, high = policy.gripper_range()
+    return {
+        "cameras": policy.cameras,
+        "chunk": policy.chunk,
+        "action_dim": policy.action_dim,
+        "state_dim": int(meta["state_dim"]),
+        "history": int(meta["history"]),
+        "image_size": int(meta["image_size"]),
+        "gripper": {
+            "dims": dims,
+            "closed_is_high": bool(meta["gripper"]["closed_is_high"]),
+            "low": [float(v) for v in low],
+            "high": [float(v) for v in high],
+        },
+        "source": policy.source,
+        "directory": str(policy.directory) if policy.directory is not None else None,
+    }
+
+
+class PolicyServer(ThreadingHTTPServer):
+    """Serves ``policy`` on ``(host, port)`` (port 0: a free one, then :attr:`server_port`).
+
+    :meth:`serve` answers HTTP in a background thread (a thread per connection) and runs every
+    prediction, one at a time, in the thread that called it: on a CPU, torch's thread pool is warm
+    in the thread that keeps using it, and a matmul ran at half the speed when each connection's
+    thread ran its own (``benchmarks/RESULTS.md``, policy server)."""
+
+    daemon_threads = True  # a client that keeps its connection open must not keep the server alive
+
+    def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = 8000):
+        super().__init__((host, port), _Handler)
+        self.policy, self.info = policy, policy_info(policy)
+        self.jobs: queue.Queue[tuple[dict[str, np.ndarray], Future] | None] = queue.Queue()
+
+    def serve(self) -> None:
+        """Serve until :meth:`stop` (or Ctrl-C), predicting in the calling thread."""
+        http = threading.Thread(target=self.serve_forever, daemon=True)
+        http.start()
+        try:
+            while (job := self.jobs.get()) is not None:
+                arrays, future = job
+                try:
+                    future.set_result(self._predict(arrays))
+                except Exception as err:  # the connection's thread raises it
+                    future.set_exception(err)
+        finally:
+            self.shutdown()
+            http.join()
+            self.server_close()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Called by a connection's thread: the prediction, computed by the :meth:`serve` thread."""
+        future: Future = Future()
+        self.jobs.put((arrays, future))
+        return future.result()
+
+    def _predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """A decoded request -> actions; a malformed request is a ValueError naming what is wrong."""
+        images = {k[len(IMAGE_PREFIX) :]: v for k, v in arrays.items() if k.startswith(IMAGE_PREFIX)}
+        missing = [k for k in ("state", "instruction") if k not in arrays]
+        if missing or not images:
+            lacks = ", ".join(missing or [f"{IMAGE_PREFIX}<camera>"])
+            raise ValueError(f"request: needs {IMAGE_PREFIX}<camera>, state and instruction; lacks {lacks}")
+        instruction = arrays["instruction"]
+        if instruction.dtype.kind != "U":
+            raise ValueError(f"instruction: a str array, got {instruction.dtype}")
+        text = str(instruction) if instruction.ndim == 0 else [str(t) for t in instruction]
+        return self.policy.predict_action(images, text, arrays["state"])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a control loop sends one request per chunk
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle would hold the body ~40 ms
+    server: PolicyServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") != "/info":
+            return self._reply(404, _json({"error": f"no {self.path}; GET /info, POST /predict"}), "application/json")
+        self._reply(200, _json(self.server.info), "application/json")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.rstrip("/") != "/predict":
+            return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
+        try:
+            actions = self.server.predict(decode(body))
+        except (ValueError, OSError) as err:  # the caller's input (a bad npz is an OSError or ValueError)
+            return self._reply(400, _json({"error": str(err)}), "application/json")
+        except Exception as err:  # the policy failed (e.g. non-finite outputs): say so, keep serving
+            traceback.print_exc()
+            return self._reply(500, _json({"error": f"{type(err).__name__}: {err}"}), "application/json")
+        self._reply(200, encode({"actions": np.asarray(actions, np.float32)}), "application/octet-stream")
+
+    def _reply(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: a request per control step would flood the terminal."""
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client sends a request's headers and body in two writes; without TCP_NODELAY the body
+    waits for the server's delayed ACK (~40 ms a request on Linux)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class PolicyClient:
+    """A served policy with :class:`~vla_ft.policy.VLAPolicy`'s interface; see the module docstring."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"url: expected http://HOST:PORT, got {url!r}")
+        self.url = f"http://{parts.hostname}:{parts.port or 80}"
+        self._conn = _Connection(parts.hostname, parts.port or 80, timeout=timeout)
+        self.info = json.loads(self._request("GET", "/info"))
+        self.meta = self.info  # what ChunkRunner and the rollout loop read: gripper dims, history
+        self.directory = self.info["directory"]
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.info["cameras"])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.info["chunk"])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.info["action_dim"])
+
+    def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        g = self.info["gripper"]
+        return list(g["dims"]), np.asarray(g["low"], np.float32), np.asarray(g["high"], np.float32)
+
+    def predict_action(self, images: Any, instruction: str | list[str], state: Any) -> np.ndarray:
+        """As :meth:`VLAPolicy.predict_action`, computed by the server."""
+        from vla_ft.policy import _as_array, camera_frames
+
+        frames = camera_frames(self.cameras, images)
+        arrays = {f"{IMAGE_PREFIX}{c}": f for c, f in zip(self.cameras, frames, strict=True)}
+        arrays["state"] = _as_array(state)
+        arrays["instruction"] = np.asarray(instruction if isinstance(instruction, str) else list(instruction), str)
+        return decode(self._request("POST", "/predict", encode(arrays)))["actions"]
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        for attempt in (0, 1):  # the server may have closed an idle connection: reconnect once
+            try:
+                self._conn.request(method, path, body, headers)
+                response = self._conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._conn.close()
+                if attempt:
+                    raise
+            except ConnectionRefusedError:
+                raise ConnectionRefusedError(f"no policy server at {self.url} (is `vla-ft serve` running?)") from None
+        if response.status == 200:
+            return data
+        message = json.loads(data or b"{}").get("error", data[:200])
+        raise (ValueError if response.status == 400 else RuntimeError)(f"policy server {self.url}: {message}")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from vla_ft.config import RecipeError
+    from vla_ft.policy import VLAPolicy
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
+    except ValueError as err:  # per-source statistics and no --source, or an unknown one
+        raise RecipeError(f"--{err}", "command line") from None
+    server = PolicyServer(policy, args.host, args.port)
+    print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
+    sys.stdout.flush()
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.evaluate import CHECKPOINT_HELP
+
+    text = "serve a policy over HTTP for a robot on another computer (see vla_ft.serve)"
+    p = sub.add_parser("serve", help=text, description=text)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the weights")
+    p.add_argument("--source", default=None, help="per-source statistics: the robot's source")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="act with the weight average")
+    p.set_defaults(func=cmd_serve)
