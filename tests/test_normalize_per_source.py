@@ -28,6 +28,7 @@ from vla_ft.config import RecipeError, load_recipe
 from vla_ft.data import build_data
 from vla_ft.metrics import real_actions
 from vla_ft.run_setup import _default_tokenizer
+from vla_ft.serve import policy_info
 from vla_ft.tokenizer import load_tokenizer
 
 SCALE_B, SHIFT_B = 25.0, -3.0  # robot b: the same task in other units (every dim but the gripper)
@@ -129,6 +130,9 @@ def test_a_policy_drives_the_robot_it_is_told(tmp_path):
         want, as_a = (real_actions(outputs, load_normalizer(saved).for_source(s), [2], True)[0].numpy() for s in "ba")
         got = policy.predict_action(frame, task, state)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        info = policy_info(policy)  # what `vla-ft serve --source b` tells its clients: b's gripper values
+        b_max = saved["per_source"]["b"]["stats"]["action"]["max"]
+        assert info["source"] == "b" and info["gripper"]["high"] == [b_max[2]]
         assert np.abs(got - as_a)[:, :2].min() > 1  # b's units, far from a's
     alone = load_recipe(QUICKSTART, [*FAST, *mix[:4], f"data.path={b}"])  # b's file in place of the mixture
     with pytest.raises(RecipeError, match=r"statistics are per source \(a, b\); none for .*b\.hdf5, one dataset"):

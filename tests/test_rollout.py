@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -140,7 +139,9 @@ class OraclePolicy:
 
     chunk, cameras = 4, [CAMERA]
     meta = {"gripper": {"dims": [2]}, "history": 1}
-    normalizer = SimpleNamespace(stats={"action": {"min": np.zeros(3), "max": np.ones(3)}})
+
+    def gripper_range(self):
+        return [2], np.zeros(1), np.ones(1)  # dim 2: open at 0, closed at 1
 
     def __init__(self, envs: list[SyntheticPickEnv]):
         self.envs, self.calls = envs, []

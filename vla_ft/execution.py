@@ -29,6 +29,25 @@ from typing import Any
 import numpy as np
 
 
+class PolicyShape:
+    """What a control loop reads of a policy, from its ``meta``: a local :class:`vla_ft.policy.VLAPolicy` or a
+    served one (:class:`vla_ft.serve.PolicyClient`)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.meta["cameras"])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.meta["chunk"])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.meta["action_dim"])
+
+
 class ChunkRunner:
     """One action per :meth:`act` from ``policy`` (a :class:`vla_ft.VLAPolicy`); give exactly one of
     ``execute`` (1 .. chunk actions sent per prediction) or ``ensemble`` (m >= 0: predict every step)."""

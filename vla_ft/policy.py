@@ -27,6 +27,7 @@ import torch
 from robot_data import Normalizer, PromptTokenizer, load_normalizer
 from robot_data.images import resize, to_chw
 from vla_ft import checkpoint as ck
+from vla_ft.execution import PolicyShape
 from vla_ft.metrics import real_actions
 from vla_ft.model import VLA, pad_token_id
 from vla_ft.model_files import META_FILE, NORM_STATS, load_model, load_saved_tokenizer, read_model_meta, read_norm_stats
@@ -109,7 +110,7 @@ def camera_frames(cameras: Sequence[str], images: ImagesLike) -> list[np.ndarray
     return [_as_array(x) for x in images]
 
 
-class VLAPolicy:
+class VLAPolicy(PolicyShape):
     """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
 
     def __init__(
@@ -156,18 +157,6 @@ class VLAPolicy:
         model.to(dtype)
         tokenizer = load_saved_tokenizer(directory)
         return cls(model, meta, normalizer, tokenizer, torch.device(device), directory, source)
-
-    @property
-    def cameras(self) -> list[str]:
-        return list(self.meta["cameras"])
-
-    @property
-    def chunk(self) -> int:
-        return int(self.meta["chunk"])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.meta["action_dim"])
 
     def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The gripper action dims and the dataset's min and max there (its open and closed values)."""

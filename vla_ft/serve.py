@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from vla_ft.execution import PolicyShape
+
 IMAGE_PREFIX = "images/"
 
 
@@ -190,7 +192,7 @@ class _Connection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class PolicyClient:
+class PolicyClient(PolicyShape):
     """A served policy with :class:`~vla_ft.policy.VLAPolicy`'s interface; see the module docstring."""
 
     def __init__(self, url: str, timeout: float = 60.0):
@@ -200,20 +202,8 @@ class PolicyClient:
         self.url = f"http://{parts.hostname}:{parts.port or 80}"
         self._conn = _Connection(parts.hostname, parts.port or 80, timeout=timeout)
         self.info = json.loads(self._request("GET", "/info"))
-        self.meta = self.info  # what ChunkRunner and the rollout loop read: gripper dims, history
+        self.meta = self.info  # cameras, chunk, action_dim, history, gripper: what control loops read
         self.directory = self.info["directory"]
-
-    @property
-    def cameras(self) -> list[str]:
-        return list(self.info["cameras"])
-
-    @property
-    def chunk(self) -> int:
-        return int(self.info["chunk"])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.info["action_dim"])
 
     def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         g = self.info["gripper"]
