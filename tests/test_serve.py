@@ -128,3 +128,25 @@ def test_the_latency_benchmark_runs(run_dir):
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| PolicyClient -> vla-ft serve |" in out.stdout and "| added by serving |" in out.stdout
+
+
+def test_a_request_that_arrives_while_stopping_is_answered(run_dir):
+    """A request queued behind the stop is refused with an error instead of waiting forever."""
+    server = PolicyServer(VLAPolicy.from_pretrained(run_dir), "127.0.0.1", 0)
+    server.stop()
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(_raised(server.predict, {})))
+    thread.start()
+    while server.jobs.qsize() < 2:  # the stop, then the request
+        threading.Event().wait(0.01)
+    server.serve()  # ends at the stop and answers the request behind it
+    thread.join(timeout=30)
+    assert [type(e).__name__ for e in errors] == ["RuntimeError"] and "stopping" in str(errors[0])
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except Exception as err:
+        return err
+    return None

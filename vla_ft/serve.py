@@ -121,6 +121,9 @@ class PolicyServer(ThreadingHTTPServer):
             self.shutdown()
             http.join()
             self.server_close()
+            while not self.jobs.empty():  # requests that arrived while stopping: answered, not left waiting
+                if (job := self.jobs.get()) is not None:
+                    job[1].set_exception(RuntimeError("the policy server is stopping"))
 
     def stop(self) -> None:
         self.jobs.put(None)
