@@ -15,11 +15,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from robot_data.check import Problem, decode_checks, non_finite
-from robot_data.lerobot import LeRobotReader, check_keys, column_to_numpy, feature_width, is_list_type
+from robot_data.lerobot import (
+    INDEX_COLUMNS,
+    LeRobotReader,
+    check_keys,
+    column_to_numpy,
+    feature_width,
+    is_list_type,
+    null_index_cells,
+)
 from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
 from robot_data.video import video_duration
 
-INDEX_COLUMNS = ("episode_index", "frame_index", "timestamp", "index", "task_index")
 NUMPY_DTYPES = {
     "float16": pa.float16(),
     "float32": pa.float32(),
@@ -118,6 +125,9 @@ def _check_data_file(
     type_msgs = _type_problems(schema, meta, keys)
     widths = _width_problems(table, meta, keys)
     cols = {c: column_to_numpy(table[c], np.float64)[:, 0] for c in INDEX_COLUMNS}
+    nulls = null_index_cells(cols)
+    if nulls:  # which episode a row with a null index belongs to is unknowable
+        return [Problem("bad_feature", where, e.index, nulls) for e in episodes]
     problems = []
     for ep in episodes:
         rows = np.flatnonzero(cols["episode_index"] == ep.index)
@@ -161,9 +171,9 @@ def _episode_problems(
         k = int(np.flatnonzero(np.diff(index) != 1)[0])
         msg = f"global index jumps from {int(index[k])} to {int(index[k + 1])}"
         p.append(Problem("index_gap", where, ep.index, msg))
-    drift = np.abs(cols["timestamp"][rows] - frames / meta.fps)
-    if len(rows) and drift.max() > tol:
-        k = int(np.argmax(drift > tol))
+    off = ~(np.abs(cols["timestamp"][rows] - frames / meta.fps) <= tol)  # NaN (a null cell) is off too
+    if off.any():
+        k = int(np.argmax(off))
         msg = f"timestamp {cols['timestamp'][rows][k]:.4f}s at frame {int(frames[k])} disagrees with fps {meta.fps}"
         p.append(Problem("timestamp", where, ep.index, msg))
     unknown = sorted({int(t) for t in cols["task_index"][rows]} - set(meta.tasks))

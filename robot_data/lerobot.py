@@ -31,6 +31,7 @@ from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader
 from robot_data.video import VideoDecoder, VideoFrameError
 
 IMAGE_CACHE_BYTES = 256 << 20  # image cells kept per process (LRU), yet always one row group per camera
+INDEX_COLUMNS = ("episode_index", "frame_index", "timestamp", "index", "task_index")
 OPTIONAL_COLUMNS = ("task_index",)  # read when present: an episode's instruction may change per frame
 
 
@@ -97,6 +98,9 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
         raise DatasetFormatError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from None
     names = dict.fromkeys(wanted + optional)
     columns = {c: column_to_numpy(table[c], np.float64, numeric.get(c)) for c in names if c != text_key}
+    nulls = null_index_cells({c: columns[c][:, 0] for c in INDEX_COLUMNS if c in columns})
+    if nulls:
+        raise DatasetFormatError(f"{path}: {nulls}")
     episode, frame = columns["episode_index"][:, 0].astype(np.int64), columns["frame_index"][:, 0]
     order = np.lexsort((frame, episode))
     ids, starts = np.unique(episode[order], return_index=True)
@@ -106,6 +110,19 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
     text = [None if t is None else str(t) for t in table[text_key].to_pylist()] if text_key else None
     sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     return DataFile(columns, text, rows, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), metadata)
+
+
+def null_index_cells(columns: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with the first of ``columns`` (name -> (rows,) float) that has a null cell, else None.
+
+    A null episode or frame index leaves its row nowhere; a null timestamp or task index, a frame
+    without a video time or an instruction.
+    """
+    for name, values in columns.items():
+        null = np.flatnonzero(~np.isfinite(values))
+        if len(null):
+            return f"column {name}: {len(null)} null cell(s), first at row {int(null[0])}"
+    return None
 
 
 def feature_width(feature: dict[str, Any]) -> int | None:
@@ -147,6 +164,13 @@ class LeRobotReader(Reader):
         self.path, self.state_key, self.action_key, self.text_key = Path(path), state_key, action_key, text_key
         self.cameras, self.fps = self.meta.cameras, self.meta.fps
         self.gripper_dims = gripper_dims(features[action_key])
+        if video_tolerance_s >= 0.5 / self.fps:
+            # Wider, a missing frame would silently be replaced by its neighbour (another episode's
+            # at a segment start in a shared file).
+            raise ValueError(
+                f"{path}: video_tolerance_s {video_tolerance_s} must be under half a frame "
+                f"(0.5 / fps {self.fps:g} = {0.5 / self.fps:.4g}s)"
+            )
         self._by_index = {e.index: e for e in self.meta.episodes}
         self._decoder = VideoDecoder(video_tolerance_s)
         self._frame_cache = FrameCache(frame_cache) if frame_cache else None

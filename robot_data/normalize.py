@@ -107,6 +107,10 @@ class _Accumulator:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dims; zeroed below
                 q01, q99 = np.nanquantile(self.reservoir[: self.fill], [0.01, 0.99], axis=0)
+            # A dim with values, none of them sampled (past QUANTILE_ROWS, a sensor that reported
+            # briefly): its range stands in for the quantiles.
+            unsampled = np.isnan(q01) & ~empty
+            q01, q99 = np.where(unsampled, s["min"], q01), np.where(unsampled, s["max"], q99)
         out = {"mean": s["mean"], "std": np.sqrt(var), "min": s["min"], "max": s["max"], "q01": q01, "q99": q99}
         out = {k: np.where(empty, 0.0, v) for k, v in out.items()}  # all-NaN dims get neutral stats
         out["count"] = s["count"]
@@ -168,7 +172,9 @@ def _scale(stats: dict[str, np.ndarray], mode: str, dim: int) -> tuple[np.ndarra
     else:
         lo, hi = (stats["min"], stats["max"]) if mode == "min_max" else (stats["q01"], stats["q99"])
         centre, scale = (hi + lo) / 2, (hi - lo) / 2  # maps [lo, hi] onto [-1, 1]
-    scale = np.where(scale < EPS, 1.0, scale)
+    # Constant or unknown (NaN in a shipped file) dims pass through unscaled, never as NaN.
+    scale = np.where(scale >= EPS, scale, 1.0)
+    centre = np.where(np.isfinite(centre), centre, 0.0)
     return np.array(centre, np.float32), np.array(scale, np.float32)
 
 

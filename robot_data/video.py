@@ -114,24 +114,23 @@ class VideoDecoder:
         return np.stack([found[float(t)] for t in timestamps])
 
     def _scan(self, container: Any, wanted: list[float]) -> dict[float, np.ndarray]:
+        """The nearest frame within the tolerance for each of ``wanted`` (sorted seconds)."""
         stream = container.streams.video[0]
-        tol, found = self.tolerance_s, {}
+        tol, best = self.tolerance_s, {}
         # Times are pts * time_base, as LeRobot stores them; seek lands on the keyframe before.
         container.seek(max(0, int((wanted[0] - tol) / float(stream.time_base))), stream=stream)
-        pending = list(wanted)
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
             t = float(frame.pts * frame.time_base)
-            hits = [w for w in pending if abs(w - t) <= tol]
-            if hits:
+            # Frames come in presentation order: one at or past w is the last that can be nearest to w.
+            nearer = [w for w in wanted if abs(w - t) <= tol and abs(w - t) < best.get(w, (np.inf,))[0]]
+            if nearer:
                 image = frame.to_ndarray(format="rgb24")
-                for w in hits:
-                    found[w] = image
-                pending = [w for w in pending if w not in found]
-            if not pending or t > pending[-1] + tol:
+                best.update({w: (abs(w - t), image) for w in nearer})
+            if t >= wanted[-1]:
                 break
-        return found
+        return {w: image for w, (_, image) in best.items()}
 
 
 def encode_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, codec: str = "h264", gop: int = 2) -> str:

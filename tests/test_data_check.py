@@ -455,3 +455,17 @@ def test_a_null_text_cell_is_a_frame_without_narration(images):
     dataset = RobotDataset(reader, [1], 2, 1, Normalizer(compute_stats(reader, [1]), "mean_std"), 16, prompts)
     assert len(dataset[3]["target_ids"]) == 0
     assert len(dataset[2]["target_ids"]) > 1 and len(dataset[4]["target_ids"]) > 1
+
+
+@pytest.mark.parametrize("column", ["episode_index", "frame_index", "timestamp", "task_index"])
+def test_a_null_index_cell_is_named_by_the_check_and_the_reader(images, column):
+    """Which episode, frame, video time or instruction a row with a null index cell has is
+    unknowable: the check names the file and column for each of its episodes, the reader refuses
+    the file (a NaN cast to an integer would place the row at random)."""
+    _null_cell(images / FILE0, column, 8 + 3)
+    problems = check_dataset(images, "lerobot")
+    assert _kinds(problems) == {("bad_feature", 0), ("bad_feature", 1)}
+    assert all(f"column {column}: 1 null cell(s), first at row 11" in p.message for p in problems)
+    with pytest.raises(DatasetFormatError, match=f"file-000.parquet: column {column}: 1 null cell"):
+        LeRobotReader(images).numeric(0)
+    assert len(LeRobotReader(images).numeric(2).state) == 8  # the other file reads

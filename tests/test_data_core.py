@@ -155,6 +155,25 @@ def test_quantiles_past_the_cap_come_from_a_uniform_sample(monkeypatch):
     assert all(np.array_equal(first[k], again[k]) for k in first)
 
 
+def test_a_dim_missing_from_the_quantile_sample_takes_its_range(monkeypatch):
+    """A dim with a few values among many frames (a sensor that reported briefly) may have none in
+    the sample past QUANTILE_ROWS: its quantiles are then its min and max, never NaN, which would
+    make every q01_q99-normalised action NaN and so masked out of the loss."""
+    monkeypatch.setattr(normalize, "QUANTILE_ROWS", 100)
+    x = np.random.default_rng(0).normal(size=(2000, 2))
+    x[20:, 1] = np.nan
+    acc = normalize._Accumulator()
+    for part in np.split(x, 20):
+        acc.add(part)
+    s = acc.finish()
+    assert s["count"][1] == 20
+    np.testing.assert_allclose([s["q01"][1], s["q99"][1]], [np.nanmin(x[:, 1]), np.nanmax(x[:, 1])], rtol=1e-6)
+    stats = {"state": s, "action": s}
+    assert np.isfinite(Normalizer(stats, "q01_q99").normalize("action", x[:1].astype(np.float32))).all()
+    shipped = {k: {**v, "q01": np.array([np.nan, 0.0], np.float32)} for k, v in stats.items()}  # NaN in a file
+    np.testing.assert_array_equal(Normalizer(shipped, "q01_q99").normalize("action", np.ones((1, 2)))[0, 0], 1.0)
+
+
 # ----------------------------------------------------------------------------- normaliser
 @pytest.mark.parametrize("mode", ["mean_std", "min_max", "q01_q99", "none"])
 def test_normalizer_round_trip(stats, reader, mode):

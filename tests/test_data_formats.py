@@ -279,6 +279,22 @@ def test_video_reader_in_workers(datasets):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["actions"], b["actions"])
 
 
+def test_video_decoder_returns_the_nearest_frame_within_the_tolerance(tmp_path):
+    """A tolerance wider than a frame holds several candidates: the nearest wins, not the first."""
+    from robot_data.video import VideoDecoder, encode_video
+
+    frames = [np.full((16, 16, 3), 20 * k, np.uint8) for k in range(10)]
+    encode_video(frames, tmp_path / "v.mp4", fps=10)
+    decoded = VideoDecoder(tolerance_s=0.15).decode(tmp_path / "v.mp4", [0.5, 0.44, 0.0, 0.86])
+    assert [int(round(f.mean() / 20)) for f in decoded] == [5, 4, 0, 9]
+
+
+def test_a_video_tolerance_of_half_a_frame_is_refused(datasets):
+    path = datasets["v3_h264"][1]["path"]
+    with pytest.raises(ValueError, match=r"video_tolerance_s 0.05 must be under half a frame \(0.5 / fps 10"):
+        build_reader("lerobot", path=path, video_tolerance_s=0.05)
+
+
 def test_reader_errors(datasets, tmp_path):
     path = datasets["v3_image"][1]["path"]
     with pytest.raises(ValueError, match="state_key: 'obs.joints' is not a feature"):
