@@ -12,10 +12,11 @@ T x 7 floats, ``steps/observation/image``: T encoded JPEG/PNG frames, ``steps/la
 T strings). Recipe keys name features by their path under ``steps`` (``observation/state``; dots work
 too, so the default ``observation.state`` and ``action`` fit LIBERO and most Open X datasets);
 ``data.state_key`` may list several, comma-separated, concatenated in that order. Cameras are the
-image features (``observation/image``, ``observation/wrist_image``). The instruction is
-``language_instruction``. Episodes are numbered across the splits in ``dataset_info.json``'s order,
-and each split is an episode filter (``data.val_filter: val``). RLDS records no control rate:
-``fps`` must be given (``data.fps``).
+RGB image features (``observation/image``, ``observation/wrist_image``; not 1-channel depth or masks).
+The instruction is ``language_instruction``, else ``observation/natural_language_instruction``
+(RT-1). Episodes are numbered across the splits in ``dataset_info.json``'s order, and each split
+is an episode filter (``data.val_filter: val``). RLDS records no control rate: ``fps`` must be
+given (``data.fps``).
 
 Opening reads every episode once (lengths, state, action and text are kept; frames are decoded
 from the episode's record when asked, or from the decoded-frame cache). With a frame cache
@@ -45,6 +46,8 @@ from robot_data.tfrecord import parse_example, read_record, record_spans
 
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
+# Where the datasets keep it, first found wins: most of Open X, then RT-1 (fractal) and its kin.
+INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
 NUMBERS_FORMAT = 1  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
@@ -78,8 +81,11 @@ def _shape(leaf: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _is_camera(leaf: dict[str, Any]) -> bool:
+    """An RGB frame per step: an Image feature or a uint8 (H, W, 3) tensor; depth maps and masks
+    (one channel) are not cameras."""
     shape = _shape(leaf)
-    return "image" in leaf or ("tensor" in leaf and leaf["tensor"].get("dtype") == "uint8" and len(shape) == 3)
+    rgb = len(shape) == 3 and shape[2] == 3
+    return rgb and ("image" in leaf or ("tensor" in leaf and leaf["tensor"].get("dtype") == "uint8"))
 
 
 def _text(value: bytes) -> str:
@@ -111,6 +117,7 @@ class RLDSReader(Reader):
         self.action_key = self._feature(action_key, "action_key", steps)
         self.text_key = None if text_key is None else self._feature(text_key, "text_key", steps)
         self._steps = steps
+        self.instruction_key = next((STEPS + k for k in INSTRUCTIONS if k in steps), None)
         self.camera_keys = {name: STEPS + name for name, leaf in steps.items() if _is_camera(leaf)}
         self.cameras = list(self.camera_keys)
         self.camera_shapes = {name: _shape(steps[name]) for name in self.cameras}  # (H, W, 3) as declared
@@ -140,7 +147,8 @@ class RLDSReader(Reader):
 
     def _numbers_key(self) -> str:
         """What the numbers read at open depend on: the dataset's place, its shards' sizes and times, the keys."""
-        parts = [str(self.path.resolve()), *self.state_keys, self.action_key, str(self.text_key), str(NUMBERS_FORMAT)]
+        keys = [*self.state_keys, self.action_key, str(self.text_key), str(self.instruction_key)]
+        parts = [str(self.path.resolve()), *keys, str(NUMBERS_FORMAT)]
         for file in dict.fromkeys(r[0] for r in self._records):
             st = file.stat()
             parts.append(f"{file.name}|{st.st_size}|{st.st_mtime_ns}")
@@ -276,7 +284,8 @@ class RLDSReader(Reader):
         length = len(action)
         state = np.concatenate([self._rows(example, k, episode_index, length) for k in self.state_keys], axis=1)
         text = self._strings(example, self.text_key, episode_index, length) if self.text_key else None
-        tasks = self._strings(example, STEPS + INSTRUCTION, episode_index, length) if INSTRUCTION in self._steps else []
+        key = self.instruction_key
+        tasks = self._strings(example, key, episode_index, length) if key else []
         task = tasks[0] if tasks else ""
         timestamp = np.arange(length, dtype=np.float64) / self.fps
         changing = tasks if len(set(tasks)) > 1 else None

@@ -51,11 +51,21 @@ def _jpeg(rgb: tuple[int, int, int]) -> bytes:
     return out.getvalue()
 
 
-def _hand_written(root: Path) -> Path:
+def _png(frame: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _hand_written(root: Path, instruction: str = "language_instruction") -> Path:
     """One episode of 3 steps, laid out as TFDS documents it (features.json as the DROID/LIBERO ones):
-    a nested observation with a float64 joint vector and a JPEG camera, bool and Text scalars."""
+    a nested observation with a float64 joint vector, a JPEG camera, a raw uint8 camera, a 1-channel
+    depth image and mask (not cameras), bool and Text scalars. ``instruction``: the Text feature's
+    path under ``steps`` (RT-1's datasets keep it at ``observation/natural_language_instruction``)."""
     leaf = "tensorflow_datasets.core.features."
     scalar = lambda dtype: {"pythonClassName": leaf + "scalar.Scalar", "tensor": {"shape": {}, "dtype": dtype}}  # noqa: E731
+    text = {"pythonClassName": leaf + "text_feature.Text", "text": {}}
+    in_observation = instruction.startswith("observation/")
     features = {
         "pythonClassName": leaf + "features_dict.FeaturesDict",
         "featuresDict": {
@@ -90,6 +100,22 @@ def _hand_written(root: Path) -> Path:
                                                         "encodingFormat": "jpeg",
                                                     },
                                                 },
+                                                "depth": {
+                                                    "pythonClassName": leaf + "image_feature.Image",
+                                                    "image": {
+                                                        "shape": {"dimensions": ["4", "6", "1"]},
+                                                        "dtype": "uint8",
+                                                        "encodingFormat": "png",
+                                                    },
+                                                },
+                                                "mask": {
+                                                    "pythonClassName": leaf + "tensor_feature.Tensor",
+                                                    "tensor": {
+                                                        "shape": {"dimensions": ["2", "2", "1"]},
+                                                        "dtype": "uint8",
+                                                    },
+                                                },
+                                                **({instruction.split("/")[1]: text} if in_observation else {}),
                                             }
                                         },
                                     },
@@ -98,7 +124,7 @@ def _hand_written(root: Path) -> Path:
                                         "tensor": {"shape": {"dimensions": ["3"]}, "dtype": "float32"},
                                     },
                                     "is_first": scalar("bool"),
-                                    "language_instruction": {"pythonClassName": leaf + "text_feature.Text", "text": {}},
+                                    **({} if in_observation else {instruction: text}),
                                 }
                             },
                         },
@@ -120,7 +146,9 @@ def _hand_written(root: Path) -> Path:
     f["steps/action"].float_list.value.extend(range(9))
     f["steps/observation/raw"].int64_list.value.extend(range(36))  # uint8 pixels as TFDS stores integers
     f["steps/is_first"].int64_list.value.extend([1, 0, 0])
-    f["steps/language_instruction"].bytes_list.value.extend([b"open the drawer", b"open the drawer", b"close it"])
+    f["steps/observation/depth"].bytes_list.value.extend([_png(np.full((4, 6), 9 * k, np.uint8)) for k in range(3)])
+    f["steps/observation/mask"].int64_list.value.extend([1] * 12)
+    f[f"steps/{instruction}"].bytes_list.value.extend([b"open the drawer", b"open the drawer", b"close it"])
     (version / "hand-train.tfrecord-00000-of-00001").write_bytes(frame_record(ex.SerializeToString()))
     return version.parent
 
@@ -143,6 +171,16 @@ def test_a_dataset_laid_out_as_tfds_documents_it(tmp_path):
         np.abs(frames[0].astype(int) - (0, 0, 250)).max() < 8 and np.abs(frames[1].astype(int) - (250, 0, 0)).max() < 8
     )
     assert check_dataset(tmp_path / "hand", "rlds", decode="all", state_key="observation/joint_position", fps=15) == []
+
+
+def test_rt1s_instruction_under_observation_is_read(tmp_path):
+    """RT-1 (fractal) and several other Open X datasets keep the instruction at
+    ``observation/natural_language_instruction``: it is the episode's task, not an empty prompt."""
+    path = _hand_written(tmp_path, "observation/natural_language_instruction")
+    reader = RLDSReader(path, state_key="observation.joint_position", fps=15)
+    assert [e.task for e in reader.episodes()] == ["open the drawer"]
+    assert reader.numeric(0).tasks == ["open the drawer", "open the drawer", "close it"]
+    assert "observation/natural_language_instruction" not in reader.cameras
 
 
 @pytest.fixture(scope="module")
