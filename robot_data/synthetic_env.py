@@ -82,7 +82,7 @@ class SyntheticPickEnv:
 
     def render(self) -> np.ndarray:
         """The current frame, ``(image_size, image_size, 3)`` uint8."""
-        return render(self.scene, self.blocks, self.state, self.image_size)
+        return render(self.scene, self.blocks.astype(np.float32), self.state, self.image_size)  # as recorded
 
     @property
     def state(self) -> np.ndarray:

@@ -188,6 +188,23 @@ def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high, per_source
         assert got[key] == pytest.approx(value, rel=1e-6), key
 
 
+def test_a_horizon_step_never_measured_is_nan_not_a_perfect_zero():
+    """Chunk steps without a valid sample (chunks always cut short by the episode end, an all-padding
+    batch) are undefined, as the headline metrics are, never 0.0 (a best_metric would pick them)."""
+    stats = {"mean": [0.0, 0.0], "std": [1.0, 1.0], "min": [-1.0, -1.0], "max": [1.0, 1.0]}
+    norm = Normalizer({"state": stats, "action": stats}, "mean_std")
+    gripper = GripperLossConfig(dims=[], threshold=0.5, closed_is_high=True)
+    for mask, measured in (([[True, True, False]], [True, True, False]), ([[False, False, False]], [False] * 3)):
+        metrics = ActionMetrics(norm, 2, 3, [], gripper, gripper_head=False)
+        outputs = {"actions": torch.ones(1, 3, 2)}
+        metrics.update(
+            outputs, {"actions": torch.zeros(1, 3, 2), "action_mask": torch.tensor(mask), "source": torch.zeros(1)}
+        )
+        got = metrics.compute("")
+        assert [not np.isnan(got[f"action_l1/h{h}"]) for h in range(3)] == measured
+        assert all(got[f"action_l1/h{h}"] == 1.0 for h in range(3) if measured[h])
+
+
 def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys):
     assert cli(["eval", str(checkpoint.parents[1]), "data.val_episodes=[0,1]", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

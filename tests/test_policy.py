@@ -184,6 +184,9 @@ def test_wrong_inputs_are_errors_naming_the_argument(trained, offline):
         policy.predict_action({"wrist": _frame(0)}, TASK, state)
     with pytest.raises(ValueError, match="images\\['observation.images.top'\\]: expected uint8"):
         policy.predict_action(_frame(0).astype(np.float32), TASK, state)
+    for empty in (_frame(0)[:0], _frame(0)[:, :0]):  # a dropped camera frame must not become a blank image
+        with pytest.raises(ValueError, match=r"with H, W > 0 .* got uint8 \((0, \d+|\d+, 0), 3\)"):
+            policy.predict_action(empty, TASK, state)
     with pytest.raises(ValueError, match=r"state: expected shape \(2, 3\)"):
         policy.predict_action(_frame(0), TASK, np.zeros(3, np.float32))  # history is 2
     with pytest.raises(ValueError, match="instruction: 2 instructions for a batch of 3"):

@@ -45,24 +45,28 @@ class Expert:
         return np.array([move[0], move[1], command])
 
 
-def test_the_env_replays_the_synthetic_dataset_frame_for_frame():
-    data = SyntheticReader(episodes=6, episode_length=24, image_size=48, seed=3)
-    env = SyntheticPickEnv(image_size=48, seed=3, max_steps=200)
+@pytest.mark.parametrize(("seed", "size", "length"), [(3, 48, 24), (0, 64, 32)])
+def test_the_env_replays_the_synthetic_dataset_frame_for_frame(seed, size, length):
+    """Frames too: the dataset draws from float32 positions, so the env must (seed 0 at 64 pixels
+    puts a held block at 0.49999998, one pixel from where float64's 0.5 draws it)."""
+    data = SyntheticReader(episodes=6, episode_length=length, image_size=size, seed=seed)
+    env = SyntheticPickEnv(image_size=size, seed=seed, max_steps=200)
     expert = Expert(env)
     for episode in range(6):
         obs, info = env.reset(seed=episode)
         expert.reset()
-        arrays, frames = data.numeric(episode), data.frames(episode, CAMERA, range(24))
+        arrays, frames = data.numeric(episode), data.frames(episode, CAMERA, range(length))
         assert info["task"] == data.episodes()[episode].task
-        for t in range(24):
+        for t in range(length):
             np.testing.assert_array_equal(obs["agent_pos"], arrays.state[t])
             np.testing.assert_array_equal(obs["pixels"]["top"], frames[t])
             obs, _, terminated, _, _ = env.step(expert.act({CAMERA: None}, env.task, obs["agent_pos"]))
             if terminated:
                 break
         env.reset(seed=episode)
-        for action, state in zip(arrays.action, arrays.state, strict=True):  # the recorded float32 actions
+        for action, state, frame in zip(arrays.action, arrays.state, frames, strict=True):  # recorded actions
             np.testing.assert_allclose(env.state, state, atol=1e-6)
+            np.testing.assert_array_equal(env.render(), frame)
             if env.step(action)[2]:
                 break
 

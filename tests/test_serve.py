@@ -3,11 +3,13 @@ a client written from the protocol alone; refused inputs come back as the policy
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -93,6 +95,78 @@ def test_a_refused_input_raises_the_policys_message_and_the_server_goes_on(serve
     np.testing.assert_array_equal(
         client.predict_action(frames, TASKS[0], state), policy.predict_action(frames, TASKS[0], state)
     )
+
+
+def _post(url: str, body, headers: dict[str, str], **kw) -> tuple[int, str]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/predict", body, headers, **kw)
+    response = conn.getresponse()
+    status, text = response.status, response.read().decode(errors="replace")
+    conn.close()
+    return status, text
+
+
+def test_malformed_requests_are_told_what_is_wrong(served):
+    """Bodies a hand-written client gets wrong come back as 4xx naming the fault, never as a 500,
+    a dropped connection or actions for a garbled prompt; the server goes on serving."""
+    policy, url = served
+    frames, state = _inputs(None)
+    arrays = {f"images/{policy.cameras[0]}": frames, "state": state, "instruction": np.array(TASKS[0])}
+    npy = io.BytesIO()
+    np.save(npy, frames)
+    kind = {"Content-Type": "application/octet-stream"}
+    cases = [
+        (b"", kind, {}, 400, "body: not an .npz"),
+        (npy.getvalue(), kind, {}, 400, "body: one .npy array"),
+        (_npz({**arrays, "instruction": np.array([TASKS])}), kind, {}, 400, "instruction: a str or a 1-D str array"),
+        (iter([_npz(arrays)]), kind, {"encode_chunked": True}, 411, "Content-Length: expected the body's size"),
+        (_npz(arrays), {**kind, "Content-Length": "ten"}, {}, 411, "got ten"),
+    ]
+    for body, headers, kw, status, message in cases:
+        got = _post(url, body, headers, **kw)
+        assert got[0] == status and message in got[1], (message, got)
+    assert _post(url, _npz(arrays), kind)[0] == 200
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    body = io.BytesIO()
+    np.savez(body, **arrays)
+    return body.getvalue()
+
+
+class _SlowOnce:
+    """A stand-in policy whose first prediction takes 2 s; the actions echo the state."""
+
+    meta = {"state_dim": 1, "history": 1, "image_size": 8, "gripper": {"closed_is_high": True}}
+    cameras, chunk, action_dim, source, directory = ["cam"], 2, 1, None, "stub"
+    calls = 0
+
+    def gripper_range(self):
+        return [], np.zeros(0), np.zeros(0)
+
+    def predict_action(self, images, instruction, state):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(2)
+        return np.full((2, 1), float(state[0]), np.float32)
+
+
+def test_a_client_whose_request_timed_out_goes_on_working():
+    """A timeout leaves http.client's connection half-used: the client must start a fresh one, or
+    every later call fails although the server is answering again."""
+    server = PolicyServer(_SlowOnce(), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    client = PolicyClient(f"http://127.0.0.1:{server.server_port}", timeout=0.5)
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(TimeoutError, match=r"policy server .*: no answer within 0.5 s"):
+        client.predict_action(frame, "x", np.array([1.0]))
+    time.sleep(2)  # the server finishes the slow prediction
+    assert client.predict_action(frame, "x", np.array([2.0])).ravel().tolist() == [2.0, 2.0]
+    client.close()
+    server.stop()
+    thread.join(timeout=30)
 
 
 def test_a_chunk_runner_drives_the_served_policy_as_the_local_one(served):

@@ -143,7 +143,7 @@ class ActionMetrics:
             out[f"{prefix}action_l1/dim{i}"] = float(self.abs[i] / n)
             out[f"{prefix}action_mse/dim{i}"] = float(self.sq[i] / n)
         for t in range(len(self.by_horizon)):
-            out[f"{prefix}action_l1/h{t}"] = float(self.by_horizon[t] / max(float(self.count_h[t]), 1.0))
+            out[f"{prefix}action_l1/h{t}"] = float(self.by_horizon[t] / (float(self.count_h[t]) or math.nan))
         if self.g_total:
             out[f"{prefix}gripper_acc"] = self.g_correct / self.g_total
             denom = 2 * self.g_tp + self.g_fp + self.g_fn

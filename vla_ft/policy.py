@@ -223,12 +223,13 @@ class VLAPolicy(PolicyShape):
         """
         b, size = (per_camera[0].shape[0] if batched else 1), self.meta["image_size"]
         out = []
-        for name, frames in zip(self.cameras, per_camera, strict=True):
-            frames = frames if batched else frames[None]
-            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != b:
+        for name, given in zip(self.cameras, per_camera, strict=True):
+            frames = given if batched else given[None]
+            shape = frames.shape
+            if frames.dtype != np.uint8 or frames.ndim != 4 or shape[-1] != 3 or shape[0] != b or 0 in shape[1:3]:
                 raise ValueError(
-                    f"images[{name!r}]: expected uint8 ({'B, ' if batched else ''}H, W, 3) "
-                    f"with B={b} for every camera, got {frames.dtype} {tuple(frames.shape)}"
+                    f"images[{name!r}]: expected uint8 ({'B, ' if batched else ''}H, W, 3) with H, W > 0 "
+                    f"and B={b} for every camera, got {frames.dtype} {tuple(given.shape)}"
                 )
             out.append(np.stack([to_chw(resize(np.ascontiguousarray(f), size)) for f in frames]))
         return torch.from_numpy(np.stack(out, axis=1))

@@ -26,10 +26,11 @@ for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.np
                        npz out: ``actions`` float32 ``(chunk, A)`` or ``(B, chunk, A)``
 =====================  =======================================================================
 
-An input the policy refuses is answered 400 with JSON ``{"error": message}`` (the client raises
-ValueError with the policy's message); a failure of the policy itself is 500 (RuntimeError).
-Connections stay open between requests; predictions run one at a time (one model), in the
-thread that serves (:meth:`PolicyServer.serve`).
+A request body needs a ``Content-Length`` (a chunked one is answered 411). An input the policy
+refuses is answered 400 with JSON ``{"error": message}`` (the client raises ValueError with the
+policy's message); a failure of the policy itself is 500 (RuntimeError). Connections stay open
+between requests (a server closes one idle for a minute; the client reconnects); predictions run
+one at a time (one model), in the thread that serves (:meth:`PolicyServer.serve`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,15 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def decode(body: bytes) -> dict[str, np.ndarray]:
-    """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted."""
-    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+    """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted. Anything else
+    (empty, an ``.npy``, a damaged file) is a ValueError."""
+    try:
+        loaded = np.load(io.BytesIO(body), allow_pickle=False)
+    except (EOFError, OSError, ValueError) as err:
+        raise ValueError(f"body: not an .npz of named arrays ({type(err).__name__}: {err})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("body: one .npy array; expected an .npz of named arrays (numpy.savez)")
+    with loaded as npz:
         return {name: npz[name] for name in npz.files}
 
 
@@ -142,8 +150,8 @@ class PolicyServer(ThreadingHTTPServer):
             lacks = ", ".join(missing or [f"{IMAGE_PREFIX}<camera>"])
             raise ValueError(f"request: needs {IMAGE_PREFIX}<camera>, state and instruction; lacks {lacks}")
         instruction = arrays["instruction"]
-        if instruction.dtype.kind != "U":
-            raise ValueError(f"instruction: a str array, got {instruction.dtype}")
+        if instruction.dtype.kind != "U" or instruction.ndim > 1:
+            raise ValueError(f"instruction: a str or a 1-D str array, got {instruction.dtype} {instruction.shape}")
         text = str(instruction) if instruction.ndim == 0 else [str(t) for t in instruction]
         return self.policy.predict_action(images, text, arrays["state"])
 
@@ -151,6 +159,7 @@ class PolicyServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a control loop sends one request per chunk
     disable_nagle_algorithm = True  # headers and body are two writes: Nagle would hold the body ~40 ms
+    timeout = 60.0  # seconds a connection may stall mid-request (or idle) before its thread lets go
     server: PolicyServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -159,7 +168,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, _json(self.server.info), "application/json")
 
     def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():  # chunked or unknown: what follows cannot be read as one body
+            self.close_connection = True
+            error = f"Content-Length: expected the body's size in bytes, got {length or 'none'}"
+            return self._reply(411, _json({"error": error}), "application/json")
+        body = self.rfile.read(int(length))
         if self.path.rstrip("/") != "/predict":
             return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
         try:
@@ -236,6 +250,12 @@ class PolicyClient(PolicyShape):
                     raise
             except ConnectionRefusedError:
                 raise ConnectionRefusedError(f"no policy server at {self.url} (is `vla-ft serve` running?)") from None
+            except TimeoutError:
+                self._conn.close()  # half a request/response: the next call starts a fresh connection
+                raise TimeoutError(f"policy server {self.url}: no answer within {self._conn.timeout} s") from None
+            except BaseException:
+                self._conn.close()
+                raise
         if response.status == 200:
             return data
         message = json.loads(data or b"{}").get("error", data[:200])
