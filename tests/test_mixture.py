@@ -20,7 +20,7 @@ from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError, load_recipe
-from vla_ft.data import EpochSampler, ValidationSampler, build_data, sample_sources
+from vla_ft.data import EpochSampler, ValidationSampler, build_data, sample_sources, validation_samples
 from vla_ft.feature_cache import data_files
 from vla_ft.run_setup import _default_tokenizer, setup, teardown
 from vla_ft.tokenizer import load_tokenizer
@@ -141,8 +141,9 @@ def test_val_batches_keep_a_sample_of_every_source(tmp_path, tiny_overrides):
     def sources_of(sampler: ValidationSampler) -> list[str]:
         return [data.val_set.reader.source_name(data.val_set.locate(i)[0].index) for i in sampler.indices]
 
-    assert "b" not in sources_of(ValidationSampler(len(data.val_set), recipe))  # the spread over the whole set
-    sampler = ValidationSampler(len(data.val_set), recipe, sample_sources(data.val_set))
+    whole = ValidationSampler(len(data.val_set), validation_samples(recipe))  # the spread over the whole set
+    assert "b" not in sources_of(whole)
+    sampler = ValidationSampler(len(data.val_set), validation_samples(recipe), sample_sources(data.val_set))
     assert sorted(set(sources_of(sampler))) == ["a", "b", "c"] and len(sampler) in (4, 5)
     assert sampler.indices == sorted(set(sampler.indices))  # in order, none twice
     run = setup(recipe)  # what training validates on

@@ -283,6 +283,31 @@ def test_switching_a_learned_terms_weight_off_is_refused(tmp_path: Path):
         setup(load_recipe(QUICKSTART, changed))
 
 
+def test_the_best_value_stays_comparable_with_what_validation_measures(tmp_path: Path):
+    """The saved best value was measured on the samples train.val_batches chose: a resume on another
+    number of processes (train.batch_size changed, the global batch kept) evaluates the same
+    samples; another train.val_batches, or with a val/loss best metric another loss formula, is
+    refused (a rollout's best metric measures neither)."""
+    overrides = [*TINY, "train.steps=1", "train.val_every=0", "logging.tensorboard=false", f"output_dir={tmp_path}"]
+    overrides += ["train.val_batches=1", "train.batch_size=2", "optim.accumulation=2"]
+    run = setup(load_recipe(QUICKSTART, overrides))
+    assert len(run.val_loader.sampler) == 2 and run.val_samples == 2
+    fit(run)
+    assert trainer_state(tmp_path, 1)["val_samples"] == 2
+    resume = [*overrides, "train.resume=true"]
+    with pytest.warns(UserWarning, match="changed keys: optim.accumulation, train.batch_size"):
+        run = setup(load_recipe(QUICKSTART, [*resume, "train.batch_size=4", "optim.accumulation=1"]))
+    assert len(run.val_loader.sampler) == 2  # not 1 batch of 4
+    with pytest.raises(RecipeError, match=r"train.val_batches: 1 -> 0 \(the saved best val/action_l1 was measured"):
+        setup(load_recipe(QUICKSTART, [*resume, "train.val_batches=0"]))
+    with pytest.warns(UserWarning, match="changed keys: loss.action.type"):  # not what val/action_l1 measures
+        setup(load_recipe(QUICKSTART, [*resume, "loss.action.type=mse"]))
+    loss_best = [*overrides, "train.best_metric=val/loss/action", f"output_dir={tmp_path / 'loss'}"]
+    fit(setup(load_recipe(QUICKSTART, loss_best)))
+    with pytest.raises(RecipeError, match=r"loss.action.type: 'l1' -> 'mse' \(the saved best val/loss/action"):
+        setup(load_recipe(QUICKSTART, [*loss_best, "train.resume=true", "loss.action.type=mse"]))
+
+
 def test_a_lora_run_resumes_exactly_and_may_switch_to_peft_forward(tmp_path: Path):
     """Adapters, their AdamW state and the schedule come back bitwise; model.lora.fused is how the
     adapters compute, not what they are, so a resume may switch it (same numbers to rounding)."""

@@ -133,8 +133,8 @@ class ValidationSampler(Sampler[tuple[int, int]]):
     source, each getting its share and at least one sample; over the whole set it could step over a
     small source between two others, and that source's ``val/mix/<source>/...`` was never logged."""
 
-    def __init__(self, n: int, recipe: Recipe, sources: Sequence[str] | None = None):
-        wanted = recipe.train.val_batches * recipe.train.batch_size
+    def __init__(self, n: int, wanted: int, sources: Sequence[str] | None = None):
+        """``wanted``: how many samples (0: every one); :func:`validation_samples`."""
         if not wanted or wanted >= n:
             self.indices = list(range(n))
         elif sources is None:
@@ -154,6 +154,14 @@ class ValidationSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def validation_samples(recipe: Recipe, saved: int | None = None) -> int:
+    """How many validation samples the run evaluates (0: every one): ``train.val_batches`` batches
+    as the run started. ``saved``: the count of the checkpoint resumed from, kept when the batch
+    changed (another number of processes): a different set would make the saved best value one
+    measured on other samples."""
+    return saved if saved is not None else recipe.train.val_batches * recipe.train.batch_size
 
 
 def _spread(ids: Sequence[int], k: int) -> list[int]:

@@ -19,7 +19,15 @@ from torch import nn
 from vla_ft import checkpoint as ck
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
-from vla_ft.data import DataBundle, EpochSampler, ValidationSampler, build_data, make_loader, sample_sources
+from vla_ft.data import (
+    DataBundle,
+    EpochSampler,
+    ValidationSampler,
+    build_data,
+    make_loader,
+    sample_sources,
+    validation_samples,
+)
 from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
@@ -32,6 +40,7 @@ from vla_ft.run_state import (
     load_training_checkpoint,
     read_saved_recipe,
     restore_best_pointer,
+    saved_validation_samples,
 )
 from vla_ft.runtime import Runtime, init_runtime, say, seed_everything, shutdown
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
@@ -75,6 +84,7 @@ class Run:
     wrapped: nn.Module | None = None  # DDP/FSDP wrapper around model, when distributed
     ema: WeightEMA | None = None  # train.ema_decay: the average validation measures and checkpoints keep
     rollout_env: tuple[list[Any], int] | None = None  # rollout.episodes: (envs, first seed)
+    val_samples: int = 0  # validation samples evaluated (0: all), fixed when the run starts
     hooks: RunHooks = field(default_factory=RunHooks)
 
     # ------------------------------------------------------------------ hooks used by the loop
@@ -186,8 +196,11 @@ def setup(recipe: Recipe) -> Run:
             f"output_dir: {run_dir} holds checkpoints of an earlier run (newest: {earlier.name}); "
             "set train.resume=true to continue it, or choose a new output_dir"
         )
+    saved_val_samples = None
     if resume_from is not None:
-        check_resume_compatible(read_saved_recipe(resume_from), recipe, resume_from, rt.world_size)
+        saved_recipe = read_saved_recipe(resume_from)
+        check_resume_compatible(saved_recipe, recipe, resume_from, rt.world_size)
+        saved_val_samples = saved_validation_samples(saved_recipe, resume_from, recipe)
     rollout_env = training_envs(recipe, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
@@ -203,7 +216,8 @@ def setup(recipe: Recipe) -> Run:
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
     if data.val_set is not None:
-        val_sampler = ValidationSampler(len(data.val_set), recipe, sample_sources(data.val_set))
+        wanted = validation_samples(recipe, saved_val_samples)
+        val_sampler = ValidationSampler(len(data.val_set), wanted, sample_sources(data.val_set))
         val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +242,7 @@ def setup(recipe: Recipe) -> Run:
         gripper,
         ema=weight_average(model, optimizer, recipe.train),
         rollout_env=rollout_env,
+        val_samples=validation_samples(recipe, saved_val_samples),
     )
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)

@@ -117,6 +117,7 @@ def check_resume_compatible(saved: dict[str, Any], current: Recipe, where: Path,
     problems += _learned_terms_change(old, new)
     problems += _mix_order_change(saved, current)
     problems += _rollout_change(old, new, changed, current)
+    problems += _validation_change(old, new, changed, current)
     if problems:
         detail = "; ".join(problems)
         raise RecipeError(f"cannot resume from {where}: the recipe changed in ways that break equivalence: {detail}")
@@ -158,6 +159,36 @@ def _rollout_change(old: dict[str, Any], new: dict[str, Any], changed: list[str]
         for k in changed
         if k.startswith("rollout.") and k not in ("rollout.batch", "rollout.env_processes")
     ]
+
+
+# What a val/loss/<term> value is: its formula. (train.val_batches is what it is measured on.)
+VAL_LOSS_KEYS = ("loss.action.", "loss.gripper.pos_weight", "loss.language.")
+
+
+def _validation_change(old: dict[str, Any], new: dict[str, Any], changed: list[str], current: Recipe) -> list[str]:
+    """Unless ``train.best_metric`` is a rollout's, the saved best value was measured on the
+    validation samples ``train.val_batches`` chose (and a ``val/loss/*`` one with the loss's
+    formula): other samples, or another formula, give values not comparable with it."""
+    metric = current.train.best_metric
+    if metric.startswith("val/rollout/"):
+        return []
+    keys = ("train.val_batches",) + (VAL_LOSS_KEYS if metric.startswith("val/loss/") else ())
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r} (the saved best {metric} was measured with {old.get(k)!r})"
+        for k in changed
+        if k.startswith(keys)
+    ]
+
+
+def saved_validation_samples(saved: dict[str, Any], path: Path, current: Recipe) -> int | None:
+    """The validation sample count of the run a checkpoint belongs to (:func:`vla_ft.data.validation_samples`),
+    or None where ``current`` sets another ``train.val_batches`` (allowed with a rollout's best metric).
+    Checkpoints older than the count in ``trainer_state.json`` give their recipe's."""
+    old = _flatten_saved(saved)
+    if old["train.val_batches"] != current.train.val_batches:
+        return None
+    meta = ck.load_json(path / "trainer_state.json") if (path / "trainer_state.json").is_file() else {}
+    return int(meta.get("val_samples", int(old["train.val_batches"]) * int(old["train.batch_size"])))
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -270,6 +301,7 @@ def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "state": dataclasses.asdict(run.state),
         "world_size": run.rt.world_size,
+        "val_samples": run.val_samples,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "scheduler": {"step": run.state.step, "kind": run.recipe.optim.scheduler},
         "loss_step": run.loss_fn.step_state(),

@@ -339,7 +339,7 @@ class TrainConfig:
     val_every: int = doc("validate every N steps (0 = only at the end)", 100)
     val_batches: int = doc(
         "validation batches, their samples spread evenly over the validation set (each source of a mixture gets "
-        "its share); 0 = all",
+        "its share); 0 = all. The sample count is the run's: a resume with another train.batch_size keeps it",
         0,
     )
     best_metric: str = doc("validation metric selecting the best checkpoint", "val/action_l1")
