@@ -339,6 +339,50 @@ def test_exponent_notation_is_a_float_in_every_section(tmp_path: Path):
     assert load_recipe(tmp_path / "saved.yaml") == r
 
 
+def test_integers_and_booleans_read_as_yaml_1_2(tmp_path: Path):
+    """YAML 1.1 (PyYAML) reads 010 as octal 8 and 1:00 as 60: data.val_episodes=[001, 010] would
+    silently hold out episode 8. Recipes read YAML 1.2: decimal, 0o/0x prefixes, true/false only."""
+    from vla_ft.config import save_recipe
+    from vla_ft.config.loader import parse_value
+
+    assert [parse_value(t, "test") for t in ("010", "0755", "0o17", "0x1F", "-3", "1:00", "yes", "off", "True")] == [
+        10,
+        755,
+        15,
+        31,
+        -3,
+        "1:00",
+        "yes",
+        "off",
+        True,
+    ]
+    r = load_recipe(QUICKSTART, ["data.val_episodes=[001, 010, 100]", "train.seed=0755"])
+    assert r.data.val_episodes == [1, 10, 100] and r.train.seed == 755
+    with pytest.raises(RecipeError, match="logging.every: expected int, got str '1:00'"):
+        load_recipe(QUICKSTART, ["logging.every=1:00"])
+    with pytest.raises(RecipeError, match=r"logging.tensorboard: expected bool, got str 'yes' \(recipes are YAML 1.2"):
+        load_recipe(QUICKSTART, ["logging.tensorboard=yes"])
+    r = load_recipe(QUICKSTART, ["output_dir='0o17'", "model.language.config.note=on"])
+    save_recipe(r, tmp_path / "saved.yaml")  # strings that would read back as numbers are written quoted
+    assert load_recipe(tmp_path / "saved.yaml") == r and r.output_dir == "0o17"
+
+
+def test_settings_the_run_never_reads_are_refused():
+    """A group for a module that never trains, DWA's settings under another strategy, a cache
+    directory without the cache: validate said ok and the run silently ignored them."""
+    frozen = ["freeze.vision_encoder=true", "optim.groups.vision_encoder.lr=1e-5"]
+    with pytest.raises(RecipeError, match="optim.groups.vision_encoder: freeze.vision_encoder is true and unfreeze"):
+        load_recipe(QUICKSTART, frozen)
+    load_recipe(QUICKSTART, [*frozen, "unfreeze.vision_encoder.at_step=2"])  # it trains from step 2
+    lora = ["model.lora.enabled=true", "freeze.language_model=true", "optim.groups.language_model.lr=1e-4"]
+    load_recipe(QUICKSTART, lora)  # the adapters train
+    with pytest.raises(RecipeError, match=r"loss.dwa_window: only loss.strategy=dwa reads it \(strategy is static"):
+        load_recipe(QUICKSTART, ["loss.dwa_window=3"])
+    load_recipe(QUICKSTART, ["loss.strategy=dwa", "loss.dwa_window=3"])
+    with pytest.raises(RecipeError, match="train.feature_cache_dir: only train.cache_features=true reads it"):
+        load_recipe(QUICKSTART, ["train.feature_cache_dir=/tmp/cache"])
+
+
 def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch):
     import importlib.util
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file, save_model
 
 from vla_ft import checkpoint as ck
 from vla_ft.config import DATA_SOURCE, DATA_SPLIT, Recipe, RecipeError, save_recipe, to_dict
+from vla_ft.config.loader import load_yaml
 from vla_ft.ema import EMA_FILE
 from vla_ft.master_weights import full_precision
 from vla_ft.model_files import load_weights, write_model_files
@@ -382,7 +382,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
 def read_saved_recipe(path: Path) -> dict[str, Any]:
     with ck.reading(path / "config.yaml"):
-        saved = yaml.safe_load((path / "config.yaml").read_text())
+        saved = load_yaml((path / "config.yaml").read_text())
         if not isinstance(saved, dict):
             raise ValueError(f"a recipe is a mapping, this holds {type(saved).__name__}")
         return saved

@@ -59,6 +59,7 @@ def validate(r: Recipe) -> list[str]:
     p += name_problems(r)
     p += range_problems(r)
     p += absent_module_problems(r)
+    p += unused_setting_problems(r)
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     absent = absent_modules(r)
@@ -248,6 +249,29 @@ def absent_module_problems(r: Recipe) -> list[str]:
         p += [
             f"{key}: {switch} is false, so the model has no {name}; remove {key} or set {switch}: true" for key in keys
         ]
+    return p
+
+
+def unused_setting_problems(r: Recipe) -> list[str]:
+    """Keys set for something the run never does: a module's group that never trains (frozen, never
+    unfrozen, no adapters), DWA's settings under another strategy, a cache directory without the cache."""
+    lora = r.model.lora
+    adapted = {"language_model", *(["vision_encoder"] if lora.vision else [])} if lora.enabled else set()
+    p = [
+        f"optim.groups.{name}: freeze.{name} is true and unfreeze.{name} unset, so {name} never trains; "
+        f"remove optim.groups.{name} or add unfreeze.{name}"
+        for name in r.optim.groups
+        if getattr(r.freeze, name, False) and name not in r.unfreeze and name not in adapted
+    ]
+    defaults = type(r.loss)()
+    if r.loss.strategy != "dwa":
+        p += [
+            f"loss.{key}: only loss.strategy=dwa reads it (strategy is {r.loss.strategy})"
+            for key in ("dwa_temperature", "dwa_window")
+            if getattr(r.loss, key) != getattr(defaults, key)
+        ]
+    if r.train.feature_cache_dir is not None and not r.train.cache_features:
+        p.append("train.feature_cache_dir: only train.cache_features=true reads it")
     return p
 
 

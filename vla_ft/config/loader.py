@@ -18,21 +18,38 @@ import yaml
 from vla_ft.config.checks import name_problems, suggest, validate
 from vla_ft.config.schema import Recipe, RecipeError
 
-# YAML 1.2's float: PyYAML implements YAML 1.1, whose floats need a dot, so 1e-6 would be the string
-# '1e-6' in every key the schema does not type as float (model.language.config, model.vision.kwargs).
+# PyYAML implements YAML 1.1; recipes are read as YAML 1.2 (core schema) reads them. 1.1's floats
+# need a dot, so 1e-6 would be the string '1e-6' in every key the schema does not type as float
+# (model.language.config, model.vision.kwargs); its integers read 010 as octal 8 and 1:00 as base-60
+# 60 (data.val_episodes=[001, 010] would hold out episode 8), its booleans include yes/no/on/off.
 FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+INT_1_2 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+BOOL_1_2 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+INT, BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool"
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads exponent notation without a dot (1e-6, -2.5e-3, 1E6) as floats."""
+    """``yaml.SafeLoader`` with YAML 1.2's integers, booleans and exponent floats (1e-6, 1E6)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+        return int(text[2:] if base != 10 else text, base)  # "010" is ten
 
 
 class RecipeDumper(yaml.SafeDumper):
-    """``yaml.SafeDumper`` that quotes strings :class:`RecipeLoader` would read back as floats."""
+    """``yaml.SafeDumper`` that quotes strings :class:`RecipeLoader` would read back as numbers or booleans."""
 
 
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT, BOOL)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_constructor(INT, RecipeLoader.construct_yaml_int)
 for _cls in (RecipeLoader, RecipeDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+.0123456789"))
+    _cls.add_implicit_resolver(INT, INT_1_2, list("-+0123456789"))
+    _cls.add_implicit_resolver(BOOL, BOOL_1_2, list("tTfF"))
 
 
 def load_yaml(text: str) -> Any:
@@ -107,7 +124,9 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         except ValueError:
             pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        yaml_1_1 = tp is bool and str(value).lower() in ("yes", "no", "on", "off", "y", "n")
+        hint = " (recipes are YAML 1.2: true or false)" if yaml_1_1 else ""
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
         return value
     return value
 
