@@ -51,8 +51,8 @@ def test_complete_is_written_after_every_other_file_is_synced(tmp_path, monkeypa
     real = ck._fsync
     monkeypatch.setattr(ck, "_fsync", lambda p: synced.append(Path(p).name) or real(p))
     ck.write_checkpoint(tmp_path, 3, files("x"))
-    assert synced[-2:] == [ck.COMPLETE, tmp_path.name]  # the marker, then the directory rename
-    assert {"weights.bin", "more.json"} <= set(synced[:-2])
+    assert synced[-3:] == [ck.COMPLETE, ".tmp_step_000003", tmp_path.name]  # the marker, its entry, the rename
+    assert {"weights.bin", "more.json"} <= set(synced[:-3])
 
 
 @pytest.mark.parametrize(
@@ -212,3 +212,24 @@ def test_a_damaged_checkpoint_file_is_one_error_naming_it(tmp_path):
     fit(run)
     run.logger.close()
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 3
+
+
+def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypatch):
+    """After a power loss a renamed directory holding COMPLETE must hold every file: their names
+    live in their directories (tokenizer/, language_model/), which are synced as the files are."""
+    synced, renamed = [], []
+    real_fsync, real_replace = ck._fsync, ck._replace_dir
+    monkeypatch.setattr(ck, "_fsync", lambda p: synced.append(Path(p)) or real_fsync(p))
+    monkeypatch.setattr(ck, "_replace_dir", lambda a, b: renamed.append(len(synced)) or real_replace(a, b))
+
+    def write(tmp: Path) -> None:
+        (tmp / "tokenizer" / "sub").mkdir(parents=True)
+        (tmp / "tokenizer" / "sub" / "vocab.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"x")
+
+    ck.write_dir_atomically(tmp_path / "step_000001", write, ("COMPLETE", "1"))
+    tmp = tmp_path / ".tmp_step_000001"
+    before = {p.relative_to(tmp) for p in synced[: renamed[0]] if p.is_relative_to(tmp)}
+    want = {"tokenizer", "tokenizer/sub", "tokenizer/sub/vocab.json", "model.safetensors", "COMPLETE", "."}
+    assert before == {Path(w) for w in want}
+    assert synced[-1] == tmp_path  # the rename itself

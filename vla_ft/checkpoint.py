@@ -148,12 +148,12 @@ def write_dir_atomically(
     tmp.mkdir()
     try:
         write_files(tmp)
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                _fsync(f)
+        for f in sorted(tmp.rglob("*")):  # directories too: their entries (the files' names) must last
+            _fsync(f)
         if marker is not None:
             (tmp / marker[0]).write_text(marker[1])  # last: its presence vouches for every other file
             _fsync(tmp / marker[0])
+        _fsync(tmp)
         _replace_dir(tmp, final)
         _fsync(final.parent)
     except BaseException as err:
