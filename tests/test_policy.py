@@ -200,6 +200,16 @@ def test_a_directory_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         VLAPolicy.from_pretrained(tmp_path)
 
 
+def test_a_runs_checkpoints_directory_loads_its_newest(trained):
+    assert VLAPolicy.from_pretrained(trained / "checkpoints").directory == trained / "checkpoints" / "step_000002"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cuda_without_a_gpu_is_refused_naming_the_argument(trained):
+    with pytest.raises(ValueError, match=r"device: cuda asked, but this torch sees no GPU"):
+        VLAPolicy.from_pretrained(trained, "cuda")
+
+
 def _copy_checkpoint(trained: Path, tmp_path: Path, name: str = "step_000002") -> Path:
     """A copy of the trained checkpoint to damage, under ``tmp_path/run/checkpoints/<name>``."""
     return Path(shutil.copytree(trained / "checkpoints" / "step_000002", tmp_path / "run" / "checkpoints" / name))

@@ -189,6 +189,10 @@ def test_vla_ft_serve_on_the_command_line(run_dir):
         frames, state = _inputs(None)
         want = VLAPolicy.from_pretrained(run_dir).predict_action(frames, TASKS[0], state)
         np.testing.assert_allclose(PolicyClient(url).predict_action(frames, TASKS[0], state), want, atol=1e-6)
+        port = url.rsplit(":", 1)[1]  # taken by the server above: a second one says so in one line
+        taken = subprocess.run([*command[:-1], port], capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and f"--port: cannot listen on 127.0.0.1:{port}" in taken.stderr, taken.stderr
+        assert "Traceback" not in taken.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=30)

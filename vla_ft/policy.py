@@ -42,7 +42,7 @@ def resolve_directory(path: str | Path) -> Path:
 
     ``path`` is a checkpoint (``<run>/checkpoints/step_N``; only a complete one), an export, a
     pointer file ``<run>/checkpoints/best`` or ``latest`` (the checkpoint it names), or a run
-    directory (its newest complete checkpoint).
+    directory or its ``checkpoints/`` (the newest complete checkpoint).
     """
     path = Path(path).expanduser()
     if path.name in POINTERS and path.is_file():
@@ -50,7 +50,7 @@ def resolve_directory(path: str | Path) -> Path:
     if (path / META_FILE).is_file():
         check_complete(path)
         return path
-    latest = ck.latest_checkpoint(path / "checkpoints")
+    latest = ck.latest_checkpoint(path / "checkpoints") or ck.latest_checkpoint(path)  # a run or its checkpoints/
     if latest is not None:
         return latest
     if not path.exists():
@@ -151,6 +151,8 @@ class VLAPolicy(PolicyShape):
         """
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: a floating-point dtype such as torch.bfloat16, got {dtype}")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device} asked, but this torch sees no GPU (torch.cuda.is_available() is False)")
         directory = resolve_directory(path)
         normalizer = load_normalizer(read_norm_stats(directory)).for_source(source)  # before the weights load
         model, meta = load_model(directory, device, ema)

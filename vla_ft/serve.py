@@ -276,7 +276,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
     except ValueError as err:  # per-source statistics and no --source, or an unknown one
         raise RecipeError(f"--{err}", "command line") from None
-    server = PolicyServer(policy, args.host, args.port)
+    try:
+        server = PolicyServer(policy, args.host, args.port)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        where = f"{args.host}:{args.port}"
+        raise RecipeError(f"--port: cannot listen on {where} ({err.strerror or err})", "command line") from None
     print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
     sys.stdout.flush()
     with contextlib.suppress(KeyboardInterrupt):
