@@ -459,6 +459,13 @@ class ClosingEnv(SyntheticPickEnv):
         CLOSED.append(self)
 
 
+class FailingEnv(ClosingEnv):
+    """Refuses every action, as a simulator would one of the wrong size."""
+
+    def step(self, action):
+        raise ValueError("action: this env takes 7 values")
+
+
 def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides):
     CLOSED.clear()
     user = ["rollout.episodes=2", "rollout.env=test_rollout:ClosingEnv", "rollout.max_steps=2", "train.steps=3"]
@@ -468,6 +475,9 @@ def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tin
     assert len(CLOSED) == 2  # both episodes at once, one env each, every env closed
     scenes = [make_scene(0, seed).blocks for seed in (0, 1)]
     assert all(np.array_equal(env.scene.blocks, blocks) for env, blocks in zip(CLOSED, scenes, strict=True))
+    CLOSED.clear()  # `vla-ft rollout` closes its envs when one fails too
+    assert cli(["rollout", str(tmp_path / "run"), "--env", "test_rollout:FailingEnv", "--episodes", "1"]) == 2
+    assert len(CLOSED) == 1
 
 
 def test_validation_rolls_out_in_env_processes_and_ends_them(tmp_path, tiny_overrides):

@@ -359,33 +359,35 @@ def rollout_checkpoint(
     except ValueError as err:  # per-source statistics and no source, or an unknown one
         raise RecipeError(f"--{err}", "command line") from None
     envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes), "--env", env_processes)
-    runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
-    begin = first if start is None else start
-    seeds = range(begin, begin + episodes)
-    try:
-        results = run_episodes(
-            envs, runners, seeds, policy.cameras, policy.meta["history"], instruction, max_steps, record=videos
-        )
-    except ValueError as err:  # an env whose observations or actions do not fit the policy
-        raise RecipeError(f"--env: {err}", "command line") from None
-    out_dir = Path(out) if out else directory / "rollout"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
-    report = {
-        "checkpoint": str(directory),
-        "env": env_spec or "synthetic",
-        "env_kwargs": env_kwargs or {},
-        "runner": {"execute": runners[0].execute, "ensemble": runners[0].ensemble},
-        "batch": len(envs),
-        "env_processes": env_processes,
-        "max_steps": max_steps,
-        **summarize(results),
-        "videos": write_videos(results, out_dir, fps),
-        "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
-    }
-    (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
-    close_envs(envs)
-    return {**report, "out": out_dir}
+    try:  # env processes and simulators end whatever happens
+        runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
+        begin = first if start is None else start
+        seeds = range(begin, begin + episodes)
+        try:
+            results = run_episodes(
+                envs, runners, seeds, policy.cameras, policy.meta["history"], instruction, max_steps, record=videos
+            )
+        except ValueError as err:  # an env whose observations or actions do not fit the policy
+            raise RecipeError(f"--env: {err}", "command line") from None
+        out_dir = Path(out) if out else directory / "rollout"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
+        report = {
+            "checkpoint": str(directory),
+            "env": env_spec or "synthetic",
+            "env_kwargs": env_kwargs or {},
+            "runner": {"execute": runners[0].execute, "ensemble": runners[0].ensemble},
+            "batch": len(envs),
+            "env_processes": env_processes,
+            "max_steps": max_steps,
+            **summarize(results),
+            "videos": write_videos(results, out_dir, fps),
+            "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
+        }
+        (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
+        return {**report, "out": out_dir}
+    finally:
+        close_envs(envs)
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
