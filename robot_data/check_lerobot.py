@@ -256,6 +256,33 @@ def _check_camera(
     return decode_checks(frames, ep.length, expected_hwc(feature), decode, where, ep.index, camera)
 
 
+def _segment_problems(meta: LeRobotMeta, tol: float) -> list[Problem]:
+    """v3 episodes sharing a video file each own a segment [from_timestamp, to_timestamp) of it:
+    an empty segment, or one that starts inside the one before, gives an episode another's frames."""
+    p = []
+    for camera in meta.cameras:
+        by_file: dict[Path, list[EpisodeMeta]] = {}
+        for ep in meta.episodes:
+            ref = ep.videos.get(camera)
+            if ref is not None and ref.to_timestamp is not None:
+                by_file.setdefault(ref.path, []).append(ep)
+        for path, episodes in by_file.items():
+            episodes.sort(key=lambda e: e.videos[camera].from_timestamp)
+            for before, ep in zip([None, *episodes], episodes, strict=False):
+                ref = ep.videos[camera]
+                if ref.to_timestamp <= ref.from_timestamp:
+                    msg = f"camera {camera}: empty video segment [{ref.from_timestamp:.3f}s, {ref.to_timestamp:.3f}s)"
+                    p.append(Problem("timestamp", str(path), ep.index, msg))
+                elif before is not None and ref.from_timestamp < before.videos[camera].to_timestamp - tol:
+                    end = before.videos[camera].to_timestamp
+                    msg = (
+                        f"camera {camera}: video segment starts at {ref.from_timestamp:.3f}s, inside episode "
+                        f"{before.index}'s (which ends at {end:.3f}s) in the same file"
+                    )
+                    p.append(Problem("timestamp", str(path), ep.index, msg))
+    return p
+
+
 def check_lerobot(
     path: str | Path,
     state_key: str = "observation.state",
@@ -283,6 +310,7 @@ def check_lerobot(
     keys = [k for k in (state_key, action_key) if k]
     problems += _episode_gaps(meta)
     tol = max(video_tolerance_s, 1e-4)
+    problems += _segment_problems(meta, tol)
     by_file: dict[Path, list[EpisodeMeta]] = {}
     for ep in meta.episodes:
         by_file.setdefault(ep.data_path, []).append(ep)

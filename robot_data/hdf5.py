@@ -84,6 +84,17 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())  # h5py's messages can span lines
 
 
+def _json_attr(attrs: Any, name: str, path: Path) -> dict[str, Any]:
+    """The JSON object in attribute ``name`` of ``data`` ({} when absent)."""
+    try:
+        value = json.loads(_text(attrs.get(name, "{}")))
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{path}: data.attrs['{name}'] is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise DatasetFormatError(f"{path}: data.attrs['{name}'] is JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _not_a_dataset(path: Path, layout: str, why: str) -> DatasetFormatError:
     """``path`` is no dataset of ``layout``: the message says what each layout expects."""
     others = "".join(f", the {name} layout {spec['expects']}" for name, spec in LAYOUTS.items() if name != layout)
@@ -217,8 +228,8 @@ class HDF5Reader(Reader):
             if "data" not in f:
                 raise _not_a_dataset(self.path, self.layout, "no 'data' group, so not a robomimic file")
             attrs = f["data"].attrs
-            env = json.loads(_text(attrs.get("env_args", "{}"))).get("env_name", "")
-            problem = json.loads(_text(attrs.get("problem_info", "{}"))).get("language_instruction", "")
+            env = _json_attr(attrs, "env_args", self.path).get("env_name", "")
+            problem = _json_attr(attrs, "problem_info", self.path).get("language_instruction", "")
             for name in f["data"]:
                 if _demo_number(name) is not None:
                     group = f["data"][name]

@@ -227,11 +227,14 @@ def aggregate_episode_stats(per_episode: list[dict[str, dict[str, Any]]]) -> dic
 def _stats(root: Path, info: dict[str, Any]) -> dict[str, dict[str, np.ndarray]] | None:
     """The dataset's shipped stats, as LeRobot reads them: v2.1 pools ``episodes_stats.jsonl`` (a
     ``stats.json`` left from v2.0 is stale there; LeRobot ignores it), v3.0 and older read ``stats.json``."""
-    if not is_v3(info) and (root / "meta/episodes_stats.jsonl").is_file():
-        return aggregate_episode_stats([row["stats"] for row in read_jsonl(root / "meta/episodes_stats.jsonl")])
-    if (root / "meta/stats.json").is_file():
-        return _as_arrays(read_json(root / "meta/stats.json"))
-    return None
+    episodes, pooled = root / "meta/episodes_stats.jsonl", root / "meta/stats.json"
+    path = episodes if not is_v3(info) and episodes.is_file() else pooled if pooled.is_file() else None
+    try:
+        if path == episodes:
+            return aggregate_episode_stats([row["stats"] for row in read_jsonl(episodes)])
+        return _as_arrays(read_json(pooled)) if path is not None else None
+    except (KeyError, TypeError, ValueError, IndexError) as err:  # a row without stats, ragged or text values
+        raise DatasetFormatError(f"{path}: malformed statistics ({type(err).__name__}: {err})") from None
 
 
 def load_meta(root: str | Path) -> LeRobotMeta:

@@ -186,6 +186,22 @@ def test_a_frame_past_its_video_segment_is_refused(videos):
         assert error < 8.0, (episode, t, error)
 
 
+def test_overlapping_or_empty_video_segments_are_named(videos):
+    """Episodes sharing a file must own disjoint segments: a segment starting inside the one before
+    gives its episode the other's frames; an empty one gives it none."""
+    meta = videos / "meta/episodes/chunk-000/file-000.parquet"
+    rows = pq.read_table(meta).to_pylist()
+    clean = [dict(r) for r in rows]
+    rows[1][f"videos/{CAMERA}/from_timestamp"] = 0.5  # episode 0 owns [0, 0.8)
+    pq.write_table(pa.Table.from_pylist(rows), meta)
+    problems = [p for p in check_dataset(videos, "lerobot", decode="none") if p.kind == "timestamp"]
+    assert _kinds(problems) == {("timestamp", 1)} and "inside episode 0's (which ends at 0.800s)" in problems[0].message
+    clean[0][f"videos/{CAMERA}/to_timestamp"] = 0.0
+    pq.write_table(pa.Table.from_pylist(clean), meta)
+    problems = [p for p in check_dataset(videos, "lerobot", decode="none") if p.kind == "timestamp"]
+    assert _kinds(problems) == {("timestamp", 0)} and "empty video segment [0.000s, 0.000s)" in problems[0].message
+
+
 def test_undecodable_frames(images):
     table = pq.read_table(images / FILE0)
     cells = table[CAMERA].to_pylist()
@@ -384,6 +400,8 @@ def test_malformed_metadata_names_the_file_and_episode(videos, tmp_path):
     lines = (v21 / "meta/episodes.jsonl").read_text().splitlines()
     row = json.loads(lines[2])
     del row["length"]
+    stats = write_lerobot(_source(), tmp_path / "v21_stats", video=False, version="v2.1") / "meta/episodes_stats.jsonl"
+    stats_rows = stats.read_text().splitlines()
     cases = [
         (
             lambda: _null_cell(episodes, f"videos/{CAMERA}/from_timestamp", 3),
@@ -400,6 +418,11 @@ def test_malformed_metadata_names_the_file_and_episode(videos, tmp_path):
             lambda: (v21 / "meta/episodes.jsonl").write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]])),
             v21,
             f"{v21 / 'meta/episodes.jsonl'} row 3 (episode 2): length is missing",
+        ),
+        (
+            lambda: stats.write_text("\n".join([*stats_rows[:1], json.dumps({"episode_index": 1}), *stats_rows[2:]])),
+            stats.parents[1],
+            f"{stats}: malformed statistics (KeyError: 'stats')",
         ),
     ]
     for damage, root, message in cases:

@@ -455,6 +455,12 @@ def _robomimic_file(path: Path, demos: list[int], **data_attrs: str) -> Path:
     return path
 
 
+def test_robomimic_attributes_that_are_not_json_are_named(tmp_path):
+    path = _robomimic_file(tmp_path / "r.hdf5", [0], env_args="{'env_name': 'Lift'}")  # a Python repr
+    with pytest.raises(DatasetFormatError, match=r"r.hdf5: data.attrs\['env_args'\] is not JSON"):
+        build_reader("hdf5", path=str(path), layout="robomimic", state_key="state")
+
+
 def test_robomimic_libero_instruction_from_problem_info(tmp_path):
     """LIBERO's robomimic-layout files keep the instruction in data.attrs['problem_info'] (JSON)."""
     problem = json.dumps({"problem_name": "libero_tabletop", "language_instruction": "put the bowl on the plate"})
