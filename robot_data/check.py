@@ -11,7 +11,7 @@ frame of every episode and camera, ``"all"`` every frame, ``"none"`` none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,12 @@ def decode_checks(
     return []
 
 
+def checked_cameras(available: Sequence[str], cameras: Sequence[str]) -> list[str]:
+    """The cameras a check looks at: those of ``cameras`` the dataset has, or all when it is empty
+    (a broken camera training never reads must not refuse the dataset)."""
+    return [c for c in available if not cameras or c in cameras]
+
+
 def check_hdf5(
     path: str | Path,
     layout: str = "robomimic",
@@ -120,9 +126,11 @@ def check_hdf5(
     action_key: str = "action",
     text_key: str | None = None,
     decode: str = "ends",
+    cameras: Sequence[str] = (),
     **_: Any,
 ) -> list[Problem]:
-    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images."""
+    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images
+    (of ``cameras``, or every camera when empty)."""
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
@@ -138,19 +146,19 @@ def check_hdf5(
         if not found:
             arrays = reader.numeric(ep.index)
             dims = dims or (arrays.state.shape[1], arrays.action.shape[1])
-            found = _hdf5_contents(reader, ep.index, ep.length, arrays, dims, decode)
+            found = _hdf5_contents(reader, ep.index, ep.length, arrays, dims, decode, cameras)
         problems += found
     return problems
 
 
 def check_rlds(
-    path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, **kwargs: Any
+    path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, cameras: Sequence[str] = (), **kwargs: Any
 ) -> list[Problem]:
     """RLDS: every episode's record parses with its features' declared sizes, dims as the first sound
     episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...).
     ``opened``: the reader training already opened on ``path`` (opening reads every record once)."""
     if opened is not None:
-        return _rlds_problems(opened, decode)
+        return _rlds_problems(opened, decode, cameras)
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
@@ -159,10 +167,10 @@ def check_rlds(
         raise  # a key naming no feature: the caller's typo, not the data's problem
     except (ValueError, OSError) as err:
         return [Problem("unreadable", str(path), None, str(err))]
-    return _rlds_problems(reader, decode)
+    return _rlds_problems(reader, decode, cameras)
 
 
-def _rlds_problems(reader: RLDSReader, decode: str) -> list[Problem]:
+def _rlds_problems(reader: RLDSReader, decode: str, cameras: Sequence[str]) -> list[Problem]:
     problems: list[Problem] = []
     dims: tuple[int, int] | None = None
     for ep in reader.episodes():
@@ -179,7 +187,7 @@ def _rlds_problems(reader: RLDSReader, decode: str) -> list[Problem]:
                 msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
                 problems.append(Problem("bad_feature", where, ep.index, msg))
             problems += non_finite(values, name, where, ep.index)
-        for camera in reader.cameras:
+        for camera in checked_cameras(reader.cameras, cameras):
             frames = lambda idx, cam=camera, e=ep.index: reader.frames(e, cam, idx)  # noqa: E731
             shape = reader.camera_shapes[camera]
             problems += decode_checks(frames, ep.length, shape, decode, where, ep.index, camera)
@@ -203,7 +211,13 @@ def _hdf5_structure(reader: HDF5Reader, episode: int, length: int) -> list[Probl
 
 
 def _hdf5_contents(
-    reader: HDF5Reader, episode: int, length: int, arrays: EpisodeArrays, dims: tuple[int, int], decode: str
+    reader: HDF5Reader,
+    episode: int,
+    length: int,
+    arrays: EpisodeArrays,
+    dims: tuple[int, int],
+    decode: str,
+    cameras: Sequence[str],
 ) -> list[Problem]:
     """Dims as the first sound episode's, finite numbers, camera datasets present and decodable."""
     where, group = reader.location(episode), reader.group(episode)
@@ -213,7 +227,8 @@ def _hdf5_contents(
             msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
             problems.append(Problem("bad_feature", where, episode, msg))
         problems += non_finite(values, name, where, episode)
-    for camera, key in reader.camera_keys.items():
+    for camera in checked_cameras(reader.cameras, cameras):
+        key = reader.camera_keys[camera]
         data = group.get(key)
         if data is None:
             problems.append(Problem("missing_file", where, episode, f"camera {camera}: dataset {key} missing"))
@@ -237,11 +252,13 @@ def check_dataset(
     decode: str = "ends",
     offsets: Mapping[str, int] | None = None,
     opened: Reader | None = None,
+    cameras: Sequence[str] = (),
     **kwargs: Any,
 ) -> list[Problem]:
     """All problems of a dataset. ``kwargs`` are the reader's (state_key, action_key, layout, ...);
     ``offsets``: of the reader already open on a robomimic directory (see :func:`check_mixture`);
-    ``opened``: an RLDS reader already open on ``path``, checked instead of opening another.
+    ``opened``: an RLDS reader already open on ``path``, checked instead of opening another;
+    ``cameras``: the cameras training reads (``data.cameras``; empty: all), the only ones checked.
 
     A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem.
     """
@@ -253,10 +270,12 @@ def check_dataset(
     if format not in checks:
         raise ValueError(f"data.format: unknown reader '{format}'; valid: {', '.join(checks)}")
     if is_robomimic_dir(format, {**kwargs, "path": path}):
-        return check_mixture({f.stem: f for f in robomimic_files(path)}, format, decode, offsets, **kwargs)
+        files = {f.stem: f for f in robomimic_files(path)}
+        return check_mixture(files, format, decode, offsets, cameras=cameras, **kwargs)
     if format == "rlds":
-        return check_rlds(path, decode=decode, opened=opened if isinstance(opened, RLDSReader) else None, **kwargs)
-    return checks[format](path, decode=decode, **kwargs)
+        rlds = opened if isinstance(opened, RLDSReader) else None
+        return check_rlds(path, decode=decode, opened=rlds, cameras=cameras, **kwargs)
+    return checks[format](path, decode=decode, cameras=cameras, **kwargs)
 
 
 def check_mixture(
@@ -265,6 +284,7 @@ def check_mixture(
     decode: str = "ends",
     offsets: Mapping[str, int] | None = None,
     opened: Mapping[str, Reader] | None = None,
+    cameras: Sequence[str] = (),
     **kwargs: Any,
 ) -> list[Problem]:
     """Every source's problems, each episode numbered as :class:`~robot_data.mixture.MixtureReader`
@@ -272,7 +292,8 @@ def check_mixture(
     else each source is opened here to number its episodes. ``opened``: its sources' readers."""
     opened = opened or {}
     found = {
-        name: check_dataset(path, format, decode, opened=opened.get(name), **kwargs) for name, path in paths.items()
+        name: check_dataset(path, format, decode, opened=opened.get(name), cameras=cameras, **kwargs)
+        for name, path in paths.items()
     }
     if offsets is None:
         offsets = next_offsets({name: _episode_ids(format, path, kwargs) for name, path in paths.items()})

@@ -6,6 +6,7 @@ the ends (or all) of every episode and camera through :class:`LeRobotReader`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from robot_data.check import Problem, decode_checks, non_finite
+from robot_data.check import Problem, checked_cameras, decode_checks, non_finite
 from robot_data.lerobot import (
     INDEX_COLUMNS,
     LeRobotReader,
@@ -256,11 +257,11 @@ def _check_camera(
     return decode_checks(frames, ep.length, expected_hwc(feature), decode, where, ep.index, camera)
 
 
-def _segment_problems(meta: LeRobotMeta, tol: float) -> list[Problem]:
+def _segment_problems(meta: LeRobotMeta, cameras: list[str], tol: float) -> list[Problem]:
     """v3 episodes sharing a video file each own a segment [from_timestamp, to_timestamp) of it:
     an empty segment, or one that starts inside the one before, gives an episode another's frames."""
     p = []
-    for camera in meta.cameras:
+    for camera in cameras:
         by_file: dict[Path, list[EpisodeMeta]] = {}
         for ep in meta.episodes:
             ref = ep.videos.get(camera)
@@ -290,9 +291,11 @@ def check_lerobot(
     text_key: str | None = None,
     video_tolerance_s: float = 1e-3,
     decode: str = "ends",
+    cameras: Sequence[str] = (),
     **_: Any,
 ) -> list[Problem]:
-    """Every problem of a LeRobot directory (metadata, data files, videos/images).
+    """Every problem of a LeRobot directory (metadata, data files, videos/images of ``cameras``, or
+    of every camera when empty).
 
     A key naming no feature raises :class:`UnknownFeatureError`: the caller's typo, not the data's problem.
     """
@@ -310,7 +313,8 @@ def check_lerobot(
     keys = [k for k in (state_key, action_key) if k]
     problems += _episode_gaps(meta)
     tol = max(video_tolerance_s, 1e-4)
-    problems += _segment_problems(meta, tol)
+    checked = checked_cameras(meta.cameras, cameras)
+    problems += _segment_problems(meta, checked, tol)
     by_file: dict[Path, list[EpisodeMeta]] = {}
     for ep in meta.episodes:
         by_file.setdefault(ep.data_path, []).append(ep)
@@ -321,6 +325,6 @@ def check_lerobot(
     durations: dict[Path, tuple[int, float] | Exception] = {}
     for ep in meta.episodes:
         if ep.index not in unusable:
-            for camera in meta.cameras:
+            for camera in checked:
                 problems += _check_camera(reader, ep, camera, decode, tol, durations)
     return problems

@@ -227,6 +227,25 @@ class ThreeCameras(SyntheticReader):
         return frames
 
 
+def test_only_the_cameras_training_reads_are_checked(tmp_path):
+    """A camera left out by data.cameras (a broken depth or spare view) must not refuse the dataset."""
+    from conftest import QUICKSTART
+
+    from vla_ft.config import RecipeError, load_recipe
+    from vla_ft.data import checked_skip_list
+
+    source = ThreeCameras(episodes=2, episode_length=6, image_size=16)
+    path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2)
+    shutil.rmtree(path / "videos" / "observation.images.cam2")
+    assert {(p.kind, p.episode) for p in check_dataset(path, "lerobot")} == {("missing_file", 0), ("missing_file", 1)}
+    assert check_dataset(path, "lerobot", cameras=["observation.images.cam0", "observation.images.cam1"]) == []
+    data = ["data.format=lerobot", f"data.path={path}", "data.text_key=null", "data.language_target=none"]
+    with pytest.raises(RecipeError, match="failed its checks"):
+        checked_skip_list(load_recipe(QUICKSTART, data))
+    two = "data.cameras=[observation.images.cam0, observation.images.cam1]"
+    assert checked_skip_list(load_recipe(QUICKSTART, [*data, two])) == set()
+
+
 def test_image_cells_are_read_once_in_shuffled_multi_camera_access(tmp_path, monkeypatch):
     """Three cameras, shuffled samples over a file of 4 episodes (one row group each, as written):
     each image cell is read from parquet once, and each frame is its own episode's and camera's."""

@@ -549,9 +549,9 @@ def checked_skip_list(recipe: Recipe, reader: Any = None) -> set[int]:
         if d.mix:
             paths = {name: s.path for name, s in d.mix.items()}
             sources = reader.sources if isinstance(reader, MixtureReader) else None
-            problems = check_mixture(paths, d.format, offsets=offsets, opened=sources, **kwargs)
+            problems = check_mixture(paths, d.format, offsets=offsets, opened=sources, cameras=d.cameras, **kwargs)
         else:
-            problems = check_dataset(d.path, d.format, offsets=offsets, opened=reader, **kwargs)
+            problems = check_dataset(d.path, d.format, offsets=offsets, opened=reader, cameras=d.cameras, **kwargs)
         skip = episodes_to_skip(problems, d.skip_bad_episodes)
     except DatasetCheckError as err:
         key = "data.mix" if d.mix else "data.path"
