@@ -58,13 +58,21 @@ def test_the_second_stage_trains_resumes_and_loads_without_the_source(first, tmp
     assert evaluate_checkpoint(tmp_path / "run", [], "val", tmp_path / "eval", plot_episodes=0)["step"] == 4
 
 
-def test_a_lora_source_is_merged_and_new_adapters_start_from_it(tmp_path):
-    lora = ["model.lora.enabled=true", "model.lora.r=4"]
-    train(tiny_recipe(tmp_path / "a", *lora, "train.steps=2", "checkpoint.every=2"))
+@pytest.mark.parametrize("extra", ["", "lm_head", "embed_tokens"])
+def test_a_lora_source_is_merged_and_new_adapters_start_from_it(tmp_path, extra):
+    """An adapter on the tied LM head or input embeddings unties them when merged: the new model,
+    built tied from the source's config, must be untied too, or one side overwrites the other."""
+    targets = f"model.lora.target_modules=[q_proj, v_proj{', ' + extra if extra else ''}]"
+    lora = ["model.lora.enabled=true", "model.lora.r=4", targets]
+    train(tiny_recipe(tmp_path / "a", *lora, "train.steps=2", "checkpoint.every=2", "optim.lr=0.05"))
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "step_000002"
     run = setup(tiny_recipe(tmp_path / "b", *lora, f"model.init_from={ckpt}"))
     source, _ = load_model(ckpt)
     merge_lora(source)
+    ours, theirs = run.model.language_model.get_base_model(), source.language_model
+    for side in ("get_input_embeddings", "get_output_embeddings"):
+        mine = getattr(ours, side)()
+        assert torch.equal(getattr(mine, "base_layer", mine).weight, getattr(theirs, side)().weight), side
     batch = to_device(next(iter(run.val_loader)), run.rt.device)
     run.model.eval()
     with torch.no_grad():  # fresh adapters add nothing (B = 0): the merged source's actions

@@ -69,6 +69,27 @@ def test_a_target_that_matches_nothing_is_an_error_naming_the_key(tmp_path):
         _lora_model(tmp_path, "model.lora.vision=true", "model.lora.vision_target_modules=[qkv, q_proj]")
     with pytest.raises(RecipeError, match="model.lora.target_modules: empty"):
         _lora_model(tmp_path, "model.lora.target_modules=[]")
+    with pytest.raises(RecipeError, match=r"target_modules: self_attn \(Qwen2Attention\) cannot carry an adapter"):
+        _lora_model(tmp_path, "model.lora.target_modules=[q_proj, self_attn]")  # peft's traceback, named
+    with pytest.raises(RecipeError, match="model.lora.alpha: must be finite and > 0, got 0"):
+        tiny_recipe(tmp_path, "model.lora.enabled=true", "model.lora.alpha=0")  # adapters scaled by 0
+
+
+def test_vision_adapters_a_forward_never_calls_are_refused(tmp_path):
+    """timm's BEiT computes attention with F.linear on qkv.weight, bypassing the layer and its
+    adapter: refused, naming the key; its attention output projection is called and trains."""
+    beit = ["model.vision.name=beit_base_patch16_224", "model.lora.vision=true"]
+    with pytest.raises(RecipeError, match=r"vision_target_modules: the adapters on \['qkv'\] never run: Beit"):
+        _lora_model(tmp_path, *beit, "model.lora.vision_target_modules=[qkv, proj]")
+    _lora_model(tmp_path, *beit, "model.lora.vision_target_modules=[proj]")
+
+
+def test_a_group_for_vision_adapters_alone_is_accepted(tmp_path):
+    """Vision LoRA without LM LoRA: the frozen encoder's adapters train, so its group is read."""
+    vision = ["model.lora.vision=true", "freeze.vision_encoder=true", "optim.groups.vision_encoder.lr=1e-4"]
+    tiny_recipe(tmp_path, *vision)
+    with pytest.raises(RecipeError, match="optim.groups.language_model: freeze.language_model is true"):
+        tiny_recipe(tmp_path, *vision, "freeze.language_model=true", "optim.groups.language_model.lr=1e-4")
 
 
 def test_all_linear_shorthand_adapts_every_linear_layer_of_the_lm(tmp_path):

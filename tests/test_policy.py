@@ -314,6 +314,8 @@ def test_bf16_weights_predict_as_fp32_within_bf16_precision(trained, offline):
     full = VLAPolicy.from_pretrained(trained).predict_action(frames, TASK, state)
     half = VLAPolicy.from_pretrained(trained, dtype=torch.bfloat16)
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    buffers = {n: b.dtype for n, b in half.model.named_buffers() if b.is_floating_point()}
+    assert any("inv_freq" in n for n in buffers) and set(buffers.values()) == {torch.float32}  # as in training
     low = half.predict_action(frames, TASK, state)
     assert low.dtype == np.float32
     np.testing.assert_allclose(low[..., :2], full[..., :2], atol=0.05 * np.abs(full[..., :2]).max())

@@ -64,6 +64,7 @@ def copy_source_weights(model: VLA, path: str) -> list[str]:
     except ck.CheckpointError as err:
         raise RecipeError(f"{KEY}: {err}") from None
     merge_lora(source)
+    _untie_like(model.language_model, source.language_model)
     theirs, ours = source.state_dict(), model.state_dict()
     fresh, problems = set(), []
     for name, tensor in ours.items():
@@ -83,3 +84,14 @@ def copy_source_weights(model: VLA, path: str) -> list[str]:
             + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         )
     return sorted(fresh)
+
+
+def _untie_like(lm: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give ``lm``'s head its own weight when the source's merge untied it (an adapter on the tied
+    head or input embeddings, :func:`vla_ft.lora.untie_adapted_embeddings`): ``lm`` was built tied
+    from the source's saved config, and copying both tensors into one would keep only the last."""
+    head, inputs = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is None or head.weight is not inputs.weight or source.config.tie_word_embeddings:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    lm.config.tie_word_embeddings = False

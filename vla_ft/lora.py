@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from vla_ft.config import LoraConfig, RecipeError
@@ -36,9 +37,26 @@ def check_targets(module: nn.Module, patterns: list[str], key: str) -> None:
         return
     names = [n for n, _ in module.named_modules()]
     missing = [p for p in patterns if not _matches(p, names)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
     if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
         raise RecipeError(f"{key}: pattern(s) {missing} match no module; linear layers here: {', '.join(leaves)}")
+    modules = list(module.named_modules())
+    unsupported = sorted(
+        {f"{p} ({type(m).__name__})" for p in patterns for n, m in modules if _matches(p, [n]) and not _adaptable(m)}
+    )
+    if unsupported:
+        raise RecipeError(
+            f"{key}: {', '.join(unsupported)} cannot carry an adapter (linear, embedding and conv layers can); "
+            f"linear layers here: {', '.join(leaves)}"
+        )
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """A layer peft's LoRA wraps: linear (bitsandbytes' 4-bit ones are nn.Linear too), embedding,
+    convolution, or transformers' GPT-2-style Conv1D."""
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+        type(module).__name__ == "Conv1D"
+    )
 
 
 def wrap(module: nn.Module, cfg: LoraConfig, targets: list[str], key: str, task_type: str | None = None) -> nn.Module:
@@ -76,7 +94,34 @@ def apply_lora(model: VLA, cfg: LoraConfig) -> None:
         backbones = model.vision_encoder.backbones
         for i, bb in enumerate(backbones):
             backbones[i] = wrap(bb, cfg, cfg.vision_target_modules, "model.lora.vision_target_modules")
+            check_adapters_run(backbones[i], "model.lora.vision_target_modules")
         model.lora_modules.add("vision_encoder")
+
+
+@torch.no_grad()
+def check_adapters_run(backbone: nn.Module, key: str) -> None:
+    """Refuse adapters a forward never calls: some timm models read a layer's weight directly
+    (BEiT and EVA compute attention with ``F.linear(x, self.qkv.weight, ...)``), which bypasses the
+    layer and so its adapter; it would never train. One eval-mode forward of a blank image finds them."""
+    adapted = {n: m for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda *_, n=n: called.add(n)) for n, m in adapted.items()]
+    base, training = backbone.get_base_model(), backbone.training
+    size = getattr(getattr(base, "patch_embed", None), "img_size", None) or (64, 64)
+    weight = next(base.parameters())
+    try:
+        backbone.eval()  # no dropout draws, no batch-norm statistics updated
+        base.forward_features(torch.zeros(1, 3, *size, dtype=weight.dtype, device=weight.device))
+    finally:
+        backbone.train(training)
+        for hook in hooks:
+            hook.remove()
+    silent = sorted({n.rsplit(".", 1)[-1] for n in adapted if n not in called})
+    if silent:
+        raise RecipeError(
+            f"{key}: the adapters on {silent} never run: {type(base).__name__} reads those layers' weights "
+            "directly instead of calling them, so the adapters would not train; adapt other layers"
+        )
 
 
 def merge_lora(model: VLA) -> None:

@@ -28,6 +28,7 @@ from robot_data import Normalizer, PromptTokenizer, load_normalizer
 from robot_data.images import resize, to_chw
 from vla_ft import checkpoint as ck
 from vla_ft.execution import PolicyShape
+from vla_ft.master_weights import cast_parameters
 from vla_ft.metrics import real_actions
 from vla_ft.model import VLA, pad_token_id
 from vla_ft.model_files import META_FILE, NORM_STATS, load_model, load_saved_tokenizer, read_model_meta, read_norm_stats
@@ -156,7 +157,7 @@ class VLAPolicy(PolicyShape):
         directory = resolve_directory(path)
         normalizer = load_normalizer(read_norm_stats(directory)).for_source(source)  # before the weights load
         model, meta = load_model(directory, device, ema)
-        model.to(dtype)
+        cast_parameters(model, dtype)  # as training with train.param_dtype=bf16 does
         tokenizer = load_saved_tokenizer(directory)
         return cls(model, meta, normalizer, tokenizer, torch.device(device), directory, source)
 

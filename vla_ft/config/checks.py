@@ -256,7 +256,7 @@ def unused_setting_problems(r: Recipe) -> list[str]:
     """Keys set for something the run never does: a module's group that never trains (frozen, never
     unfrozen, no adapters), DWA's settings under another strategy, a cache directory without the cache."""
     lora = r.model.lora
-    adapted = {"language_model", *(["vision_encoder"] if lora.vision else [])} if lora.enabled else set()
+    adapted = {name for name, on in (("language_model", lora.enabled), ("vision_encoder", lora.vision)) if on}
     p = [
         f"optim.groups.{name}: freeze.{name} is true and unfreeze.{name} unset, so {name} never trains; "
         f"remove optim.groups.{name} or add unfreeze.{name}"
@@ -368,6 +368,7 @@ def range_problems(r: Recipe) -> list[str]:
         ("optim.lr", o.lr),
         *((f"optim.groups.{name}.lr", g.lr) for name, g in o.groups.items() if g.lr is not None),
         ("optim.eps", o.eps),
+        ("model.lora.alpha", m.lora.alpha),  # the adapters' scale alpha / r: 0 would never learn
     ):
         if not 0 < value < math.inf:
             p.append(f"{key}: must be finite and > 0, got {value}")
