@@ -85,6 +85,8 @@ def test_a_lora_source_is_merged_and_new_adapters_start_from_it(tmp_path, extra)
     [
         ("model.vision.kwargs.embed_dim=48", "holds another model than this recipe builds"),
         ("model.projector_hidden=16", "projector.0.weight is not in it"),  # an MLP where the source has a linear
+        # the LM is built from the source's config: a width here would be recorded, never built
+        ("model.language.config.hidden_size=64", "model.language.config.hidden_size: 64 here, 32 in"),
     ],
 )
 def test_another_model_is_refused_naming_the_tensor(first, tmp_path, override, message):

@@ -45,14 +45,24 @@ def source_tokenizer(path: str) -> str:
     return str(source_directory(path) / TOKENIZER_DIR)
 
 
-def source_lm_config(path: str | Path) -> Any:
+def source_lm_config(path: str | Path, asked: dict[str, Any] | None = None) -> Any:
     """The LM architecture (``PretrainedConfig``) of the source, or of the run's own checkpoint on a
-    resume: the LM is built from it, not from the hub."""
+    resume: the LM is built from it, not from the hub. ``asked``: ``model.language.config``, whose
+    every key must agree with it (else the recipe, and the config.yaml it saves, would describe
+    another LM than the one trained)."""
     directory = source_directory(str(path))
     try:
-        return load_lm_config(directory)
+        config = load_lm_config(directory)
     except ck.CheckpointError as err:
         raise RecipeError(f"{KEY}: {err}") from None
+    differ = [k for k, v in (asked or {}).items() if getattr(config, k, v) != v]
+    if differ:
+        key = f"model.language.config.{differ[0]}"
+        raise RecipeError(
+            f"{key}: {asked[differ[0]]!r} here, {getattr(config, differ[0])!r} in {directory}; with {KEY} the LM "
+            f"is the source's: remove {key} or set the source's value"
+        )
+    return config
 
 
 @torch.no_grad()

@@ -316,6 +316,8 @@ def build_model(
     if bad:
         raise RecipeError(f"loss.gripper.dims: {bad} out of range for {action_dim} action dims")
     source = recipe.model.init_from
+    asked = recipe.model.language.config
+    lm_config = None if source is None else init_from.source_lm_config(resume_from or source, asked)
     model = VLA(
         recipe.model,
         state_dim=state_dim,
@@ -326,7 +328,7 @@ def build_model(
         vocab_size=vocab_size,
         n_gripper=len(gripper),
         pretrained=source is None,
-        lm_config=None if source is None else init_from.source_lm_config(resume_from or source),
+        lm_config=lm_config,
     )
     if source is not None and resume_from is None:
         fresh = init_from.copy_source_weights(model, source)
