@@ -233,3 +233,25 @@ def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypa
     want = {"tokenizer", "tokenizer/sub", "tokenizer/sub/vocab.json", "model.safetensors", "COMPLETE", "."}
     assert before == {Path(w) for w in want}
     assert synced[-1] == tmp_path  # the rename itself
+
+
+def test_a_file_rewritten_atomically_survives_a_failed_write(tmp_path, monkeypatch):
+    """metrics.jsonl (cut back on resume), run_summary.json and the sweep tables are rewritten so:
+    a full disk mid-write keeps the old file, never a truncated one."""
+    from vla_ft.ablate_table import read_summary
+
+    path = tmp_path / "metrics.jsonl"
+    ck.write_atomically(path, '{"step": 1}\n')
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        real(self, text[:3], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        ck.write_atomically(path, '{"step": 1}\n{"step": 2}\n')
+    monkeypatch.undo()
+    assert path.read_text() == '{"step": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    (tmp_path / "run_summary.json").write_text('{"status": "fini')  # a file cut short before this change
+    assert read_summary(tmp_path) == {}  # the variant runs again instead of the sweep failing

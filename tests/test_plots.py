@@ -76,12 +76,15 @@ def test_ablation_overlay_and_bars(tmp_path):
     fig = plots.plot_overlay(curves, "val/action_l1", tmp_path / "curves.png")
     (ax,) = [a for a in fig.axes if a.get_visible()]
     assert _lines(ax) == {k: (list(x), list(y)) for k, (x, y) in curves.items()}
-    fig = plots.plot_bars({"a": 0.4, "b": 0.3, "c": 0.7}, "best val/action_l1", "min", tmp_path / "bars.png")
+    # the summary table's choice: b is lower but halted early, c failed without a value
+    values = {"a": 0.4, "b": 0.3, "c": float("nan"), "d": 0.7}
+    fig = plots.plot_bars(values, "best val/action_l1", "min", tmp_path / "bars.png", "a", ["b", "c"])
     (ax,) = fig.axes
-    heights = [p.get_height() for p in ax.patches]
-    assert heights == [0.4, 0.3, 0.7]
-    best = [p.get_facecolor() for p in ax.patches]
-    assert best[1] != best[0] == best[2]  # the lowest is highlighted
+    assert [p.get_height() for p in ax.patches] == [0.4, 0.3, 0.0, 0.7]
+    colors = [p.get_facecolor() for p in ax.patches]
+    assert colors[0] != colors[3] != colors[1] == colors[2]  # best, finished, not finished
+    assert [bool(p.get_hatch()) for p in ax.patches] == [False, True, True, False]
+    assert [t.get_text() for t in ax.texts] == ["0.4", "0.3 (b)", "no value (c)", "0.7"]
     assert _is_png(tmp_path / "curves.png") and _is_png(tmp_path / "bars.png")
 
 

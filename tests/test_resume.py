@@ -308,6 +308,25 @@ def test_the_best_value_stays_comparable_with_what_validation_measures(tmp_path:
         setup(load_recipe(QUICKSTART, [*loss_best, "train.resume=true", "loss.action.type=mse"]))
 
 
+def test_a_dataset_that_changed_since_the_checkpoint_is_refused(tmp_path: Path):
+    """Episodes added to the dataset re-draw the seeded split: resuming would validate on episodes
+    already trained on. The split is saved with each checkpoint and compared."""
+    from robot_data import SyntheticReader
+    from robot_data.lerobot_writer import write_lerobot
+
+    data = tmp_path / "data"
+    write_lerobot(SyntheticReader(episodes=8, episode_length=10, image_size=64), data, video=False)
+    lerobot = ["data.format=lerobot", f"data.path={data}", "data.text_key=null", "data.language_target=none"]
+    overrides = [*TINY, *lerobot, "data.val_ratio=0.25", "train.steps=1", "train.val_every=0"]
+    overrides += ["logging.tensorboard=false", f"output_dir={tmp_path / 'run'}"]
+    fit(setup(load_recipe(QUICKSTART, overrides)))
+    assert trainer_state(tmp_path / "run", 1)["episodes"] == {"train": [0, 1, 3, 5, 6, 7], "val": [2, 4]}
+    shutil.rmtree(data)
+    write_lerobot(SyntheticReader(episodes=12, episode_length=10, image_size=64), data, video=False)
+    with pytest.raises(RecipeError, match=r"the split of data.path changed \(6 training / 2 validation episodes then"):
+        setup(load_recipe(QUICKSTART, [*overrides, "train.steps=2", "train.resume=true"]))
+
+
 def test_a_lora_run_resumes_exactly_and_may_switch_to_peft_forward(tmp_path: Path):
     """Adapters, their AdamW state and the schedule come back bitwise; model.lora.fused is how the
     adapters compute, not what they are, so a resume may switch it (same numbers to rounding)."""

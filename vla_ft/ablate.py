@@ -167,7 +167,9 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
     }
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        from vla_ft.checkpoint import write_atomically
+
+        write_atomically(run_dir / "run_summary.json", json.dumps(summary, indent=1))
     gc.collect()
     if device == "cuda":
         import torch

@@ -5,6 +5,7 @@ and ``run_summary.json``, written as ``summary.csv``, ``summary.md`` and two plo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -22,8 +23,12 @@ HEADLINE = (
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A variant's ``run_summary.json``; {} when there is none or it is unreadable (the variant runs again)."""
     path = run_dir / "run_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
 
 
 def read_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -107,10 +112,13 @@ def _fmt(value: Any) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     cols = _columns(rows)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows([{c: row.get(c, "") for c in cols} for row in rows])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows([{c: row.get(c, "") for c in cols} for row in rows])
+    from vla_ft.checkpoint import write_atomically  # torch: only when a table is written
+
+    write_atomically(path, text.getvalue())
 
 
 def best_variant(rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
@@ -146,8 +154,13 @@ def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[
 
     rows = [summary_row(name, root / name, metric, mode) for name in names]
     write_csv(rows, root / "summary.csv")
-    (root / "summary.md").write_text(markdown_table(rows, metric, mode))
+    from vla_ft.checkpoint import write_atomically
+
+    write_atomically(root / "summary.md", markdown_table(rows, metric, mode))
     curves = {name: metric_curve(read_rows(root / name), metric) for name in names}
     plots.plot_overlay(curves, metric, root / "val_curves.png")
-    plots.plot_bars({r["variant"]: r[f"best {metric}"] for r in rows}, f"best {metric}", mode, root / "metric_bars.png")
+    values = {r["variant"]: r[f"best {metric}"] for r in rows}
+    unfinished = [r["variant"] for r in rows if r["status"] != "finished"]
+    best = best_variant(rows, metric, mode)
+    plots.plot_bars(values, f"best {metric}", mode, root / "metric_bars.png", best, unfinished)
     return rows

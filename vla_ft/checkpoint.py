@@ -230,7 +230,20 @@ def rotate(root: Path, keep_last: int, protect: set[Path]) -> list[Path]:
 
 
 def save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    write_atomically(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace file ``path`` by ``text`` whole or not at all: written and fsync'ed under a temporary
+    name, then renamed over it (a crash or a full disk mid-write keeps the old file)."""
+    tmp = path.with_name(f".tmp_{path.name}")
+    try:
+        tmp.write_text(text)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
 
 
 def damaged(directory: Path) -> str:

@@ -223,9 +223,10 @@ def evaluate_checkpoint(
     }
     out_dir = Path(out) if out else ev.checkpoint / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    from vla_ft.checkpoint import write_atomically
     from vla_ft.tracking import json_safe
 
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=1))
+    write_atomically(out_dir / "metrics.json", json.dumps(json_safe(report), indent=1))
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}

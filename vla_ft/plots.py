@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,16 +134,25 @@ def plot_overlay(curves: dict[str, Series], metric: str, path: Path) -> Figure:
     return draw_panels([Panel(metric, dict(curves), metric)], path, "validation curves by variant")
 
 
-def plot_bars(values: dict[str, float], label: str, mode: str, path: Path) -> Figure:
-    """One bar per variant; the best (``mode`` min/max) is highlighted."""
+def plot_bars(
+    values: dict[str, float], label: str, mode: str, path: Path, best: str | None, unfinished: Sequence[str] = ()
+) -> Figure:
+    """One bar per variant: ``best`` (the summary table's choice) highlighted, ``unfinished`` ones
+    (failed, halted, stopped) hatched grey, a variant without a value labelled, never drawn as 0."""
     fig, (ax,) = _figure(1, size=(max(4.8, 1.1 * len(values) + 2), 3.6))
     names = list(values)
     heights = [values[n] for n in names]
-    finite = [h for h in heights if math.isfinite(h)]
-    best = (min(finite) if mode == "min" else max(finite)) if finite else None
-    colors = ["tab:orange" if h == best else "tab:blue" for h in heights]
+    colors = ["tab:orange" if n == best else "lightgrey" if n in unfinished else "tab:blue" for n in names]
     bars = ax.bar(range(len(names)), [h if math.isfinite(h) else 0.0 for h in heights], color=colors)
-    ax.bar_label(bars, labels=[f"{h:.4g}" for h in heights], fontsize="small")
+    for bar, name in zip(bars, names, strict=True):
+        if name in unfinished:
+            bar.set_hatch("//")
+    labels = [f"{h:.4g}" if math.isfinite(h) else "no value" for h in heights]
+    ax.bar_label(
+        bars,
+        labels=[f"{t} ({n})" if n in unfinished else t for t, n in zip(labels, names, strict=True)],
+        fontsize="small",
+    )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(label)
     ax.set_title(f"{label} ({'lower' if mode == 'min' else 'higher'} is better)")

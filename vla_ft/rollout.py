@@ -384,7 +384,9 @@ def rollout_checkpoint(
             "videos": write_videos(results, out_dir, fps),
             "results": [{k: v for k, v in asdict(r).items() if k != "frames"} for r in results],
         }
-        (out_dir / "rollouts.json").write_text(json.dumps(report, indent=1))
+        from vla_ft.checkpoint import write_atomically
+
+        write_atomically(out_dir / "rollouts.json", json.dumps(report, indent=1))
         return {**report, "out": out_dir}
     finally:
         close_envs(envs)

@@ -37,6 +37,7 @@ from vla_ft.rollout import close_envs, training_envs
 from vla_ft.run_state import (
     TrainState,
     check_resume_compatible,
+    check_same_split,
     load_training_checkpoint,
     read_saved_recipe,
     restore_best_pointer,
@@ -203,6 +204,8 @@ def setup(recipe: Recipe) -> Run:
         saved_val_samples = saved_validation_samples(saved_recipe, resume_from, recipe)
     rollout_env = training_envs(recipe, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
+    if resume_from is not None:
+        check_same_split(resume_from, data.train_episodes, data.val_episodes, recipe)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size, data.train_weights)

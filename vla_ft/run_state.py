@@ -180,6 +180,27 @@ def _validation_change(old: dict[str, Any], new: dict[str, Any], changed: list[s
     ]
 
 
+def check_same_split(path: Path, train: list[int], val: list[int], recipe: Recipe) -> None:
+    """The run's training and validation episodes must be the checkpoint's: a dataset that gained or
+    lost episodes (or one more skipped as bad) re-draws the split, so the resumed run would validate
+    on episodes it trained on and the saved best value would measure other episodes. Checkpoints
+    older than the saved split are not checked."""
+    meta = path / "trainer_state.json"
+    saved = ck.load_json(meta).get("episodes") if meta.is_file() else None
+    if saved is None or (saved["train"], saved["val"]) == (train, val):
+        return
+    from vla_ft.data import data_sources
+
+    key = next(iter(data_sources(recipe)), "data.synthetic")
+    moved = sorted(set(saved["train"]) & set(val)) or sorted(set(saved["val"]) & set(train))
+    raise RecipeError(
+        f"cannot resume from {path}: the split of {key} changed ({len(saved['train'])} training / "
+        f"{len(saved['val'])} validation episodes then, {len(train)} / {len(val)} now"
+        + (f"; episode(s) {moved[:5]} changed sides" if moved else "")
+        + "): the dataset changed since the checkpoint; restore it, or start a new run"
+    )
+
+
 def saved_validation_samples(saved: dict[str, Any], path: Path, current: Recipe) -> int | None:
     """The validation sample count of the run a checkpoint belongs to (:func:`vla_ft.data.validation_samples`),
     or None where ``current`` sets another ``train.val_batches`` (allowed with a rollout's best metric).
@@ -302,6 +323,7 @@ def trainer_json(run: Run, windows: list[dict[str, Any]]) -> dict[str, Any]:
         "state": dataclasses.asdict(run.state),
         "world_size": run.rt.world_size,
         "val_samples": run.val_samples,
+        "episodes": {"train": run.data.train_episodes, "val": run.data.val_episodes},
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "scheduler": {"step": run.state.step, "kind": run.recipe.optim.scheduler},
         "loss_step": run.loss_fn.step_state(),

@@ -288,7 +288,9 @@ class MetricsLogger:
         if any(_step_of(line) == step for line in dropped):
             self.purge_step = step
             self.replay = [json.loads(line) for line in rows if _step_of(line) == step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        from vla_ft.checkpoint import write_atomically
+
+        write_atomically(self.path, "".join(r + "\n" for r in rows))  # a crash here keeps the log
 
     def close(self) -> None:
         if self.writer is not None:
