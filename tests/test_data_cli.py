@@ -212,6 +212,33 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
         assert "holds HDF5 data: check it with --format hdf5" in capsys.readouterr().err
 
 
+def test_convert_and_check_name_what_is_wrong_in_one_line(tmp_path, capsys):
+    """A path that is no dataset of --format, a mistyped key for convert, a rate that is no rate,
+    --fps for LeRobot (it records its own): one line, exit 2, never a traceback."""
+    ds, text, out = _synth(tmp_path), tmp_path / "notes.txt", str(tmp_path / "o")
+    text.write_text("not a dataset")
+    capsys.readouterr()
+    for args, message in (
+        (["check", str(tmp_path), "--format", "hdf5"], f"{tmp_path}: not a hdf5 dataset (a directory without .hdf5"),
+        (["convert", str(text), out, "--format", "hdf5"], f"{text}: not a hdf5 dataset (unreadable"),
+        (["convert", str(ds), out, "--format", "lerobot", "--state-key", "nope"], "--state-key: 'nope'"),
+        (["convert", str(ds), out, "--format", "lerobot", "--fps", "3"], "--fps: a LeRobot dataset"),
+        (["convert", str(ds), out, "--format", "hdf5", "--fps", "-5"], "--fps: must be a number > 0"),
+    ):
+        assert _exit_code(["data", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def _exit_code(args: list[str]) -> int:
+    """What the command line exits with, argparse's own refusals (SystemExit) included."""
+    try:
+        return cli(args)
+    except SystemExit as exit:
+        return int(exit.code)
+
+
 def test_robomimic_filter_keys_choose_the_split(tmp_path, tiny_overrides, capsys):
     """data.train_filter / data.val_filter take the split robomimic ships (mask/<key>)."""
     from vla_ft.data import build_reader, split_train_val

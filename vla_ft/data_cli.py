@@ -9,8 +9,9 @@ dataset is the user's typo, not a problem of the data: one line, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -39,15 +40,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Any dataset the readers take, written as a LeRobot dataset (cameras as observation.images.<name>)."""
     from robot_data import build_reader
     from robot_data.lerobot_writer import LeRobotCameraNames, write_lerobot
-    from vla_ft.config import RecipeError
 
     kwargs: dict = {"path": args.src, "state_key": args.state_key, "action_key": args.action_key}
     kwargs |= {"text_key": args.text_key} if args.text_key else {}
     kwargs |= {"layout": args.layout} if args.format == "hdf5" else {}
-    if args.format == "rlds" and args.fps is None:
-        raise RecipeError("--fps: required with --format rlds (RLDS records no control rate)", "command line")
-    kwargs |= {"fps": args.fps} if args.fps is not None else {}
-    source = LeRobotCameraNames(build_reader(args.format, **kwargs))
+    kwargs |= _fps(args)
+    with _named_errors(args, args.src, kwargs):
+        source = LeRobotCameraNames(build_reader(args.format, **kwargs))
     for index in sorted(source.skipped):
         print(f"skipped episode {index}: {source.reader.unreadable[index]}", file=sys.stderr)
     out = write_lerobot(source, args.out, video=args.video, codec=args.codec, version=args.version)
@@ -58,26 +57,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from robot_data.check import check_dataset
-    from robot_data.reader import UnknownFeatureError
-    from vla_ft.config import RecipeError
 
     kwargs: dict = {"layout": args.layout} if args.format == "hdf5" else {}
-    if args.format == "rlds" and args.fps is None:
-        raise RecipeError("--fps: required with --format rlds (RLDS records no control rate)", "command line")
-    if args.fps is not None:
-        kwargs["fps"] = args.fps
+    kwargs |= _fps(args)
     if args.state_key:
         kwargs["state_key"] = args.state_key
     if args.action_key:
         kwargs["action_key"] = args.action_key
-    try:
+    with _named_errors(args, args.path, kwargs):
         problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
-    except UnknownFeatureError as err:  # a mistyped --state-key/--action-key: one line naming the option
-        option = f"--{err.role.replace('_', '-')}"
-        if err.role in kwargs:
-            raise RecipeError(f"{option}: {err.detail}", "command line") from None
-        where = f"the {args.layout} layout's" if args.format == "hdf5" else "the"
-        raise RecipeError(f"{where} default {err.role}: {err.detail}; name yours with {option}", args.path) from None
     if not problems:
         print(f"ok: {args.path} passed every check")
         return 0
@@ -90,6 +78,47 @@ def cmd_check(args: argparse.Namespace) -> int:
         hint = "check it with --format hdf5 (--layout aloha for episode files)"
         print(f"{args.path} holds HDF5 data: {hint}", file=sys.stderr)
     return 1
+
+
+def _fps(args: argparse.Namespace) -> dict[str, float]:
+    """``--fps`` as the reader's keyword: required for RLDS, refused for LeRobot (it records its own)."""
+    from vla_ft.config import RecipeError
+
+    if args.format == "rlds" and args.fps is None:
+        raise RecipeError("--fps: required with --format rlds (RLDS records no control rate)", "command line")
+    if args.format == "lerobot" and args.fps is not None:
+        raise RecipeError("--fps: a LeRobot dataset records its own (meta/info.json); drop --fps", "command line")
+    return {"fps": args.fps} if args.fps is not None else {}
+
+
+@contextlib.contextmanager
+def _named_errors(args: argparse.Namespace, path: str, kwargs: dict) -> Iterator[None]:
+    """A mistyped key or a path that is no dataset of ``--format``: one line naming the option or
+    the file, exit status 2, instead of a traceback."""
+    from robot_data.reader import DatasetFormatError, UnknownFeatureError
+    from vla_ft.config import RecipeError
+
+    try:
+        yield
+    except UnknownFeatureError as err:
+        option = f"--{err.role.replace('_', '-')}"
+        if err.role in kwargs:
+            raise RecipeError(f"{option}: {err.detail}", "command line") from None
+        where = f"the {args.layout} layout's" if args.format == "hdf5" else "the"
+        raise RecipeError(f"{where} default {err.role}: {err.detail}; name yours with {option}", path) from None
+    except DatasetFormatError as err:
+        raise RecipeError(f"not a {args.format} dataset ({str(err).removeprefix(f'{path}: ')})", path) from None
+
+
+def positive(text: str) -> float:
+    """An argparse type for a rate: finite and > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
 
 
 def _looks_like_hdf5(path: Path) -> bool:
@@ -130,7 +159,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("out", help="output directory (must not exist or be empty)")
     convert.add_argument("--format", choices=["hdf5", "rlds", "lerobot"], required=True)
     convert.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
-    convert.add_argument("--fps", type=float, default=None, help="control rate (rlds records none)")
+    convert.add_argument("--fps", type=positive, default=None, help="control rate (rlds records none)")
     convert.add_argument("--state-key", default="observation.state")
     convert.add_argument("--action-key", default="action")
     convert.add_argument("--text-key", default=None, help="per-frame text to keep (written as 'narration')")
@@ -141,7 +170,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     check = dsub.add_parser("check", help="report every problem of a dataset at once")
     check.add_argument("path")
     check.add_argument("--format", choices=["lerobot", "hdf5", "rlds"], default="lerobot")
-    check.add_argument("--fps", type=float, default=None, help="control rate (rlds records none)")
+    check.add_argument("--fps", type=positive, default=None, help="control rate (rlds records none)")
     check.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
     check.add_argument("--state-key", default=None)
     check.add_argument("--action-key", default=None)
