@@ -207,10 +207,12 @@ def test_a_horizon_step_never_measured_is_nan_not_a_perfect_zero():
 
 def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys):
     assert cli(["eval", str(checkpoint.parents[1]), "data.val_episodes=[0,1]", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "2 episodes, 20 samples" in out and "gripper_acc" in out and "horizon" in out
+    assert "warning: episode(s) [0, 1] of this validation set trained the checkpoint" in err
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["episodes"] == [0, 1] and saved["overrides"] == ["data.val_episodes=[0,1]"]
+    assert saved["trained_episodes"] == [0, 1]  # the checkpoint held out 2 and 3
     assert saved["metrics"]["action_l1"] == pytest.approx(expected_metrics(checkpoint, [0, 1])["action_l1"], rel=1e-5)
 
     assert cli(["eval", str(checkpoint), "model.lora.enabled=true"]) == 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -130,6 +131,19 @@ def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:
     return wanted
 
 
+def trained_among(checkpoint: Path, ids: list[int], overrides: Sequence[str]) -> list[int]:
+    """Which of ``ids`` trained the checkpoint, on the dataset it trained on: split overrides
+    (``data.val_ratio``, ``data.val_episodes``, more synthetic episodes) re-draw the validation set,
+    and a "held-out" score would include episodes the model learned. The split a checkpoint trained
+    with is in its ``trainer_state.json`` (exports and older checkpoints: none known)."""
+    from vla_ft import checkpoint as ck
+
+    other_data = any(o.split("=", 1)[0].strip().startswith(("data.path", "data.mix", "data.format")) for o in overrides)
+    meta = checkpoint / "trainer_state.json"
+    saved = ck.load_json(meta).get("episodes") if meta.is_file() and not other_data else None
+    return sorted(set(ids) & set(saved["train"])) if saved else []
+
+
 @dataclass
 class Evaluation:
     """What an evaluation runs on, rebuilt from a checkpoint directory."""
@@ -205,6 +219,9 @@ def evaluate_checkpoint(
         keep_other_evaluation(ev.checkpoint / "eval", overrides, episodes)
     r, d = ev.recipe, ev.data
     ids = select_episodes(episodes, d.train_episodes, d.val_episodes)
+    trained = trained_among(ev.checkpoint, ids, overrides)
+    if trained and episodes == "val":
+        print(f"warning: episode(s) {trained[:10]} of this validation set trained the checkpoint", file=sys.stderr)
     loader = episode_loader(ev, ids)
     gripper = r.loss.gripper.dims if r.model.gripper_head else []
     make = partial(
@@ -217,6 +234,7 @@ def evaluate_checkpoint(
         "step": trained_steps(ev.checkpoint),
         "episodes": ids,
         "selection": episodes,
+        "trained_episodes": trained,  # among those evaluated: not held out
         "samples": len(loader.dataset),
         "overrides": list(overrides),
         "metrics": {**metrics.compute(prefix=""), **(per_source.compute(prefix="") if per_source else {})},
