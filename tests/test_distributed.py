@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from conftest import QUICKSTART, TINY
 from safetensors.torch import load_file
 
@@ -317,6 +318,35 @@ def test_ddp_checkpoint_resumes_under_fsdp(single, ddp, tmp_path):
     assert_losses_match(losses(run_dir), losses(single), range(1, 10))
     merged = distributed.consolidate(run_dir / "checkpoints" / "step_000009", out=tmp_path / "merged.safetensors")
     assert max_weight_diff(load_file(str(merged)), weights(single, 9)) < WEIGHT_ATOL
+
+
+def _sweep_worker(rank: int, world: int, port: int, recipe: str, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    from vla_ft.ablate import run_ablation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world), TOKENIZERS_PARALLELISM="false")
+    torch.set_num_threads(1)
+    joined, real = [], dist.init_process_group
+    dist.init_process_group = lambda *a, **k: joined.append(1) or real(*a, **k)
+    assert run_ablation(recipe, overrides) == 0
+    assert len(joined) == 1 and not dist.is_initialized()  # one group, left at the end
+
+
+def test_a_sweep_under_torchrun_keeps_one_process_group_for_every_variant(tmp_path):
+    """Each variant destroying and re-creating the gloo group raced its rendezvous: the second or
+    third variant failed to connect or hung. Three variants run to the end on two processes."""
+    recipe = tmp_path / "sweep.yaml"
+    frozen = {"vision": {"freeze.vision_encoder": True}, "lm": {"freeze.language_model": True}}
+    variants = {"full": {}, **{f"{name}_frozen": keys for name, keys in frozen.items()}}
+    sweep = {"ablation": {"metric": "val/action_l1", "mode": "min", "variants": variants}}
+    recipe.write_text(QUICKSTART.read_text() + "\n" + yaml.safe_dump(sweep))
+    overrides = [*TINY, "train.batch_size=2", "train.steps=2", "train.val_every=2", f"output_dir={tmp_path / 'out'}"]
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_sweep_worker, args=(2, _free_port(), str(recipe), overrides), nprocs=2, start_method=method)
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert sorted(r.split(",")[:2] for r in rows[1:]) == sorted([name, "finished"] for name in variants)
 
 
 def test_fsdp_refuses_what_it_cannot_run():

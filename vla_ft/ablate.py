@@ -39,12 +39,15 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vla_ft.ablate_table import markdown_table, read_rows, read_summary, write_summary
-from vla_ft.ablate_variants import RERUN_MAY_CHANGE, plan
+from vla_ft.ablate_variants import RERUN_MAY_CHANGE, Variant, plan
 from vla_ft.config import Recipe, RecipeError, to_dict
 from vla_ft.config.checks import suggest
+
+if TYPE_CHECKING:
+    from vla_ft.runtime import Runtime
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -198,11 +201,23 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
     """Run every variant not yet finished, then write the summary. Returns the exit status: 0;
     1 when a variant failed (its error is in the summary, the other variants ran); 130 when a
     variant stopped on a signal. Rerunning the same command resumes, and retries failed variants."""
-    from vla_ft.runtime import is_main_process, say  # here: torch loads when a sweep runs, not for --help
+    from vla_ft.runtime import init_runtime, shutdown  # here: torch loads when a sweep runs, not for --help
 
     base, planned = plan(recipe_path, list(overrides), list(grid))
     root = Path(base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    rt = init_runtime(base)  # under torchrun: one process group for every variant
+    try:
+        return _sweep(base, planned, rt)
+    finally:
+        shutdown(rt)
+
+
+def _sweep(base: Recipe, planned: list[tuple[Variant, Recipe]], rt: Runtime) -> int:
+    """The variants in turn (see :func:`run_ablation`)."""
+    from vla_ft.runtime import is_main_process, say
+
+    root = Path(base.output_dir)
     failed, stopped = [], False
     for i, (variant, recipe) in enumerate(planned, 1):
         head = f"[ablate {i}/{len(planned)}] {variant.name}"
@@ -213,6 +228,7 @@ def run_ablation(recipe_path: str | Path, overrides: Sequence[str] = (), grid: S
             continue
         say(f"{head}: {'resuming' if checkpoint_state(recipe) else 'training'} in {recipe.output_dir}")
         summary = run_variant(recipe)
+        rt.barrier()  # rank 0 wrote the run summary the others read next
         check_metric_logged(base.ablation.metric, variant.name, Path(recipe.output_dir))  # before the next variant
         if summary["failed"] or summary["halted"]:
             what = "failed" if summary["failed"] else "halted"

@@ -28,6 +28,7 @@ class Runtime:
     param_dtype: torch.dtype | None = None  # bf16: weights in bf16, fp32 masters (vla_ft.master_weights)
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this runtime joined the process group, so its shutdown leaves it
 
     @property
     def is_main(self) -> bool:
@@ -113,12 +114,13 @@ def init_runtime(recipe: Recipe) -> Runtime:
     param_dtype = resolve_param_dtype(recipe, precision, world)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    if world > 1 and not dist.is_initialized():
+    joins = world > 1 and not dist.is_initialized()  # else a sweep (vla-ft ablate) holds one for all its runs
+    if joins:
         backend = recipe.distributed.backend
         backend = ("nccl" if want_cuda else "gloo") if backend == "auto" else backend
         timeout = datetime.timedelta(minutes=recipe.distributed.timeout_min)
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, timeout=timeout)
-    return Runtime(device, amp, param_dtype, rank, world)
+    return Runtime(device, amp, param_dtype, rank, world, owns_group=joins)
 
 
 def resolve_param_dtype(recipe: Recipe, precision: str, world: int) -> torch.dtype | None:
@@ -149,5 +151,7 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    """Leave the process group if ``rt`` joined it (a group made and destroyed per run of a sweep
+    races with gloo's rendezvous: the next run's connections fail or hang)."""
+    if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
