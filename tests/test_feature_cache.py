@@ -211,6 +211,8 @@ def test_an_lm_config_edited_next_to_its_weights_or_a_library_upgrade_changes_th
     version = importlib.metadata.version
     with mock.patch("importlib.metadata.version", lambda name: "99.0" if name == "timm" else version(name)):
         assert key_and_readout("timm_upgraded")[0] != key  # a new timm may run the backbone otherwise
+    with mock.patch("vla_ft.__version__", "99.0"):
+        assert key_and_readout("vla_ft_upgraded")[0] != key  # so may a new vla-ft
     config = json.loads((tmp_path / "lm" / "config.json").read_text())
     config["rms_norm_eps"] = 0.5
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))

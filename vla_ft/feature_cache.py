@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import vla_ft
 from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
 from vla_ft.data import EpochSampler, ValidationSampler, data_sources, make_loader, to_device
@@ -284,6 +285,7 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
         "vocab": sorted(run.tokenizer.get_vocab().items()),
         "files": data_files(run.recipe),
         "libraries": {name: importlib.metadata.version(name) for name in TRUNK_LIBRARIES},
+        "vla_ft": vla_ft.__version__,  # a release may change how the trunk computes the readout
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name in TRUNK_MODULES:
