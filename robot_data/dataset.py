@@ -86,7 +86,7 @@ class RobotDataset(Dataset):
         if normalizer.sources and not hasattr(reader, "source_name"):
             raise ValueError(f"normalize: statistics per source ({', '.join(normalizer.sources)}) need a mixture")
         self.augment = _check_augment(augment) if train else None
-        self.seed, self.train, self.epoch = seed, train, 0
+        self.seed, self.train, self.epoch, self.draw = seed, train, 0, 0
         self.episodes = self._select(reader.episodes(), episodes)
         lengths = np.array([e.length for e in self.episodes], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # sample offset of each episode
@@ -103,8 +103,10 @@ class RobotDataset(Dataset):
             raise ValueError(f"episodes: unknown episode(s) {missing[:10]}; the dataset has {len(by_index)} episodes")
         return [by_index[i] for i in wanted]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, draw: int = 0) -> None:
+        """What seeds the next samples' augmentation: the epoch, and ``draw``, how many times the
+        sample was already drawn this epoch (a weighted mixture draws with replacement)."""
+        self.epoch, self.draw = epoch, draw
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -151,7 +153,8 @@ class RobotDataset(Dataset):
         mask = (steps <= last) & np.isfinite(actions).all(axis=1)  # a NaN action (or delta state): missing
         actions = np.nan_to_num(actions, nan=0.0, posinf=0.0, neginf=0.0)
         state = prep.state[np.maximum(np.arange(t - self.history + 1, t + 1), 0)]  # clamped at the start
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment is not None else None
+        key = [self.seed, self.epoch, index] + ([self.draw] if self.draw else [])  # the first draw: as ever
+        rng = np.random.default_rng(key) if self.augment is not None else None
         if self.prompt_tokenizer is None:
             prompt, target = np.zeros(0, np.int64), np.zeros(0, np.int64)
         else:

@@ -1,12 +1,14 @@
 """Prompt and language-target tokenisation.
 
 Targets: "text" trains the LM to say the frame's narration; "action_tokens" is OpenVLA-style,
-each normalised action value clipped to [-1, 1] and binned into ``n_bins`` token ids starting at
-``action_token_offset``; "none" trains no language output.
+each normalised action value clipped to [-1, 1] and binned, bin b said as token id
+``action_token_ids[b]``, step after step up to the chunk's first missing step; "none" trains no
+language output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,13 +34,15 @@ class PromptTokenizer:
     and its ``eos_token_id`` (possibly None: then no eos) ends every non-empty target.
     """
 
-    def __init__(self, tokenizer: Any, template: str, target: str, action_token_offset: int = 0, n_bins: int = 256):
+    def __init__(self, tokenizer: Any, template: str, target: str, action_token_ids: Sequence[int] = ()):
         if "{instruction}" not in template:
             raise ValueError(f"prompt_template: {template!r} has no {{instruction}} placeholder")
         if target not in TARGETS:
             raise ValueError(f"language_target: unknown target '{target}'; valid: {', '.join(TARGETS)}")
+        if target == "action_tokens" and not len(action_token_ids):
+            raise ValueError("language_target: action_tokens needs the token id of each bin")
         self.tokenizer, self.template, self.target = tokenizer, template, target
-        self.action_token_offset, self.n_bins = action_token_offset, n_bins
+        self.action_token_ids = np.asarray(action_token_ids, np.int64)
         eos = getattr(tokenizer, "eos_token_id", None)
         self._eos = [] if eos is None else [int(eos)]
 
@@ -58,7 +62,9 @@ class PromptTokenizer:
             target: list[int] = []
         elif self.target == "text":
             target = self._encode(text) + self._eos
-        else:
-            bins = action_to_bins(np.asarray(actions_norm)[np.asarray(action_mask, bool)], self.n_bins)
-            target = (bins.reshape(-1) + self.action_token_offset).tolist() + self._eos
+        else:  # the steps before the first missing one: a gap would shift every later step's tokens
+            valid = np.asarray(action_mask, bool)
+            steps = int(valid.argmin()) if not valid.all() else len(valid)
+            bins = action_to_bins(np.asarray(actions_norm)[:steps], len(self.action_token_ids))
+            target = self.action_token_ids[bins.reshape(-1)].tolist() + self._eos if steps else []
         return prompt, np.asarray(target, np.int64)

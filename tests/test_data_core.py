@@ -282,9 +282,14 @@ def test_prompt_tokenizer_targets():
     assert prompt.dtype == target.dtype == np.int64
     assert prompt.tolist() == ids("what should the robot do to pick up the red block ?")
     assert target.tolist() == [*ids("close gripper"), 2]
-    action_target = PromptTokenizer(tok, DEFAULT_TEMPLATE, "action_tokens", 100, 256)
+    action_target = PromptTokenizer(tok, DEFAULT_TEMPLATE, "action_tokens", range(100, 356))
     _, target = action_target("pick up the red block", None, acts, mask)
     assert target.tolist() == [100, 228, 355, 2]  # bins 0, 128, 255 of the one valid step, then eos
+    # a missing step in the middle ends the target: the steps after it would take its place
+    gap = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], np.float32)
+    _, target = action_target("pick up the red block", None, gap, np.array([True, False, True]))
+    assert target.tolist() == [228, 228, 228, 2]
+    assert action_target("pick up the red block", None, gap, np.array([False, True, True]))[1].shape == (0,)
     np.testing.assert_allclose(bins_to_action(np.array([0, 128, 255]), 256), [-1, 0, 1], atol=1 / 256)
     assert text_target("pick up the red block", None, acts, mask)[1].shape == (0,)  # no narration: no target
     no_target = PromptTokenizer(WordTokenizer(eos=None), DEFAULT_TEMPLATE, "none")

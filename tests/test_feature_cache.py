@@ -79,7 +79,7 @@ def test_cached_batches_hold_the_trunk_readout_and_no_images(tmp_path, monkeypat
         assert torch.equal(batch["action_mask"], reference["action_mask"])
         # Same sample order as the uncached loader would use: the run's own sampler.
         run.sampler.set_epoch(0)
-        assert batch["index"].tolist() == [i for _, i in run.sampler][:4]
+        assert batch["index"].tolist() == [i for _, i, _ in run.sampler][:4]
         # A batch size that does not divide the set: the last, partial batch is cached too.
         dataset = run.data.train_set
         monkeypatch.setattr(run.recipe.train, "batch_size", 6)

@@ -167,7 +167,7 @@ def test_weights_set_each_sources_share_of_the_samples(tmp_path, tiny_overrides)
     sampler = EpochSampler(len(weights), seed=0, shuffle=True, weights=weights)
     for epoch in range(20):
         sampler.set_epoch(epoch)
-        drawn += [i for _, i in sampler]
+        drawn += [i for _, i, _ in sampler]
     assert len(drawn) == 20 * len(weights)
     assert abs(owner[drawn].mean() - 0.75) < 0.03  # b holds 4 of 12 episodes, a third of the frames
     assert abs(owner[drawn].mean() - owner.mean()) > 0.3
@@ -177,17 +177,37 @@ def test_a_weighted_epoch_shards_and_resumes_like_a_permutation():
     weights = torch.rand(50, generator=torch.Generator().manual_seed(0)).double()
     one = EpochSampler(50, seed=3, shuffle=True, weights=weights)
     one.set_epoch(2)
-    order = [i for _, i in one]
+    order = [i for _, i, _ in one]
     ranks = [EpochSampler(50, seed=3, shuffle=True, rank=r, world_size=2, weights=weights) for r in range(2)]
     for r in ranks:
         r.set_epoch(2)
-    shards = [[i for _, i in r] for r in ranks]
+    shards = [[i for _, i, _ in r] for r in ranks]
     assert [i for pair in zip(*shards, strict=True) for i in pair] == order  # global order kept on 2 ranks
     one.set_epoch(2, consumed=20)
-    assert [i for _, i in one] == order[20:] and len(one) == 30
+    assert [i for _, i, _ in one] == order[20:] and len(one) == 30
     assert len(set(order)) < 50  # drawn with replacement
     with pytest.raises(ValueError, match="weights: 49 for 50 samples"):
         EpochSampler(50, seed=3, shuffle=True, weights=weights[:49])
+
+
+def test_a_sample_drawn_again_in_a_weighted_epoch_is_augmented_anew():
+    """An up-weighted small source repeats its frames within an epoch: each repeat gets its own crop
+    and jitter (seeded by how many times the frame was drawn before), still the same on a resume."""
+    from robot_data import Normalizer, RobotDataset, compute_stats
+    from vla_ft.data import EpochDataset
+
+    reader = SyntheticReader(episodes=4, episode_length=10, image_size=32)
+    augment = {"crop_scale": (0.5, 1.0), "color_jitter": 0.3}
+    norm = Normalizer(compute_stats(reader, range(4)), "mean_std", [2])
+    dataset = EpochDataset(RobotDataset(reader, [0, 1, 2, 3], 2, 1, norm, 24, None, augment=augment, train=True))
+    sampler = EpochSampler(40, seed=0, shuffle=True, weights=torch.tensor([0.9] * 10 + [1 / 30] * 30).double())
+    keys = list(sampler)
+    index = max(range(40), key=[i for _, i, _ in keys].count)
+    repeats = [key for key in keys if key[1] == index]
+    assert [draw for *_, draw in repeats] == list(range(len(repeats))) and len(repeats) > 3
+    images = [dataset[key]["images"].numpy().tobytes() for key in repeats]
+    assert len(set(images)) == len(repeats)
+    assert dataset[repeats[1]]["images"].numpy().tobytes() == images[1]  # the same key: the same sample
 
 
 def test_weighted_draws_beyond_torch_multinomials_limit():

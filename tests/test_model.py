@@ -294,7 +294,7 @@ def test_target_hidden_states_predict_the_next_token(tmp_path):
 def test_action_tokens_target_uses_the_reserved_last_ids(tmp_path):
     from vla_ft.run_setup import build_components
 
-    recipe = tiny_recipe(tmp_path, "data.language_target=action_tokens")
+    recipe = tiny_recipe(tmp_path, "data.language_target=action_tokens", "data.normalize=q01_q99")
     model, loss_fn, _, (tokenizer, data) = build_components(recipe, torch.device("cpu"))
     sample = data.train_set[0]
     bins, first = recipe.model.action_tokens_bins, len(tokenizer) - recipe.model.action_tokens_bins
@@ -307,6 +307,24 @@ def test_action_tokens_target_uses_the_reserved_last_ids(tmp_path):
     out = model(collate([sample, data.train_set[1]], pad_id=0))
     total, parts = loss_fn(out, collate([sample, data.train_set[1]], pad_id=0))
     assert torch.isfinite(total) and "loss/language" in parts
+
+
+def test_action_bins_are_never_said_as_special_tokens(tmp_path):
+    """Qwen's vocabulary ends in its special tokens (eos, pad, <|im_start|>...): the last ids would
+    make some action bins an end-of-text. The bins take the last ordinary ids; too many bins for the
+    vocabulary, and bins on mean/std-normalised values (mostly clipped to the edge bins), are refused."""
+    from vla_ft.config import RecipeError
+    from vla_ft.data import action_token_ids
+    from vla_ft.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(["pick", "up"], n_action_tokens=0)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    ids = action_token_ids(tok, 2)
+    assert tok.convert_ids_to_tokens(ids) == ["pick", "up"] and len(tok) - 1 not in ids
+    with pytest.raises(RecipeError, match="model.action_tokens_bins: 3 bins, but the tokenizer has 2 ordinary"):
+        action_token_ids(tok, 3)
+    with pytest.raises(RecipeError, match="data.normalize: mean_std with data.language_target=action_tokens"):
+        tiny_recipe(tmp_path, "data.language_target=action_tokens")
 
 
 def test_lm_labels_ignore_the_target_padding(tmp_path):

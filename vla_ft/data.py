@@ -102,7 +102,9 @@ class EpochSampler(Sampler[int]):
         # Shuffled epochs drop the remainder so every rank gets as many samples.
         return self.n - self.n % self.world if self.shuffle else self.n
 
-    def _shard(self) -> list[int]:
+    def _shard(self) -> list[tuple[int, int]]:
+        """This rank's (index, draw) pairs of the epoch; ``draw`` counts the index's earlier draws in
+        the epoch (always 0 but with ``weights``), so a repeated sample gets its own augmentation."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             if self.weights is not None:
@@ -111,12 +113,17 @@ class EpochSampler(Sampler[int]):
                 perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
-        return perm[: self._usable][self.rank :: self.world]
+        counts: dict[int, int] = {}
+        draws = []
+        for i in perm:
+            draws.append((i, counts.get(i, 0)))
+            counts[i] = counts.get(i, 0) + 1
+        return draws[: self._usable][self.rank :: self.world]
 
     def __iter__(self):
-        # (epoch, index) pairs: DataLoader workers hold their own dataset copies, so the
-        # epoch (which seeds augmentation) travels with each index, see EpochDataset.
-        return iter([(self.epoch, i) for i in self._shard()[self.start :]])
+        # (epoch, index, draw) keys: DataLoader workers hold their own dataset copies, so what
+        # seeds augmentation travels with each index, see EpochDataset.
+        return iter([(self.epoch, i, draw) for i, draw in self._shard()[self.start :]])
 
     def __len__(self) -> int:
         shard = len(range(self.rank, self._usable, self.world))  # no permutation needed for a length
@@ -188,9 +195,10 @@ class EpochDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """``key``: (epoch, index) or (epoch, index, draw) (:class:`EpochSampler`)."""
+        epoch, index, *draw = key
+        self.dataset.set_epoch(epoch, *draw)
         return self.dataset[index]
 
 
@@ -252,11 +260,25 @@ def _open(format: str, key: str, path: str, kwargs: dict[str, Any]):
         raise RecipeError(f"{key}: {err}") from None
 
 
+def action_token_ids(tokenizer: Any, bins: int) -> list[int]:
+    """The token id of each action bin: the tokenizer's last ``bins`` ids that are not special or
+    added tokens. OpenVLA takes Llama's last ids; Qwen's vocabulary ends in its special tokens (eos,
+    pad, <|im_start|>, ...), which an action value must never be said as."""
+    reserved = {*tokenizer.all_special_ids, *getattr(tokenizer, "added_tokens_decoder", {})}
+    ordinary = [i for i in range(len(tokenizer)) if i not in reserved]
+    if len(ordinary) < bins:
+        raise RecipeError(
+            f"model.action_tokens_bins: {bins} bins, but the tokenizer has {len(ordinary)} ordinary tokens to say "
+            "them with; use fewer bins or a larger vocabulary"
+        )
+    return ordinary[len(ordinary) - bins :]
+
+
 def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBundle:
     """Reader -> episode split -> normaliser -> train/val datasets.
 
     Discretised action tokens (``data.language_target=action_tokens``) use the tokenizer's last
-    ``model.action_tokens_bins`` ids, as OpenVLA does.
+    ``model.action_tokens_bins`` ordinary ids, as OpenVLA does (:func:`action_token_ids`).
     ``stats`` (from a checkpoint) replaces fresh statistics so a resumed or evaluated run
     normalises exactly as training did.
     """
@@ -286,12 +308,9 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
             normalizer.for_source(recipe.rollout.source)  # the statistics a rollout's robot uses exist
         except ValueError as err:
             raise RecipeError(f"rollout.{err}") from None
+    bins = recipe.model.action_tokens_bins
     prompts = PromptTokenizer(
-        tokenizer,
-        d.prompt_template,
-        d.language_target,
-        len(tokenizer) - recipe.model.action_tokens_bins,
-        recipe.model.action_tokens_bins,
+        tokenizer, d.prompt_template, d.language_target, action_token_ids(tokenizer, bins) if bins else []
     )
     cameras = d.cameras or list(reader.cameras)
     common = dict(

@@ -166,7 +166,7 @@ class CachedLoader:
         self.store, self.sampler, self.batch_size, self.drop_last = store, sampler, batch_size, drop_last
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long)
+        order = torch.tensor([key[1] for key in self.sampler], dtype=torch.long)  # (epoch, index[, draw])
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             yield self.store.batch(order[start : start + self.batch_size])

@@ -92,6 +92,12 @@ def validate(r: Recipe) -> list[str]:
         )
     p += delta_problems(r)
     p += template_problems(r.data.prompt_template)
+    if r.data.language_target == "action_tokens" and r.data.normalize in ("mean_std", "none"):
+        p.append(
+            f"data.normalize: {r.data.normalize} with data.language_target=action_tokens, whose bins span [-1, 1]: "
+            "values past it (a third of them at one std) are clipped into the edge bins; use q01_q99 (OpenVLA's) "
+            "or min_max"
+        )
     if r.data.val_filter and r.data.val_episodes:
         p.append("data.val_filter and data.val_episodes both choose the validation episodes; set one")
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
@@ -261,7 +267,7 @@ def unused_setting_problems(r: Recipe) -> list[str]:
         f"optim.groups.{name}: freeze.{name} is true and unfreeze.{name} unset, so {name} never trains; "
         f"remove optim.groups.{name} or add unfreeze.{name}"
         for name in r.optim.groups
-        if getattr(r.freeze, name, False) and name not in r.unfreeze and name not in adapted
+        if getattr(r.freeze, name, False) and name not in {*r.unfreeze, *adapted, *absent_modules(r)}
     ]
     defaults = type(r.loss)()
     if r.loss.strategy != "dwa":
