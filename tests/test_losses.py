@@ -224,9 +224,10 @@ def test_fully_masked_batch_is_zero_without_nan() -> None:
     total.backward()
     assert total.item() == 0.0
     # nothing to measure: NaN, left out of logged means (a 0 there would dilute them)
-    undefined = {"metric/gripper_transition_acc", "metric/gripper_acc", "metric/token_acc", "metric/perplexity"}
+    undefined = {"metric/gripper_transition_acc", "metric/gripper_acc", "metric/gripper_f1", "metric/token_acc"}
+    undefined.add("metric/perplexity")
     assert all(torch.isfinite(v) for k, v in parts.items() if k not in undefined)
-    assert all(parts[k].isnan() for k in undefined) and parts["metric/gripper_f1"].item() == 1.0
+    assert all(parts[k].isnan() for k in undefined)
     for key in ("actions", "gripper_logits", "lm_logits"):
         assert (outputs[key].grad == 0).all()
 
@@ -418,6 +419,24 @@ def test_uncertainty_regulariser_is_pooled_like_one_batch() -> None:
         (loss(outputs, batch, share)[0] / 2).backward()
     for k, p in loss.weighting.log_vars.items():
         torch.testing.assert_close(p.grad, expected[k], msg=f"d/ds_{k}")
+
+
+def test_a_term_a_micro_batch_lacks_is_logged_as_its_pooled_mean() -> None:
+    """A micro-batch without a narrated frame has no language output at all: it must still count
+    1/n in the logged loss/language (which was the pooled mean times n / (n - 1))."""
+    loss = CompositeLoss(make_cfg(), A, C, True)
+    micro = [make_inputs(seed) for seed in (0, 1)]
+    for key in ("lm_logits", "lm_labels"):
+        del micro[1][0][key]
+    micro[1][1]["target_mask"] = torch.zeros(B, 0, dtype=torch.bool)
+    micro[0][1]["target_mask"] = torch.ones(B, 2, dtype=torch.bool)
+    counts = [loss.counts(batch) for _, batch in micro]
+    logged = Averager()
+    for (outputs, batch), count in zip(micro, counts, strict=True):
+        share = {k: 2 * count[k] / sum(c[k] for c in counts) for k in count}  # vla_ft.train.term_shares
+        logged.add(loss(outputs, batch, share)[1])
+    pooled = loss.evaluate(*micro[0])["language"].value  # the step's only language tokens
+    torch.testing.assert_close(logged.mean_values()["loss/language"], pooled.detach())
 
 
 def ref_dwa(history: list[list[dict[str, float]]], window: int, temp: float, names: list[str]) -> list[dict]:

@@ -206,9 +206,10 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
         # As validation (vla_ft.metrics): F1 is 1 with no closed step and none predicted; accuracy
         # without a valid step and transition accuracy without a transition are undefined (NaN,
         # left out of the logged mean).
+        f1 = torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0)
         metrics = {
             "metric/gripper_acc": _defined(_divide((correct & mask).sum().to(count.dtype), count), count),
-            "metric/gripper_f1": torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0),
+            "metric/gripper_f1": _defined(f1, count),
             "metric/gripper_transition_acc": (correct[:, 1:] & trans).sum().to(count.dtype) / n_trans,
         }
     return TermResult(value, count, metrics)
@@ -393,6 +394,8 @@ class CompositeLoss(nn.Module):
         values = means if share is None else {k: v * share[k] for k, v in means.items()}
         total = self.combine(values, present, share)
         parts = self._parts(results, values, total.device)
+        for k in (share or {}).keys() - values.keys():  # a term this micro-batch holds none of (no narrated
+            parts[f"loss/{k}"] = total.new_zeros(())  # frame): its share is 0, and it still counts 1/n
         if self.training and new_step and self._grad_norm_due():
             parts.update(self.term_grad_norms(means, self._watched))
         return total, parts
