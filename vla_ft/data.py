@@ -308,10 +308,8 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
             normalizer.for_source(recipe.rollout.source)  # the statistics a rollout's robot uses exist
         except ValueError as err:
             raise RecipeError(f"rollout.{err}") from None
-    bins = recipe.model.action_tokens_bins
-    prompts = PromptTokenizer(
-        tokenizer, d.prompt_template, d.language_target, action_token_ids(tokenizer, bins) if bins else []
-    )
+    bins = action_token_ids(tokenizer, recipe.model.action_tokens_bins) if d.language_target == "action_tokens" else []
+    prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, bins)
     cameras = d.cameras or list(reader.cameras)
     common = dict(
         chunk=d.chunk,

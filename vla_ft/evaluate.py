@@ -136,11 +136,10 @@ def trained_among(checkpoint: Path, ids: list[int], overrides: Sequence[str]) ->
     (``data.val_ratio``, ``data.val_episodes``, more synthetic episodes) re-draw the validation set,
     and a "held-out" score would include episodes the model learned. The split a checkpoint trained
     with is in its ``trainer_state.json`` (exports and older checkpoints: none known)."""
-    from vla_ft import checkpoint as ck
+    from vla_ft.run_state import read_trainer_state
 
     other_data = any(o.split("=", 1)[0].strip().startswith(("data.path", "data.mix", "data.format")) for o in overrides)
-    meta = checkpoint / "trainer_state.json"
-    saved = ck.load_json(meta).get("episodes") if meta.is_file() and not other_data else None
+    saved = read_trainer_state(checkpoint).get("episodes") if not other_data else None
     return sorted(set(ids) & set(saved["train"])) if saved else []
 
 

@@ -40,6 +40,7 @@ from vla_ft.run_state import (
     check_same_split,
     load_training_checkpoint,
     read_saved_recipe,
+    read_trainer_state,
     restore_best_pointer,
     saved_validation_samples,
 )
@@ -197,15 +198,16 @@ def setup(recipe: Recipe) -> Run:
             f"output_dir: {run_dir} holds checkpoints of an earlier run (newest: {earlier.name}); "
             "set train.resume=true to continue it, or choose a new output_dir"
         )
-    saved_val_samples = None
+    saved_val_samples, saved_state = None, {}
     if resume_from is not None:
         saved_recipe = read_saved_recipe(resume_from)
         check_resume_compatible(saved_recipe, recipe, resume_from, rt.world_size)
-        saved_val_samples = saved_validation_samples(saved_recipe, resume_from, recipe)
+        saved_state = read_trainer_state(resume_from)
+        saved_val_samples = saved_validation_samples(saved_recipe, saved_state, recipe)
+    val_samples = validation_samples(recipe, saved_val_samples)
     rollout_env = training_envs(recipe, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
-    if resume_from is not None:
-        check_same_split(resume_from, data.train_episodes, data.val_episodes, recipe)
+    check_same_split(resume_from, saved_state, data.train_episodes, data.val_episodes, recipe)
     gripper = recipe.loss.gripper.dims if recipe.model.gripper_head else []
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     sampler = EpochSampler(len(data.train_set), recipe.train.seed, True, rt.rank, rt.world_size, data.train_weights)
@@ -219,8 +221,7 @@ def setup(recipe: Recipe) -> Run:
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
     if data.val_set is not None:
-        wanted = validation_samples(recipe, saved_val_samples)
-        val_sampler = ValidationSampler(len(data.val_set), wanted, sample_sources(data.val_set))
+        val_sampler = ValidationSampler(len(data.val_set), val_samples, sample_sources(data.val_set))
         val_loader = make_loader(data.val_set, recipe, val_sampler, pad, rt.device, train=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,7 @@ def setup(recipe: Recipe) -> Run:
         gripper,
         ema=weight_average(model, optimizer, recipe.train),
         rollout_env=rollout_env,
-        val_samples=validation_samples(recipe, saved_val_samples),
+        val_samples=val_samples,
     )
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)

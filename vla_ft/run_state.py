@@ -180,13 +180,20 @@ def _validation_change(old: dict[str, Any], new: dict[str, Any], changed: list[s
     ]
 
 
-def check_same_split(path: Path, train: list[int], val: list[int], recipe: Recipe) -> None:
-    """The run's training and validation episodes must be the checkpoint's: a dataset that gained or
-    lost episodes (or one more skipped as bad) re-draws the split, so the resumed run would validate
-    on episodes it trained on and the saved best value would measure other episodes. Checkpoints
-    older than the saved split are not checked."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` ({} when it has none)."""
     meta = path / "trainer_state.json"
-    saved = ck.load_json(meta).get("episodes") if meta.is_file() else None
+    return ck.load_json(meta) if meta.is_file() else {}
+
+
+def check_same_split(
+    path: Path | None, state: dict[str, Any], train: list[int], val: list[int], recipe: Recipe
+) -> None:
+    """The run's training and validation episodes must be those of the checkpoint ``path`` resumed
+    from (``state``: its trainer state): a dataset that gained or lost episodes (or one more skipped
+    as bad) re-draws the split, so the resumed run would validate on episodes it trained on and the
+    saved best value would measure other episodes. Checkpoints older than the saved split are not checked."""
+    saved = state.get("episodes")
     if saved is None or (saved["train"], saved["val"]) == (train, val):
         return
     from vla_ft.data import data_sources
@@ -201,15 +208,15 @@ def check_same_split(path: Path, train: list[int], val: list[int], recipe: Recip
     )
 
 
-def saved_validation_samples(saved: dict[str, Any], path: Path, current: Recipe) -> int | None:
-    """The validation sample count of the run a checkpoint belongs to (:func:`vla_ft.data.validation_samples`),
-    or None where ``current`` sets another ``train.val_batches`` (allowed with a rollout's best metric).
-    Checkpoints older than the count in ``trainer_state.json`` give their recipe's."""
+def saved_validation_samples(saved: dict[str, Any], state: dict[str, Any], current: Recipe) -> int | None:
+    """The validation sample count of the run a checkpoint (``saved`` recipe, ``state`` trainer state)
+    belongs to (:func:`vla_ft.data.validation_samples`), or None where ``current`` sets another
+    ``train.val_batches`` (allowed with a rollout's best metric). Checkpoints older than the count in
+    the trainer state give their recipe's."""
     old = _flatten_saved(saved)
     if old["train.val_batches"] != current.train.val_batches:
         return None
-    meta = ck.load_json(path / "trainer_state.json") if (path / "trainer_state.json").is_file() else {}
-    return int(meta.get("val_samples", int(old["train.val_batches"]) * int(old["train.batch_size"])))
+    return int(state.get("val_samples", int(old["train.val_batches"]) * int(old["train.batch_size"])))
 
 
 def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -224,8 +231,7 @@ def _learned_terms_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 
 
 def _global_batch_change(old: dict[str, Any], current: Recipe, where: Path, world_size: int) -> list[str]:
-    meta = where / "trainer_state.json"
-    saved_world = ck.load_json(meta).get("world_size", 1) if meta.is_file() else 1
+    saved_world = read_trainer_state(where).get("world_size", 1)
     b, a = old.get("train.batch_size", 1), old.get("optim.accumulation", 1)
     before, after = b * a * saved_world, current.train.batch_size * current.optim.accumulation * world_size
     if before == after:
