@@ -17,7 +17,7 @@ from robot_data import SyntheticReader
 from robot_data.check import check_dataset
 from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from robot_data.rlds import RLDSReader
-from robot_data.rlds_writer import crc32c, frame_record, masked_crc, write_rlds
+from robot_data.rlds_writer import _png, crc32c, frame_record, masked_crc, write_rlds
 from robot_data.tfrecord import Example, parse_example, record_spans
 from vla_ft.config import RecipeError, load_recipe
 
@@ -48,12 +48,6 @@ def test_an_example_written_byte_by_byte_parses():
 def _jpeg(rgb: tuple[int, int, int]) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.full((4, 6, 3), rgb, np.uint8)).save(out, format="JPEG", quality=100)
-    return out.getvalue()
-
-
-def _png(frame: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(frame).save(out, format="PNG")
     return out.getvalue()
 
 
