@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import QUICKSTART, TINY
+from conftest import QUICKSTART, TINY, WIDE_LM
 from safetensors.torch import load_file
 
 from vla_ft import distributed, extensions
@@ -216,7 +216,8 @@ def test_ddp_keeps_the_average_one_process_keeps(tmp_path):
 def test_qlora_under_ddp_trains_as_one_process(tmp_path):
     """4-bit LM codes made on each rank alike (no broadcast of their statistics), LoRA adapters averaged."""
     pytest.importorskip("bitsandbytes")
-    qlora = [*RECIPE, "model.language.quantize=nf4", "model.lora.enabled=true", "model.lora.r=4", "train.steps=4"]
+    qlora = [*RECIPE, *WIDE_LM, "model.language.quantize=nf4", "model.lora.enabled=true", "model.lora.r=4"]
+    qlora.append("train.steps=4")
     main(load_recipe(QUICKSTART, [*qlora, "train.batch_size=4", f"output_dir={tmp_path / 'one'}"]))
     train_2_processes(tmp_path / "two", [*qlora, "train.batch_size=2"])
     assert_losses_match(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))

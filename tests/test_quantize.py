@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import WIDE_LM
 from safetensors.torch import load_file
 from tiny_models import fake_batch, tiny_recipe
 from train_helpers import FAST, assert_same_weights, metric_rows, run_forked, train_argv
@@ -28,7 +29,7 @@ NF4 = torch.tensor(  # QLoRA's NormalFloat4 levels
     + [-0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725]
     + [0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
 )
-QLORA = ["model.language.quantize=nf4", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
+QLORA = [*WIDE_LM, "model.language.quantize=nf4", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
 DIMS = {"state_dim": 4, "action_dim": 3, "vocab_size": 284, "n_cameras": 1}
 RUN = [*FAST, *QLORA, "optim.groups.language_model.lr=0.05", "train.steps=4", "checkpoint.every=2"]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,8 +53,8 @@ def decode_nf4(state: dict[str, torch.Tensor], weight: str, shape: tuple[int, in
 
 
 def test_the_4bit_lm_computes_with_its_nf4_weights(tmp_path):
-    plain_recipe = tiny_recipe(tmp_path, "freeze.language_model=true")
-    quant_recipe = tiny_recipe(tmp_path, "freeze.language_model=true", "model.language.quantize=nf4")
+    plain_recipe = tiny_recipe(tmp_path, *WIDE_LM, "freeze.language_model=true")
+    quant_recipe = tiny_recipe(tmp_path, *WIDE_LM, "freeze.language_model=true", "model.language.quantize=nf4")
     torch.manual_seed(0)
     plain = build_model(plain_recipe, **DIMS).eval()
     torch.manual_seed(0)
@@ -183,7 +184,7 @@ def test_checkpoint_and_export_predict_as_the_trained_model(qlora_run, tmp_path)
 
     trained = load_file(str(ckpt(qlora_run, 4) / "model.safetensors"))
     prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj."
-    base = decode_nf4(trained, prefix + "base_layer.weight", (32, 32))
+    base = decode_nf4(trained, prefix + "base_layer.weight", (64, 64))
     a, b = trained[prefix + "lora_A.default.weight"], trained[prefix + "lora_B.default.weight"]
     merged = load_file(str(tmp_path / "export" / "language_model" / "model.safetensors"))
     expected = base + (8 / 4) * b @ a
@@ -204,7 +205,7 @@ def test_qdora_checkpoint_and_export_predict_alike(tmp_path):
     np.testing.assert_allclose(from_export, from_ckpt, atol=1e-5)
     trained = load_file(str(ckpt(run_dir, 2) / "model.safetensors"))
     prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj."
-    base = decode_nf4(trained, prefix + "base_layer.weight", (32, 32))
+    base = decode_nf4(trained, prefix + "base_layer.weight", (64, 64))
     a, b = trained[prefix + "lora_A.default.weight"], trained[prefix + "lora_B.default.weight"]
     direction = base + (8 / 4) * b @ a
     expected = (trained[prefix + "lora_magnitude_vector.default.weight"] / direction.norm(dim=1))[:, None] * direction
@@ -219,7 +220,7 @@ def test_a_qlora_second_stage_quantises_the_sources_merged_weights(qlora_run, tm
     from vla_ft.quantize import quantized_layers
 
     model = build_model(tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}", *QLORA), **DIMS)
-    plain = build_model(tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}"), **DIMS)
+    plain = build_model(tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}", *WIDE_LM), **DIMS)
     weights = plain.language_model.state_dict()
     layers = quantized_layers(model)
     assert len(layers) == len(LINEARS)
@@ -230,7 +231,7 @@ def test_a_qlora_second_stage_quantises_the_sources_merged_weights(qlora_run, tm
 
 
 def test_init_from_a_qlora_run_starts_from_its_dequantised_merged_weights(qlora_run, tmp_path):
-    recipe = tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}")
+    recipe = tiny_recipe(tmp_path, f"model.init_from={ckpt(qlora_run, 4)}", *WIDE_LM)
     model = build_model(recipe, **DIMS)
     exported = tmp_path / "export"
     assert cli(["export", str(ckpt(qlora_run, 4)), str(exported)]) == 0

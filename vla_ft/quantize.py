@@ -86,6 +86,10 @@ def quantize_linears(lm: nn.Module, quant_type: str, device: torch.device | str 
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data.to(q.weight.device), requires_grad=False)
         q.requires_grad_(False)
+        # bitsandbytes >= 0.48 repacks the codes in place on an AVX512-BF16 CPU at the first eval-mode,
+        # no-grad forward (validation, a policy) and computes in bf16 from then on: the layer's weight
+        # no longer dequantises to what it trained with (peft's DoRA norms, the saved codes)
+        q.support_avx512bf16_for_cpu = False
         setattr(lm.get_submodule(parent) if parent else lm, leaf, q)
     for p in lm.parameters():  # a LM loaded in bf16 for quantising: what stays full precision is fp32
         if p.is_floating_point() and p.dtype != torch.float32:
