@@ -435,3 +435,23 @@ def test_a_step_without_any_of_a_terms_elements_is_left_out_of_its_logged_mean(t
     for s in (2, 4, 6):
         assert pairs[s]["loss/language"] == pytest.approx(each[s - 1]["loss/language"], rel=1e-6)
         assert pairs[s]["loss/action"] == pytest.approx((each[s - 1]["loss/action"] + each[s]["loss/action"]) / 2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.weights.language=0"],
+        ["data.language_target=none"],
+        ["loss.strategy=scheduled", "loss.schedule.language.start_step=100", "loss.schedule.language.end_step=200"],
+    ],
+)
+def test_a_term_switched_off_is_not_logged_as_a_zero_loss(tmp_path, overrides):
+    """With accumulation, a term the step does not compute (weight 0, no language target, a ramp
+    still at 0) was logged as ``loss/language = 0.0``: a perfect language loss in the curves."""
+    run = tiny_run(tmp_path, *overrides, "optim.accumulation=2", "train.steps=2", "checkpoint.every=0")
+    from vla_ft.train import fit
+
+    fit(run)
+    rows = [row for row in metric_rows(tmp_path) if "loss" in row]
+    assert rows and all("loss/action" in row for row in rows)
+    assert not any("loss/language" in row for row in rows), rows

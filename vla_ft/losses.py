@@ -408,15 +408,15 @@ class CompositeLoss(nn.Module):
         ``n`` micro-batches, ``share_i = n c_i / C`` makes the mean of the n micro-batch losses
         the loss of one batch of all their samples: every term's sum over valid elements divided
         by ``C``, not a mean of per-micro-batch means (over W ranks: ``n W c_i / C``, C summed
-        over the ranks too; ``vla_ft.train.term_shares``). Terms this batch cannot compute are
-        left out.
+        over the ranks too; ``vla_ft.train.term_shares``). Terms this batch cannot compute, or
+        that are not computed at this step (:meth:`wants`), are left out.
         """
         out = {"action": action_count(self._action_mask(batch), self.action_weights)}
         if "target_mask" in batch:
             out["language"] = batch["target_mask"].sum().float()
         if self.gripper_head:
             out["gripper"] = self._gripper_mask(batch).sum().float()
-        return out
+        return {k: c for k, c in out.items() if self.wants(k)}  # a switched-off term is no "0 loss"
 
     def term_grad_norms(self, terms: dict[str, Tensor], params: list[Tensor]) -> dict[str, Tensor]:
         """Gradient norm of each term on ``params``: ``gradnorm/<term>`` (unweighted) and

@@ -256,7 +256,7 @@ def train_step(
         parts.add({"loss": total, **terms})
         samples += batch["actions"].shape[0]
     if defined is None:  # one micro-batch in one process: its own counts say
-        defined = {k: c > 0 for k, c in run.loss_fn.counts(batch).items()}
+        defined = {k: c > 0 for k, c in term_counts(run, batch).items()}
     result = StepResult(parts.mean_values(), samples=samples, defined=defined)
     if run.scaler:
         run.scaler.unscale_(opt)
@@ -305,13 +305,22 @@ def term_shares(run: Run, batches: Group) -> tuple[list[dict[str, torch.Tensor]]
     target tokens or padded action steps then weighs what it holds (``CompositeLoss.counts``).
     The gradient is the one of a single batch of all the step's samples, whatever the split.
     Also returns, per term, whether C > 0 (:attr:`StepResult.defined`)."""
-    counts = [run.loss_fn.counts(b) for b in batches]
+    counts = [term_counts(run, b) for b in batches]
     names = sorted(set.intersection(*(set(c) for c in counts)))
     table = torch.stack([torch.stack([c[k] for k in names]) for c in counts])  # (n, terms)
     pooled = run.rt.all_sum(table.sum(0))
     scale = len(batches) * run.rt.world_size
     shares = table * scale / torch.where(pooled > 0, pooled, torch.ones_like(pooled))
     return [dict(zip(names, row, strict=True)) for row in shares], dict(zip(names, pooled > 0, strict=True))
+
+
+def term_counts(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss's valid counts of the terms this step computes: no language term when the model
+    predicts no language (``data.language_target: none``, or its weight off)."""
+    counts = run.loss_fn.counts(batch)
+    if not run.model.wants_language:
+        counts.pop("language", None)
+    return counts
 
 
 def queues_step(run: Run) -> bool:
