@@ -42,6 +42,19 @@ def test_a_second_stage_starts_from_the_first_stages_average(first, tmp_path, ca
     teardown(run)
 
 
+def test_a_head_of_another_width_starts_wholly_fresh(first, tmp_path, capsys):
+    """A wider action head: its hidden layer cannot take the source's tensors, so none of the head's
+    (its output bias neither, learned under the source's normalisation) come from the source."""
+    run = setup(tiny_recipe(tmp_path, f"model.init_from={first}", "model.action_head_hidden=48"))
+    source, _ = load_model(first / "checkpoints" / "step_000004")
+    theirs, ours = source.state_dict(), run.model.state_dict()
+    head = [k for k in ours if k.startswith("action_head.")]
+    assert any(ours[k].shape == theirs[k].shape for k in head)  # the output bias, say
+    assert not any(ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in head)
+    assert "fresh: action_head" in capsys.readouterr().out
+    teardown(run)
+
+
 def test_the_second_stage_trains_resumes_and_loads_without_the_source(first, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(first, source)

@@ -76,12 +76,20 @@ def copy_source_weights(model: VLA, path: str) -> list[str]:
     merge_lora(source)
     _untie_like(model.language_model, source.language_model)
     theirs, ours = source.state_dict(), model.state_dict()
-    fresh, problems = set(), []
+    fits = {n: n in theirs and theirs[n].shape == t.shape for n, t in ours.items()}
+    # a module that cannot take all of the source's tensors takes none: half of a head trained
+    # under the source's normalisation (its output bias) is no fresh start
+    fresh = {
+        n.split(".")[0]
+        for n, ok in fits.items()
+        if not ok and (n.startswith(DATA_SHAPED) or (n.startswith(ADDED) and n not in theirs))
+    }
+    problems = []
     for name, tensor in ours.items():
-        if name in theirs and theirs[name].shape == tensor.shape:
+        if name.split(".")[0] in fresh:
+            continue
+        if fits[name]:
             tensor.copy_(theirs[name])
-        elif name.startswith(DATA_SHAPED) or (name.startswith(ADDED) and name not in theirs):
-            fresh.add(name.split(".")[0])
         elif name in theirs:
             problems.append(f"{name} is {tuple(theirs[name].shape)} there, {tuple(tensor.shape)} here")
         else:
