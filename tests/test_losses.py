@@ -323,6 +323,11 @@ def test_static_zero_weight_term_is_not_computed() -> None:
     assert head.weight.grad is None and "loss/gripper" not in parts and "metric/gripper_acc" not in parts
 
 
+def test_a_step_ramp_takes_its_end_weight_at_its_step() -> None:
+    step = ScheduledWeight(start_step=5, end_step=5, start=0.0, end=1.0, shape="linear")
+    assert [ramp_weight(step, s) for s in (4, 5, 6)] == [0.0, 1.0, 1.0]
+
+
 def test_scheduled_ramps_and_wants() -> None:
     schedule = {
         "language": ScheduledWeight(start_step=10, end_step=20, start=0.0, end=1.0, shape="linear"),

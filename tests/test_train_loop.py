@@ -241,6 +241,12 @@ def test_a_batch_larger_than_the_training_set_is_a_recipe_error(tmp_path):
         setup(load_recipe(QUICKSTART, [*TINY, "train.batch_size=64", f"output_dir={tmp_path}"]))
 
 
+def test_more_micro_batches_than_an_epoch_holds_is_a_recipe_error(tmp_path):
+    """A step's micro-batches end at the epoch: 16 asked of an epoch of fewer trained smaller batches."""
+    with pytest.raises(RecipeError, match=r"optim.accumulation: 16 micro-batches per step, but an epoch holds \d+"):
+        setup(load_recipe(QUICKSTART, [*TINY, "optim.accumulation=16", f"output_dir={tmp_path}"]))
+
+
 def test_action_dims_out_of_range_are_a_recipe_error_before_anything_is_built(tmp_path):
     run_dir = tmp_path / "run"
     for key, value, message in (

@@ -49,10 +49,10 @@ RAMPS: dict[str, Callable[[float], float]] = {
 
 def ramp_weight(spec: ScheduledWeight, step: int) -> float:
     """Weight of a ramp at ``step``: ``start`` before ``start_step``, ``end`` after ``end_step``."""
+    if step >= spec.end_step:  # first: a step ramp (start_step == end_step) is ``end`` from that step
+        return spec.end
     if step <= spec.start_step:
         return spec.start
-    if step >= spec.end_step:
-        return spec.end
     progress = (step - spec.start_step) / (spec.end_step - spec.start_step)
     return spec.start + (spec.end - spec.start) * RAMPS[spec.shape](progress)
 

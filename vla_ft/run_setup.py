@@ -217,6 +217,12 @@ def setup(recipe: Recipe) -> Run:
             + (f" split over {rt.world_size} processes" if rt.world_size > 1 else "")
             + " give (incomplete batches are dropped); lower it or use more episodes"
         )
+    per_epoch = len(data.train_set) // rt.world_size // recipe.train.batch_size
+    if per_epoch < recipe.optim.accumulation:  # a step's micro-batches end at the epoch: a smaller batch
+        raise RecipeError(
+            f"optim.accumulation: {recipe.optim.accumulation} micro-batches per step, but an epoch holds "
+            f"{per_epoch} batches of train.batch_size {recipe.train.batch_size}; lower one of them"
+        )
     pad = pad_token_id(tokenizer)
     train_loader = make_loader(data.train_set, recipe, sampler, pad, rt.device, train=True)
     val_loader = None
