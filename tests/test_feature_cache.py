@@ -221,6 +221,28 @@ def test_an_lm_config_edited_next_to_its_weights_or_a_library_upgrade_changes_th
     assert edited_key != key  # ...so the cache built before it is not served
 
 
+def test_the_fingerprint_follows_the_tokenizers_rules_and_not_the_seed(tmp_path):
+    """Same vocabulary, another normaliser: other prompt ids, so another key. Another seed with the
+    same trunk weights and split: the same readout, so the same key (a seed sweep shares the cache)."""
+    import dataclasses
+
+    from tokenizers import normalizers
+
+    run = setup(load_recipe(HEAD_ONLY, [*SHORT, f"output_dir={tmp_path / 'a'}"]))
+    try:
+        key = feature_cache.fingerprint(run, "train", run.data.train_set)
+        train = run.recipe.train
+        run.recipe.train = dataclasses.replace(train, seed=train.seed + 1)
+        assert feature_cache.fingerprint(run, "train", run.data.train_set) == key
+        run.recipe.train = train
+        before = run.tokenizer("pick up the red block")["input_ids"]
+        run.tokenizer.backend_tokenizer.normalizer = normalizers.Replace("red", "green")
+        assert run.tokenizer("pick up the red block")["input_ids"] != before
+        assert feature_cache.fingerprint(run, "train", run.data.train_set) != key
+    finally:
+        teardown(run)
+
+
 def test_files_in_a_symlinked_folder_of_the_dataset_are_part_of_the_fingerprint(tmp_path):
     data, videos = tmp_path / "data", tmp_path / "other_disk" / "videos"
     data.mkdir()

@@ -265,8 +265,10 @@ def _check_order(index: torch.Tensor) -> None:
 def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
     """Hash of everything the cached readout depends on: trunk weights, the data recipe (minus
     loader settings), the model recipe (minus the heads': a sweep over head widths shares one
-    cache), the LM's config, normalisation, episodes, tokenizer, precision and the versions of
-    the libraries that compute the trunk (an upgraded timm may build or run a backbone otherwise).
+    cache), the LM's config, normalisation, episodes, tokenizer (vocabulary and rules), precision and the
+    versions of the libraries that compute the trunk (an upgraded timm may build or run a backbone
+    otherwise). Not the seed: the trunk's weights and the split it drew are hashed themselves, so a
+    seed sweep on a pretrained trunk shares one cache.
 
     The LM's config is hashed as loaded: with ``model.language.name`` the recipe holds only a
     path or hub name, and a ``config.json`` edited there (rope, norm eps) changes the readout
@@ -278,11 +280,11 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
         "data": data,
         "model": {k: v for k, v in to_dict(run.recipe.model).items() if k not in HEAD_ONLY_KEYS},
         "lm_config": base_language_model(run.model).config.to_json_string(use_diff=False),
-        "seed": run.recipe.train.seed,
         "normalizer": run.data.normalizer.to_dict(),
         "episodes": [e.index for e in dataset.episodes],
         "precision": str(run.rt.amp_dtype),
         "vocab": sorted(run.tokenizer.get_vocab().items()),
+        "tokenizer": tokenizer_rules(run.tokenizer),
         "files": data_files(run.recipe),
         "libraries": {name: importlib.metadata.version(name) for name in TRUNK_LIBRARIES},
         "vla_ft": vla_ft.__version__,  # a release may change how the trunk computes the readout
@@ -295,6 +297,13 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
             h.update(f"{name}.{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
             h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def tokenizer_rules(tokenizer) -> str | None:
+    """A fast tokenizer's whole definition (normaliser, pre-tokeniser, model, post-processor): an
+    edited ``tokenizer.json`` with the same vocabulary still gives other prompt ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
 
 
 def data_files(recipe) -> list[tuple[str, int, int]]:
