@@ -191,6 +191,8 @@ def test_wrong_inputs_are_errors_naming_the_argument(trained, offline):
         policy.predict_action(_frame(0), TASK, np.zeros(3, np.float32))  # history is 2
     with pytest.raises(ValueError, match="instruction: 2 instructions for a batch of 3"):
         policy.predict_action(np.stack([_frame(i) for i in range(3)]), [TASK, TASK], np.zeros((3, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="instruction: a str or a list of str, got NoneType"):
+        policy.predict_action(_frame(0), None, np.zeros((2, 3), np.float32))
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):

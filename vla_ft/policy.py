@@ -261,7 +261,10 @@ class VLAPolicy(PolicyShape):
 
     def _prompt(self, instruction: str | Sequence[str], b: int) -> dict[str, torch.Tensor]:
         """Left-padded prompt ids and mask (B, Lp), as robot_data.collate pads them."""
-        texts = [instruction] * b if isinstance(instruction, str) else list(instruction)
+        many = isinstance(instruction, (Sequence, np.ndarray)) and not isinstance(instruction, str)
+        texts = list(instruction) if many else [instruction] * b
+        if not all(isinstance(t, str) for t in texts):  # numpy's str_ is a str
+            raise ValueError(f"instruction: a str or a list of str, got {type(instruction).__name__}")
         if len(texts) != b:
             raise ValueError(f"instruction: {len(texts)} instructions for a batch of {b}")
         empty = np.zeros((0, self.action_dim), np.float32)
