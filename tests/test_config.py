@@ -309,10 +309,15 @@ def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
         "loss.schedule.action.end": ("{end: .inf}", "must be finite"),
     }
     overrides = [f"{k.split('[')[0]}={v}" for k, (v, _) in bad.items() if k != "loss.schedule.action.end"]
-    overrides += ["loss.strategy=scheduled", "loss.schedule.action={end: .inf}"]
+    overrides += ["loss.strategy=scheduled", "loss.schedule.action={end: .inf}", "optim.name=sgd"]
     err = assert_each_refused([*TINY, *overrides], bad)
     assert len(err.problems) == len(bad)  # one message per key, not one per check
-    ok = ["optim.groups.projector={lr: 1e-5, weight_decay: 0}", "optim.momentum=0", "optim.grad_clip=0"]
+    ok = [
+        "optim.groups.projector={lr: 1e-5, weight_decay: 0}",
+        "optim.name=sgd",
+        "optim.momentum=0",
+        "optim.grad_clip=0",
+    ]
     assert load_recipe(QUICKSTART, ok).optim.groups["projector"].lr == 1e-5
 
 
@@ -381,6 +386,26 @@ def test_settings_the_run_never_reads_are_refused():
     load_recipe(QUICKSTART, ["loss.strategy=dwa", "loss.dwa_window=3"])
     with pytest.raises(RecipeError, match="train.feature_cache_dir: only train.cache_features=true reads it"):
         load_recipe(QUICKSTART, ["train.feature_cache_dir=/tmp/cache"])
+    with pytest.raises(RecipeError, match=r"loss.dwa_window: DWA weighs .* train.steps is 40: it would never engage"):
+        load_recipe(QUICKSTART, ["loss.strategy=dwa", "train.steps=40"])  # the default window is 50
+    unread = {
+        "optim.momentum": ("optim.momentum=0.5", "only optim.name=sgd reads it"),
+        "optim.min_lr_ratio": ("optim.min_lr_ratio=0.5", "optim.scheduler=constant never decays"),
+        "optim.groups.action_queries.weight_decay": (
+            "optim.groups.action_queries.weight_decay=0.1",
+            "action queries are a lookup table",
+        ),
+        "loss.action.beta": ("loss.action.beta=0.1", "only loss.action.type=smooth_l1 reads it"),
+        "loss.gripper.pos_weight": ("loss.gripper.pos_weight=5", "model.gripper_head is false"),
+    }
+    with pytest.raises(RecipeError) as err:
+        load_recipe(
+            QUICKSTART, ["optim.scheduler=constant", "model.gripper_head=false", *(v for v, _ in unread.values())]
+        )
+    for key, (_, why) in unread.items():
+        assert f"{key}: {why}" in str(err.value), key
+    with pytest.raises(RecipeError, match="optim.eps: optim.name=sgd reads no Adam setting"):
+        load_recipe(QUICKSTART, ["optim.name=sgd", "optim.eps=1.0e-6"])
 
 
 def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch):
@@ -468,6 +493,12 @@ def test_early_stopping_needs_validations_during_the_run():
     with pytest.raises(RecipeError, match="train.early_stopping.patience: 1 .* train.val_every is 0"):
         load_recipe(QUICKSTART, ["train.val_every=0", "train.early_stopping.patience=1"])
     assert load_recipe(QUICKSTART, ["data.val_ratio=0", "data.val_episodes=[0]", "train.early_stopping.patience=1"])
+    stalls = ["train.steps=6", "train.val_every=3", "train.early_stopping.patience=2"]  # validations at 3 and 6
+    with pytest.raises(RecipeError, match=r"validate 2 time\(s\), and the first sets the best: at most 1 can stall"):
+        load_recipe(QUICKSTART, stalls)
+    with pytest.raises(RecipeError, match=r"validate 1 time\(s\)"):
+        load_recipe(QUICKSTART, ["train.steps=6", "train.val_every=10", "train.early_stopping.patience=1"])
+    assert load_recipe(QUICKSTART, [*stalls[:2], "train.early_stopping.patience=1"])
 
 
 def test_keys_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_path: Path):

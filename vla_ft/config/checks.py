@@ -59,7 +59,8 @@ def validate(r: Recipe) -> list[str]:
     p += name_problems(r)
     p += range_problems(r)
     p += absent_module_problems(r)
-    p += unused_setting_problems(r)
+    named = {q.split(":")[0] for q in p}  # one message per key: a value out of range is not also "unread"
+    p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     absent = absent_modules(r)
@@ -276,9 +277,48 @@ def unused_setting_problems(r: Recipe) -> list[str]:
             for key in ("dwa_temperature", "dwa_window")
             if getattr(r.loss, key) != getattr(defaults, key)
         ]
+    if r.loss.strategy == "dwa" and r.train.steps < 2 * r.loss.dwa_window:
+        p.append(
+            f"loss.dwa_window: DWA weighs the terms from its third window of {r.loss.dwa_window} steps on, and "
+            f"train.steps is {r.train.steps}: it would never engage; lower loss.dwa_window"
+        )
     if r.train.feature_cache_dir is not None and not r.train.cache_features:
         p.append("train.feature_cache_dir: only train.cache_features=true reads it")
-    return p
+    return p + unread_optimizer_and_loss_keys(r)
+
+
+def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
+    """Optimizer and loss settings that the chosen optimizer, schedule or loss type never reads."""
+    o, od, loss = r.optim, type(r.optim)(), r.loss
+    adam = o.name != "sgd"
+    unread = [("optim.momentum", "only optim.name=sgd reads it", adam and o.momentum != od.momentum)]
+    unread += [
+        (f"optim.{k}", "optim.name=sgd reads no Adam setting", not adam and getattr(o, k) != getattr(od, k))
+        for k in ("betas", "eps")
+    ]
+    unread += [
+        (
+            "optim.min_lr_ratio",
+            "optim.scheduler=constant never decays",
+            o.scheduler == "constant" and o.min_lr_ratio != od.min_lr_ratio,
+        ),
+        (
+            "optim.groups.action_queries.weight_decay",
+            "action queries are a lookup table: never decayed",
+            "action_queries" in o.groups and o.groups["action_queries"].weight_decay is not None,
+        ),
+        (
+            "loss.action.beta",
+            f"only loss.action.type=smooth_l1 reads it (type is {loss.action.type})",
+            loss.action.type != "smooth_l1" and loss.action.beta != type(loss.action)().beta,
+        ),
+        (
+            "loss.gripper.pos_weight",
+            "model.gripper_head is false: no gripper BCE",
+            not r.model.gripper_head and loss.gripper.pos_weight is not None,
+        ),
+    ]
+    return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
 
 
 def early_stopping_problems(r: Recipe) -> list[str]:
@@ -294,6 +334,12 @@ def early_stopping_problems(r: Recipe) -> list[str]:
         ]
     if t.val_every == 0:
         return [f"{key} train.val_every is 0 (validation only at the end): set train.val_every, or patience 0"]
+    n = -(-t.steps // t.val_every)  # every val_every steps and at the end; the first sets the best
+    if t.early_stopping.patience > n - 1:
+        return [
+            f"{key} train.steps {t.steps} with train.val_every {t.val_every} validate {n} time(s), and the first "
+            f"sets the best: at most {n - 1} can stall; lower the patience or validate more often"
+        ]
     return []
 
 
