@@ -359,7 +359,7 @@ def test_rollouts_alone_validate_a_run_without_a_validation_set(tmp_path, tiny_o
     rollout = ["data.val_ratio=0", "rollout.episodes=1", "rollout.max_steps=2", "logging.tensorboard=false"]
     with pytest.raises(RecipeError, match=re.escape("train.best_metric: 'val/action_l1' needs a validation set")):
         load_recipe(QUICKSTART, [*tiny_overrides, *rollout])
-    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max", "train.early_stopping.patience=5"]
+    best = ["train.best_metric=val/rollout/success_rate", "train.best_mode=max", "train.early_stopping.patience=1"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *rollout, *best]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["val/rollout/success_rate"]) for row in rows if "val/rollout/success_rate" in row] == [

@@ -172,7 +172,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not length.isdigit():  # chunked or unknown: what follows cannot be read as one body
             self.close_connection = True
             error = f"Content-Length: expected the body's size in bytes, got {length or 'none'}"
-            return self._reply(411, _json({"error": error}), "application/json")
+            self._reply(411, _json({"error": error}), "application/json")
+            return self._drain()
         body = self.rfile.read(int(length))
         if self.path.rstrip("/") != "/predict":
             return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
@@ -184,6 +185,16 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             return self._reply(500, _json({"error": f"{type(err).__name__}: {err}"}), "application/json")
         self._reply(200, encode({"actions": np.asarray(actions, np.float32)}), "application/octet-stream")
+
+    def _drain(self, idle: float = 0.5) -> None:
+        """Read what the client still sends before closing (a lingering close): closing on unread
+        bytes resets the connection, and the client gets a broken pipe instead of the answer."""
+        self.connection.settimeout(idle)
+        try:
+            while self.connection.recv(65536):
+                pass
+        except OSError:  # idle for ``idle`` s (a timeout is an OSError) or reset
+            pass
 
     def _reply(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)
