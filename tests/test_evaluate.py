@@ -324,3 +324,14 @@ def test_eval_keeps_an_evaluation_of_other_data_in_the_default_directory(checkpo
     assert cli(["eval", str(checkpoint), "data.val_episodes=[0]", "--episodes", "all"]) == 2
     assert out.read_text() == first
     shutil.rmtree(checkpoint / "eval")
+
+
+def test_eval_reports_token_accuracy_only_for_a_run_that_trained_language(tmp_path):
+    """Language weight 0: validation logged no token accuracy, and neither does eval."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "loss.weights.language=0", "train.steps=2", "train.val_every=2", "checkpoint.every=2"]
+    train.main(load_recipe(QUICKSTART, [*overrides, "logging.tensorboard=false", f"output_dir={run_dir}"]))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/action_l1" in r for r in rows) and not any("val/token_acc" in r for r in rows)
+    got = evaluate_checkpoint(run_dir, out=tmp_path / "eval", plot_episodes=0)["metrics"]
+    assert "action_l1" in got and "token_acc" not in got
