@@ -159,6 +159,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluati
     """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained."""
     # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
     from vla_ft.data import build_data
+    from vla_ft.metrics import trains_language
     from vla_ft.model_files import load_model, load_saved_tokenizer, read_norm_stats
     from vla_ft.policy import resolve_directory
     from vla_ft.runtime import init_runtime
@@ -170,17 +171,8 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluati
     data = build_data(recipe, tokenizer, read_norm_stats(ckpt))
     model, meta = load_model(ckpt, rt.device)
     check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
-    model.wants_language = trained_language(recipe)  # token accuracy, as validation logged it
+    model.wants_language = trains_language(recipe)  # token accuracy, as validation logged it
     return Evaluation(ckpt, recipe, rt, model, data, tokenizer)
-
-
-def trained_language(recipe: Recipe) -> bool:
-    """Whether the run trained the LM on language targets at some step (a weight of 0 never did)."""
-    from vla_ft.loss_weighting import build_weighting
-    from vla_ft.losses import loss_terms
-
-    weighting = build_weighting(recipe.loss, loss_terms(recipe.model.gripper_head))
-    return recipe.data.language_target != "none" and weighting.ever_active("language")
 
 
 def episode_loader(ev: Evaluation, episodes: list[int]):

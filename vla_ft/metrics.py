@@ -214,6 +214,13 @@ def mixture_sources(recipe: Recipe) -> list[str]:
         return []
 
 
+def trains_language(recipe: Recipe) -> bool:
+    """Whether the run trains the LM on language targets at some step (a weight of 0 never does):
+    only then do validation and ``vla-ft eval`` report token accuracy and perplexity."""
+    weighting = build_weighting(recipe.loss, loss_terms(recipe.model.gripper_head))
+    return recipe.data.language_target != "none" and weighting.ever_active("language")
+
+
 def validation_names(
     recipe: Recipe, action_dim: int, gripper_head: bool | None = None, language: bool | None = None
 ) -> list[str]:
@@ -228,7 +235,7 @@ def validation_names(
     head = r.model.gripper_head if gripper_head is None else gripper_head
     weighting = build_weighting(r.loss, loss_terms(head))
     if language is None:
-        language = r.data.language_target != "none" and weighting.ever_active("language")  # else no LM logits
+        language = trains_language(r)  # else no LM logits
     terms = [t for t in weighting.terms if (language if t == "language" else weighting.ever_active(t))]
     gripper = r.loss.gripper.dims if head else []
     metrics = ActionMetrics(None, action_dim, r.data.chunk, gripper, r.loss.gripper, head)
