@@ -27,14 +27,38 @@ def bins_to_action(bins: np.ndarray, n_bins: int) -> np.ndarray:
     return ((np.asarray(bins, np.float32) + 0.5) / n_bins * 2.0 - 1.0).astype(np.float32)
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids ``tokenizer`` itself puts before a text: Llama's and Gemma's BOS, nothing for Qwen.
+
+    A pretrained LM saw them at the start of every sequence (Gemma's outputs degrade without its
+    BOS), so every prompt starts with them. What the tokenizer appends (an EOS) is not kept: the
+    prompt is followed by the image tokens and the target, not ended.
+    """
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return [int(i) for i in full[:start]]
+    return []
+
+
 class PromptTokenizer:
     """Turns (instruction, text, actions) into (prompt_ids (Lp,), target_ids (Lt,)), both int64.
 
     ``tokenizer`` is any HF tokenizer: it is called as ``tokenizer(text, add_special_tokens=False)``
-    and its ``eos_token_id`` (possibly None: then no eos) ends every non-empty target.
+    and its ``eos_token_id`` (possibly None: then no eos) ends every non-empty target. Prompts start
+    with ``prefix`` (default: :func:`special_prefix`, the tokenizer's own BOS if it adds one).
     """
 
-    def __init__(self, tokenizer: Any, template: str, target: str, action_token_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str,
+        target: str,
+        action_token_ids: Sequence[int] = (),
+        prefix: Sequence[int] | None = None,
+    ):
         if "{instruction}" not in template:
             raise ValueError(f"prompt_template: {template!r} has no {{instruction}} placeholder")
         if target not in TARGETS:
@@ -45,6 +69,7 @@ class PromptTokenizer:
         self.action_token_ids = np.asarray(action_token_ids, np.int64)
         eos = getattr(tokenizer, "eos_token_id", None)
         self._eos = [] if eos is None else [int(eos)]
+        self.prefix = special_prefix(tokenizer) if prefix is None else [int(i) for i in prefix]
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -57,7 +82,7 @@ class PromptTokenizer:
         ``text`` None (a frame without narration) gives an empty "text" target: nothing to learn
         there, not even eos. Whether the dataset has text at all is :class:`RobotDataset`'s check.
         """
-        prompt = np.asarray(self._encode(self.template.format(instruction=instruction)), np.int64)
+        prompt = np.asarray(self.prefix + self._encode(self.template.format(instruction=instruction)), np.int64)
         if self.target == "none" or (self.target == "text" and text is None):
             target: list[int] = []
         elif self.target == "text":

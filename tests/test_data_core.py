@@ -28,15 +28,15 @@ from robot_data.synthetic import DEFAULT_TEMPLATE
 
 
 class WordTokenizer:
-    """The HF tokenizer call convention, over the synthetic vocabulary (ids 3.., 2 = eos)."""
+    """The HF tokenizer call convention, over the synthetic vocabulary (ids 3.., 2 = eos, 1 = unknown);
+    it adds no special tokens, as Qwen's."""
 
     def __init__(self, eos: int | None = 2):
         self.vocab = {w: i + 3 for i, w in enumerate(SYNTHETIC_VOCAB)}
         self.eos_token_id = eos
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        assert add_special_tokens is False
-        return {"input_ids": [self.vocab[w] for w in text.split()]}
+        return {"input_ids": [self.vocab.get(w, 1) for w in text.split()]}
 
 
 class NanActions(SyntheticReader):
@@ -297,6 +297,26 @@ def test_prompt_tokenizer_targets():
     assert target.shape == (0,)
     with pytest.raises(ValueError, match="'do {task}' has no {instruction}"):
         PromptTokenizer(tok, "do {task}", "text")
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_prompts_start_with_what_the_tokenizer_puts_first(tmp_path, bos):
+    """Llama's and Gemma's tokenizers put a BOS before every text, the LM saw it at every sequence
+    start, so prompts start with it; the EOS such a tokenizer appends does not end a prompt. Qwen's
+    adds nothing, and nothing is added."""
+    from tiny_models import save_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    save_tokenizer_dir(tmp_path, bos=bos)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    words = tok("pick up the red block", add_special_tokens=False)["input_ids"]
+    assert tok("pick up the red block")["input_ids"] == ([2, *words, 3] if bos else words)  # a real BOS rule
+    prompts = PromptTokenizer(tok, "{instruction}", "text")
+    prompt, target = prompts("pick up the red block", "close gripper", np.zeros((1, 3)), np.ones(1, bool))
+    assert prompt.tolist() == ([2] if bos else []) + words
+    assert target.tolist() == [*tok("close gripper", add_special_tokens=False)["input_ids"], 3]  # one eos
+    as_recorded = PromptTokenizer(tok, "{instruction}", "none", prefix=[])  # a checkpoint that trained without
+    assert as_recorded("pick up the red block", None, np.zeros((0, 3)), np.zeros(0, bool))[0].tolist() == words
 
 
 # ----------------------------------------------------------------------------- dataset

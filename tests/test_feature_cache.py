@@ -133,6 +133,36 @@ def test_disk_cache_is_sharded_reused_and_rebuilt_when_stale(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda d: (d / "manifest.json").write_text('{"fingerprint": "ab'), "unreadable manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("[]"), "unreadable manifest.json"),
+        (lambda d: (d / "readout_00000.safetensors").unlink(), "lacks readout_00000.safetensors"),
+        (lambda d: (d / "labels.safetensors").unlink(), "lacks labels.safetensors"),
+    ],
+    ids=["cut-short", "not-a-mapping", "lost-shard", "lost-labels"],
+)
+def test_a_damaged_disk_cache_is_rebuilt_saying_why(tmp_path, damage, said):
+    """A manifest cut short (a full disk) or a shard deleted by hand: the run rebuilds the cache."""
+    cache_dir = tmp_path / "cache"
+    run = setup(_recipe(tmp_path, f"train.feature_cache_dir={cache_dir}"))
+    said_lines: list[str] = []
+    run.progress = SimpleNamespace(write=said_lines.append)
+    try:
+        dataset = run.data.train_set
+        store, _ = feature_cache.disk_store(run, "train", dataset, cache_dir)
+        idx = torch.arange(len(dataset))
+        whole = store.batch(idx)
+        damage(cache_dir / "train")
+        rebuilt, built = feature_cache.disk_store(run, "train", dataset, cache_dir)
+        assert built and any(said in line and "rebuilding" in line for line in said_lines), said_lines
+        for key, value in rebuilt.batch(idx).items():
+            assert torch.equal(value, whole[key]), key
+    finally:
+        teardown(run)
+
+
+@pytest.mark.parametrize(
     ("overrides", "why"),
     [
         (["data.augment.enabled=true"], "because data.augment.enabled is true"),

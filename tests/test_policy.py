@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_lm_dir, save_vit_file, tiny_recipe
+from tiny_models import save_lm_dir, save_tokenizer_dir, save_vit_file, tiny_recipe
 
 from vla_ft import VLAPolicy
 from vla_ft.checkpoint import CheckpointError
@@ -23,10 +24,12 @@ TASK = "pick up the red block"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A 2-step run from local pretrained parts (deleted afterwards), with 2 state frames per sample."""
+    """A 2-step run from local pretrained parts (deleted afterwards), with 2 state frames per sample
+    and a tokenizer that puts a BOS first (as Llama's)."""
     tmp = tmp_path_factory.mktemp("policy")
     save_vit_file(tmp / "parts" / "vit.safetensors")
     save_lm_dir(tmp / "parts" / "lm")
+    save_tokenizer_dir(tmp / "parts" / "tok", bos=True)
     torch.set_num_threads(1)
     train(
         tiny_recipe(
@@ -34,6 +37,7 @@ def trained(tmp_path_factory) -> Path:
             f"model.vision.pretrained={tmp / 'parts' / 'vit.safetensors'}",
             f"model.language.name={tmp / 'parts' / 'lm'}",
             "model.language.config={}",
+            f"model.language.tokenizer={tmp / 'parts' / 'tok'}",
             "data.history=2",
             "train.steps=2",
             "checkpoint.every=2",
@@ -68,6 +72,7 @@ def test_checkpoint_carries_what_inference_needs(trained):
     assert (meta["state_dim"], meta["action_dim"], meta["chunk"], meta["history"]) == (3, 3, 3, 2)
     assert meta["cameras"] == ["observation.images.top"] and meta["image_size"] == 64
     assert meta["gripper"] == {"dims": [2], "closed_is_high": True, "threshold": 0.5}
+    assert meta["prompt_prefix"] == [2]  # the tokenizer's BOS, as the prompts were trained
     assert json.loads((ckpt / "language_model" / "config.json").read_text())["model_type"] == "qwen2"
 
 
@@ -97,6 +102,7 @@ def test_predict_action_matches_the_training_pipeline(trained, offline, monkeypa
     recipe = load_recipe(ckpt / "config.yaml")
     data = build_data(recipe, policy.prompts.tokenizer, json.loads((ckpt / "norm_stats.json").read_text()))
     ds = data.val_set
+    assert ds[0]["prompt_ids"][0] == 2  # trained with the BOS the policy must add too
     for index in (0, 1, 5):  # frame 0 and 1: the state history is clamped at the episode start
         episode, t = ds.locate(index)
         frame = data.reader.frames(episode.index, "observation.images.top", [t])[0]
@@ -152,6 +158,27 @@ def test_a_batch_gives_the_rows_of_single_calls(trained, offline):
     np.testing.assert_allclose(one_task[0], batch[0], atol=1e-5)
 
 
+def test_a_checkpoint_that_recorded_no_prompt_prefix_is_prompted_without_one(trained, offline, tmp_path, monkeypatch):
+    """Checkpoints written before ``prompt_prefix`` was recorded trained without the tokenizer's BOS:
+    their policy, their evaluation and their resumed run prompt without it too."""
+    from vla_ft.evaluate import load_evaluation
+    from vla_ft.run_setup import build_components
+
+    ckpt = tmp_path / "old"
+    shutil.copytree(trained / "checkpoints" / "step_000002", ckpt)
+    meta = json.loads((ckpt / "model_meta.json").read_text())
+    del meta["prompt_prefix"]
+    (ckpt / "model_meta.json").write_text(json.dumps(meta))
+    old, new = VLAPolicy.from_pretrained(ckpt), VLAPolicy.from_pretrained(trained)
+    assert new._prompt(TASK, 1)["prompt_ids"][0].tolist() == [2, *old._prompt(TASK, 1)["prompt_ids"][0].tolist()]
+    monkeypatch.undo()  # evaluation and a resumed run read the dataset
+    for directory, prefix in ((ckpt, []), (trained / "checkpoints" / "step_000002", [2])):
+        assert load_evaluation(directory).data.prompt_prefix == prefix
+        recipe = tiny_recipe(tmp_path, "data.history=2")  # as trained, less the pretrained parts (gone)
+        _, _, _, (_, data) = build_components(recipe, torch.device("cpu"), resume_from=directory)
+        assert data.prompt_prefix == prefix and data.train_set[0]["prompt_ids"][: len(prefix)].tolist() == prefix
+
+
 def test_a_dict_of_cameras_is_read_in_the_models_camera_order(tmp_path):
     """Camera names not in sorted order: a dict gives the actions of the list in the checkpoint's order."""
     from tiny_models import save_tokenizer_dir
@@ -168,7 +195,8 @@ def test_a_dict_of_cameras_is_read_in_the_models_camera_order(tmp_path):
     cameras = ["top", "left"]
     normalizer = Normalizer(compute_stats(SyntheticReader(episodes=2, episode_length=5), range(2)), "mean_std", [2])
     tokenizer = load_tokenizer(recipe.model.language.tokenizer)
-    policy = VLAPolicy(model, model_meta(model, recipe, cameras), normalizer, tokenizer, torch.device("cpu"))
+    data = SimpleNamespace(cameras=cameras, prompt_prefix=[])  # what model_meta reads of a DataBundle
+    policy = VLAPolicy(model, model_meta(model, recipe, data), normalizer, tokenizer, torch.device("cpu"))
     top, left, state = _frame(0), _frame(1), np.zeros(3, np.float32)
     in_order = policy.predict_action([top, left], TASK, state)
     assert not np.allclose(in_order, policy.predict_action([left, top], TASK, state))  # the order matters

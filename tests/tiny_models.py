@@ -78,10 +78,20 @@ def save_lm_dir(
     return lm.state_dict()
 
 
-def save_tokenizer_dir(directory: Path) -> None:
+def save_tokenizer_dir(directory: Path, bos: bool = False) -> None:
+    """The builtin tokenizer; ``bos``: it adds ``<bos>`` before and ``<eos>`` after a text, as Llama's
+    (with add_eos_token) does, where the builtin one adds nothing, as Qwen's."""
+    from tokenizers import processors
+
     from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
 
-    load_tokenizer(BUILTIN_TINY).save_pretrained(str(directory))
+    tokenizer = load_tokenizer(BUILTIN_TINY)
+    if bos:
+        specials = [(t, tokenizer.convert_tokens_to_ids(t)) for t in ("<bos>", "<eos>")]
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A <eos>", special_tokens=specials
+        )
+    tokenizer.save_pretrained(str(directory))
 
 
 def add_to_hf_cache(hf_home: Path, repo_id: str, files: Path) -> None:

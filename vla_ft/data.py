@@ -52,6 +52,12 @@ class DataBundle:
     cameras: list[str]
     train_weights: torch.Tensor | None = None  # per training sample, data.mix weights (None: uniform)
 
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """The ids every prompt starts with (the tokenizer's own BOS, if it adds one)."""
+        prompts = self.train_set.prompt_tokenizer
+        return prompts.prefix if prompts is not None else []
+
 
 MULTINOMIAL_LIMIT = 2**24  # torch.multinomial refuses more categories
 
@@ -274,13 +280,16 @@ def action_token_ids(tokenizer: Any, bins: int) -> list[int]:
     return ordinary[len(ordinary) - bins :]
 
 
-def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBundle:
+def build_data(
+    recipe: Recipe, tokenizer, stats: dict | None = None, prompt_prefix: list[int] | None = None
+) -> DataBundle:
     """Reader -> episode split -> normaliser -> train/val datasets.
 
     Discretised action tokens (``data.language_target=action_tokens``) use the tokenizer's last
     ``model.action_tokens_bins`` ordinary ids, as OpenVLA does (:func:`action_token_ids`).
     ``stats`` (from a checkpoint) replaces fresh statistics so a resumed or evaluated run
-    normalises exactly as training did.
+    normalises exactly as training did; ``prompt_prefix`` (from a checkpoint) likewise replaces the
+    tokenizer's own leading ids (:func:`robot_data.language.special_prefix`).
     """
     d = recipe.data
     reader = build_reader(recipe)
@@ -309,7 +318,7 @@ def build_data(recipe: Recipe, tokenizer, stats: dict | None = None) -> DataBund
         except ValueError as err:
             raise RecipeError(f"rollout.{err}") from None
     bins = action_token_ids(tokenizer, recipe.model.action_tokens_bins) if d.language_target == "action_tokens" else []
-    prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, bins)
+    prompts = PromptTokenizer(tokenizer, d.prompt_template, d.language_target, bins, prompt_prefix)
     cameras = d.cameras or list(reader.cameras)
     common = dict(
         chunk=d.chunk,

@@ -285,6 +285,7 @@ def fingerprint(run: Run, split: str, dataset: RobotDataset) -> str:
         "precision": str(run.rt.amp_dtype),
         "vocab": sorted(run.tokenizer.get_vocab().items()),
         "tokenizer": tokenizer_rules(run.tokenizer),
+        "prompt_prefix": run.data.prompt_prefix,
         "files": data_files(run.recipe),
         "libraries": {name: importlib.metadata.version(name) for name in TRUNK_LIBRARIES},
         "vla_ft": vla_ft.__version__,  # a release may change how the trunk computes the readout
@@ -342,14 +343,32 @@ def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple
     Returns (store, built_now)."""
     directory = root / split
     key = fingerprint(run, split, dataset)
-    manifest = directory / "manifest.json"
-    fresh = manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == key
+    state = cache_state(directory, key)
+    fresh = state == "fresh"
     if not fresh and run.rt.is_main:
-        if manifest.is_file():
-            run.progress.write(f"feature cache: {directory} was built for other weights or data; rebuilding")
+        if state != "missing":
+            run.progress.write(f"feature cache: {directory} {state}; rebuilding")
         write_disk(run, dataset, directory, key)
     run.rt.barrier()
     return DiskFeatures(directory), not fresh
+
+
+def cache_state(directory: Path, key: str) -> str:
+    """ "fresh" when ``directory`` holds a whole cache for fingerprint ``key``, "missing" when it holds
+    none, else why it cannot serve (a damaged manifest or a lost shard is rebuilt, not a traceback)."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return "missing"
+    try:
+        meta = json.loads(manifest.read_text())
+        names = ["labels.safetensors", *meta["shards"]]
+        built_for = meta["fingerprint"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"has an unreadable manifest.json ({type(err).__name__}: {err})"
+    if built_for != key:
+        return "was built for other weights or data"
+    lost = [name for name in names if not (directory / str(name)).is_file()]
+    return f"lacks {', '.join(map(str, lost))}" if lost else "fresh"
 
 
 # ----------------------------------------------------------------------------- the installer

@@ -70,8 +70,8 @@ def base_language_model(model: VLA) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def model_meta(model: VLA, recipe: Any, cameras: list[str]) -> dict[str, Any]:
-    """Everything besides weights that inference needs (JSON-safe)."""
+def model_meta(model: VLA, recipe: Any, data: Any) -> dict[str, Any]:
+    """Everything besides weights that inference needs (JSON-safe); ``data`` is the run's DataBundle."""
     d = model.dims
     gripper = recipe.loss.gripper
     return {
@@ -82,9 +82,10 @@ def model_meta(model: VLA, recipe: Any, cameras: list[str]) -> dict[str, Any]:
         "chunk": d["chunk"],
         "history": d["n_history"],
         "vocab_size": d["vocab_size"],
-        "cameras": list(cameras),
+        "cameras": list(data.cameras),
         "image_size": recipe.model.vision.img_size,
         "prompt_template": recipe.data.prompt_template,
+        "prompt_prefix": data.prompt_prefix,
         "gripper": {
             "dims": list(gripper.dims) if recipe.model.gripper_head else [],
             "closed_is_high": gripper.closed_is_high,
@@ -98,7 +99,7 @@ def write_model_files(run: Any, directory: Path) -> None:
     """Write ``model_meta.json``, the LM config and the PEFT adapters of ``run.model`` into ``directory``."""
     model = run.model
     directory.mkdir(parents=True, exist_ok=True)
-    ck.save_json(directory / META_FILE, model_meta(model, run.recipe, run.data.cameras))
+    ck.save_json(directory / META_FILE, model_meta(model, run.recipe, run.data))
     base_language_model(model).config.save_pretrained(str(directory / LM_DIR))
     if "language_model" in model.lora_modules:
         # save_embedding_layers=False: peft's "auto" would look the base model up on the hub at
@@ -108,6 +109,11 @@ def write_model_files(run: Any, directory: Path) -> None:
         backbones = model.vision_encoder.backbones
         for i, bb in enumerate(backbones):
             bb.save_pretrained(str(directory / ("vision_adapter" if len(backbones) == 1 else f"vision_adapter_{i}")))
+
+
+def recorded_prompt_prefix(meta: dict[str, Any]) -> list[int]:
+    """The ids a checkpoint's prompts started with: none in one written before they were recorded."""
+    return [int(i) for i in meta.get("prompt_prefix", [])]
 
 
 def read_model_meta(directory: Path) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from vla_ft.execution import PolicyShape
 from vla_ft.master_weights import cast_parameters
 from vla_ft.metrics import real_actions
 from vla_ft.model import VLA, pad_token_id
-from vla_ft.model_files import META_FILE, NORM_STATS, load_model, load_saved_tokenizer, read_model_meta, read_norm_stats
+from vla_ft.model_files import (
+    META_FILE,
+    NORM_STATS,
+    load_model,
+    load_saved_tokenizer,
+    read_model_meta,
+    read_norm_stats,
+    recorded_prompt_prefix,
+)
 
 Frames = np.ndarray | torch.Tensor
 ImagesLike = Mapping[str, Frames] | Sequence[Frames] | Frames
@@ -128,7 +136,8 @@ class VLAPolicy(PolicyShape):
         self.directory = directory  # where the weights came from, for errors
         self.source = source  # the mixture source whose statistics it uses (per-source statistics)
         self.dtype = next(model.parameters()).dtype
-        self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none")
+        prefix = recorded_prompt_prefix(meta)  # the prompt's leading ids (a BOS) as trained
+        self.prompts = PromptTokenizer(tokenizer, meta["prompt_template"], "none", prefix=prefix)
         self.pad_id = pad_token_id(tokenizer)
 
     @classmethod

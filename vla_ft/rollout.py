@@ -294,7 +294,7 @@ def rollout_metrics(run: Any) -> dict[str, float]:
     if not o.episodes:
         return {}
     envs, first = run.rollout_env
-    meta = model_meta(run.model, run.recipe, run.data.cameras)
+    meta = model_meta(run.model, run.recipe, run.data)
     normalizer = run.data.normalizer.for_source(o.source)  # per-source statistics: those of the env's robot
     policy = VLAPolicy(run.model, meta, normalizer, run.tokenizer, rt.device)
     policy.dtype = rt.amp_dtype or policy.dtype  # the run's autocast, as held-out validation (fp32 weights too)

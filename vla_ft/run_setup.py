@@ -31,7 +31,7 @@ from vla_ft.data import (
 from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
-from vla_ft.model_files import read_norm_stats
+from vla_ft.model_files import read_model_meta, read_norm_stats, recorded_prompt_prefix
 from vla_ft.report import format_table, parameter_rows
 from vla_ft.rollout import close_envs, training_envs
 from vla_ft.run_state import (
@@ -163,7 +163,8 @@ def build_components(
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(str(resume_from / "tokenizer") if resume_from else _default_tokenizer(recipe))
     stats = read_norm_stats(resume_from) if resume_from else None
-    data = build_data(recipe, tokenizer, stats)
+    prefix = recorded_prompt_prefix(read_model_meta(resume_from)) if resume_from else None
+    data = build_data(recipe, tokenizer, stats, prefix)
     model = build_model(
         recipe,
         state_dim=data.state_dim,
