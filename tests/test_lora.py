@@ -108,7 +108,9 @@ def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path, variant):
     extra = [f"model.lora.{variant}=true"] if variant != "lora" else []
     recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}", *extra)
     _perturb_adapters(model.language_model)
-    run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
+    run = SimpleNamespace(
+        model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[])
+    )
     write_model_files(run, tmp_path / "ckpt")
 
     config = json.loads((tmp_path / "ckpt" / ADAPTER_DIR / "adapter_config.json").read_text())
@@ -151,7 +153,9 @@ def test_vision_lora_adapters_train_and_are_saved_in_peft_format(tmp_path):
     trainable = [n for n, p in model.vision_encoder.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     _perturb_adapters(model.vision_encoder)
-    run = SimpleNamespace(model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"]))
+    run = SimpleNamespace(
+        model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[])
+    )
     write_model_files(run, tmp_path / "ckpt")
     fresh = tiny_vit(seed=123)
     fresh.load_state_dict(saved)  # the pretrained weights, then our adapter on top
