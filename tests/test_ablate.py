@@ -270,6 +270,15 @@ def test_a_rerun_with_another_recipe_is_refused_before_anything_trains(tmp_path,
     assert "full: resuming" in capsys.readouterr().out
     summary = json.loads((tmp_path / "full" / "run_summary.json").read_text())
     assert summary["finished"] and summary["segments"] == 2  # the wall time of both segments adds up
+    assert summary["train_steps"] == [2, 3]
+    with open(tmp_path / "summary.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["note"] == "train.steps 2 -> 3 while it trained: not the LR schedule of a fresh run"
+    # Shorter than it trained: its row would compare 3 steps with 2 (train.steps stops nothing trained).
+    assert cli(argv) == 2
+    assert f"variant 'full': {tmp_path / 'full'} trained to step 3 already, beyond train.steps=2" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
@@ -304,3 +313,60 @@ def test_an_unexpected_error_in_a_variant_shows_its_traceback(tmp_path, monkeypa
     captured = capsys.readouterr()
     assert "Traceback" in captured.err and "in broken" in captured.err
     assert "[ablate 1/1] only: failed (ZeroDivisionError: division by zero)" in captured.out
+
+
+def test_a_grid_value_with_an_apostrophe_is_one_value_and_an_unclosed_quote_an_error():
+    """A quote opens only at the start of a value (YAML's rule): "what's" does not swallow the comma."""
+    variants = ablate_variants.grid_variants(["data.prompt_template=what's {instruction},'do, {instruction}'"])
+    got = [v.overrides["data.prompt_template"] for v in variants]
+    assert got == ["what's {instruction}", "do, {instruction}"]
+    with pytest.raises(RecipeError, match="a quote ' is never closed"):
+        ablate_variants.grid_variants(["data.prompt_template='do {instruction},x"])
+
+
+def test_a_nested_variant_override_merges_into_its_section(tmp_path):
+    """``{optim: {lr: 3e-4}}`` changes the LR alone: the base's warmup and action-head group stay,
+    as ``optim.lr: 3e-4`` would leave them; a free-form mapping (``unfreeze: {}``) replaces."""
+    variants = "ablation.variants={nested: {optim: {lr: 3.0e-4}}, dotted: {optim.lr: 3.0e-4, optim.warmup_steps: 3}}"
+    base, planned = ablate_variants.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
+    nested, dotted = (r for _, r in planned)
+    assert nested.optim.lr == dotted.optim.lr == 3e-4
+    assert nested.optim.warmup_steps == base.optim.warmup_steps == 2 and dotted.optim.warmup_steps == 3
+    assert nested.optim.groups == base.optim.groups and "action_head" in base.optim.groups
+    staged = ["unfreeze={vision_encoder: {at_step: 3}}", "freeze.vision_encoder=true"]
+    none = "ablation.variants={staged: {}, plain: {unfreeze: {}, freeze: {vision_encoder: false}}}"
+    _, planned = ablate_variants.plan(QUICKSTART, [*TINY, *staged, none, f"output_dir={tmp_path}"], [])
+    staged_recipe, plain = (r for _, r in planned)
+    assert list(staged_recipe.unfreeze) == ["vision_encoder"] and plain.unfreeze == {}
+    assert not plain.freeze.vision_encoder and plain.freeze.projector == staged_recipe.freeze.projector
+
+
+def test_an_ablation_mode_against_its_metrics_direction_is_refused(tmp_path):
+    """min on an accuracy would crown the worst variant (and title the bar chart "lower is better")."""
+    argv = [*TINY, TWO, "ablation.metric=val/gripper_acc", f"output_dir={tmp_path}"]
+    with pytest.raises(RecipeError, match="ablation.mode: min, but higher is better for 'val/gripper_acc'"):
+        ablate_variants.plan(QUICKSTART, argv, [])
+    _, planned = ablate_variants.plan(QUICKSTART, [*argv, "ablation.mode=max"], [])
+    assert len(planned) == 2
+
+
+def test_a_variant_that_failed_after_its_last_checkpoint_is_run_again(tmp_path, monkeypatch, capsys):
+    """Its final checkpoint is there, but its ending failed (a full disk at teardown): the rerun
+    goes through it again instead of skipping a variant the table calls failed, and exits 0."""
+    argv = ["ablate", str(QUICKSTART), *TINY, "train.steps=2", "ablation.variants={only: {}}", f"output_dir={tmp_path}"]
+    real = train.main
+
+    def full_disk_at_the_end(recipe):
+        real(recipe)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "main", full_disk_at_the_end)
+    assert cli(argv) == 1
+    summary = json.loads((tmp_path / "only" / "run_summary.json").read_text())
+    assert summary["finished"] and summary["failed"].startswith("OSError")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli(argv) == 0
+    assert "only: resuming" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "only" / "run_summary.json").read_text())
+    assert summary["finished"] and summary["failed"] is None

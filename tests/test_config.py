@@ -510,3 +510,43 @@ def test_keys_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_
     err = proc.stderr.read().decode()
     assert proc.wait() == 141, err  # as a Unix tool killed by SIGPIPE reports it
     assert err == ""
+
+
+def test_a_mapping_for_a_section_merges_and_one_for_a_free_form_key_replaces():
+    """``optim={lr: 3e-4}`` would otherwise reset warmup and drop the action-head group to their
+    defaults without a word; ``model.language.config={...}`` and ``unfreeze={}`` mean what they say."""
+    base = load_recipe(QUICKSTART, TINY)
+    frozen = [*TINY, "freeze.vision_encoder=true"]
+    merged = load_recipe(QUICKSTART, [*frozen, "optim={lr: 3.0e-4}", "unfreeze.vision_encoder={at_step: 4}"])
+    assert merged.optim.lr == 3e-4 and merged.optim.warmup_steps == base.optim.warmup_steps == 2
+    assert merged.optim.groups == base.optim.groups and "action_head" in base.optim.groups
+    assert merged.unfreeze["vision_encoder"].at_step == 4
+    staged = ["unfreeze={vision_encoder: {at_step: 4, warmup_steps: 2}}", "unfreeze.vision_encoder={at_step: 5}"]
+    again = load_recipe(QUICKSTART, [*frozen, *staged])
+    assert (again.unfreeze["vision_encoder"].at_step, again.unfreeze["vision_encoder"].warmup_steps) == (5, 2)
+    assert load_recipe(QUICKSTART, [*frozen, *staged, "unfreeze={}"]).unfreeze == {}
+    config = {"model_type": "qwen2", "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1}
+    replaced = load_recipe(QUICKSTART, [*TINY, f"model.language.config={json.dumps(config)}"])
+    assert replaced.model.language.config == config
+
+
+def test_the_validation_split_follows_data_split_seed_not_train_seed(tmp_path):
+    """Every seed of a seed sweep validates on the same episodes; a checkpoint's config.yaml saved
+    before data.split_seed existed split by train.seed, and reads so."""
+    from robot_data import SyntheticReader
+    from vla_ft.data import split_train_val
+    from vla_ft.evaluate import eval_recipe
+
+    reader = SyntheticReader(episodes=10, episode_length=4)
+
+    def val(*overrides: str) -> list[int]:
+        return split_train_val(
+            load_recipe(QUICKSTART, [*TINY, "data.val_ratio=0.3", *overrides]), reader, list(range(10))
+        )[1]
+
+    assert val("train.seed=0") == val("train.seed=1") == val("train.seed=2")
+    assert any(val(f"data.split_seed={s}") != val() for s in range(1, 4))
+    old = to_dict(load_recipe(QUICKSTART, [*TINY, "train.seed=3"]))
+    del old["data"]["split_seed"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert eval_recipe(tmp_path, []).data.split_seed == 3

@@ -13,7 +13,7 @@ goes on; the command then exits 1::
     <output_dir>/
       <variant>/              a normal run directory: checkpoints/, metrics.jsonl, config.yaml, ...
         run_summary.json      written after each segment: finished? halted or failed (the error),
-                              wall time, peak memory, params, the recipe
+                              wall time, peak memory, params, the recipe, the train.steps of its segments
       summary.csv             one row per variant: status, steps, trainable params, best and final <metric>
                               (+ step), final headline val metrics, median samples/s, wall time, peak
                               memory, and the error of a failed or halted variant
@@ -124,8 +124,8 @@ def is_done(recipe: Recipe) -> bool:
     """Skip a variant whose last segment finished this very recipe and whose checkpoint is still
     there, or that halted on non-finite steps (it would diverge again: change the recipe instead)."""
     summary = read_summary(Path(recipe.output_dir))
-    if summary.get("recipe") != _comparable(recipe):
-        return False
+    if summary.get("recipe") != _comparable(recipe) or summary.get("failed"):
+        return False  # a variant that failed after its last checkpoint (a full disk) runs its ending again
     if summary.get("halted"):
         return True
     return bool(summary.get("finished")) and is_finished(recipe, checkpoint_state(recipe))
@@ -163,6 +163,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
         "halted": halted,
         "failed": failed,
         "segments": previous.get("segments", 0) + 1,
+        "train_steps": _appended(previous.get("train_steps", []), recipe.train.steps),
         "wall_s": previous.get("wall_s", 0.0) + wall,
         "peak_mem_gb": max(previous.get("peak_mem_gb", 0.0), peak_memory_gb(device)),
         "peak_mem_kind": kind,
@@ -179,6 +180,11 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
 
         torch.cuda.empty_cache()
     return summary
+
+
+def _appended(history: list[int], steps: int) -> list[int]:
+    """The train.steps each run of a variant trained toward, a repeat not listed again."""
+    return history if history[-1:] == [steps] else [*history, steps]
 
 
 def report_failure(err: Exception) -> None:

@@ -69,6 +69,9 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
             "peak_mem_kind": info.get("peak_mem_kind", ""),
         }
     )
+    if len(info.get("train_steps", [])) > 1:  # a sweep relaunched longer: the schedule bent mid-run
+        changed = " -> ".join(map(str, info["train_steps"]))
+        row["note"] = f"train.steps {changed} while it trained: not the LR schedule of a fresh run"
     if info.get("failed") or info.get("halted"):
         row["error"] = info.get("failed") or info.get("halted")
     return row
@@ -93,11 +96,12 @@ def variant_status(info: dict[str, Any]) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Every key of every row, first seen first; the error (long, of a few rows) last."""
+    """Every key of every row, first seen first; the note and the error (long, of a few rows) last."""
     cols: list[str] = []
     for row in rows:
         cols += [k for k in row if k not in cols]
-    return [c for c in cols if c != "error"] + ["error"] * ("error" in cols)
+    last = [c for c in ("note", "error") if c in cols]
+    return [c for c in cols if c not in last] + last
 
 
 def _fmt(value: Any) -> str:

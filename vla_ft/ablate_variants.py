@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vla_ft.config import LOADER_KEYS, Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
-from vla_ft.config.loader import parse_value
+from vla_ft.config.loader import parse_value, set_key
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 # What ablate sets for every variant itself: a variant setting it would be silently undone.
@@ -43,12 +43,13 @@ class Variant:
 
 # ----------------------------------------------------------------------------- variants
 def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets/braces/quotes: ``[1,2],[3]`` -> ``['[1,2]', '[3]']``."""
+    """Split on ``sep`` outside brackets/braces/quotes: ``[1,2],[3]`` -> ``['[1,2]', '[3]']``.
+    A quote opens only at the start of a value (YAML's rule): ``what's,next`` is two values."""
     parts, depth, quote, current = [], 0, "", ""
     for ch in text:
         if quote:
             quote = "" if ch == quote else quote
-        elif ch in "'\"":
+        elif ch in "'\"" and not current.strip():
             quote = ch
         elif ch in "[{":
             depth += 1
@@ -59,6 +60,8 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
             current = ""
             continue
         current += ch
+    if quote:
+        raise RecipeError(f"--grid values '{text}': a quote {quote} is never closed", "command line")
     return [*parts, current]
 
 
@@ -112,14 +115,7 @@ def combine(recipe_variants: list[Variant], grid: list[Variant]) -> list[Variant
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = copy.deepcopy(value)
+    set_key(raw, dotted.split("."), value)
 
 
 def variant_recipe(base_raw: dict[str, Any], variant: Variant, root: Path) -> Recipe:
@@ -140,7 +136,12 @@ def plan(
 ) -> tuple[Recipe, list[tuple[Variant, Recipe]]]:
     """Validate the base recipe and every variant (all problems at once) before anything trains."""
     base_raw = apply_overrides(read_yaml(recipe_path), list(overrides))
+    from vla_ft.metrics import direction_problems  # torch: only when a sweep is planned
+
     base = recipe_from_dict(base_raw, str(recipe_path))
+    a = base.ablation
+    if mode_problems := direction_problems(a.metric, a.mode, ("ablation.metric", "ablation.mode")):
+        raise RecipeError(mode_problems, str(recipe_path))
     named = [Variant(name, dict(ov or {})) for name, ov in base.ablation.variants.items()]
     variants = combine(named, grid_variants(grid))
     if not variants:
@@ -200,7 +201,7 @@ def _written(variant: Variant, key: str) -> str:
 def trained_elsewhere_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:
     """A variant's run directory with checkpoints of another recipe (a changed override, base
     key or --grid value): resuming or skipping it would report those results as this recipe's."""
-    from vla_ft.checkpoint import latest_checkpoint
+    from vla_ft.checkpoint import latest_checkpoint, step_of
     from vla_ft.run_state import read_saved_recipe, recipe_changes
 
     problems = []
@@ -208,6 +209,12 @@ def trained_elsewhere_problems(planned: list[tuple[Variant, Recipe]]) -> list[st
         run_dir = Path(recipe.output_dir)
         path = latest_checkpoint(run_dir / "checkpoints")
         changes = recipe_changes(read_saved_recipe(path), recipe, RERUN_MAY_CHANGE) if path is not None else []
+        step = step_of(path) if path is not None else 0
+        if step > recipe.train.steps:  # its row would compare more steps than the other variants train
+            problems.append(
+                f"variant '{variant.name}': {run_dir} trained to step {step} already, beyond train.steps="
+                f"{recipe.train.steps}; set train.steps >= {step}, delete {run_dir}, or choose a new output_dir"
+            )
         if changes:
             problems.append(
                 f"variant '{variant.name}': {run_dir} was trained with another recipe ({'; '.join(changes)}); "

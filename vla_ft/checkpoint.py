@@ -63,6 +63,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a ``step_<N>`` checkpoint directory."""
+    match = STEP_DIR.fullmatch(path.name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a step_<N> checkpoint directory")
+    return int(match[1])
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

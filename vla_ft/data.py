@@ -520,9 +520,9 @@ def split_train_val(recipe: Recipe, reader: Any, episodes: list[int]) -> tuple[l
     if not d.val_filter:
         try:
             if isinstance(reader, MixtureReader) and not d.val_episodes:  # every source validates
-                parts = [split_episodes(ids, d.val_ratio, (), recipe.train.seed) for ids in _by_source(reader, pool)]
+                parts = [split_episodes(ids, d.val_ratio, (), d.split_seed) for ids in _by_source(reader, pool)]
                 return sorted(e for train, _ in parts for e in train), sorted(e for _, val in parts for e in val)
-            return split_episodes(pool, d.val_ratio, d.val_episodes, recipe.train.seed)
+            return split_episodes(pool, d.val_ratio, d.val_episodes, d.split_seed)
         except ValueError as err:  # an unknown or every episode in data.val_episodes: the message names it
             key = str(err).split(":", 1)[0]
             raise RecipeError(

@@ -269,7 +269,7 @@ def best_metric_problems(recipe: Recipe, action_dim: int | None = None) -> list[
         action_dim = int(index.group(2)) + 1 if index else 1
     names = validation_names(recipe, action_dim)
     if key in names:
-        return _direction_problems(key, recipe.train.best_mode)
+        return direction_problems(key, recipe.train.best_mode)
     needs = _left_out(recipe, key, action_dim)
     if needs:
         return [f"train.best_metric: '{key}' is logged only with {needs}"]
@@ -285,16 +285,20 @@ HIGHER_IS_BETTER = ("_acc", "_f1", "/success_rate", "/mean_reward")
 """Suffixes of the validation metrics where higher is better; every other one is a loss or an error."""
 
 
-def _direction_problems(key: str, mode: str) -> list[str]:
+def direction_problems(
+    key: str, mode: str, keys: tuple[str, str] = ("train.best_metric", "train.best_mode")
+) -> list[str]:
     """A best_mode against the metric's direction would keep the worst checkpoint as best and stop
-    early while the metric still improves; the baseline's error is the same at every validation."""
+    early while the metric still improves (an ablation would crown its worst variant); the
+    baseline's error is the same at every validation. ``keys``: the recipe's (metric, mode) keys."""
+    metric, mode_key = keys
     if key.endswith("/baseline_l1"):
-        return [f"train.best_metric: '{key}' is the mean-action baseline's error, which training does not change"]
+        return [f"{metric}: '{key}' is the mean-action baseline's error, which training does not change"]
     want = "max" if key.endswith(HIGHER_IS_BETTER) else "min"
     if mode == want:
         return []
     better = "higher" if want == "max" else "lower"
-    return [f"train.best_mode: {mode}, but {better} is better for '{key}': set train.best_mode: {want}"]
+    return [f"{mode_key}: {mode}, but {better} is better for '{key}': set {mode_key}: {want}"]
 
 
 def _closest(recipe: Recipe, key: str, action_dim: int, names: list[str]) -> str:

@@ -413,4 +413,7 @@ def read_saved_recipe(path: Path) -> dict[str, Any]:
         saved = load_yaml((path / "config.yaml").read_text())
         if not isinstance(saved, dict):
             raise ValueError(f"a recipe is a mapping, this holds {type(saved).__name__}")
-        return saved
+    data, train = saved.get("data"), saved.get("train")
+    if isinstance(data, dict) and "split_seed" not in data:  # saved before data.split_seed: train.seed split
+        data["split_seed"] = train.get("seed", 0) if isinstance(train, dict) else 0
+    return saved

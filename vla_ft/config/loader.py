@@ -6,6 +6,7 @@ suggesting the nearest valid one; then the cross-key checks of :mod:`vla_ft.conf
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -175,15 +176,39 @@ def parse_value(text: str, where: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Merge ``key.sub=value`` strings (values parsed as YAML) onto a raw recipe dict."""
     for text in overrides:
-        path, value = _parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[path[-1]] = value
+        set_key(raw, *_parse_override(text))
     return raw
+
+
+def set_key(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set the dotted ``path`` of a raw recipe dict to ``value``.
+
+    A mapping given for a section (``optim={lr: 3e-4}``, ``unfreeze.vision_encoder={at_step: 5}``)
+    is merged into it key by key: replacing it would silently reset the section's other keys to
+    their defaults. A mapping for a free-form key (``model.language.config``, ``unfreeze``,
+    ``ablation.variants``) replaces what was there, so ``unfreeze={}`` clears it.
+    """
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict) and _names_section(path):
+        for key, sub in value.items():
+            set_key(raw, [*path, str(key)], sub)
+    else:
+        node[path[-1]] = copy.deepcopy(value)
+
+
+def _names_section(path: list[str]) -> bool:
+    """Whether ``path`` names a dataclass section of the schema (an entry of ``unfreeze`` is one)."""
+    tp: Any = Recipe
+    for part in path:
+        tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else _dict_entry(tp)
+        if tp is None:
+            return False
+    return dataclasses.is_dataclass(tp)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -173,6 +173,10 @@ class DataConfig:
     chunk: int = doc("future actions predicted per sample", 8)
     history: int = doc("state frames per sample (1 = current only)", 1)
     val_ratio: float = doc("fraction of episodes held out for validation", 0.1)
+    split_seed: int = doc(
+        "seed of the episodes val_ratio holds out (not train.seed: every seed of a sweep validates on the same ones)",
+        0,
+    )
     val_episodes: list[int] = doc("explicit validation episode indices (overrides val_ratio)", factory=list)
     train_filter: str | None = doc("robomimic filter key (mask/<key>) to train on, e.g. 20_percent", None)
     val_filter: str | None = doc("robomimic filter key to validate on, e.g. valid (overrides val_ratio)", None)
@@ -478,7 +482,14 @@ DATA_SOURCE = (
     "data.action_key",
 )
 """Which dataset and which of its features: a resume may not change them; an eval may point elsewhere."""
-DATA_SPLIT = ("data.val_ratio", "data.val_episodes", "data.train_filter", "data.val_filter", "data.skip_bad_episodes")
+DATA_SPLIT = (
+    "data.val_ratio",
+    "data.split_seed",
+    "data.val_episodes",
+    "data.train_filter",
+    "data.val_filter",
+    "data.skip_bad_episodes",
+)
 """Which episodes train and which validate."""
 LOADER_KEYS = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
 """How batches are loaded, never what they hold."""
