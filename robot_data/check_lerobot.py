@@ -22,7 +22,9 @@ from robot_data.lerobot import (
     check_keys,
     column_to_numpy,
     feature_width,
+    flatten_rows,
     is_list_type,
+    leaf_type,
     null_index_cells,
 )
 from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
@@ -77,8 +79,7 @@ def _type_problems(schema: pa.Schema, meta: LeRobotMeta, keys: list[str]) -> lis
     """
     out = []
     for key in keys:
-        field_type = schema.field(key).type
-        value_type = field_type.value_type if is_list_type(field_type) else field_type
+        value_type = leaf_type(schema.field(key).type)
         want = NUMPY_DTYPES.get(meta.features[key].get("dtype", ""))
         if want is None or value_type == want:
             continue
@@ -98,7 +99,7 @@ def _width_problems(table: pa.Table, meta: LeRobotMeta, keys: list[str]) -> dict
         if width is None:  # no shape in info.json: nothing to compare with
             out[key] = np.zeros(0, np.int64)
             continue
-        column = table[key].combine_chunks()
+        column = flatten_rows(table[key].combine_chunks())
         if is_list_type(column.type):
             lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
         else:

@@ -139,7 +139,8 @@ class HDF5Reader(Reader):
         self.cameras = list(self.camera_keys)
         holders = [first, first.parent, first.file]  # robomimic: demo, data group, file; ALOHA: the file
         self.fps = float(fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), spec["fps"]))
-        action_dim = first[self.action_key].shape[1]  # before the lengths: opening every file closes the first
+        action = first[self.action_key]  # before the lengths: opening every file closes the first
+        action_dim = action.shape[1] if action.ndim > 1 else 1  # (T,): one action dim, as numeric() reads it
         lengths = {i: self._length(i) for i in self._sources}
         self._episodes = [Episode(i, lengths[i], tasks[i]) for i in sorted(self._sources)]
         self.gripper_dims = {"aloha": [6, 13] if action_dim == 14 else [], "robomimic": [action_dim - 1]}[layout]
@@ -315,8 +316,14 @@ class HDF5Reader(Reader):
         *parts, action = self._datasets(episode_index, [*self.state_keys, self.action_key])
         state = np.concatenate(parts, axis=1)
         group = self.group(episode_index)
-        if "timestamp" in group:
-            timestamp = np.asarray(group["timestamp"], np.float64)
+        if "timestamp" in group:  # seconds from the episode start, whatever clock the recorder used
+            timestamp = np.asarray(group["timestamp"], np.float64).reshape(-1)
+            if len(timestamp) != len(action):
+                raise DatasetFormatError(
+                    f"{self.location(episode_index)}: timestamp has {len(timestamp)} rows, "
+                    f"{self.action_key} {len(action)}"
+                )
+            timestamp = timestamp - timestamp[:1]
         else:
             timestamp = np.arange(len(action), dtype=np.float64) / self.fps
         text = self._text_rows(episode_index, len(action)) if self.text_key else None

@@ -39,6 +39,31 @@ def is_list_type(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
+def leaf_type(t: pa.DataType) -> pa.DataType:
+    """The value type under every list level: float32 for list<list<float32>>."""
+    while is_list_type(t):
+        t = t.value_type
+    return t
+
+
+def flatten_rows(column: pa.Array) -> pa.Array:
+    """Each row's values in row-major order, one list level: LeRobot stores a feature of 2-D shape
+    as ``datasets.Array2D``, a list of lists per row. A row with a null inside becomes null."""
+    if not (is_list_type(column.type) and is_list_type(column.type.value_type)):
+        return column
+
+    def flat(row: list | None) -> list | None:
+        out: list = []
+        for value in row or ():
+            value = flat(value) if isinstance(value, list) else value
+            if value is None:
+                return None
+            out += value if isinstance(value, list) else [value]
+        return out if row is not None else None
+
+    return pa.array([flat(r) for r in column.to_pylist()], pa.list_(leaf_type(column.type)))
+
+
 def column_to_numpy(
     column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32, width: int | None = None
 ) -> np.ndarray:
@@ -50,6 +75,7 @@ def column_to_numpy(
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    column = flatten_rows(column)
     if not is_list_type(column.type):
         return column.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), 1)
     lengths = pc.list_value_length(column)
@@ -139,11 +165,20 @@ def gripper_dims(feature: dict[str, Any]) -> list[int]:
     return [i for i, n in enumerate(names) if "gripper" in str(n).lower()]
 
 
+NOT_NUMBERS = ("image", "video", "string")
+"""Feature dtypes a state or action key cannot name."""
+
+
 def check_keys(path: str | Path, features: dict[str, Any], **keys: str | None) -> None:
-    """Raise :class:`UnknownFeatureError` for the first key (role=name) naming no feature; None is unset."""
+    """Raise :class:`UnknownFeatureError` for the first key (role=name) naming no feature, and a
+    DatasetFormatError for a state or action key naming images, videos or strings; None is unset."""
     for role, key in keys.items():
         if key is not None and key not in features:
             raise UnknownFeatureError(role, key, path, list(features))
+        dtype = features[key].get("dtype") if key is not None else None
+        if role in ("state_key", "action_key") and dtype in NOT_NUMBERS:
+            numbers = [k for k, f in features.items() if f.get("dtype") not in NOT_NUMBERS and k not in INDEX_COLUMNS]
+            raise DatasetFormatError(f"data.{role}: '{key}' of {path} has dtype {dtype}; numeric features: {numbers}")
 
 
 class LeRobotReader(Reader):

@@ -248,6 +248,9 @@ def load_meta(root: str | Path) -> LeRobotMeta:
     missing = [k for k in ("codebase_version", "fps", "features", "data_path") if info.get(k) is None]
     if missing:
         raise DatasetFormatError(f"{root / 'meta/info.json'}: missing or null key(s) {missing}")
+    fps = info["fps"]
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not fps > 0:
+        raise DatasetFormatError(f"{root / 'meta/info.json'}: fps is {fps!r}, not a positive number")
     if not isinstance(info["features"], dict) or not all(isinstance(f, dict) for f in info["features"].values()):
         raise DatasetFormatError(f"{root / 'meta/info.json'}: features is not a mapping of name -> feature")
     videos = [k for k, f in info["features"].items() if f.get("dtype") == "video"]

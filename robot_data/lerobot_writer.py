@@ -116,10 +116,14 @@ class _Writer:
         gop: int,
         text_name: str | None,
         tasks: list[str],
+        episodes: list[Episode],
     ):
         self.reader, self.out, self.version, self.video = reader, out, version, video
         self.codec, self.gop, self.text_name = codec, gop, text_name
         self.task_ids = {t: i for i, t in enumerate(tasks)}
+        # Written episodes are numbered 0..N-1 in order: LeRobot finds an episode's metadata by its
+        # position, so a source's gaps (a skipped episode, ids from 1) would name another episode.
+        self.ids = {e.index: i for i, e in enumerate(episodes)}
 
     def _table(self, ep: Episode, arrays: EpisodeArrays, first_index: int) -> pa.Table:
         n = len(arrays.state)
@@ -130,9 +134,11 @@ class _Writer:
                 cols[camera] = pa.array([{"bytes": _png(im), "path": None} for im in images], IMAGE_TYPE)
         if self.text_name:
             cols[self.text_name] = pa.array(arrays.text, pa.string())
-        cols["timestamp"] = pa.array(arrays.timestamp.astype(np.float32))
+        # frame_index / fps, as the videos are encoded and LeRobot reads them (a source's own clock,
+        # an HDF5 timestamp of seconds since boot say, would point past every video segment).
+        cols["timestamp"] = pa.array((np.arange(n) / self.reader.fps).astype(np.float32))
         cols["frame_index"] = pa.array(np.arange(n, dtype=np.int64))
-        cols["episode_index"] = pa.array(np.full(n, ep.index, np.int64))
+        cols["episode_index"] = pa.array(np.full(n, self.ids[ep.index], np.int64))
         cols["index"] = pa.array(np.arange(first_index, first_index + n, dtype=np.int64))
         cols["task_index"] = pa.array([self.task_ids[t] for t in frame_tasks(ep, arrays.tasks)], pa.int64())
         return pa.table(cols)
@@ -143,7 +149,8 @@ class _Writer:
         if self.version == "v3.0":
             path = self.out / V3_DATA.format(chunk_index=chunk, file_index=file_index)
         else:
-            path = self.out / V2_DATA.format(episode_chunk=group[0].index // CHUNKS_SIZE, episode_index=group[0].index)
+            new = self.ids[group[0].index]
+            path = self.out / V2_DATA.format(episode_chunk=new // CHUNKS_SIZE, episode_index=new)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows, writer = [], None
         for ep in group:
@@ -153,7 +160,7 @@ class _Writer:
             writer.write_table(table)
             rows.append(
                 {
-                    "episode_index": ep.index,
+                    "episode_index": self.ids[ep.index],
                     "tasks": list(dict.fromkeys(frame_tasks(ep, arrays.tasks))),
                     "length": ep.length,
                     "data/chunk_index": chunk,
@@ -177,9 +184,8 @@ class _Writer:
         if self.version == "v3.0":
             path = self.out / V3_VIDEO.format(video_key=camera, chunk_index=chunk, file_index=file_index)
         else:
-            path = self.out / V2_VIDEO.format(
-                episode_chunk=group[0].index // CHUNKS_SIZE, video_key=camera, episode_index=group[0].index
-            )
+            new = self.ids[group[0].index]
+            path = self.out / V2_VIDEO.format(episode_chunk=new // CHUNKS_SIZE, video_key=camera, episode_index=new)
         frames = (im for ep in group for im in self.reader.frames(ep.index, camera, range(ep.length)))
         encode_video(frames, path, self.reader.fps, self.codec, self.gop)
         offset = 0
@@ -236,6 +242,11 @@ def check_new_directory(out: Path) -> None:
         raise FileExistsError(f"{out}: exists and is not empty; choose a new or empty output directory")
 
 
+def renumbering(reader: Reader) -> dict[int, int]:
+    """{source id: written id} of the episodes :func:`write_lerobot` writes under another id."""
+    return {e.index: i for i, e in enumerate(reader.episodes()) if e.index != i}
+
+
 def write_lerobot(
     reader: Reader,
     out_dir: str | Path,
@@ -246,7 +257,8 @@ def write_lerobot(
     text_name: str | None = "narration",
     gop: int = 2,
 ) -> Path:
-    """Write every episode of ``reader`` under ``out_dir`` (which must not exist or be empty).
+    """Write every episode of ``reader`` under ``out_dir`` (which must not exist or be empty), as
+    episodes 0..N-1 in the reader's order (:func:`renumbering` gives the ids that changed).
 
     video: MP4 per camera (``codec`` h264 or av1, keyframe every ``gop`` frames) instead of
     PNG bytes in parquet. text_name: column for the reader's per-frame text (skipped when the
@@ -259,7 +271,8 @@ def write_lerobot(
     episodes = reader.episodes()
     first = reader.numeric(episodes[0].index)
     tasks = list(dict.fromkeys(t for e in episodes for t in frame_tasks(e, reader.numeric(e.index).tasks)))
-    writer = _Writer(reader, out, version, video, codec, gop, text_name if first.text is not None else None, tasks)
+    text = text_name if first.text is not None else None
+    writer = _Writer(reader, out, version, video, codec, gop, text, tasks, episodes)
     per_file = episodes_per_file if version == "v3.0" else 1
     rows, index = [], 0
     for number, start in enumerate(range(0, len(episodes), per_file)):

@@ -607,3 +607,81 @@ def test_hdf5_writer_has_the_keys_the_real_loaders_read(tmp_path):
             for key in ("actions", "rewards", "dones"):
                 assert key in demo and len(demo[key]) == demo.attrs["num_samples"] == ep.length, key
             assert demo["dones"][-1] == 1 and not demo["dones"][:-1].any()
+
+
+def test_a_converted_dataset_numbers_its_episodes_from_0_on_a_clock_from_0(tmp_path):
+    """ALOHA episodes 2 and 10, with a recorder's clock (seconds since boot): LeRobot finds an
+    episode's metadata and video segment by position and time from the episode start, so the
+    written episodes are 0 and 1 at frame_index / fps; their frames and numbers are the source's."""
+    from robot_data.lerobot_writer import LeRobotCameraNames, renumbering
+
+    source = write_aloha(SyntheticReader(episodes=2, episode_length=5, image_size=16), tmp_path / "src")
+    aloha = tmp_path / "aloha"
+    aloha.mkdir()
+    for old, new in ((0, 2), (1, 10)):
+        shutil.copy(source / f"episode_{old}.hdf5", aloha / f"episode_{new}.hdf5")
+        with h5py.File(aloha / f"episode_{new}.hdf5", "a") as f:
+            f.create_dataset("timestamp", data=1000.0 * new + np.arange(5) / 50)
+    reader = LeRobotCameraNames(build_reader("hdf5", path=str(aloha), layout="aloha"))
+    np.testing.assert_allclose(reader.numeric(10).timestamp, np.arange(5) / 50)  # from the episode start
+    assert renumbering(reader) == {2: 0, 10: 1}
+    out = write_lerobot(reader, tmp_path / "lerobot", video=True, text_name=None)
+    assert check_dataset(str(out), "lerobot") == []
+    written = build_reader("lerobot", path=str(out))
+    assert [e.index for e in written.episodes()] == [0, 1]
+    for new, old in ((0, 2), (1, 10)):
+        np.testing.assert_array_equal(written.numeric(new).action, reader.numeric(old).action)
+        np.testing.assert_allclose(written.numeric(new).timestamp, np.arange(5) / reader.fps, atol=1e-6)
+        camera = written.cameras[0]
+        got, want = written.frames(new, camera, [4]), reader.frames(old, camera, [4])
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 8  # the same frame, through h264
+
+
+def test_hdf5_timestamps_of_another_length_and_1d_actions(tmp_path):
+    """A timestamp dataset one row short is an error naming the file; a (T,) action dataset is one
+    action dim (it crashed at open with an IndexError naming nothing)."""
+    short, flat = (write_aloha(SyntheticReader(episodes=1, episode_length=4, image_size=8), tmp_path / n) for n in "ab")
+    with h5py.File(short / "episode_0.hdf5", "a") as f:
+        f.create_dataset("timestamp", data=np.arange(3) / 50)
+    with pytest.raises(DatasetFormatError, match=r"episode_0.hdf5:/: timestamp has 3 rows, action 4"):
+        build_reader("hdf5", path=str(short), layout="aloha").numeric(0)
+    with h5py.File(flat / "episode_0.hdf5", "a") as f:
+        action = f["action"][:, 0]
+        del f["action"]
+        f.create_dataset("action", data=action)
+    reader = build_reader("hdf5", path=str(flat), layout="aloha")
+    assert reader.gripper_dims == []
+    np.testing.assert_array_equal(reader.numeric(0).action, action[:, None])
+
+
+def test_a_2d_lerobot_feature_reads_row_major(tmp_path):
+    """LeRobot stores a feature of shape [2, 2] as datasets.Array2D, a list of lists per row; it
+    read as NaN rows, and the check blamed the column type."""
+    import pyarrow as pa
+
+    out = write_lerobot(SyntheticReader(episodes=2, episode_length=3, image_size=8), tmp_path / "ds", video=False)
+    path = out / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    state = np.arange(table.num_rows * 4, dtype=np.float32).reshape(-1, 2, 2)
+    column = pa.array(state.tolist(), pa.list_(pa.list_(pa.float32())))
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("observation.state"), "observation.state", column), path
+    )
+    info = json.loads((out / "meta/info.json").read_text())
+    info["features"]["observation.state"]["shape"] = [2, 2]
+    (out / "meta/info.json").write_text(json.dumps(info))
+    reader = build_reader("lerobot", path=str(out))
+    np.testing.assert_array_equal(reader.numeric(1).state, state[3:].reshape(3, 4))
+    assert check_dataset(str(out), "lerobot") == []
+
+
+def test_lerobot_meta_that_cannot_be_read_names_the_file_or_key(tmp_path):
+    """fps 0 divided by zero; a state key naming a camera failed in float() with a TypeError."""
+    out = write_lerobot(SyntheticReader(episodes=1, episode_length=3, image_size=8), tmp_path / "ds", video=False)
+    with pytest.raises(DatasetFormatError, match=r"data.state_key: 'observation.images.top' of .* has dtype image"):
+        build_reader("lerobot", path=str(out), state_key="observation.images.top")
+    info = json.loads((out / "meta/info.json").read_text())
+    for fps in (0, "30", None):
+        (out / "meta/info.json").write_text(json.dumps({**info, "fps": fps}))
+        with pytest.raises(DatasetFormatError, match=r"meta/info.json: (fps is .*, not a positive number|missing)"):
+            build_reader("lerobot", path=str(out))

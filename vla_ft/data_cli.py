@@ -39,7 +39,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Any dataset the readers take, written as a LeRobot dataset (cameras as observation.images.<name>)."""
     from robot_data import build_reader
-    from robot_data.lerobot_writer import LeRobotCameraNames, write_lerobot
+    from robot_data.lerobot_writer import LeRobotCameraNames, renumbering, write_lerobot
 
     kwargs: dict = {"path": args.src, "state_key": args.state_key, "action_key": args.action_key}
     kwargs |= {"text_key": args.text_key} if args.text_key else {}
@@ -50,6 +50,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for index in sorted(source.skipped):
         print(f"skipped episode {index}: {source.reader.unreadable[index]}", file=sys.stderr)
     out = write_lerobot(source, args.out, video=args.video, codec=args.codec, version=args.version)
+    moved = renumbering(source)
+    if moved:
+        pairs = ", ".join(f"{old} -> {new}" for old, new in moved.items())
+        print(f"episode ids renumbered 0..N-1, as LeRobot needs them (source -> written): {pairs}")
     kind = f"{args.codec} video" if args.video else "images in parquet"
     print(f"wrote {len(source.episodes())} episodes of {args.src} ({kind}, LeRobot {args.version}) to {out}")
     return 0
