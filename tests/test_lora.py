@@ -84,6 +84,45 @@ def test_vision_adapters_a_forward_never_calls_are_refused(tmp_path):
     _lora_model(tmp_path, *beit, "model.lora.vision_target_modules=[proj]")
 
 
+@pytest.mark.parametrize("features", ["patch", "pooled"])
+def test_vision_adapters_go_only_on_layers_the_encoder_uses(tmp_path, features):
+    """SigLIP's attention-pooling head runs only for pooled features: with patch tokens (OpenVLA's
+    way) its ``proj`` gets no adapter, so the default ``[qkv, proj]`` adapts the blocks; a pattern
+    that names only the idle head is refused. The adapters that are built all get a gradient."""
+    siglip = [
+        "model.vision.name=vit_base_patch16_siglip_224",
+        "model.lora.vision=true",
+        f"model.vision.features={features}",
+    ]
+    _, model = _lora_model(tmp_path, *siglip, "model.lora.vision_target_modules=[qkv, proj]")
+    backbone = model.vision_encoder.backbones[0]
+    adapted = {n.removeprefix("base_model.model.") for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj"} <= adapted
+    assert ("attn_pool.proj" in adapted) == (features == "pooled")
+    _perturb_adapters(backbone)
+    model.vision_encoder(torch.randint(0, 255, (1, 1, 3, 64, 64), dtype=torch.uint8)).sum().backward()
+    assert all(p.grad is not None for n, p in backbone.named_parameters() if "lora_" in n)
+    if features == "patch":
+        with pytest.raises(
+            RecipeError, match=r"pattern\(s\) \['kv'\] match only layers this model's forward never uses"
+        ):
+            _lora_model(tmp_path, *siglip, "model.lora.vision_target_modules=[qkv, kv]")
+
+
+def test_a_cnn_is_probed_at_the_recipes_image_size(tmp_path):
+    """Inception v3 needs at least 75 px: the adapter probe ran at 64 and crashed in a conv."""
+    cnn = ["model.vision.name=inception_v3", "model.vision.img_size=160", "model.vision.kwargs={}"]
+    _, model = _lora_model(tmp_path, *cnn, "model.lora.vision=true", "model.lora.vision_target_modules=[conv]")
+    assert any(hasattr(m, "lora_A") for m in model.vision_encoder.modules())
+
+
+def test_all_linear_is_the_only_entry_in_any_case(tmp_path):
+    with pytest.raises(RecipeError, match="all-linear adapts every linear layer, so it must be the only entry"):
+        _lora_model(tmp_path, "model.lora.target_modules=[all-linear, lm_head]")
+    _, model = _lora_model(tmp_path, "model.lora.target_modules=[ALL-LINEAR]")
+    assert any(n.endswith("down_proj") for n, m in model.language_model.named_modules() if hasattr(m, "lora_A"))
+
+
 def test_a_group_for_vision_adapters_alone_is_accepted(tmp_path):
     """Vision LoRA without LM LoRA: the frozen encoder's adapters train, so its group is read."""
     vision = ["model.lora.vision=true", "freeze.vision_encoder=true", "optim.groups.vision_encoder.lr=1e-4"]

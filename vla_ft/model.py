@@ -338,5 +338,5 @@ def build_model(
         )
     if recipe.model.language.quantize != "none":
         quantize_linears(model.language_model, recipe.model.language.quantize, device)
-    apply_lora(model, recipe.model.lora)
+    apply_lora(model, recipe.model)
     return model

@@ -217,7 +217,7 @@ def _checkpoint_model(directory: Path, cfg: ModelConfig, dims: dict[str, int]) -
     if cfg.language.quantize != "none":  # 4-bit layers whose codes the weights file holds
         # DoRA's adapters read their base weight when built, so it must hold codes (replaced by the file's)
         quantize_linears(model.language_model, cfg.language.quantize, "cpu" if cfg.lora.use_dora else None)
-    apply_lora(model, cfg.lora)  # same module tree as in training, so the load below is strict
+    apply_lora(model, cfg)  # same module tree as in training, so the load below is strict
     with ck.reading(directory / "model.safetensors", directory):
         load_weights(model, directory / "model.safetensors")
     return model
