@@ -206,3 +206,12 @@ def test_vision_lora_adapters_train_and_are_saved_in_peft_format(tmp_path):
         assert not torch.allclose(tiny_vit(seed=123).eval().forward_features(pixels), ours, atol=1e-3)
     model.train()(fake_batch(model))["actions"].sum().backward()
     assert all(p.grad is not None for p in model.vision_encoder.parameters() if p.requires_grad)
+
+
+def test_an_output_layer_adapter_in_a_run_without_language_is_refused(tmp_path):
+    """lm_head's adapter trains only through language logits: without a language term its lora_B
+    stayed 0 while it was counted as trained."""
+    with pytest.raises(RecipeError, match="the LM's output layer is adapted, but this run trains no language"):
+        _lora_model(tmp_path, "model.lora.target_modules=[q_proj, lm_head]", "data.language_target=none")
+    _lora_model(tmp_path, "model.lora.target_modules=[q_proj, lm_head]", "data.language_target=text")
+    _lora_model(tmp_path, "model.lora.target_modules=[q_proj]", "data.language_target=none")

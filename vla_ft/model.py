@@ -339,4 +339,20 @@ def build_model(
     if recipe.model.language.quantize != "none":
         quantize_linears(model.language_model, recipe.model.language.quantize, device)
     apply_lora(model, recipe.model)
+    check_output_adapter(model, recipe)
     return model
+
+
+def check_output_adapter(model: VLA, recipe: Recipe) -> None:
+    """An adapter on the LM's output layer (``lm_head``) trains only through language logits: in a
+    run without a language term it would stay a no-op, counted as trained."""
+    from vla_ft.metrics import trains_language
+
+    if "language_model" not in model.lora_modules or trains_language(recipe):
+        return
+    head = model.language_model.get_output_embeddings()
+    if hasattr(head, "lora_A"):
+        raise RecipeError(
+            "model.lora.target_modules: the LM's output layer is adapted, but this run trains no language "
+            "(data.language_target none, or a language weight of 0): its adapter would never train; leave it out"
+        )
