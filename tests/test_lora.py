@@ -215,3 +215,19 @@ def test_an_output_layer_adapter_in_a_run_without_language_is_refused(tmp_path):
         _lora_model(tmp_path, "model.lora.target_modules=[q_proj, lm_head]", "data.language_target=none")
     _lora_model(tmp_path, "model.lora.target_modules=[q_proj, lm_head]", "data.language_target=text")
     _lora_model(tmp_path, "model.lora.target_modules=[q_proj]", "data.language_target=none")
+
+
+def test_lora_on_an_lm_whose_vocabulary_grew_for_the_tokenizer_refuses_a_language_target(tmp_path):
+    """A pretrained LM of 200 rows under a 284-token tokenizer: the 84 new rows (the action tokens
+    among them) stay frozen at their initial values under LoRA, so a language target saying them
+    could not learn; without a language target, or without LoRA, the run is fine."""
+    from tiny_models import save_lm_dir
+
+    save_lm_dir(tmp_path / "lm", vocab=200)
+    small = [f"model.language.name={tmp_path / 'lm'}", "model.language.config={}"]
+    with pytest.raises(RecipeError, match="the tokenizer has 84 more tokens than the LM's vocabulary; LoRA keeps"):
+        _lora_model(tmp_path, *small, "data.language_target=text")
+    _, model = _lora_model(tmp_path, *small, "data.language_target=none")
+    assert model.language_model.get_input_embeddings().num_embeddings == 284
+    recipe = tiny_recipe(tmp_path, *small, "data.language_target=text")
+    build_model(recipe, n_cameras=1, **DIMS)  # a full fine-tune trains the new rows

@@ -66,12 +66,12 @@ def save_vit_dir(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def save_lm_dir(
-    directory: Path, model_type: str = "qwen2", dtype: torch.dtype = torch.float32, seed: int = 0
+    directory: Path, model_type: str = "qwen2", dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = VOCAB
 ) -> dict[str, torch.Tensor]:
-    """A causal LM (vocabulary of the builtin tokenizer) with save_pretrained; returns its weights."""
+    """A causal LM (by default of the builtin tokenizer's vocabulary) with save_pretrained; returns its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, tie_word_embeddings=True, **LM_CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, tie_word_embeddings=True, **LM_CONFIGS[model_type])
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     lm.save_pretrained(str(directory))

@@ -331,8 +331,10 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
         lm = _lm_from_config(_lm_config(lang, {"vocab_size": vocab_size}), lang, common)
     else:
         lm = _pretrained_language_model(lang, common)
-    if lm.get_input_embeddings().num_embeddings < vocab_size:
+    rows = lm.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
         lm.resize_token_embeddings(vocab_size)
+    lm.added_vocab_rows = max(0, vocab_size - rows)  # rows the pretrained LM never had (vla_ft.model reads it)
     if lang.gradient_checkpointing:
         _enable_checkpointing(lm)
     lm_compile.use_causal_sdpa(lm)

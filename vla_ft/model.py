@@ -339,19 +339,29 @@ def build_model(
     if recipe.model.language.quantize != "none":
         quantize_linears(model.language_model, recipe.model.language.quantize, device)
     apply_lora(model, recipe.model)
-    check_output_adapter(model, recipe)
+    check_lm_adapters(model, recipe)
     return model
 
 
-def check_output_adapter(model: VLA, recipe: Recipe) -> None:
-    """An adapter on the LM's output layer (``lm_head``) trains only through language logits: in a
-    run without a language term it would stay a no-op, counted as trained."""
+def check_lm_adapters(model: VLA, recipe: Recipe) -> None:
+    """LoRA trains the LM only through its adapters: refuse the runs where that cannot learn what
+    the recipe asks. An adapter on the output layer (``lm_head``) trains only through language
+    logits; and rows added to a pretrained LM's vocabulary (a tokenizer with more tokens, action
+    tokens say) stay frozen at their initial values, so a language target saying them cannot train."""
     from vla_ft.metrics import trains_language
 
-    if "language_model" not in model.lora_modules or trains_language(recipe):
+    if "language_model" not in model.lora_modules:
         return
-    head = model.language_model.get_output_embeddings()
-    if hasattr(head, "lora_A"):
+    lm = model.language_model.get_base_model()
+    if trains_language(recipe):
+        added = getattr(lm, "added_vocab_rows", 0)
+        if added:
+            raise RecipeError(
+                f"model.lora.enabled: the tokenizer has {added} more tokens than the LM's vocabulary; LoRA keeps "
+                "those new embedding rows frozen at their initial values, so the language target cannot learn "
+                "them; use a tokenizer within the LM's vocabulary, or train without LoRA"
+            )
+    elif hasattr(lm.get_output_embeddings(), "lora_A"):
         raise RecipeError(
             "model.lora.target_modules: the LM's output layer is adapted, but this run trains no language "
             "(data.language_target none, or a language weight of 0): its adapter would never train; leave it out"
