@@ -90,6 +90,9 @@ def test_a_lora_source_is_merged_and_new_adapters_start_from_it(tmp_path, extra)
     run.model.eval()
     with torch.no_grad():  # fresh adapters add nothing (B = 0): the merged source's actions
         torch.testing.assert_close(run.model(batch)["actions"], source(batch)["actions"], rtol=1e-5, atol=1e-6)
+    # The adapters' base is the merged source, stored nowhere as an LM: no base path (the source's
+    # language_model/ holds only a config, where AutoPeftModel would look for weights).
+    assert run.model.language_model.peft_config["default"].base_model_name_or_path in (None, "")
     teardown(run)
 
 

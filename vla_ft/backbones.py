@@ -327,6 +327,7 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, config: Any = None) 
     common = {"attn_implementation": lang.attn_implementation, "dtype": dtype}
     if config is not None:
         lm = AutoModelForCausalLM.from_config(config, **common)
+        lm.name_or_path = ""  # not the directory the config came from: no LM weights there (peft records it)
     elif lang.name is None:
         lm = _lm_from_config(_lm_config(lang, {"vocab_size": vocab_size}), lang, common)
     else:
