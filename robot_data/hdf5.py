@@ -309,7 +309,7 @@ class HDF5Reader(Reader):
             unknown = [n for n in names if _demo_number(n) not in self._sources]
             if unknown:
                 raise DatasetFormatError(f"{self.path}: mask/{key} names demos the file lacks: {unknown[:5]}")
-            out[key] = sorted(_demo_number(n) for n in names)
+            out[key] = sorted({_demo_number(n) for n in names})  # a demo listed twice is one episode
         return out
 
     def numeric(self, episode_index: int) -> EpisodeArrays:

@@ -58,7 +58,8 @@ def color_jitter(chw: np.ndarray, rng: np.random.Generator, strength: float) -> 
     if strength <= 0:
         return chw
     # Python floats keep the arithmetic in float32 (numpy float64 scalars would promote it).
-    b, c, s = (float(v) for v in rng.uniform(1 - strength, 1 + strength, size=3))
+    # Factors in [max(0, 1 - s), 1 + s], as torchvision's ColorJitter: a negative one inverts the image.
+    b, c, s = (float(v) for v in rng.uniform(max(0.0, 1 - strength), 1 + strength, size=3))
     mean = float(chw[:, ::2, ::2].reshape(3, -1).mean(1) @ LUMA) * b  # luma mean after brightness
     lut = np.clip((np.arange(256, dtype=np.float32) * b - mean) * c + mean, 0, 255)
     x = np.take(lut, chw)  # (3, H, W) float32

@@ -419,8 +419,9 @@ def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch)
 
 def test_seeds_must_be_non_negative():
     with pytest.raises(RecipeError) as err:
-        load_recipe(QUICKSTART, ["train.seed=-1", "data.synthetic.seed=-1"])
+        load_recipe(QUICKSTART, ["train.seed=-1", "data.synthetic.seed=-1", "data.split_seed=-1"])
     assert "train.seed: must be in [0, 2**32), got -1" in str(err.value)
+    assert "data.split_seed: must be in [0, 2**32), got -1" in str(err.value)
     assert "data.synthetic.seed: must be in [0, 2**32), got -1" in str(err.value)
     assert load_recipe(QUICKSTART, ["train.seed=0", f"data.synthetic.seed={2**32 - 1}"]).train.seed == 0
 

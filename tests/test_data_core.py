@@ -429,6 +429,19 @@ def test_resize_is_bilinear_and_the_crop_box_stays_inside_the_image():
                 assert ASPECT_RANGE[0] - 1e-9 <= (x1 - x0) / (y1 - y0) <= ASPECT_RANGE[1] + 1e-9
 
 
+def test_colour_jitter_above_1_never_inverts_an_image():
+    """Factors are drawn from [max(0, 1 - s), 1 + s], as torchvision's ColorJitter: a strength of 1.5
+    drew negative contrast factors, which turned images into their negatives."""
+    from robot_data.images import color_jitter
+
+    image = np.random.default_rng(0).integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        out = color_jitter(image, rng, 1.5).astype(np.float64)
+        if out.std() > 0:
+            assert np.corrcoef(out.reshape(-1), image.reshape(-1))[0, 1] > 0
+
+
 def test_colour_jitter_of_a_uniform_grey_image_rounds_its_brightness_to_nearest():
     """On a uniform grey image contrast (pivot = its own mean) and saturation change nothing, so
     each pixel becomes round(v * brightness), brightness being the first factor drawn."""

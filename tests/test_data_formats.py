@@ -493,7 +493,7 @@ def test_robomimic_libero_instruction_from_problem_info(tmp_path):
 
 def test_robomimic_filter_keys(tmp_path):
     """robomimic ships its splits as mask/<key>: lists of demo names (bytes), in any order."""
-    shipped = {"train": [b"demo_10", b"demo_2", b"demo_0"], "valid": [b"demo_1"]}
+    shipped = {"train": [b"demo_10", b"demo_2", b"demo_0", b"demo_2"], "valid": [b"demo_1"]}  # demo_2 twice: once
     for name, masks in (("rm", shipped), ("bad", {"broken": [b"demo_7"]})):
         path = _robomimic_file(tmp_path / f"{name}.hdf5", [10, 2, 0, 1])
         with h5py.File(path, "a") as f:

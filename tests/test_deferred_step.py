@@ -143,10 +143,14 @@ def test_a_step_is_read_at_once_where_the_next_one_depends_on_it(tmp_path):
     assert defers_at(0)
 
 
-def test_a_halt_found_late_names_the_step_and_batch_of_the_at_once_run(tmp_path, monkeypatch):
+def test_a_halt_found_late_names_the_step_batch_and_lrs_of_the_at_once_run(tmp_path, monkeypatch):
+    """In warmup each update has its own LR: the message gives the skipped update's (a step read
+    late named the next update's, already set when it was read)."""
     messages = []
     for late in (False, True):
         with pytest.raises(train_mod.TrainingHalted) as err:
-            train(tmp_path / str(late), monkeypatch, late, "train.max_consecutive_skips=2", bad_calls=frozenset({1, 2}))
+            overrides = ("train.max_consecutive_skips=2", "optim.warmup_steps=4")
+            train(tmp_path / str(late), monkeypatch, late, *overrides, bad_calls=frozenset({1, 2}))
         messages.append(str(err.value))
     assert messages[0] == messages[1] and messages[0].startswith("halted at step 2 after 2 consecutive")
+    assert "lr/projector=0.0005;" in messages[0] or "lr/projector=0.0005," in messages[0]  # update 1: 1e-3 * 2/4

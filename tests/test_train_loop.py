@@ -461,3 +461,59 @@ def test_a_term_switched_off_is_not_logged_as_a_zero_loss(tmp_path, overrides):
     rows = [row for row in metric_rows(tmp_path) if "loss" in row]
     assert rows and all("loss/action" in row for row in rows)
     assert not any("loss/language" in row for row in rows), rows
+
+
+def test_an_epoch_is_the_same_steps_however_the_global_batch_is_split(tmp_path, monkeypatch):
+    """40 samples, global batch 6: 6 steps an epoch, as batch 3 x accumulation 2 or 6 x 1 (a resume
+    may change the split). The micro-batch left at an epoch's end trained as a step of 3 samples, so
+    a run resumed with the other split skipped samples and shifted every later step."""
+    steps: list[list[int]] = []
+    groups = train_mod.step_groups
+
+    def recorded(*args):
+        for group in groups(*args):
+            steps.append(sorted(i for b in group for i in b["index"].tolist()))
+            yield group
+
+    monkeypatch.setattr(train_mod, "step_groups", recorded)
+
+    def run(name: str, split: list[str], *extra: str) -> list[list[int]]:
+        steps.clear()
+        base = [*TINY, "logging.tensorboard=false", "train.val_every=0", "checkpoint.every=0"]
+        train_mod.main(load_recipe(QUICKSTART, [*base, *split, *extra, f"output_dir={tmp_path / name}"]))
+        return list(steps)
+
+    accumulated, whole = ["train.batch_size=3", "optim.accumulation=2"], ["train.batch_size=6", "optim.accumulation=1"]
+    straight = run("straight", accumulated, "train.steps=14")
+    assert all(len(s) == 6 for s in straight) and sorted(sum(straight[:6], [])) == sorted(set(sum(straight[:6], [])))
+    resumed = run("resumed", accumulated, "train.steps=5") + run(
+        "resumed", whole, "train.steps=14", "train.resume=true"
+    )
+    assert resumed == straight
+
+
+def test_loader_workers_of_two_ranks_draw_differently():
+    """Worker global RNGs (for user transforms) were seeded train.seed + worker id: every rank's
+    workers drew the same numbers, and so did every epoch's."""
+    import numpy as np
+
+    from vla_ft.data import _seed_worker
+
+    def draws(base: int, rank: int) -> float:
+        torch.manual_seed(base)  # what the DataLoader does in a worker: its per-iterator seed + worker id
+        _seed_worker(rank, 0)
+        return float(np.random.rand())
+
+    assert draws(7, 0) == draws(7, 0)
+    assert len({draws(7, 0), draws(7, 1), draws(8, 0)}) == 3
+
+
+def test_a_schedule_whose_every_weight_starts_at_0_trains_with_accumulation(tmp_path):
+    """No term is on at step 0: pooling the micro-batches' counts stacked an empty list (a crash
+    naming no key) where one micro-batch simply gave a zero loss."""
+    schedule = [f"loss.schedule.action.{k}" for k in ("start=0", "end=1", "start_step=0", "end_step=3")]
+    overrides = ["loss.strategy=scheduled", "loss.weights.language=0", "loss.weights.gripper=0", *schedule]
+    run = tiny_run(tmp_path, *overrides, "optim.accumulation=2", "train.steps=4", "checkpoint.every=0")
+    fit(run)
+    run.logger.close()
+    assert run.state.step == 4

@@ -588,11 +588,13 @@ def checked_skip_list(recipe: Recipe, reader: Any = None) -> set[int]:
     return skip
 
 
-def _seed_worker(base_seed: int, worker_id: int) -> None:
+def _seed_worker(rank: int, worker_id: int) -> None:
     # Per-sample augmentation RNGs are derived from (seed, epoch, index) in the dataset, so
-    # results never depend on workers; global RNGs are seeded anyway for user transforms.
-    seed = base_seed + worker_id
-    np.random.seed(seed % 2**32)
+    # results never depend on workers; global RNGs are seeded anyway for user transforms. torch
+    # seeds each worker from the loader's generator (train.seed), anew for every epoch's iterator,
+    # plus its worker id; the rank makes the ranks' workers draw differently too.
+    seed = (torch.initial_seed() + rank * 1_000_003) % 2**32
+    np.random.seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -611,7 +613,7 @@ def make_loader(
         pin_memory=d.pin_memory and device.type == "cuda",
         persistent_workers=d.persistent_workers and workers > 0,
         prefetch_factor=d.prefetch_factor if workers > 0 else None,
-        worker_init_fn=partial(_seed_worker, recipe.train.seed) if workers > 0 else None,
+        worker_init_fn=partial(_seed_worker, getattr(sampler, "rank", 0)) if workers > 0 else None,
         collate_fn=partial(collate, pad_id=pad_id, pad_to_multiple=8 if recipe.train.compile else 1),
         # Own generator: creating an iterator must not draw from the global RNG, or a resumed
         # run's dropout stream would shift relative to a straight run.
@@ -620,12 +622,15 @@ def make_loader(
 
 
 def step_groups(loader: DataLoader, sampler: EpochSampler, state: Any, accumulation: int):
-    """Yield lists of micro-batches, one list per optimizer step, epoch after epoch, forever.
+    """Yield lists of ``accumulation`` micro-batches, one list per optimizer step, epoch after
+    epoch, forever.
 
-    The last group of an epoch may be shorter than ``accumulation`` (a final partial
-    accumulation: the trainer weights its micro-batches 1/len(group)). ``state.epoch`` and
-    ``state.consumed`` (samples of the epoch already used, all ranks; the trainer adds each
-    group's samples) say where to start, so a resumed run continues with the very next batch.
+    The micro-batches left at an epoch's end that do not fill a step are dropped, as the loader
+    drops a partial batch: every step is one global batch, and an epoch is the same steps of the
+    same samples however the global batch is split (batch x accumulation x processes), so a resume
+    may change the split. ``state.epoch`` and ``state.consumed`` (samples of the epoch already used,
+    all ranks; the trainer adds each group's samples) say where to start, so a resumed run continues
+    with the very next batch.
     """
     while True:
         sampler.set_epoch(state.epoch, state.consumed)
@@ -635,8 +640,6 @@ def step_groups(loader: DataLoader, sampler: EpochSampler, state: Any, accumulat
             if len(group) == accumulation:
                 yield group
                 group = []
-        if group:
-            yield group
         state.epoch, state.consumed = state.epoch + 1, 0
 
 

@@ -208,12 +208,21 @@ def lr_factor(recipe: Recipe, step: int, start_step: int, warmup_steps: int) -> 
 def set_lr(recipe: Recipe, optimizer: torch.optim.Optimizer, step: int) -> None:
     """Set every group's LR for update ``step`` (0-based)."""
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * lr_factor(recipe, step, g["start_step"], g["warmup_steps"])
+        g["lr"] = _lr(recipe, g, step)
 
 
-def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """``lr/<module>`` for every module with a group (a module's two twins share one LR)."""
-    return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
+def _lr(recipe: Recipe, group: dict, step: int) -> float:
+    return group["base_lr"] * lr_factor(recipe, step, group["start_step"], group["warmup_steps"])
+
+
+def group_lrs(
+    optimizer: torch.optim.Optimizer, recipe: Recipe | None = None, step: int | None = None
+) -> dict[str, float]:
+    """``lr/<module>`` for every module with a group (a module's two twins share one LR): as set,
+    or (``recipe`` and ``step`` given) those of update ``step``."""
+    if recipe is None or step is None:
+        return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
+    return {f"lr/{g['module']}": _lr(recipe, g, step) for g in optimizer.param_groups}
 
 
 def frozen_at(recipe: Recipe, model: VLA, step: int) -> set[str]:

@@ -247,7 +247,7 @@ def train_step(
             outputs = run.forward(batch)
             total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
         # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
-        # of every sample of the group (and of every rank), also for a short final group.
+        # of every sample of the group (and of every rank).
         loss = total / n
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         if model.master_weights is not None and not (reads_bf16 and n == 1):  # (n = 1: nothing to collect)
@@ -307,6 +307,8 @@ def term_shares(run: Run, batches: Group) -> tuple[list[dict[str, torch.Tensor]]
     Also returns, per term, whether C > 0 (:attr:`StepResult.defined`)."""
     counts = [term_counts(run, b) for b in batches]
     names = sorted(set.intersection(*(set(c) for c in counts)))
+    if not names:  # every term's weight is 0 at this step (a schedule's start): nothing to share
+        return [{} for _ in batches], {}
     table = torch.stack([torch.stack([c[k] for k in names]) for c in counts])  # (n, terms)
     pooled = run.rt.all_sum(table.sum(0))
     scale = len(batches) * run.rt.world_size

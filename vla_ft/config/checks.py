@@ -426,7 +426,11 @@ def range_problems(r: Recipe) -> list[str]:
             p.append(f"{key}: must be finite and > 0, got {value}")
     if not 0.0 <= o.momentum < 1.0:
         p.append(f"optim.momentum: must be in [0, 1), got {o.momentum}")
-    for key, seed in (("train.seed", t.seed), ("data.synthetic.seed", d.synthetic.seed)):
+    for key, seed in (
+        ("train.seed", t.seed),
+        ("data.split_seed", d.split_seed),
+        ("data.synthetic.seed", d.synthetic.seed),
+    ):
         if not 0 <= seed < 2**32:  # numpy refuses negative seeds; the samplers multiply the seed into 64 bits
             p.append(f"{key}: must be in [0, 2**32), got {seed}")
     return p
