@@ -83,6 +83,28 @@ def test_counter_equals_flop_counter_mode(regime):
     assert float(counted) == pytest.approx(reference_model_flops(model, loss_fn, batch), rel=1e-9)
 
 
+@pytest.mark.parametrize(
+    "vision",
+    [
+        ["model.vision.name=beit_base_patch16_224"],  # qkv by F.linear on its weight, no head_dim
+        ["model.vision.name=eva02_tiny_patch14_224", "model.vision.kwargs.patch_size=16"],
+        [  # attention per window, no head_dim
+            "model.vision.name=swin_tiny_patch4_window7_224",
+            "model.vision.kwargs={embed_dim: 32, depths: [1, 1], num_heads: [2, 2], window_size: 4}",
+        ],
+    ],
+    ids=["beit", "eva02", "swin"],
+)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_vision_encoders_whose_attention_bypasses_its_layers_are_counted(vision, frozen):
+    """timm's BEiT and EVA run qkv as F.linear on its weight (no module call, no hook), and BEiT's
+    and Swin's attention keep no head_dim: their qkv products and attention went uncounted."""
+    model, loss_fn = tiny(*vision, f"freeze.vision_encoder={str(frozen).lower()}")
+    batch = make_batch()
+    counted = flops.measure_step_flops(model, batch).total(batch, want_text=True, attention="dense")
+    assert float(counted) == pytest.approx(reference_model_flops(model, loss_fn, batch), rel=1e-9)
+
+
 def test_head_only_on_cached_readout_counts_the_heads():
     model, loss_fn = tiny(*REGIMES["frozen_trunk"], "loss.weights.language=0")
     batch = make_batch()

@@ -129,9 +129,11 @@ def record_forward(model: VLA) -> Iterator[Recording]:
     rec = Recording()
     handles = []
     lm_head = model.lm_head
+    called: set[int] = set()  # layers run since the current ViT attention block began
 
     def on_layer(owner: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            called.add(id(module))
             if rec.paused:
                 return
             x, w = args[0], module.weight
@@ -144,15 +146,25 @@ def record_forward(model: VLA) -> Iterator[Recording]:
 
         return hook
 
+    def before_attention(module: nn.Module, args: tuple[Any, ...]) -> None:
+        called.clear()
+
     def on_attention(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        b, n = args[0].shape[:2]
-        rec.vision_attention.append(AttentionUse(b, n, module.num_heads * module.head_dim, output.requires_grad))
+        x, qkv = args[0], module.qkv
+        b, n = x.shape[:2]
+        if id(qkv) not in called and not rec.paused:  # BEiT, EVA: F.linear(x, self.qkv.weight, ...)
+            rows = x.numel() // qkv.in_features
+            numel = qkv.in_features * qkv.out_features
+            rec.layers.append(LayerUse("vision_encoder", numel, rows, qkv.weight.requires_grad, x.requires_grad, False))
+        width = qkv.out_features // 3  # q, k and v: heads x head size each (BEiT and Swin keep no head_dim)
+        rec.vision_attention.append(AttentionUse(b, n, width, output.requires_grad))
 
     for owner, module in _owners(model):
         for sub in module.modules():
             if isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)):
                 handles.append(sub.register_forward_hook(on_layer(owner)))
             elif owner == "vision_encoder" and _is_vit_attention(sub):
+                handles.append(sub.register_forward_pre_hook(before_attention))
                 handles.append(sub.register_forward_hook(on_attention))
     try:
         with torch.compiler.set_stance("force_eager"), peft_forward(), _dora_weight_unrecorded(rec):
@@ -189,8 +201,9 @@ def _dora_weight_unrecorded(rec: Recording) -> Iterator[None]:
 
 
 def _is_vit_attention(module: nn.Module) -> bool:
-    # timm's self-attention blocks (qkv over all tokens); attention pooling heads (q/kv) are skipped.
-    return hasattr(module, "qkv") and hasattr(module, "num_heads") and hasattr(module, "head_dim")
+    # timm's self-attention blocks (one qkv linear over all tokens, or a window's); attention pooling
+    # heads (q/kv) are skipped.
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads")
 
 
 # ----------------------------------------------------------------------------- FLOPs of a batch
