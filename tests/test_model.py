@@ -44,6 +44,27 @@ def test_vision_weights_load_from_a_local_file_or_directory(tmp_path, layout):
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+def test_a_directory_of_another_tags_weights_is_refused_naming_the_tag(tmp_path):
+    """What ``hf download timm/vit_small_patch16_224.dino`` leaves records its weights' mean and std
+    in config.json; under the bare name (augreg's 0.5/0.5) the encoder would see pixels normalised
+    otherwise than in pretraining."""
+    import timm
+    from timm.models import save_for_hf
+    from tiny_models import VIT_KWARGS
+
+    dino = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0, img_size=64, **VIT_KWARGS)
+    save_for_hf(dino, str(tmp_path / "dino"), safe_serialization=True)
+    weights = f"model.vision.pretrained={tmp_path / 'dino'}"
+    cfg = tiny_recipe(tmp_path, weights, "model.vision.name=vit_small_patch16_224").model
+    with pytest.raises(
+        RecipeError, match=r"records mean \[0.485, 0.456, 0.406\].*model.vision.name=vit_small_patch16_224.dino"
+    ):
+        build_vision_encoder(cfg, n_cameras=1)
+    cfg = tiny_recipe(tmp_path, weights, "model.vision.name=vit_small_patch16_224.dino").model
+    encoder = build_vision_encoder(cfg, n_cameras=1)
+    assert torch.allclose(encoder.mean.flatten() / 255, torch.tensor([0.485, 0.456, 0.406]))
+
+
 def test_vision_image_size_override_resamples_position_embeddings(tmp_path):
     saved = save_vit_file(tmp_path / "vit.safetensors")  # trained at 64 px: 4x4 patches
     weights = f"model.vision.pretrained={tmp_path / 'vit.safetensors'}"

@@ -15,6 +15,7 @@ Every failure is a :class:`~vla_ft.config.RecipeError` naming the recipe key.
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -121,6 +122,28 @@ def weights_file(pretrained: str) -> Path:
     return path
 
 
+def check_saved_normalisation(backbone: nn.Module, file: Path, name: str) -> None:
+    """The pixels' mean and std come from the timm name's pretrained config (``vla_ft`` normalises
+    with them, in training and at inference). A directory saved by ``save_for_hf`` (or ``hf download
+    timm/<name>.<tag>``) records the ones its weights were trained with in ``config.json``: another
+    tag's (``vit_small_patch16_224`` is augreg's 0.5/0.5, its ``.dino`` weights ImageNet's) would feed
+    the encoder pixels it never saw. Refused, naming the tag that has them."""
+    config = file.parent / "config.json"
+    try:
+        saved = json.loads(config.read_text()).get("pretrained_cfg") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no timm config next to the weights: nothing recorded to compare
+    ours = backbone.pretrained_cfg
+    differ = [k for k in ("mean", "std") if k in saved and ours.get(k) is not None and list(saved[k]) != list(ours[k])]
+    if differ:
+        tag = saved.get("tag")
+        hint = f"; name the weights' tag: model.vision.name={name.split('.')[0]}.{tag}" if tag else ""
+        raise RecipeError(
+            f"model.vision.name: '{name}' normalises pixels with mean {list(ours['mean'])}, std {list(ours['std'])}, "
+            f"but {config} records mean {saved.get('mean')}, std {saved.get('std')} for its weights{hint}"
+        )
+
+
 def load_backbone_weights(backbone: nn.Module, file: Path) -> None:
     """Load a local weights file into a timm backbone, strictly except for the classifier.
 
@@ -176,6 +199,7 @@ def create_backbone(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
             raise
         raise RecipeError(f"model.vision.pretrained: cannot load hub weights of '{v.name}': {err}") from None
     if file is not None:
+        check_saved_normalisation(backbone, file, v.name)
         load_backbone_weights(backbone, file)
     elif pretrained and not from_hub and v.position_init == "sincos":
         init_sincos_positions(backbone)
