@@ -219,7 +219,7 @@ def setup(recipe: Recipe) -> Run:
             + " give (incomplete batches are dropped); lower it or use more episodes"
         )
     per_epoch = len(data.train_set) // rt.world_size // recipe.train.batch_size
-    if per_epoch < recipe.optim.accumulation:  # a step's micro-batches end at the epoch: a smaller batch
+    if per_epoch < recipe.optim.accumulation:  # an epoch would hold no whole step (leftovers are dropped)
         raise RecipeError(
             f"optim.accumulation: {recipe.optim.accumulation} micro-batches per step, but an epoch holds "
             f"{per_epoch} batches of train.batch_size {recipe.train.batch_size}; lower one of them"
