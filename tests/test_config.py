@@ -551,3 +551,23 @@ def test_the_validation_split_follows_data_split_seed_not_train_seed(tmp_path):
     del old["data"]["split_seed"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     assert eval_recipe(tmp_path, []).data.split_seed == 3
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``optim:`` section silently dropped the
+    first's lr and action-head group."""
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text(QUICKSTART.read_text() + "optim:\n  weight_decay: 0.1\n")
+    with pytest.raises(RecipeError, match=r"'optim' is given twice \(lines \d+ and \d+\)"):
+        load_recipe(recipe)
+
+
+def test_validation_counts_global_batches():
+    """1 process of batch 4 and 2 of batch 2 validate on the same samples (the best checkpoint and
+    early stopping of the two agree)."""
+    from vla_ft.data import validation_samples
+
+    one = load_recipe(QUICKSTART, [*TINY, "train.val_batches=3", "train.batch_size=4"])
+    two = load_recipe(QUICKSTART, [*TINY, "train.val_batches=3", "train.batch_size=2"])
+    assert validation_samples(one, 1) == validation_samples(two, 2) == 12
+    assert validation_samples(two, 2, saved=6) == 6  # a resume keeps the count it started with

@@ -492,20 +492,30 @@ def test_an_epoch_is_the_same_steps_however_the_global_batch_is_split(tmp_path, 
     assert resumed == straight
 
 
-def test_loader_workers_of_two_ranks_draw_differently():
+def test_loader_workers_draw_per_rank_and_leave_signals_to_the_trainer():
     """Worker global RNGs (for user transforms) were seeded train.seed + worker id: every rank's
-    workers drew the same numbers, and so did every epoch's."""
+    workers drew the same numbers, and so did every epoch's. A SIGTERM to the process group
+    (torchrun, SLURM) killed the workers under the trainer writing its stop checkpoint: they ignore it."""
+    import signal
+
     import numpy as np
 
     from vla_ft.data import _seed_worker
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def draws(base: int, rank: int) -> float:
         torch.manual_seed(base)  # what the DataLoader does in a worker: its per-iterator seed + worker id
         _seed_worker(rank, 0)
         return float(np.random.rand())
 
-    assert draws(7, 0) == draws(7, 0)
-    assert len({draws(7, 0), draws(7, 1), draws(8, 0)}) == 3
+    try:
+        assert draws(7, 0) == draws(7, 0)
+        assert len({draws(7, 0), draws(7, 1), draws(8, 0)}) == 3
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def test_a_schedule_whose_every_weight_starts_at_0_trains_with_accumulation(tmp_path):

@@ -9,6 +9,7 @@ with any number of processes.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -169,12 +170,13 @@ class ValidationSampler(Sampler[tuple[int, int]]):
         return len(self.indices)
 
 
-def validation_samples(recipe: Recipe, saved: int | None = None) -> int:
-    """How many validation samples the run evaluates (0: every one): ``train.val_batches`` batches
-    as the run started. ``saved``: the count of the checkpoint resumed from, kept when the batch
-    changed (another number of processes): a different set would make the saved best value one
-    measured on other samples."""
-    return saved if saved is not None else recipe.train.val_batches * recipe.train.batch_size
+def validation_samples(recipe: Recipe, world_size: int = 1, saved: int | None = None) -> int:
+    """How many validation samples the run evaluates (0: every one): ``train.val_batches`` global
+    batches (``train.batch_size`` x processes) as the run started, so 1 and 2 processes of one global
+    batch validate on the same samples. ``saved``: the count of the checkpoint resumed from, kept when
+    the batch changed (another number of processes): a different set would make the saved best value
+    one measured on other samples."""
+    return saved if saved is not None else recipe.train.val_batches * recipe.train.batch_size * world_size
 
 
 def _spread(ids: Sequence[int], k: int) -> list[int]:
@@ -589,6 +591,10 @@ def checked_skip_list(recipe: Recipe, reader: Any = None) -> set[int]:
 
 
 def _seed_worker(rank: int, worker_id: int) -> None:
+    # A SIGTERM to the process group (torchrun's shutdown, SLURM's preemption) must not kill the
+    # workers under the trainer while it writes its stop checkpoint: the trainer decides, and ends them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Per-sample augmentation RNGs are derived from (seed, epoch, index) in the dataset, so
     # results never depend on workers; global RNGs are seeded anyway for user transforms. torch
     # seeds each worker from the loader's generator (train.seed), anew for every epoch's iterator,

@@ -205,7 +205,7 @@ def setup(recipe: Recipe) -> Run:
         check_resume_compatible(saved_recipe, recipe, resume_from, rt.world_size)
         saved_state = read_trainer_state(resume_from)
         saved_val_samples = saved_validation_samples(saved_recipe, saved_state, recipe)
-    val_samples = validation_samples(recipe, saved_val_samples)
+    val_samples = validation_samples(recipe, rt.world_size, saved_val_samples)
     rollout_env = training_envs(recipe, rt.world_size)
     model, loss_fn, optimizer, (tokenizer, data) = build_components(recipe, rt.device, resume_from, rt.param_dtype)
     check_same_split(resume_from, saved_state, data.train_episodes, data.val_episodes, recipe)

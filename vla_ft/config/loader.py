@@ -32,6 +32,22 @@ INT, BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool"
 class RecipeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` with YAML 1.2's integers, booleans and exponent floats (1e-6, 1E6)."""
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """A key given twice in one mapping is an error naming it and its lines (PyYAML keeps the
+        last silently: a second ``optim:`` section would drop the first's lr and groups)."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # an unhashable (complex) key: the base constructor reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice (lines {seen[key]} and {line})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         text = self.construct_scalar(node)
         base = {"0o": 8, "0x": 16}.get(text[:2], 10)
