@@ -571,3 +571,10 @@ def test_validation_counts_global_batches():
     two = load_recipe(QUICKSTART, [*TINY, "train.val_batches=3", "train.batch_size=2"])
     assert validation_samples(one, 1) == validation_samples(two, 2) == 12
     assert validation_samples(two, 2, saved=6) == 6  # a resume keeps the count it started with
+
+
+def test_a_recipe_that_is_not_utf8_is_one_error_naming_it(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(QUICKSTART.read_bytes() + "# r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml: not a UTF-8 text file"):
+        load_recipe(path)

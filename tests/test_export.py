@@ -101,6 +101,9 @@ def test_export_refuses_a_non_empty_output_directory(exported, capsys):
     assert cli(["export", str(ckpt), str(out)]) == 2
     err = capsys.readouterr().err  # one prefix, as data synth says it (not "error: export: ...")
     assert err == f"vla-ft export: error: {out}: exists and is not empty; choose a new OUT directory\n"
+    (out.parent / "afile").write_text("")  # a file in OUT's place: one line too (was NotADirectoryError)
+    assert cli(["export", str(ckpt), str(out.parent / "afile")]) == 2
+    assert capsys.readouterr().err.endswith("afile: is a file; choose a new OUT directory\n")
 
 
 def test_an_export_is_synced_whole_or_leaves_nothing(exported, tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ COPIED = (NORM_STATS, TOKENIZER_DIR, "config.yaml")  # from the checkpoint, as t
 def export_policy(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the export of ``checkpoint`` (any path :func:`~vla_ft.policy.resolve_directory` takes) to ``out``."""
     source, out = resolve_directory(checkpoint), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ck.CheckpointError(f"{out}: is a file; choose a new OUT directory")
     if out.exists() and any(out.iterdir()):
         raise ck.CheckpointError(f"{out}: exists and is not empty; choose a new OUT directory")
     missing = [source / name for name in COPIED if not (source / name).exists()]

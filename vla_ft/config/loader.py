@@ -233,7 +233,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", str(path))
     try:
-        raw = load_yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:  # a weights file given for a recipe, a Latin-1 comment
+        raise RecipeError(f"not a UTF-8 text file (byte {err.start}: {err.reason})", str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
