@@ -53,13 +53,15 @@ def flatten_rows(column: pa.Array) -> pa.Array:
         return column
 
     def flat(row: list | None) -> list | None:
+        if row is None:
+            return None
         out: list = []
-        for value in row or ():
+        for value in row:
             value = flat(value) if isinstance(value, list) else value
             if value is None:
                 return None
             out += value if isinstance(value, list) else [value]
-        return out if row is not None else None
+        return out
 
     return pa.array([flat(r) for r in column.to_pylist()], pa.list_(leaf_type(column.type)))
 

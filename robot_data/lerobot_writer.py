@@ -121,9 +121,7 @@ class _Writer:
         self.reader, self.out, self.version, self.video = reader, out, version, video
         self.codec, self.gop, self.text_name = codec, gop, text_name
         self.task_ids = {t: i for i, t in enumerate(tasks)}
-        # Written episodes are numbered 0..N-1 in order: LeRobot finds an episode's metadata by its
-        # position, so a source's gaps (a skipped episode, ids from 1) would name another episode.
-        self.ids = {e.index: i for i, e in enumerate(episodes)}
+        self.ids = written_ids(episodes)
 
     def _table(self, ep: Episode, arrays: EpisodeArrays, first_index: int) -> pa.Table:
         n = len(arrays.state)
@@ -242,9 +240,15 @@ def check_new_directory(out: Path) -> None:
         raise FileExistsError(f"{out}: exists and is not empty; choose a new or empty output directory")
 
 
+def written_ids(episodes: list[Episode]) -> dict[int, int]:
+    """{source id: written id}: written episodes are numbered 0..N-1 in order, as LeRobot finds an
+    episode's metadata by its position (a source's gaps, a skipped episode, would name another)."""
+    return {e.index: i for i, e in enumerate(episodes)}
+
+
 def renumbering(reader: Reader) -> dict[int, int]:
     """{source id: written id} of the episodes :func:`write_lerobot` writes under another id."""
-    return {e.index: i for i, e in enumerate(reader.episodes()) if e.index != i}
+    return {old: new for old, new in written_ids(reader.episodes()).items() if old != new}
 
 
 def write_lerobot(

@@ -215,13 +215,13 @@ def _lr(recipe: Recipe, group: dict, step: int) -> float:
     return group["base_lr"] * lr_factor(recipe, step, group["start_step"], group["warmup_steps"])
 
 
-def group_lrs(
-    optimizer: torch.optim.Optimizer, recipe: Recipe | None = None, step: int | None = None
-) -> dict[str, float]:
-    """``lr/<module>`` for every module with a group (a module's two twins share one LR): as set,
-    or (``recipe`` and ``step`` given) those of update ``step``."""
-    if recipe is None or step is None:
-        return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr/<module>`` for every module with a group (a module's two twins share one LR), as set."""
+    return {f"lr/{g['module']}": g["lr"] for g in optimizer.param_groups}
+
+
+def lrs_at(recipe: Recipe, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    """:func:`group_lrs` of update ``step`` (0-based), whatever is set now."""
     return {f"lr/{g['module']}": _lr(recipe, g, step) for g in optimizer.param_groups}
 
 

@@ -68,7 +68,7 @@ def record_skip(run: Run, group: list[dict[str, torch.Tensor]]) -> None:
         ids = [(int(e), int(f)) for b in group for e, f in zip(b["episode_index"], b["frame_index"], strict=True)]
         shown = ", ".join(f"ep{e}/f{f}" for e, f in ids[:16]) + (" ..." if len(ids) > 16 else "")
         # The LRs of the skipped update (a deferred step is read after the next one's were set).
-        lrs = ", ".join(f"{k}={v:.3g}" for k, v in optim.group_lrs(run.optimizer, run.recipe, st.step).items())
+        lrs = ", ".join(f"{k}={v:.3g}" for k, v in optim.lrs_at(run.recipe, run.optimizer, st.step).items())
         raise TrainingHalted(
             f"halted at step {st.step + 1} after {st.consecutive_skips} consecutive non-finite steps "
             f"(train.max_consecutive_skips); {lrs}; last batch (episode/frame): {shown}"
