@@ -338,19 +338,32 @@ def test_non_finite_outputs_are_an_error_naming_the_checkpoint(trained, offline)
     assert actions[2].isnan() and actions[:2].isfinite().all()  # validation metrics show NaN, not 'open'
 
 
-def test_bf16_weights_predict_as_fp32_within_bf16_precision(trained, offline):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_predict_as_fp32_within_their_precision(trained, offline, dtype):
     frames = np.stack([_frame(i) for i in range(3)])
     state = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
     full = VLAPolicy.from_pretrained(trained).predict_action(frames, TASK, state)
-    half = VLAPolicy.from_pretrained(trained, dtype=torch.bfloat16)
-    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    half = VLAPolicy.from_pretrained(trained, dtype=dtype)
+    assert {p.dtype for p in half.model.parameters()} == {dtype}
     buffers = {n: b.dtype for n, b in half.model.named_buffers() if b.is_floating_point()}
     assert any("inv_freq" in n for n in buffers) and set(buffers.values()) == {torch.float32}  # as in training
     low = half.predict_action(frames, TASK, state)
     assert low.dtype == np.float32
     np.testing.assert_allclose(low[..., :2], full[..., :2], atol=0.05 * np.abs(full[..., :2]).max())
-    with pytest.raises(ValueError, match="dtype: a floating-point dtype"):
-        VLAPolicy.from_pretrained(trained, dtype=torch.int8)
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ({"dtype": torch.int8}, "dtype: the weights run in one of torch.float32, torch.bfloat16, torch.float16"),
+        ({"dtype": torch.float64}, "dtype: .* got torch.float64"),  # loaded, then failed at the first prediction
+        ({"device": "cpuu"}, "device: 'cpuu' is not a torch device"),  # was torch's RuntimeError
+        ({"device": "meta"}, "device: meta holds no values"),  # was accepted, then every prediction failed
+    ],
+)
+def test_a_dtype_or_device_no_policy_runs_in_is_refused_naming_the_argument(trained, argument, message):
+    with pytest.raises(ValueError, match=message):
+        VLAPolicy.from_pretrained(trained, **argument)
 
 
 def test_a_chunk_runner_drives_a_loaded_policy(trained, offline):

@@ -44,6 +44,8 @@ from vla_ft.model_files import (
 Frames = np.ndarray | torch.Tensor
 ImagesLike = Mapping[str, Frames] | Sequence[Frames] | Frames
 POINTERS = ("latest", "best")  # files in <run>/checkpoints naming a checkpoint (see vla_ft.checkpoint)
+# The weight dtypes a policy runs in: fp32, or half precision under autocast (fp64 has no autocast).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_directory(path: str | Path) -> Path:
@@ -96,6 +98,26 @@ def check_complete(directory: Path) -> None:
             f"{directory} is an incomplete checkpoint: it lacks the {ck.COMPLETE} file a save writes last "
             f"(the save was interrupted, or is still running); {advice}"
         )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` parsed, refused where no policy can run: a name torch does not know (``cpuu``),
+    ``meta`` (shapes without values: the load passed and every prediction failed), or a GPU this
+    machine lacks. Messages start with the argument's name, ``device:``, as the CLI's flag."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "meta":
+        raise ValueError("device: meta holds no values, so nothing can be predicted on it; use cpu or cuda")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked, but this torch sees no GPU (torch.cuda.is_available() is False)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} asked, but this machine has {torch.cuda.device_count()} GPU(s)")
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu: each says if it is there
+    if parsed.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"device: {device} asked, but this torch has no {parsed.type} device; use cpu or cuda")
+    return parsed
 
 
 def _as_array(frames: Any) -> np.ndarray:
@@ -159,16 +181,16 @@ class VLAPolicy(PolicyShape):
         ``source``: a run trained with ``data.normalize_per_source`` holds statistics per mixture
         source; the policy drives one robot and takes its statistics (:attr:`sources` lists them).
         """
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype: a floating-point dtype such as torch.bfloat16, got {dtype}")
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device} asked, but this torch sees no GPU (torch.cuda.is_available() is False)")
+        if dtype not in DTYPES:  # a float64 model loaded, then failed inside autocast at the first prediction
+            names = ", ".join(map(str, DTYPES))
+            raise ValueError(f"dtype: the weights run in one of {names}, got {dtype!r}")
+        device = check_device(device)
         directory = resolve_directory(path)
         normalizer = load_normalizer(read_norm_stats(directory)).for_source(source)  # before the weights load
         model, meta = load_model(directory, device, ema)
         cast_parameters(model, dtype)  # as training with train.param_dtype=bf16 does
         tokenizer = load_saved_tokenizer(directory)
-        return cls(model, meta, normalizer, tokenizer, torch.device(device), directory, source)
+        return cls(model, meta, normalizer, tokenizer, device, directory, source)
 
     def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The gripper action dims and the dataset's min and max there (its open and closed values)."""
