@@ -6,12 +6,16 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from conftest import QUICKSTART
+from conftest import QUICKSTART, ROOT
 
 from robot_data import SyntheticReader
 from robot_data.synthetic import BIN, expert_step, make_scene
@@ -464,6 +468,71 @@ class FailingEnv(ClosingEnv):
 
     def step(self, action):
         raise ValueError("action: this env takes 7 values")
+
+
+class CrashingOnCloseEnv(SyntheticPickEnv):
+    """Ends its process while closing, as a simulator whose renderer segfaults."""
+
+    def close(self) -> None:
+        os._exit(3)
+
+
+class RefusingToCloseEnv(SyntheticPickEnv):
+    def close(self) -> None:
+        raise RuntimeError("the renderer is gone")
+
+
+class SteppedEnv(SyntheticPickEnv):
+    """Touches ``marker`` at its first step: the rollout is under way (to interrupt it then)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = Path(marker)
+
+    def step(self, action):
+        self.marker.touch()
+        return super().step(action)
+
+
+def test_closing_envs_closes_every_one_and_survives_a_dead_process():
+    """close_envs runs in ``finally``: an env that fails to close must neither leave the others open
+    nor, for a process already gone, raise over the error that got there."""
+    from vla_ft.env_process import EnvProcess
+    from vla_ft.rollout import close_envs
+
+    crashed = EnvProcess("test_rollout:CrashingOnCloseEnv", {}, {}, 5)
+    close_envs([crashed])  # its process ended while closing: reaped, nothing raised
+    assert crashed._process.exitcode == 3
+    CLOSED.clear()
+    later = ClosingEnv()
+    with pytest.raises(RuntimeError, match="the renderer is gone"):  # raised once the others are closed
+        close_envs([RefusingToCloseEnv(), later])
+    assert len(CLOSED) == 1 and CLOSED[0] is later
+
+
+def test_ctrl_c_ends_a_rollout_in_env_processes_with_130_and_no_traceback(tmp_path, tiny_overrides):
+    """A terminal's Ctrl-C signals the whole process group: the env processes printed a
+    KeyboardInterrupt traceback each and the parent a RuntimeError closing them (exit 1)."""
+    run, marker = tmp_path / "run", tmp_path / "stepped"
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "train.val_every=0"]) == 0
+    args = ["rollout", str(run), "--env-processes", "--batch", "2", "--episodes", "1000", "--videos", "0"]
+    args += ["--env", "test_rollout:SteppedEnv", "--env-kwargs", json.dumps({"marker": str(marker)})]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_ft", *args], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no step in 180 s"
+        os.killpg(proc.pid, signal.SIGINT)  # the group, as a terminal does
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
 
 
 def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides):

@@ -11,11 +11,15 @@ which imports the modules a synthetic env needs once; a script that builds them 
 top level with ``if __name__ == "__main__":``, as every multiprocessing program.
 An exception inside the env is raised again here with its type (ValueError for a bad action)
 and message; one while building it is a RecipeError naming the recipe key, as in-process.
+Ctrl-C reaches the whole process group: the children ignore it and are closed by the parent, whose
+interrupt is the one reported (each child's KeyboardInterrupt traceback buried it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import signal
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -28,6 +32,7 @@ PRELOAD = ["__main__", "vla_ft.rollout", "robot_data"]
 
 def _serve(conn: Connection, spec: str | None, kwargs: dict[str, Any], recipe: dict, max_steps: int, key: str):
     """The child: build the env, then answer reset/step/close until close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C ends, and closes this
     from vla_ft.rollout import close_envs, make_env
 
     try:
@@ -46,7 +51,7 @@ def _serve(conn: Connection, spec: str | None, kwargs: dict[str, Any], recipe: d
                 out = env.step(arg)
             else:
                 close_envs([env])
-                conn.send(("ok", None))
+                conn.send(("closed", None))
                 return
         except Exception as err:  # noqa: BLE001 - sent to the parent, raised there
             conn.send(("error", (type(err).__name__, str(err))))
@@ -86,10 +91,20 @@ class EnvProcess:
         self.step_async(action)
         return self.step_wait()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the env and end its process. Never raises for a process already gone (crashed,
+        killed) or one interrupted mid-step: it runs in ``finally`` blocks, where a raise would
+        replace the error (or the Ctrl-C) that got there; one that does not end in ``timeout`` s is killed."""
         if self._process.is_alive():
-            self._send("close", None)
-            self._receive()
+            # it ended meanwhile (_ended's RuntimeError), or an interrupted recv left half a message in the
+            # pipe (whatever unpickling it raises): the answers are discarded, and the process ends below
+            with contextlib.suppress(Exception):
+                self._send("close", None)
+                while self._conn.poll(timeout) and self._receive()[0] != "closed":
+                    pass  # the answer to a step the caller stopped waiting for (interrupted)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
             self._process.join()
         self._conn.close()
 

@@ -258,10 +258,18 @@ def make_envs(
 
 
 def close_envs(envs: Sequence[Any]) -> None:
-    """Close the envs that can be closed (a simulator's renderer and processes)."""
+    """Close the envs that can be closed (a simulator's renderer and processes), every one of them
+    even when one fails to (left open, the others' processes outlive the run); the first failure is
+    raised after."""
+    failures = []
     for env in envs:
         if hasattr(env, "close"):
-            env.close()
+            try:
+                env.close()
+            except Exception as err:  # noqa: BLE001 - raised after the others are closed
+                failures.append(err)
+    if failures:
+        raise failures[0]
 
 
 def write_videos(results: Sequence[EpisodeResult], out: Path, fps: float) -> list[str]:
