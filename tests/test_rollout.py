@@ -275,10 +275,35 @@ def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
         (["--env-kwargs", "{oops"], "--env-kwargs: not JSON"),
         (["--env-kwargs", '{"image_size": 32}'], "--env: keyword arguments {'image_size': 32} given, but no env"),
         (["--env", "robot_data.synthetic_env:SyntheticPickEnv", "--env-kwargs", '{"image_size": 7}'], "image_size"),
+        (["--env-kwargs", '"abc"'], "--env-kwargs: must be a JSON object"),  # was blamed on --env
+        (["--env", "os:getcwd"], "--env: os:getcwd returned a str, not an environment (it lacks reset() and step())"),
+        (["--execute", "99"], "--execute: 99 actions per prediction, the policy predicts chunks of 3"),
+        (["--device", "cpuu"], "--device: 'cpuu' is not a torch device"),
+        (["--device", "meta"], "--device: meta holds no values"),
     ):
         assert cli(["rollout", str(run), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_a_bad_rollout_out_is_refused_before_any_episode_runs(tmp_path, tiny_overrides, capsys, monkeypatch):
+    """Found when writing the report, a bad --out cost every episode's run; now before any env is made."""
+    import vla_ft.rollout as rollout_module
+
+    run = tmp_path / "run"
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "train.val_every=0"]) == 0
+    made = []
+    monkeypatch.setattr(rollout_module, "make_envs", lambda *a, **k: made.append(a) or (_ for _ in ()).throw(OSError))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for out, message in ((notes, f"--out: {notes} is a file"), (notes / "r", f"--out: {notes} is a file")):
+        assert cli(["rollout", str(run), "--episodes", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    monkeypatch.setattr(rollout_module.os, "access", lambda path, mode: path != tmp_path)  # as for a non-root user
+    assert cli(["rollout", str(run), "--episodes", "1", "--out", str(tmp_path / "r")]) == 2
+    assert f"--out: {tmp_path} is not writable" in capsys.readouterr().err
+    assert made == [] and notes.read_text() == "keep me"
 
 
 def test_validation_rolls_out_and_a_best_checkpoint_is_chosen_by_success(tmp_path, tiny_overrides, monkeypatch):
@@ -341,6 +366,7 @@ def test_rollout_settings_are_checked(tiny_overrides):
         ("rollout.episodes=2", "distributed.strategy=fsdp"): "use distributed.strategy=ddp",
         ("train.best_metric=val/rollout/success_rate", "rollout.episodes=2"): "train.best_mode: min, but higher",
         ("train.best_metric=val/rollout/success_rate",): "is logged only with rollout.episodes > 0",
+        ("rollout.start=-5",): "rollout.start: the first reset seed must be >= 0, got -5",
     }
     for overrides, message in cases.items():
         with pytest.raises(RecipeError, match=re.escape(message)):
@@ -414,10 +440,21 @@ def test_eval_on_another_dataset_does_not_ask_for_a_rollout_env(tmp_path, tiny_o
 
 
 def test_rollout_counts_are_checked(tmp_path, capsys):
-    for option, value in (("--episodes", "0"), ("--max-steps", "-1"), ("--videos", "-1")):
+    """Usage errors naming the option (--execute 0, --ensemble -1 and nan were tracebacks from
+    ChunkRunner; --start -5 was blamed on --env)."""
+    for option, value, message in (
+        ("--episodes", "0", "must be an integer >= 1"),
+        ("--max-steps", "-1", "must be an integer >= 1"),
+        ("--videos", "-1", "must be an integer >= 0"),
+        ("--execute", "0", "must be an integer >= 1"),
+        ("--start", "-5", "must be an integer >= 0"),
+        ("--ensemble", "-1", "must be a finite number >= 0"),
+        ("--ensemble", "nan", "must be a finite number >= 0"),
+    ):
         with pytest.raises(SystemExit) as info:
             cli(["rollout", str(tmp_path), option, value])
-        assert info.value.code == 2 and f"argument {option}: must be an integer" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"argument {option}: {message}, got '{value}'" in err, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

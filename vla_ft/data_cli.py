@@ -116,13 +116,26 @@ def _named_errors(args: argparse.Namespace, path: str, kwargs: dict) -> Iterator
 
 def positive(text: str) -> float:
     """An argparse type for a rate: finite and > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type for a decay or a weight: finite and >= 0 (nan and inf are refused too)."""
+    value = _float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    """``text`` as a float; nan where it is none, which every range check then refuses."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def _looks_like_hdf5(path: Path) -> bool:
@@ -131,14 +144,15 @@ def _looks_like_hdf5(path: Path) -> bool:
     return path.suffix in suffixes if path.is_file() else path.is_dir() and any(path.glob("*.hdf5"))
 
 
-def at_least(least: int) -> Callable[[str], int]:
-    """An argparse type for a size option: a value below ``least`` is refused naming the option,
-    before anything is written, instead of failing later inside the writer with a traceback."""
+def at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a size option: a value below ``least`` (or above ``most``) is refused
+    naming the option, before anything is written, instead of failing later with a traceback."""
+    wanted = f">= {least}" if most is None else f"in {least}..{most}"
 
     def parse(text: str) -> int:
         value = int(text) if text.strip().lstrip("+-").isdigit() else None
-        if value is None or value < least:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        if value is None or value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"must be an integer {wanted}, got {text!r}")
         return value
 
     return parse

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -231,9 +232,22 @@ def make_env(
     except (ImportError, AttributeError) as err:
         raise RecipeError(f"{key}: cannot load '{spec}': {err}") from None
     try:
-        return factory(**kwargs), 0
+        env = factory(**kwargs)
     except (TypeError, ValueError) as err:  # arguments the factory refuses
         raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}") from None
+    check_env(env, spec, key)
+    return env, 0
+
+
+def check_env(env: Any, spec: str, key: str) -> None:
+    """Refuse what ``spec`` made when it is no environment (``os:getcwd`` returns a str): the
+    rollout would fail at its first reset, far from the option that named it."""
+    lacking = " and ".join(f"{name}()" for name in ("reset", "step") if not callable(getattr(env, name, None)))
+    if lacking:
+        raise RecipeError(
+            f"{key}: {spec} returned a {type(env).__name__}, not an environment (it lacks {lacking}); "
+            "name a callable that returns a gymnasium-style env"
+        )
 
 
 def make_envs(
@@ -362,13 +376,15 @@ def rollout_checkpoint(
     batch = saved["batch"] if batch is None else batch
     env_processes = saved["env_processes"] if env_processes is None else env_processes
     source = saved["source"] if source is None else source
+    out_dir = Path(out) if out else directory / "rollout"
+    check_out_dir(out_dir)
     try:
         policy = VLAPolicy.from_pretrained(directory, device=device, source=source)
-    except ValueError as err:  # per-source statistics and no source, or an unknown one
+        runners = [chunk_runner(policy, execute, ensemble) for _ in range(min(batch, episodes))]
+    except ValueError as err:  # a device, a source or a runner setting the policy refuses: "<argument>: ..."
         raise RecipeError(f"--{err}", "command line") from None
-    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, min(batch, episodes), "--env", env_processes)
+    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, len(runners), "--env", env_processes)
     try:  # env processes and simulators end whatever happens
-        runners = [chunk_runner(policy, execute, ensemble) for _ in envs]
         begin = first if start is None else start
         seeds = range(begin, begin + episodes)
         try:
@@ -377,7 +393,6 @@ def rollout_checkpoint(
             )
         except ValueError as err:  # an env whose observations or actions do not fit the policy
             raise RecipeError(f"--env: {err}", "command line") from None
-        out_dir = Path(out) if out else directory / "rollout"
         out_dir.mkdir(parents=True, exist_ok=True)
         fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
         report = {
@@ -400,15 +415,37 @@ def rollout_checkpoint(
         close_envs(envs)
 
 
-def cmd_rollout(args: argparse.Namespace) -> int:
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that is (or lies under) a file, or that cannot be written, before
+    any env is made: found only when writing the report, it cost every episode's run."""
+    from vla_ft.run_setup import check_output_dir
+
     try:
-        kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+        check_output_dir(out_dir, "--out")
+    except RecipeError as err:
+        raise RecipeError(err.problems, "command line") from None
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"--out: {existing} is not writable; choose another --out", "command line")
+
+
+def env_kwargs_option(text: str | None) -> dict[str, Any]:
+    """``--env-kwargs``: a JSON object (the keyword arguments of the env factory)."""
+    try:
+        kwargs = json.loads(text) if text else {}
     except json.JSONDecodeError as err:
         raise RecipeError(f"--env-kwargs: not JSON ({err})", "command line") from None
+    if not isinstance(kwargs, dict):
+        what = type(kwargs).__name__
+        raise RecipeError(f"--env-kwargs: must be a JSON object like '{{\"id\": ...}}', got a {what}", "command line")
+    return kwargs
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
     report = rollout_checkpoint(
         args.checkpoint,
         args.env,
-        kwargs,
+        env_kwargs_option(args.env_kwargs),
         args.episodes,
         args.start,
         args.execute,
@@ -431,7 +468,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vla_ft.data_cli import at_least
+    from vla_ft.data_cli import at_least, non_negative
     from vla_ft.evaluate import CHECKPOINT_HELP
 
     text = "run a policy closed loop in an environment and report its success rate"
@@ -444,10 +481,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--env-kwargs", default=None, help="JSON keyword arguments of the env factory")
     p.add_argument("--episodes", type=at_least(1), default=20)
-    p.add_argument("--start", type=int, default=None, help="first reset seed (synthetic: the first unseen scene)")
+    p.add_argument(
+        "--start", type=at_least(0), default=None, help="first reset seed (synthetic: the first unseen scene)"
+    )
     runner = p.add_mutually_exclusive_group()
-    runner.add_argument("--execute", type=int, default=None, help="actions sent per chunk (default: half a chunk)")
-    runner.add_argument("--ensemble", type=float, default=None, help="temporal ensembling with decay m")
+    runner.add_argument(
+        "--execute", type=at_least(1), default=None, help="actions sent per chunk, 1..chunk (default: half a chunk)"
+    )
+    runner.add_argument("--ensemble", type=non_negative, default=None, help="temporal ensembling with decay m >= 0")
     p.add_argument("--max-steps", type=at_least(1), default=None, help="(default: the recipe's rollout.max_steps)")
     p.add_argument("--instruction", default=None, help="the task in words (default: the env's)")
     p.add_argument("--videos", type=at_least(0), default=2, help="episodes written as MP4")

@@ -131,6 +131,8 @@ def rollout_problems(r: Recipe) -> list[str]:
         p.append(f"rollout.episodes >= 0 and rollout.max_steps >= 1, got {o.episodes} and {o.max_steps}")
     if o.batch < 1:
         p.append(f"rollout.batch: episodes run at once must be >= 1, got {o.batch}")
+    if o.start is not None and o.start < 0:  # gymnasium's seeds are >= 0: the env would refuse it mid-run
+        p.append(f"rollout.start: the first reset seed must be >= 0, got {o.start}")
     if o.episodes and not o.env and r.data.format != "synthetic":
         p.append(f"rollout.env: required to roll out a policy of data.format={r.data.format} (module:callable)")
     if o.episodes and r.distributed.strategy == "fsdp":
