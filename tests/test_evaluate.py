@@ -224,6 +224,13 @@ def test_eval_cli_with_data_overrides_and_refusals(checkpoint, tmp_path, capsys)
     assert notes.read_text() == "keep me"
 
 
+def test_eval_plot_episodes_is_a_count(tmp_path, capsys):
+    """--plot-episodes -1 was accepted (and plotted all but the last episode)."""
+    with pytest.raises(SystemExit) as info:
+        cli(["eval", str(tmp_path), "--plot-episodes", "-1"])
+    assert info.value.code == 2 and "argument --plot-episodes: must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_eval_refuses_a_data_path_the_synthetic_format_would_ignore(checkpoint, tmp_path, capsys):
     """``vla-ft eval CKPT data.path=/data/other`` of a synthetic-task checkpoint evaluated the
     synthetic task again, and printed its metrics as those of the other data."""

@@ -380,6 +380,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.data_cli import at_least
+
     text = "metrics of a checkpoint or export on held-out episodes in real units: a table, JSON and a trajectory plot"
     p = sub.add_parser("eval", help=text, description=text)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP + "; or an export directory (vla-ft export)")
@@ -391,5 +393,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--episodes", default="val", help="val (held-out split, default), all, or ids like 3,7,9")
     p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval)")
-    p.add_argument("--plot-episodes", type=int, default=3, help="episodes drawn in trajectories.png")
+    p.add_argument("--plot-episodes", type=at_least(0), default=3, help="episodes drawn in trajectories.png")
     p.set_defaults(func=cmd_eval)
