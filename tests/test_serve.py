@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,8 @@ def test_malformed_requests_are_told_what_is_wrong(served):
         (_npz({**arrays, "instruction": np.array([TASKS])}), kind, {}, 400, "instruction: a str or a 1-D str array"),
         (iter([_npz(arrays)]), kind, {"encode_chunked": True}, 411, "Content-Length: expected the body's size"),
         (_npz(arrays), {**kind, "Content-Length": "ten"}, {}, 411, "got ten"),
+        # a TiB announced: refused unread (read() allocated it up front, and the thread died of MemoryError)
+        (b"0123456789", {**kind, "Content-Length": str(2**40)}, {}, 413, "more than this server reads"),
     ]
     for body, headers, kw, status, message in cases:
         got = _post(url, body, headers, **kw)
@@ -198,6 +201,57 @@ def test_vla_ft_serve_on_the_command_line(run_dir):
         proc.wait(timeout=30)
     with pytest.raises(ConnectionRefusedError, match="no policy server at"):
         PolicyClient(url)
+
+
+def test_serve_options_are_checked_naming_the_flag(run_dir, capsys):
+    """--port 99999 was an OverflowError traceback, --device cpuu torch's RuntimeError, --device meta
+    accepted, and a host that does not resolve was blamed on --port."""
+    from vla_ft.cli import main as cli
+
+    for value in ("99999", "-1"):
+        with pytest.raises(SystemExit) as info:
+            cli(["serve", str(run_dir), "--port", value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"argument --port: must be an integer in 0..65535, got '{value}'" in err
+    for args, message in (
+        (["--device", "cpuu"], "--device: 'cpuu' is not a torch device"),
+        (["--device", "meta"], "--device: meta holds no values"),
+        (["--host", "no-such-host.invalid"], "--host: cannot listen on no-such-host.invalid:0"),
+    ):
+        assert cli(["serve", str(run_dir), "--port", "0", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+class _OtherServer(BaseHTTPRequestHandler):
+    """A web server that is not vla-ft's: an HTML page with the server's ``status`` for every GET."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        page = b"<html><body>hello</body></html>"
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format, *args) -> None:
+        """Quiet."""
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_a_client_of_another_server_says_it_is_not_a_policy_server(status):
+    """Pointed at another server, the client raised JSONDecodeError; now an error naming the URL."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), _OtherServer)
+    other.status = status
+    thread = threading.Thread(target=other.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{other.server_port}"
+    try:
+        with pytest.raises(RuntimeError, match=f"{url} answered GET /info with .*not a vla-ft policy server"):
+            PolicyClient(url)
+    finally:
+        other.shutdown()
+        other.server_close()
 
 
 def test_the_latency_benchmark_runs(run_dir):

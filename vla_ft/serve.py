@@ -26,7 +26,9 @@ for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.np
                        npz out: ``actions`` float32 ``(chunk, A)`` or ``(B, chunk, A)``
 =====================  =======================================================================
 
-A request body needs a ``Content-Length`` (a chunked one is answered 411). An input the policy
+A request body needs a ``Content-Length`` (a chunked one is answered 411) of at most
+:data:`MAX_BODY` bytes (64 MiB: a batch of 64 uncompressed 480x640 frames; a larger one is answered
+413 before it is read, so a client's header cannot make the server allocate gigabytes). An input the policy
 refuses is answered 400 with JSON ``{"error": message}`` (the client raises ValueError with the
 policy's message); a failure of the policy itself is 500 (RuntimeError). Connections stay open
 between requests (a server closes one idle for a minute; the client reconnects); predictions run
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import http.client
 import io
 import json
@@ -55,6 +58,8 @@ import numpy as np
 from vla_ft.execution import PolicyShape
 
 IMAGE_PREFIX = "images/"
+# The largest request body read, in bytes: 64 uncompressed 480x640 RGB frames (59 MiB) and their state.
+MAX_BODY = 64 * 2**20
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:
@@ -108,6 +113,7 @@ class PolicyServer(ThreadingHTTPServer):
     thread ran its own (``benchmarks/RESULTS.md``, policy server)."""
 
     daemon_threads = True  # a client that keeps its connection open must not keep the server alive
+    max_body = MAX_BODY  # bytes; a larger request is answered 413 unread
 
     def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = 8000):
         super().__init__((host, port), _Handler)
@@ -174,6 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
             error = f"Content-Length: expected the body's size in bytes, got {length or 'none'}"
             self._reply(411, _json({"error": error}), "application/json")
             return self._drain()
+        if int(length) > self.server.max_body:  # refused before reading: read() allocates the whole length
+            self.close_connection = True
+            error = f"Content-Length: {length} bytes, more than this server reads ({self.server.max_body})"
+            self._reply(413, _json({"error": error}), "application/json")
+            return self._drain()
         body = self.rfile.read(int(length))
         if self.path.rstrip("/") != "/predict":
             return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
@@ -211,6 +222,14 @@ def _json(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+def _parsed_json(data: bytes) -> Any:
+    """``data`` as JSON; None where it is none (another server's HTML, bytes that are not text)."""
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+
+
 class _Connection(http.client.HTTPConnection):
     """http.client sends a request's headers and body in two writes; without TCP_NODELAY the body
     waits for the server's delayed ACK (~40 ms a request on Linux)."""
@@ -229,9 +248,21 @@ class PolicyClient(PolicyShape):
             raise ValueError(f"url: expected http://HOST:PORT, got {url!r}")
         self.url = f"http://{parts.hostname}:{parts.port or 80}"
         self._conn = _Connection(parts.hostname, parts.port or 80, timeout=timeout)
-        self.info = json.loads(self._request("GET", "/info"))
+        self.info = self._info()
         self.meta = self.info  # cameras, chunk, action_dim, history, gripper: what control loops read
         self.directory = self.info["directory"]
+
+    def _info(self) -> dict[str, Any]:
+        """GET /info, checked to be a vla-ft server's: another server on that port (a web page, another
+        API) is said to be one, instead of failing on its reply's JSON or keys."""
+        info = _parsed_json(self._request("GET", "/info"))
+        needed = ("cameras", "chunk", "action_dim", "history", "gripper", "directory")
+        if not isinstance(info, dict) or any(key not in info for key in needed):
+            raise self._not_ours("GET /info", "a reply without the policy's description")
+        return info
+
+    def _not_ours(self, request: str, what: str) -> RuntimeError:
+        return RuntimeError(f"{self.url} answered {request} with {what}: not a vla-ft policy server (`vla-ft serve`)")
 
     def gripper_range(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         g = self.info["gripper"]
@@ -245,7 +276,10 @@ class PolicyClient(PolicyShape):
         arrays = {f"{IMAGE_PREFIX}{c}": f for c, f in zip(self.cameras, frames, strict=True)}
         arrays["state"] = _as_array(state)
         arrays["instruction"] = np.asarray(instruction if isinstance(instruction, str) else list(instruction), str)
-        return decode(self._request("POST", "/predict", encode(arrays)))["actions"]
+        try:
+            return decode(self._request("POST", "/predict", encode(arrays)))["actions"]
+        except (ValueError, KeyError):  # a vla-ft server answers 200 with an npz of actions, or raised above
+            raise self._not_ours("POST /predict", "no .npz of actions") from None
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
@@ -269,8 +303,10 @@ class PolicyClient(PolicyShape):
                 raise
         if response.status == 200:
             return data
-        message = json.loads(data or b"{}").get("error", data[:200])
-        raise (ValueError if response.status == 400 else RuntimeError)(f"policy server {self.url}: {message}")
+        error = _parsed_json(data)
+        if not isinstance(error, dict) or not isinstance(error.get("error"), str):  # vla-ft's errors: {"error": str}
+            raise self._not_ours(f"{method} {path}", f"HTTP {response.status} {data[:80]!r}")
+        raise (ValueError if response.status == 400 else RuntimeError)(f"policy server {self.url}: {error['error']}")
 
     def close(self) -> None:
         self._conn.close()
@@ -285,13 +321,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
-    except ValueError as err:  # per-source statistics and no --source, or an unknown one
+    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
         raise RecipeError(f"--{err}", "command line") from None
     try:
         server = PolicyServer(policy, args.host, args.port)
     except OSError as err:  # the port is taken, or the address is not this machine's
-        where = f"{args.host}:{args.port}"
-        raise RecipeError(f"--port: cannot listen on {where} ({err.strerror or err})", "command line") from None
+        where, why = f"{args.host}:{args.port}", err.strerror or err
+        raise RecipeError(f"{listen_flag(err)}: cannot listen on {where} ({why})", "command line") from None
     print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
     sys.stdout.flush()
     with contextlib.suppress(KeyboardInterrupt):
@@ -299,14 +335,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def listen_flag(err: OSError) -> str:
+    """The flag to blame for a failure to listen: ``--host`` for a name that does not resolve or an
+    address that is not this machine's, ``--port`` for one taken or reserved."""
+    host_errors = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+    return "--host" if isinstance(err, socket.gaierror) or err.errno in host_errors else "--port"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from vla_ft.data_cli import at_least
     from vla_ft.evaluate import CHECKPOINT_HELP
 
     text = "serve a policy over HTTP for a robot on another computer (see vla_ft.serve)"
     p = sub.add_parser("serve", help=text, description=text)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    p.add_argument("--port", type=at_least(0, 65535), default=8000, help="port (0: any free one, printed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the weights")
     p.add_argument("--source", default=None, help="per-source statistics: the robot's source")
