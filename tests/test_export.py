@@ -242,3 +242,25 @@ def test_rslora_and_dora_train_and_export_as_defined(tmp_path, variant):
     state = np.random.default_rng(1).normal(size=(2, 3)).astype(np.float32)
     acts = [VLAPolicy.from_pretrained(d).predict_action(frames, "pick", state) for d in (ckpt, tmp_path / "export")]
     np.testing.assert_allclose(acts[1], acts[0], atol=1e-5)
+
+
+def test_export_honours_ema_and_records_which_weights_it_holds(tmp_path, capsys):
+    """export always took the weight average; now --no-ema exports the trained weights, model_meta.json
+    says which, and an export of the average refuses to load as the trained weights."""
+    train(tiny_recipe(tmp_path, "train.ema_decay=0.5", "train.steps=2", "checkpoint.every=2", "train.val_every=0"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert cli(["export", str(ckpt), str(tmp_path / "average")]) == 0
+    assert cli(["export", str(ckpt), str(tmp_path / "trained"), "--no-ema"]) == 0
+    frames = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    state = np.zeros(3, np.float32)
+    actions = {}
+    for name, ema in (("average", True), ("trained", False)):
+        assert json.loads((tmp_path / name / "model_meta.json").read_text())["ema"] is ema
+        actions[name] = VLAPolicy.from_pretrained(tmp_path / name, ema=ema).predict_action(frames, "go", state)
+        want = VLAPolicy.from_pretrained(ckpt, ema=ema).predict_action(frames, "go", state)
+        np.testing.assert_allclose(actions[name], want, atol=1e-5)
+    assert not np.allclose(actions["average"], actions["trained"], atol=1e-5)  # two different sets of weights
+    with pytest.raises(CheckpointError, match="exported from the weight average .* load the checkpoint it came from"):
+        VLAPolicy.from_pretrained(tmp_path / "average", ema=False)
+    assert cli(["export", str(tmp_path / "average"), str(tmp_path / "again"), "--no-ema"]) == 2
+    assert "exported from the weight average" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from vla_ft.policy import resolve_directory
 
     source = resolve_directory(args.checkpoint)  # the checkpoint a run directory or best/latest names
-    out = export_policy(source, args.out)
+    out = export_policy(source, args.out, args.ema)
     print(f"exported {source} -> {out} (load it with vla_ft.VLAPolicy.from_pretrained('{out}'))")
     return 0
 
@@ -104,6 +104,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the weight average of a run with train.ema_decay (--no-ema: the trained weights)",
+    )
     p.set_defaults(func=cmd_export)
 
 

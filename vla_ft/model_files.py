@@ -179,12 +179,19 @@ def load_model(
     """Rebuild the VLA of a checkpoint or export directory with its trained weights, in eval mode.
 
     ``ema``: a checkpoint of a run with ``train.ema_decay`` holds the weight average too
-    (``ema.safetensors``); it replaces the trained weights unless ``ema`` is False.
+    (``ema.safetensors``); it replaces the trained weights unless ``ema`` is False. An export holds
+    one set (its ``"ema"`` says which): ``ema`` False on an export of the average is an error.
     ``dequantize``: a 4-bit LM (``model.language.quantize``) comes back as plain fp32 linears
     holding its dequantised weights (for export and ``model.init_from``); the returned
     ``meta["model"]`` then says so."""
     directory = Path(directory)
     meta = read_model_meta(directory)
+    if not ema and meta.get("ema"):
+        raise ck.CheckpointError(
+            f'{directory}: exported from the weight average (model_meta.json has "ema": true), so it holds no '
+            f"trained weights to load with ema=False (--no-ema); load the checkpoint it came from "
+            f"({meta.get('source', 'see model_meta.json')}), or export that with --no-ema"
+        )
     if (directory / "model_dcp").is_dir() and not (directory / "model.safetensors").is_file():
         raise ck.CheckpointError(
             f"{directory} holds FSDP shards (model_dcp/), not one weights file: "
