@@ -254,6 +254,17 @@ def test_a_client_of_another_server_says_it_is_not_a_policy_server(status):
         other.server_close()
 
 
+def test_a_prediction_that_is_no_npz_of_actions_says_the_server_is_not_ours(served):
+    """A 200 answer to POST /predict that is not vla-ft's (another server behind the same URL) was a
+    ValueError about the request body, as if the robot's input were at fault."""
+    policy, url = served
+    client = PolicyClient(url)
+    frames, state = _inputs(None)
+    client._request = lambda method, path, body=None: b"<html>hello</html>"
+    with pytest.raises(RuntimeError, match=f"{url} answered POST /predict with no .npz of actions"):
+        client.predict_action(frames, TASKS[0], state)
+
+
 def test_the_latency_benchmark_runs(run_dir):
     script = Path(__file__).parents[1] / "benchmarks" / "serve_latency.py"
     command = [sys.executable, str(script), str(run_dir), "--size", "32", "--requests", "2"]

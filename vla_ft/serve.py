@@ -276,9 +276,10 @@ class PolicyClient(PolicyShape):
         arrays = {f"{IMAGE_PREFIX}{c}": f for c, f in zip(self.cameras, frames, strict=True)}
         arrays["state"] = _as_array(state)
         arrays["instruction"] = np.asarray(instruction if isinstance(instruction, str) else list(instruction), str)
+        answer = self._request("POST", "/predict", encode(arrays))  # a refused input raises the server's ValueError
         try:
-            return decode(self._request("POST", "/predict", encode(arrays)))["actions"]
-        except (ValueError, KeyError):  # a vla-ft server answers 200 with an npz of actions, or raised above
+            return decode(answer)["actions"]
+        except (ValueError, KeyError):  # a vla-ft server answers 200 with an npz of actions
             raise self._not_ours("POST /predict", "no .npz of actions") from None
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
