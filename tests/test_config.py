@@ -153,12 +153,15 @@ def test_numbers_outside_their_range_are_reported_at_once():
         "checkpoint.keep_last": -1,
         "data.val_ratio": 1,
         "model.lora.dropout": 1,
+        "model.action_tokens_bins": 1,
     }
     with pytest.raises(RecipeError) as err:
         load_recipe(QUICKSTART, [f"{k}={v}" for k, v in bad.items()])
     for key in bad:
         assert f"{key}: must be" in str(err.value), key
-    load_recipe(QUICKSTART, ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"])
+    assert "model.action_tokens_bins: must be >= 2, got 1" in str(err.value)
+    ok = ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"]
+    load_recipe(QUICKSTART, [*ok, "model.action_tokens_bins=2"])
 
 
 def assert_each_refused(overrides: list[str], bad: dict[str, tuple[str, str]], joined: bool = True) -> RecipeError:

@@ -365,6 +365,7 @@ def range_problems(r: Recipe) -> list[str]:
     log or validate differently from what the recipe says, or fail later with a traceback)."""
     t, o, d, m = r.train, r.optim, r.data, r.model
     at_least = {
+        2: {"model.action_tokens_bins": m.action_tokens_bins},  # one bin says no action value apart from another
         1: {
             "train.steps": t.steps,
             "train.batch_size": t.batch_size,
