@@ -449,6 +449,12 @@ def test_the_model_section_is_checked_by_validate_on_the_meta_device():
         "model.language.name=some/lm": "model.language.config: used only when model.language.name is null",
         "model.vision.kwargs.num_heads=5": "model.vision.kwargs: timm.create_model(",
         "model.vision.kwargs.embed_dimm=96": "unexpected keyword argument 'embed_dimm'",
+        "model.language.config.hidden_size=-4": "model.language.config: transformers cannot build the LM: "
+        "RuntimeError: Trying to create tensor with negative dimension -4",
+        "model.vision.kwargs.embed_dim=-4": "model.vision.kwargs: timm cannot build the backbone: "
+        "RuntimeError: Trying to create tensor with negative dimension -4",
+        # the kwargs' backbone runs at its default 224: the 7-pixel image (smaller than a patch) is to blame
+        "model.vision.img_size=7": "model.vision.img_size: the backbone fails on a 7x7 image",
     }
     for override, message in cases.items():
         with pytest.raises(RecipeError) as err:
@@ -458,6 +464,17 @@ def test_the_model_section_is_checked_by_validate_on_the_meta_device():
     ok = load_recipe(QUICKSTART, ["model.language.config.rope_theta=10000.0", "model.language.config.my_flag=1"])
     assert ok.model.language.config["my_flag"] == 1
     assert load_recipe(QUICKSTART, ["model.language.name=some/lm", "model.language.config={}"]).model.language.name
+
+
+def test_a_backbone_the_meta_device_cannot_build_is_left_to_building_the_real_one(monkeypatch):
+    """The meta device's own limits (``.item()`` in a model's ``__init__``) are not the recipe's problem."""
+    from vla_ft import model_check
+
+    def meta_only(cfg):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(model_check, "vision_skeleton", meta_only)
+    assert model_check._vision_problems(load_recipe(QUICKSTART).model) == []
 
 
 def test_unknown_module_and_term_names_are_reported_with_the_type_errors():
