@@ -323,3 +323,11 @@ def test_synth_refuses_a_size_out_of_range_naming_the_option(tmp_path, capsys, o
     assert info.value.code == 2
     assert f"argument {option}: must be an integer >= {least}, got '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**32)])
+def test_synth_refuses_a_seed_out_of_range_naming_the_option(tmp_path, capsys, value):
+    """``data synth --seed -1`` ended in numpy's ValueError traceback."""
+    assert _exit_code(["data", "synth", str(tmp_path / "ds"), "--seed", value]) == 2
+    assert f"argument --seed: must be an integer in [0, 2**32), got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()

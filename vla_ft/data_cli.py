@@ -136,12 +136,26 @@ def at_least(least: int) -> Callable[[str], int]:
     before anything is written, instead of failing later inside the writer with a traceback."""
 
     def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        value = _integer(text)
         if value is None or value < least:
             raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
         return value
 
     return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type for a seed: in [0, 2**32), as the recipe's seeds (numpy refuses a negative one,
+    which ended ``data synth --seed -1`` in a traceback after the output directory was made)."""
+    value = _integer(text)
+    if value is None or not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an integer, or None when it is not one."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else None
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -152,7 +166,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--episodes", type=at_least(1), default=64)
     synth.add_argument("--length", type=at_least(1), default=32, help="frames per episode")
     synth.add_argument("--image-size", type=at_least(8), default=64)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=seed, default=0)
     synth.add_argument("--video", action="store_true", help="MP4 videos instead of PNG bytes in parquet")
     synth.add_argument("--codec", choices=["h264", "av1"], default="h264")
     synth.add_argument("--version", choices=["v3.0", "v2.1"], default="v3.0")
