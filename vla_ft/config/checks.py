@@ -284,7 +284,7 @@ def unused_setting_problems(r: Recipe) -> list[str]:
         )
     if r.train.feature_cache_dir is not None and not r.train.cache_features:
         p.append("train.feature_cache_dir: only train.cache_features=true reads it")
-    return p + unread_optimizer_and_loss_keys(r)
+    return p + unread_optimizer_and_loss_keys(r) + unread_data_and_train_keys(r)
 
 
 def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
@@ -316,6 +316,31 @@ def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
             "loss.gripper.pos_weight",
             "model.gripper_head is false: no gripper BCE",
             not r.model.gripper_head and loss.gripper.pos_weight is not None,
+        ),
+    ]
+    return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
+
+
+def unread_data_and_train_keys(r: Recipe) -> list[str]:
+    """Data and training settings that the chosen reader or a switched-off feature never reads."""
+    d, dd, t, td = r.data, type(r.data)(), r.train, type(r.train)()
+    own_rate = {"lerobot": "a LeRobot dataset records its own (meta/info.json)", "synthetic": "the task sets its own"}
+    unread = [
+        (
+            "data.fps",
+            f"data.format={d.format} never reads it: {own_rate.get(d.format)}",
+            d.format in own_rate and d.fps is not None,
+        ),
+        (
+            "data.layout",
+            f"only data.format=hdf5 reads it (format is {d.format})",
+            d.format != "hdf5" and d.layout != dd.layout,
+        ),
+        ("train.compile_mode", "only train.compile=true reads it", not t.compile and t.compile_mode != td.compile_mode),
+        (
+            "train.ema_warmup",
+            "train.ema_decay is 0: no weight average to warm up",
+            not t.ema_decay and t.ema_warmup != td.ema_warmup,
         ),
     ]
     return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
