@@ -164,6 +164,16 @@ def test_numbers_outside_their_range_are_reported_at_once():
     load_recipe(QUICKSTART, [*ok, "model.action_tokens_bins=2"])
 
 
+@pytest.mark.parametrize("scale", ["[1.5, 0.2]", "[0.5, 0.2]", "[0, 1]", "[0.5]"])
+def test_a_crop_scale_that_is_no_fraction_range_is_refused(scale):
+    """data.augment.crop_scale=[1.5, 0.2] passed validate and failed when the dataset was built."""
+    with pytest.raises(
+        RecipeError, match=re.escape("data.augment.crop_scale: must be [low, high] with 0 < low <= high")
+    ):
+        load_recipe(QUICKSTART, [f"data.augment.crop_scale={scale}"])
+    assert load_recipe(QUICKSTART, ["data.augment.crop_scale=[0.2, 0.2]"]).data.augment.crop_scale == [0.2, 0.2]
+
+
 def assert_each_refused(overrides: list[str], bad: dict[str, tuple[str, str]], joined: bool = True) -> RecipeError:
     """Load the quickstart with ``overrides``; every ``key: (value, message)`` of ``bad`` must be
     reported (as "key: message" when ``joined``, else both anywhere in the error)."""

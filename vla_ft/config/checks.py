@@ -452,6 +452,9 @@ def range_problems(r: Recipe) -> list[str]:
             p.append(f"{key}: must be finite and > 0, got {value}")
     if not 0.0 <= o.momentum < 1.0:
         p.append(f"optim.momentum: must be in [0, 1), got {o.momentum}")
+    scale = d.augment.crop_scale  # fractions of the image's area that the random crop keeps
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        p.append(f"data.augment.crop_scale: must be [low, high] with 0 < low <= high <= 1, got {scale}")
     for key, seed in (
         ("train.seed", t.seed),
         ("data.split_seed", d.split_seed),
