@@ -68,6 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         kwargs["state_key"] = args.state_key
     if args.action_key:
         kwargs["action_key"] = args.action_key
+    if not Path(args.path).exists():  # one line, exit 2: nothing to check (was "1 problem(s)", exit 1)
+        raise FileNotFoundError(f"dataset not found: {args.path}")
     with _named_errors(args, args.path, kwargs):
         problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
     if not problems:
@@ -78,9 +80,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     episodes = sorted({p.episode for p in problems if p.episode is not None})
     where = f" in {len(episodes)} episode(s) {episodes[:20]}" if episodes else ""
     print(f"{len(problems)} problem(s){where}", file=sys.stderr)
-    if args.format == "lerobot" and _looks_like_hdf5(Path(args.path)):
-        hint = "check it with --format hdf5 (--layout aloha for episode files)"
-        print(f"{args.path} holds HDF5 data: {hint}", file=sys.stderr)
     return 1
 
 
@@ -111,7 +110,9 @@ def _named_errors(args: argparse.Namespace, path: str, kwargs: dict) -> Iterator
         where = f"the {args.layout} layout's" if args.format == "hdf5" else "the"
         raise RecipeError(f"{where} default {err.role}: {err.detail}; name yours with {option}", path) from None
     except DatasetFormatError as err:
-        raise RecipeError(f"not a {args.format} dataset ({str(err).removeprefix(f'{path}: ')})", path) from None
+        hdf5 = args.format != "hdf5" and _looks_like_hdf5(Path(path))
+        hint = "; it holds HDF5 data: use --format hdf5 (--layout aloha for episode files)" if hdf5 else ""
+        raise RecipeError(f"not a {args.format} dataset ({str(err).removeprefix(f'{path}: ')}){hint}", path) from None
 
 
 def positive(text: str) -> float:
