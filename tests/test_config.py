@@ -397,6 +397,9 @@ def test_settings_the_run_never_reads_are_refused():
     with pytest.raises(RecipeError, match=r"loss.dwa_window: only loss.strategy=dwa reads it \(strategy is static"):
         load_recipe(QUICKSTART, ["loss.dwa_window=3"])
     load_recipe(QUICKSTART, ["loss.strategy=dwa", "loss.dwa_window=3"])
+    with pytest.raises(RecipeError) as err:  # out of range and unread: reported once, as out of range
+        load_recipe(QUICKSTART, ["loss.dwa_window=0"])
+    assert err.value.problems == ["loss.dwa_window: must be >= 1, got 0"]
     with pytest.raises(RecipeError, match="train.feature_cache_dir: only train.cache_features=true reads it"):
         load_recipe(QUICKSTART, ["train.feature_cache_dir=/tmp/cache"])
     with pytest.raises(RecipeError, match=r"loss.dwa_window: DWA weighs .* train.steps is 40: it would never engage"):

@@ -59,8 +59,6 @@ def validate(r: Recipe) -> list[str]:
     p += name_problems(r)
     p += range_problems(r)
     p += absent_module_problems(r)
-    named = {q.split(":")[0] for q in p}  # one message per key: a value out of range is not also "unread"
-    p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     absent = absent_modules(r)
@@ -110,6 +108,9 @@ def validate(r: Recipe) -> list[str]:
     if r.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
         p.append("logging.wandb.enabled: needs wandb (pip install 'vla-ft[wandb]')")
     p += model_problems(r)
+    # After every range check (the loss's own included): a value out of range is not also "unread".
+    named = {q.split(":")[0] for q in p}
+    p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     p += nonfinite_problems(r, reported=p)
     if not p:  # the metric names need a consistent loss and data section
         from vla_ft.metrics import best_metric_problems
