@@ -318,7 +318,7 @@ def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
         "loss.gripper.threshold": (".nan", "must be finite"),
         "loss.action.dim_weights[1]": ("[1, .inf]", "must be finite"),
         "loss.action.horizon_weights[2]": ("[1, 1, .nan]", "must be finite"),
-        "data.augment.crop_scale[0]": ("[.nan, 1.0]", "must be finite"),
+        "data.augment.crop_scale": ("[.nan, 1.0]", "must be [low, high] with 0 < low <= high <= 1, got [nan"),
         "loss.schedule.action.end": ("{end: .inf}", "must be finite"),
     }
     overrides = [f"{k.split('[')[0]}={v}" for k, (v, _) in bad.items() if k != "loss.schedule.action.end"]
