@@ -442,6 +442,13 @@ def test_data_and_train_settings_the_reader_or_a_switched_off_feature_never_read
     assert load_recipe(QUICKSTART, [*hdf5, *read, *(f"{k}={v}" for k, (v, _) in unread.items())])
 
 
+def test_an_unknown_built_in_tokenizer_is_refused_by_validate_with_a_suggestion():
+    """validate said ok to builtin:tiyn; the run refused it only when it built the tokenizer."""
+    message = "model.language.tokenizer: unknown built-in tokenizer 'builtin:tiyn' (did you mean 'builtin:tiny'?)"
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(QUICKSTART, ["model.language.tokenizer=builtin:tiyn"])
+
+
 def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch):
     import importlib.util
 

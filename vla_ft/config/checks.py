@@ -108,6 +108,7 @@ def validate(r: Recipe) -> list[str]:
     if r.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
         p.append("logging.wandb.enabled: needs wandb (pip install 'vla-ft[wandb]')")
     p += model_problems(r)
+    p += tokenizer_problems(r)
     # After every range check (the loss's own included): a value out of range is not also "unread".
     named = {q.split(":")[0] for q in p}
     p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
@@ -384,6 +385,20 @@ def model_problems(r: Recipe) -> list[str]:
     from vla_ft.model_check import model_structure_problems  # torch, timm, transformers: not at import
 
     return p + model_structure_problems(r.model)
+
+
+def tokenizer_problems(r: Recipe) -> list[str]:
+    """``model.language.tokenizer: builtin:<name>`` that names no built-in tokenizer: validate said ok,
+    and the run refused it only when it built the tokenizer."""
+    from vla_ft.tokenizer import BUILTIN  # transformers: not at import
+
+    name = r.model.language.tokenizer
+    if not name.startswith("builtin:") or name in BUILTIN:
+        return []
+    return [
+        f"model.language.tokenizer: unknown built-in tokenizer '{name}'{suggest(name, BUILTIN)}; "
+        f"built-in: {', '.join(BUILTIN)}"
+    ]
 
 
 def range_problems(r: Recipe) -> list[str]:
