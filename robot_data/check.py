@@ -22,7 +22,7 @@ from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
 from robot_data.reader import EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
-from robot_data.rlds import RLDSReader
+from robot_data.rlds import RLDSReader, version_dir
 
 KINDS = (
     "missing_file",
@@ -161,6 +161,7 @@ def check_rlds(
         return _rlds_problems(opened, decode, cameras)
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
+    version_dir(Path(path))  # no dataset_info.json: no RLDS dataset, raised (DatasetFormatError), not a problem of one
     try:
         reader = RLDSReader(path, **kwargs)
     except UnknownFeatureError:
@@ -260,7 +261,9 @@ def check_dataset(
     ``opened``: an RLDS reader already open on ``path``, checked instead of opening another;
     ``cameras``: the cameras training reads (``data.cameras``; empty: all), the only ones checked.
 
-    A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem.
+    A key naming nothing in the dataset raises :class:`UnknownFeatureError` instead of a problem, and a
+    path without the format's metadata (LeRobot's meta/info.json, RLDS's dataset_info.json, a directory
+    without .hdf5 files) raises :class:`DatasetFormatError`: it is no dataset of ``format``.
     """
     from robot_data.check_lerobot import check_lerobot
 

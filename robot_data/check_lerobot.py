@@ -42,9 +42,8 @@ HEIGHT_NAMES, WIDTH_NAMES = ("height", "h"), ("width", "w")
 
 
 def _meta_problems(root: Path) -> list[Problem]:
-    """Missing or unreadable metadata files: all of them, before anything else is read."""
-    if not (root / "meta/info.json").is_file():
-        return [Problem("missing_file", str(root / "meta/info.json"), None, "missing")]
+    """Missing or unreadable metadata files: all of them, before anything else is read (``meta/info.json``
+    is there: :func:`check_lerobot` refuses a path without it)."""
     try:
         info = read_json(root / "meta/info.json")
     except DatasetFormatError as err:
@@ -298,11 +297,15 @@ def check_lerobot(
     """Every problem of a LeRobot directory (metadata, data files, videos/images of ``cameras``, or
     of every camera when empty).
 
-    A key naming no feature raises :class:`UnknownFeatureError`: the caller's typo, not the data's problem.
+    A key naming no feature raises :class:`UnknownFeatureError`: the caller's typo, not the data's problem;
+    a path without ``meta/info.json`` (a file, a directory of another format) raises :class:`DatasetFormatError`:
+    it is no LeRobot dataset, and a list of problems would not say so.
     """
     root = Path(path)
-    if not root.is_dir():
+    if not root.exists():
         return [Problem("missing_file", str(root), None, "dataset directory not found")]
+    if not (root / "meta/info.json").is_file():
+        raise DatasetFormatError(f"{root}: no meta/info.json")
     problems = _meta_problems(root)
     if problems:
         return problems

@@ -104,7 +104,7 @@ class RLDSReader(Reader):
         fps: float | None = None,
         frame_cache: str | Path | None = None,
     ):
-        self.path = _version_dir(Path(path))
+        self.path = version_dir(Path(path))
         if fps is None:
             raise DatasetFormatError(
                 f"{self.path}: RLDS records no control rate; set data.fps (LIBERO runs at 20, Bridge at 5)"
@@ -352,8 +352,9 @@ def _json(path: Path) -> dict[str, Any]:
         raise DatasetFormatError(f"{path}: unreadable ({err})") from None
 
 
-def _version_dir(path: Path) -> Path:
-    """The directory holding dataset_info.json: ``path``, or its only version subdirectory."""
+def version_dir(path: Path) -> Path:
+    """The directory holding dataset_info.json: ``path``, or its only version subdirectory.
+    :class:`DatasetFormatError` when there is none (no RLDS dataset) or several (name one)."""
     if not path.exists():
         raise FileNotFoundError(f"RLDS dataset not found: {path}")
     if (path / "dataset_info.json").is_file() or not path.is_dir():

@@ -153,12 +153,25 @@ def test_numbers_outside_their_range_are_reported_at_once():
         "checkpoint.keep_last": -1,
         "data.val_ratio": 1,
         "model.lora.dropout": 1,
+        "model.action_tokens_bins": 1,
     }
     with pytest.raises(RecipeError) as err:
         load_recipe(QUICKSTART, [f"{k}={v}" for k, v in bad.items()])
     for key in bad:
         assert f"{key}: must be" in str(err.value), key
-    load_recipe(QUICKSTART, ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"])
+    assert "model.action_tokens_bins: must be >= 2, got 1" in str(err.value)
+    ok = ["optim.min_lr_ratio=1", "train.val_batches=0", "checkpoint.every=0", "train.val_every=0"]
+    load_recipe(QUICKSTART, [*ok, "model.action_tokens_bins=2"])
+
+
+@pytest.mark.parametrize("scale", ["[1.5, 0.2]", "[0.5, 0.2]", "[0, 1]", "[0.5]"])
+def test_a_crop_scale_that_is_no_fraction_range_is_refused(scale):
+    """data.augment.crop_scale=[1.5, 0.2] passed validate and failed when the dataset was built."""
+    with pytest.raises(
+        RecipeError, match=re.escape("data.augment.crop_scale: must be [low, high] with 0 < low <= high")
+    ):
+        load_recipe(QUICKSTART, [f"data.augment.crop_scale={scale}"])
+    assert load_recipe(QUICKSTART, ["data.augment.crop_scale=[0.2, 0.2]"]).data.augment.crop_scale == [0.2, 0.2]
 
 
 def assert_each_refused(overrides: list[str], bad: dict[str, tuple[str, str]], joined: bool = True) -> RecipeError:
@@ -305,7 +318,7 @@ def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
         "loss.gripper.threshold": (".nan", "must be finite"),
         "loss.action.dim_weights[1]": ("[1, .inf]", "must be finite"),
         "loss.action.horizon_weights[2]": ("[1, 1, .nan]", "must be finite"),
-        "data.augment.crop_scale[0]": ("[.nan, 1.0]", "must be finite"),
+        "data.augment.crop_scale": ("[.nan, 1.0]", "must be [low, high] with 0 < low <= high <= 1, got [nan"),
         "loss.schedule.action.end": ("{end: .inf}", "must be finite"),
     }
     overrides = [f"{k.split('[')[0]}={v}" for k, (v, _) in bad.items() if k != "loss.schedule.action.end"]
@@ -384,6 +397,9 @@ def test_settings_the_run_never_reads_are_refused():
     with pytest.raises(RecipeError, match=r"loss.dwa_window: only loss.strategy=dwa reads it \(strategy is static"):
         load_recipe(QUICKSTART, ["loss.dwa_window=3"])
     load_recipe(QUICKSTART, ["loss.strategy=dwa", "loss.dwa_window=3"])
+    with pytest.raises(RecipeError) as err:  # out of range and unread: reported once, as out of range
+        load_recipe(QUICKSTART, ["loss.dwa_window=0"])
+    assert err.value.problems == ["loss.dwa_window: must be >= 1, got 0"]
     with pytest.raises(RecipeError, match="train.feature_cache_dir: only train.cache_features=true reads it"):
         load_recipe(QUICKSTART, ["train.feature_cache_dir=/tmp/cache"])
     with pytest.raises(RecipeError, match=r"loss.dwa_window: DWA weighs .* train.steps is 40: it would never engage"):
@@ -406,6 +422,31 @@ def test_settings_the_run_never_reads_are_refused():
         assert f"{key}: {why}" in str(err.value), key
     with pytest.raises(RecipeError, match="optim.eps: optim.name=sgd reads no Adam setting"):
         load_recipe(QUICKSTART, ["optim.name=sgd", "optim.eps=1.0e-6"])
+
+
+def test_data_and_train_settings_the_reader_or_a_switched_off_feature_never_reads_are_refused():
+    """data.fps of a LeRobot dataset (its meta/info.json has the rate), data.layout of a non-HDF5 one,
+    train.compile_mode without train.compile, train.ema_warmup without an average: silently ignored."""
+    unread = {
+        "data.fps": ("30", "data.format=lerobot never reads it: a LeRobot dataset records its own"),
+        "data.layout": ("aloha", "only data.format=hdf5 reads it (format is lerobot)"),
+        "train.compile_mode": ("reduce-overhead", "only train.compile=true reads it"),
+        "train.ema_warmup": ("false", "train.ema_decay is 0: no weight average to warm up"),
+    }
+    lerobot = ["data.format=lerobot", "data.path=ds", "data.text_key=narration"]
+    assert_each_refused([*lerobot, *(f"{k}={v}" for k, (v, _) in unread.items())], unread)
+    with pytest.raises(RecipeError, match="data.fps: data.format=synthetic never reads it: the task sets its own"):
+        load_recipe(QUICKSTART, ["data.fps=30"])
+    hdf5 = ["data.format=hdf5", "data.path=x.hdf5", "data.text_key=narration"]
+    read = ["data.fps=30", "data.layout=aloha", "train.compile=true", "train.ema_decay=0.99"]
+    assert load_recipe(QUICKSTART, [*hdf5, *read, *(f"{k}={v}" for k, (v, _) in unread.items())])
+
+
+def test_an_unknown_built_in_tokenizer_is_refused_by_validate_with_a_suggestion():
+    """validate said ok to builtin:tiyn; the run refused it only when it built the tokenizer."""
+    message = "model.language.tokenizer: unknown built-in tokenizer 'builtin:tiyn' (did you mean 'builtin:tiny'?)"
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(QUICKSTART, ["model.language.tokenizer=builtin:tiyn"])
 
 
 def test_flash_attention_without_its_package_is_refused_by_validate(monkeypatch):
@@ -446,6 +487,12 @@ def test_the_model_section_is_checked_by_validate_on_the_meta_device():
         "model.language.name=some/lm": "model.language.config: used only when model.language.name is null",
         "model.vision.kwargs.num_heads=5": "model.vision.kwargs: timm.create_model(",
         "model.vision.kwargs.embed_dimm=96": "unexpected keyword argument 'embed_dimm'",
+        "model.language.config.hidden_size=-4": "model.language.config: transformers cannot build the LM: "
+        "RuntimeError: Trying to create tensor with negative dimension -4",
+        "model.vision.kwargs.embed_dim=-4": "model.vision.kwargs: timm cannot build the backbone: "
+        "RuntimeError: Trying to create tensor with negative dimension -4",
+        # the kwargs' backbone runs at its default 224: the 7-pixel image (smaller than a patch) is to blame
+        "model.vision.img_size=7": "model.vision.img_size: the backbone fails on a 7x7 image",
     }
     for override, message in cases.items():
         with pytest.raises(RecipeError) as err:
@@ -455,6 +502,17 @@ def test_the_model_section_is_checked_by_validate_on_the_meta_device():
     ok = load_recipe(QUICKSTART, ["model.language.config.rope_theta=10000.0", "model.language.config.my_flag=1"])
     assert ok.model.language.config["my_flag"] == 1
     assert load_recipe(QUICKSTART, ["model.language.name=some/lm", "model.language.config={}"]).model.language.name
+
+
+def test_a_backbone_the_meta_device_cannot_build_is_left_to_building_the_real_one(monkeypatch):
+    """The meta device's own limits (``.item()`` in a model's ``__init__``) are not the recipe's problem."""
+    from vla_ft import model_check
+
+    def meta_only(cfg):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(model_check, "vision_skeleton", meta_only)
+    assert model_check._vision_problems(load_recipe(QUICKSTART).model) == []
 
 
 def test_unknown_module_and_term_names_are_reported_with_the_type_errors():

@@ -85,8 +85,10 @@ def test_missing_files(images, videos):
     problems = check_dataset(videos, "lerobot")
     assert _kinds(problems) == {("missing_file", 0), ("missing_file", 1)} and problems[0].file == str(video)
     (images / "meta/tasks.parquet").unlink()
-    (images / "meta/info.json").unlink()
     assert _kinds(check_dataset(images, "lerobot")) == {("missing_file", None)}
+    (images / "meta/info.json").unlink()  # no LeRobot dataset at all: refused, naming the file
+    with pytest.raises(DatasetFormatError, match=r"images: no meta/info.json"):
+        check_dataset(images, "lerobot")
 
 
 def test_wrong_shape_and_dtype(images):

@@ -176,11 +176,21 @@ def test_an_hdf5_path_of_another_layout_is_one_line_naming_it(tmp_path, tiny_ove
         assert expected in err and f"the {layout} layout" in err, err
 
 
-def test_check_of_a_missing_path_names_it_and_no_episodes(tmp_path, capsys):
-    assert cli(["data", "check", str(tmp_path / "nope")]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert str(tmp_path / "nope") in lines[0]
-    assert lines[-1] == "1 problem(s)"  # not "in 0 episode(s) []"
+def test_check_of_a_missing_path_is_one_line_naming_it(tmp_path, capsys):
+    """Was "1 problem(s)" and exit 1, as if a dataset had been checked."""
+    assert cli(["data", "check", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vla-ft data check: error: dataset not found: {tmp_path / 'nope'}", err
+
+
+def test_check_of_a_directory_of_another_format_is_one_line_naming_the_missing_file(tmp_path, capsys):
+    """Was exit 1 with a list of one problem that did not say the directory is no dataset of --format."""
+    for args, missing in (([], "no meta/info.json"), (["--format", "rlds", "--fps", "5"], "no dataset_info.json")):
+        assert cli(["data", "check", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        fmt = args[1] if args else "lerobot"
+        assert f"vla-ft data check: error: {tmp_path}: not a {fmt} dataset ({missing}" in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
@@ -207,9 +217,10 @@ def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{rm}: the robomimic layout's default state_key: 'obs/robot0_eef_pos' is not a key" in err, err
     assert err.strip().endswith("name yours with --state-key") and "command line" not in err
-    for path in (rm, aloha):  # HDF5 checked as LeRobot: the problem, then what to run instead
-        assert cli(["data", "check", str(path)]) == 1
-        assert "holds HDF5 data: check it with --format hdf5" in capsys.readouterr().err
+    for path in (rm, aloha):  # HDF5 checked as LeRobot: no LeRobot dataset, and what to run instead
+        assert cli(["data", "check", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: not a lerobot dataset (no meta/info.json); it holds HDF5 data: use --format hdf5" in err
 
 
 def test_convert_and_check_name_what_is_wrong_in_one_line(tmp_path, capsys):
@@ -322,4 +333,12 @@ def test_synth_refuses_a_size_out_of_range_naming_the_option(tmp_path, capsys, o
         cli(["data", "synth", str(tmp_path / "ds"), option, value])
     assert info.value.code == 2
     assert f"argument {option}: must be an integer >= {least}, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**32)])
+def test_synth_refuses_a_seed_out_of_range_naming_the_option(tmp_path, capsys, value):
+    """``data synth --seed -1`` ended in numpy's ValueError traceback."""
+    assert _exit_code(["data", "synth", str(tmp_path / "ds"), "--seed", value]) == 2
+    assert f"argument --seed: must be an integer in [0, 2**32), got '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()

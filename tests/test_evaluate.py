@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from robot_data import Normalizer, PerSourceNormalizer, SyntheticReader, split_episodes
 from vla_ft import train
 from vla_ft.cli import main as cli
-from vla_ft.config import GripperLossConfig, RecipeError, load_recipe
-from vla_ft.evaluate import check_compatible, evaluate_checkpoint, select_episodes
+from vla_ft.config import GripperLossConfig, RecipeError, load_recipe, save_recipe
+from vla_ft.evaluate import check_compatible, eval_recipe, evaluate_checkpoint, select_episodes
 from vla_ft.metrics import ActionMetrics
 
 HEAD_OUTPUT = np.array([0.5, -1.0, 0.3])  # normalised; dim 2 (gripper) is replaced by the gripper head
@@ -342,3 +342,18 @@ def test_eval_reports_token_accuracy_only_for_a_run_that_trained_language(tmp_pa
     assert any("val/action_l1" in r for r in rows) and not any("val/token_acc" in r for r in rows)
     got = evaluate_checkpoint(run_dir, out=tmp_path / "eval", plot_episodes=0)["metrics"]
     assert "action_l1" in got and "token_acc" not in got
+
+
+def test_eval_on_another_format_drops_the_trained_formats_own_keys(tmp_path):
+    """An RLDS run (data.fps required) evaluated on its LeRobot copy, or a feature-cache run (a cache
+    directory without the cache, in eval): validation refused the saved keys as unread, and eval may
+    not override data.fps or train.feature_cache_dir."""
+    rlds = ["data.format=rlds", "data.path=x", "data.fps=10", "data.text_key=narration"]
+    save_recipe(load_recipe(QUICKSTART, rlds), tmp_path / "config.yaml")
+    data = eval_recipe(tmp_path, ["data.format=lerobot", "data.path=y"]).data
+    assert (data.format, data.fps) == ("lerobot", None)
+    assert eval_recipe(tmp_path, ["data.path=z"]).data.fps == 10  # the same format: kept
+    trunk = ("vision_encoder", "projector", "proprio_encoder", "language_model", "action_queries")
+    cached = ["train.cache_features=true", "train.feature_cache_dir=cache", "loss.weights.language=0"]
+    save_recipe(load_recipe(QUICKSTART, [*cached, *(f"freeze.{m}=true" for m in trunk)]), tmp_path / "config.yaml")
+    assert eval_recipe(tmp_path, []).train.feature_cache_dir is None

@@ -33,6 +33,8 @@ ROWS = [
         "val/gripper_acc": 0.75,
         "val/action_l1/dim0": 0.25,
         "val/action_l1/h0": 0.1,
+        "val/mix/hammer/action_l1": 0.35,  # mixture sources whose names start like a breakdown's
+        "val/mix/dimsum/action_l1": 0.45,
     },
 ]
 
@@ -59,7 +61,9 @@ def test_run_curves_each_term_train_and_val(tmp_path):
     assert set(losses["loss/gripper"]) == {"train"}
 
     metrics = {ax.get_title(): _lines(ax) for ax in figures["metrics"].axes if ax.get_visible()}
-    assert set(metrics) == {"gripper_acc", "action_l1"}  # breakdowns (/dim, /h) and LRs stay out
+    # breakdowns (/dim0, /h0) and LRs stay out; sources named hammer and dimsum stay in
+    assert set(metrics) == {"gripper_acc", "action_l1", "mix/hammer/action_l1", "mix/dimsum/action_l1"}
+    assert metrics["mix/hammer/action_l1"] == {"val": ([4], [0.35])}
     assert metrics["gripper_acc"]["val"] == ([2, 4], [0.55, 0.75])
     assert metrics["action_l1"] == {"val": ([2, 4], [0.4, 0.3]), "mean-action baseline": ([2, 4], [0.5, 0.5])}
 

@@ -68,6 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         kwargs["state_key"] = args.state_key
     if args.action_key:
         kwargs["action_key"] = args.action_key
+    if not Path(args.path).exists():  # one line, exit 2: nothing to check (was "1 problem(s)", exit 1)
+        raise FileNotFoundError(f"dataset not found: {args.path}")
     with _named_errors(args, args.path, kwargs):
         problems = check_dataset(args.path, args.format, decode=args.decode, **kwargs)
     if not problems:
@@ -78,9 +80,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     episodes = sorted({p.episode for p in problems if p.episode is not None})
     where = f" in {len(episodes)} episode(s) {episodes[:20]}" if episodes else ""
     print(f"{len(problems)} problem(s){where}", file=sys.stderr)
-    if args.format == "lerobot" and _looks_like_hdf5(Path(args.path)):
-        hint = "check it with --format hdf5 (--layout aloha for episode files)"
-        print(f"{args.path} holds HDF5 data: {hint}", file=sys.stderr)
     return 1
 
 
@@ -111,7 +110,9 @@ def _named_errors(args: argparse.Namespace, path: str, kwargs: dict) -> Iterator
         where = f"the {args.layout} layout's" if args.format == "hdf5" else "the"
         raise RecipeError(f"{where} default {err.role}: {err.detail}; name yours with {option}", path) from None
     except DatasetFormatError as err:
-        raise RecipeError(f"not a {args.format} dataset ({str(err).removeprefix(f'{path}: ')})", path) from None
+        hdf5 = args.format != "hdf5" and _looks_like_hdf5(Path(path))
+        hint = "; it holds HDF5 data: use --format hdf5 (--layout aloha for episode files)" if hdf5 else ""
+        raise RecipeError(f"not a {args.format} dataset ({str(err).removeprefix(f'{path}: ')}){hint}", path) from None
 
 
 def positive(text: str) -> float:
@@ -150,12 +151,26 @@ def at_least(least: int, most: int | None = None) -> Callable[[str], int]:
     wanted = f">= {least}" if most is None else f"in {least}..{most}"
 
     def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        value = _integer(text)
         if value is None or value < least or (most is not None and value > most):
             raise argparse.ArgumentTypeError(f"must be an integer {wanted}, got {text!r}")
         return value
 
     return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type for a seed: in [0, 2**32), as the recipe's seeds (numpy refuses a negative one,
+    which ended ``data synth --seed -1`` in a traceback after the output directory was made)."""
+    value = _integer(text)
+    if value is None or not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an integer, or None when it is not one."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else None
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -166,7 +181,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--episodes", type=at_least(1), default=64)
     synth.add_argument("--length", type=at_least(1), default=32, help="frames per episode")
     synth.add_argument("--image-size", type=at_least(8), default=64)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=seed, default=0)
     synth.add_argument("--video", action="store_true", help="MP4 videos instead of PNG bytes in parquet")
     synth.add_argument("--codec", choices=["h264", "av1"], default="h264")
     synth.add_argument("--version", choices=["v3.0", "v2.1"], default="v3.0")

@@ -101,7 +101,7 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
     raw = read_saved_recipe(checkpoint)
     # eval selects no checkpoint: the best metric, maybe of a source the overrides leave out, is not checked
     train = {k: v for k, v in raw.get("train", {}).items() if k not in ("best_metric", "best_mode")}
-    raw["train"] = {**train, "resume": False, "cache_features": False}
+    raw["train"] = {**train, "resume": False, "cache_features": False, "feature_cache_dir": None}
     raw["data"].setdefault("augment", {})["enabled"] = False
     raw["rollout"] = {**(raw.get("rollout") or {}), "episodes": 0}  # eval rolls nothing out: no env to check
     keys = [o.split("=", 1)[0].strip() for o in overrides]
@@ -109,7 +109,23 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
         raw["data"]["mix"] = {}
     elif any(k.startswith("data.mix.") for k in keys) and not raw["data"].get("mix"):
         raw["data"]["path"] = None
-    return recipe_from_dict(apply_overrides(raw, overrides), str(checkpoint / "config.yaml"))
+    trained_format = raw["data"].get("format")
+    raw = apply_overrides(raw, overrides)
+    drop_unread_format_keys(raw["data"], trained_format, keys)
+    return recipe_from_dict(raw, str(checkpoint / "config.yaml"))
+
+
+def drop_unread_format_keys(data: dict[str, Any], trained_format: str | None, overridden: list[str]) -> None:
+    """``data.fps`` and ``data.layout`` of the format trained on, when an override chose a format that
+    never reads them (an RLDS run evaluated on its LeRobot copy): validation refuses unread keys, and
+    eval may not override ``data.fps``. Keys the overrides set are kept (and judged)."""
+    fmt = data.get("format", "synthetic")
+    if fmt == trained_format:
+        return
+    unread = [k for k, reads in (("fps", fmt in ("hdf5", "rlds")), ("layout", fmt == "hdf5")) if not reads]
+    for key in unread:
+        if f"data.{key}" not in overridden:
+            data.pop(key, None)
 
 
 def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:

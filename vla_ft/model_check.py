@@ -40,6 +40,7 @@ def model_structure_problems(cfg: ModelConfig) -> list[str]:
 
 
 def _vision_problems(cfg: ModelConfig) -> list[str]:
+    shaped_by = "model.vision.kwargs" if cfg.vision.kwargs else "model.vision.img_size"
     try:
         backbone = vision_skeleton(cfg)
         if cfg.lora.vision:
@@ -48,11 +49,34 @@ def _vision_problems(cfg: ModelConfig) -> list[str]:
             vit_blocks(backbone, cfg.vision.name)
     except RecipeError as err:
         return err.problems
-    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: build_model checks it
+    except Exception as err:  # noqa: BLE001 - whatever timm raises (a negative width); see _build_problems
+        return _build_problems(err, shaped_by, "timm cannot build the backbone")
+    size = cfg.vision.img_size
+    probe = _vision_forward(backbone, size)
+    if not probe:
         return []
-    size, key = cfg.vision.img_size, "model.vision.kwargs" if cfg.vision.kwargs else "model.vision.img_size"
-    probe = _meta_forward(lambda: backbone.forward_features(torch.zeros(1, 3, size, size)))
-    return [f"{key}: the backbone fails on a {size}x{size} image: {probe}"] if probe else []
+    return [f"{_vision_key_to_blame(cfg, backbone)}: the backbone fails on a {size}x{size} image: {probe}"]
+
+
+def _vision_forward(backbone: torch.nn.Module, size: int) -> str | None:
+    """:func:`_meta_forward` of ``backbone`` on one ``size`` x ``size`` image."""
+    return _meta_forward(lambda: backbone.forward_features(torch.zeros(1, 3, size, size)))
+
+
+def _vision_key_to_blame(cfg: ModelConfig, backbone: torch.nn.Module) -> str:
+    """The key to change when the backbone fails on a ``model.vision.img_size`` image: img_size itself when
+    the same backbone (``model.vision.kwargs`` included) runs at its model's default size (an image smaller
+    than a patch is the size's fault, not the kwargs'); else the kwargs that shaped it, if any."""
+    default = backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    if cfg.vision.kwargs and default != cfg.vision.img_size:
+        at_default = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, img_size=default))
+        try:
+            runs_at_default = _vision_forward(vision_skeleton(at_default), default) is None
+        except Exception:  # noqa: BLE001 - not buildable at the default size either: the kwargs are to blame
+            runs_at_default = False
+        if not runs_at_default:
+            return "model.vision.kwargs"
+    return "model.vision.img_size"
 
 
 def _language_problems(cfg: ModelConfig) -> list[str]:
@@ -71,8 +95,9 @@ def _language_problems(cfg: ModelConfig) -> list[str]:
             check_targets(lm, cfg.lora.target_modules, "model.lora.target_modules")
     except RecipeError as err:
         return p + err.problems
-    except Exception:  # noqa: BLE001 - as for the vision backbone
-        return p
+    except Exception as err:  # noqa: BLE001 - as for the vision backbone
+        key = "model.language.config" if lang.name is None else "model.language.name"
+        return p + _build_problems(err, key, "transformers cannot build the LM")
     if lang.name is not None:  # built for its LoRA targets only
         return p
     probe = _meta_forward(lambda: lm(input_ids=torch.zeros(1, 4, dtype=torch.long)))
@@ -112,11 +137,20 @@ def _meta_forward(run: Callable[[], object]) -> str | None:
     try:
         with torch.device("meta"), torch.no_grad():
             run()
-    except NotImplementedError:
-        return None  # an op without a meta kernel
     except Exception as err:  # noqa: BLE001 - whatever the model raises is reported, naming the key
-        text = str(err)
-        if "meta" in text.lower() or "data-dependent" in text.lower():  # .item(), a bool of a meta tensor
-            return None
-        return library_message(err)
+        return None if _meta_limit(err) else library_message(err)
     return None
+
+
+def _build_problems(err: BaseException, key: str, what: str) -> list[str]:
+    """An error building a backbone on the meta device as a problem naming ``key`` (a negative width in
+    its kwargs or config); none when it is the meta device's limit, which building the real model checks."""
+    return [] if _meta_limit(err) else [f"{key}: {what}: {library_message(err)}"]
+
+
+def _meta_limit(err: BaseException) -> bool:
+    """Whether ``err`` is the meta device's limit rather than the recipe's: an op without a meta kernel,
+    or a value read from a meta tensor (``.item()``, a data-dependent branch). Building the real model
+    checks what the meta device cannot."""
+    text = str(err).lower()
+    return isinstance(err, NotImplementedError) or "meta" in text or "data-dependent" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Series = tuple[list[float], list[float]]  # (x, y)
-BREAKDOWN = ("/dim", "/h")  # per-dimension and per-horizon metrics: in `vla-ft eval`, not in curves
+# Per-dimension and per-horizon metrics (.../dim3, .../h0): in `vla-ft eval`, not in curves. Anchored at the
+# end, so a mixture source named hammer or dimsum (val/mix/hammer/action_l1) keeps its curve.
+BREAKDOWN = re.compile(r"/(dim|h)\d+$")
 
 
 @dataclass
@@ -102,7 +105,7 @@ def metric_panels(rows: list[dict[str, float]]) -> list[Panel]:
     keys = {k for r in rows for k in r}
     train = sorted(k[len("metric/") :] for k in keys if k.startswith("metric/"))
     val = sorted(k[len("val/") :] for k in keys if k.startswith("val/") and not k.startswith("val/loss/"))
-    val = [k for k in val if not any(b in k for b in BREAKDOWN) and k != "baseline_l1"]
+    val = [k for k in val if not BREAKDOWN.search(k) and k != "baseline_l1"]
     panels = []
     for name in [*train, *(k for k in val if k not in train)]:
         panel = Panel(name, ylabel=name)

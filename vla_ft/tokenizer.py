@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN = (BUILTIN_TINY,)  # every built-in tokenizer's name, for validation's "did you mean"
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 

@@ -59,8 +59,6 @@ def validate(r: Recipe) -> list[str]:
     p += name_problems(r)
     p += range_problems(r)
     p += absent_module_problems(r)
-    named = {q.split(":")[0] for q in p}  # one message per key: a value out of range is not also "unread"
-    p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     absent = absent_modules(r)
@@ -110,6 +108,10 @@ def validate(r: Recipe) -> list[str]:
     if r.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
         p.append("logging.wandb.enabled: needs wandb (pip install 'vla-ft[wandb]')")
     p += model_problems(r)
+    p += tokenizer_problems(r)
+    # After every range check (the loss's own included): a value out of range is not also "unread".
+    named = {q.split(":")[0] for q in p}
+    p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     p += nonfinite_problems(r, reported=p)
     if not p:  # the metric names need a consistent loss and data section
         from vla_ft.metrics import best_metric_problems
@@ -286,7 +288,7 @@ def unused_setting_problems(r: Recipe) -> list[str]:
         )
     if r.train.feature_cache_dir is not None and not r.train.cache_features:
         p.append("train.feature_cache_dir: only train.cache_features=true reads it")
-    return p + unread_optimizer_and_loss_keys(r)
+    return p + unread_optimizer_and_loss_keys(r) + unread_data_and_train_keys(r)
 
 
 def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
@@ -318,6 +320,31 @@ def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
             "loss.gripper.pos_weight",
             "model.gripper_head is false: no gripper BCE",
             not r.model.gripper_head and loss.gripper.pos_weight is not None,
+        ),
+    ]
+    return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
+
+
+def unread_data_and_train_keys(r: Recipe) -> list[str]:
+    """Data and training settings that the chosen reader or a switched-off feature never reads."""
+    d, dd, t, td = r.data, type(r.data)(), r.train, type(r.train)()
+    own_rate = {"lerobot": "a LeRobot dataset records its own (meta/info.json)", "synthetic": "the task sets its own"}
+    unread = [
+        (
+            "data.fps",
+            f"data.format={d.format} never reads it: {own_rate.get(d.format)}",
+            d.format in own_rate and d.fps is not None,
+        ),
+        (
+            "data.layout",
+            f"only data.format=hdf5 reads it (format is {d.format})",
+            d.format != "hdf5" and d.layout != dd.layout,
+        ),
+        ("train.compile_mode", "only train.compile=true reads it", not t.compile and t.compile_mode != td.compile_mode),
+        (
+            "train.ema_warmup",
+            "train.ema_decay is 0: no weight average to warm up",
+            not t.ema_decay and t.ema_warmup != td.ema_warmup,
         ),
     ]
     return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
@@ -362,11 +389,26 @@ def model_problems(r: Recipe) -> list[str]:
     return p + model_structure_problems(r.model)
 
 
+def tokenizer_problems(r: Recipe) -> list[str]:
+    """``model.language.tokenizer: builtin:<name>`` that names no built-in tokenizer: validate said ok,
+    and the run refused it only when it built the tokenizer."""
+    from vla_ft.tokenizer import BUILTIN  # transformers: not at import
+
+    name = r.model.language.tokenizer
+    if not name.startswith("builtin:") or name in BUILTIN:
+        return []
+    return [
+        f"model.language.tokenizer: unknown built-in tokenizer '{name}'{suggest(name, BUILTIN)}; "
+        f"built-in: {', '.join(BUILTIN)}"
+    ]
+
+
 def range_problems(r: Recipe) -> list[str]:
     """Numbers outside the range their key means something in (a count of 0 or -1 would train,
     log or validate differently from what the recipe says, or fail later with a traceback)."""
     t, o, d, m = r.train, r.optim, r.data, r.model
     at_least = {
+        2: {"model.action_tokens_bins": m.action_tokens_bins},  # one bin says no action value apart from another
         1: {
             "train.steps": t.steps,
             "train.batch_size": t.batch_size,
@@ -428,6 +470,9 @@ def range_problems(r: Recipe) -> list[str]:
             p.append(f"{key}: must be finite and > 0, got {value}")
     if not 0.0 <= o.momentum < 1.0:
         p.append(f"optim.momentum: must be in [0, 1), got {o.momentum}")
+    scale = d.augment.crop_scale  # fractions of the image's area that the random crop keeps
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        p.append(f"data.augment.crop_scale: must be [low, high] with 0 < low <= high <= 1, got {scale}")
     for key, seed in (
         ("train.seed", t.seed),
         ("data.split_seed", d.split_seed),
