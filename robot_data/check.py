@@ -154,9 +154,10 @@ def check_hdf5(
 def check_rlds(
     path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, cameras: Sequence[str] = (), **kwargs: Any
 ) -> list[Problem]:
-    """RLDS: every episode's record parses with its features' declared sizes, dims as the first sound
-    episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...).
-    ``opened``: the reader training already opened on ``path`` (opening reads every record once)."""
+    """RLDS: every episode's record passes its checksum and parses with its features' declared sizes,
+    dims as the first sound episode's, finite numbers, decodable frames. ``kwargs``: the reader's
+    (state_key, fps, ...). ``opened``: the reader training already opened on ``path`` (opening reads
+    every record once)."""
     if opened is not None:
         return _rlds_problems(opened, decode, cameras)
     if not Path(path).exists():
@@ -175,6 +176,10 @@ def _rlds_problems(reader: RLDSReader, decode: str, cameras: Sequence[str]) -> l
     dims: tuple[int, int] | None = None
     for ep in reader.episodes():
         where = reader.location(ep.index)
+        damaged = reader.checksum_error(ep.index)
+        if damaged is not None:  # what the record holds cannot be trusted: its other findings would mislead
+            problems.append(Problem("unreadable", where, ep.index, damaged))
+            continue
         if ep.index in reader.unreadable:
             problems.append(
                 Problem("unreadable", where, ep.index, reader.unreadable[ep.index].removeprefix(f"{where}: "))

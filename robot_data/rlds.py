@@ -42,7 +42,7 @@ from PIL import Image
 
 from robot_data.frame_cache import FrameCache
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.tfrecord import parse_example, read_record, record_spans
+from robot_data.tfrecord import data_checksum_error, parse_example, read_record, record_spans
 
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
@@ -241,6 +241,11 @@ class RLDSReader(Reader):
         """'<shard file>, record k' of an episode, for messages."""
         file, _, _, k = self._records[episode_index]
         return f"{file.name}, record {k}"
+
+    def checksum_error(self, episode_index: int) -> str | None:
+        """Why the episode's record fails its data checksum, or None. Not checked when reading for
+        training: it costs a pass over every byte (see :mod:`robot_data.tfrecord`)."""
+        return data_checksum_error(*self._records[episode_index][:3])
 
     def _example(self, episode_index: int) -> dict[str, Any]:
         """The episode's parsed Example (the last few kept per process)."""

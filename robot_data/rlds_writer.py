@@ -19,29 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from robot_data.checksum import masked_crc
 from robot_data.hdf5_writer import TEXT, camera_name
 from robot_data.reader import Episode, Reader
 from robot_data.rlds import DEFAULT_TEMPLATE, INSTRUCTION, _shard_names
 from robot_data.tfrecord import Example
-
-_CRC_TABLE = []
-for _n in range(256):
-    _c = _n
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1  # CRC32C (Castagnoli), reflected
-    _CRC_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def frame_record(data: bytes) -> bytes:

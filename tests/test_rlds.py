@@ -15,9 +15,10 @@ from PIL import Image
 
 from robot_data import SyntheticReader
 from robot_data.check import check_dataset
+from robot_data.checksum import crc32c, masked_crc
 from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from robot_data.rlds import RLDSReader
-from robot_data.rlds_writer import _png, crc32c, frame_record, masked_crc, write_rlds
+from robot_data.rlds_writer import _png, frame_record, write_rlds
 from robot_data.tfrecord import Example, parse_example, record_spans
 from vla_ft.config import RecipeError, load_recipe
 
@@ -33,6 +34,63 @@ def test_tfrecord_framing_and_checksums(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError, match=f"{path}: record at byte 35 claims 5 bytes"):
         record_spans(path)
+
+
+def _bitwise_crc32c(data: bytes) -> int:
+    """CRC-32C one bit at a time, as the polynomial division reads: the reference for the fast one."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_published_vectors_and_the_bitwise_definition():
+    assert crc32c(b"") == 0
+    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 appendix B.4
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    data = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    for n in (63, 64, 128, 129, 1000, 4096 + 7, 20000):  # one lane, a few, and a tail after the lanes
+        assert crc32c(data[:n]) == _bitwise_crc32c(data[:n]), n
+
+
+def test_a_damaged_length_is_an_error_naming_the_shard_record_and_byte(synthetic_rlds, tmp_path):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    shard = broken / "vla_ft_synthetic-train.tfrecord-00001-of-00002"
+    raw = bytearray(shard.read_bytes())
+    second = record_spans(shard)[1][0] - 12  # where record 1's header starts
+    raw[second + 9] ^= 0x01  # a bit of its length's checksum
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DatasetFormatError, match=f"{shard}: record 1 at byte {second}: its length fails its checksum"):
+        RLDSReader(broken, fps=10)
+
+
+def test_a_damaged_record_that_still_parses_is_found_by_the_check(synthetic_rlds, tmp_path):
+    """Bit rot in episode 2's first action: the Example parses and every size is right, so only the
+    data checksum tells; the check names the shard, the record and its byte."""
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    shard = broken / "vla_ft_synthetic-train.tfrecord-00001-of-00002"
+    raw = bytearray(shard.read_bytes())
+    first_action = struct.pack("<3f", *SYNTH.numeric(2).action[0])
+    at = raw.find(first_action)
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    reader = RLDSReader(broken, fps=10)
+    assert not np.array_equal(reader.numeric(2).action, SYNTH.numeric(2).action)  # read without complaint
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert [(p.kind, p.episode, p.file) for p in problems] == [
+        ("unreadable", 2, "vla_ft_synthetic-train.tfrecord-00001-of-00002, record 0")
+    ]
+    assert problems[0].message.startswith("data at byte 12 fails its checksum (stored 0x")
 
 
 def test_an_example_written_byte_by_byte_parses():
