@@ -46,17 +46,21 @@ def _dict(features: dict[str, Any]) -> dict[str, Any]:
     return {"pythonClassName": cls, "featuresDict": {"features": features}}
 
 
-def features_json(reader: Reader, state_dim: int, action_dim: int, has_text: bool, image_size: int) -> dict[str, Any]:
-    scalar = "scalar.Scalar"
-    image = {
+def _image(shape: Sequence[int]) -> dict[str, Any]:
+    """A PNG Image feature of ``shape`` (H, W, 3)."""
+    return {
         "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
-        "image": {
-            "shape": {"dimensions": [str(image_size), str(image_size), "3"]},
-            "dtype": "uint8",
-            "encodingFormat": "png",
-        },
+        "image": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": "uint8", "encodingFormat": "png"},
     }
-    observation = {"state": _tensor([state_dim], "float32"), **{camera_name(c): image for c in reader.cameras}}
+
+
+def features_json(
+    reader: Reader, state_dim: int, action_dim: int, has_text: bool, camera_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """The features.json tree; ``camera_shapes``: each of the reader's cameras -> its (H, W, 3)."""
+    observation = {"state": _tensor([state_dim], "float32")}
+    observation.update({camera_name(c): _image(camera_shapes[c]) for c in reader.cameras})
+    scalar = "scalar.Scalar"
     step = {
         "observation": _dict(observation),
         "action": _tensor([action_dim], "float32"),
@@ -116,9 +120,10 @@ def write_rlds(
     directory.mkdir(parents=True, exist_ok=True)
     episodes = {e.index: e for e in reader.episodes()}
     splits = splits or {"train": list(episodes)}
-    first = reader.numeric(reader.episodes()[0].index)
-    size = reader.frames(reader.episodes()[0].index, reader.cameras[0], [0]).shape[1]
-    features = features_json(reader, first.state.shape[1], first.action.shape[1], first.text is not None, size)
+    first_episode = reader.episodes()[0].index
+    first = reader.numeric(first_episode)
+    shapes = {c: tuple(reader.frames(first_episode, c, [0]).shape[1:]) for c in reader.cameras}
+    features = features_json(reader, first.state.shape[1], first.action.shape[1], first.text is not None, shapes)
     (directory / "features.json").write_text(json.dumps(features, indent=1))
     info_splits = []
     for split, ids in splits.items():

@@ -261,6 +261,31 @@ def test_the_synthetic_task_round_trips(synthetic_rlds):
     assert reader.location(5) == "vla_ft_synthetic-val.tfrecord-00001-of-00002, record 0"
 
 
+def test_each_camera_is_declared_with_its_own_shape(tmp_path):
+    """ALOHA files with a wide top camera and a smaller wrist camera, written as RLDS: features.json
+    declares each camera's (H, W, 3), so the check's shape comparison passes and frames round-trip."""
+    import h5py
+
+    from robot_data.hdf5 import HDF5Reader
+    from robot_data.hdf5_writer import write_aloha
+
+    aloha = write_aloha(SyntheticReader(episodes=2, episode_length=3, image_size=32, seed=1), tmp_path / "aloha")
+    for file in aloha.glob("*.hdf5"):
+        with h5py.File(file, "r+") as f:
+            top = f["observations/images/top"][:]
+            del f["observations/images/top"]
+            f["observations/images/top"] = top[:, :, :24]
+            f["observations/images/wrist"] = top[:, :16, :20]
+    source = HDF5Reader(aloha, layout="aloha")
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    reader = RLDSReader(rlds, fps=10)
+    assert reader.camera_shapes == {"observation/top": (32, 24, 3), "observation/wrist": (16, 20, 3)}
+    assert check_dataset(rlds, "rlds", fps=10) == []
+    for camera in source.cameras:
+        got = reader.frames(1, f"observation/{camera.rsplit('.', 1)[-1]}", [2])
+        np.testing.assert_array_equal(got, source.frames(1, camera, [2]))
+
+
 def test_frames_through_the_decoded_frame_cache(synthetic_rlds, tmp_path):
     cached = RLDSReader(synthetic_rlds, fps=10, frame_cache=tmp_path / "cache")
     direct = RLDSReader(synthetic_rlds, fps=10)
