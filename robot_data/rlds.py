@@ -13,6 +13,8 @@ T strings). Recipe keys name features by their path under ``steps`` (``observati
 too, so the default ``observation.state`` and ``action`` fit LIBERO and most Open X datasets);
 ``data.state_key`` may list several, comma-separated, concatenated in that order. Cameras are the
 RGB image features (``observation/image``, ``observation/wrist_image``; not 1-channel depth or masks).
+A TFDS Text feature has a string for every step, so an empty ``data.text_key`` string is a frame
+without text (None: no language target there, as a null LeRobot cell), never a target of end-of-text.
 The instruction is ``language_instruction``, else ``observation/natural_language_instruction``
 (RT-1). Episodes are numbered across the splits in ``dataset_info.json``'s order, and each split
 is an episode filter (``data.val_filter: val``). RLDS records no control rate: ``fps`` must be
@@ -50,7 +52,7 @@ INSTRUCTION = "language_instruction"
 INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
-NUMBERS_FORMAT = 1  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+NUMBERS_FORMAT = 2  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
@@ -283,12 +285,16 @@ class RLDSReader(Reader):
             raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not {length} strings")
         return [_text(v) for v in values]
 
+    def _frame_text(self, example: dict[str, Any], episode_index: int, length: int) -> list[str | None]:
+        """The ``text_key`` strings, an empty one as None (see the module docstring)."""
+        return [t or None for t in self._strings(example, self.text_key, episode_index, length)]
+
     def _read_numeric(self, episode_index: int) -> Episode:
         example = self._example(episode_index)
         action = self._rows(example, self.action_key, episode_index, None)
         length = len(action)
         state = np.concatenate([self._rows(example, k, episode_index, length) for k in self.state_keys], axis=1)
-        text = self._strings(example, self.text_key, episode_index, length) if self.text_key else None
+        text = self._frame_text(example, episode_index, length) if self.text_key else None
         key = self.instruction_key
         tasks = self._strings(example, key, episode_index, length) if key else []
         task = tasks[0] if tasks else ""

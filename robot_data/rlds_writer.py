@@ -2,9 +2,10 @@
 
 Used for test fixtures and to try RLDS recipes on the synthetic task. Per step: ``observation/state``,
 ``observation/<camera>`` (PNG), ``action``, ``language_instruction``, the per-frame text as
-``narration`` when the reader has one, and RLDS's ``is_first``, ``is_last``, ``is_terminal``,
-``reward`` and ``discount``; per episode ``episode_metadata/file_path``. Records carry TFRecord's
-masked CRC32C checksums, so TensorFlow's own reader accepts the files.
+``narration`` when the reader has one (a frame without text, None, as "": TFDS Text has no null,
+and :class:`~robot_data.rlds.RLDSReader` reads "" back as None), and RLDS's ``is_first``,
+``is_last``, ``is_terminal``, ``reward`` and ``discount``; per episode ``episode_metadata/file_path``.
+Records carry TFRecord's masked CRC32C checksums, so TensorFlow's own reader accepts the files.
 """
 
 from __future__ import annotations
