@@ -215,13 +215,17 @@ class RLDSReader(Reader):
         """(shard file, offset, length, record number in the shard) of every episode's record, and the
         episode ids of each split."""
         records, filters = [], {}
-        file_format = info.get("fileFormat", "tfrecord")
+        info_file = self.path / "dataset_info.json"
+        file_format = _field(info, "fileFormat", str, str(info_file), "tfrecord")
         if file_format != "tfrecord":
-            raise DatasetFormatError(f"{self.path}/dataset_info.json: fileFormat {file_format}; only tfrecord is read")
-        for split in info.get("splits", []):
-            lengths = [int(n) for n in split.get("shardLengths", [])]
-            template = split.get("filepathTemplate", DEFAULT_TEMPLATE)
-            names = _shard_names(template, info["name"], split["name"], file_format, len(lengths))
+            raise DatasetFormatError(f"{info_file}: fileFormat {file_format}; only tfrecord is read")
+        dataset = _field(info, "name", str, str(info_file))
+        for i, split in enumerate(_field(info, "splits", list, str(info_file), [])):
+            where = f"{info_file}: splits[{i}]"
+            split_name = _field(split, "name", str, where)
+            lengths = _shard_lengths(split, where)
+            template = _field(split, "filepathTemplate", str, where, DEFAULT_TEMPLATE)
+            names = _shard_names(template, dataset, split_name, file_format, len(lengths))
             first = len(records)
             for name, expected in zip(names, lengths, strict=True):
                 file = self.path / name
@@ -234,7 +238,7 @@ class RLDSReader(Reader):
                 if len(spans) != expected:
                     raise DatasetFormatError(f"{file}: {len(spans)} episodes, dataset_info.json says {expected}")
                 records += [(file, offset, length, k) for k, (offset, length) in enumerate(spans)]
-            filters[split["name"]] = list(range(first, len(records)))
+            filters[split_name] = list(range(first, len(records)))
         if not records:
             raise DatasetFormatError(f"{self.path}: dataset_info.json lists no episodes")
         return records, filters
@@ -361,6 +365,34 @@ def _json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DatasetFormatError(f"{path}: unreadable ({err})") from None
+
+
+_REQUIRED = object()
+
+
+def _field(obj: Any, key: str, kind: type, where: str, default: Any = _REQUIRED) -> Any:
+    """``obj[key]``, a ``kind``; ``default`` when absent and given. A DatasetFormatError naming
+    ``where`` (the file and the place in it) and the key otherwise: a malformed dataset_info.json
+    is the dataset's fault, not a KeyError in the reader."""
+    if not isinstance(obj, dict):
+        raise DatasetFormatError(f"{where}: {type(obj).__name__}, not a JSON object")
+    if key not in obj:
+        if default is _REQUIRED:
+            raise DatasetFormatError(f"{where}: missing key '{key}'")
+        return default
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise DatasetFormatError(f"{where}: '{key}' is {json.dumps(value)}, not a {kind.__name__}")
+    return value
+
+
+def _shard_lengths(split: dict[str, Any], where: str) -> list[int]:
+    """A split's ``shardLengths`` (TFDS writes the counts as strings) as ints."""
+    lengths = _field(split, "shardLengths", list, where, [])
+    bad = [n for n in lengths if not (isinstance(n, int) or (isinstance(n, str) and n.isdigit()))]
+    if bad:
+        raise DatasetFormatError(f"{where}: 'shardLengths' holds {json.dumps(bad[0])}, not an episode count")
+    return [int(n) for n in lengths]
 
 
 def _version_dir(path: Path) -> Path:

@@ -336,6 +336,45 @@ def test_what_a_user_gets_wrong_is_named(synthetic_rlds, tmp_path):
         RLDSReader(broken, fps=10)
 
 
+def _without_name(info):
+    del info["name"]
+    return info
+
+
+def _without_split_name(info):
+    del info["splits"][0]["name"]
+    return info
+
+
+def _shard_length_in_words(info):
+    info["splits"][1]["shardLengths"] = ["two"]
+    return info
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_without_name, "dataset_info.json: missing key 'name'"),
+        (lambda info: {**info, "splits": "train"}, "dataset_info.json: 'splits' is \"train\", not a list"),
+        (_without_split_name, r"dataset_info.json: splits\[0\]: missing key 'name'"),
+        (_shard_length_in_words, r"dataset_info.json: splits\[1\]: 'shardLengths' holds \"two\", not an episode count"),
+        (lambda info: [info], "dataset_info.json: list, not a JSON object"),
+    ],
+)
+def test_a_malformed_dataset_info_names_the_file_and_key(synthetic_rlds, tmp_path, edit, message):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    info = broken / "dataset_info.json"
+    info.write_text(json.dumps(edit(json.loads(info.read_text()))))
+    with pytest.raises(DatasetFormatError, match=message):
+        RLDSReader(broken, fps=10)
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert [(p.kind, p.episode) for p in problems] == [("unreadable", None)]
+    assert str(info) in problems[0].message
+
+
 def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthetic_rlds, tmp_path, monkeypatch):
     """Episode 2's action list loses a value: the check names its shard and record, training refuses the
     dataset, and with data.skip_bad_episodes trains on the others."""
