@@ -107,10 +107,16 @@ def decode_checks(
         text = str(err)
         kind = "video_short" if "no frame within" in text or "has no frame" in text else "undecodable"
         return [Problem(kind, where, episode, f"camera {camera}: {text}")]
-    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+    if shape is not None and not shape_matches(images.shape[1:], shape):
         msg = f"camera {camera}: frames are {tuple(images.shape[1:])}, the features say {tuple(shape)}"
         return [Problem("bad_feature", where, episode, msg)]
     return []
+
+
+def shape_matches(actual: Sequence[int], declared: Sequence[int]) -> bool:
+    """Whether frames of ``actual`` (H, W, C) fit ``declared``, where -1 is a dimension the dataset
+    leaves open (TFDS writes an Image of varying size as (-1, -1, 3))."""
+    return len(actual) == len(declared) and all(d == -1 or a == d for a, d in zip(actual, declared, strict=True))
 
 
 def checked_cameras(available: Sequence[str], cameras: Sequence[str]) -> list[str]:

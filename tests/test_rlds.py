@@ -308,6 +308,27 @@ def test_a_frame_without_text_stays_without_text(tmp_path):
     assert all(isinstance(t, str) and t for t in rlds.numeric(1).text)
 
 
+def test_a_dimension_declared_unknown_fits_any_size(synthetic_rlds, tmp_path):
+    """TFDS declares an Image of varying size as (-1, -1, 3): the check takes -1 as any size, and
+    still refuses a known dimension that differs."""
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    features = broken / "features.json"
+    tree = json.loads(features.read_text())
+    steps = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
+    top = steps["observation"]["featuresDict"]["features"]["top"]["image"]["shape"]
+    top["dimensions"] = ["-1", "-1", "3"]
+    features.write_text(json.dumps(tree))
+    assert check_dataset(broken, "rlds", fps=10) == []
+    top["dimensions"] = ["-1", "31", "3"]
+    features.write_text(json.dumps(tree))
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert {(p.kind, p.episode) for p in problems} == {("bad_feature", e) for e in range(6)}
+    assert "frames are (32, 32, 3), the features say (-1, 31, 3)" in problems[0].message
+
+
 def test_frames_through_the_decoded_frame_cache(synthetic_rlds, tmp_path):
     cached = RLDSReader(synthetic_rlds, fps=10, frame_cache=tmp_path / "cache")
     direct = RLDSReader(synthetic_rlds, fps=10)
