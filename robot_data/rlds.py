@@ -67,16 +67,6 @@ def _shard_names(template: str, dataset: str, split: str, file_format: str, shar
     ]
 
 
-def _leaves(spec: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """A features.json FeaturesDict -> {path: leaf spec} (nested dicts joined with '/')."""
-    if "featuresDict" not in spec:
-        return {prefix: spec}
-    out = {}
-    for name, sub in spec["featuresDict"]["features"].items():
-        out.update(_leaves(sub, f"{prefix}/{name}" if prefix else name))
-    return out
-
-
 def _shape(leaf: dict[str, Any]) -> tuple[int, ...]:
     body = leaf.get("tensor") or leaf.get("image") or {}
     return tuple(int(d) for d in body.get("shape", {}).get("dimensions", []))
@@ -410,9 +400,37 @@ def _version_dir(path: Path) -> Path:
 
 
 def _step_features(features: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    """The per-step leaf features of features.json, by path under ``steps``."""
-    top = features.get("featuresDict", {}).get("features", {})
-    steps = top.get("steps", {}).get("sequence", {}).get("feature")
-    if steps is None:
-        raise DatasetFormatError(f"{path}/features.json: no 'steps' Dataset feature; not an RLDS dataset")
-    return _leaves(steps)
+    """The per-step leaf features of features.json, by path under ``steps``; a malformed tree is a
+    DatasetFormatError naming the file and the feature (not a KeyError from deep in the reader)."""
+    where = f"{path}/features.json"
+    steps = _nested(features, "featuresDict", "features", "steps", "sequence", "feature")
+    if not isinstance(steps, dict):
+        raise DatasetFormatError(f"{where}: no 'steps' Dataset feature; not an RLDS dataset")
+    leaves = _leaves(steps, where)
+    for name, leaf in leaves.items():
+        try:
+            _shape(leaf)
+        except (AttributeError, TypeError, ValueError):
+            raise DatasetFormatError(f"{where}: steps/{name}: its shape is not a list of integers") from None
+    return leaves
+
+
+def _nested(tree: Any, *keys: str) -> Any:
+    """``tree[k0][k1]...``, or None where a level is missing or not a JSON object."""
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _leaves(spec: Any, where: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """A features.json FeaturesDict -> {path: leaf spec} (nested names joined with '/'), each level
+    checked to be a JSON object (``where``: the file, for messages)."""
+    if not isinstance(spec, dict):
+        raise DatasetFormatError(f"{where}: feature steps/{prefix} is {json.dumps(spec)}, not a JSON object")
+    if "featuresDict" not in spec:
+        return {prefix: spec}
+    subs = _field(spec["featuresDict"], "features", dict, f"{where}: steps/{prefix} featuresDict")
+    out = {}
+    for name, sub in subs.items():
+        out.update(_leaves(sub, where, f"{prefix}/{name}" if prefix else name))
+    return out

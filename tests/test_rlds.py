@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -394,6 +395,40 @@ def test_a_malformed_dataset_info_names_the_file_and_key(synthetic_rlds, tmp_pat
     problems = check_dataset(broken, "rlds", fps=10)
     assert [(p.kind, p.episode) for p in problems] == [("unreadable", None)]
     assert str(info) in problems[0].message
+
+
+def _observation(tree):
+    """The observation FeaturesDict's own features (state, top) in a features.json tree."""
+    steps = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
+    return steps["observation"]["featuresDict"]["features"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda tree: tree.update(featuresDict=[]), "no 'steps' Dataset feature"),
+        (lambda tree: _observation(tree).update(top=[]), "feature steps/observation/top is [], not a JSON object"),
+        (
+            lambda tree: _observation(tree).update(x={"featuresDict": {}}),
+            "steps/observation/x featuresDict: missing key 'features'",
+        ),
+        (
+            lambda tree: _observation(tree)["state"]["tensor"].update(shape=[7]),
+            "steps/observation/state: its shape is not a list of integers",
+        ),
+    ],
+)
+def test_a_malformed_features_json_names_the_file_and_feature(synthetic_rlds, tmp_path, edit, message):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    features = broken / "features.json"
+    tree = json.loads(features.read_text())
+    edit(tree)
+    features.write_text(json.dumps(tree))
+    with pytest.raises(DatasetFormatError, match=f"{features}: .*{re.escape(message)}"):
+        RLDSReader(broken, fps=10)
 
 
 def test_a_broken_episode_is_reported_by_the_check_and_skipped_on_request(synthetic_rlds, tmp_path, monkeypatch):
