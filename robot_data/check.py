@@ -107,10 +107,16 @@ def decode_checks(
         text = str(err)
         kind = "video_short" if "no frame within" in text or "has no frame" in text else "undecodable"
         return [Problem(kind, where, episode, f"camera {camera}: {text}")]
-    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+    if shape is not None and not shape_matches(images.shape[1:], shape):
         msg = f"camera {camera}: frames are {tuple(images.shape[1:])}, the features say {tuple(shape)}"
         return [Problem("bad_feature", where, episode, msg)]
     return []
+
+
+def shape_matches(actual: Sequence[int], declared: Sequence[int]) -> bool:
+    """Whether frames of ``actual`` (H, W, C) fit ``declared``, where -1 is a dimension the dataset
+    leaves open (TFDS writes an Image of varying size as (-1, -1, 3))."""
+    return len(actual) == len(declared) and all(d == -1 or a == d for a, d in zip(actual, declared, strict=True))
 
 
 def checked_cameras(available: Sequence[str], cameras: Sequence[str]) -> list[str]:
@@ -154,9 +160,10 @@ def check_hdf5(
 def check_rlds(
     path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, cameras: Sequence[str] = (), **kwargs: Any
 ) -> list[Problem]:
-    """RLDS: every episode's record parses with its features' declared sizes, dims as the first sound
-    episode's, finite numbers, decodable frames. ``kwargs``: the reader's (state_key, fps, ...).
-    ``opened``: the reader training already opened on ``path`` (opening reads every record once)."""
+    """RLDS: every episode's record passes its checksum and parses with its features' declared sizes,
+    dims as the first sound episode's, finite numbers, decodable frames. ``kwargs``: the reader's
+    (state_key, fps, ...). ``opened``: the reader training already opened on ``path`` (opening reads
+    every record once)."""
     if opened is not None:
         return _rlds_problems(opened, decode, cameras)
     if not Path(path).exists():
@@ -176,6 +183,10 @@ def _rlds_problems(reader: RLDSReader, decode: str, cameras: Sequence[str]) -> l
     dims: tuple[int, int] | None = None
     for ep in reader.episodes():
         where = reader.location(ep.index)
+        damaged = reader.checksum_error(ep.index)
+        if damaged is not None:  # what the record holds cannot be trusted: its other findings would mislead
+            problems.append(Problem("unreadable", where, ep.index, damaged))
+            continue
         if ep.index in reader.unreadable:
             problems.append(
                 Problem("unreadable", where, ep.index, reader.unreadable[ep.index].removeprefix(f"{where}: "))

@@ -385,11 +385,14 @@ def compare_stats(
     """Where shipped stats disagree with freshly computed ones, one line per (key, stat, dim).
 
     A difference counts when it exceeds ``tolerance`` times the fresh std of that dim (floored
-    at EPS), i.e. disagreements are measured in units of the data's own spread.
+    at EPS), i.e. disagreements are measured in units of the data's own spread. NaN compares
+    false with everything, so it is handled apart: NaN on one side only is a disagreement (a
+    stats file with a hole, or a dim the data never fills), NaN on both agrees, and a NaN std
+    counts as the floor.
     """
     lines = []
     for key in NORM_KEYS:
-        spread = np.maximum(np.asarray(fresh[key]["std"], np.float64).reshape(-1), EPS)
+        spread = np.fmax(np.asarray(fresh[key]["std"], np.float64).reshape(-1), EPS)  # fmax: NaN -> EPS
         for stat in ("mean", "std", "min", "max", "q01", "q99"):
             if stat not in shipped.get(key, {}) or stat not in fresh[key]:
                 continue
@@ -398,7 +401,8 @@ def compare_stats(
             if a.shape != b.shape:
                 lines.append(f"{key}.{stat}: shipped has {a.size} dims, the data has {b.size}")
                 continue
-            for d in np.flatnonzero(np.abs(a - b) > tolerance * spread):
+            differ = (np.abs(a - b) > tolerance * spread) | (np.isnan(a) != np.isnan(b))
+            for d in np.flatnonzero(differ):
                 lines.append(f"{key}.{stat}[{d}]: shipped {a[d]:.6g}, computed {b[d]:.6g}")
     return lines
 

@@ -13,6 +13,8 @@ T strings). Recipe keys name features by their path under ``steps`` (``observati
 too, so the default ``observation.state`` and ``action`` fit LIBERO and most Open X datasets);
 ``data.state_key`` may list several, comma-separated, concatenated in that order. Cameras are the
 RGB image features (``observation/image``, ``observation/wrist_image``; not 1-channel depth or masks).
+A TFDS Text feature has a string for every step, so an empty ``data.text_key`` string is a frame
+without text (None: no language target there, as a null LeRobot cell), never a target of end-of-text.
 The instruction is ``language_instruction``, else ``observation/natural_language_instruction``
 (RT-1). Episodes are numbered across the splits in ``dataset_info.json``'s order, and each split
 is an episode filter (``data.val_filter: val``). RLDS records no control rate: ``fps`` must be
@@ -42,7 +44,7 @@ from PIL import Image
 
 from robot_data.frame_cache import FrameCache
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.tfrecord import parse_example, read_record, record_spans
+from robot_data.tfrecord import data_checksum_error, parse_example, read_record, record_spans
 
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
@@ -50,7 +52,7 @@ INSTRUCTION = "language_instruction"
 INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
-NUMBERS_FORMAT = 1  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+NUMBERS_FORMAT = 2  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
@@ -63,16 +65,6 @@ def _shard_names(template: str, dataset: str, split: str, file_format: str, shar
         .replace("{NUM_SHARDS}", f"{shards:05d}")
         for i in range(shards)
     ]
-
-
-def _leaves(spec: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """A features.json FeaturesDict -> {path: leaf spec} (nested dicts joined with '/')."""
-    if "featuresDict" not in spec:
-        return {prefix: spec}
-    out = {}
-    for name, sub in spec["featuresDict"]["features"].items():
-        out.update(_leaves(sub, f"{prefix}/{name}" if prefix else name))
-    return out
 
 
 def _shape(leaf: dict[str, Any]) -> tuple[int, ...]:
@@ -213,13 +205,17 @@ class RLDSReader(Reader):
         """(shard file, offset, length, record number in the shard) of every episode's record, and the
         episode ids of each split."""
         records, filters = [], {}
-        file_format = info.get("fileFormat", "tfrecord")
+        info_file = self.path / "dataset_info.json"
+        file_format = _field(info, "fileFormat", str, str(info_file), "tfrecord")
         if file_format != "tfrecord":
-            raise DatasetFormatError(f"{self.path}/dataset_info.json: fileFormat {file_format}; only tfrecord is read")
-        for split in info.get("splits", []):
-            lengths = [int(n) for n in split.get("shardLengths", [])]
-            template = split.get("filepathTemplate", DEFAULT_TEMPLATE)
-            names = _shard_names(template, info["name"], split["name"], file_format, len(lengths))
+            raise DatasetFormatError(f"{info_file}: fileFormat {file_format}; only tfrecord is read")
+        dataset = _field(info, "name", str, str(info_file))
+        for i, split in enumerate(_field(info, "splits", list, str(info_file), [])):
+            where = f"{info_file}: splits[{i}]"
+            split_name = _field(split, "name", str, where)
+            lengths = _shard_lengths(split, where)
+            template = _field(split, "filepathTemplate", str, where, DEFAULT_TEMPLATE)
+            names = _shard_names(template, dataset, split_name, file_format, len(lengths))
             first = len(records)
             for name, expected in zip(names, lengths, strict=True):
                 file = self.path / name
@@ -232,7 +228,7 @@ class RLDSReader(Reader):
                 if len(spans) != expected:
                     raise DatasetFormatError(f"{file}: {len(spans)} episodes, dataset_info.json says {expected}")
                 records += [(file, offset, length, k) for k, (offset, length) in enumerate(spans)]
-            filters[split["name"]] = list(range(first, len(records)))
+            filters[split_name] = list(range(first, len(records)))
         if not records:
             raise DatasetFormatError(f"{self.path}: dataset_info.json lists no episodes")
         return records, filters
@@ -241,6 +237,11 @@ class RLDSReader(Reader):
         """'<shard file>, record k' of an episode, for messages."""
         file, _, _, k = self._records[episode_index]
         return f"{file.name}, record {k}"
+
+    def checksum_error(self, episode_index: int) -> str | None:
+        """Why the episode's record fails its data checksum, or None. Not checked when reading for
+        training: it costs a pass over every byte (see :mod:`robot_data.tfrecord`)."""
+        return data_checksum_error(*self._records[episode_index][:3])
 
     def _example(self, episode_index: int) -> dict[str, Any]:
         """The episode's parsed Example (the last few kept per process)."""
@@ -278,12 +279,16 @@ class RLDSReader(Reader):
             raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not {length} strings")
         return [_text(v) for v in values]
 
+    def _frame_text(self, example: dict[str, Any], episode_index: int, length: int) -> list[str | None]:
+        """The ``text_key`` strings, an empty one as None (see the module docstring)."""
+        return [t or None for t in self._strings(example, self.text_key, episode_index, length)]
+
     def _read_numeric(self, episode_index: int) -> Episode:
         example = self._example(episode_index)
         action = self._rows(example, self.action_key, episode_index, None)
         length = len(action)
         state = np.concatenate([self._rows(example, k, episode_index, length) for k in self.state_keys], axis=1)
-        text = self._strings(example, self.text_key, episode_index, length) if self.text_key else None
+        text = self._frame_text(example, episode_index, length) if self.text_key else None
         key = self.instruction_key
         tasks = self._strings(example, key, episode_index, length) if key else []
         task = tasks[0] if tasks else ""
@@ -352,6 +357,34 @@ def _json(path: Path) -> dict[str, Any]:
         raise DatasetFormatError(f"{path}: unreadable ({err})") from None
 
 
+_REQUIRED = object()
+
+
+def _field(obj: Any, key: str, kind: type, where: str, default: Any = _REQUIRED) -> Any:
+    """``obj[key]``, a ``kind``; ``default`` when absent and given. A DatasetFormatError naming
+    ``where`` (the file and the place in it) and the key otherwise: a malformed dataset_info.json
+    is the dataset's fault, not a KeyError in the reader."""
+    if not isinstance(obj, dict):
+        raise DatasetFormatError(f"{where}: {type(obj).__name__}, not a JSON object")
+    if key not in obj:
+        if default is _REQUIRED:
+            raise DatasetFormatError(f"{where}: missing key '{key}'")
+        return default
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise DatasetFormatError(f"{where}: '{key}' is {json.dumps(value)}, not a {kind.__name__}")
+    return value
+
+
+def _shard_lengths(split: dict[str, Any], where: str) -> list[int]:
+    """A split's ``shardLengths`` (TFDS writes the counts as strings) as ints."""
+    lengths = _field(split, "shardLengths", list, where, [])
+    bad = [n for n in lengths if not (isinstance(n, int) or (isinstance(n, str) and n.isdigit()))]
+    if bad:
+        raise DatasetFormatError(f"{where}: 'shardLengths' holds {json.dumps(bad[0])}, not an episode count")
+    return [int(n) for n in lengths]
+
+
 def version_dir(path: Path) -> Path:
     """The directory holding dataset_info.json: ``path``, or its only version subdirectory.
     :class:`DatasetFormatError` when there is none (no RLDS dataset) or several (name one)."""
@@ -368,9 +401,37 @@ def version_dir(path: Path) -> Path:
 
 
 def _step_features(features: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    """The per-step leaf features of features.json, by path under ``steps``."""
-    top = features.get("featuresDict", {}).get("features", {})
-    steps = top.get("steps", {}).get("sequence", {}).get("feature")
-    if steps is None:
-        raise DatasetFormatError(f"{path}/features.json: no 'steps' Dataset feature; not an RLDS dataset")
-    return _leaves(steps)
+    """The per-step leaf features of features.json, by path under ``steps``; a malformed tree is a
+    DatasetFormatError naming the file and the feature (not a KeyError from deep in the reader)."""
+    where = f"{path}/features.json"
+    steps = _nested(features, "featuresDict", "features", "steps", "sequence", "feature")
+    if not isinstance(steps, dict):
+        raise DatasetFormatError(f"{where}: no 'steps' Dataset feature; not an RLDS dataset")
+    leaves = _leaves(steps, where)
+    for name, leaf in leaves.items():
+        try:
+            _shape(leaf)
+        except (AttributeError, TypeError, ValueError):
+            raise DatasetFormatError(f"{where}: steps/{name}: its shape is not a list of integers") from None
+    return leaves
+
+
+def _nested(tree: Any, *keys: str) -> Any:
+    """``tree[k0][k1]...``, or None where a level is missing or not a JSON object."""
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _leaves(spec: Any, where: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """A features.json FeaturesDict -> {path: leaf spec} (nested names joined with '/'), each level
+    checked to be a JSON object (``where``: the file, for messages)."""
+    if not isinstance(spec, dict):
+        raise DatasetFormatError(f"{where}: feature steps/{prefix} is {json.dumps(spec)}, not a JSON object")
+    if "featuresDict" not in spec:
+        return {prefix: spec}
+    subs = _field(spec["featuresDict"], "features", dict, f"{where}: steps/{prefix} featuresDict")
+    out = {}
+    for name, sub in subs.items():
+        out.update(_leaves(sub, where, f"{prefix}/{name}" if prefix else name))
+    return out

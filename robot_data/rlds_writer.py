@@ -2,9 +2,10 @@
 
 Used for test fixtures and to try RLDS recipes on the synthetic task. Per step: ``observation/state``,
 ``observation/<camera>`` (PNG), ``action``, ``language_instruction``, the per-frame text as
-``narration`` when the reader has one, and RLDS's ``is_first``, ``is_last``, ``is_terminal``,
-``reward`` and ``discount``; per episode ``episode_metadata/file_path``. Records carry TFRecord's
-masked CRC32C checksums, so TensorFlow's own reader accepts the files.
+``narration`` when the reader has one (a frame without text, None, as "": TFDS Text has no null,
+and :class:`~robot_data.rlds.RLDSReader` reads "" back as None), and RLDS's ``is_first``,
+``is_last``, ``is_terminal``, ``reward`` and ``discount``; per episode ``episode_metadata/file_path``.
+Records carry TFRecord's masked CRC32C checksums, so TensorFlow's own reader accepts the files.
 """
 
 from __future__ import annotations
@@ -19,29 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from robot_data.checksum import masked_crc
 from robot_data.hdf5_writer import TEXT, camera_name
 from robot_data.reader import Episode, Reader
 from robot_data.rlds import DEFAULT_TEMPLATE, INSTRUCTION, _shard_names
 from robot_data.tfrecord import Example
-
-_CRC_TABLE = []
-for _n in range(256):
-    _c = _n
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1  # CRC32C (Castagnoli), reflected
-    _CRC_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def frame_record(data: bytes) -> bytes:
@@ -64,17 +47,21 @@ def _dict(features: dict[str, Any]) -> dict[str, Any]:
     return {"pythonClassName": cls, "featuresDict": {"features": features}}
 
 
-def features_json(reader: Reader, state_dim: int, action_dim: int, has_text: bool, image_size: int) -> dict[str, Any]:
-    scalar = "scalar.Scalar"
-    image = {
+def _image(shape: Sequence[int]) -> dict[str, Any]:
+    """A PNG Image feature of ``shape`` (H, W, 3)."""
+    return {
         "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
-        "image": {
-            "shape": {"dimensions": [str(image_size), str(image_size), "3"]},
-            "dtype": "uint8",
-            "encodingFormat": "png",
-        },
+        "image": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": "uint8", "encodingFormat": "png"},
     }
-    observation = {"state": _tensor([state_dim], "float32"), **{camera_name(c): image for c in reader.cameras}}
+
+
+def features_json(
+    reader: Reader, state_dim: int, action_dim: int, has_text: bool, camera_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """The features.json tree; ``camera_shapes``: each of the reader's cameras -> its (H, W, 3)."""
+    observation = {"state": _tensor([state_dim], "float32")}
+    observation.update({camera_name(c): _image(camera_shapes[c]) for c in reader.cameras})
+    scalar = "scalar.Scalar"
     step = {
         "observation": _dict(observation),
         "action": _tensor([action_dim], "float32"),
@@ -134,9 +121,10 @@ def write_rlds(
     directory.mkdir(parents=True, exist_ok=True)
     episodes = {e.index: e for e in reader.episodes()}
     splits = splits or {"train": list(episodes)}
-    first = reader.numeric(reader.episodes()[0].index)
-    size = reader.frames(reader.episodes()[0].index, reader.cameras[0], [0]).shape[1]
-    features = features_json(reader, first.state.shape[1], first.action.shape[1], first.text is not None, size)
+    first_episode = reader.episodes()[0].index
+    first = reader.numeric(first_episode)
+    shapes = {c: tuple(reader.frames(first_episode, c, [0]).shape[1:]) for c in reader.cameras}
+    features = features_json(reader, first.state.shape[1], first.action.shape[1], first.text is not None, shapes)
     (directory / "features.json").write_text(json.dumps(features, indent=1))
     info_splits = []
     for split, ids in splits.items():

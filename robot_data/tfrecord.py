@@ -5,9 +5,11 @@ A TFRecord file is a sequence of records, each framed as::
     uint64 length | uint32 masked crc32c(length) | length bytes of data | uint32 masked crc32c(data)
 
 (little-endian). :func:`record_spans` walks the frames once and returns where each record's data
-lies, so a reader seeks straight to one episode; a file cut short is an error naming the file. The
-checksums are not verified (CRC32C has no implementation in the standard library; a damaged
-record's proto then fails to parse or its arrays fail their shape checks).
+lies, so a reader seeks straight to one episode; it checks every length's checksum (8 bytes each,
+cheap), so a file cut short or a damaged header is an error naming the file, record and byte.
+The data's checksum costs a pass over every byte (:mod:`robot_data.checksum`, about 100 MB/s), so
+reading a record for training does not check it; :func:`data_checksum_error` does, and
+``vla-ft data check`` (and the check training runs first) call it on every record.
 
 ``Example`` is TensorFlow's ``tensorflow/core/example/{example,feature}.proto`` built from its
 descriptor with protobuf's own message factory: field numbers as in TensorFlow, so protobuf parses
@@ -23,12 +25,15 @@ from typing import Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from robot_data.checksum import masked_crc
+
 HEADER = 12  # uint64 length + uint32 crc
 FOOTER = 4  # uint32 crc
 
 
 def record_spans(path: Path) -> list[tuple[int, int]]:
-    """(offset, length) of every record's data in the file at ``path``, in file order."""
+    """(offset, length) of every record's data in the file at ``path``, in file order; a ValueError
+    naming the file, record and byte for a header cut short or whose length fails its checksum."""
     spans, size = [], path.stat().st_size
     with open(path, "rb") as f:
         offset = 0
@@ -37,7 +42,11 @@ def record_spans(path: Path) -> list[tuple[int, int]]:
             header = f.read(HEADER)
             if len(header) < HEADER:
                 raise ValueError(f"{path}: truncated record header at byte {offset}")
-            (length,) = struct.unpack("<Q", header[:8])
+            (length,), (stored,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
+            if masked_crc(header[:8]) != stored:
+                raise ValueError(
+                    f"{path}: record {len(spans)} at byte {offset}: its length fails its checksum (damaged header)"
+                )
             end = offset + HEADER + length + FOOTER
             if end > size:
                 raise ValueError(f"{path}: record at byte {offset} claims {length} bytes; the file ends first")
@@ -50,6 +59,20 @@ def read_record(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
+
+
+def data_checksum_error(path: Path, offset: int, length: int) -> str | None:
+    """Why the data of the record at ``offset`` (a span of :func:`record_spans`) fails its checksum
+    (naming the byte where the record's data starts), or None when it passes."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data, footer = f.read(length), f.read(FOOTER)
+    (stored,) = struct.unpack("<I", footer)
+    computed = masked_crc(data)
+    if computed == stored:
+        return None
+    sums = f"stored {stored:#010x}, computed {computed:#010x}"
+    return f"data at byte {offset} fails its checksum ({sums}): damaged record"
 
 
 def _example_class() -> type:

@@ -39,6 +39,15 @@ class VideoFrameError(ValueError):
     """A wanted frame is missing from a video or cannot be decoded."""
 
 
+def video_stream(container: Any, path: str | Path) -> Any:
+    """The first video stream of an open ``container``; a file with none (audio only, a mislabelled
+    file) is a VideoFrameError naming ``path``, not PyAV's bare IndexError."""
+    if not container.streams.video:
+        streams = ", ".join(s.type for s in container.streams) or "none"
+        raise VideoFrameError(f"{path}: no video stream (streams: {streams})")
+    return container.streams.video[0]
+
+
 MAX_OPEN = 64
 """Containers kept open per process (LRU). Reopening costs a file open and a header parse per
 frame; a v2.1 dataset has one file per episode and camera, so shuffled samples over 3 cameras
@@ -99,7 +108,8 @@ class VideoDecoder:
         path = str(path)
         try:
             container = self._container(path)
-            found = self._scan(container, sorted({float(t) for t in timestamps}))
+            stream = video_stream(container, path)
+            found = self._scan(container, stream, sorted({float(t) for t in timestamps}))
         except (av.error.FFmpegError, OSError) as err:
             broken = self._open.pop(path, None)
             if broken is not None:
@@ -113,9 +123,8 @@ class VideoDecoder:
             )
         return np.stack([found[float(t)] for t in timestamps])
 
-    def _scan(self, container: Any, wanted: list[float]) -> dict[float, np.ndarray]:
-        """The nearest frame within the tolerance for each of ``wanted`` (sorted seconds)."""
-        stream = container.streams.video[0]
+    def _scan(self, container: Any, stream: Any, wanted: list[float]) -> dict[float, np.ndarray]:
+        """The nearest frame within the tolerance for each of ``wanted`` (sorted seconds) in ``stream``."""
         tol, best = self.tolerance_s, {}
         # Times are pts * time_base, as LeRobot stores them; seek lands on the keyframe before.
         container.seek(max(0, int((wanted[0] - tol) / float(stream.time_base))), stream=stream)
@@ -165,6 +174,6 @@ def encode_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, cod
 def video_duration(path: str | Path) -> tuple[int, float]:
     """(frames, seconds) of the first video stream, from the container header (0 when unknown)."""
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, path)
         seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
         return int(stream.frames or 0), seconds

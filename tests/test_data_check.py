@@ -20,7 +20,7 @@ from robot_data.language import PromptTokenizer
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from robot_data.synthetic import CAMERA
-from robot_data.video import encode_video
+from robot_data.video import VideoFrameError, encode_video
 
 FILE0, FILE1 = "data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet"  # episodes 0-1, 2-3
 
@@ -158,6 +158,28 @@ def test_video_shorter_than_episode(videos):
     encode_video(frames, video, source.fps)
     problems = check_dataset(videos, "lerobot")
     assert _kinds(problems) == {("video_short", 3)} and problems[0].file == str(video)
+
+
+def test_a_video_without_a_video_stream_is_named(videos):
+    """An audio-only file where a camera's video should be: the reader's error and the check name
+    the file and say it has no video stream (PyAV's bare IndexError named nothing)."""
+    import av
+
+    video = videos / "videos" / CAMERA / "chunk-000/file-001.mp4"  # episodes 2-3
+    video.unlink()
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 8000
+        for packet in stream.encode(silence):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoFrameError, match=f"{video}: no video stream \\(streams: audio\\)"):
+        LeRobotReader(videos).frames(2, CAMERA, [0])
+    problems = check_dataset(videos, "lerobot")
+    assert _kinds(problems) == {("undecodable", 2), ("undecodable", 3)} and problems[0].file == str(video)
+    assert f"{video}: no video stream" in problems[0].message
 
 
 def _shorten_first_segment(videos: Path) -> None:

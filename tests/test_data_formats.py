@@ -21,7 +21,7 @@ from robot_data import Normalizer, RobotDataset, SyntheticReader, build_reader, 
 from robot_data.check import check_dataset
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
-from robot_data.normalize import resolve_stats
+from robot_data.normalize import compare_stats, resolve_stats
 from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from robot_data.synthetic import CAMERA
 
@@ -171,6 +171,29 @@ def test_resolve_stats_reports_disagreement(datasets, tmp_path):
     finally:
         meta["action"]["mean"][1] -= 1.0
         stats_file.write_text(json.dumps(meta))
+
+
+def test_a_nan_on_one_side_of_the_stats_is_reported(tmp_path):
+    """A shipped stats.json with a NaN where the data has a number disagrees with it (NaN compares
+    false, so a plain threshold would pass it); NaN on both sides agrees; a NaN std does not hide
+    the other stats' differences in that dim."""
+    source = SyntheticReader(episodes=2, episode_length=LENGTH, image_size=SIZE)
+    root = write_lerobot(source, tmp_path / "ds", video=False)
+    stats_file = root / "meta/stats.json"
+    meta = json.loads(stats_file.read_text())
+    meta["action"]["mean"][1] = float("nan")
+    stats_file.write_text(json.dumps(meta))
+    reader = build_reader("lerobot", path=str(root))
+    stats, report = resolve_stats(reader, [0, 1])
+    assert len(report) == 1 and report[0].startswith("action.mean[1]: shipped nan, computed ")
+    fresh = {k: {s: v.copy() for s, v in stats[k].items()} for k in stats}
+    fresh["action"]["mean"][1] = np.nan
+    assert compare_stats(reader.stats(), fresh) == []
+    assert compare_stats(stats, fresh) == [f"action.mean[1]: shipped {stats['action']['mean'][1]:.6g}, computed nan"]
+    no_spread = {k: {s: v.copy() for s, v in stats[k].items()} for k in stats}
+    no_spread["action"]["std"][1] = np.nan  # a difference is then measured against the floor
+    moved = {k: {s: v + 1.0 for s, v in stats[k].items()} for k in stats}
+    assert "action.mean[1]: shipped" in "\n".join(compare_stats(moved, no_spread))
 
 
 class ValidationOutlier(SyntheticReader):

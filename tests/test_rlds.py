@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from PIL import Image
 
 from robot_data import SyntheticReader
 from robot_data.check import check_dataset
+from robot_data.checksum import crc32c, masked_crc
 from robot_data.reader import DatasetFormatError, UnknownFeatureError
 from robot_data.rlds import RLDSReader
-from robot_data.rlds_writer import _png, crc32c, frame_record, masked_crc, write_rlds
+from robot_data.rlds_writer import _png, frame_record, write_rlds
 from robot_data.tfrecord import Example, parse_example, record_spans
 from vla_ft.config import RecipeError, load_recipe
 
@@ -33,6 +35,63 @@ def test_tfrecord_framing_and_checksums(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError, match=f"{path}: record at byte 35 claims 5 bytes"):
         record_spans(path)
+
+
+def _bitwise_crc32c(data: bytes) -> int:
+    """CRC-32C one bit at a time, as the polynomial division reads: the reference for the fast one."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_published_vectors_and_the_bitwise_definition():
+    assert crc32c(b"") == 0
+    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 appendix B.4
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    data = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    for n in (63, 64, 128, 129, 1000, 4096 + 7, 20000):  # one lane, a few, and a tail after the lanes
+        assert crc32c(data[:n]) == _bitwise_crc32c(data[:n]), n
+
+
+def test_a_damaged_length_is_an_error_naming_the_shard_record_and_byte(synthetic_rlds, tmp_path):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    shard = broken / "vla_ft_synthetic-train.tfrecord-00001-of-00002"
+    raw = bytearray(shard.read_bytes())
+    second = record_spans(shard)[1][0] - 12  # where record 1's header starts
+    raw[second + 9] ^= 0x01  # a bit of its length's checksum
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DatasetFormatError, match=f"{shard}: record 1 at byte {second}: its length fails its checksum"):
+        RLDSReader(broken, fps=10)
+
+
+def test_a_damaged_record_that_still_parses_is_found_by_the_check(synthetic_rlds, tmp_path):
+    """Bit rot in episode 2's first action: the Example parses and every size is right, so only the
+    data checksum tells; the check names the shard, the record and its byte."""
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    shard = broken / "vla_ft_synthetic-train.tfrecord-00001-of-00002"
+    raw = bytearray(shard.read_bytes())
+    first_action = struct.pack("<3f", *SYNTH.numeric(2).action[0])
+    at = raw.find(first_action)
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    reader = RLDSReader(broken, fps=10)
+    assert not np.array_equal(reader.numeric(2).action, SYNTH.numeric(2).action)  # read without complaint
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert [(p.kind, p.episode, p.file) for p in problems] == [
+        ("unreadable", 2, "vla_ft_synthetic-train.tfrecord-00001-of-00002, record 0")
+    ]
+    assert problems[0].message.startswith("data at byte 12 fails its checksum (stored 0x")
 
 
 def test_an_example_written_byte_by_byte_parses():
@@ -203,6 +262,74 @@ def test_the_synthetic_task_round_trips(synthetic_rlds):
     assert reader.location(5) == "vla_ft_synthetic-val.tfrecord-00001-of-00002, record 0"
 
 
+def test_each_camera_is_declared_with_its_own_shape(tmp_path):
+    """ALOHA files with a wide top camera and a smaller wrist camera, written as RLDS: features.json
+    declares each camera's (H, W, 3), so the check's shape comparison passes and frames round-trip."""
+    import h5py
+
+    from robot_data.hdf5 import HDF5Reader
+    from robot_data.hdf5_writer import write_aloha
+
+    aloha = write_aloha(SyntheticReader(episodes=2, episode_length=3, image_size=32, seed=1), tmp_path / "aloha")
+    for file in aloha.glob("*.hdf5"):
+        with h5py.File(file, "r+") as f:
+            top = f["observations/images/top"][:]
+            del f["observations/images/top"]
+            f["observations/images/top"] = top[:, :, :24]
+            f["observations/images/wrist"] = top[:, :16, :20]
+    source = HDF5Reader(aloha, layout="aloha")
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    reader = RLDSReader(rlds, fps=10)
+    assert reader.camera_shapes == {"observation/top": (32, 24, 3), "observation/wrist": (16, 20, 3)}
+    assert check_dataset(rlds, "rlds", fps=10) == []
+    for camera in source.cameras:
+        got = reader.frames(1, f"observation/{camera.rsplit('.', 1)[-1]}", [2])
+        np.testing.assert_array_equal(got, source.frames(1, camera, [2]))
+
+
+def test_a_frame_without_text_stays_without_text(tmp_path):
+    """A LeRobot frame whose narration cell is null, written as RLDS and read back: still None (no
+    language target), not "" (a target of end-of-text), and the other frames keep their text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from robot_data.lerobot import LeRobotReader
+    from robot_data.lerobot_writer import write_lerobot
+
+    lerobot = write_lerobot(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "lr", video=False)
+    data = next(lerobot.glob("data/**/*.parquet"))
+    table = pq.read_table(data)
+    cells = table["narration"].to_pylist()
+    cells[1] = None  # episode 0, frame 1
+    column = pa.array(cells, pa.string())
+    pq.write_table(table.set_column(table.column_names.index("narration"), "narration", column), data)
+    source = LeRobotReader(lerobot, text_key="narration")
+    rlds = RLDSReader(write_rlds(source, tmp_path / "rlds" / "1.0.0"), text_key="narration", fps=10)
+    assert rlds.numeric(0).text == source.numeric(0).text and rlds.numeric(0).text[1] is None
+    assert all(isinstance(t, str) and t for t in rlds.numeric(1).text)
+
+
+def test_a_dimension_declared_unknown_fits_any_size(synthetic_rlds, tmp_path):
+    """TFDS declares an Image of varying size as (-1, -1, 3): the check takes -1 as any size, and
+    still refuses a known dimension that differs."""
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    features = broken / "features.json"
+    tree = json.loads(features.read_text())
+    steps = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
+    top = steps["observation"]["featuresDict"]["features"]["top"]["image"]["shape"]
+    top["dimensions"] = ["-1", "-1", "3"]
+    features.write_text(json.dumps(tree))
+    assert check_dataset(broken, "rlds", fps=10) == []
+    top["dimensions"] = ["-1", "31", "3"]
+    features.write_text(json.dumps(tree))
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert {(p.kind, p.episode) for p in problems} == {("bad_feature", e) for e in range(6)}
+    assert "frames are (32, 32, 3), the features say (-1, 31, 3)" in problems[0].message
+
+
 def test_frames_through_the_decoded_frame_cache(synthetic_rlds, tmp_path):
     cached = RLDSReader(synthetic_rlds, fps=10, frame_cache=tmp_path / "cache")
     direct = RLDSReader(synthetic_rlds, fps=10)
@@ -228,6 +355,79 @@ def test_what_a_user_gets_wrong_is_named(synthetic_rlds, tmp_path):
     shutil.copytree(synthetic_rlds, broken)
     (broken / "vla_ft_synthetic-val.tfrecord-00001-of-00002").unlink()
     with pytest.raises(DatasetFormatError, match="shard vla_ft_synthetic-val.tfrecord-00001-of-00002 listed in"):
+        RLDSReader(broken, fps=10)
+
+
+def _without_name(info):
+    del info["name"]
+    return info
+
+
+def _without_split_name(info):
+    del info["splits"][0]["name"]
+    return info
+
+
+def _shard_length_in_words(info):
+    info["splits"][1]["shardLengths"] = ["two"]
+    return info
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_without_name, "dataset_info.json: missing key 'name'"),
+        (lambda info: {**info, "splits": "train"}, "dataset_info.json: 'splits' is \"train\", not a list"),
+        (_without_split_name, r"dataset_info.json: splits\[0\]: missing key 'name'"),
+        (_shard_length_in_words, r"dataset_info.json: splits\[1\]: 'shardLengths' holds \"two\", not an episode count"),
+        (lambda info: [info], "dataset_info.json: list, not a JSON object"),
+    ],
+)
+def test_a_malformed_dataset_info_names_the_file_and_key(synthetic_rlds, tmp_path, edit, message):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    info = broken / "dataset_info.json"
+    info.write_text(json.dumps(edit(json.loads(info.read_text()))))
+    with pytest.raises(DatasetFormatError, match=message):
+        RLDSReader(broken, fps=10)
+    problems = check_dataset(broken, "rlds", fps=10)
+    assert [(p.kind, p.episode) for p in problems] == [("unreadable", None)]
+    assert str(info) in problems[0].message
+
+
+def _observation(tree):
+    """The observation FeaturesDict's own features (state, top) in a features.json tree."""
+    steps = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
+    return steps["observation"]["featuresDict"]["features"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda tree: tree.update(featuresDict=[]), "no 'steps' Dataset feature"),
+        (lambda tree: _observation(tree).update(top=[]), "feature steps/observation/top is [], not a JSON object"),
+        (
+            lambda tree: _observation(tree).update(x={"featuresDict": {}}),
+            "steps/observation/x featuresDict: missing key 'features'",
+        ),
+        (
+            lambda tree: _observation(tree)["state"]["tensor"].update(shape=[7]),
+            "steps/observation/state: its shape is not a list of integers",
+        ),
+    ],
+)
+def test_a_malformed_features_json_names_the_file_and_feature(synthetic_rlds, tmp_path, edit, message):
+    import shutil
+
+    broken = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, broken)
+    features = broken / "features.json"
+    tree = json.loads(features.read_text())
+    edit(tree)
+    features.write_text(json.dumps(tree))
+    with pytest.raises(DatasetFormatError, match=f"{features}: .*{re.escape(message)}"):
         RLDSReader(broken, fps=10)
 
 
