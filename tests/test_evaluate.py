@@ -188,6 +188,43 @@ def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high, per_source
         assert got[key] == pytest.approx(value, rel=1e-6), key
 
 
+def _gripper_only_metrics() -> ActionMetrics:
+    """One regressed dim and gripper dim 1 (raw 0 = open, 1 = closed, threshold 0.5)."""
+    stats = {"mean": [0.0, 0.5], "std": [1.0, 0.5], "min": [-1.0, 0.0], "max": [1.0, 1.0]}
+    norm = Normalizer({"state": stats, "action": stats}, "mean_std", raw_action_dims=[1])
+    return ActionMetrics(norm, 2, 4, [1], GripperLossConfig(dims=[1], threshold=0.5), gripper_head=True)
+
+
+def test_a_nan_gripper_prediction_is_counted_and_not_scored_as_open_or_closed():
+    """A NaN logit is no open command: it used to count as 'open' (NaN > 0 is false), a right
+    answer wherever the gripper was open. Here the scored steps are the non-NaN ones only."""
+    metrics = _gripper_only_metrics()
+    nan = float("nan")
+    logits = torch.tensor([[[2.0], [nan], [-1.0], [nan]], [[-3.0], [1.0], [nan], [4.0]]])
+    closed = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # raw gripper targets
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    batch = {"actions": torch.stack([torch.zeros(2, 4), closed], -1), "action_mask": mask, "source": torch.zeros(2)}
+    metrics.update({"actions": torch.zeros(2, 4, 2), "gripper_logits": logits}, batch)
+    got = metrics.compute("val/")
+    # Valid, non-NaN steps as (predicted closed, truly closed): row 0 steps 0, 2; row 1 steps 0, 1.
+    scored = [(True, False), (False, True), (False, False), (True, False)]
+    correct = sum(p == t for p, t in scored)
+    tp = sum(p and t for p, t in scored)
+    fp = sum(p and not t for p, t in scored)
+    fn = sum(t and not p for p, t in scored)
+    assert got["val/gripper_acc"] == pytest.approx(correct / len(scored))  # 1/4; NaN-as-open gave 2/7
+    assert got["val/gripper_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert got["val/gripper_nan"] == 3  # row 0 steps 1 and 3, row 1 step 2 (step 3 is padding)
+    # Transitions (label 0 -> 1 at step 2 of both rows): row 0 predicts open there (wrong), row 1 NaN (left out).
+    assert got["val/gripper_transition_acc"] == 0.0
+
+    all_nan = _gripper_only_metrics()
+    all_nan.update({"actions": torch.zeros(2, 4, 2), "gripper_logits": torch.full((2, 4, 1), nan)}, batch)
+    got = all_nan.compute("val/")
+    assert got["val/gripper_nan"] == 7
+    assert all(np.isnan(got[f"val/gripper_{k}"]) for k in ("acc", "f1", "transition_acc"))  # not 1.0, not 0.0
+
+
 def test_a_horizon_step_never_measured_is_nan_not_a_perfect_zero():
     """Chunk steps without a valid sample (chunks always cut short by the episode end, an all-padding
     batch) are undefined, as the headline metrics are, never 0.0 (a best_metric would pick them)."""

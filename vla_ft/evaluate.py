@@ -359,6 +359,7 @@ def format_report(report: dict[str, Any]) -> str:
         "gripper_acc",
         "gripper_f1",
         "gripper_transition_acc",
+        "gripper_nan",
         "token_acc",
     )
     lines += [f"  {k:<24} {m[k]:.6g}" for k in headline if k in m]
