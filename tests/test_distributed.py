@@ -174,6 +174,23 @@ def test_ddp_losses_equal_one_process_with_the_global_batch(single, ddp):
     assert ranks[0] == ranks[1] and ranks[0]["step"] == 9  # same step count and bit-identical weights
 
 
+def test_ddp_validation_metrics_are_those_of_one_process(single, ddp):
+    """Every rank validates the whole set (:class:`vla_ft.data.ValidationSampler`), so the logged mean
+    over ranks is one process's value: perplexity, a ratio of token sums, included."""
+    rows = {}
+    for name, run_dir in (("single", single), ("ddp", ddp[0])):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [r for r in map(json.loads, lines) if "val/perplexity" in r]
+    assert [r["step"] for r in rows["ddp"]] == [r["step"] for r in rows["single"]] == [3, 6, 9]
+    for one, two in zip(rows["single"], rows["ddp"], strict=True):
+        keys = [k for k in one if k.startswith("val/") and not k.startswith("val/loss/")]
+        assert "val/token_acc" in keys and "val/action_l1" in keys
+        # no label smoothing: the token-weighted language loss is the log of the perplexity
+        assert math.exp(one["val/loss/language"]) == pytest.approx(one["val/perplexity"], rel=1e-5)
+        for key in keys:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, nan_ok=True), (one["step"], key)
+
+
 def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
     run_dir, _ = ddp
     recipe = load_recipe(QUICKSTART, [*RECIPE, f"output_dir={run_dir}"])

@@ -8,6 +8,7 @@ from the synthetic episodes' raw actions and the checkpoint's norm_stats.json wi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -223,6 +224,38 @@ def test_a_nan_gripper_prediction_is_counted_and_not_scored_as_open_or_closed():
     got = all_nan.compute("val/")
     assert got["val/gripper_nan"] == 7
     assert all(np.isnan(got[f"val/gripper_{k}"]) for k in ("acc", "f1", "transition_acc"))  # not 1.0, not 0.0
+
+
+def _language_batches() -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Two batches of LM logits at supervised positions, with 5 and 2 real tokens (-100 ignored)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for labels in ([4, 0, -100, 2, 6, 1], [-100, 3, 5, -100]):
+        logits = torch.randn(len(labels), 7, generator=g) * 3
+        outputs = {"actions": torch.zeros(1, 4, 2), "lm_logits": logits, "lm_labels": torch.tensor(labels)}
+        batch = {"actions": torch.zeros(1, 4, 2), "action_mask": torch.ones(1, 4, dtype=torch.bool)}
+        out.append((outputs, {**batch, "source": torch.zeros(1)}))
+    return out
+
+
+def _reference_perplexity(batches) -> float:
+    """exp of the mean over every supervised token of -log softmax(logits)[label], written plainly."""
+    nll = []
+    for outputs, _ in batches:
+        for row, label in zip(outputs["lm_logits"].double().tolist(), outputs["lm_labels"].tolist(), strict=True):
+            if label != -100:
+                nll.append(math.log(sum(math.exp(v) for v in row)) - row[label])
+    assert len(nll) == 7
+    return math.exp(sum(nll) / len(nll))
+
+
+def test_validation_perplexity_is_exp_of_the_token_weighted_cross_entropy():
+    """Token-weighted over batches (a mean of per-batch perplexities would weigh 2 tokens like 5)."""
+    batches = _language_batches()
+    metrics = _gripper_only_metrics()
+    for outputs, batch in batches:
+        metrics.update(outputs, batch)
+    assert metrics.compute("val/")["val/perplexity"] == pytest.approx(_reference_perplexity(batches), rel=1e-6)
 
 
 def test_a_horizon_step_never_measured_is_nan_not_a_perfect_zero():

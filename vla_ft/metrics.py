@@ -85,6 +85,7 @@ class ActionMetrics:
         self.g_scored = self.g_nan = 0.0  # valid gripper steps with a prediction / with a NaN one
         self.t_correct = self.t_total = 0.0
         self.tok_correct = self.tok_total = 0.0
+        self.tok_nll = 0.0  # summed cross-entropy (no label smoothing) of the supervised tokens
 
     def real(self, key: str, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Batch rows (B, ..., D) of ``key`` ("state", "action") in dataset units, float64 on the CPU;
@@ -112,11 +113,14 @@ class ActionMetrics:
         if self.gripper_dims:
             self._update_gripper(pred, true, mask.bool())
         if "lm_logits" in outputs and outputs["lm_logits"].numel():
-            labels = outputs["lm_labels"].cpu()
+            logits = outputs["lm_logits"].detach()  # (N, V) stays on its device: only sums come back
+            labels = outputs["lm_labels"].to(logits.device)
             valid = labels != -100
-            hit = (outputs["lm_logits"].detach().argmax(-1).cpu() == labels) & valid
+            hit = (logits.argmax(-1) == labels) & valid
             self.tok_correct += float(hit.sum())
             self.tok_total += float(valid.sum())
+            nll = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+            self.tok_nll += float(nll)
 
     def _update_gripper(self, pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> None:
         """Gripper counts over valid steps. A NaN prediction (a NaN logit, :func:`real_actions`) is
@@ -161,6 +165,9 @@ class ActionMetrics:
             out[f"{prefix}gripper_nan"] = self.g_nan
         if self.tok_total:
             out[f"{prefix}token_acc"] = self.tok_correct / self.tok_total
+            # exp of the mean NLL per supervised token (every token weighs the same, whatever its
+            # batch); without label smoothing, unlike val/loss/language, so it is a true perplexity
+            out[f"{prefix}perplexity"] = math.exp(self.tok_nll / self.tok_total)
         return out
 
 
