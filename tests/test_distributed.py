@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict
     main(load_recipe(QUICKSTART, overrides))
     run = runs[0]
     report = {"step": run.state.step, "skipped": run.state.skipped}
+    report["loss_state"] = {k: v.tolist() for k, v in run.loss_fn.state_dict().items()}  # DWA, log-variances
     if run.recipe.distributed.strategy == "ddp":  # FSDP ranks hold different shards
         digest = hashlib.sha256()
         for value in run.model.state_dict().values():
@@ -214,6 +215,18 @@ def test_two_process_checkpoint_resumes_on_one_process(single, ddp, tmp_path):
     resume_on_one_process(run_dir, resumed, from_step=6)
     assert_losses_match(losses(resumed), losses(single), range(1, 10))  # 1-6 copied, 7-9 trained here
     assert max_weight_diff(weights(resumed, 9), weights(single, 9)) < WEIGHT_ATOL
+
+
+def test_dwa_ranks_apply_the_same_lambdas_from_the_statistics_of_every_rank(tmp_path):
+    """DWA's window sums are fed each rank's own micro-batch means, which differ between ranks;
+    they are averaged over ranks after every step (``distributed.sync_outside_wrapper``), so every
+    rank closes its windows on the same averages and applies the same lambdas (DDP would
+    average gradients of differently weighted objectives otherwise, unseen in the weights)."""
+    dwa = [*RECIPE, "loss.strategy=dwa", "loss.dwa_window=1", "train.batch_size=2"]
+    ranks = train_2_processes(tmp_path / "two", dwa)
+    states = [r["loss_state"] for r in ranks]
+    assert states[0] == states[1]
+    assert states[0]["weighting.windows"] >= 2 and states[0]["weighting.lam"] != [1.0] * len(states[0]["weighting.lam"])
 
 
 def test_ddp_keeps_the_average_one_process_keeps(tmp_path):
