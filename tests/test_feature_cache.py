@@ -220,6 +220,15 @@ def test_cache_refused_with_the_key_that_blocks_it(overrides, why):
     load_recipe(HEAD_ONLY, [*TINY, *overrides, "train.cache_features=false"])  # fine without the cache
 
 
+def test_the_cache_asks_whether_a_language_ramp_ever_weighs_the_term():
+    """Under loss.strategy=scheduled a language ramp replaces loss.weights.language at every step: one
+    held at 0 never runs the LM (was refused for the static 0.1), one from 0 up does (refused, naming it)."""
+    ramp = ["data.language_target=text", "loss.weights.language=0.1", "loss.strategy=scheduled"]
+    load_recipe(HEAD_ONLY, [*TINY, *ramp, "loss.schedule.language.start=0", "loss.schedule.language.end=0"])
+    with pytest.raises(RecipeError, match="hold loss.schedule.language at 0 or remove it"):
+        load_recipe(HEAD_ONLY, [*TINY, *ramp, "loss.weights.language=0", "loss.schedule.language.end=1"])
+
+
 def test_cache_refused_when_dropout_is_active_in_the_trunk(monkeypatch):
     recipe = load_recipe(
         HEAD_ONLY, [*TINY, "model.vision.kwargs.drop_rate=0.1", "model.language.config.attention_dropout=0.1"]
