@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict
     main(load_recipe(QUICKSTART, overrides))
     run = runs[0]
     report = {"step": run.state.step, "skipped": run.state.skipped}
+    report["loss_state"] = {k: v.tolist() for k, v in run.loss_fn.state_dict().items()}  # DWA, log-variances
     if run.recipe.distributed.strategy == "ddp":  # FSDP ranks hold different shards
         digest = hashlib.sha256()
         for value in run.model.state_dict().values():
@@ -174,6 +175,23 @@ def test_ddp_losses_equal_one_process_with_the_global_batch(single, ddp):
     assert ranks[0] == ranks[1] and ranks[0]["step"] == 9  # same step count and bit-identical weights
 
 
+def test_ddp_validation_metrics_are_those_of_one_process(single, ddp):
+    """Every rank validates the whole set (:class:`vla_ft.data.ValidationSampler`), so the logged mean
+    over ranks is one process's value: perplexity, a ratio of token sums, included."""
+    rows = {}
+    for name, run_dir in (("single", single), ("ddp", ddp[0])):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [r for r in map(json.loads, lines) if "val/perplexity" in r]
+    assert [r["step"] for r in rows["ddp"]] == [r["step"] for r in rows["single"]] == [3, 6, 9]
+    for one, two in zip(rows["single"], rows["ddp"], strict=True):
+        keys = [k for k in one if k.startswith("val/") and not k.startswith("val/loss/")]
+        assert "val/token_acc" in keys and "val/action_l1" in keys
+        # no label smoothing: the token-weighted language loss is the log of the perplexity
+        assert math.exp(one["val/loss/language"]) == pytest.approx(one["val/perplexity"], rel=1e-5)
+        for key in keys:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, nan_ok=True), (one["step"], key)
+
+
 def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
     run_dir, _ = ddp
     recipe = load_recipe(QUICKSTART, [*RECIPE, f"output_dir={run_dir}"])
@@ -197,6 +215,18 @@ def test_two_process_checkpoint_resumes_on_one_process(single, ddp, tmp_path):
     resume_on_one_process(run_dir, resumed, from_step=6)
     assert_losses_match(losses(resumed), losses(single), range(1, 10))  # 1-6 copied, 7-9 trained here
     assert max_weight_diff(weights(resumed, 9), weights(single, 9)) < WEIGHT_ATOL
+
+
+def test_dwa_ranks_apply_the_same_lambdas_from_the_statistics_of_every_rank(tmp_path):
+    """DWA's window sums are fed each rank's own micro-batch means, which differ between ranks;
+    they are averaged over ranks after every step (``distributed.sync_outside_wrapper``), so every
+    rank closes its windows on the same averages and applies the same lambdas (DDP would
+    average gradients of differently weighted objectives otherwise, unseen in the weights)."""
+    dwa = [*RECIPE, "loss.strategy=dwa", "loss.dwa_window=1", "train.batch_size=2"]
+    ranks = train_2_processes(tmp_path / "two", dwa)
+    states = [r["loss_state"] for r in ranks]
+    assert states[0] == states[1]
+    assert states[0]["weighting.windows"] >= 2 and states[0]["weighting.lam"] != [1.0] * len(states[0]["weighting.lam"])
 
 
 def test_ddp_keeps_the_average_one_process_keeps(tmp_path):
@@ -266,7 +296,7 @@ def test_a_second_stage_under_ddp_trains_as_one_process(single, tmp_path, capsys
 def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
     run_dir = tmp_path / "fsdp"
     ranks = train_2_processes(run_dir, [*RECIPE, "train.batch_size=2", "distributed.strategy=fsdp"])
-    assert ranks[0] == ranks[1] == {"step": 9, "skipped": 0}
+    assert ranks[0] == ranks[1] and (ranks[0]["step"], ranks[0]["skipped"]) == (9, 0)
     assert_losses_match(losses(run_dir), losses(single), range(1, 10))
     ckpt = run_dir / "checkpoints" / "step_000009"
     assert (ckpt / distributed.DCP_DIR).is_dir() and not (ckpt / "model.safetensors").exists()

@@ -8,6 +8,7 @@ from the synthetic episodes' raw actions and the checkpoint's norm_stats.json wi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -186,6 +187,75 @@ def test_action_metrics_match_a_loop_over_valid_steps(closed_is_high, per_source
     got = metrics.compute("")
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def _gripper_only_metrics() -> ActionMetrics:
+    """One regressed dim and gripper dim 1 (raw 0 = open, 1 = closed, threshold 0.5)."""
+    stats = {"mean": [0.0, 0.5], "std": [1.0, 0.5], "min": [-1.0, 0.0], "max": [1.0, 1.0]}
+    norm = Normalizer({"state": stats, "action": stats}, "mean_std", raw_action_dims=[1])
+    return ActionMetrics(norm, 2, 4, [1], GripperLossConfig(dims=[1], threshold=0.5), gripper_head=True)
+
+
+def test_a_nan_gripper_prediction_is_counted_and_not_scored_as_open_or_closed():
+    """A NaN logit is no open command: it used to count as 'open' (NaN > 0 is false), a right
+    answer wherever the gripper was open. Here the scored steps are the non-NaN ones only."""
+    metrics = _gripper_only_metrics()
+    nan = float("nan")
+    logits = torch.tensor([[[2.0], [nan], [-1.0], [nan]], [[-3.0], [1.0], [nan], [4.0]]])
+    closed = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # raw gripper targets
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    batch = {"actions": torch.stack([torch.zeros(2, 4), closed], -1), "action_mask": mask, "source": torch.zeros(2)}
+    metrics.update({"actions": torch.zeros(2, 4, 2), "gripper_logits": logits}, batch)
+    got = metrics.compute("val/")
+    # Valid, non-NaN steps as (predicted closed, truly closed): row 0 steps 0, 2; row 1 steps 0, 1.
+    scored = [(True, False), (False, True), (False, False), (True, False)]
+    correct = sum(p == t for p, t in scored)
+    tp = sum(p and t for p, t in scored)
+    fp = sum(p and not t for p, t in scored)
+    fn = sum(t and not p for p, t in scored)
+    assert got["val/gripper_acc"] == pytest.approx(correct / len(scored))  # 1/4; NaN-as-open gave 2/7
+    assert got["val/gripper_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert got["val/gripper_nan"] == 3  # row 0 steps 1 and 3, row 1 step 2 (step 3 is padding)
+    # Transitions (label 0 -> 1 at step 2 of both rows): row 0 predicts open there (wrong), row 1 NaN (left out).
+    assert got["val/gripper_transition_acc"] == 0.0
+
+    all_nan = _gripper_only_metrics()
+    all_nan.update({"actions": torch.zeros(2, 4, 2), "gripper_logits": torch.full((2, 4, 1), nan)}, batch)
+    got = all_nan.compute("val/")
+    assert got["val/gripper_nan"] == 7
+    assert all(np.isnan(got[f"val/gripper_{k}"]) for k in ("acc", "f1", "transition_acc"))  # not 1.0, not 0.0
+
+
+def _language_batches() -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Two batches of LM logits at supervised positions, with 5 and 2 real tokens (-100 ignored)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for labels in ([4, 0, -100, 2, 6, 1], [-100, 3, 5, -100]):
+        logits = torch.randn(len(labels), 7, generator=g) * 3
+        outputs = {"actions": torch.zeros(1, 4, 2), "lm_logits": logits, "lm_labels": torch.tensor(labels)}
+        batch = {"actions": torch.zeros(1, 4, 2), "action_mask": torch.ones(1, 4, dtype=torch.bool)}
+        out.append((outputs, {**batch, "source": torch.zeros(1)}))
+    return out
+
+
+def _reference_perplexity(batches) -> float:
+    """exp of the mean over every supervised token of -log softmax(logits)[label], written plainly."""
+    nll = []
+    for outputs, _ in batches:
+        for row, label in zip(outputs["lm_logits"].double().tolist(), outputs["lm_labels"].tolist(), strict=True):
+            if label != -100:
+                nll.append(math.log(sum(math.exp(v) for v in row)) - row[label])
+    assert len(nll) == 7
+    return math.exp(sum(nll) / len(nll))
+
+
+def test_validation_perplexity_is_exp_of_the_token_weighted_cross_entropy():
+    """Token-weighted over batches (a mean of per-batch perplexities would weigh 2 tokens like 5)."""
+    batches = _language_batches()
+    metrics = _gripper_only_metrics()
+    for outputs, batch in batches:
+        metrics.update(outputs, batch)
+    assert metrics.compute("val/")["val/perplexity"] == pytest.approx(_reference_perplexity(batches), rel=1e-6)
 
 
 def test_a_horizon_step_never_measured_is_nan_not_a_perfect_zero():

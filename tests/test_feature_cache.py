@@ -162,6 +162,43 @@ def test_a_damaged_disk_cache_is_rebuilt_saying_why(tmp_path, damage, said):
         teardown(run)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_feature_cache_dir_holding_a_users_own_split_folder_is_refused_and_kept(tmp_path, split):
+    """A ``train/`` or ``val/`` that is not a cache (a user's data) is never replaced by a cache."""
+    cache_dir = tmp_path / "mine"
+    (cache_dir / split).mkdir(parents=True)
+    (cache_dir / split / "episode_0.hdf5").write_text("the user's only copy")
+    (cache_dir / split / "manifest.json").write_text("{}")  # a manifest of their own does not make it a cache
+    with pytest.raises(RecipeError) as err:
+        train.main(_recipe(tmp_path, f"train.feature_cache_dir={cache_dir}"))
+    assert str(cache_dir / split) in str(err.value)
+    assert "train.feature_cache_dir" in str(err.value) and "episode_0.hdf5" in str(err.value)
+    assert (cache_dir / split / "episode_0.hdf5").read_text() == "the user's only copy"
+    assert sorted(p.name for p in cache_dir.iterdir()) == [split]  # nothing written next to it either
+
+
+def test_a_feature_cache_dir_whose_split_is_a_file_is_refused(tmp_path):
+    cache_dir = tmp_path / "mine"
+    cache_dir.mkdir()
+    (cache_dir / "train").write_text("notes")
+    with pytest.raises(RecipeError, match="is not a folder"):
+        train.main(_recipe(tmp_path, f"train.feature_cache_dir={cache_dir}"))
+    assert (cache_dir / "train").read_text() == "notes"
+
+
+def test_a_cache_that_lost_only_its_manifest_is_rebuilt(tmp_path):
+    """Every entry named like a cache file: a damaged cache, rebuilt rather than refused."""
+    cache_dir = tmp_path / "cache"
+    run = setup(_recipe(tmp_path, f"train.feature_cache_dir={cache_dir}"))
+    try:
+        feature_cache.disk_store(run, "train", run.data.train_set, cache_dir)
+        (cache_dir / "train" / "manifest.json").unlink()
+        store, built = feature_cache.disk_store(run, "train", run.data.train_set, cache_dir)
+        assert built and len(store) == len(run.data.train_set)
+    finally:
+        teardown(run)
+
+
 @pytest.mark.parametrize(
     ("overrides", "why"),
     [
@@ -181,6 +218,15 @@ def test_cache_refused_with_the_key_that_blocks_it(overrides, why):
     assert err.value.problems[0].startswith("train.cache_features: refused because")
     assert why in err.value.problems[0]
     load_recipe(HEAD_ONLY, [*TINY, *overrides, "train.cache_features=false"])  # fine without the cache
+
+
+def test_the_cache_asks_whether_a_language_ramp_ever_weighs_the_term():
+    """Under loss.strategy=scheduled a language ramp replaces loss.weights.language at every step: one
+    held at 0 never runs the LM (was refused for the static 0.1), one from 0 up does (refused, naming it)."""
+    ramp = ["data.language_target=text", "loss.weights.language=0.1", "loss.strategy=scheduled"]
+    load_recipe(HEAD_ONLY, [*TINY, *ramp, "loss.schedule.language.start=0", "loss.schedule.language.end=0"])
+    with pytest.raises(RecipeError, match="hold loss.schedule.language at 0 or remove it"):
+        load_recipe(HEAD_ONLY, [*TINY, *ramp, "loss.weights.language=0", "loss.schedule.language.end=1"])
 
 
 def test_cache_refused_when_dropout_is_active_in_the_trunk(monkeypatch):

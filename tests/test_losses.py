@@ -351,6 +351,60 @@ def test_scheduled_ramps_and_wants() -> None:
     assert loss.wants("language") and loss.wants("gripper") and set(loss.terms(outputs, batch)) == set(TERMS)
 
 
+ACTION_ON_LATER = ScheduledWeight(start_step=10, end_step=20, start=0.0, end=1.0)  # loss.weights.action: 0 below
+ACTION_NEVER_ON = ScheduledWeight(start_step=0, end_step=20, start=0.0, end=0.0)  # loss.weights.action: 1 below
+NO_REGRESSED_WEIGHT = ActionLossConfig(dim_weights=[0.0, 0.0, 1.0, 0.0, 0.0])  # only gripper dim 2 weighs
+
+
+@pytest.mark.parametrize(
+    ("gripper_dims", "action", "said"),
+    [
+        (list(range(A)), None, "loss.gripper.dims: every action dim is a gripper dim"),
+        (GRIP, NO_REGRESSED_WEIGHT, r"loss.action.dim_weights: all regressed dims \[0, 1, 3, 4\] have weight 0"),
+    ],
+    ids=["all-gripper", "zero-dim-weights"],
+)
+def test_an_action_ramp_with_nothing_to_regress_is_refused(gripper_dims, action, said) -> None:
+    """A ramp that switches the action term on later is checked like a static weight: with the
+    static weight 0 the action dims were not checked, and the ramp regressed nothing, silently."""
+    cfg = make_cfg(
+        weights=(0.1, 0.0, 0.5),
+        action=action,
+        gripper=GripperLossConfig(dims=gripper_dims),
+        strategy="scheduled",
+        schedule={"action": ACTION_ON_LATER},
+    )
+    with pytest.raises(RecipeError, match=said) as err:
+        CompositeLoss(cfg, A, C, True)
+    assert "loss.schedule.action ramps the action weight from 0.0 to 1.0" in str(err.value)
+
+
+def test_a_gripper_only_recipe_whose_ramp_keeps_the_action_term_off_is_accepted() -> None:
+    """Every dim a gripper dim, and an action ramp held at 0: nothing is regressed and nothing
+    needs to be, whatever ``loss.weights.action`` says (the ramp replaces it at every step)."""
+    cfg = make_cfg(
+        weights=(0.1, 1.0, 0.5),
+        gripper=GripperLossConfig(dims=list(range(A))),
+        strategy="scheduled",
+        schedule={"action": ACTION_NEVER_ON},
+    )
+    loss = CompositeLoss(cfg, A, C, True)
+    outputs, batch = make_inputs()
+    outputs["gripper_logits"] = torch.randn(B, C, A, dtype=torch.float64, requires_grad=True)
+    batch["actions"] = torch.rand(B, C, A, dtype=torch.float64)
+    loss.eval()  # validation: every term the run ever trains
+    assert not loss.wants("action") and loss.wants("gripper") and loss.wants("language")
+    loss.train()
+    loss.set_step(5)
+    total, parts = loss(outputs, batch)
+    assert "loss/action" not in parts
+    torch.testing.assert_close(total, 0.1 * parts["loss/language"] + 0.5 * parts["loss/gripper"])
+    # Zero weight on every regressed dim is likewise fine while the ramp keeps the term off.
+    CompositeLoss(
+        make_cfg(action=NO_REGRESSED_WEIGHT, strategy="scheduled", schedule={"action": ACTION_NEVER_ON}), A, C, True
+    )
+
+
 @pytest.mark.parametrize("element_mask", [False, True])
 def test_counts_are_what_each_term_divides_by(element_mask: bool) -> None:
     """``counts`` reads the batch alone; each count must be the one the term's mean divided by."""

@@ -7,8 +7,8 @@ is read); the data from its ``config.yaml`` plus overrides of where the data is 
 (:data:`OVERRIDABLE`), normalised with its ``norm_stats.json`` and tokenised with its
 ``tokenizer/``, exactly as in training. Metrics are those of validation
 (:class:`vla_ft.metrics.ActionMetrics`): per-dimension L1 and MSE, the mean-action baseline,
-gripper accuracy, F1 and accuracy at transitions, L1 by chunk horizon, and token accuracy when the
-LM has a language target. Output::
+gripper accuracy, F1 and accuracy at transitions (a NaN prediction counted in ``gripper_nan``, not
+scored), L1 by chunk horizon, and token accuracy and perplexity when the LM has a language target. Output::
 
     <out>/                       default: CHECKPOINT/eval
       metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null)
@@ -375,7 +375,9 @@ def format_report(report: dict[str, Any]) -> str:
         "gripper_acc",
         "gripper_f1",
         "gripper_transition_acc",
+        "gripper_nan",
         "token_acc",
+        "perplexity",
     )
     lines += [f"  {k:<24} {m[k]:.6g}" for k in headline if k in m]
     dims = sorted(int(k.rsplit("dim", 1)[1]) for k in m if k.startswith("action_l1/dim"))

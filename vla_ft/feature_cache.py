@@ -11,7 +11,9 @@ order of the run's own :class:`vla_ft.data.EpochSampler`, so a cached run sees e
 samples, in the order, of the uncached run, and resumes the same way.
 
 In memory by default; with ``train.feature_cache_dir`` on disk, reused across runs while the
-fingerprint (trunk weights, data recipe, normaliser, episodes, precision) matches::
+fingerprint (trunk weights, data recipe, normaliser, episodes, precision) matches. A ``train/`` or
+``val/`` there that holds anything but cache files is refused, never replaced
+(:func:`check_cache_dir`)::
 
     <feature_cache_dir>/
       train/
@@ -34,6 +36,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -338,9 +341,39 @@ def _walk_files(root: Path) -> Iterator[Path]:
         yield from (Path(folder, name) for name in names if Path(folder, name).is_file())
 
 
+CACHE_FILE = re.compile(r"manifest\.json|labels\.safetensors|readout_\d{5}\.safetensors")  # all a cache holds
+
+
+def check_cache_dir(root: Path, splits: list[str]) -> None:
+    """Refuse a ``train.feature_cache_dir`` whose ``<split>`` entries are not feature caches.
+
+    A rebuild replaces ``<root>/<split>`` whole, so a user's own ``train/`` or ``val/`` folder
+    there would be deleted. A split folder is taken for a cache (possibly damaged, then rebuilt)
+    only while every entry in it carries a name the cache writes; anything else is refused, and
+    on every rank, so no rank waits at a barrier for one that raised."""
+    problems = []
+    for split in splits:
+        directory = root / split
+        if not directory.exists() and not directory.is_symlink():
+            continue
+        if not directory.is_dir():
+            problems.append(f"train.feature_cache_dir: {directory} is not a folder; choose another folder")
+            continue
+        foreign = sorted(p.name for p in directory.iterdir() if not CACHE_FILE.fullmatch(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+            problems.append(
+                f"train.feature_cache_dir: {directory} holds files that are not a feature cache ({shown}); "
+                "a cache rebuild would delete them: choose an empty or new train.feature_cache_dir"
+            )
+    if problems:
+        raise RecipeError(problems)
+
+
 def disk_store(run: Run, split: str, dataset: RobotDataset, root: Path) -> tuple[DiskFeatures, bool]:
     """Open the cache of ``split`` under ``root``, (re)computing it on rank 0 when missing or stale.
     Returns (store, built_now)."""
+    check_cache_dir(root, [split])
     directory = root / split
     key = fingerprint(run, split, dataset)
     state = cache_state(directory, key)
@@ -381,6 +414,8 @@ def install(run: Run) -> None:
     t0 = time.perf_counter()
     splits = {"train": run.data.train_set, "val": run.data.val_set}
     stores: dict[str, FeatureStore] = {}
+    if r.train.feature_cache_dir:  # before computing either split: refuse without writing anything
+        check_cache_dir(Path(r.train.feature_cache_dir), [k for k, v in splits.items() if v is not None])
     for split, dataset in splits.items():
         if dataset is None:
             continue

@@ -57,6 +57,17 @@ def ramp_weight(spec: ScheduledWeight, step: int) -> float:
     return spec.start + (spec.end - spec.start) * RAMPS[spec.shape](progress)
 
 
+def ever_weighted(cfg: LossConfig, term: str) -> bool:
+    """Whether the recipe weight of ``term`` is non-zero at some step.
+
+    Under ``loss.strategy: scheduled`` a term's ramp replaces ``loss.weights.<term>`` at every
+    step, and runs monotonically from ``start`` to ``end``: those two alone say whether it is ever
+    on. Checks of the action dims must ask this, not the static weight, or a ramp from 0 hides a
+    regression with nothing to regress and a ramp held at 0 blocks a gripper-only recipe."""
+    spec = cfg.schedule.get(term) if cfg.strategy == "scheduled" else None
+    return getattr(cfg.weights, term) != 0.0 if spec is None else max(spec.start, spec.end) != 0.0
+
+
 def check_weights(cfg: LossConfig) -> list[str]:
     """Problems with the recipe weights and ramps (empty = valid)."""
     problems = []
@@ -165,8 +176,7 @@ class ScheduledWeighting(Weighting):
         return super().base_weight(term) if spec is None else ramp_weight(spec, self.step)
 
     def ever_active(self, term: str) -> bool:
-        spec = self.cfg.schedule.get(term)  # a ramp runs monotonically from start to end
-        return super().ever_active(term) if spec is None else term in self.terms and max(spec.start, spec.end) != 0.0
+        return term in self.terms and ever_weighted(self.cfg, term)
 
 
 class UncertaintyWeighting(Weighting):

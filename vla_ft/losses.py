@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vla_ft.config import ActionLossConfig, LossConfig, RecipeError
-from vla_ft.loss_weighting import TERMS, TermValues, build_weighting
+from vla_ft.loss_weighting import TERMS, TermValues, build_weighting, ever_weighted
 
 IGNORE_INDEX = -100
 ElementLoss = Callable[[Tensor, Tensor], Tensor]
@@ -256,12 +256,20 @@ def check_action_dim(cfg: LossConfig, action_dim: int, gripper_head: bool) -> li
     if gripper_head and any(d >= action_dim for d in dims):
         valid = f"0..{action_dim - 1}"
         p.append(f"loss.gripper.dims: {dims} out of range for the data's {action_dim} action dims ({valid})")
-    if gripper_head and cfg.weights.action != 0 and len(set(dims)) >= action_dim:
-        p.append("loss.gripper.dims: every action dim is a gripper dim, nothing is left to regress")
+    # The action term at any step, not only under loss.weights.action: a ramp may switch it on or keep it off.
+    regressing, why = ever_weighted(cfg, "action"), _action_weight_source(cfg)
+    if gripper_head and regressing and len(set(dims)) >= action_dim:
+        p.append(f"loss.gripper.dims: every action dim is a gripper dim, nothing is left to regress{why}")
     regress = regressed_dims(action_dim, dims, gripper_head)
-    if not p and weights is not None and cfg.weights.action != 0 and sum(weights[a] for a in regress) <= 0:
-        p.append(f"loss.action.dim_weights: all regressed dims {regress} have weight 0")
+    if not p and weights is not None and regressing and sum(weights[a] for a in regress) <= 0:
+        p.append(f"loss.action.dim_weights: all regressed dims {regress} have weight 0{why}")
     return p
+
+
+def _action_weight_source(cfg: LossConfig) -> str:
+    """Where a refused action term gets its weight, when the static weight is not the whole story."""
+    spec = cfg.schedule.get("action") if cfg.strategy == "scheduled" else None
+    return "" if spec is None else f" (loss.schedule.action ramps the action weight from {spec.start} to {spec.end})"
 
 
 def loss_terms(gripper_head: bool) -> tuple[str, ...]:

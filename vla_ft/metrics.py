@@ -82,8 +82,10 @@ class ActionMetrics:
         self.count_h = torch.zeros(chunk, dtype=torch.float64)
         self.count = 0.0
         self.g_tp = self.g_fp = self.g_fn = self.g_correct = self.g_total = 0.0
+        self.g_scored = self.g_nan = 0.0  # valid gripper steps with a prediction / with a NaN one
         self.t_correct = self.t_total = 0.0
         self.tok_correct = self.tok_total = 0.0
+        self.tok_nll = 0.0  # summed cross-entropy (no label smoothing) of the supervised tokens
 
     def real(self, key: str, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Batch rows (B, ..., D) of ``key`` ("state", "action") in dataset units, float64 on the CPU;
@@ -111,25 +113,35 @@ class ActionMetrics:
         if self.gripper_dims:
             self._update_gripper(pred, true, mask.bool())
         if "lm_logits" in outputs and outputs["lm_logits"].numel():
-            labels = outputs["lm_labels"].cpu()
+            logits = outputs["lm_logits"].detach()  # (N, V) stays on its device: only sums come back
+            labels = outputs["lm_labels"].to(logits.device)
             valid = labels != -100
-            hit = (outputs["lm_logits"].detach().argmax(-1).cpu() == labels) & valid
+            hit = (logits.argmax(-1) == labels) & valid
             self.tok_correct += float(hit.sum())
             self.tok_total += float(valid.sum())
+            nll = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+            self.tok_nll += float(nll)
 
     def _update_gripper(self, pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> None:
+        """Gripper counts over valid steps. A NaN prediction (a NaN logit, :func:`real_actions`) is
+        neither open nor closed: it is counted in ``gripper_nan`` and left out of accuracy, F1 and
+        transition accuracy (``NaN > threshold`` would have scored it as one of the two)."""
         g = self.gcfg
-        p = gripper_labels(pred[..., self.gripper_dims], g.threshold, g.closed_is_high)
+        raw = pred[..., self.gripper_dims]
+        p = gripper_labels(raw, g.threshold, g.closed_is_high)
         t = gripper_labels(true[..., self.gripper_dims], g.threshold, g.closed_is_high)
         m = mask[..., None].expand_as(t)
-        self.g_tp += float((p & t & m).sum())
-        self.g_fp += float((p & ~t & m).sum())
-        self.g_fn += float((~p & t & m).sum())
-        self.g_correct += float(((p == t) & m).sum())
+        scored = m & ~raw.isnan()
+        self.g_tp += float((p & t & scored).sum())
+        self.g_fp += float((p & ~t & scored).sum())
+        self.g_fn += float((~p & t & scored).sum())
+        self.g_correct += float(((p == t) & scored).sum())
         self.g_total += float(m.sum())
+        self.g_scored += float(scored.sum())
+        self.g_nan += float((m & ~scored).sum())
         trans = (t[:, 1:] != t[:, :-1]) & m[:, 1:] & m[:, :-1]  # label changes inside the chunk
-        self.t_correct += float(((p[:, 1:] == t[:, 1:]) & trans).sum())
-        self.t_total += float(trans.sum())
+        self.t_correct += float(((p[:, 1:] == t[:, 1:]) & trans & scored[:, 1:]).sum())
+        self.t_total += float((trans & scored[:, 1:]).sum())
 
     def compute(self, prefix: str = "val/") -> dict[str, float]:
         n = self.count if self.count > 0 else math.nan  # no valid step seen: undefined, never 0
@@ -144,13 +156,18 @@ class ActionMetrics:
             out[f"{prefix}action_mse/dim{i}"] = float(self.sq[i] / n)
         for t in range(len(self.by_horizon)):
             out[f"{prefix}action_l1/h{t}"] = float(self.by_horizon[t] / (float(self.count_h[t]) or math.nan))
-        if self.g_total:
-            out[f"{prefix}gripper_acc"] = self.g_correct / self.g_total
+        if self.g_total:  # valid gripper steps seen: the names are logged, NaN where nothing was scored
+            scored = self.g_scored or math.nan
+            out[f"{prefix}gripper_acc"] = self.g_correct / scored
             denom = 2 * self.g_tp + self.g_fp + self.g_fn
-            out[f"{prefix}gripper_f1"] = 2 * self.g_tp / denom if denom else 1.0
+            out[f"{prefix}gripper_f1"] = 2 * self.g_tp / denom if denom else (1.0 if self.g_scored else math.nan)
             out[f"{prefix}gripper_transition_acc"] = self.t_correct / self.t_total if self.t_total else math.nan
+            out[f"{prefix}gripper_nan"] = self.g_nan
         if self.tok_total:
             out[f"{prefix}token_acc"] = self.tok_correct / self.tok_total
+            # exp of the mean NLL per supervised token (every token weighs the same, whatever its
+            # batch); without label smoothing, unlike val/loss/language, so it is a true perplexity
+            out[f"{prefix}perplexity"] = math.exp(self.tok_nll / self.tok_total)
         return out
 
 

@@ -596,9 +596,13 @@ def cache_problems(r: Recipe) -> list[str]:
     for key, on in (("model.lora.enabled", r.model.lora.enabled), ("model.lora.vision", r.model.lora.vision)):
         if on:
             p.append(f"{why} {key} is true (LoRA adapters train inside the trunk)")
-    if r.data.language_target != "none" and (r.loss.weights.language > 0 or "language" in r.loss.schedule):
+    from vla_ft.loss_weighting import ever_weighted  # a ramp replaces loss.weights.language at every step
+
+    if r.data.language_target != "none" and ever_weighted(r.loss, "language"):
+        ramped = r.loss.strategy == "scheduled" and "language" in r.loss.schedule
+        fix = "hold loss.schedule.language at 0 or remove it" if ramped else "set loss.weights.language: 0"
         p.append(
             f"{why} the language term needs the LM run on the target tokens, and with a frozen LM it trains "
-            "nothing: set loss.weights.language: 0 (or data.language_target: none)"
+            f"nothing: {fix} (or data.language_target: none)"
         )
     return p
