@@ -288,7 +288,7 @@ def unused_setting_problems(r: Recipe) -> list[str]:
         )
     if r.train.feature_cache_dir is not None and not r.train.cache_features:
         p.append("train.feature_cache_dir: only train.cache_features=true reads it")
-    return p + unread_optimizer_and_loss_keys(r) + unread_data_and_train_keys(r)
+    return p + unread_optimizer_and_loss_keys(r) + unread_data_keys(r)
 
 
 def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
@@ -325,9 +325,12 @@ def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
     return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
 
 
-def unread_data_and_train_keys(r: Recipe) -> list[str]:
-    """Data and training settings that the chosen reader or a switched-off feature never reads."""
-    d, dd, t, td = r.data, type(r.data)(), r.train, type(r.train)()
+def unread_data_keys(r: Recipe) -> list[str]:
+    """Data settings that the chosen reader never reads. The tuning keys of a feature switched off
+    (``train.compile_mode`` with ``train.compile=false``, ``train.ema_warmup`` with ``ema_decay: 0``)
+    are not refused: ``key=value`` overrides and ablation variants switch features off in recipes
+    that tune them."""
+    d, dd = r.data, type(r.data)()
     own_rate = {"lerobot": "a LeRobot dataset records its own (meta/info.json)", "synthetic": "the task sets its own"}
     unread = [
         (
@@ -339,12 +342,6 @@ def unread_data_and_train_keys(r: Recipe) -> list[str]:
             "data.layout",
             f"only data.format=hdf5 reads it (format is {d.format})",
             d.format != "hdf5" and d.layout != dd.layout,
-        ),
-        ("train.compile_mode", "only train.compile=true reads it", not t.compile and t.compile_mode != td.compile_mode),
-        (
-            "train.ema_warmup",
-            "train.ema_decay is 0: no weight average to warm up",
-            not t.ema_decay and t.ema_warmup != td.ema_warmup,
         ),
     ]
     return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
