@@ -329,15 +329,17 @@ class HDF5Reader(Reader):
         text = self._text_rows(episode_index, len(action)) if self.text_key else None
         return EpisodeArrays(state, action, timestamp, text)
 
-    def _text_rows(self, episode_index: int, length: int) -> list[str]:
-        """The ``text_key`` strings of an episode, one per action row, or an error naming file:group."""
+    def _text_rows(self, episode_index: int, length: int) -> list[str | None]:
+        """The ``text_key`` strings of an episode, one per action row, or an error naming file:group.
+        An empty string is a frame without text (None: no language target, as a null LeRobot cell),
+        never a target of end-of-text."""
         group, where = self.group(episode_index), self.location(episode_index)
         if self.text_key not in group:
             raise DatasetFormatError(f"{where}: missing text dataset {self.text_key} (data.text_key)")
         rows = group[self.text_key]
         if len(rows) != length:
             raise DatasetFormatError(f"{where}: text dataset {self.text_key} has {len(rows)} rows, actions {length}")
-        return [_text(t) for t in rows[()]]
+        return [_text(t) or None for t in rows[()]]
 
     def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
         if camera not in self.camera_keys:

@@ -30,8 +30,11 @@ def camera_name(camera: str) -> str:
     return camera.rsplit(".", 1)[-1]
 
 
-def _strings(group: h5py.Group, name: str, text: list[str]) -> None:
-    group.create_dataset(name, data=np.array(text, dtype=object), dtype=h5py.string_dtype())
+def _strings(group: h5py.Group, name: str, text: list[str | None]) -> None:
+    """A string dataset; a frame without text (None) is written "", which the reader reads back as None
+    (an HDF5 string cannot be null)."""
+    rows = ["" if t is None else t for t in text]
+    group.create_dataset(name, data=np.array(rows, dtype=object), dtype=h5py.string_dtype())
 
 
 def write_robomimic(reader: Reader, path: str | Path) -> Path:
