@@ -547,6 +547,30 @@ def test_closing_envs_closes_every_one_and_survives_a_dead_process():
     assert len(CLOSED) == 1 and CLOSED[0] is later
 
 
+class SecondFailsEnv(ClosingEnv):
+    """The first one builds, the second fails: a simulator out of GPU memory for another copy."""
+
+    def __init__(self):
+        if CLOSED_OR_MADE.count("made"):
+            raise RuntimeError("no memory for a second simulator")
+        CLOSED_OR_MADE.append("made")
+        super().__init__()
+
+
+CLOSED_OR_MADE: list = []
+
+
+def test_envs_already_made_are_closed_when_a_later_one_fails():
+    """make_envs built the batch's envs outside the rollout's try/finally: a failure at the second
+    left the first open (its process, with --env-processes, ran until the parent exited)."""
+    from vla_ft.rollout import make_envs
+
+    CLOSED.clear(), CLOSED_OR_MADE.clear()
+    with pytest.raises(RuntimeError, match="no memory for a second simulator"):
+        make_envs("test_rollout:SecondFailsEnv", {}, {}, 5, 3)
+    assert len(CLOSED) == 1 and isinstance(CLOSED[0], SecondFailsEnv)
+
+
 def test_ctrl_c_ends_a_rollout_in_env_processes_with_130_and_no_traceback(tmp_path, tiny_overrides):
     """A terminal's Ctrl-C signals the whole process group: the env processes printed a
     KeyboardInterrupt traceback each and the parent a RuntimeError closing them (exit 1)."""

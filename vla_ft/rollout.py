@@ -18,6 +18,7 @@ of the first episodes (what the policy's first camera saw) to ``CHECKPOINT/rollo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -260,14 +261,22 @@ def make_envs(
     processes: bool = False,
 ) -> tuple[list[Any], int]:
     """``count`` environments of :func:`make_env` (one per episode run at once) and the first seed;
-    with ``processes`` each in its own process (:class:`~vla_ft.env_process.EnvProcess`)."""
-    if processes:
-        envs = [EnvProcess(spec, kwargs, recipe, max_steps, key) for _ in range(count)]
-        return envs, envs[0].first_seed
+    with ``processes`` each in its own process (:class:`~vla_ft.env_process.EnvProcess`). When one
+    fails to start (or Ctrl-C comes meanwhile), those already made are closed before the error goes on:
+    their processes would otherwise run until this one exits."""
     envs, first = [], 0
-    for _ in range(count):
-        env, first = make_env(spec, kwargs, recipe, max_steps, key)
-        envs.append(env)
+    try:
+        for _ in range(count):
+            if processes:
+                envs.append(EnvProcess(spec, kwargs, recipe, max_steps, key))
+                first = envs[0].first_seed
+            else:
+                env, first = make_env(spec, kwargs, recipe, max_steps, key)
+                envs.append(env)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            close_envs(envs)
+        raise
     return envs, first
 
 

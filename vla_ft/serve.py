@@ -319,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vla_ft.config import RecipeError
     from vla_ft.policy import VLAPolicy
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
     except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
@@ -353,7 +353,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=at_least(0, 65535), default=8000, help="port (0: any free one, printed)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of the weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="of the weights")
     p.add_argument("--source", default=None, help="per-source statistics: the robot's source")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="act with the weight average")
     p.set_defaults(func=cmd_serve)
