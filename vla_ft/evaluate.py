@@ -228,6 +228,8 @@ def evaluate_checkpoint(
     from vla_ft.metrics import ActionMetrics, source_metrics
     from vla_ft.run_setup import check_output_dir
 
+    if plot_episodes < 0:  # a negative slice would plot all but the last episodes
+        raise ValueError(f"plot_episodes: a count of episodes, >= 0, got {plot_episodes}")
     if out:
         check_output_dir(Path(out), "--out")
     ev = load_evaluation(path, overrides)  # refused overrides and damaged checkpoints are reported first
