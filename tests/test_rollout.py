@@ -578,7 +578,8 @@ def test_ctrl_c_ends_a_rollout_in_env_processes_with_130_and_no_traceback(tmp_pa
     assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "train.val_every=0"]) == 0
     args = ["rollout", str(run), "--env-processes", "--batch", "2", "--episodes", "1000", "--videos", "0"]
     args += ["--env", "test_rollout:SteppedEnv", "--env-kwargs", json.dumps({"marker": str(marker)})]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]  # keep the caller's (a GPU host's av)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vla_ft", *args], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
