@@ -54,3 +54,23 @@ def _one_thread():
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return [*TINY, f"output_dir={tmp_path / 'run'}"]
+
+
+def lerobot_with_a_null_narration(root: Path):
+    """A 2-episode LeRobot dataset whose narration cell of episode 0, frame 1 is null (no text there),
+    opened with ``text_key="narration"``: the source for round trips of a frame without text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from robot_data import SyntheticReader
+    from robot_data.lerobot import LeRobotReader
+    from robot_data.lerobot_writer import write_lerobot
+
+    lerobot = write_lerobot(SyntheticReader(episodes=2, episode_length=4, image_size=16), root, video=False)
+    data = next(lerobot.glob("data/**/*.parquet"))
+    table = pq.read_table(data)
+    cells = table["narration"].to_pylist()
+    cells[1] = None  # episode 0, frame 1
+    column = pa.array(cells, pa.string())
+    pq.write_table(table.set_column(table.column_names.index("narration"), "narration", column), data)
+    return LeRobotReader(lerobot, text_key="narration")

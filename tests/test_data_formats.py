@@ -714,19 +714,11 @@ def test_a_frame_without_text_round_trips_through_hdf5(tmp_path):
     """A LeRobot frame whose narration cell is null, converted to robomimic and ALOHA HDF5 (the writers
     raised TypeError on it) and read back: still None (no language target), not "" (a target of
     end-of-text); the other frames keep their text."""
-    import pyarrow as pa
+    from conftest import lerobot_with_a_null_narration
 
     from robot_data.hdf5 import HDF5Reader
-    from robot_data.lerobot import LeRobotReader
 
-    lerobot = write_lerobot(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "lr", video=False)
-    data = next(lerobot.glob("data/**/*.parquet"))
-    table = pq.read_table(data)
-    cells = table["narration"].to_pylist()
-    cells[1] = None  # episode 0, frame 1
-    column = pa.array(cells, pa.string())
-    pq.write_table(table.set_column(table.column_names.index("narration"), "narration", column), data)
-    source = LeRobotReader(lerobot, text_key="narration")
+    source = lerobot_with_a_null_narration(tmp_path / "lr")
     robomimic = HDF5Reader(
         write_robomimic(source, tmp_path / "r.hdf5"), layout="robomimic", state_key="state", text_key="narration"
     )

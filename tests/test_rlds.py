@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICKSTART, TINY
+from conftest import QUICKSTART, TINY, lerobot_with_a_null_narration
 from PIL import Image
 
 from robot_data import SyntheticReader
@@ -290,20 +290,7 @@ def test_each_camera_is_declared_with_its_own_shape(tmp_path):
 def test_a_frame_without_text_stays_without_text(tmp_path):
     """A LeRobot frame whose narration cell is null, written as RLDS and read back: still None (no
     language target), not "" (a target of end-of-text), and the other frames keep their text."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from robot_data.lerobot import LeRobotReader
-    from robot_data.lerobot_writer import write_lerobot
-
-    lerobot = write_lerobot(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "lr", video=False)
-    data = next(lerobot.glob("data/**/*.parquet"))
-    table = pq.read_table(data)
-    cells = table["narration"].to_pylist()
-    cells[1] = None  # episode 0, frame 1
-    column = pa.array(cells, pa.string())
-    pq.write_table(table.set_column(table.column_names.index("narration"), "narration", column), data)
-    source = LeRobotReader(lerobot, text_key="narration")
+    source = lerobot_with_a_null_narration(tmp_path / "lr")
     rlds = RLDSReader(write_rlds(source, tmp_path / "rlds" / "1.0.0"), text_key="narration", fps=10)
     assert rlds.numeric(0).text == source.numeric(0).text and rlds.numeric(0).text[1] is None
     assert all(isinstance(t, str) and t for t in rlds.numeric(1).text)

@@ -82,7 +82,7 @@ class ActionMetrics:
         self.count_h = torch.zeros(chunk, dtype=torch.float64)
         self.count = 0.0
         self.g_tp = self.g_fp = self.g_fn = self.g_correct = self.g_total = 0.0
-        self.g_scored = self.g_nan = 0.0  # valid gripper steps with a prediction / with a NaN one
+        self.g_scored = 0.0  # valid gripper steps with a prediction (not NaN)
         self.t_correct = self.t_total = 0.0
         self.tok_correct = self.tok_total = 0.0
         self.tok_nll = 0.0  # summed cross-entropy (no label smoothing) of the supervised tokens
@@ -138,7 +138,6 @@ class ActionMetrics:
         self.g_correct += float(((p == t) & scored).sum())
         self.g_total += float(m.sum())
         self.g_scored += float(scored.sum())
-        self.g_nan += float((m & ~scored).sum())
         trans = (t[:, 1:] != t[:, :-1]) & m[:, 1:] & m[:, :-1]  # label changes inside the chunk
         self.t_correct += float(((p[:, 1:] == t[:, 1:]) & trans & scored[:, 1:]).sum())
         self.t_total += float((trans & scored[:, 1:]).sum())
@@ -162,7 +161,7 @@ class ActionMetrics:
             denom = 2 * self.g_tp + self.g_fp + self.g_fn
             out[f"{prefix}gripper_f1"] = 2 * self.g_tp / denom if denom else (1.0 if self.g_scored else math.nan)
             out[f"{prefix}gripper_transition_acc"] = self.t_correct / self.t_total if self.t_total else math.nan
-            out[f"{prefix}gripper_nan"] = self.g_nan
+            out[f"{prefix}gripper_nan"] = self.g_total - self.g_scored
         if self.tok_total:
             out[f"{prefix}token_acc"] = self.tok_correct / self.tok_total
             # exp of the mean NLL per supervised token (every token weighs the same, whatever its
