@@ -18,7 +18,8 @@ A run directory's checkpoints::
         model_dcp/              FSDP only, instead of the two above: sharded weights and optimizer
                                 state (torch.distributed.checkpoint), readable by any world size
         loss_state.safetensors  loss-weighting state (uncertainty log-vars, DWA averages)
-        rng.pt                  torch CPU/CUDA RNG states (loaded weights_only)
+        rng.pt                  torch CPU/CUDA RNG states of rank 0, and of every rank under
+                                "ranks" when several processes wrote it (loaded weights_only)
         trainer_state.json      step, data position, best metric, skip counters, scaler,
                                 python/numpy RNG states, world size, frozen modules, and each
                                 rank's train-log window (sums since the last logged row)
@@ -303,6 +304,23 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def rng_file(states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """What ``rng.pt`` holds for the :func:`rng_state` of every rank, in rank order: rank 0's at the
+    top (the single-process layout), every rank's under ``ranks`` when there are several. The ranks'
+    streams part ways (dropout draws as many numbers as its input has elements, and each rank's
+    batches are padded to their own lengths), so each rank resumes its own."""
+    return {**states[0], "ranks": states} if len(states) > 1 else states[0]
+
+
+def rank_rng_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """This rank's state from ``rng.pt``; rank 0's when another number of processes wrote it (every
+    rank starts from the same seed, so that is where a fresh run of this size starts too)."""
+    ranks = saved.get("ranks")
+    if ranks is not None and len(ranks) == world_size:
+        return ranks[rank]
+    return {k: v for k, v in saved.items() if k != "ranks"}
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:

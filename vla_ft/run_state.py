@@ -252,6 +252,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
     """
     path = None
     windows = run.rt.gather_objects(run.window.state_dict())  # collective: each rank's own log window
+    rngs = run.rt.gather_objects(ck.rng_state())  # collective: each rank's own dropout stream
     stage = run.hooks.stage_model_state
     staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:
@@ -278,7 +279,7 @@ def save_training_checkpoint(run: Run) -> Path | None:
             loss_state = {k: v.detach().cpu().contiguous() for k, v in run.loss_fn.state_dict().items()}
             if loss_state:
                 save_file(loss_state, str(tmp / "loss_state.safetensors"))
-            torch.save(ck.rng_state(), tmp / "rng.pt")
+            torch.save(ck.rng_file(rngs), tmp / "rng.pt")
             ck.save_json(tmp / "trainer_state.json", trainer_json(run, windows))
             ck.save_json(tmp / "norm_stats.json", run.data.normalizer.to_dict())
             save_recipe(run.recipe, tmp / "config.yaml")
@@ -365,7 +366,7 @@ def load_training_checkpoint(run: Run, path: Path) -> None:
     if run.scaler and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     with ck.reading(path / "rng.pt"):
-        ck.set_rng_state(ck.torch_load(path / "rng.pt"))
+        ck.set_rng_state(ck.rank_rng_state(ck.torch_load(path / "rng.pt"), run.rt.rank, run.rt.world_size))
     with ck.reading(path / "trainer_state.json"):
         kind, keys, pos, *rest = meta["numpy_rng"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, *rest))
