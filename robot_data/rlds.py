@@ -52,7 +52,8 @@ INSTRUCTION = "language_instruction"
 INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
-NUMBERS_FORMAT = 2  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+NUMBERS_FORMAT = 3  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+# (3: features declared with a -1 dim read, where 2 saved their episodes as unreadable)
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
