@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
-from robot_data.reader import EpisodeArrays, Reader, UnknownFeatureError
+from robot_data.reader import DatasetFormatError, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
 from robot_data.rlds import RLDSReader, version_dir
 
@@ -144,6 +145,8 @@ def check_hdf5(
     except UnknownFeatureError:
         raise  # a key naming no dataset: the caller's typo, not the data's problem
     except (ValueError, OSError, KeyError) as err:
+        if isinstance(err, DatasetFormatError) and Path(path).is_file() and not h5py.is_hdf5(path):
+            raise  # no HDF5 signature: no HDF5 dataset at all (as LeRobot without meta/info.json), not a damaged one
         return [Problem("unreadable", str(path), None, str(err))]
     problems: list[Problem] = []
     dims: tuple[int, int] | None = None  # (state, action) dims of the first sound episode

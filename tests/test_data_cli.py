@@ -193,6 +193,23 @@ def test_check_of_a_directory_of_another_format_is_one_line_naming_the_missing_f
         assert len(err.strip().splitlines()) == 1
 
 
+def test_check_of_a_file_that_is_not_hdf5_is_one_line_naming_it(tmp_path, capsys):
+    """A text file checked with --format hdf5 (either layout) is no HDF5 dataset: one line naming the
+    file, exit 2, as the other formats say so (was an 'unreadable' problem, exit 1). A damaged HDF5
+    file (its signature there, its body cut short) is still a problem of the dataset: exit 1."""
+    notes = tmp_path / "notes.hdf5"
+    notes.write_text("not a dataset")
+    for layout in ("robomimic", "aloha"):
+        assert cli(["data", "check", str(notes), "--format", "hdf5", "--layout", layout]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vla-ft data check: error: {notes}: not a hdf5 dataset ("), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    cut = tmp_path / "cut.hdf5"
+    cut.write_bytes(_robomimic(tmp_path).read_bytes()[:2048])
+    assert cli(["data", "check", str(cut), "--format", "hdf5"]) == 1
+    assert "[unreadable]" in capsys.readouterr().err
+
+
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
     ds, rm = _synth(tmp_path), _robomimic(tmp_path)
     aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -351,7 +352,8 @@ def test_reader_errors(datasets, tmp_path):
 
 def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
     """A path that is no dataset of the layout: DatasetFormatError naming it and what the layout
-    expects (the trainer's one line), an 'unreadable' problem for the checks."""
+    expects (the trainer's one line), an 'unreadable' problem for the checks, except a file that is
+    no HDF5 file at all, which the checks raise too."""
     with h5py.File(tmp_path / "no_data.hdf5", "w") as f:
         f["actions"] = np.zeros((4, 7), np.float32)
     with h5py.File(tmp_path / "no_demos.hdf5", "w") as f:
@@ -371,6 +373,10 @@ def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
         message = str(caught.value)
         assert message.startswith(f"{path}: {why}") and f"; the {layout} layout expects " in message, message
         assert "\n" not in message and not isinstance(caught.value, UnknownFeatureError)
+        if path.name == "junk.hdf5":  # no HDF5 file at all: raised by the check too (as a LeRobot path without meta/)
+            with pytest.raises(DatasetFormatError, match=re.escape(message)):
+                check_dataset(path, "hdf5", layout=layout)
+            continue
         assert [(p.kind, p.file, p.message) for p in check_dataset(path, "hdf5", layout=layout)] == [
             ("unreadable", str(path), message)
         ]
