@@ -89,6 +89,17 @@ def non_finite(values: np.ndarray, name: str, file: str, episode: int) -> list[P
     return [Problem("non_finite", file, episode, msg)]
 
 
+def missing_text(text: Sequence[str | None] | None, text_key: str, where: str, episode: int) -> list[Problem]:
+    """A ``missing_text`` problem if frames of ``text`` (T per-frame strings, None: no text there, a null
+    LeRobot cell or an empty RLDS/HDF5 string) have none, naming the first: those frames get no
+    language target. The same words for every format."""
+    nulls = [i for i, t in enumerate(text or ()) if t is None]
+    if not nulls:
+        return []
+    msg = f"{text_key}: {len(nulls)} null text cell(s), first at frame {nulls[0]} (no language target there)"
+    return [Problem("missing_text", where, episode, msg)]
+
+
 def decode_checks(
     frames: Callable[[list[int]], np.ndarray],
     length: int,
@@ -202,6 +213,8 @@ def _rlds_problems(reader: RLDSReader, decode: str, cameras: Sequence[str]) -> l
                 msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
                 problems.append(Problem("bad_feature", where, ep.index, msg))
             problems += non_finite(values, name, where, ep.index)
+        if reader.text_key:
+            problems += missing_text(arrays.text, reader.text_key.removeprefix("steps/"), where, ep.index)
         for camera in checked_cameras(reader.cameras, cameras):
             frames = lambda idx, cam=camera, e=ep.index: reader.frames(e, cam, idx)  # noqa: E731
             shape = reader.camera_shapes[camera]
@@ -242,6 +255,8 @@ def _hdf5_contents(
             msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
             problems.append(Problem("bad_feature", where, episode, msg))
         problems += non_finite(values, name, where, episode)
+    if reader.text_key:
+        problems += missing_text(arrays.text, reader.text_key, where, episode)
     for camera in checked_cameras(reader.cameras, cameras):
         key = reader.camera_keys[camera]
         data = group.get(key)
