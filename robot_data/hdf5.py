@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -214,7 +215,7 @@ class HDF5Reader(Reader):
         rows = {k: len(a) for k, a in zip(keys, arrays, strict=True)}
         if len(set(rows.values())) > 1:
             raise ValueError(f"{self.location(episode_index)}: datasets of different lengths {rows}")
-        return [a.reshape(len(a), -1) for a in arrays]
+        return [a.reshape(len(a), math.prod(a.shape[1:])) for a in arrays]  # not -1: an empty demo is (0, D)
 
     def _index(self) -> tuple[dict[int, _Source], dict[int, str]]:
         """Episode index -> where it lives, and its instruction."""

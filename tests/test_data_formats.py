@@ -416,6 +416,30 @@ def test_robomimic_hand_written(tmp_path):
         np.testing.assert_array_equal(reader.frames(2, "agentview_image", [5, 1]), images[::-1])
 
 
+def test_an_empty_robomimic_demo_reads_as_no_frames(tmp_path):
+    """A demo with no steps (a recording stopped at once) reads as (0, D) arrays of the dims its
+    datasets declare: it adds nothing to the statistics, and the check passes (both ended in numpy's
+    'cannot reshape array of size 0' before)."""
+    from robot_data.check import check_dataset
+    from robot_data.normalize import compute_stats
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "demo.hdf5", "w") as f:
+        for i, n in ((0, 5), (1, 0)):
+            demo = f.create_group(f"data/demo_{i}")
+            demo["actions"] = rng.normal(size=(n, 7)).astype(np.float32)
+            demo["obs/state"] = rng.normal(size=(n, 2, 3))
+            demo["obs/agentview_image"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    reader = build_reader("hdf5", path=str(tmp_path / "demo.hdf5"), state_key="state")
+    empty = reader.numeric(1)
+    assert empty.state.shape == (0, 6) and empty.action.shape == (0, 7) and empty.timestamp.shape == (0,)
+    both, first = compute_stats(reader, [0, 1]), compute_stats(reader, [0])
+    for key in both:
+        for stat in both[key]:
+            np.testing.assert_array_equal(both[key][stat], first[key][stat], err_msg=f"{key}.{stat}")
+    assert check_dataset(tmp_path / "demo.hdf5", "hdf5", state_key="state") == []
+
+
 def _png(image: np.ndarray) -> np.ndarray:
     import io
 
