@@ -210,6 +210,24 @@ def test_check_of_a_file_that_is_not_hdf5_is_one_line_naming_it(tmp_path, capsys
     assert "[unreadable]" in capsys.readouterr().err
 
 
+def test_check_reports_frames_without_text_given_the_text_key(tmp_path, capsys):
+    """--text-key, as data.text_key for training's check: a frame without narration is a missing_text
+    problem of its episode, in the same words for LeRobot and RLDS; without it the text is not read."""
+    from conftest import lerobot_with_a_null_narration
+
+    from robot_data.rlds_writer import write_rlds
+
+    source = lerobot_with_a_null_narration(tmp_path / "lr")
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    message = "(episode 0): narration: 1 null text cell(s), first at frame 1 (no language target there)"
+    for args in ([str(source.path)], [str(rlds), "--format", "rlds", "--fps", "10"]):
+        assert cli(["data", "check", *args]) == 0
+        capsys.readouterr()
+        assert cli(["data", "check", *args, "--text-key", "narration"]) == 1
+        err = capsys.readouterr().err
+        assert "[missing_text] " in err and message in err and "1 problem(s) in 1 episode(s) [0]" in err, err
+
+
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
     ds, rm = _synth(tmp_path), _robomimic(tmp_path)
     aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")
