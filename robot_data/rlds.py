@@ -53,7 +53,7 @@ INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
 NUMBERS_FORMAT = 3  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
-# (3: features declared with a -1 dim read, where 2 saved their episodes as unreadable)
+# (3: features declared with a -1 dim read, where 2 saved their episodes as unreadable; flat, with widths)
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
@@ -148,8 +148,10 @@ class RLDSReader(Reader):
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
     def _save_numbers(self, base: Path) -> None:
-        """Lengths, instructions, text and problems as JSON, state and action as one npz (written first:
-        the JSON's presence marks a whole entry), each under a temporary name and renamed."""
+        """Lengths, widths, instructions, text and problems as JSON, state and action flattened into one
+        npz (written first: the JSON's presence marks a whole entry), each under a temporary name and
+        renamed. Flat, with each episode's widths: a feature declared with a -1 dim may differ in width
+        from episode to episode (the check names such episodes; the saved numbers must keep them)."""
         episodes = [
             {
                 "length": e.length,
@@ -157,13 +159,14 @@ class RLDSReader(Reader):
                 "unreadable": self.unreadable.get(e.index),
                 "text": None if e.index in self.unreadable else self._numeric[e.index].text,
                 "tasks": None if e.index in self.unreadable else self._numeric[e.index].tasks,
+                "widths": None if e.index in self.unreadable else _widths(self._numeric[e.index]),
             }
             for e in self._episodes
         ]
         sound = [self._numeric[e.index] for e in self._episodes if e.index not in self.unreadable]
         arrays = {
-            "state": np.concatenate([a.state for a in sound]) if sound else np.zeros((0, 0), np.float32),
-            "action": np.concatenate([a.action for a in sound]) if sound else np.zeros((0, 0), np.float32),
+            key: np.concatenate([getattr(a, key).reshape(-1) for a in sound] or [np.zeros(0, np.float32)])
+            for key in ("state", "action")
         }
         base.parent.mkdir(parents=True, exist_ok=True)
         for suffix, write in (
@@ -181,19 +184,19 @@ class RLDSReader(Reader):
             return None
         episodes = json.loads(base.with_suffix(".json").read_text())
         with np.load(base.with_suffix(".npz")) as arrays:
-            state, action = arrays["state"], arrays["action"]
-        out, row = [], 0
+            flat = {"state": arrays["state"], "action": arrays["action"]}
+        out, at = [], {"state": 0, "action": 0}
         for i, e in enumerate(episodes):
             out.append(Episode(i, e["length"], e["task"]))
             if e["unreadable"] is not None:
                 self.unreadable[i] = e["unreadable"]
                 continue
-            n = e["length"]
+            n, rows = e["length"], {}
+            for key, width in zip(("state", "action"), e["widths"], strict=True):
+                rows[key] = flat[key][at[key] : at[key] + n * width].reshape(n, width)
+                at[key] += n * width
             timestamp = np.arange(n, dtype=np.float64) / self.fps
-            self._numeric[i] = EpisodeArrays(
-                state[row : row + n], action[row : row + n], timestamp, e["text"], e["tasks"]
-            )
-            row += n
+            self._numeric[i] = EpisodeArrays(rows["state"], rows["action"], timestamp, e["text"], e["tasks"])
         return out
 
     def _feature(self, key: str, role: str, steps: dict[str, dict[str, Any]]) -> str:
@@ -392,6 +395,11 @@ class RLDSReader(Reader):
             raise DatasetFormatError(f"{where}: {key} does not hold {length} frames of shape {list(shape)}")
         frames = values.reshape(length, *(per_step // max(fixed, 1) if d < 0 else d for d in shape))
         return np.ascontiguousarray(frames[list(frame_indices)], np.uint8)
+
+
+def _widths(arrays: EpisodeArrays) -> list[int]:
+    """(state, action) widths of an episode's numbers."""
+    return [arrays.state.shape[1], arrays.action.shape[1]]
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:

@@ -345,6 +345,33 @@ def test_a_numeric_feature_declared_with_an_open_dim_is_read(synthetic_rlds, tmp
     assert check_dataset(opened, "rlds", fps=10) == []
 
 
+def test_an_open_dim_of_another_width_in_one_episode_is_kept_and_named(tmp_path):
+    """State declared (-1,), episode 1 one dim wider: read from the records, and from the numbers a
+    frame cache keeps (the second open), every episode has the source's numbers (saving them was
+    numpy's concatenate error), and the check names episode 1 as the one of another width."""
+
+    class Wider(SyntheticReader):
+        def numeric(self, episode_index):
+            arrays = super().numeric(episode_index)
+            if episode_index == 1:
+                arrays.state = np.concatenate([arrays.state, arrays.state[:, :1] + 1], axis=1)
+            return arrays
+
+    source = Wider(episodes=3, episode_length=5, image_size=16)
+    path = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    tree = json.loads((path / "features.json").read_text())
+    _observation(tree)["state"]["tensor"]["shape"]["dimensions"] = ["-1"]
+    (path / "features.json").write_text(json.dumps(tree))
+    for _ in range(2):  # the first open saves the numbers, the second reads them back
+        reader = RLDSReader(path, fps=10, frame_cache=tmp_path / "cache")
+        for e in source.episodes():
+            np.testing.assert_array_equal(reader.numeric(e.index).state, source.numeric(e.index).state)
+            np.testing.assert_array_equal(reader.numeric(e.index).action, source.numeric(e.index).action)
+    problems = check_dataset(path, "rlds", fps=10)
+    assert [(p.kind, p.episode) for p in problems] == [("bad_feature", 1)]
+    assert "state has 4 dims, the first sound episode 3" in problems[0].message
+
+
 def test_a_raw_camera_declared_with_an_open_dim(tmp_path):
     """A raw uint8 camera tensor declared (-1, 2, 3) reads as declared (2, 2, 3); declared (-1, -1, 3)
     its frames cannot be shaped: an error naming the record and the feature, not a numpy error."""
