@@ -147,8 +147,9 @@ def check_hdf5(
     cameras: Sequence[str] = (),
     **_: Any,
 ) -> list[Problem]:
-    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images
-    (of ``cameras``, or every camera when empty)."""
+    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, text on every frame
+    (with ``text_key``), decodable images (of ``cameras``, or every camera when empty). A file without
+    the HDF5 signature raises :class:`DatasetFormatError`: it is no dataset of the format."""
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
@@ -175,7 +176,8 @@ def check_rlds(
     path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, cameras: Sequence[str] = (), **kwargs: Any
 ) -> list[Problem]:
     """RLDS: every episode's record passes its checksum and parses with its features' declared sizes,
-    dims as the first sound episode's, finite numbers, decodable frames. ``kwargs``: the reader's
+    dims as the first sound episode's, finite numbers, text on every frame (with ``text_key``),
+    decodable frames. ``kwargs``: the reader's
     (state_key, fps, ...). ``opened``: the reader training already opened on ``path`` (opening reads
     every record once)."""
     if opened is not None:

@@ -15,6 +15,8 @@ too, so the default ``observation.state`` and ``action`` fit LIBERO and most Ope
 RGB image features (``observation/image``, ``observation/wrist_image``; not 1-channel depth or masks).
 A TFDS Text feature has a string for every step, so an empty ``data.text_key`` string is a frame
 without text (None: no language target there, as a null LeRobot cell), never a target of end-of-text.
+A dim declared -1 (TFDS: any size) is read from the data: a numeric feature's width is its values
+per step, the step count coming from a feature of fixed size when the action itself is open.
 The instruction is ``language_instruction``, else ``observation/natural_language_instruction``
 (RT-1). Episodes are numbered across the splits in ``dataset_info.json``'s order, and each split
 is an episode filter (``data.val_filter: val``). RLDS records no control rate: ``fps`` must be
