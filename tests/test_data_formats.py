@@ -420,9 +420,6 @@ def test_an_empty_robomimic_demo_reads_as_no_frames(tmp_path):
     """A demo with no steps (a recording stopped at once) reads as (0, D) arrays of the dims its
     datasets declare: it adds nothing to the statistics, and the check passes (both ended in numpy's
     'cannot reshape array of size 0' before)."""
-    from robot_data.check import check_dataset
-    from robot_data.normalize import compute_stats
-
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "demo.hdf5", "w") as f:
         for i, n in ((0, 5), (1, 0)):
@@ -448,6 +445,20 @@ def _png(image: np.ndarray) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def test_an_aloha_depth_map_is_not_a_camera(tmp_path):
+    """ALOHA files with a depth map beside the RGB camera (observations/images/<cam>_depth, (T, H, W)
+    uint16): the cameras are those of the same files without it (as robomimic's and RLDS's readers
+    leave 1-channel images out), and the check passes (it refused every episode: 'bad_feature')."""
+    plain = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "plain")
+    shutil.copytree(plain, tmp_path / "depth")
+    for file in (tmp_path / "depth").glob("*.hdf5"):
+        with h5py.File(file, "r+") as f:
+            f["observations/images/top_depth"] = np.ones((4, 16, 16), np.uint16)
+    reader = build_reader("hdf5", path=str(tmp_path / "depth"), layout="aloha")
+    assert reader.cameras == build_reader("hdf5", path=str(plain), layout="aloha").cameras
+    assert check_dataset(tmp_path / "depth", "hdf5", layout="aloha") == []
 
 
 def test_aloha_compressed_frames_read_as_the_array_recorded(tmp_path):
