@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
-from robot_data.reader import EpisodeArrays, Reader, UnknownFeatureError
+from robot_data.reader import DatasetFormatError, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
 from robot_data.rlds import RLDSReader, version_dir
 
@@ -88,6 +89,17 @@ def non_finite(values: np.ndarray, name: str, file: str, episode: int) -> list[P
     return [Problem("non_finite", file, episode, msg)]
 
 
+def missing_text(text: Sequence[str | None] | None, text_key: str, where: str, episode: int) -> list[Problem]:
+    """A ``missing_text`` problem if frames of ``text`` (T per-frame strings, None: no text there, a null
+    LeRobot cell or an empty RLDS/HDF5 string) have none, naming the first: those frames get no
+    language target. The same words for every format."""
+    nulls = [i for i, t in enumerate(text or ()) if t is None]
+    if not nulls:
+        return []
+    msg = f"{text_key}: {len(nulls)} null text cell(s), first at frame {nulls[0]} (no language target there)"
+    return [Problem("missing_text", where, episode, msg)]
+
+
 def decode_checks(
     frames: Callable[[list[int]], np.ndarray],
     length: int,
@@ -135,8 +147,9 @@ def check_hdf5(
     cameras: Sequence[str] = (),
     **_: Any,
 ) -> list[Problem]:
-    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, decodable images
-    (of ``cameras``, or every camera when empty)."""
+    """robomimic / ALOHA: keys present, lengths and dims consistent, finite numbers, text on every frame
+    (with ``text_key``), decodable images (of ``cameras``, or every camera when empty). A file without
+    the HDF5 signature raises :class:`DatasetFormatError`: it is no dataset of the format."""
     if not Path(path).exists():
         return [Problem("missing_file", str(path), None, "dataset not found")]
     try:
@@ -144,6 +157,8 @@ def check_hdf5(
     except UnknownFeatureError:
         raise  # a key naming no dataset: the caller's typo, not the data's problem
     except (ValueError, OSError, KeyError) as err:
+        if isinstance(err, DatasetFormatError) and Path(path).is_file() and not h5py.is_hdf5(path):
+            raise  # no HDF5 signature: no HDF5 dataset at all (as LeRobot without meta/info.json), not a damaged one
         return [Problem("unreadable", str(path), None, str(err))]
     problems: list[Problem] = []
     dims: tuple[int, int] | None = None  # (state, action) dims of the first sound episode
@@ -161,7 +176,8 @@ def check_rlds(
     path: str | Path, decode: str = "ends", opened: RLDSReader | None = None, cameras: Sequence[str] = (), **kwargs: Any
 ) -> list[Problem]:
     """RLDS: every episode's record passes its checksum and parses with its features' declared sizes,
-    dims as the first sound episode's, finite numbers, decodable frames. ``kwargs``: the reader's
+    dims as the first sound episode's, finite numbers, text on every frame (with ``text_key``),
+    decodable frames. ``kwargs``: the reader's
     (state_key, fps, ...). ``opened``: the reader training already opened on ``path`` (opening reads
     every record once)."""
     if opened is not None:
@@ -199,6 +215,8 @@ def _rlds_problems(reader: RLDSReader, decode: str, cameras: Sequence[str]) -> l
                 msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
                 problems.append(Problem("bad_feature", where, ep.index, msg))
             problems += non_finite(values, name, where, ep.index)
+        if reader.text_key:
+            problems += missing_text(arrays.text, reader.text_key.removeprefix("steps/"), where, ep.index)
         for camera in checked_cameras(reader.cameras, cameras):
             frames = lambda idx, cam=camera, e=ep.index: reader.frames(e, cam, idx)  # noqa: E731
             shape = reader.camera_shapes[camera]
@@ -239,6 +257,8 @@ def _hdf5_contents(
             msg = f"{name} has {values.shape[1]} dims, the first sound episode {dim}"
             problems.append(Problem("bad_feature", where, episode, msg))
         problems += non_finite(values, name, where, episode)
+    if reader.text_key:
+        problems += missing_text(arrays.text, reader.text_key, where, episode)
     for camera in checked_cameras(reader.cameras, cameras):
         key = reader.camera_keys[camera]
         data = group.get(key)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from robot_data.check import Problem, checked_cameras, decode_checks, non_finite
+from robot_data.check import Problem, checked_cameras, decode_checks, missing_text, non_finite
 from robot_data.lerobot import (
     INDEX_COLUMNS,
     LeRobotReader,
@@ -142,11 +142,8 @@ def _check_data_file(
 
 def _null_text(column: pa.ChunkedArray, rows: np.ndarray, text_key: str, where: str, episode: int) -> list[Problem]:
     """Null cells of the text column: the reader gives those frames no language target."""
-    nulls = np.flatnonzero(column.take(pa.array(rows, pa.int64())).is_null().to_numpy(zero_copy_only=False))
-    if not len(nulls):
-        return []
-    msg = f"{text_key}: {len(nulls)} null text cell(s), first at frame {int(nulls[0])} (no language target there)"
-    return [Problem("missing_text", where, episode, msg)]
+    nulls = column.take(pa.array(rows, pa.int64())).is_null().to_numpy(zero_copy_only=False)
+    return missing_text([None if null else "" for null in nulls], text_key, where, episode)
 
 
 def _episode_problems(

@@ -9,7 +9,8 @@ robomimic (one file)::                      ALOHA (one file per episode, in a di
                                                         or (T, L) JPEG bytes padded (attrs compress)
 
 Keys name datasets relative to the episode group (robomimic: demo_<i>; ALOHA: the file root);
-a bare name is looked up under ``obs/`` / ``observations/`` first. Several state keys may be
+a bare name is looked up under ``obs/`` / ``observations/`` first. Cameras are the RGB datasets
+(robomimic: obs/<key> of (T, H, W, 3); ALOHA: those or encoded rows), never depth maps. Several state keys may be
 joined with commas and are concatenated. The recipe defaults ``observation.state`` and
 ``action`` map to each layout's usual keys (``LAYOUTS``). The episode index is the number in the
 demo group / file name. Instructions come from an attribute ``task`` or ``language_instruction``
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -214,7 +216,7 @@ class HDF5Reader(Reader):
         rows = {k: len(a) for k, a in zip(keys, arrays, strict=True)}
         if len(set(rows.values())) > 1:
             raise ValueError(f"{self.location(episode_index)}: datasets of different lengths {rows}")
-        return [a.reshape(len(a), -1) for a in arrays]
+        return [a.reshape(len(a), math.prod(a.shape[1:])) for a in arrays]  # not -1: an empty demo is (0, D)
 
     def _index(self) -> tuple[dict[int, _Source], dict[int, str]]:
         """Episode index -> where it lives, and its instruction."""
@@ -289,9 +291,9 @@ class HDF5Reader(Reader):
 
     def _find_cameras(self, group: h5py.Group) -> dict[str, str]:
         """Camera name -> dataset path inside an episode group."""
-        if self.layout == "aloha":
+        if self.layout == "aloha":  # RGB frames (T, H, W, 3) or encoded ones (T, L); not depth maps (T, H, W)
             images = group.get("observations/images", {})
-            return {name: f"observations/images/{name}" for name in images}
+            return {name: f"observations/images/{name}" for name in images if _is_frames(images[name])}
         obs = group.get("obs", {})
         return {k: f"obs/{k}" for k in obs if obs[k].ndim == 4 and obs[k].shape[-1] == 3}
 
@@ -353,6 +355,11 @@ class HDF5Reader(Reader):
         if data.ndim == 2:  # ALOHA compressed: padded encoded images, one per row
             rows = np.stack([_decode(r, f"{data.file.filename} {data.name}") for r in rows])
         return np.ascontiguousarray(rows[inverse], np.uint8)
+
+
+def _is_frames(item: h5py.Dataset | h5py.Group) -> bool:
+    """An ALOHA camera dataset: RGB frames (T, H, W, 3) or encoded ones, padded per row (T, L)."""
+    return isinstance(item, h5py.Dataset) and (item.ndim == 2 or item.ndim == 4 and item.shape[-1] == 3)
 
 
 def _decode(buffer: np.ndarray, where: str) -> np.ndarray:

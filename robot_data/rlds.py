@@ -15,6 +15,8 @@ too, so the default ``observation.state`` and ``action`` fit LIBERO and most Ope
 RGB image features (``observation/image``, ``observation/wrist_image``; not 1-channel depth or masks).
 A TFDS Text feature has a string for every step, so an empty ``data.text_key`` string is a frame
 without text (None: no language target there, as a null LeRobot cell), never a target of end-of-text.
+A dim declared -1 (TFDS: any size) is read from the data: a numeric feature's width is its values
+per step, the step count coming from a feature of fixed size when the action itself is open.
 The instruction is ``language_instruction``, else ``observation/natural_language_instruction``
 (RT-1). Episodes are numbered across the splits in ``dataset_info.json``'s order, and each split
 is an episode filter (``data.val_filter: val``). RLDS records no control rate: ``fps`` must be
@@ -52,7 +54,8 @@ INSTRUCTION = "language_instruction"
 INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
 STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
-NUMBERS_FORMAT = 2  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+NUMBERS_FORMAT = 3  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
+# (3: features declared with a -1 dim read, where 2 saved their episodes as unreadable; flat, with widths)
 
 
 def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
@@ -147,8 +150,10 @@ class RLDSReader(Reader):
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
     def _save_numbers(self, base: Path) -> None:
-        """Lengths, instructions, text and problems as JSON, state and action as one npz (written first:
-        the JSON's presence marks a whole entry), each under a temporary name and renamed."""
+        """Lengths, widths, instructions, text and problems as JSON, state and action flattened into one
+        npz (written first: the JSON's presence marks a whole entry), each under a temporary name and
+        renamed. Flat, with each episode's widths: a feature declared with a -1 dim may differ in width
+        from episode to episode (the check names such episodes; the saved numbers must keep them)."""
         episodes = [
             {
                 "length": e.length,
@@ -156,13 +161,14 @@ class RLDSReader(Reader):
                 "unreadable": self.unreadable.get(e.index),
                 "text": None if e.index in self.unreadable else self._numeric[e.index].text,
                 "tasks": None if e.index in self.unreadable else self._numeric[e.index].tasks,
+                "widths": None if e.index in self.unreadable else _widths(self._numeric[e.index]),
             }
             for e in self._episodes
         ]
         sound = [self._numeric[e.index] for e in self._episodes if e.index not in self.unreadable]
         arrays = {
-            "state": np.concatenate([a.state for a in sound]) if sound else np.zeros((0, 0), np.float32),
-            "action": np.concatenate([a.action for a in sound]) if sound else np.zeros((0, 0), np.float32),
+            key: np.concatenate([getattr(a, key).reshape(-1) for a in sound] or [np.zeros(0, np.float32)])
+            for key in ("state", "action")
         }
         base.parent.mkdir(parents=True, exist_ok=True)
         for suffix, write in (
@@ -180,19 +186,19 @@ class RLDSReader(Reader):
             return None
         episodes = json.loads(base.with_suffix(".json").read_text())
         with np.load(base.with_suffix(".npz")) as arrays:
-            state, action = arrays["state"], arrays["action"]
-        out, row = [], 0
+            flat = {"state": arrays["state"], "action": arrays["action"]}
+        out, at = [], {"state": 0, "action": 0}
         for i, e in enumerate(episodes):
             out.append(Episode(i, e["length"], e["task"]))
             if e["unreadable"] is not None:
                 self.unreadable[i] = e["unreadable"]
                 continue
-            n = e["length"]
+            n, rows = e["length"], {}
+            for key, width in zip(("state", "action"), e["widths"], strict=True):
+                rows[key] = flat[key][at[key] : at[key] + n * width].reshape(n, width)
+                at[key] += n * width
             timestamp = np.arange(n, dtype=np.float64) / self.fps
-            self._numeric[i] = EpisodeArrays(
-                state[row : row + n], action[row : row + n], timestamp, e["text"], e["tasks"]
-            )
-            row += n
+            self._numeric[i] = EpisodeArrays(rows["state"], rows["action"], timestamp, e["text"], e["tasks"])
         return out
 
     def _feature(self, key: str, role: str, steps: dict[str, dict[str, Any]]) -> str:
@@ -260,18 +266,54 @@ class RLDSReader(Reader):
         return self._parsed[episode_index]
 
     def _rows(self, example: dict[str, Any], key: str, episode_index: int, length: int | None) -> np.ndarray:
-        """A numeric per-step feature as (T, D) float32, its size checked against its declared shape."""
+        """A numeric per-step feature as (T, D) float32, its size checked against its declared shape.
+
+        A dim declared -1 (TFDS: any size) is read from the data: D is the values per step, which the
+        step count (``length``, else :meth:`_step_count`) gives, and a multiple of the fixed dims."""
         if key not in example:
             raise DatasetFormatError(f"{self.location(episode_index)}: no {key}")
         flat = example[key]
         if isinstance(flat, list):
             raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not numeric")
-        width = math.prod(_shape(self._steps[key.removeprefix(STEPS)]))
+        shape = _shape(self._steps[key.removeprefix(STEPS)])
+        if any(d < 0 for d in shape):
+            return self._open_rows(flat, key, shape, episode_index, length)
+        width = math.prod(shape)
         steps = len(flat) // max(width, 1)
         if steps * width != len(flat) or (length is not None and steps != length):
             want = f"{length} steps x {width}" if length is not None else f"a multiple of {width}"
             raise DatasetFormatError(f"{self.location(episode_index)}: {key} holds {len(flat)} values, not {want}")
         return flat.reshape(steps, width).astype(np.float32)
+
+    def _open_rows(
+        self, flat: np.ndarray, key: str, shape: tuple[int, ...], episode_index: int, length: int | None
+    ) -> np.ndarray:
+        """``flat`` of a feature declared with a -1 dim as (T, D): D = values / T, a multiple of the fixed dims."""
+        steps = self._step_count(episode_index) if length is None else length
+        fixed = math.prod(d for d in shape if d >= 0)
+        width = len(flat) // steps if steps else fixed
+        if steps * width != len(flat) or (fixed and width % fixed):
+            raise DatasetFormatError(
+                f"{self.location(episode_index)}: {key} holds {len(flat)} values, not {steps} steps of the "
+                f"declared shape {list(shape)}"
+            )
+        return flat.reshape(steps, width).astype(np.float32)
+
+    def _step_count(self, episode_index: int) -> int:
+        """Steps of an episode whose action size is open (-1): the size of the first per-step feature
+        whose size per step is known (a Text or encoded Image: one value; a tensor declared without -1)."""
+        example, where = self._example(episode_index), self.location(episode_index)
+        for name, leaf in self._steps.items():
+            values, shape = example.get(STEPS + name), _shape(leaf)
+            if values is None or any(d < 0 for d in shape):
+                continue
+            per_step = 1 if isinstance(values, list) and ("image" in leaf or "text" in leaf) else math.prod(shape)
+            if per_step and len(values) % per_step == 0:
+                return len(values) // per_step
+        raise DatasetFormatError(
+            f"{where}: {self.action_key} is declared with an open (-1) dim and no feature of fixed size gives "
+            "the episode's step count"
+        )
 
     def _strings(self, example: dict[str, Any], key: str, episode_index: int, length: int) -> list[str]:
         values = example.get(key)
@@ -330,14 +372,36 @@ class RLDSReader(Reader):
     def _decode(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
         key, where = self.camera_keys[camera], self.location(episode_index)
         leaf, values = self._steps[camera], self._example(episode_index).get(self.camera_keys[camera])
-        length = self._episodes[episode_index].length
-        if values is None or len(values) != (length if "image" in leaf else length * math.prod(_shape(leaf))):
+        length, shape = self._episodes[episode_index].length, _shape(leaf)
+        if "image" not in leaf:  # a raw uint8 tensor per step: (T, H, W, 3)
+            return self._raw_frames(values, key, shape, episode_index, frame_indices)
+        if values is None or len(values) != length:
             raise DatasetFormatError(f"{where}: {key} does not hold {length} frames")
-        if "image" not in leaf:  # a raw uint8 tensor per step
-            return np.ascontiguousarray(values.reshape(length, *_shape(leaf))[list(frame_indices)], np.uint8)
         rows = [_decode_image(values[i], f"{where}: {key} frame {i}") for i in frame_indices]
-        shape = _shape(leaf)
-        return np.stack(rows) if rows else np.zeros((0, *shape), np.uint8)
+        return np.stack(rows) if rows else np.zeros((0, *(max(d, 0) for d in shape)), np.uint8)
+
+    def _raw_frames(
+        self, values: Any, key: str, shape: tuple[int, ...], episode_index: int, frame_indices: Sequence[int]
+    ) -> np.ndarray:
+        """Frames of a raw tensor camera (values: T x H x W x 3 integers). One dim declared -1 is read
+        from the data; two leave the frame's height and width unknowable."""
+        where, length = self.location(episode_index), self._episodes[episode_index].length
+        if sum(d < 0 for d in shape) > 1:
+            raise DatasetFormatError(
+                f"{where}: {key} is a raw tensor declared {list(shape)}: with more than one open (-1) dim its "
+                "frames cannot be shaped (declare the height and width in features.json)"
+            )
+        fixed = math.prod(d for d in shape if d >= 0)
+        per_step = len(values) // length if values is not None and length else fixed
+        if values is None or len(values) != length * per_step or (fixed and per_step % fixed):
+            raise DatasetFormatError(f"{where}: {key} does not hold {length} frames of shape {list(shape)}")
+        frames = values.reshape(length, *(per_step // max(fixed, 1) if d < 0 else d for d in shape))
+        return np.ascontiguousarray(frames[list(frame_indices)], np.uint8)
+
+
+def _widths(arrays: EpisodeArrays) -> list[int]:
+    """(state, action) widths of an episode's numbers."""
+    return [arrays.state.shape[1], arrays.action.shape[1]]
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:

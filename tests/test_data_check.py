@@ -481,6 +481,29 @@ def test_camera_shape_declared_channel_first(images):
         assert expected_hwc({"shape": shape, "names": names}) == hwc, (shape, names)
 
 
+def test_a_frame_without_text_is_reported_by_every_format_as_lerobot_reports_it(tmp_path):
+    """The LeRobot check reports a null narration cell as missing_text; the same dataset written as
+    RLDS and as HDF5 (where the frame's text is an empty string) is reported by their checks with
+    the same kind, episode and words (those checks were silent, and training gave the frame no target)."""
+    from conftest import lerobot_with_a_null_narration
+
+    from robot_data.rlds_writer import write_rlds
+
+    source = lerobot_with_a_null_narration(tmp_path / "lr")
+    expected = check_dataset(source.path, "lerobot", text_key="narration")
+    assert [(p.kind, p.episode) for p in expected] == [("missing_text", 0)]
+    written = {
+        "rlds": (write_rlds(source, tmp_path / "rlds" / "1.0.0"), {"fps": 10}),
+        "robomimic": (write_robomimic(source, tmp_path / "rm.hdf5"), {"state_key": "state", "action_key": "actions"}),
+        "aloha": (write_aloha(source, tmp_path / "aloha"), {"layout": "aloha"}),
+    }
+    for name, (path, kwargs) in written.items():
+        fmt = "rlds" if name == "rlds" else "hdf5"
+        problems = check_dataset(path, fmt, text_key="narration", **kwargs)
+        got = [(p.kind, p.episode, p.message.removeprefix("obs/")) for p in problems]
+        assert got == [(p.kind, p.episode, p.message) for p in expected], name
+
+
 def test_a_null_text_cell_is_a_frame_without_narration(images):
     """A null text cell is a frame without narration (None, not the string 'None'): the check
     names the episode and frame, and the dataset gives that frame an empty language target."""

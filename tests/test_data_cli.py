@@ -193,6 +193,41 @@ def test_check_of_a_directory_of_another_format_is_one_line_naming_the_missing_f
         assert len(err.strip().splitlines()) == 1
 
 
+def test_check_of_a_file_that_is_not_hdf5_is_one_line_naming_it(tmp_path, capsys):
+    """A text file checked with --format hdf5 (either layout) is no HDF5 dataset: one line naming the
+    file, exit 2, as the other formats say so (was an 'unreadable' problem, exit 1). A damaged HDF5
+    file (its signature there, its body cut short) is still a problem of the dataset: exit 1."""
+    notes = tmp_path / "notes.hdf5"
+    notes.write_text("not a dataset")
+    for layout in ("robomimic", "aloha"):
+        assert cli(["data", "check", str(notes), "--format", "hdf5", "--layout", layout]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vla-ft data check: error: {notes}: not a hdf5 dataset ("), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    cut = tmp_path / "cut.hdf5"
+    cut.write_bytes(_robomimic(tmp_path).read_bytes()[:2048])
+    assert cli(["data", "check", str(cut), "--format", "hdf5"]) == 1
+    assert "[unreadable]" in capsys.readouterr().err
+
+
+def test_check_reports_frames_without_text_given_the_text_key(tmp_path, capsys):
+    """--text-key, as data.text_key for training's check: a frame without narration is a missing_text
+    problem of its episode, in the same words for LeRobot and RLDS; without it the text is not read."""
+    from conftest import lerobot_with_a_null_narration
+
+    from robot_data.rlds_writer import write_rlds
+
+    source = lerobot_with_a_null_narration(tmp_path / "lr")
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    message = "(episode 0): narration: 1 null text cell(s), first at frame 1 (no language target there)"
+    for args in ([str(source.path)], [str(rlds), "--format", "rlds", "--fps", "10"]):
+        assert cli(["data", "check", *args]) == 0
+        capsys.readouterr()
+        assert cli(["data", "check", *args, "--text-key", "narration"]) == 1
+        err = capsys.readouterr().err
+        assert "[missing_text] " in err and message in err and "1 problem(s) in 1 episode(s) [0]" in err, err
+
+
 def test_check_with_a_mistyped_key_is_one_line_with_the_features(tmp_path, capsys):
     ds, rm = _synth(tmp_path), _robomimic(tmp_path)
     aloha = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "aloha")

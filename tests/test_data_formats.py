@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -351,7 +352,8 @@ def test_reader_errors(datasets, tmp_path):
 
 def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
     """A path that is no dataset of the layout: DatasetFormatError naming it and what the layout
-    expects (the trainer's one line), an 'unreadable' problem for the checks."""
+    expects (the trainer's one line), an 'unreadable' problem for the checks, except a file that is
+    no HDF5 file at all, which the checks raise too."""
     with h5py.File(tmp_path / "no_data.hdf5", "w") as f:
         f["actions"] = np.zeros((4, 7), np.float32)
     with h5py.File(tmp_path / "no_demos.hdf5", "w") as f:
@@ -371,6 +373,10 @@ def test_hdf5_path_of_another_layout_is_a_format_error(datasets, tmp_path):
         message = str(caught.value)
         assert message.startswith(f"{path}: {why}") and f"; the {layout} layout expects " in message, message
         assert "\n" not in message and not isinstance(caught.value, UnknownFeatureError)
+        if path.name == "junk.hdf5":  # no HDF5 file at all: raised by the check too (as a LeRobot path without meta/)
+            with pytest.raises(DatasetFormatError, match=re.escape(message)):
+                check_dataset(path, "hdf5", layout=layout)
+            continue
         assert [(p.kind, p.file, p.message) for p in check_dataset(path, "hdf5", layout=layout)] == [
             ("unreadable", str(path), message)
         ]
@@ -410,6 +416,27 @@ def test_robomimic_hand_written(tmp_path):
         np.testing.assert_array_equal(reader.frames(2, "agentview_image", [5, 1]), images[::-1])
 
 
+def test_an_empty_robomimic_demo_reads_as_no_frames(tmp_path):
+    """A demo with no steps (a recording stopped at once) reads as (0, D) arrays of the dims its
+    datasets declare: it adds nothing to the statistics, and the check passes (both ended in numpy's
+    'cannot reshape array of size 0' before)."""
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "demo.hdf5", "w") as f:
+        for i, n in ((0, 5), (1, 0)):
+            demo = f.create_group(f"data/demo_{i}")
+            demo["actions"] = rng.normal(size=(n, 7)).astype(np.float32)
+            demo["obs/state"] = rng.normal(size=(n, 2, 3))
+            demo["obs/agentview_image"] = rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    reader = build_reader("hdf5", path=str(tmp_path / "demo.hdf5"), state_key="state")
+    empty = reader.numeric(1)
+    assert empty.state.shape == (0, 6) and empty.action.shape == (0, 7) and empty.timestamp.shape == (0,)
+    both, first = compute_stats(reader, [0, 1]), compute_stats(reader, [0])
+    for key in both:
+        for stat in both[key]:
+            np.testing.assert_array_equal(both[key][stat], first[key][stat], err_msg=f"{key}.{stat}")
+    assert check_dataset(tmp_path / "demo.hdf5", "hdf5", state_key="state") == []
+
+
 def _png(image: np.ndarray) -> np.ndarray:
     import io
 
@@ -418,6 +445,20 @@ def _png(image: np.ndarray) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def test_an_aloha_depth_map_is_not_a_camera(tmp_path):
+    """ALOHA files with a depth map beside the RGB camera (observations/images/<cam>_depth, (T, H, W)
+    uint16): the cameras are those of the same files without it (as robomimic's and RLDS's readers
+    leave 1-channel images out), and the check passes (it refused every episode: 'bad_feature')."""
+    plain = write_aloha(SyntheticReader(episodes=2, episode_length=4, image_size=16), tmp_path / "plain")
+    shutil.copytree(plain, tmp_path / "depth")
+    for file in (tmp_path / "depth").glob("*.hdf5"):
+        with h5py.File(file, "r+") as f:
+            f["observations/images/top_depth"] = np.ones((4, 16, 16), np.uint16)
+    reader = build_reader("hdf5", path=str(tmp_path / "depth"), layout="aloha")
+    assert reader.cameras == build_reader("hdf5", path=str(plain), layout="aloha").cameras
+    assert check_dataset(tmp_path / "depth", "hdf5", layout="aloha") == []
 
 
 def test_aloha_compressed_frames_read_as_the_array_recorded(tmp_path):

@@ -317,6 +317,82 @@ def test_a_dimension_declared_unknown_fits_any_size(synthetic_rlds, tmp_path):
     assert "frames are (32, 32, 3), the features say (-1, 31, 3)" in problems[0].message
 
 
+def _steps(tree):
+    """The per-step FeaturesDict's own features (observation, action, ...) in a features.json tree."""
+    return tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
+
+
+@pytest.mark.parametrize("open_dims", [["action"], ["action", "state"], ["state"]])
+def test_a_numeric_feature_declared_with_an_open_dim_is_read(synthetic_rlds, tmp_path, open_dims):
+    """TFDS writes a Tensor of varying size as shape (-1,): the rows are read from the data (the step
+    count from another feature when the action itself is open), the same numbers as with the size
+    declared, and the check passes."""
+    import shutil
+
+    opened = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, opened)
+    features = opened / "features.json"
+    tree = json.loads(features.read_text())
+    leaves = {"action": _steps(tree)["action"], "state": _observation(tree)["state"]}
+    for name in open_dims:
+        leaves[name]["tensor"]["shape"]["dimensions"] = ["-1"]
+    features.write_text(json.dumps(tree))
+    declared, reader = RLDSReader(synthetic_rlds, fps=10), RLDSReader(opened, fps=10)
+    assert reader.unreadable == {} and reader.episodes() == declared.episodes()
+    for e in declared.episodes():
+        np.testing.assert_array_equal(reader.numeric(e.index).state, declared.numeric(e.index).state)
+        np.testing.assert_array_equal(reader.numeric(e.index).action, declared.numeric(e.index).action)
+    assert check_dataset(opened, "rlds", fps=10) == []
+
+
+def test_an_open_dim_of_another_width_in_one_episode_is_kept_and_named(tmp_path):
+    """State declared (-1,), episode 1 one dim wider: read from the records, and from the numbers a
+    frame cache keeps (the second open), every episode has the source's numbers (saving them was
+    numpy's concatenate error), and the check names episode 1 as the one of another width."""
+
+    class Wider(SyntheticReader):
+        def numeric(self, episode_index):
+            arrays = super().numeric(episode_index)
+            if episode_index == 1:
+                arrays.state = np.concatenate([arrays.state, arrays.state[:, :1] + 1], axis=1)
+            return arrays
+
+    source = Wider(episodes=3, episode_length=5, image_size=16)
+    path = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    tree = json.loads((path / "features.json").read_text())
+    _observation(tree)["state"]["tensor"]["shape"]["dimensions"] = ["-1"]
+    (path / "features.json").write_text(json.dumps(tree))
+    for _ in range(2):  # the first open saves the numbers, the second reads them back
+        reader = RLDSReader(path, fps=10, frame_cache=tmp_path / "cache")
+        for e in source.episodes():
+            np.testing.assert_array_equal(reader.numeric(e.index).state, source.numeric(e.index).state)
+            np.testing.assert_array_equal(reader.numeric(e.index).action, source.numeric(e.index).action)
+    problems = check_dataset(path, "rlds", fps=10)
+    assert [(p.kind, p.episode) for p in problems] == [("bad_feature", 1)]
+    assert "state has 4 dims, the first sound episode 3" in problems[0].message
+
+
+def test_a_raw_camera_declared_with_an_open_dim(tmp_path):
+    """A raw uint8 camera tensor declared (-1, 2, 3) reads as declared (2, 2, 3); declared (-1, -1, 3)
+    its frames cannot be shaped: an error naming the record and the feature, not a numpy error."""
+    path = _hand_written(tmp_path)
+    features = next(path.glob("*/features.json"))
+    tree = json.loads(features.read_text())
+    raw = _observation(tree)["raw"]["tensor"]["shape"]
+    reference = RLDSReader(path, state_key="observation.joint_position", fps=15).frames(0, "observation/raw", [2, 0])
+    raw["dimensions"] = ["-1", "2", "3"]
+    features.write_text(json.dumps(tree))
+    reader = RLDSReader(path, state_key="observation.joint_position", fps=15)
+    np.testing.assert_array_equal(reader.frames(0, "observation/raw", [2, 0]), reference)
+    raw["dimensions"] = ["-1", "-1", "3"]
+    features.write_text(json.dumps(tree))
+    reader = RLDSReader(path, state_key="observation.joint_position", fps=15)
+    with pytest.raises(
+        DatasetFormatError, match=r"hand-train.tfrecord-00000-of-00001, record 0: steps/observation/raw"
+    ):
+        reader.frames(0, "observation/raw", [0])
+
+
 def test_frames_through_the_decoded_frame_cache(synthetic_rlds, tmp_path):
     cached = RLDSReader(synthetic_rlds, fps=10, frame_cache=tmp_path / "cache")
     direct = RLDSReader(synthetic_rlds, fps=10)
@@ -386,8 +462,7 @@ def test_a_malformed_dataset_info_names_the_file_and_key(synthetic_rlds, tmp_pat
 
 def _observation(tree):
     """The observation FeaturesDict's own features (state, top) in a features.json tree."""
-    steps = tree["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]
-    return steps["observation"]["featuresDict"]["features"]
+    return _steps(tree)["observation"]["featuresDict"]["features"]
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         kwargs["state_key"] = args.state_key
     if args.action_key:
         kwargs["action_key"] = args.action_key
+    if args.text_key:  # frames without text are then reported (missing_text), as training's check does
+        kwargs["text_key"] = args.text_key
     if not Path(args.path).exists():  # one line, exit 2: nothing to check (was "1 problem(s)", exit 1)
         raise FileNotFoundError(f"dataset not found: {args.path}")
     with _named_errors(args, args.path, kwargs):
@@ -207,6 +209,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--layout", choices=["robomimic", "aloha"], default="robomimic")
     check.add_argument("--state-key", default=None)
     check.add_argument("--action-key", default=None)
+    check.add_argument("--text-key", default=None, help="per-frame text (data.text_key): report frames without any")
     check.add_argument(
         "--decode",
         choices=["ends", "all", "none"],
