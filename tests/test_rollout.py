@@ -234,6 +234,24 @@ def test_envs_in_their_own_processes_roll_out_as_in_this_one():
         make_envs("no_such_module:make", {}, recipe, 12, 1, "rollout.env", processes=True)
 
 
+@pytest.mark.parametrize("processes", [False, True])
+def test_env_errors_say_where_the_env_came_from(processes):
+    """``--env`` is a command-line flag: its errors say "command line:", not "recipe:" (which sends the
+    user to a recipe that never named it); ``rollout.env`` stays the recipe's. In-process or not."""
+    from vla_ft.config import RecipeError
+    from vla_ft.rollout import make_envs
+
+    recipe = {"data": {"format": "lerobot"}}
+    for key, source in (("--env", "command line"), ("rollout.env", "recipe")):
+        for spec in ("no_such_module:make", "os:getcwd", "nocolon"):
+            with pytest.raises(RecipeError) as info:
+                make_envs(spec, {}, recipe, 12, 1, key, processes)
+            assert str(info.value).startswith(f"{source}: {key}: "), str(info.value)
+            assert info.value.source == source
+    with pytest.raises(RecipeError, match=r"^command line: --env: the checkpoint trained on data.format=lerobot"):
+        make_envs(None, {}, recipe, 12, 1, "--env", processes)
+
+
 def test_a_chunk_runner_step_takes_a_chunk_exactly_when_it_needs_one():
     runner = ChunkRunner(OraclePolicy([]), execute=2)
     with pytest.raises(ValueError, match="needs a chunk"):
