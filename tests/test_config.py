@@ -305,6 +305,34 @@ def test_a_loss_schedule_without_the_scheduled_strategy_is_refused():
     assert load_recipe(QUICKSTART, [ramp, "loss.strategy=scheduled"]).loss.schedule
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_a_loss_ramp_that_never_moves_within_the_run_is_refused(shape):
+    """A ramp from 0 whose start_step is past the run held its term at 0 throughout, yet validation
+    logged (and best_metric could pick) val/loss/<term> as for a trained term. Refused exactly when the
+    weight at every step 0 .. train.steps-1 (the reference: ramp_weight step by step) is ``start``."""
+    from vla_ft.config import ScheduledWeight
+    from vla_ft.loss_weighting import ramp_weight
+
+    steps = 5
+    for start_step, end_step in ((3, 9), (4, 9), (5, 9), (4, 4), (5, 5), (12, 20), (0, 3)):
+        ramp = f"loss.schedule.gripper={{start_step: {start_step}, end_step: {end_step}, start: 0.0, shape: {shape}}}"
+        overrides = ["loss.strategy=scheduled", ramp, f"train.steps={steps}", "train.val_every=1"]
+        spec = ScheduledWeight(start_step=start_step, end_step=end_step, start=0.0, end=1.0, shape=shape)
+        moves = any(ramp_weight(spec, s) != spec.start for s in range(steps))
+        if moves:
+            assert load_recipe(QUICKSTART, overrides).loss.schedule["gripper"].start_step == start_step
+            continue
+        with pytest.raises(RecipeError) as err:
+            load_recipe(QUICKSTART, overrides)
+        assert f"loss.schedule.gripper.start_step: the ramp starts at step {start_step} but train.steps is 5" in str(
+            err.value
+        )
+        # more steps (a resume that trains on) take the same ramp
+        assert load_recipe(QUICKSTART, [*overrides, f"train.steps={end_step + 1}"]).train.steps == end_step + 1
+    # a constant ramp past the run is a constant weight, not a ramp that never starts
+    load_recipe(QUICKSTART, ["loss.strategy=scheduled", "loss.schedule.gripper={start_step: 50, start: 1, end: 1}"])
+
+
 def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
     """A negative group LR trains by gradient ascent; inf or NaN anywhere trains nothing meaningful."""
     bad = {

@@ -77,10 +77,11 @@ def validate(r: Recipe) -> list[str]:
             )
     if not 0 < r.distributed.timeout_min < float("inf"):
         p.append(f"distributed.timeout_min: must be finite and > 0, got {r.distributed.timeout_min}")
-    from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
+    from vla_ft.loss_weighting import check_weights, ramp_step_problems  # the loss's own rules
     from vla_ft.losses import check_loss_config
 
     p += check_weights(r.loss) + check_loss_config(r.loss, r.data.chunk, r.model.gripper_head)
+    p += ramp_step_problems(r.loss, r.train.steps)
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     normalised = sorted(set(r.loss.gripper.dims) - set(r.data.raw_dims or [])) if r.data.raw_dims is not None else []
