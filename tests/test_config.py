@@ -61,6 +61,25 @@ def test_all_errors_reported_at_once_with_suggestions():
     assert len(problems) == 5
 
 
+def test_an_unknown_key_with_nothing_close_lists_the_keys_of_its_section():
+    """'wd' is nowhere near 'weight_decay': with no suggestion the error named the key and nothing
+    to type instead. The listed keys are the section's dataclass fields (the reference here)."""
+    import dataclasses
+
+    from vla_ft.config.schema import GroupConfig, Recipe
+
+    for raw, key, cls in (
+        ({"optim": {"groups": {"action_head": {"wd": 0.0}}}}, "optim.groups.action_head.wd", GroupConfig),
+        ({"zzz": 1}, "zzz", Recipe),
+    ):
+        with pytest.raises(RecipeError) as info:
+            recipe_from_dict(raw)
+        (problem,) = info.value.problems
+        assert problem.startswith(f"unknown key '{key}'; the keys of ")
+        listed = problem.rsplit(": ", 1)[1].split(", ")
+        assert listed == [f.name for f in dataclasses.fields(cls)]
+
+
 def test_semantic_errors_name_the_key():
     with pytest.raises(RecipeError) as info:
         recipe_from_dict({"unfreeze": {"vison_encoder": {"at_step": 3}}, "data": {"format": "lerobto"}})
