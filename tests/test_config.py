@@ -352,6 +352,43 @@ def test_a_loss_ramp_that_never_moves_within_the_run_is_refused(shape):
     load_recipe(QUICKSTART, ["loss.strategy=scheduled", "loss.schedule.gripper={start_step: 50, start: 1, end: 1}"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        # the only weighted term is language, which the run never computes without a language target
+        (["loss.weights.action=0", "loss.weights.gripper=0", "data.language_target=none"], "data.language_target=text"),
+        # the only weighted term is the gripper's, without a gripper head
+        (["loss.weights.action=0", "loss.weights.language=0", "model.gripper_head=false"], "model.gripper_head=true"),
+        # every ramp and static weight held at 0
+        (
+            ["loss.strategy=scheduled", "loss.schedule.action={start: 0, end: 0}"]
+            + ["loss.weights.gripper=0", "loss.weights.language=0"],
+            "loss.schedule.action.end=1",
+        ),
+    ],
+)
+def test_a_recipe_that_computes_no_loss_term_is_refused(overrides, fix):
+    """These trained nothing, silently: the loss was the constant 0 of no term at every step (or, for
+    a weighted gripper term without a head, 'every term has weight 0' once the model was built).
+    The reference: the loss module of the fixed recipe computes a term, the refused one none."""
+    from vla_ft.losses import CompositeLoss
+
+    with pytest.raises(RecipeError, match=r"loss.weights: no loss term is ever computed, so nothing would train"):
+        load_recipe(QUICKSTART, overrides)
+    fixed = load_recipe(QUICKSTART, [*overrides, fix])
+    loss = CompositeLoss(fixed.loss, 7, fixed.data.chunk, fixed.model.gripper_head).eval()
+    computable = {"language": fixed.data.language_target != "none", "action": True, "gripper": True}
+    assert any(loss.wants(t) and computable[t] for t in ("language", "action", "gripper"))
+
+
+def test_a_gripper_ramp_without_a_gripper_head_is_refused():
+    """The ramp was silently ignored: the loss has no gripper term to weigh."""
+    ramp = ["loss.strategy=scheduled", "loss.schedule.gripper={start_step: 0, end_step: 3}"]
+    with pytest.raises(RecipeError, match=r"loss.schedule.gripper: model.gripper_head is false: no gripper term"):
+        load_recipe(QUICKSTART, [*ramp, "model.gripper_head=false"])
+    assert load_recipe(QUICKSTART, ramp).loss.schedule["gripper"].end_step == 3
+
+
 def test_every_learning_rate_decay_and_float_is_checked_for_its_range():
     """A negative group LR trains by gradient ascent; inf or NaN anywhere trains nothing meaningful."""
     bad = {
