@@ -615,7 +615,7 @@ def test_ctrl_c_ends_a_rollout_in_env_processes_with_130_and_no_traceback(tmp_pa
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
 
 
-def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides):
+def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides, capsys):
     CLOSED.clear()
     user = ["rollout.episodes=2", "rollout.env=test_rollout:ClosingEnv", "rollout.max_steps=2", "train.steps=3"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *user, "logging.tensorboard=false"]) == 0
@@ -625,8 +625,16 @@ def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tin
     scenes = [make_scene(0, seed).blocks for seed in (0, 1)]
     assert all(np.array_equal(env.scene.blocks, blocks) for env, blocks in zip(CLOSED, scenes, strict=True))
     CLOSED.clear()  # `vla-ft rollout` closes its envs when one fails too
+    capsys.readouterr()
     assert cli(["rollout", str(tmp_path / "run"), "--env", "test_rollout:FailingEnv", "--episodes", "1"]) == 2
     assert len(CLOSED) == 1
+    assert "command line: --env: action: this env takes 7 values" in capsys.readouterr().err
+    # without --env the checkpoint's own rollout.env runs: its errors name that key, not the flag
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000003"
+    config = checkpoint / "config.yaml"
+    config.write_text(config.read_text().replace("test_rollout:ClosingEnv", "test_rollout:FailingEnv"))
+    assert cli(["rollout", str(checkpoint), "--episodes", "1"]) == 2
+    assert "recipe: rollout.env: action: this env takes 7 values" in capsys.readouterr().err
 
 
 def test_validation_rolls_out_in_env_processes_and_ends_them(tmp_path, tiny_overrides):
