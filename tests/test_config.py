@@ -61,6 +61,25 @@ def test_all_errors_reported_at_once_with_suggestions():
     assert len(problems) == 5
 
 
+def test_an_unknown_key_with_nothing_close_lists_the_keys_of_its_section():
+    """'wd' is nowhere near 'weight_decay': with no suggestion the error named the key and nothing
+    to type instead. The listed keys are the section's dataclass fields (the reference here)."""
+    import dataclasses
+
+    from vla_ft.config.schema import GroupConfig, Recipe
+
+    for raw, key, cls in (
+        ({"optim": {"groups": {"action_head": {"wd": 0.0}}}}, "optim.groups.action_head.wd", GroupConfig),
+        ({"zzz": 1}, "zzz", Recipe),
+    ):
+        with pytest.raises(RecipeError) as info:
+            recipe_from_dict(raw)
+        (problem,) = info.value.problems
+        assert problem.startswith(f"unknown key '{key}'; the keys of ")
+        listed = problem.rsplit(": ", 1)[1].split(", ")
+        assert listed == [f.name for f in dataclasses.fields(cls)]
+
+
 def test_semantic_errors_name_the_key():
     with pytest.raises(RecipeError) as info:
         recipe_from_dict({"unfreeze": {"vison_encoder": {"at_step": 3}}, "data": {"format": "lerobto"}})
@@ -303,6 +322,71 @@ def test_a_loss_schedule_without_the_scheduled_strategy_is_refused():
     assert "loss.schedule: ramps for gripper apply only with loss.strategy=scheduled" in str(err.value)
     assert "loss.strategy is 'dwa'" in str(err.value)
     assert load_recipe(QUICKSTART, [ramp, "loss.strategy=scheduled"]).loss.schedule
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_a_loss_ramp_that_never_moves_within_the_run_is_refused(shape):
+    """A ramp from 0 whose start_step is past the run held its term at 0 throughout, yet validation
+    logged (and best_metric could pick) val/loss/<term> as for a trained term. Refused exactly when the
+    weight at every step 0 .. train.steps-1 (the reference: ramp_weight step by step) is ``start``."""
+    from vla_ft.config import ScheduledWeight
+    from vla_ft.loss_weighting import ramp_weight
+
+    steps = 5
+    for start_step, end_step in ((3, 9), (4, 9), (5, 9), (4, 4), (5, 5), (12, 20), (0, 3)):
+        ramp = f"loss.schedule.gripper={{start_step: {start_step}, end_step: {end_step}, start: 0.0, shape: {shape}}}"
+        overrides = ["loss.strategy=scheduled", ramp, f"train.steps={steps}", "train.val_every=1"]
+        spec = ScheduledWeight(start_step=start_step, end_step=end_step, start=0.0, end=1.0, shape=shape)
+        moves = any(ramp_weight(spec, s) != spec.start for s in range(steps))
+        if moves:
+            assert load_recipe(QUICKSTART, overrides).loss.schedule["gripper"].start_step == start_step
+            continue
+        with pytest.raises(RecipeError) as err:
+            load_recipe(QUICKSTART, overrides)
+        assert f"loss.schedule.gripper.start_step: the ramp starts at step {start_step} but train.steps is 5" in str(
+            err.value
+        )
+        # more steps (a resume that trains on) take the same ramp
+        assert load_recipe(QUICKSTART, [*overrides, f"train.steps={end_step + 1}"]).train.steps == end_step + 1
+    # a constant ramp past the run is a constant weight, not a ramp that never starts
+    load_recipe(QUICKSTART, ["loss.strategy=scheduled", "loss.schedule.gripper={start_step: 50, start: 1, end: 1}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        # the only weighted term is language, which the run never computes without a language target
+        (["loss.weights.action=0", "loss.weights.gripper=0", "data.language_target=none"], "data.language_target=text"),
+        # the only weighted term is the gripper's, without a gripper head
+        (["loss.weights.action=0", "loss.weights.language=0", "model.gripper_head=false"], "model.gripper_head=true"),
+        # every ramp and static weight held at 0
+        (
+            ["loss.strategy=scheduled", "loss.schedule.action={start: 0, end: 0}"]
+            + ["loss.weights.gripper=0", "loss.weights.language=0"],
+            "loss.schedule.action.end=1",
+        ),
+    ],
+)
+def test_a_recipe_that_computes_no_loss_term_is_refused(overrides, fix):
+    """These trained nothing, silently: the loss was the constant 0 of no term at every step (or, for
+    a weighted gripper term without a head, 'every term has weight 0' once the model was built).
+    The reference: the loss module of the fixed recipe computes a term, the refused one none."""
+    from vla_ft.losses import CompositeLoss
+
+    with pytest.raises(RecipeError, match=r"loss.weights: no loss term is ever computed, so nothing would train"):
+        load_recipe(QUICKSTART, overrides)
+    fixed = load_recipe(QUICKSTART, [*overrides, fix])
+    loss = CompositeLoss(fixed.loss, 7, fixed.data.chunk, fixed.model.gripper_head).eval()
+    computable = {"language": fixed.data.language_target != "none", "action": True, "gripper": True}
+    assert any(loss.wants(t) and computable[t] for t in ("language", "action", "gripper"))
+
+
+def test_a_gripper_ramp_without_a_gripper_head_is_refused():
+    """The ramp was silently ignored: the loss has no gripper term to weigh."""
+    ramp = ["loss.strategy=scheduled", "loss.schedule.gripper={start_step: 0, end_step: 3}"]
+    with pytest.raises(RecipeError, match=r"loss.schedule.gripper: model.gripper_head is false: no gripper term"):
+        load_recipe(QUICKSTART, [*ramp, "model.gripper_head=false"])
+    assert load_recipe(QUICKSTART, ramp).loss.schedule["gripper"].end_step == 3
 
 
 def test_every_learning_rate_decay_and_float_is_checked_for_its_range():

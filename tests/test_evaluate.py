@@ -365,10 +365,13 @@ def test_episode_selection():
     assert select_episodes("val", [0, 2, 3], [1, 4]) == [1, 4]
     assert select_episodes("all", [0, 2, 3], [1, 4]) == [0, 1, 2, 3, 4]
     assert select_episodes("4,0", [0, 2, 3], [1, 4]) == [0, 4]
-    with pytest.raises(RecipeError, match="unknown episode"):
+    # --episodes comes from the command line: its errors say so (they said "recipe:")
+    with pytest.raises(RecipeError, match=r"^command line: --episodes: unknown episode"):
         select_episodes("9", [0], [1])
-    with pytest.raises(RecipeError, match="holds out no episodes"):
+    with pytest.raises(RecipeError, match=r"^command line: --episodes val: the recipe holds out no episodes"):
         select_episodes("val", [0, 1], [])
+    with pytest.raises(RecipeError, match=r"^command line: --episodes: expected val, all or comma-separated ids"):
+        select_episodes("x", [0, 1], [])
 
 
 def test_eval_of_the_best_checkpoint(checkpoint, tmp_path):

@@ -174,6 +174,45 @@ def test_gripper_matches_reference(closed_is_high: bool, pos_weight: float | Non
     assert parts["metric/gripper_transition_acc"].item() == pytest.approx(ref["tacc"])
 
 
+def test_a_nan_gripper_logit_is_scored_as_validation_scores_it() -> None:
+    """A NaN logit is neither open nor closed: training's metric/gripper_* leave it out, as
+    validation's ActionMetrics (the independent reference here, with a loop) does; ``NaN > 0`` read it
+    as "open", a right answer wherever the gripper was open. All NaN: every metric undefined."""
+    from robot_data.normalize import Normalizer
+    from vla_ft.metrics import ActionMetrics
+
+    nan = float("nan")
+    gcfg = GripperLossConfig(dims=[1], threshold=0.5)
+    loss = CompositeLoss(make_cfg(gripper=gcfg), 2, 4, True)
+    raw = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    batch = {"actions": torch.stack([torch.zeros(3, 4), raw], -1), "action_mask": torch.ones(3, 4, dtype=torch.bool)}
+    batch["action_mask"][1, 3] = False
+    stats = {"mean": [0.0, 0.5], "std": [1.0, 0.5], "min": [-1.0, 0.0], "max": [1.0, 1.0]}
+    norm = Normalizer({"state": stats, "action": stats}, "mean_std", raw_action_dims=[1])
+    for logits in (
+        torch.tensor([[2.0, nan, -1.0, nan], [-3.0, 1.0, nan, 4.0], [1.0, -1.0, nan, 2.0]])[..., None],
+        torch.full((3, 4, 1), nan),
+    ):
+        loss.train()
+        outputs = {"actions": torch.zeros(3, 4, 2, requires_grad=True), "gripper_logits": logits}
+        _, parts = loss(outputs, batch)
+        val = ActionMetrics(norm, 2, 4, [1], gcfg, gripper_head=True)
+        val.update(outputs, {**batch, "source": torch.zeros(3)})
+        want = val.compute("")
+        # the loop: valid steps with a non-NaN logit, as (predicted closed, truly closed)
+        pairs = [
+            (bool(logits[b, c, 0] > 0), bool(raw[b, c] > 0.5))
+            for b in range(3)
+            for c in range(4)
+            if batch["action_mask"][b, c] and not logits[b, c, 0].isnan()
+        ]
+        acc = sum(p == t for p, t in pairs) / len(pairs) if pairs else nan
+        for name in ("acc", "f1", "transition_acc"):
+            got = parts[f"metric/gripper_{name}"].item()
+            assert got == pytest.approx(want[f"gripper_{name}"], nan_ok=True), name
+        assert parts["metric/gripper_acc"].item() == pytest.approx(acc, nan_ok=True)
+
+
 def test_gripper_threshold_convention() -> None:
     """label 1 = closed: value > threshold when closed_is_high, value <= threshold otherwise."""
     from vla_ft.losses import gripper_labels

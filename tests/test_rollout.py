@@ -234,6 +234,24 @@ def test_envs_in_their_own_processes_roll_out_as_in_this_one():
         make_envs("no_such_module:make", {}, recipe, 12, 1, "rollout.env", processes=True)
 
 
+@pytest.mark.parametrize("processes", [False, True])
+def test_env_errors_say_where_the_env_came_from(processes):
+    """``--env`` is a command-line flag: its errors say "command line:", not "recipe:" (which sends the
+    user to a recipe that never named it); ``rollout.env`` stays the recipe's. In-process or not."""
+    from vla_ft.config import RecipeError
+    from vla_ft.rollout import make_envs
+
+    recipe = {"data": {"format": "lerobot"}}
+    for key, source in (("--env", "command line"), ("rollout.env", "recipe")):
+        for spec in ("no_such_module:make", "os:getcwd", "nocolon"):
+            with pytest.raises(RecipeError) as info:
+                make_envs(spec, {}, recipe, 12, 1, key, processes)
+            assert str(info.value).startswith(f"{source}: {key}: "), str(info.value)
+            assert info.value.source == source
+    with pytest.raises(RecipeError, match=r"^command line: --env: the checkpoint trained on data.format=lerobot"):
+        make_envs(None, {}, recipe, 12, 1, "--env", processes)
+
+
 def test_a_chunk_runner_step_takes_a_chunk_exactly_when_it_needs_one():
     runner = ChunkRunner(OraclePolicy([]), execute=2)
     with pytest.raises(ValueError, match="needs a chunk"):
@@ -597,7 +615,7 @@ def test_ctrl_c_ends_a_rollout_in_env_processes_with_130_and_no_traceback(tmp_pa
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
 
 
-def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides):
+def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tiny_overrides, capsys):
     CLOSED.clear()
     user = ["rollout.episodes=2", "rollout.env=test_rollout:ClosingEnv", "rollout.max_steps=2", "train.steps=3"]
     assert cli(["train", str(QUICKSTART), *tiny_overrides, *user, "logging.tensorboard=false"]) == 0
@@ -607,8 +625,16 @@ def test_a_user_env_rolls_out_in_training_and_is_closed_at_the_end(tmp_path, tin
     scenes = [make_scene(0, seed).blocks for seed in (0, 1)]
     assert all(np.array_equal(env.scene.blocks, blocks) for env, blocks in zip(CLOSED, scenes, strict=True))
     CLOSED.clear()  # `vla-ft rollout` closes its envs when one fails too
+    capsys.readouterr()
     assert cli(["rollout", str(tmp_path / "run"), "--env", "test_rollout:FailingEnv", "--episodes", "1"]) == 2
     assert len(CLOSED) == 1
+    assert "command line: --env: action: this env takes 7 values" in capsys.readouterr().err
+    # without --env the checkpoint's own rollout.env runs: its errors name that key, not the flag
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000003"
+    config = checkpoint / "config.yaml"
+    config.write_text(config.read_text().replace("test_rollout:ClosingEnv", "test_rollout:FailingEnv"))
+    assert cli(["rollout", str(checkpoint), "--episodes", "1"]) == 2
+    assert "recipe: rollout.env: action: this env takes 7 values" in capsys.readouterr().err
 
 
 def test_validation_rolls_out_in_env_processes_and_ends_them(tmp_path, tiny_overrides):

@@ -340,7 +340,7 @@ def test_an_output_dir_that_is_a_file_is_refused_naming_the_key(tmp_path, below)
 def test_a_term_ramped_from_zero_is_validated_before_its_ramp(tmp_path):
     """Validation logs val/loss/<term> for every term the run trains, also while its scheduled
     weight is still 0, so a best_metric on it (accepted at load) never fails mid-run."""
-    ramp = ["start_step=4", "end_step=8", "start=0", "end=1"]
+    ramp = ["start_step=2", "end_step=8", "start=0", "end=1"]  # 0 up to step 2: the first validation
     run = tiny_run(
         tmp_path / "run",
         "loss.strategy=scheduled",
@@ -444,23 +444,25 @@ def test_a_step_without_any_of_a_terms_elements_is_left_out_of_its_logged_mean(t
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "steps"),
     [
-        ["loss.weights.language=0"],
-        ["data.language_target=none"],
-        ["loss.strategy=scheduled", "loss.schedule.language.start_step=100", "loss.schedule.language.end_step=200"],
+        (["loss.weights.language=0"], 2),
+        (["data.language_target=none"], 2),
+        # at 0 in steps 0 and 1 (logged as steps 1 and 2), on from step 2 (a ramp must move in the run)
+        (["loss.strategy=scheduled", "loss.schedule.language.start_step=1", "loss.schedule.language.end_step=200"], 3),
     ],
 )
-def test_a_term_switched_off_is_not_logged_as_a_zero_loss(tmp_path, overrides):
+def test_a_term_switched_off_is_not_logged_as_a_zero_loss(tmp_path, overrides, steps):
     """With accumulation, a term the step does not compute (weight 0, no language target, a ramp
     still at 0) was logged as ``loss/language = 0.0``: a perfect language loss in the curves."""
-    run = tiny_run(tmp_path, *overrides, "optim.accumulation=2", "train.steps=2", "checkpoint.every=0")
+    run = tiny_run(tmp_path, *overrides, "optim.accumulation=2", f"train.steps={steps}", "checkpoint.every=0")
     from vla_ft.train import fit
 
     fit(run)
     rows = [row for row in metric_rows(tmp_path) if "loss" in row]
     assert rows and all("loss/action" in row for row in rows)
-    assert not any("loss/language" in row for row in rows), rows
+    assert not any("loss/language" in row for row in rows if row["step"] <= 2), rows
+    assert all("loss/language" in row for row in rows if row["step"] > 2), rows
 
 
 def test_an_epoch_is_the_same_steps_however_the_global_batch_is_split(tmp_path, monkeypatch):

@@ -74,7 +74,9 @@ class EnvProcess:
         if status == "error":
             self._process.join()
             message = payload[1] if payload[0] == "RecipeError" else f"{payload[0]}: {payload[1]}"
-            raise RecipeError(message if message.startswith(key) else f"{key}: {message}")
+            from vla_ft.rollout import key_source
+
+            raise RecipeError(message if message.startswith(key) else f"{key}: {message}", key_source(key))
         self.first_seed, self.metadata = payload
 
     def reset(self, seed: int | None = None) -> tuple[dict, dict]:

@@ -133,17 +133,23 @@ def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:
     everything = sorted({*train, *val})
     if spec == "val":
         if not val:
-            raise RecipeError("--episodes val: the recipe holds out no episodes (data.val_ratio=0); pass 'all' or ids")
+            raise RecipeError(
+                "--episodes val: the recipe holds out no episodes (data.val_ratio=0); pass 'all' or ids", "command line"
+            )
         return list(val)
     if spec == "all":
         return everything
     try:
         wanted = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise RecipeError(f"--episodes: expected val, all or comma-separated ids, got '{spec}'") from None
+        raise RecipeError(
+            f"--episodes: expected val, all or comma-separated ids, got '{spec}'", "command line"
+        ) from None
     unknown = sorted(set(wanted) - set(everything))
     if unknown or not wanted:
-        raise RecipeError(f"--episodes: unknown episode(s) {unknown or spec}; the dataset has {len(everything)}")
+        raise RecipeError(
+            f"--episodes: unknown episode(s) {unknown or spec}; the dataset has {len(everything)}", "command line"
+        )
     return wanted
 
 

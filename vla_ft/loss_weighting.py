@@ -97,6 +97,36 @@ def check_weights(cfg: LossConfig) -> list[str]:
     return problems
 
 
+def first_moving_step(spec: ScheduledWeight) -> int:
+    """The first optimizer step whose ramp weight is not ``start``: ``start_step`` for a step ramp
+    (``start_step == end_step``), else the step after it (:func:`ramp_weight` holds ``start`` there)."""
+    return spec.start_step if spec.end_step == spec.start_step else spec.start_step + 1
+
+
+def ramp_step_problems(cfg: LossConfig, steps: int) -> list[str]:
+    """Ramps that never move within a run of ``steps`` optimizer steps (0 .. steps - 1).
+
+    Such a ramp holds its term at ``start`` for the whole run, yet :func:`ever_weighted` (and with it
+    validation's ``val/loss/<term>``, the metric names and the action-dim checks) reads it as weighted
+    by ``max(start, end)``: a ramp from 0 starting past the run trains nothing it reports. Refused, as
+    ``unfreeze.<module>.at_step`` past the run is; a resume with more ``train.steps`` passes again.
+    """
+    if cfg.strategy != "scheduled":
+        return []
+    problems = []
+    for term, spec in cfg.schedule.items():
+        if term not in TERMS or spec.start == spec.end or spec.end_step < spec.start_step:
+            continue  # a constant "ramp", or problems reported by check_weights
+        first = first_moving_step(spec)
+        if first >= steps:
+            problems.append(
+                f"loss.schedule.{term}.start_step: the ramp starts at step {spec.start_step} but train.steps is "
+                f"{steps}: its weight first changes at step {first}, after the run's last step ({steps - 1}), so it "
+                f"stays {spec.start} throughout; lower start_step or raise train.steps"
+            )
+    return problems
+
+
 def schedule_term_problems(cfg: LossConfig) -> list[str]:
     """``loss.schedule`` entries naming no loss term (reported even next to type errors)."""
     return [

@@ -200,16 +200,20 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
     with torch.no_grad():
         pred = logits > 0
         correct = pred == labels
-        tp, fp, fn = ((pred & labels & mask).sum(), (pred & ~labels & mask).sum(), (~pred & labels & mask).sum())
-        trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1]
+        # As validation (vla_ft.metrics.ActionMetrics): a NaN logit is neither open nor closed, so it
+        # is left out of every metric (``NaN > 0`` is false: it would have scored as "open").
+        scored = mask & ~logits.isnan()
+        n_scored = scored.sum().to(count.dtype)
+        tp, fp, fn = ((pred & labels & scored).sum(), (pred & ~labels & scored).sum(), (~pred & labels & scored).sum())
+        # a label change between two valid steps; scored where the later step's prediction is not NaN
+        trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1] & scored[:, 1:]
         f1_den, n_trans = (2 * tp + fp + fn).to(count.dtype), trans.sum().to(count.dtype)
-        # As validation (vla_ft.metrics): F1 is 1 with no closed step and none predicted; accuracy
-        # without a valid step and transition accuracy without a transition are undefined (NaN,
-        # left out of the logged mean).
+        # F1 is 1 with no closed step and none predicted; every metric without a scored step, and
+        # transition accuracy without a transition, is undefined (NaN, left out of the logged mean).
         f1 = torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0)
         metrics = {
-            "metric/gripper_acc": _defined(_divide((correct & mask).sum().to(count.dtype), count), count),
-            "metric/gripper_f1": _defined(f1, count),
+            "metric/gripper_acc": _defined(_divide((correct & scored).sum().to(count.dtype), n_scored), n_scored),
+            "metric/gripper_f1": _defined(f1, n_scored),
             "metric/gripper_transition_acc": (correct[:, 1:] & trans).sum().to(count.dtype) / n_trans,
         }
     return TermResult(value, count, metrics)

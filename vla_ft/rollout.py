@@ -213,13 +213,19 @@ def make_env(
     spec: str | None, kwargs: dict[str, Any], recipe: dict[str, Any], max_steps: int, key: str = "--env"
 ) -> tuple[Any, int]:
     """(env, the first seed to run). ``spec`` None: the synthetic task the checkpoint trained on,
-    from its first unseen scene; else ``module:callable`` called with ``kwargs``. Errors name ``key``."""
+    from its first unseen scene; else ``module:callable`` called with ``kwargs``. Errors name ``key``
+    and say where it came from (:func:`key_source`)."""
+    source = key_source(key)
     if spec is None and kwargs:
-        raise RecipeError(f"{key}: keyword arguments {kwargs} given, but no env to call with them (module:callable)")
+        raise RecipeError(
+            f"{key}: keyword arguments {kwargs} given, but no env to call with them (module:callable)", source
+        )
     if spec is None:
         data = recipe.get("data", {})
         if data.get("format", "synthetic") != "synthetic":
-            raise RecipeError(f"{key}: the checkpoint trained on data.format={data['format']}; name its environment")
+            raise RecipeError(
+                f"{key}: the checkpoint trained on data.format={data['format']}; name its environment", source
+            )
         from robot_data.synthetic_env import SyntheticPickEnv
 
         synth = data.get("synthetic", {})
@@ -227,17 +233,23 @@ def make_env(
         return env, int(synth.get("episodes", 64))
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise RecipeError(f"{key}: expected module:callable (e.g. gymnasium:make), got '{spec}'")
+        raise RecipeError(f"{key}: expected module:callable (e.g. gymnasium:make), got '{spec}'", source)
     try:
         factory: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise RecipeError(f"{key}: cannot load '{spec}': {err}") from None
+        raise RecipeError(f"{key}: cannot load '{spec}': {err}", source) from None
     try:
         env = factory(**kwargs)
     except (TypeError, ValueError) as err:  # arguments the factory refuses
-        raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}") from None
+        raise RecipeError(f"{key}: {spec}(**{kwargs}) failed: {err}", source) from None
     check_env(env, spec, key)
     return env, 0
+
+
+def key_source(key: str) -> str:
+    """Where the env ``key`` came from, for a RecipeError's prefix: ``--env`` is the command line's,
+    ``rollout.env`` the recipe's (a "recipe:" prefix on a flag sends the user to the wrong file)."""
+    return "command line" if key.startswith("--") else "recipe"
 
 
 def check_env(env: Any, spec: str, key: str) -> None:
@@ -247,7 +259,8 @@ def check_env(env: Any, spec: str, key: str) -> None:
     if lacking:
         raise RecipeError(
             f"{key}: {spec} returned a {type(env).__name__}, not an environment (it lacks {lacking}); "
-            "name a callable that returns a gymnasium-style env"
+            "name a callable that returns a gymnasium-style env",
+            key_source(key),
         )
 
 
@@ -376,6 +389,8 @@ def rollout_checkpoint(
     directory = resolve_directory(path)
     recipe = read_saved_recipe(directory)
     saved = {**to_dict(RolloutConfig()), **(recipe.get("rollout") or {})}  # older checkpoints: the defaults
+    # the env's errors name where it came from: the checkpoint's rollout.env when --env is not given
+    key = "rollout.env" if env_spec is None and saved["env"] is not None else "--env"
     if env_spec is None:
         env_spec, env_kwargs = saved["env"], env_kwargs or saved["env_kwargs"]
     if execute is None and ensemble is None:
@@ -392,7 +407,7 @@ def rollout_checkpoint(
         runners = [chunk_runner(policy, execute, ensemble) for _ in range(min(batch, episodes))]
     except ValueError as err:  # a device, a source or a runner setting the policy refuses: "<argument>: ..."
         raise RecipeError(f"--{err}", "command line") from None
-    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, len(runners), "--env", env_processes)
+    envs, first = make_envs(env_spec, env_kwargs or {}, recipe, max_steps, len(runners), key, env_processes)
     try:  # env processes and simulators end whatever happens
         begin = first if start is None else start
         seeds = range(begin, begin + episodes)
@@ -401,7 +416,7 @@ def rollout_checkpoint(
                 envs, runners, seeds, policy.cameras, policy.meta["history"], instruction, max_steps, record=videos
             )
         except ValueError as err:  # an env whose observations or actions do not fit the policy
-            raise RecipeError(f"--env: {err}", "command line") from None
+            raise RecipeError(f"{key}: {err}", key_source(key)) from None
         out_dir.mkdir(parents=True, exist_ok=True)
         fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
         report = {

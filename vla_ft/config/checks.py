@@ -77,10 +77,12 @@ def validate(r: Recipe) -> list[str]:
             )
     if not 0 < r.distributed.timeout_min < float("inf"):
         p.append(f"distributed.timeout_min: must be finite and > 0, got {r.distributed.timeout_min}")
-    from vla_ft.loss_weighting import check_weights  # the loss's own rules: validate and train agree
+    from vla_ft.loss_weighting import check_weights, ramp_step_problems  # the loss's own rules
     from vla_ft.losses import check_loss_config
 
     p += check_weights(r.loss) + check_loss_config(r.loss, r.data.chunk, r.model.gripper_head)
+    p += ramp_step_problems(r.loss, r.train.steps)
+    p += trained_term_problems(r)
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     normalised = sorted(set(r.loss.gripper.dims) - set(r.data.raw_dims or [])) if r.data.raw_dims is not None else []
@@ -118,6 +120,24 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def trained_term_problems(r: Recipe) -> list[str]:
+    """A run that never computes any loss term trains nothing: its loss is a constant 0 at every step
+    (``CompositeLoss.combine``), silently. A term is computed where its weight is non-zero at some
+    step (:func:`~vla_ft.loss_weighting.ever_weighted`, ramps included) and the run can compute it:
+    the gripper term needs ``model.gripper_head``, the language term ``data.language_target``."""
+    from vla_ft.loss_weighting import TERMS, ever_weighted
+
+    weighted = {t: ever_weighted(r.loss, t) for t in TERMS}
+    if not any(weighted.values()) and r.loss.strategy != "scheduled":
+        return []  # check_weights: "every term has weight 0"
+    missing = {"gripper": not r.model.gripper_head, "language": r.data.language_target == "none"}
+    if any(on and not missing.get(t, False) for t, on in weighted.items()):
+        return []
+    needs = {"gripper": "model.gripper_head is false", "language": "data.language_target is none"}
+    why = [f"{t}: {needs[t]}" if on else f"{t}: weight 0 at every step" for t, on in weighted.items()]
+    return [f"loss.weights: no loss term is ever computed, so nothing would train ({'; '.join(why)})"]
 
 
 def rollout_problems(r: Recipe) -> list[str]:
@@ -320,6 +340,11 @@ def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
             "loss.gripper.pos_weight",
             "model.gripper_head is false: no gripper BCE",
             not r.model.gripper_head and loss.gripper.pos_weight is not None,
+        ),
+        (
+            "loss.schedule.gripper",
+            "model.gripper_head is false: no gripper term to ramp",
+            not r.model.gripper_head and "gripper" in loss.schedule,
         ),
     ]
     return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]

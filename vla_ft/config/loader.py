@@ -157,6 +157,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
         if key not in hints:
             close = suggest(str(key), names)
             full = close.replace("'", f"'{prefix}.", 1) if close and prefix else close
+            # nothing close ('wd' for weight_decay): the valid keys, so the user need not read the schema
+            where = f"{prefix}" if prefix else "a recipe"
+            full = full or f"; the keys of {where}: {', '.join(names)}"
             problems.append(f"unknown key '{path}'{full}")
             continue
         kwargs[key] = _convert(value, hints[key], path, problems)
