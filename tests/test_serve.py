@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -294,3 +295,27 @@ def _raised(call, *args):
     except Exception as err:
         return err
     return None
+
+
+@pytest.mark.parametrize("bad", ["host", "port"])
+def test_a_bad_host_or_port_is_refused_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch, bad):
+    """--host was checked only when the server bound, after the model had loaded (minutes for a
+    large one): the error must come first, without reading the checkpoint at all."""
+    from vla_ft.cli import main as cli
+    from vla_ft.policy import VLAPolicy as Policy
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --host/--port were checked")
+
+    monkeypatch.setattr(Policy, "from_pretrained", no_load)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    args = {"host": ["--host", "no-such-host.invalid", "--port", "0"], "port": ["--port", str(port)]}[bad]
+    try:
+        assert cli(["serve", str(tmp_path / "no-checkpoint"), *args]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"--{bad}: cannot listen on" in err and "Traceback" not in err, err

@@ -115,13 +115,24 @@ class PolicyServer(ThreadingHTTPServer):
     daemon_threads = True  # a client that keeps its connection open must not keep the server alive
     max_body = MAX_BODY  # bytes; a larger request is answered 413 unread
 
-    def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(self, policy: Any | None, host: str = "127.0.0.1", port: int = 8000):
+        """Listens at once; ``policy`` None: :meth:`attach` one before :meth:`serve` (``vla-ft serve``
+        listens before it loads the model, so a bad ``--host`` or a taken ``--port`` fails in a second)."""
         super().__init__((host, port), _Handler)
-        self.policy, self.info = policy, policy_info(policy)
+        self.policy: Any = None
+        self.info: dict[str, Any] = {}
         self.jobs: queue.Queue[tuple[dict[str, np.ndarray], Future] | None] = queue.Queue()
+        if policy is not None:
+            self.attach(policy)
+
+    def attach(self, policy: Any) -> None:
+        """The policy to serve (requests that connect meanwhile wait in the listen backlog)."""
+        self.policy, self.info = policy, policy_info(policy)
 
     def serve(self) -> None:
         """Serve until :meth:`stop` (or Ctrl-C), predicting in the calling thread."""
+        if self.policy is None:
+            raise RuntimeError("PolicyServer.serve: no policy; attach() one first")
         http = threading.Thread(target=self.serve_forever, daemon=True)
         http.start()
         try:
@@ -320,15 +331,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vla_ft.policy import VLAPolicy
 
     dtype = getattr(torch, args.dtype)
-    try:
-        policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
-    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
-        raise RecipeError(f"--{err}", "command line") from None
-    try:
-        server = PolicyServer(policy, args.host, args.port)
+    try:  # listen first: a bad --host or a taken --port is told before a model loads for minutes
+        server = PolicyServer(None, args.host, args.port)
     except OSError as err:  # the port is taken, or the address is not this machine's
         where, why = f"{args.host}:{args.port}", err.strerror or err
         raise RecipeError(f"{listen_flag(err)}: cannot listen on {where} ({why})", "command line") from None
+    try:
+        policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
+    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
+        server.server_close()
+        raise RecipeError(f"--{err}", "command line") from None
+    except BaseException:
+        server.server_close()
+        raise
+    server.attach(policy)
     print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
     sys.stdout.flush()
     with contextlib.suppress(KeyboardInterrupt):
