@@ -370,3 +370,32 @@ def test_a_variant_that_failed_after_its_last_checkpoint_is_run_again(tmp_path, 
     assert "only: resuming" in capsys.readouterr().out
     summary = json.loads((tmp_path / "only" / "run_summary.json").read_text())
     assert summary["finished"] and summary["failed"] is None
+
+
+def test_a_variant_finished_by_a_shorter_sweep_is_not_finished_in_a_longer_ones_table(tmp_path, monkeypatch, capsys):
+    """train.steps=2 finished both variants; the same sweep at train.steps=4 stopped (Ctrl-C) in
+    the first, before the second resumed. The table called the second 'finished' (its summary of
+    the shorter sweep said so) and named it best, although its newest checkpoint is at step 2 of 4."""
+    argv = [
+        "ablate",
+        str(QUICKSTART),
+        *TINY,
+        "train.steps=2",
+        "logging.tensorboard=false",
+        TWO,
+        f"output_dir={tmp_path}",
+    ]
+    assert cli(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(train, "main", lambda recipe: {})  # stopped by a signal before its first new step
+    assert cli([*argv, "train.steps=4"]) == 130
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] full: resuming" in out and "[ablate 2/2]" not in out
+    state = json.loads((tmp_path / "frozen_vision/checkpoints/step_000002/trainer_state.json").read_text())
+    assert state["state"]["step"] == 2 < 4  # the reference: where its training stands
+    with open(tmp_path / "summary.csv") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert rows["frozen_vision"]["status"] == "stopped" and rows["frozen_vision"]["steps"] == "2"
+    assert "step 2 of train.steps=4" in rows["frozen_vision"]["note"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "Best by val/action_l1 (min): none, no variant finished with a finite value." in md
