@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -399,3 +400,14 @@ def test_a_variant_finished_by_a_shorter_sweep_is_not_finished_in_a_longer_ones_
     assert "step 2 of train.steps=4" in rows["frozen_vision"]["note"]
     md = (tmp_path / "summary.md").read_text()
     assert "Best by val/action_l1 (min): none, no variant finished with a finite value." in md
+
+
+def test_a_variant_name_that_is_no_directory_of_its_own_is_refused(tmp_path):
+    """Variants run in <output_dir>/<name>: '..' trained in the sweep root's parent, '.' in the
+    root itself (among the other variants and the summary), 'summary.md' where the table goes."""
+    for name in ("..", ".", ".hidden", "summary.md", "val_curves.png"):
+        variants = f"ablation.variants={{ok: {{}}, '{name}': {{freeze.vision_encoder: true}}}}"
+        with pytest.raises(RecipeError, match=rf"ablation.variants.{re.escape(name)}: "):
+            ablate_variants.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
+    _, planned = ablate_variants.plan(QUICKSTART, [*TINY, TWO, f"output_dir={tmp_path}"], [])
+    assert all(Path(r.output_dir).resolve().parent == tmp_path.resolve() for _, r in planned)
