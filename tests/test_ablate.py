@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,55 @@ def test_a_variant_name_that_is_no_directory_of_its_own_is_refused(tmp_path):
             ablate_variants.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
     _, planned = ablate_variants.plan(QUICKSTART, [*TINY, TWO, f"output_dir={tmp_path}"], [])
     assert all(Path(r.output_dir).resolve().parent == tmp_path.resolve() for _, r in planned)
+
+
+def test_the_table_of_a_resumed_sweep_agrees_with_tensorboard(tmp_path, monkeypatch, capsys):
+    """The table reads metrics.jsonl; TensorBoard's event files, written by the same runs, are the
+    independent record. A crashed segment of frozen_vision logged step 4 with other values (+100)
+    before it died without its checkpoint: after the resume neither record may show them, and
+    every number of the table is TensorBoard's (best and its step, final, steps, samples/s)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = [
+        "ablate",
+        str(QUICKSTART),
+        *TINY,
+        "train.steps=4",
+        "train.val_every=2",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=0",
+        TWO,
+        f"output_dir={tmp_path}",
+    ]
+    real_validate = train.validate
+
+    def stale_at_step_4(run):
+        values = real_validate(run)
+        return {**values, "val/action_l1": values["val/action_l1"] + 100} if run.state.step == 4 else values
+
+    monkeypatch.setattr(train, "validate", stale_at_step_4)
+    assert cli(argv) == 0
+    monkeypatch.undo()
+    ckpts = tmp_path / "frozen_vision" / "checkpoints"  # the crash: step 4's checkpoint never landed
+    shutil.rmtree(ckpts / "step_000004")
+    (ckpts / "latest").write_text("step_000002")
+    summary = json.loads((tmp_path / "frozen_vision" / "run_summary.json").read_text())
+    (tmp_path / "frozen_vision" / "run_summary.json").write_text(json.dumps({**summary, "finished": False}))
+    assert cli(argv) == 0
+    assert "frozen_vision: resuming" in capsys.readouterr().out
+    with open(tmp_path / "summary.csv") as fh:
+        table = {r["variant"]: r for r in csv.DictReader(fh)}
+    finals = {}
+    for name, row in table.items():
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        events.Reload()
+        val = [(e.step, e.value) for e in events.Scalars("val/action_l1")]
+        best = min(val, key=lambda sv: (sv[1], sv[0]))
+        assert float(row["best val/action_l1"]) == pytest.approx(best[1], rel=1e-6) and int(row["best_step"]) == best[0]
+        assert float(row["final val/action_l1"]) == pytest.approx(val[-1][1], rel=1e-6)
+        assert float(row["final val/gripper_acc"]) == pytest.approx(events.Scalars("val/gripper_acc")[-1].value)
+        assert int(row["steps"]) == max(e.step for e in events.Scalars("loss")) == 4
+        rates = [e.value for e in events.Scalars("perf/samples_per_s")]
+        assert float(row["samples_per_s"]) == pytest.approx(statistics.median(rates), rel=1e-6)
+        finals[name] = val[-1][1]
+    assert finals["full"] > 100 > finals["frozen_vision"]  # the stale +100 of the crashed segment is gone
