@@ -22,7 +22,7 @@ import torch
 from tiny_models import tiny_recipe
 
 from vla_ft import ChunkRunner, VLAPolicy
-from vla_ft.serve import PolicyClient, PolicyServer
+from vla_ft.serve import PolicyClient, PolicyServer, decode
 from vla_ft.train import main as train
 
 TASKS = ["pick up the red block", "pick up the green block"]
@@ -319,3 +319,75 @@ def test_a_bad_host_or_port_is_refused_before_the_checkpoint_is_loaded(tmp_path,
         taken.close()
     err = capsys.readouterr().err
     assert f"--{bad}: cannot listen on" in err and "Traceback" not in err, err
+
+
+class _Echo(_SlowOnce):
+    """A stand-in policy that answers at once: the actions echo the state."""
+
+    def predict_action(self, images, instruction, state):
+        return np.full((2, 1), float(np.asarray(state).ravel()[0]), np.float32)
+
+
+@pytest.fixture
+def echo_server():
+    server = PolicyServer(_Echo(), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_port}"
+    server.stop()
+    thread.join(timeout=30)
+
+
+def test_a_compressed_body_is_held_to_the_size_limit_once_unpacked(echo_server):
+    """MAX_BODY bounds what a request makes the server allocate, but a deflated npz of zeros
+    (savez_compressed: 16 MiB of frames in ~16 KiB) passed the Content-Length check and was
+    unpacked whole: a 64 MiB body could unpack to tens of GiB and take the GPU machine down.
+    The unpacked size the zip declares is checked before anything is unpacked."""
+    server, url = echo_server
+    server.max_body = 2**20  # 1 MiB: the limit a small machine would set
+    frames = np.zeros((16, 1024, 1024), np.uint8)  # 16 MiB unpacked
+    body = io.BytesIO()
+    np.savez_compressed(body, **{"images/cam": frames}, state=np.array([1.0]), instruction=np.array("x"))
+    assert len(body.getvalue()) < server.max_body  # passes the Content-Length check
+    status, text = _post(url, body.getvalue(), {"Content-Type": "application/octet-stream"})
+    assert status == 413 and "unpacks to" in text and str(server.max_body) in text, (status, text)
+    client = PolicyClient(url)  # a compressed body within the limit is served
+    small = io.BytesIO()
+    np.savez_compressed(small, **{"images/cam": np.zeros((8, 8, 3), np.uint8)}, state=[3.0], instruction="x")
+    assert decode(client._request("POST", "/predict", small.getvalue()))["actions"].ravel().tolist() == [3.0, 3.0]
+
+
+def test_a_body_damaged_inside_an_array_is_a_400(echo_server):
+    """The zip directory parses, the array's bytes fail their CRC: zipfile's BadZipFile was
+    answered 500 ("a failure of the policy itself") with a traceback, for the client's bad bytes."""
+    _, url = echo_server
+    arrays = {"images/cam": np.full((8, 8, 3), 7, np.uint8), "state": np.array([1.0]), "instruction": np.array("x")}
+    body = bytearray(_npz(arrays))
+    at = body.index(bytes([7] * 64))  # inside the frame's data
+    body[at] = 8
+    status, text = _post(url, bytes(body), {"Content-Type": "application/octet-stream"})
+    assert status == 400 and "body: a damaged .npz" in text and "CRC" in text, (status, text)
+
+
+def test_concurrent_clients_each_get_the_actions_of_their_own_inputs(served):
+    """Eight robots at once, each with its own connection and inputs: predictions run one at a
+    time in the serving thread, and every answer is the local policy's for that client's inputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy, url = served
+    rng = np.random.default_rng(1)
+    inputs = [(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), rng.normal(size=(2, 3))) for _ in range(8)]
+    want = [policy.predict_action(frames, TASKS[i % 2], state) for i, (frames, state) in enumerate(inputs)]
+
+    def robot(i: int) -> list[np.ndarray]:
+        client = PolicyClient(url)
+        try:
+            return [client.predict_action(inputs[i][0], TASKS[i % 2], inputs[i][1]) for _ in range(3)]
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(robot, range(8)))
+    for i, answers in enumerate(got):
+        for answer in answers:
+            np.testing.assert_array_equal(answer, want[i])

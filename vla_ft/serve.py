@@ -28,7 +28,9 @@ for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.np
 
 A request body needs a ``Content-Length`` (a chunked one is answered 411) of at most
 :data:`MAX_BODY` bytes (64 MiB: a batch of 64 uncompressed 480x640 frames; a larger one is answered
-413 before it is read, so a client's header cannot make the server allocate gigabytes). An input the policy
+413 before it is read, so a client's header cannot make the server allocate gigabytes), and its
+arrays may unpack to no more (a compressed npz, ``numpy.savez_compressed``, is read; one that
+unpacks to more is answered 413 before it is unpacked). An input the policy
 refuses is answered 400 with JSON ``{"error": message}`` (the client raises ValueError with the
 policy's message); a failure of the policy itself is 500 (RuntimeError). Connections stay open
 between requests (a server closes one idle for a minute; the client reconnects); predictions run
@@ -49,6 +51,7 @@ import sys
 import threading
 import traceback
 import urllib.parse
+import zipfile
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -69,9 +72,15 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def decode(body: bytes) -> dict[str, np.ndarray]:
+class BodyTooLarge(ValueError):
+    """A request body that unpacks to more than the server reads (answered 413)."""
+
+
+def decode(body: bytes, limit: int | None = None) -> dict[str, np.ndarray]:
     """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted. Anything else
-    (empty, an ``.npy``, a damaged file) is a ValueError."""
+    (empty, an ``.npy``, a damaged file) is a ValueError. ``limit``: the most bytes the arrays
+    may unpack to (a compressed npz of zeros unpacks a thousandfold), else :class:`BodyTooLarge`,
+    checked on the sizes the zip declares (zipfile never unpacks a member past its declared size)."""
     try:
         loaded = np.load(io.BytesIO(body), allow_pickle=False)
     except (EOFError, OSError, ValueError) as err:
@@ -79,7 +88,13 @@ def decode(body: bytes) -> dict[str, np.ndarray]:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError("body: one .npy array; expected an .npz of named arrays (numpy.savez)")
     with loaded as npz:
-        return {name: npz[name] for name in npz.files}
+        unpacked = sum(info.file_size for info in npz.zip.infolist())
+        if limit is not None and unpacked > limit:
+            raise BodyTooLarge(f"body: unpacks to {unpacked} bytes, more than this server reads ({limit})")
+        try:
+            return {name: npz[name] for name in npz.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as err:  # bad CRC, cut short
+            raise ValueError(f"body: a damaged .npz ({type(err).__name__}: {err})") from None
 
 
 def policy_info(policy: Any) -> dict[str, Any]:
@@ -200,7 +215,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/predict":
             return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
         try:
-            actions = self.server.predict(decode(body))
+            actions = self.server.predict(decode(body, self.server.max_body))
+        except BodyTooLarge as err:
+            return self._reply(413, _json({"error": str(err)}), "application/json")
         except (ValueError, OSError) as err:  # the caller's input (a bad npz is an OSError or ValueError)
             return self._reply(400, _json({"error": str(err)}), "application/json")
         except Exception as err:  # the policy failed (e.g. non-finite outputs): say so, keep serving
