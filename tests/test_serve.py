@@ -391,3 +391,24 @@ def test_concurrent_clients_each_get_the_actions_of_their_own_inputs(served):
     for i, answers in enumerate(got):
         for answer in answers:
             np.testing.assert_array_equal(answer, want[i])
+
+
+def test_a_state_of_strings_or_complex_numbers_and_an_empty_batch_are_told_by_name(served):
+    """A state sent as text was refused with numpy's "could not convert string to float", naming
+    no input; a complex state lost its imaginary part and was served; a batch of 0 frames was
+    "need at least one array to stack". Each is a 400 naming the input, and the server goes on."""
+    policy, url = served
+    frames, state = _inputs(None)
+    camera = f"images/{policy.cameras[0]}"
+    good = {camera: frames, "state": state, "instruction": np.array(TASKS[0])}
+    kind = {"Content-Type": "application/octet-stream"}
+    empty = {camera: np.zeros((0, 48, 80, 3), np.uint8), "state": np.zeros((0, 2, 3)), "instruction": np.array([], str)}
+    cases = [
+        ({**good, "state": state.astype(str)}, "state: expected real numbers, got <U"),
+        ({**good, "state": state.astype(complex)}, "state: expected real numbers, got complex128 (2, 3)"),
+        (empty, "images: a batch of 0 frames"),
+    ]
+    for arrays, message in cases:
+        status, text = _post(url, _npz(arrays), kind)
+        assert status == 400 and message in text, (message, status, text)
+    assert _post(url, _npz(good), kind)[0] == 200
