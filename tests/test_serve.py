@@ -321,6 +321,23 @@ def test_a_bad_host_or_port_is_refused_before_the_checkpoint_is_loaded(tmp_path,
     assert f"--{bad}: cannot listen on" in err and "Traceback" not in err, err
 
 
+def test_a_server_without_its_policy_yet_refuses_connections():
+    """Bound but still loading: a robot that connects is refused (as before the model loaded in
+    front of the bind), instead of hanging in the listen backlog until its timeout."""
+    server = PolicyServer(None, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_port}"
+    with pytest.raises(ConnectionRefusedError, match="no policy server at"):
+        PolicyClient(url, timeout=5)
+    server.attach(_Echo())
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    client = PolicyClient(url, timeout=5)
+    assert client.predict_action(np.zeros((8, 8, 3), np.uint8), "x", np.array([4.0])).ravel().tolist() == [4.0, 4.0]
+    client.close()
+    server.stop()
+    thread.join(timeout=30)
+
+
 class _Echo(_SlowOnce):
     """A stand-in policy that answers at once: the actions echo the state."""
 

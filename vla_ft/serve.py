@@ -131,9 +131,16 @@ class PolicyServer(ThreadingHTTPServer):
     max_body = MAX_BODY  # bytes; a larger request is answered 413 unread
 
     def __init__(self, policy: Any | None, host: str = "127.0.0.1", port: int = 8000):
-        """Listens at once; ``policy`` None: :meth:`attach` one before :meth:`serve` (``vla-ft serve``
-        listens before it loads the model, so a bad ``--host`` or a taken ``--port`` fails in a second)."""
-        super().__init__((host, port), _Handler)
+        """Binds at once (a bad ``host`` or a taken ``port`` is an OSError here) and listens once
+        it has a policy; ``policy`` None: :meth:`attach` one before :meth:`serve`. ``vla-ft serve``
+        binds before it loads the model, so a bad ``--host`` or ``--port`` fails in a second, and a
+        robot that connects while the model loads is refused as if no server were there."""
+        super().__init__((host, port), _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except BaseException:
+            self.server_close()
+            raise
         self.policy: Any = None
         self.info: dict[str, Any] = {}
         self.jobs: queue.Queue[tuple[dict[str, np.ndarray], Future] | None] = queue.Queue()
@@ -141,8 +148,9 @@ class PolicyServer(ThreadingHTTPServer):
             self.attach(policy)
 
     def attach(self, policy: Any) -> None:
-        """The policy to serve (requests that connect meanwhile wait in the listen backlog)."""
+        """The policy to serve; the server listens from now on."""
         self.policy, self.info = policy, policy_info(policy)
+        self.server_activate()
 
     def serve(self) -> None:
         """Serve until :meth:`stop` (or Ctrl-C), predicting in the calling thread."""
