@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -370,3 +372,95 @@ def test_a_variant_that_failed_after_its_last_checkpoint_is_run_again(tmp_path, 
     assert "only: resuming" in capsys.readouterr().out
     summary = json.loads((tmp_path / "only" / "run_summary.json").read_text())
     assert summary["finished"] and summary["failed"] is None
+
+
+def test_a_variant_finished_by_a_shorter_sweep_is_not_finished_in_a_longer_ones_table(tmp_path, monkeypatch, capsys):
+    """train.steps=2 finished both variants; the same sweep at train.steps=4 stopped (Ctrl-C) in
+    the first, before the second resumed. The table called the second 'finished' (its summary of
+    the shorter sweep said so) and named it best, although its newest checkpoint is at step 2 of 4."""
+    argv = [
+        "ablate",
+        str(QUICKSTART),
+        *TINY,
+        "train.steps=2",
+        "logging.tensorboard=false",
+        TWO,
+        f"output_dir={tmp_path}",
+    ]
+    assert cli(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(train, "main", lambda recipe: {})  # stopped by a signal before its first new step
+    assert cli([*argv, "train.steps=4"]) == 130
+    out = capsys.readouterr().out
+    assert "[ablate 1/2] full: resuming" in out and "[ablate 2/2]" not in out
+    state = json.loads((tmp_path / "frozen_vision/checkpoints/step_000002/trainer_state.json").read_text())
+    assert state["state"]["step"] == 2 < 4  # the reference: where its training stands
+    with open(tmp_path / "summary.csv") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert rows["frozen_vision"]["status"] == "stopped" and rows["frozen_vision"]["steps"] == "2"
+    assert "step 2 of train.steps=4" in rows["frozen_vision"]["note"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "Best by val/action_l1 (min): none, no variant finished with a finite value." in md
+
+
+def test_a_variant_name_that_is_no_directory_of_its_own_is_refused(tmp_path):
+    """Variants run in <output_dir>/<name>: '..' trained in the sweep root's parent, '.' in the
+    root itself (among the other variants and the summary), 'summary.md' where the table goes."""
+    for name in ("..", ".", ".hidden", "summary.md", "val_curves.png"):
+        variants = f"ablation.variants={{ok: {{}}, '{name}': {{freeze.vision_encoder: true}}}}"
+        with pytest.raises(RecipeError, match=rf"ablation.variants.{re.escape(name)}: "):
+            ablate_variants.plan(QUICKSTART, [*TINY, variants, f"output_dir={tmp_path}"], [])
+    _, planned = ablate_variants.plan(QUICKSTART, [*TINY, TWO, f"output_dir={tmp_path}"], [])
+    assert all(Path(r.output_dir).resolve().parent == tmp_path.resolve() for _, r in planned)
+
+
+def test_the_table_of_a_resumed_sweep_agrees_with_tensorboard(tmp_path, monkeypatch, capsys):
+    """The table reads metrics.jsonl; TensorBoard's event files, written by the same runs, are the
+    independent record. A crashed segment of frozen_vision logged step 4 with other values (+100)
+    before it died without its checkpoint: after the resume neither record may show them, and
+    every number of the table is TensorBoard's (best and its step, final, steps, samples/s)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = [
+        "ablate",
+        str(QUICKSTART),
+        *TINY,
+        "train.steps=4",
+        "train.val_every=2",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=0",
+        TWO,
+        f"output_dir={tmp_path}",
+    ]
+    real_validate = train.validate
+
+    def stale_at_step_4(run):
+        values = real_validate(run)
+        return {**values, "val/action_l1": values["val/action_l1"] + 100} if run.state.step == 4 else values
+
+    monkeypatch.setattr(train, "validate", stale_at_step_4)
+    assert cli(argv) == 0
+    monkeypatch.undo()
+    ckpts = tmp_path / "frozen_vision" / "checkpoints"  # the crash: step 4's checkpoint never landed
+    shutil.rmtree(ckpts / "step_000004")
+    (ckpts / "latest").write_text("step_000002")
+    summary = json.loads((tmp_path / "frozen_vision" / "run_summary.json").read_text())
+    (tmp_path / "frozen_vision" / "run_summary.json").write_text(json.dumps({**summary, "finished": False}))
+    assert cli(argv) == 0
+    assert "frozen_vision: resuming" in capsys.readouterr().out
+    with open(tmp_path / "summary.csv") as fh:
+        table = {r["variant"]: r for r in csv.DictReader(fh)}
+    finals = {}
+    for name, row in table.items():
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        events.Reload()
+        val = [(e.step, e.value) for e in events.Scalars("val/action_l1")]
+        best = min(val, key=lambda sv: (sv[1], sv[0]))
+        assert float(row["best val/action_l1"]) == pytest.approx(best[1], rel=1e-6) and int(row["best_step"]) == best[0]
+        assert float(row["final val/action_l1"]) == pytest.approx(val[-1][1], rel=1e-6)
+        assert float(row["final val/gripper_acc"]) == pytest.approx(events.Scalars("val/gripper_acc")[-1].value)
+        assert int(row["steps"]) == max(e.step for e in events.Scalars("loss")) == 4
+        rates = [e.value for e in events.Scalars("perf/samples_per_s")]
+        assert float(row["samples_per_s"]) == pytest.approx(statistics.median(rates), rel=1e-6)
+        finals[name] = val[-1][1]
+    assert finals["full"] > 100 > finals["frozen_vision"]  # the stale +100 of the crashed segment is gone

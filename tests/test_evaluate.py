@@ -434,3 +434,47 @@ def test_eval_on_another_format_drops_the_trained_formats_own_keys(tmp_path):
     cached = ["train.cache_features=true", "train.feature_cache_dir=cache", "loss.weights.language=0"]
     save_recipe(load_recipe(QUICKSTART, [*cached, *(f"freeze.{m}=true" for m in trunk)]), tmp_path / "config.yaml")
     assert eval_recipe(tmp_path, []).train.feature_cache_dir is None
+
+
+def test_eval_on_a_format_that_needs_data_fps_takes_it_or_names_it(tmp_path):
+    """A LeRobot run (its dataset records its fps) evaluated on an RLDS copy: RLDS needs data.fps,
+    and eval refused the override ("the checkpoint fixes it"), so no cross-format eval could run.
+    Without data.fps the error names the key; another format's saved rate is never carried over
+    (an RLDS run's data.fps evaluated on HDF5 files overrode the files' own rate)."""
+    lerobot = ["data.format=lerobot", "data.path=x", "data.text_key=narration"]
+    save_recipe(load_recipe(QUICKSTART, lerobot), tmp_path / "config.yaml")
+    rlds = ["data.format=rlds", "data.path=y"]
+    assert eval_recipe(tmp_path, [*rlds, "data.fps=20"]).data.fps == 20
+    with pytest.raises(RecipeError, match=r"data\.fps: required to evaluate on data\.format=rlds .*add data\.fps="):
+        eval_recipe(tmp_path, rlds)
+    with pytest.raises(RecipeError, match=r"data\.fps: data\.format=lerobot never reads it"):
+        eval_recipe(tmp_path, ["data.path=z", "data.fps=20"])  # the same format: still refused as unread
+    rlds_run = ["data.format=rlds", "data.path=x", "data.fps=10", "data.text_key=narration"]
+    save_recipe(load_recipe(QUICKSTART, rlds_run), tmp_path / "config.yaml")
+    assert eval_recipe(tmp_path, ["data.format=hdf5", "data.path=y"]).data.fps is None  # the files' own rate
+    assert eval_recipe(tmp_path, ["data.path=z", "data.fps=5"]).data.fps == 5  # another RLDS dataset's rate
+
+
+def test_a_lerobot_checkpoint_evaluated_on_its_rlds_copy_scores_the_same(tmp_path, capsys):
+    """The same episodes in two formats are the same samples: the metrics of the RLDS copy (given
+    data.fps) equal those of the LeRobot dataset the checkpoint trained on, number for number."""
+    from robot_data import SyntheticReader
+    from robot_data.lerobot_writer import write_lerobot
+    from robot_data.rlds_writer import write_rlds
+
+    source = SyntheticReader(episodes=6, episode_length=10, image_size=32, seed=0)
+    lerobot = write_lerobot(source, tmp_path / "lerobot", video=False)
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    run_dir = tmp_path / "run"
+    data = ["data.format=lerobot", f"data.path={lerobot}", "data.text_key=narration"]
+    train.main(load_recipe(QUICKSTART, [*TINY, *data, "train.steps=2", "checkpoint.every=2", f"output_dir={run_dir}"]))
+    on_lerobot = evaluate_checkpoint(run_dir, out=tmp_path / "eval-lerobot", plot_episodes=0)
+    other = ["data.format=rlds", f"data.path={rlds}"]
+    assert cli(["eval", str(run_dir), *other, "--out", str(tmp_path / "eval-rlds")]) == 2
+    err = capsys.readouterr().err
+    assert "data.fps: required to evaluate on data.format=rlds" in err and "Traceback" not in err, err
+    on_rlds = evaluate_checkpoint(run_dir, [*other, "data.fps=10"], out=tmp_path / "eval-rlds", plot_episodes=0)
+    assert on_rlds["episodes"] == on_lerobot["episodes"] and on_rlds["samples"] == on_lerobot["samples"]
+    assert on_rlds["metrics"].keys() == on_lerobot["metrics"].keys()
+    for key, value in on_lerobot["metrics"].items():
+        assert on_rlds["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key

@@ -101,3 +101,23 @@ def test_trajectories_one_subplot_per_episode_and_dim(tmp_path):
     assert axes[4].get_title() == "episode 8, dim 1"
     assert list(_lines(axes[4])["predicted"][1]) == [8.0] * 5
     assert _is_png(tmp_path / "t.png")
+
+
+def _pixels_of(path: Path, hex_color: str, tolerance: int = 40) -> int:
+    """How many pixels of the PNG at ``path`` are within ``tolerance`` of ``hex_color`` on each channel."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), np.int16)
+    want = np.array([int(hex_color[i : i + 2], 16) for i in (1, 3, 5)], np.int16)
+    return int((np.abs(rgb - want) <= tolerance).all(axis=-1).sum())
+
+
+def test_the_overlay_png_holds_a_line_of_each_variants_colour(tmp_path):
+    """The figure's Line2D objects say what was meant to be drawn; the saved file is what a reader
+    sees: each variant's colour must be in its pixels (a long curve without markers included), and
+    a variant that logged nothing adds no colour."""
+    steps = [float(s) for s in range(1, 41)]
+    curves = {"a": (steps, [1.0 / s for s in steps]), "b": ([2.0, 4.0], [0.9, 0.2])}
+    plots.plot_overlay(curves, "val/action_l1", tmp_path / "two.png")
+    blue, orange, green = "#1f77b4", "#ff7f0e", "#2ca02c"  # matplotlib's first three line colours
+    assert _pixels_of(tmp_path / "two.png", blue) > 200 and _pixels_of(tmp_path / "two.png", orange) > 50
+    plots.plot_overlay({"a": curves["a"]}, "val/action_l1", tmp_path / "one.png")
+    assert _pixels_of(tmp_path / "one.png", orange) == 0 and _pixels_of(tmp_path / "two.png", green) == 0

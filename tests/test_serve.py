@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch
 from tiny_models import tiny_recipe
 
 from vla_ft import ChunkRunner, VLAPolicy
-from vla_ft.serve import PolicyClient, PolicyServer
+from vla_ft.serve import PolicyClient, PolicyServer, decode
 from vla_ft.train import main as train
 
 TASKS = ["pick up the red block", "pick up the green block"]
@@ -294,3 +295,137 @@ def _raised(call, *args):
     except Exception as err:
         return err
     return None
+
+
+@pytest.mark.parametrize("bad", ["host", "port"])
+def test_a_bad_host_or_port_is_refused_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch, bad):
+    """--host was checked only when the server bound, after the model had loaded (minutes for a
+    large one): the error must come first, without reading the checkpoint at all."""
+    from vla_ft.cli import main as cli
+    from vla_ft.policy import VLAPolicy as Policy
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --host/--port were checked")
+
+    monkeypatch.setattr(Policy, "from_pretrained", no_load)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    args = {"host": ["--host", "no-such-host.invalid", "--port", "0"], "port": ["--port", str(port)]}[bad]
+    try:
+        assert cli(["serve", str(tmp_path / "no-checkpoint"), *args]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"--{bad}: cannot listen on" in err and "Traceback" not in err, err
+
+
+def test_a_server_without_its_policy_yet_refuses_connections():
+    """Bound but still loading: a robot that connects is refused (as before the model loaded in
+    front of the bind), instead of hanging in the listen backlog until its timeout."""
+    server = PolicyServer(None, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_port}"
+    with pytest.raises(ConnectionRefusedError, match="no policy server at"):
+        PolicyClient(url, timeout=5)
+    server.attach(_Echo())
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    client = PolicyClient(url, timeout=5)
+    assert client.predict_action(np.zeros((8, 8, 3), np.uint8), "x", np.array([4.0])).ravel().tolist() == [4.0, 4.0]
+    client.close()
+    server.stop()
+    thread.join(timeout=30)
+
+
+class _Echo(_SlowOnce):
+    """A stand-in policy that answers at once: the actions echo the state."""
+
+    def predict_action(self, images, instruction, state):
+        return np.full((2, 1), float(np.asarray(state).ravel()[0]), np.float32)
+
+
+@pytest.fixture
+def echo_server():
+    server = PolicyServer(_Echo(), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_port}"
+    server.stop()
+    thread.join(timeout=30)
+
+
+def test_a_compressed_body_is_held_to_the_size_limit_once_unpacked(echo_server):
+    """MAX_BODY bounds what a request makes the server allocate, but a deflated npz of zeros
+    (savez_compressed: 16 MiB of frames in ~16 KiB) passed the Content-Length check and was
+    unpacked whole: a 64 MiB body could unpack to tens of GiB and take the GPU machine down.
+    The unpacked size the zip declares is checked before anything is unpacked."""
+    server, url = echo_server
+    server.max_body = 2**20  # 1 MiB: the limit a small machine would set
+    frames = np.zeros((16, 1024, 1024), np.uint8)  # 16 MiB unpacked
+    body = io.BytesIO()
+    np.savez_compressed(body, **{"images/cam": frames}, state=np.array([1.0]), instruction=np.array("x"))
+    assert len(body.getvalue()) < server.max_body  # passes the Content-Length check
+    status, text = _post(url, body.getvalue(), {"Content-Type": "application/octet-stream"})
+    assert status == 413 and "unpacks to" in text and str(server.max_body) in text, (status, text)
+    client = PolicyClient(url)  # a compressed body within the limit is served
+    small = io.BytesIO()
+    np.savez_compressed(small, **{"images/cam": np.zeros((8, 8, 3), np.uint8)}, state=[3.0], instruction="x")
+    assert decode(client._request("POST", "/predict", small.getvalue()))["actions"].ravel().tolist() == [3.0, 3.0]
+
+
+def test_a_body_damaged_inside_an_array_is_a_400(echo_server):
+    """The zip directory parses, the array's bytes fail their CRC: zipfile's BadZipFile was
+    answered 500 ("a failure of the policy itself") with a traceback, for the client's bad bytes."""
+    _, url = echo_server
+    arrays = {"images/cam": np.full((8, 8, 3), 7, np.uint8), "state": np.array([1.0]), "instruction": np.array("x")}
+    body = bytearray(_npz(arrays))
+    at = body.index(bytes([7] * 64))  # inside the frame's data
+    body[at] = 8
+    status, text = _post(url, bytes(body), {"Content-Type": "application/octet-stream"})
+    assert status == 400 and "body: a damaged .npz" in text and "CRC" in text, (status, text)
+
+
+def test_concurrent_clients_each_get_the_actions_of_their_own_inputs(served):
+    """Eight robots at once, each with its own connection and inputs: predictions run one at a
+    time in the serving thread, and every answer is the local policy's for that client's inputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy, url = served
+    rng = np.random.default_rng(1)
+    inputs = [(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), rng.normal(size=(2, 3))) for _ in range(8)]
+    want = [policy.predict_action(frames, TASKS[i % 2], state) for i, (frames, state) in enumerate(inputs)]
+
+    def robot(i: int) -> list[np.ndarray]:
+        client = PolicyClient(url)
+        try:
+            return [client.predict_action(inputs[i][0], TASKS[i % 2], inputs[i][1]) for _ in range(3)]
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(robot, range(8)))
+    for i, answers in enumerate(got):
+        for answer in answers:
+            np.testing.assert_array_equal(answer, want[i])
+
+
+def test_a_state_of_strings_or_complex_numbers_and_an_empty_batch_are_told_by_name(served):
+    """A state sent as text was refused with numpy's "could not convert string to float", naming
+    no input; a complex state lost its imaginary part and was served; a batch of 0 frames was
+    "need at least one array to stack". Each is a 400 naming the input, and the server goes on."""
+    policy, url = served
+    frames, state = _inputs(None)
+    camera = f"images/{policy.cameras[0]}"
+    good = {camera: frames, "state": state, "instruction": np.array(TASKS[0])}
+    kind = {"Content-Type": "application/octet-stream"}
+    empty = {camera: np.zeros((0, 48, 80, 3), np.uint8), "state": np.zeros((0, 2, 3)), "instruction": np.array([], str)}
+    cases = [
+        ({**good, "state": state.astype(str)}, "state: expected real numbers, got <U"),
+        ({**good, "state": state.astype(complex)}, "state: expected real numbers, got complex128 (2, 3)"),
+        (empty, "images: a batch of 0 frames"),
+    ]
+    for arrays, message in cases:
+        status, text = _post(url, _npz(arrays), kind)
+        assert status == 400 and message in text, (message, status, text)
+    assert _post(url, _npz(good), kind)[0] == 200

@@ -248,7 +248,8 @@ def _sweep(base: Recipe, planned: list[tuple[Variant, Recipe]], rt: Runtime) -> 
         v.name for v, r in planned if read_rows(Path(r.output_dir)) or read_summary(Path(r.output_dir)).get("failed")
     ]
     if names and is_main_process():
-        rows = write_summary(root, names, base.ablation.metric, base.ablation.mode)
+        behind = {v.name: why for v, r in planned if v.name in names and (why := short_of(r))}
+        rows = write_summary(root, names, base.ablation.metric, base.ablation.mode, behind)
         print(markdown_table(rows, base.ablation.metric, base.ablation.mode), end="")
         print(
             f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
@@ -257,6 +258,18 @@ def _sweep(base: Recipe, planned: list[tuple[Variant, Recipe]], rt: Runtime) -> 
     if failed:
         say(f"failed: {', '.join(failed)} (error column of the summary); rerun the same command to retry")
     return 130 if stopped else (1 if failed else 0)
+
+
+def short_of(recipe: Recipe) -> str | None:
+    """Why a variant whose summary says finished is not, for this sweep: it finished a shorter one
+    (``train.steps`` may grow between reruns) and this one stopped before resuming it. None otherwise."""
+    if not read_summary(Path(recipe.output_dir)).get("finished"):
+        return None
+    state = checkpoint_state(recipe)
+    if is_finished(recipe, state):
+        return None
+    step = state["step"] if state else 0
+    return f"trained to step {step} of train.steps={recipe.train.steps} (a shorter sweep); rerun to finish it"
 
 
 def check_metric_logged(metric: str, name: str, run_dir: Path) -> None:

@@ -43,9 +43,12 @@ def metric_curve(rows: list[dict[str, float]], metric: str) -> tuple[list[int], 
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, Any]:
-    """One table row from a variant's metrics.jsonl and run_summary.json."""
+def summary_row(name: str, run_dir: Path, metric: str, mode: str, behind: str | None = None) -> dict[str, Any]:
+    """One table row from a variant's metrics.jsonl and run_summary.json. ``behind``: why a variant
+    its summary calls finished is short of this sweep's ``train.steps`` (then it is 'stopped')."""
     rows, info = read_rows(run_dir), read_summary(run_dir)
+    if behind:
+        info = {**info, "finished": False}
     steps, values = metric_curve(rows, metric)
     best_value, best_step = best_point(steps, values, mode)
     val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
@@ -69,9 +72,12 @@ def summary_row(name: str, run_dir: Path, metric: str, mode: str) -> dict[str, A
             "peak_mem_kind": info.get("peak_mem_kind", ""),
         }
     )
+    notes = [behind] if behind else []
     if len(info.get("train_steps", [])) > 1:  # a sweep relaunched longer: the schedule bent mid-run
         changed = " -> ".join(map(str, info["train_steps"]))
-        row["note"] = f"train.steps {changed} while it trained: not the LR schedule of a fresh run"
+        notes.append(f"train.steps {changed} while it trained: not the LR schedule of a fresh run")
+    if notes:
+        row["note"] = "; ".join(notes)
     if info.get("failed") or info.get("halted"):
         row["error"] = info.get("failed") or info.get("halted")
     return row
@@ -152,11 +158,15 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(root: Path, names: list[str], metric: str, mode: str) -> list[dict[str, Any]]:
-    """summary.csv, summary.md, val_curves.png and metric_bars.png under ``root``; returns the rows."""
+def write_summary(
+    root: Path, names: list[str], metric: str, mode: str, behind: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """summary.csv, summary.md, val_curves.png and metric_bars.png under ``root``; returns the rows.
+    ``behind``: variant -> why it is short of this sweep although its summary says finished."""
     from vla_ft import plots
 
-    rows = [summary_row(name, root / name, metric, mode) for name in names]
+    behind = behind or {}
+    rows = [summary_row(name, root / name, metric, mode, behind.get(name)) for name in names]
     write_csv(rows, root / "summary.csv")
     from vla_ft.checkpoint import write_atomically
 

@@ -18,6 +18,7 @@ from vla_ft.config import LOADER_KEYS, Recipe, RecipeError, apply_overrides, rea
 from vla_ft.config.loader import parse_value, set_key
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+SWEEP_FILES = ("summary.csv", "summary.md", "val_curves.png", "metric_bars.png")  # ablate_table writes them
 # What ablate sets for every variant itself: a variant setting it would be silently undone.
 RESERVED = {
     "output_dir": "each variant runs in <output_dir>/<variant>; set output_dir once, for the whole sweep",
@@ -148,11 +149,7 @@ def plan(
         raise RecipeError(
             "ablation.variants: no variants; name them in the recipe or pass --grid key=v1,v2", str(recipe_path)
         )
-    problems = [
-        f"ablation.variants.{v.name}: use letters, digits and _ . = + - in variant names"
-        for v in variants
-        if not NAME_OK.match(v.name)
-    ]
+    problems = [f"ablation.variants.{v.name}: {why}" for v in variants if (why := name_problem(v.name))]
     problems += [
         f"ablation.variants.{v.name}: {why}" for v in named for k in v.overrides if (why := reserved_key_problem(k))
     ]
@@ -169,6 +166,19 @@ def plan(
     if problems:
         raise RecipeError(problems, str(recipe_path))
     return base, planned
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a variant's run directory ``<output_dir>/<name>``, or None: '..' is
+    the sweep root's parent, '.' the root, a leading '.' a hidden or temporary directory, and the
+    summary's files are the sweep's own."""
+    if not NAME_OK.match(name):
+        return "use letters, digits and _ . = + - in variant names"
+    if name.startswith("."):
+        return "a variant name may not start with '.' ('..' is output_dir's parent, '.' output_dir, '.x' hidden)"
+    if name in SWEEP_FILES:
+        return f"{name} is a file the sweep writes in output_dir; choose another name"
+    return None
 
 
 def same_recipe_problems(planned: list[tuple[Variant, Recipe]]) -> list[str]:

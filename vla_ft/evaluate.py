@@ -40,6 +40,7 @@ OVERRIDABLE = (
     *DATA_SOURCE,
     *DATA_SPLIT,
     *LOADER_KEYS,
+    "data.fps",  # the evaluated dataset's control rate (RLDS records none); unread formats still refuse it
     "data.text_key",
     "data.synthetic.",
     "data.frame_cache",
@@ -116,16 +117,23 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
 
 
 def drop_unread_format_keys(data: dict[str, Any], trained_format: str | None, overridden: list[str]) -> None:
-    """``data.fps`` and ``data.layout`` of the format trained on, when an override chose a format that
-    never reads them (an RLDS run evaluated on its LeRobot copy): validation refuses unread keys, and
-    eval may not override ``data.fps``. Keys the overrides set are kept (and judged)."""
+    """The trained format's own keys, when an override chose another format: ``data.layout`` where
+    the new one never reads it (validation refuses unread keys), and always ``data.fps``: the rate
+    of the dataset trained on says nothing of another one (HDF5 files record their own; it would
+    override theirs). Keys the overrides set are kept (and judged). An RLDS dataset records no rate:
+    without ``data.fps=HZ`` among the overrides, a RecipeError naming the key."""
     fmt = data.get("format", "synthetic")
     if fmt == trained_format:
         return
-    unread = [k for k, reads in (("fps", fmt in ("hdf5", "rlds")), ("layout", fmt == "hdf5")) if not reads]
-    for key in unread:
+    for key in ("fps", "layout") if fmt != "hdf5" else ("fps",):
         if f"data.{key}" not in overridden:
             data.pop(key, None)
+    if fmt == "rlds" and data.get("fps") is None:
+        raise RecipeError(
+            f"data.fps: required to evaluate on data.format=rlds (RLDS records no control rate; the checkpoint "
+            f"trained on data.format={trained_format}); add data.fps=HZ, the evaluated dataset's rate",
+            "command line",
+        )
 
 
 def select_episodes(spec: str, train: list[int], val: list[int]) -> list[int]:

@@ -125,6 +125,14 @@ def _as_array(frames: Any) -> np.ndarray:
     return frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
 
 
+def _real_numbers(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as float32; strings (numpy's "could not convert string to float" named no input)
+    and complex numbers (their imaginary part silently dropped) are a ValueError naming ``name``."""
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected real numbers, got {values.dtype} {tuple(values.shape)}")
+    return values.astype(np.float32, copy=False)
+
+
 def camera_frames(cameras: Sequence[str], images: ImagesLike) -> list[np.ndarray]:
     """``images`` as :meth:`VLAPolicy.predict_action` takes them -> one numpy array per camera, in
     the order of ``cameras``."""
@@ -219,9 +227,11 @@ class VLAPolicy(PolicyShape):
         """
         per_camera = camera_frames(self.cameras, images)
         batched = per_camera[0].ndim == 4
+        if batched and per_camera[0].shape[0] == 0:
+            raise ValueError("images: a batch of 0 frames; send at least one observation")
         pixels = self._pixels(per_camera, batched)
         b = pixels.shape[0]
-        raw_state = self._raw_state(_as_array(state).astype(np.float32, copy=False), b, batched)
+        raw_state = self._raw_state(_real_numbers(_as_array(state), "state"), b, batched)
         batch = {"images": pixels, "state": self._state(raw_state), **self._prompt(instruction, b)}
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):

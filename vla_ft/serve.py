@@ -28,7 +28,9 @@ for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.np
 
 A request body needs a ``Content-Length`` (a chunked one is answered 411) of at most
 :data:`MAX_BODY` bytes (64 MiB: a batch of 64 uncompressed 480x640 frames; a larger one is answered
-413 before it is read, so a client's header cannot make the server allocate gigabytes). An input the policy
+413 before it is read, so a client's header cannot make the server allocate gigabytes), and its
+arrays may unpack to no more (a compressed npz, ``numpy.savez_compressed``, is read; one that
+unpacks to more is answered 413 before it is unpacked). An input the policy
 refuses is answered 400 with JSON ``{"error": message}`` (the client raises ValueError with the
 policy's message); a failure of the policy itself is 500 (RuntimeError). Connections stay open
 between requests (a server closes one idle for a minute; the client reconnects); predictions run
@@ -49,6 +51,7 @@ import sys
 import threading
 import traceback
 import urllib.parse
+import zipfile
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -69,9 +72,15 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def decode(body: bytes) -> dict[str, np.ndarray]:
+class BodyTooLarge(ValueError):
+    """A request body that unpacks to more than the server reads (answered 413)."""
+
+
+def decode(body: bytes, limit: int | None = None) -> dict[str, np.ndarray]:
     """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted. Anything else
-    (empty, an ``.npy``, a damaged file) is a ValueError."""
+    (empty, an ``.npy``, a damaged file) is a ValueError. ``limit``: the most bytes the arrays
+    may unpack to (a compressed npz of zeros unpacks a thousandfold), else :class:`BodyTooLarge`,
+    checked on the sizes the zip declares (zipfile never unpacks a member past its declared size)."""
     try:
         loaded = np.load(io.BytesIO(body), allow_pickle=False)
     except (EOFError, OSError, ValueError) as err:
@@ -79,7 +88,13 @@ def decode(body: bytes) -> dict[str, np.ndarray]:
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError("body: one .npy array; expected an .npz of named arrays (numpy.savez)")
     with loaded as npz:
-        return {name: npz[name] for name in npz.files}
+        unpacked = sum(info.file_size for info in npz.zip.infolist())
+        if limit is not None and unpacked > limit:
+            raise BodyTooLarge(f"body: unpacks to {unpacked} bytes, more than this server reads ({limit})")
+        try:
+            return {name: npz[name] for name in npz.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as err:  # bad CRC, cut short
+            raise ValueError(f"body: a damaged .npz ({type(err).__name__}: {err})") from None
 
 
 def policy_info(policy: Any) -> dict[str, Any]:
@@ -115,13 +130,32 @@ class PolicyServer(ThreadingHTTPServer):
     daemon_threads = True  # a client that keeps its connection open must not keep the server alive
     max_body = MAX_BODY  # bytes; a larger request is answered 413 unread
 
-    def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = 8000):
-        super().__init__((host, port), _Handler)
-        self.policy, self.info = policy, policy_info(policy)
+    def __init__(self, policy: Any | None, host: str = "127.0.0.1", port: int = 8000):
+        """Binds at once (a bad ``host`` or a taken ``port`` is an OSError here) and listens once
+        it has a policy; ``policy`` None: :meth:`attach` one before :meth:`serve`. ``vla-ft serve``
+        binds before it loads the model, so a bad ``--host`` or ``--port`` fails in a second, and a
+        robot that connects while the model loads is refused as if no server were there."""
+        super().__init__((host, port), _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except BaseException:
+            self.server_close()
+            raise
+        self.policy: Any = None
+        self.info: dict[str, Any] = {}
         self.jobs: queue.Queue[tuple[dict[str, np.ndarray], Future] | None] = queue.Queue()
+        if policy is not None:
+            self.attach(policy)
+
+    def attach(self, policy: Any) -> None:
+        """The policy to serve; the server listens from now on."""
+        self.policy, self.info = policy, policy_info(policy)
+        self.server_activate()
 
     def serve(self) -> None:
         """Serve until :meth:`stop` (or Ctrl-C), predicting in the calling thread."""
+        if self.policy is None:
+            raise RuntimeError("PolicyServer.serve: no policy; attach() one first")
         http = threading.Thread(target=self.serve_forever, daemon=True)
         http.start()
         try:
@@ -189,7 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/predict":
             return self._reply(404, _json({"error": f"no {self.path}; POST /predict"}), "application/json")
         try:
-            actions = self.server.predict(decode(body))
+            actions = self.server.predict(decode(body, self.server.max_body))
+        except BodyTooLarge as err:
+            return self._reply(413, _json({"error": str(err)}), "application/json")
         except (ValueError, OSError) as err:  # the caller's input (a bad npz is an OSError or ValueError)
             return self._reply(400, _json({"error": str(err)}), "application/json")
         except Exception as err:  # the policy failed (e.g. non-finite outputs): say so, keep serving
@@ -320,15 +356,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vla_ft.policy import VLAPolicy
 
     dtype = getattr(torch, args.dtype)
-    try:
-        policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
-    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
-        raise RecipeError(f"--{err}", "command line") from None
-    try:
-        server = PolicyServer(policy, args.host, args.port)
+    try:  # listen first: a bad --host or a taken --port is told before a model loads for minutes
+        server = PolicyServer(None, args.host, args.port)
     except OSError as err:  # the port is taken, or the address is not this machine's
         where, why = f"{args.host}:{args.port}", err.strerror or err
         raise RecipeError(f"{listen_flag(err)}: cannot listen on {where} ({why})", "command line") from None
+    try:
+        policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
+    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
+        server.server_close()
+        raise RecipeError(f"--{err}", "command line") from None
+    except BaseException:
+        server.server_close()
+        raise
+    server.attach(policy)
     print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
     sys.stdout.flush()
     with contextlib.suppress(KeyboardInterrupt):
