@@ -4,7 +4,9 @@ Random access into a video costs a seek plus decoding from the previous keyframe
 run reads every frame many times. The first access decodes the whole episode sequentially (the
 cheap way) and stores it; later accesses memory-map the file. Entries are written to a temporary
 name and renamed, so DataLoader workers that race on the same episode never see a partial file.
-The key hashes the video path, size and mtime, so a re-encoded video never hits a stale entry.
+The key hashes the video path, size and mtime, so a re-encoded video never hits a stale entry,
+plus the reader's ``extra``: whatever else picks the frames (LeRobot: the episode's segment start
+and a digest of its parquet timestamps, so re-synced timestamps never hit one either).
 """
 
 from __future__ import annotations

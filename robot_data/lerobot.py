@@ -12,6 +12,7 @@ file's whole image column.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -212,13 +213,14 @@ class LeRobotReader(Reader):
         self._decoder = VideoDecoder(video_tolerance_s)
         self._frame_cache = FrameCache(frame_cache) if frame_cache else None
         self._files: dict[Path, DataFile] = {}
+        self._stamps: dict[int, str] = {}  # episode -> digest of its timestamps, read with its data file
         # (data file, camera, row group) -> that group's image cells, least recently used first
         self._images: OrderedDict[tuple[Path, str, int], pa.ChunkedArray] = OrderedDict()
         self._image_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers rebuild caches lazily; shipping parquet columns through pickle would be slow.
-        return {**self.__dict__, "_files": {}, "_images": OrderedDict(), "_image_bytes": 0}
+        return {**self.__dict__, "_files": {}, "_stamps": {}, "_images": OrderedDict(), "_image_bytes": 0}
 
     def episodes(self) -> list[Episode]:
         return [Episode(e.index, e.length, e.tasks[0] if e.tasks else "") for e in self.meta.episodes]
@@ -295,9 +297,18 @@ class LeRobotReader(Reader):
             camera,
             episode.index,
             lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps),
-            extra=f"{ref.from_timestamp}|{len(timestamps)}",
+            extra=f"{ref.from_timestamp}|{self._stamps_digest(episode.index, timestamps)}",
         )
         return np.array(whole[list(frame_indices)])
+
+    def _stamps_digest(self, episode_index: int, timestamps: np.ndarray) -> str:
+        """A digest of an episode's timestamps (T,) for the frame cache key: the parquet's times pick
+        the frames, so re-synced times must miss the entries decoded at the old ones."""
+        if episode_index not in self._stamps:
+            self._stamps[episode_index] = hashlib.blake2b(
+                np.ascontiguousarray(timestamps, np.float64).tobytes()
+            ).hexdigest()[:16]
+        return self._stamps[episode_index]
 
     def _image_frames(self, episode: EpisodeMeta, data: DataFile, camera: str, rows: np.ndarray) -> np.ndarray:
         groups = np.searchsorted(data.group_starts, rows, side="right") - 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -236,6 +237,24 @@ def test_video_frame_cache(datasets, tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
     again = build_reader(fmt, **{**kwargs, "frame_cache": str(tmp_path / "cache")})
     assert np.array_equal(again.frames(4, CAMERA, range(LENGTH)), plain.frames(4, CAMERA, range(LENGTH)))
+
+
+def test_frame_cache_misses_after_the_timestamps_are_resynced(datasets, tmp_path):
+    """The parquet timestamps pick the frames: re-synced times (the videos untouched) must read the
+    frames at the new times through the cache, as a reader without cache does, not the old entry."""
+    path = tmp_path / "ds"
+    shutil.copytree(datasets["v3_h264"][1]["path"], path)
+    cached = {"path": str(path), "frame_cache": str(tmp_path / "cache")}
+    before = build_reader("lerobot", **cached).frames(1, CAMERA, range(LENGTH))  # fills the cache
+    data = build_reader("lerobot", path=str(path)).meta.episodes[1].data_path
+    table = pq.read_table(data)
+    stamps = table["timestamp"].to_numpy().copy()
+    rows = table["episode_index"].to_numpy() == 1
+    stamps[rows] = stamps[rows][::-1]  # the episode's frames re-synced in reverse order
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(stamps)), data)
+    plain = build_reader("lerobot", path=str(path)).frames(1, CAMERA, range(LENGTH))
+    assert not np.array_equal(plain, before)  # the edit moved the frames
+    np.testing.assert_array_equal(build_reader("lerobot", **cached).frames(1, CAMERA, range(LENGTH)), plain)
 
 
 class ThreeCameras(SyntheticReader):
