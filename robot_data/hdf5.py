@@ -353,7 +353,10 @@ class HDF5Reader(Reader):
         unique, inverse = np.unique(wanted, return_inverse=True)  # h5py wants increasing indices
         rows = data[unique] if len(unique) else np.zeros((0, *data.shape[1:]), data.dtype)
         if data.ndim == 2:  # ALOHA compressed: padded encoded images, one per row
-            rows = np.stack([_decode(r, f"{data.file.filename} {data.name}") for r in rows])
+            where = f"{data.file.filename} {data.name}"
+            if not len(rows):  # no frames, shaped as the episode's first decodes
+                return np.zeros((0, *(_decode(data[0], where).shape if len(data) else (0, 0, 3))), np.uint8)
+            rows = np.stack([_decode(r, where) for r in rows])
         return np.ascontiguousarray(rows[inverse], np.uint8)
 
 

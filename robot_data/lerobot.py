@@ -311,6 +311,8 @@ class LeRobotReader(Reader):
         return self._stamps[episode_index]
 
     def _image_frames(self, episode: EpisodeMeta, data: DataFile, camera: str, rows: np.ndarray) -> np.ndarray:
+        if not len(rows):  # no frames, shaped as the episode's first decodes (the feature's shape may be CHW)
+            return self._image_frames(episode, data, camera, data.rows[episode.index][:1])[:0]
         groups = np.searchsorted(data.group_starts, rows, side="right") - 1
         cells = [
             self._image_group(episode, data, camera, int(g))[int(r - data.group_starts[g])]

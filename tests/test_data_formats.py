@@ -257,6 +257,30 @@ def test_frame_cache_misses_after_the_timestamps_are_resynced(datasets, tmp_path
     np.testing.assert_array_equal(build_reader("lerobot", **cached).frames(1, CAMERA, range(LENGTH)), plain)
 
 
+def _rlds_reader(tmp_path):
+    from robot_data.rlds_writer import write_rlds
+
+    return build_reader("rlds", path=str(write_rlds(_source(), tmp_path / "rlds" / "1.0.0")), fps=10)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["v3_image", "v3_h264", "v3_av1", "v21_image", "v21_h264", "robomimic", "aloha", "aloha_png", "cached", "rlds"],
+)
+def test_no_frames_read_as_an_empty_batch_of_the_frame_shape(datasets, tmp_path, name):
+    """Zero frame indices -> (0, H, W, 3) uint8, H and W those of a frame the reader decodes, in every format."""
+    if name == "rlds":
+        reader = _rlds_reader(tmp_path)
+    elif name == "cached":
+        reader = build_reader("lerobot", **{**datasets["v3_av1"][1], "frame_cache": str(tmp_path / "cache")})
+    else:
+        reader, _ = _reader(datasets, name)
+    camera = reader.cameras[0]
+    for indices in ([], range(0), np.zeros(0, np.int64)):
+        empty = reader.frames(2, camera, indices)
+        assert empty.dtype == np.uint8 and empty.shape == (0, *reader.frames(2, camera, [3]).shape[1:])
+
+
 class ThreeCameras(SyntheticReader):
     """The synthetic episodes seen by three cameras (pixel (0, 0) tagged with the camera's number)."""
 
