@@ -58,7 +58,10 @@ DECODE_THREADS = 1
 """Decoder threads per open container. FFmpeg's default (0: one per core, plus one) would park
 cores+1 idle threads in each of the ``MAX_OPEN`` containers of each DataLoader worker (thousands
 on a large node, past many containers' process limits), and on one 224x224 H.264 frame it cost as
-much CPU as one thread or more; the loader's workers are the parallelism."""
+much CPU as one thread or more; the loader's workers are the parallelism. At 1, neither FFmpeg's
+H.264 decoder nor libdav1d (AV1) starts a thread, so a parent that decoded forks its DataLoader
+workers with no decoder thread alive: at 0, a forked child that frees or uses an inherited
+decoder waits forever on threads that exist only in the parent (tests/test_data_formats.py)."""
 
 
 class VideoDecoder:

@@ -9,6 +9,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import av
@@ -352,7 +354,59 @@ def test_video_files_stay_open_across_episodes(datasets, monkeypatch):
     assert len(os.listdir("/proc/self/task")) - threads < N_EPISODES
 
 
+def _decoder_threads() -> int:
+    """Threads of this process, as the kernel lists them (FFmpeg's and dav1d's too, unlike ``threading``)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("name", ["v3_h264", "v3_av1"])
+def test_decoding_starts_no_threads(datasets, name):
+    """A forked worker inherits no thread of its parent: had the parent's decoders threads (FFmpeg's
+    default, dav1d's too), a child freeing or using an inherited decoder would wait on them forever."""
+    reader, _ = _reader(datasets, name)
+    for ep in range(N_EPISODES):  # parquet first: pyarrow's thread pool starts on its first reads
+        reader.numeric(ep)
+    threads = _decoder_threads()
+    for ep in range(N_EPISODES):
+        reader.frames(ep, CAMERA, [0, LENGTH - 1])
+    assert len(reader._decoder._open) == 3  # the files stay open, their decoders with them
+    assert _decoder_threads() == threads
+
+
+def test_a_forked_child_can_close_and_reopen_the_decoders_it_inherited(datasets):
+    """The parent decodes AV1 and keeps its containers open; a forked child closes them (what the
+    cyclic GC of a worker may do), then decodes the same frames afresh. Under a timeout, looped:
+    a decoder thread alive in the parent at fork hangs the child here."""
+    reader, _ = _reader(datasets, "v3_av1")
+    want = {ep: reader.frames(ep, CAMERA, range(LENGTH)) for ep in range(N_EPISODES)}
+    for _ in range(3):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 1
+            try:
+                for container in list(reader._decoder._open.values()):
+                    container.close()
+                reader._decoder._open.clear()
+                same = all(np.array_equal(reader.frames(ep, CAMERA, range(LENGTH)), f) for ep, f in want.items())
+                code = 0 if same else 2
+            finally:
+                os._exit(code)
+        os.close(write)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.close(read)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a forked child hung closing or decoding the parent's AV1 containers")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 def test_video_reader_in_workers(datasets):
+    """Forked workers after the parent decoded (its containers open at fork), several times; the
+    loader's timeout turns a stalled worker into an error instead of a hung run."""
     reader, _ = _reader(datasets, "v3_av1")
     stats = compute_stats(reader, range(N_EPISODES))
     ds = RobotDataset(
@@ -360,9 +414,12 @@ def test_video_reader_in_workers(datasets):
     )
     from robot_data import collate
 
-    loaders = [torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=n) for n in (0, 2)]
-    for a, b in zip(*loaders, strict=True):
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["actions"], b["actions"])
+    want = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate))
+    assert reader._decoder._open  # the parent holds open decoders when the workers fork
+    for _ in range(3):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2, timeout=30)
+        for a, b in zip(want, loader, strict=True):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["actions"], b["actions"])
 
 
 def test_video_decoder_returns_the_nearest_frame_within_the_tolerance(tmp_path):
