@@ -243,13 +243,15 @@ def train_step(
     batches = list(moved) if pooled else moved  # ...unless the shares need them all first
     shares, defined = term_shares(run, batches) if pooled else (None, None)
     for i, batch in enumerate(batches):
-        with run.no_sync(last=i == n - 1), run.rt.autocast():
-            outputs = run.forward(batch)
-            total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
-        # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
-        # of every sample of the group (and of every rank).
-        loss = total / n
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        # The backward too: FSDP2 reads its sync flag when the gradients are reduced, DDP in the forward.
+        with run.no_sync(last=i == n - 1):
+            with run.rt.autocast():
+                outputs = run.forward(batch)
+                total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
+            # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
+            # of every sample of the group (and of every rank).
+            loss = total / n
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
         if model.master_weights is not None and not (reads_bf16 and n == 1):  # (n = 1: nothing to collect)
             # bf16 gradients -> fp32 masters, accumulated in fp32
             model.master_weights.collect_grads(keep_bf16=reads_bf16 and i == n - 1)
