@@ -222,6 +222,20 @@ def test_ddp_validation_metrics_are_those_of_one_process(single, ddp):
             assert two[key] == pytest.approx(one[key], rel=1e-4, nan_ok=True), (one["step"], key)
 
 
+def test_ddp_training_metrics_are_pooled_over_the_ranks_as_one_process(single, ddp):
+    """The ranks' batches hold different numbers of language target tokens: the logged metric/* was
+    the mean of the ranks' ratios. Each step's counts are summed over the ranks (and micro-batches),
+    so the log holds one process's metric of the global batch."""
+    rows = {}
+    for name, run_dir in (("single", single), ("ddp", ddp[0])):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows[name] = {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(rows["ddp"]) == sorted(rows["single"]) == list(range(1, 10))
+    for step, one in rows["single"].items():
+        for key in ("metric/token_acc", "metric/perplexity"):
+            assert rows["ddp"][step][key] == pytest.approx(one[key], rel=1e-4), (step, key)
+
+
 def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
     run_dir, _ = ddp
     recipe = load_recipe(QUICKSTART, [*RECIPE, f"output_dir={run_dir}"])

@@ -20,7 +20,9 @@ Equivalence with one process: the sampler gives W processes with batch B the sam
 process sees with batch B*W, and DDP/FSDP average gradients over ranks. Each rank's masked
 terms (padded chunk steps, variable-length language targets) are scaled by their share of the
 valid elements of every rank (``vla_ft.train.term_shares``, one small all-reduce per step), so
-that average is the single-process gradient, not a mean of per-rank means. Frozen parameters
+that average is the single-process gradient, not a mean of per-rank means. The logged
+``metric/*`` are pooled alike: each step's counts are summed over the ranks (another small
+all-reduce, :mod:`vla_ft.train_metrics`), so every rank logs the global value. Frozen parameters
 are never registered with DDP; a trainable parameter that gets no gradient in a step (a zero-weight term's head)
 is tolerated through ``distributed.find_unused_parameters`` (on by default).
 
