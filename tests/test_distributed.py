@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from conftest import QUICKSTART, TINY, WIDE_LM
@@ -78,18 +79,47 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict
     torch.set_num_threads(1)
     runs = []
     extensions.INSTALLERS.append(runs.append)  # after distributed.install: sees the wrapped run
+    reduce_scatters = _count_reduce_scatters(runs)
     if faults:
         extensions.INSTALLERS.append(lambda run: _inject(run, faults))
     main(load_recipe(QUICKSTART, overrides))
     run = runs[0]
     report = {"step": run.state.step, "skipped": run.state.skipped}
     report["loss_state"] = {k: v.tolist() for k, v in run.loss_fn.state_dict().items()}  # DWA, log-variances
+    report["reduce_scatters"] = reduce_scatters
     if run.recipe.distributed.strategy == "ddp":  # FSDP ranks hold different shards
         digest = hashlib.sha256()
         for value in run.model.state_dict().values():
             digest.update(value.detach().contiguous().numpy().tobytes())
         report["digest"] = digest.hexdigest()
     (Path(run.run_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _count_reduce_scatters(runs: list) -> list[int]:
+    """Reduce-scatters (FSDP2's gradient reduction) in each training micro-batch, counted from its
+    forward to the next one's (the step's update in between reduces nothing this way), in this
+    forked rank only. FSDP2 calls ``dist.reduce_scatter_single`` through the module at call time."""
+    counts: list[int] = []
+    real = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        if counts:
+            counts[-1] += 1
+        return real(*args, **kwargs)
+
+    def watch(run) -> None:
+        forward = run.forward
+
+        def forward_counted(batch):
+            if run.model.training:  # validation forwards have no backward
+                counts.append(0)
+            return forward(batch)
+
+        run.forward = forward_counted
+
+    dist.reduce_scatter_single = counted
+    extensions.INSTALLERS.append(watch)
+    return counts
 
 
 def _inject(run, faults: dict[str, int]) -> None:
@@ -190,6 +220,20 @@ def test_ddp_validation_metrics_are_those_of_one_process(single, ddp):
         assert math.exp(one["val/loss/language"]) == pytest.approx(one["val/perplexity"], rel=1e-5)
         for key in keys:
             assert two[key] == pytest.approx(one[key], rel=1e-4, nan_ok=True), (one["step"], key)
+
+
+def test_ddp_training_metrics_are_pooled_over_the_ranks_as_one_process(single, ddp):
+    """The ranks' batches hold different numbers of language target tokens: the logged metric/* was
+    the mean of the ranks' ratios. Each step's counts are summed over the ranks (and micro-batches),
+    so the log holds one process's metric of the global batch."""
+    rows = {}
+    for name, run_dir in (("single", single), ("ddp", ddp[0])):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows[name] = {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(rows["ddp"]) == sorted(rows["single"]) == list(range(1, 10))
+    for step, one in rows["single"].items():
+        for key in ("metric/token_acc", "metric/perplexity"):
+            assert rows["ddp"][step][key] == pytest.approx(one[key], rel=1e-4), (step, key)
 
 
 def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
@@ -293,9 +337,14 @@ def test_a_second_stage_under_ddp_trains_as_one_process(single, tmp_path, capsys
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
-    run_dir = tmp_path / "fsdp"
-    ranks = train_2_processes(run_dir, [*RECIPE, "train.batch_size=2", "distributed.strategy=fsdp"])
+@pytest.fixture(scope="module")
+def fsdp(single, tmp_path_factory) -> tuple[Path, list[dict]]:
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    return run_dir, train_2_processes(run_dir, [*RECIPE, "train.batch_size=2", "distributed.strategy=fsdp"])
+
+
+def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, fsdp, tmp_path):
+    run_dir, ranks = fsdp
     assert ranks[0] == ranks[1] and (ranks[0]["step"], ranks[0]["skipped"]) == (9, 0)
     assert_losses_match(losses(run_dir), losses(single), range(1, 10))
     ckpt = run_dir / "checkpoints" / "step_000009"
@@ -313,6 +362,34 @@ def test_fsdp_matches_resumes_on_one_process_and_consolidates(single, tmp_path):
     model, _ = load_model(ckpt)  # strict load: tied LM embeddings are stored once, as save_model does
     loaded, saved = model.state_dict(), weights(run_dir, 9)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_fsdp_accumulation_reduce_scatters_once_per_step(single, fsdp, tmp_path):
+    """FSDP2 has no ``no_sync()`` (DDP's, which the loop looked for): every micro-batch reduce-scattered
+    its gradients, right but ``optim.accumulation`` times the communication. With accumulation 2 the
+    first micro-batch of a step reduces nothing and the last one what a step without accumulation does
+    (the same units, each once), and the run still trains as one process with the global batch."""
+    run_dir = tmp_path / "accumulated"
+    split = ["train.batch_size=1", "optim.accumulation=2", "distributed.strategy=fsdp"]
+    ranks = train_2_processes(run_dir, [*RECIPE, *split])
+    assert ranks[0]["reduce_scatters"] == ranks[1]["reduce_scatters"]
+    per_micro, per_step = ranks[0]["reduce_scatters"], fsdp[1][0]["reduce_scatters"]
+    assert len(per_micro) == 2 * len(per_step) == 18 and min(per_step) > 0
+    assert per_micro[0::2] == [0] * 9  # not the last micro-batch: no communication
+    assert per_micro[1::2] == per_step
+    assert_losses_match(losses(run_dir), losses(single), range(1, 10))
+    merged = distributed.consolidate(run_dir / "checkpoints" / "step_000009", out=tmp_path / "merged.safetensors")
+    assert max_weight_diff(load_file(str(merged)), weights(single, 9)) < WEIGHT_ATOL
+
+
+def test_fsdp_gradient_sync_is_back_on_after_a_micro_batch_that_raises():
+    """A micro-batch that raises (or a step skipped after it) must not leave FSDP2 reducing nothing."""
+    calls: list[bool] = []
+    run = SimpleNamespace(model=SimpleNamespace(set_requires_gradient_sync=calls.append))
+    with pytest.raises(RuntimeError, match="backward failed"), distributed.paused_gradient_sync(run):
+        assert calls == [False]
+        raise RuntimeError("backward failed")
+    assert calls == [False, True]
 
 
 def test_fsdp_checkpoint_resumes_on_one_process_with_bf16_weights(tmp_path):

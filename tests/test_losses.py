@@ -21,7 +21,7 @@ from vla_ft.config import (
     TermWeights,
 )
 from vla_ft.loss_weighting import KENDALL_SCALE, TERMS, ramp_weight
-from vla_ft.losses import CompositeLoss
+from vla_ft.losses import METRIC_STATS, CompositeLoss, term_metrics
 from vla_ft.tracking import Averager
 
 B, C, A, V = 3, 4, 5, 7
@@ -174,6 +174,31 @@ def test_gripper_matches_reference(closed_is_high: bool, pos_weight: float | Non
     assert parts["metric/gripper_transition_acc"].item() == pytest.approx(ref["tacc"])
 
 
+def test_summed_metric_counts_give_the_metrics_of_the_joined_batches() -> None:
+    """What the trainer pools over micro-batches (``stat/*``): the metrics of two batches with
+    different numbers of valid steps and target tokens, as the plain references compute them over
+    both together (a mean of the two batches' ratios is not that)."""
+    loss = CompositeLoss(make_cfg(), A, C, True)
+    micro = [make_inputs(seed) for seed in (0, 1)]
+    micro[1][1]["action_mask"][0] = False  # 3 valid steps fewer in the second batch
+    micro[1][0]["lm_labels"][[0, 2, 3]] = -100  # and 3 target tokens fewer
+    parts = [loss(outputs, batch)[1] for outputs, batch in micro]
+    summed = {k[len("stat/") :]: parts[0][k] + parts[1][k] for k in parts[0] if k.startswith("stat/")}
+    joined = [{k: torch.cat([m[i][k] for m in micro]) for k in micro[0][i]} for i in (0, 1)]
+    outputs, batch = joined
+    _, acc, ppl = ref_language(outputs["lm_logits"], outputs["lm_labels"], 0.0)
+    raw = batch["actions"][..., GRIP].double()
+    grip = ref_gripper(outputs["gripper_logits"], raw, batch["action_mask"], 0.5, True, 1.0)
+    got = {**term_metrics("language", summed), **term_metrics("gripper", summed)}
+    assert got["metric/token_acc"].item() == pytest.approx(acc)
+    assert got["metric/perplexity"].item() == pytest.approx(ppl, rel=1e-5)
+    assert got["metric/gripper_acc"].item() == pytest.approx(grip["acc"])
+    assert got["metric/gripper_f1"].item() == pytest.approx(grip["f1"])
+    assert got["metric/gripper_transition_acc"].item() == pytest.approx(grip["tacc"])
+    mean = (parts[0]["metric/gripper_acc"] + parts[1]["metric/gripper_acc"]) / 2
+    assert mean.item() != pytest.approx(grip["acc"])  # the data tells pooling from averaging
+
+
 def test_a_nan_gripper_logit_is_scored_as_validation_scores_it() -> None:
     """A NaN logit is neither open nor closed: training's metric/gripper_* leave it out, as
     validation's ActionMetrics (the independent reference here, with a loop) does; ``NaN > 0`` read it
@@ -306,7 +331,7 @@ def test_forward_contract_and_autocast_fp32() -> None:
     assert set(parts) == {
         "loss/language", "loss/action", "loss/gripper", "weight/language", "weight/action", "weight/gripper",
         "metric/token_acc", "metric/perplexity", "metric/gripper_acc", "metric/gripper_f1",
-        "metric/gripper_transition_acc",
+        "metric/gripper_transition_acc", *(f"stat/{n}" for t in ("language", "gripper") for n in METRIC_STATS[t]),
     }  # fmt: skip
     assert all(v.dim() == 0 and not v.requires_grad for v in parts.values())
     torch.testing.assert_close(total, loss.combine(terms))

@@ -75,6 +75,54 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_their_sampl
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
 
 
+METRICS = ("gripper_acc", "gripper_f1", "gripper_transition_acc", "token_acc", "perplexity")
+
+
+def test_accumulated_micro_batches_log_the_metrics_of_one_batch_of_their_samples(tmp_path):
+    """The logged metric/* of a step were the unweighted mean of each micro-batch's ratio: with
+    micro-batches holding different numbers of target tokens and of valid (unpadded) action steps,
+    not the metric of the step's samples. They are pooled by their counts, as the losses are."""
+    run = tiny_run(tmp_path / "run", "optim.accumulation=2", "train.batch_size=3", "data.chunk=4")
+    batches = list(itertools.islice(iter(run.train_loader), 6))
+    counts = [run.loss_fn.counts(b) for b in batches]
+    b1, b2 = next(
+        (batches[0], b)
+        for b, c in zip(batches, counts, strict=True)
+        if c["language"] != counts[0]["language"] and c["gripper"] != counts[0]["gripper"]
+    )
+    run.model.train()
+    run.loss_fn.train()
+    whole = one_batch(run, [b1, b2])
+    with torch.no_grad():  # the reference: the loss's metrics of one batch of all the samples
+        expected = run.loss_fn(run.model(whole), whole)[1]
+    got = train_step(run, [b1, b2]).parts
+    for name in METRICS:
+        key = f"metric/{name}"
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+    assert not any(k.startswith("stat/") for k in got)  # counts are pooled, not logged
+
+
+def test_a_run_with_accumulation_logs_the_metrics_of_one_with_the_whole_batch(tmp_path):
+    """Batch 3 x accumulation 2 and batch 6 x 1 see the same samples at every step (same seed, the same
+    weights up to rounding): their logged training metrics agree, as their losses do. The second step's
+    micro-batches hold 10 and 12 target tokens, 5 and 12 valid gripper steps (padded chunk ends)."""
+    rows = {}
+    for name, split in (
+        ("accumulated", ["train.batch_size=3", "optim.accumulation=2"]),
+        ("whole", ["train.batch_size=6"]),
+    ):
+        run = tiny_run(tmp_path / name, *split, "data.chunk=4", "train.steps=3", "checkpoint.every=0")
+        fit(run)
+        run.logger.close()
+        rows[name] = [r for r in metric_rows(tmp_path / name) if "loss" in r]
+    assert [r["step"] for r in rows["accumulated"]] == [r["step"] for r in rows["whole"]] == [1, 2, 3]
+    for one, two in zip(rows["whole"], rows["accumulated"], strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        for name in METRICS:
+            key = f"metric/{name}"
+            assert two[key] == pytest.approx(one[key], rel=1e-5, nan_ok=True), (one["step"], key)
+
+
 def test_gradnorm_diagnostics_are_computed_once_per_step_and_logged(tmp_path, monkeypatch):
     calls = []
     norms = CompositeLoss.term_grad_norms

@@ -12,13 +12,17 @@ on_freeze_change   DDP only: re-wrap, so a staged unfreeze registers the new par
 clip_grad_norm     averages what lives outside the wrapper (the loss's learned log-variances
                    and DWA statistics), then clips by the global norm (sharded under FSDP)
 reduce_metrics     mean over ranks of logged values, so rank 0 logs the global numbers
+no_sync            FSDP2 only (DDP has ``no_sync()``): no reduce-scatter on all but the last
+                   micro-batch of a step (:func:`paused_gradient_sync`)
 =================  ==========================================================================
 
 Equivalence with one process: the sampler gives W processes with batch B the samples one
 process sees with batch B*W, and DDP/FSDP average gradients over ranks. Each rank's masked
 terms (padded chunk steps, variable-length language targets) are scaled by their share of the
 valid elements of every rank (``vla_ft.train.term_shares``, one small all-reduce per step), so
-that average is the single-process gradient, not a mean of per-rank means. Frozen parameters
+that average is the single-process gradient, not a mean of per-rank means. The logged
+``metric/*`` are pooled alike: each step's counts are summed over the ranks (another small
+all-reduce, :mod:`vla_ft.train_metrics`), so every rank logs the global value. Frozen parameters
 are never registered with DDP; a trainable parameter that gets no gradient in a step (a zero-weight term's head)
 is tolerated through ``distributed.find_unused_parameters`` (on by default).
 
@@ -44,10 +48,12 @@ same global batch (adjust ``train.batch_size``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +83,7 @@ def install(run: Run) -> None:
     else:
         shard_fsdp(run)
         run.hooks.stage_model_state = stage_dcp_state
+        run.hooks.no_sync = paused_gradient_sync
     run.hooks.clip_grad_norm = clip_grad_norm
     run.hooks.reduce_metrics = mean_over_ranks
     if rt.is_main:
@@ -144,6 +151,21 @@ def shard_fsdp(run: Run) -> None:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     rebind_optimizer(run.optimizer, names, dict(model.named_parameters()))
+
+
+@contextlib.contextmanager
+def paused_gradient_sync(run: Run) -> Iterator[None]:
+    """FSDP2's ``no_sync``: the block's backward keeps its unsharded gradients, to be added to the
+    next micro-batch's and reduce-scattered once, with the last one (not once per micro-batch).
+
+    The flag is back on when the block ends, also when it raises, so the last micro-batch of the
+    step, and every step after an error or a skip, reduces its gradients.
+    """
+    run.model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        run.model.set_requires_gradient_sync(True)
 
 
 def rebind_optimizer(opt: torch.optim.Optimizer, old_names: dict[int, str], new: dict[str, nn.Parameter]) -> None:

@@ -18,6 +18,9 @@ Contract: ``CompositeLoss.forward(outputs, batch, share=None) -> (total, parts)`
            weight/<term>     effective weight applied to loss/<term>
            metric/token_acc, metric/perplexity                               (language computed)
            metric/gripper_acc, metric/gripper_f1, metric/gripper_transition_acc  (gripper computed)
+           stat/<name>       the counts those metrics are ratios of (:data:`METRIC_STATS`): summed
+                             over micro-batches (and ranks), :func:`term_metrics` gives the metrics
+                             of one batch of all their samples (the trainer's log pools them)
            gradnorm/<term>, gradnorm_weighted/<term>   on the watched layer, every grad_norm_every steps
            A metric is NaN where undefined (no target token, no valid step, no transition).
 
@@ -68,11 +71,13 @@ ACTION_LOSSES: dict[str, Callable[[ActionLossConfig], ElementLoss]] = {
 
 @dataclass
 class TermResult:
-    """One term: its masked mean, its (weighted) valid count, and its detached metrics."""
+    """One term: its masked mean, its (weighted) valid count, its detached metrics and the counts
+    they are ratios of (``stats``: :data:`METRIC_STATS`)."""
 
     value: Tensor
     count: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- checks and helpers
@@ -138,6 +143,53 @@ def gripper_labels(raw: Tensor, threshold: float, closed_is_high: bool) -> Tenso
     return high if closed_is_high else ~high
 
 
+# ----------------------------------------------------------------------------- metrics from counts
+METRIC_STATS: dict[str, tuple[str, ...]] = {
+    "language": ("tokens", "token_hits", "token_nll"),
+    "gripper": (
+        "gripper_scored",
+        "gripper_hits",
+        "gripper_tp2",
+        "gripper_f1_den",
+        "gripper_transitions",
+        "gripper_transition_hits",
+    ),
+}
+"""Per term with ``metric/*`` values, the 0-dim sums they are computed from (:func:`term_metrics`).
+A metric is a ratio, so the mean of micro-batch metrics is not the metric of their samples (a
+micro-batch with 2 target tokens would weigh as much as one with 20); summed counts are."""
+
+
+def language_metrics(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Token accuracy and perplexity from the target tokens (``tokens``), the right ones
+    (``token_hits``) and their summed unsmoothed cross-entropy (``token_nll``)."""
+    n = s["tokens"]
+    return {
+        "metric/token_acc": _defined(_divide(s["token_hits"], n), n),
+        "metric/perplexity": _defined(torch.exp(_divide(s["token_nll"], n)), n),
+    }
+
+
+def gripper_metrics(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Accuracy, F1 (closed = positive) and transition accuracy from the scored steps, the right ones,
+    2 TP, 2 TP + FP + FN, the transitions and the right transitions (see :func:`gripper_term`)."""
+    n, f1_den = s["gripper_scored"], s["gripper_f1_den"]
+    # F1 is 1 with no closed step and none predicted; every metric without a scored step, and
+    # transition accuracy without a transition, is undefined (NaN, left out of the logged mean).
+    f1 = torch.where(f1_den > 0, _divide(s["gripper_tp2"], f1_den), 1.0)
+    return {
+        "metric/gripper_acc": _defined(_divide(s["gripper_hits"], n), n),
+        "metric/gripper_f1": _defined(f1, n),
+        "metric/gripper_transition_acc": s["gripper_transition_hits"] / s["gripper_transitions"],
+    }
+
+
+def term_metrics(term: str, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The ``metric/*`` values of ``term`` from its :data:`METRIC_STATS` counts (one batch's, or
+    sums over several: the metrics of all their samples together)."""
+    return {"language": language_metrics, "gripper": gripper_metrics}[term](stats)
+
+
 # ----------------------------------------------------------------------------- the three terms
 def language_term(logits: Tensor, labels: Tensor, label_smoothing: float) -> TermResult:
     """Cross-entropy at the supervised positions. logits: (N, V), labels: (N,) int64 with -100 ignored."""
@@ -159,11 +211,8 @@ def language_term(logits: Tensor, labels: Tensor, label_smoothing: float) -> Ter
         plain = functools.partial(F.cross_entropy, ignore_index=IGNORE_INDEX, reduction="none")
         nll = ce if label_smoothing == 0 else plain(logits, labels)
         hits = (logits.argmax(dim=-1) == labels) & valid
-        metrics = {
-            "metric/token_acc": _defined(_divide(hits.sum().to(count.dtype), count), count),
-            "metric/perplexity": _defined(torch.exp(_divide(nll.sum(), count)), count),
-        }
-    return TermResult(value, count, metrics)
+        stats = {"tokens": count, "token_hits": hits.sum().to(count.dtype), "token_nll": nll.sum()}
+    return TermResult(value, count, language_metrics(stats), stats)
 
 
 def action_term(pred: Tensor, target: Tensor, mask: Tensor, weights: Tensor, loss_fn: ElementLoss) -> TermResult:
@@ -207,16 +256,15 @@ def gripper_term(logits: Tensor, labels: Tensor, mask: Tensor, pos_weight: Tenso
         tp, fp, fn = ((pred & labels & scored).sum(), (pred & ~labels & scored).sum(), (~pred & labels & scored).sum())
         # a label change between two valid steps; scored where the later step's prediction is not NaN
         trans = (labels[:, 1:] != labels[:, :-1]) & mask[:, 1:] & mask[:, :-1] & scored[:, 1:]
-        f1_den, n_trans = (2 * tp + fp + fn).to(count.dtype), trans.sum().to(count.dtype)
-        # F1 is 1 with no closed step and none predicted; every metric without a scored step, and
-        # transition accuracy without a transition, is undefined (NaN, left out of the logged mean).
-        f1 = torch.where(f1_den > 0, _divide((2 * tp).to(count.dtype), f1_den), 1.0)
-        metrics = {
-            "metric/gripper_acc": _defined(_divide((correct & scored).sum().to(count.dtype), n_scored), n_scored),
-            "metric/gripper_f1": _defined(f1, n_scored),
-            "metric/gripper_transition_acc": (correct[:, 1:] & trans).sum().to(count.dtype) / n_trans,
+        stats = {
+            "gripper_scored": n_scored,
+            "gripper_hits": (correct & scored).sum().to(count.dtype),
+            "gripper_tp2": (2 * tp).to(count.dtype),
+            "gripper_f1_den": (2 * tp + fp + fn).to(count.dtype),
+            "gripper_transitions": trans.sum().to(count.dtype),
+            "gripper_transition_hits": (correct[:, 1:] & trans).sum().to(count.dtype),
         }
-    return TermResult(value, count, metrics)
+    return TermResult(value, count, gripper_metrics(stats), stats)
 
 
 # ----------------------------------------------------------------------------- configuration checks
@@ -491,6 +539,7 @@ class CompositeLoss(nn.Module):
         parts = {f"loss/{k}": v.detach() for k, v in values.items()}
         for r in results.values():
             parts.update(r.metrics)
+            parts.update({f"stat/{k}": v for k, v in r.stats.items()})
         parts.update({f"weight/{k}": w for k, w in self.weighting.effective_weights(list(results), device).items()})
         return parts
 

@@ -57,6 +57,7 @@ class RunHooks:
     on_freeze_change: Callable[[Run], None] | None = None
     clip_grad_norm: Callable[[Run, float], torch.Tensor] | None = None
     reduce_metrics: Callable[[Run, dict[str, float]], dict[str, float]] | None = None
+    no_sync: Callable[[Run], contextlib.AbstractContextManager] | None = None  # FSDP2: no .no_sync() to call
     perf_metrics: Callable[[Run, int, float], dict[str, float]] | None = None
     stage_model_state: Callable[[Run], Any] | None = None  # FSDP: gather the shards for a checkpoint
     flop_meter: Any = None  # vla_ft.flops.FlopMeter, counting FLOPs for perf/mfu
@@ -93,11 +94,15 @@ class Run:
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return (self.wrapped or self.model)(batch)
 
-    def no_sync(self, last: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        if self.wrapped is not None and not last and hasattr(self.wrapped, "no_sync"):
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient reduction (DDP's all-reduce, FSDP's reduce-scatter) on all but the last
+        micro-batch of a step: the micro-batch's forward and backward run inside."""
+        if last:
+            return contextlib.nullcontext()
+        if self.wrapped is not None and hasattr(self.wrapped, "no_sync"):
             return self.wrapped.no_sync()
-        return contextlib.nullcontext()
+        hook = self.hooks.no_sync
+        return hook(self) if hook is not None else contextlib.nullcontext()
 
     def trainable_params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]

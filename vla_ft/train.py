@@ -34,6 +34,7 @@ from vla_ft.run_setup import Run, setup, teardown
 from vla_ft.run_state import TrainState, save_training_checkpoint
 from vla_ft.signals import StopRequest, TrainingHalted, record_skip
 from vla_ft.tracking import Averager, TrainWindow, summary_line
+from vla_ft.train_metrics import metric_terms, pooled_metrics, split_stats
 
 __all__ = ["StepLoop", "TrainingHalted", "evaluate", "fit", "main", "train_step"]
 
@@ -42,7 +43,8 @@ Group = list[dict[str, torch.Tensor]]
 
 @dataclass
 class StepResult:
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # micro-batch means: loss, loss/<term>, ...
+    # micro-batch means: loss, loss/<term>, ...; metric/* pooled over micro-batches and ranks (train_metrics)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
     grad_norm: torch.Tensor | None = None  # total norm before clipping (unscaled under fp16)
     applied: bool | None = True  # False: skipped (non-finite, or an fp16 overflow); None: flags not read yet
     samples: int = 0  # this rank's samples in the group
@@ -235,7 +237,7 @@ def train_step(
     model.train()  # frozen modules stay in eval (VLA.train)
     run.loss_fn.train()
     model.wants_language = r.data.language_target != "none" and run.loss_fn.wants("language")
-    parts, n, samples = Averager(), len(group), 0
+    parts, stats, n, samples = Averager(), [], len(group), 0
     fused = queues_step(run)
     reads_bf16 = fused and isinstance(opt, MasterAdamW)  # the last micro-batch's bf16 gradients stay
     pooled = pools_terms(run, group)  # the shares need every micro-batch's counts first
@@ -243,21 +245,26 @@ def train_step(
     batches = list(moved) if pooled else moved  # ...unless the shares need them all first
     shares, defined = term_shares(run, batches) if pooled else (None, None)
     for i, batch in enumerate(batches):
-        with run.no_sync(last=i == n - 1), run.rt.autocast():
-            outputs = run.forward(batch)
-            total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
-        # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
-        # of every sample of the group (and of every rank).
-        loss = total / n
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        # The backward too: FSDP2 reads its sync flag when the gradients are reduced, DDP in the forward.
+        with run.no_sync(last=i == n - 1):
+            with run.rt.autocast():
+                outputs = run.forward(batch)
+                total, terms = run.loss_fn(outputs, batch, None if shares is None else shares[i])
+            # Each micro-batch counts 1/n; with the shares, the step's gradient is that of one batch
+            # of every sample of the group (and of every rank).
+            loss = total / n
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
         if model.master_weights is not None and not (reads_bf16 and n == 1):  # (n = 1: nothing to collect)
             # bf16 gradients -> fp32 masters, accumulated in fp32
             model.master_weights.collect_grads(keep_bf16=reads_bf16 and i == n - 1)
-        parts.add({"loss": total, **terms})
+        logged, counts = split_stats(terms)  # metric/*: from the counts of every micro-batch and rank
+        parts.add({"loss": total, **logged})
+        stats.append(counts)
         samples += batch["actions"].shape[0]
     if defined is None:  # one micro-batch in one process: its own counts say
         defined = {k: c > 0 for k, c in term_counts(run, batch).items()}
-    result = StepResult(parts.mean_values(), samples=samples, defined=defined)
+    metrics = pooled_metrics(metric_terms(model.wants_language, run.loss_fn), stats, run.rt.all_sum, run.rt.device)
+    result = StepResult({**parts.mean_values(), **metrics}, samples=samples, defined=defined)
     if run.scaler:
         run.scaler.unscale_(opt)
     clip = r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
