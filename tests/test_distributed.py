@@ -236,6 +236,21 @@ def test_ddp_training_metrics_are_pooled_over_the_ranks_as_one_process(single, d
             assert rows["ddp"][step][key] == pytest.approx(one[key], rel=1e-4), (step, key)
 
 
+def test_ddp_accumulation_trains_as_one_process_with_the_global_batch(single, tmp_path):
+    """2 processes x batch 1 x accumulation 2: the first micro-batch's backward runs under DDP's
+    ``no_sync`` (gradients kept local), the last one's all-reduces the sum, so the update is one
+    process's with batch 4, metrics pooled over micro-batches and ranks alike."""
+    run_dir = tmp_path / "accumulated"
+    ranks = train_2_processes(run_dir, [*RECIPE, "train.batch_size=1", "optim.accumulation=2"])
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == 9  # bit-identical weights on both ranks
+    assert_losses_match(losses(run_dir), losses(single), range(1, 10))
+    assert max_weight_diff(weights(run_dir, 9), weights(single, 9)) < WEIGHT_ATOL
+    one, two = ([json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, run_dir))
+    one, two = ({r["step"]: r for r in rows if "loss" in r} for rows in (one, two))
+    for step in range(1, 10):
+        assert two[step]["metric/token_acc"] == pytest.approx(one[step]["metric/token_acc"], rel=1e-4), step
+
+
 def test_staged_unfreeze_and_unused_head_under_ddp(ddp):
     run_dir, _ = ddp
     recipe = load_recipe(QUICKSTART, [*RECIPE, f"output_dir={run_dir}"])
