@@ -464,3 +464,43 @@ def test_the_table_of_a_resumed_sweep_agrees_with_tensorboard(tmp_path, monkeypa
         assert float(row["samples_per_s"]) == pytest.approx(statistics.median(rates), rel=1e-6)
         finals[name] = val[-1][1]
     assert finals["full"] > 100 > finals["frozen_vision"]  # the stale +100 of the crashed segment is gone
+
+
+def test_a_logged_infinity_reads_back_as_tensorboard_keeps_it(tmp_path):
+    """metrics.jsonl wrote inf as null, which reads back as NaN ("undefined for this batch"), while
+    TensorBoard, written by the same log call, kept inf: a diverged variant's final value read nan.
+    TensorBoard's event files are the independent record: every value read back from
+    metrics.jsonl, by the reader and the table, is TensorBoard's, the infinities and NaN apart."""
+    import math
+
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vla_ft.tracking import MetricsLogger
+
+    run = tmp_path / "diverged"
+    run.mkdir()
+    logger = MetricsLogger(run, tensorboard=True)
+    logger.log(2, {"loss": 0.5, "val/action_l1": 0.25, "metric/gripper_transition_acc": math.nan})
+    logger.log(4, {"loss": math.inf, "val/action_l1": math.inf, "optim/log_ratio": -math.inf})
+    logger.close()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for key in events.Tags()["scalars"]:
+        board = [(e.step, e.value) for e in events.Scalars(key)]
+        logged = [(r["step"], r[key]) for r in ablate_table.read_rows(run) if key in r]
+        np.testing.assert_array_equal(np.array(logged, float), np.array(board, float), err_msg=key)  # NaN == NaN here
+    final = events.Scalars("val/action_l1")[-1].value
+    row = ablate_table.summary_row("diverged", run, "val/action_l1", "min")
+    assert row["final val/action_l1"] == final and math.isinf(final)
+    assert row["best val/action_l1"] == events.Scalars("val/action_l1")[0].value and row["best_step"] == 2
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not strict JSON")
+
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    # a file written before the infinities were spelled out: its nulls still read as NaN
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": null, "val/action_l1": 0.5}\n')
+    (old,) = ablate_table.read_rows(run)
+    assert math.isnan(old["loss"]) and old["val/action_l1"] == 0.5

@@ -478,3 +478,38 @@ def test_a_lerobot_checkpoint_evaluated_on_its_rlds_copy_scores_the_same(tmp_pat
     assert on_rlds["metrics"].keys() == on_lerobot["metrics"].keys()
     for key, value in on_lerobot["metrics"].items():
         assert on_rlds["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(tmp_path, capsys):
+    """A checkpoint did not record its data's rate: evaluated on a copy read at another fps, each
+    predicted chunk (chunk / fps seconds) was scored against frames of another time, silently.
+    model_meta.json now holds the rate of the data trained on (here the LeRobot dataset's own,
+    meta/info.json); eval refuses another one naming data.fps and both rates, unless
+    --allow-fps-mismatch; a checkpoint written before the rate was recorded is evaluated as before."""
+    from robot_data.lerobot_writer import write_lerobot
+    from robot_data.rlds_writer import write_rlds
+
+    source = SyntheticReader(episodes=4, episode_length=8, image_size=32, seed=0)
+    lerobot = write_lerobot(source, tmp_path / "lerobot", video=False)
+    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
+    run_dir = tmp_path / "run"
+    data = ["data.format=lerobot", f"data.path={lerobot}", "data.text_key=narration"]
+    train.main(load_recipe(QUICKSTART, [*TINY, *data, "train.steps=1", "checkpoint.every=1", f"output_dir={run_dir}"]))
+    trained = json.loads((Path(lerobot) / "meta" / "info.json").read_text())["fps"]
+    meta_path = run_dir / "checkpoints" / "step_000001" / "model_meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["fps"] == trained
+    other = trained * 2
+    argv = ["eval", str(run_dir), "data.format=rlds", f"data.path={rlds}", "--out", str(tmp_path / "eval")]
+    assert cli([*argv, f"data.fps={trained:g}"]) == 0  # the trained rate: evaluated
+    capsys.readouterr()
+    assert cli([*argv, f"data.fps={other:g}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.fps:" in err and f"{other:g} Hz" in err and f"{trained:g} Hz" in err and "--allow-fps-mismatch" in err
+    assert "Traceback" not in err, err
+    assert cli([*argv, f"data.fps={other:g}", "--allow-fps-mismatch"]) == 0
+    assert "warning: data.fps:" in capsys.readouterr().err
+    del meta["fps"]  # a checkpoint written before the rate was recorded
+    meta_path.write_text(json.dumps(meta))
+    assert cli([*argv, f"data.fps={other:g}"]) == 0
+    assert "data.fps" not in capsys.readouterr().err

@@ -148,7 +148,9 @@ def test_peft_opens_our_adapter_on_a_freshly_loaded_base_lm(tmp_path, variant):
     recipe, model = _lora_model(tmp_path, f"model.language.name={tmp_path / 'lm'}", "model.language.config={}", *extra)
     _perturb_adapters(model.language_model)
     run = SimpleNamespace(
-        model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[])
+        model=model,
+        recipe=recipe,
+        data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[], reader=SimpleNamespace(fps=10.0)),
     )
     write_model_files(run, tmp_path / "ckpt")
 
@@ -193,7 +195,9 @@ def test_vision_lora_adapters_train_and_are_saved_in_peft_format(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     _perturb_adapters(model.vision_encoder)
     run = SimpleNamespace(
-        model=model, recipe=recipe, data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[])
+        model=model,
+        recipe=recipe,
+        data=SimpleNamespace(cameras=["observation.images.top"], prompt_prefix=[], reader=SimpleNamespace(fps=10.0)),
     )
     write_model_files(run, tmp_path / "ckpt")
     fresh = tiny_vit(seed=123)

@@ -195,7 +195,8 @@ def test_a_dict_of_cameras_is_read_in_the_models_camera_order(tmp_path):
     cameras = ["top", "left"]
     normalizer = Normalizer(compute_stats(SyntheticReader(episodes=2, episode_length=5), range(2)), "mean_std", [2])
     tokenizer = load_tokenizer(recipe.model.language.tokenizer)
-    data = SimpleNamespace(cameras=cameras, prompt_prefix=[])  # what model_meta reads of a DataBundle
+    # what model_meta reads of a DataBundle
+    data = SimpleNamespace(cameras=cameras, prompt_prefix=[], reader=SimpleNamespace(fps=10.0))
     policy = VLAPolicy(model, model_meta(model, recipe, data), normalizer, tokenizer, torch.device("cpu"))
     top, left, state = _frame(0), _frame(1), np.zeros(3, np.float32)
     in_order = policy.predict_action([top, left], TASK, state)

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -429,3 +430,52 @@ def test_a_state_of_strings_or_complex_numbers_and_an_empty_batch_are_told_by_na
         status, text = _post(url, _npz(arrays), kind)
         assert status == 400 and message in text, (message, status, text)
     assert _post(url, _npz(good), kind)[0] == 200
+
+
+def _crafted_npz(members: dict[str, tuple[tuple[int, ...], str, bytes]]) -> bytes:
+    """An npz whose ``.npy`` headers declare ``(shape, dtype)`` over the given data bytes, whatever
+    their length: what a hostile client can send (numpy.savez always writes matching ones)."""
+    from numpy.lib import format as npy
+
+    body = io.BytesIO()
+    with zipfile.ZipFile(body, "w") as archive:
+        for name, (shape, dtype, data) in members.items():
+            header = io.BytesIO()
+            descr = npy.dtype_to_descr(np.dtype(dtype))
+            npy.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+            archive.writestr(f"{name}.npy", header.getvalue() + data)
+    return body.getvalue()
+
+
+def test_an_array_declaring_more_than_the_body_holds_is_refused_before_numpy_allocates_it(echo_server):
+    """A 300-byte npz whose frame's header declares 8192x8192 bytes: the zip's sizes pass the limit,
+    and numpy reserved the declared 64 MiB before finding the data missing (a 400 naming no array);
+    a header of a zero-width dtype declared millions of elements at 0 bytes and was served. Each is
+    answered from the header alone, naming the array: 413 past the limit, 400 past what it holds."""
+    import tracemalloc
+
+    server, url = echo_server
+    server.max_body = 2**20
+    ok = {"images/cam": ((8, 8, 3), "u1", bytes(192)), "state": ((1,), "<f8", np.float64(1).tobytes())}
+    ok["instruction"] = ((), "<U1", np.array("x").tobytes())
+    kind = {"Content-Type": "application/octet-stream"}
+    assert _post(url, _crafted_npz(ok), kind)[0] == 200  # honest headers are served
+    huge, holds_less = (8192, 8192), (1000,)
+    cases = [
+        ({**ok, "images/cam": (huge, "u1", bytes(16))}, 413, ["'images/cam'", str(huge), str(server.max_body)]),
+        ({**ok, "instruction": ((2**21,), "<U0", b"")}, 413, ["'instruction'", f"{2**21} elements"]),
+        ({**ok, "state": (holds_less, "<f8", bytes(16))}, 400, ["'state'", str(holds_less), "holds 16"]),
+    ]
+    for arrays, status, words in cases:
+        got = _post(url, _crafted_npz(arrays), kind)
+        assert got[0] == status and all(w in got[1] for w in words), (words, got)
+    # what decoding allocates, measured by tracemalloc (numpy reports its buffers to it)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="'images/cam'"):
+            decode(_crafted_npz({"images/cam": (huge, "u1", bytes(16))}), server.max_body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < server.max_body, peak
+    assert _post(url, _crafted_npz(ok), kind)[0] == 200  # and the server goes on

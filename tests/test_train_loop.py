@@ -577,3 +577,21 @@ def test_a_schedule_whose_every_weight_starts_at_0_trains_with_accumulation(tmp_
     fit(run)
     run.logger.close()
     assert run.state.step == 4
+
+
+def test_a_resume_replays_a_kept_infinity_to_tensorboard_as_inf(tmp_path):
+    """A resume that drops a skip row at the checkpoint's step gives TensorBoard that step's kept
+    rows again, read back from metrics.jsonl: an infinity there ("Infinity") must go in as inf."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(2, {"loss": math.inf})
+    logger.log(2, {"fault/nonfinite_skips": 1.0})  # a skip after the checkpoint at step 2
+    resumed = MetricsLogger(tmp_path, tensorboard=True)
+    resumed.truncate_after(2, skipped=0)
+    resumed.log(3, {"loss": 0.5})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, math.inf), (3, 0.5)]
+    assert [(r["step"], r["loss"]) for r in read_rows(tmp_path / "metrics.jsonl")] == [(2, math.inf), (3, 0.5)]

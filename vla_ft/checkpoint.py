@@ -7,8 +7,9 @@ A run directory's checkpoints::
       best                      text file: name of the checkpoint with the best validation metric
       step_000200/
         model.safetensors       every weight of the VLA (tied tensors stored once)
-        model_meta.json         dims, cameras, image size, chunk, history, gripper convention,
-                                prompt template, the model recipe section (for inference)
+        model_meta.json         dims, cameras, image size, chunk, history, the training data's
+                                fps, gripper convention, prompt template, the model recipe
+                                section (for inference)
         language_model/         config.json of the LM: inference rebuilds it from this, offline
         adapter/                LM LoRA adapters in PEFT's format (only with model.lora.enabled)
         vision_adapter/         vision LoRA adapters in PEFT's format (only with model.lora.vision)

@@ -15,13 +15,16 @@ scored), L1 by chunk horizon, and token accuracy and perplexity when the LM has 
       trajectories.png           predicted vs true chunk-step-0 action over a few episodes
 
 Which episodes: ``--episodes val`` (default: the checkpoint recipe's held-out split, or the split
-of the overridden dataset), ``all``, or ids ``3,7,9``.
+of the overridden dataset), ``all``, or ids ``3,7,9``. The data must run at the control rate the
+checkpoint trained at (``fps`` in its model_meta.json), else an error naming ``data.fps``:
+``--allow-fps-mismatch`` evaluates anyway (:func:`check_rate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,8 +188,9 @@ class Evaluation:
     tokenizer: Any
 
 
-def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluation:
-    """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained."""
+def load_evaluation(path: str | Path, overrides: Sequence[str] = (), allow_fps_mismatch: bool = False) -> Evaluation:
+    """Checkpoint (or run directory) + data overrides -> model, data and runtime, as trained.
+    ``allow_fps_mismatch``: evaluate data of another control rate than trained on (a warning)."""
     # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
     from vla_ft.data import build_data
     from vla_ft.metrics import trains_language
@@ -201,6 +205,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = ()) -> Evaluati
     model, meta = load_model(ckpt, rt.device)
     data = build_data(recipe, tokenizer, read_norm_stats(ckpt), recorded_prompt_prefix(meta))
     check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
+    check_rate(meta, getattr(data.reader, "fps", None), allow_fps_mismatch)
     model.wants_language = trains_language(recipe)  # token accuracy, as validation logged it
     return Evaluation(ckpt, recipe, rt, model, data, tokenizer)
 
@@ -233,8 +238,10 @@ def evaluate_checkpoint(
     episodes: str = "val",
     out: str | Path | None = None,
     plot_episodes: int = 3,
+    allow_fps_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run directory's newest) and write metrics.json + trajectories.png.
+    ``allow_fps_mismatch``: evaluate data of another control rate than trained on (:func:`check_rate`).
 
     Returns the metrics.json content plus ``trajectories`` (the plotted arrays) and ``out``.
     """
@@ -246,7 +253,9 @@ def evaluate_checkpoint(
         raise ValueError(f"plot_episodes: a count of episodes, >= 0, got {plot_episodes}")
     if out:
         check_output_dir(Path(out), "--out")
-    ev = load_evaluation(path, overrides)  # refused overrides and damaged checkpoints are reported first
+    ev = load_evaluation(
+        path, overrides, allow_fps_mismatch
+    )  # refused overrides and damaged checkpoints are reported first
     if not out:
         keep_other_evaluation(ev.checkpoint / "eval", overrides, episodes)
     r, d = ev.recipe, ev.data
@@ -333,6 +342,30 @@ def check_compatible(
             raise RecipeError(f"{key}: {value}, the checkpoint was trained with {trained}")
 
 
+def check_rate(meta: dict[str, Any], fps: float | None, allowed: bool = False) -> None:
+    """The evaluated data's control rate ``fps`` must be the one the checkpoint trained at: a chunk
+    of actions spans ``chunk / fps`` seconds, so at another rate every predicted step is matched
+    with a frame at another time. A RecipeError naming ``data.fps`` and both rates, or with
+    ``allowed`` (``--allow-fps-mismatch``) a warning. Checkpoints written before the rate was
+    recorded (no ``fps`` in model_meta.json), and data of no known rate, are not checked."""
+    trained = meta.get("fps")
+    if trained is None or fps is None or math.isclose(fps, trained, rel_tol=1e-6):
+        return
+    chunk = meta["chunk"]
+    why = (
+        f"data.fps: the evaluated data runs at {fps:g} Hz, the checkpoint trained at {trained:g} Hz "
+        f"(a chunk of {chunk} actions spans {chunk / trained:.3g} s; here it is scored over {chunk / fps:.3g} s)"
+    )
+    if allowed:
+        print(f"warning: {why}; evaluating anyway (--allow-fps-mismatch)", file=sys.stderr)
+        return
+    raise RecipeError(
+        f"{why}; evaluate data recorded at {trained:g} Hz, set data.fps=HZ if the dataset's recorded rate is "
+        "wrong, or pass --allow-fps-mismatch to evaluate anyway",
+        "command line",
+    )
+
+
 def predict(model, loader, metrics, rt, keep: set[int], per_source=None) -> dict[int, dict[str, Any]]:
     """Run ``model`` over ``loader`` feeding ``metrics`` (and a mixture's ``per_source`` metrics); return
     chunk-step-0 predicted and true actions in real units for the episodes in ``keep``:
@@ -406,7 +439,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    result = evaluate_checkpoint(args.checkpoint, args.overrides, args.episodes, args.out, args.plot_episodes)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.overrides, args.episodes, args.out, args.plot_episodes, args.allow_fps_mismatch
+    )
     print(format_report(result))
     names = ["metrics.json"] + (["trajectories.png"] if result["trajectories"] else [])
     print("wrote " + ", ".join(str(result["out"] / name) for name in names))
@@ -428,4 +463,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", default="val", help="val (held-out split, default), all, or ids like 3,7,9")
     p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval)")
     p.add_argument("--plot-episodes", type=at_least(0), default=3, help="episodes drawn in trajectories.png")
+    p.add_argument(
+        "--allow-fps-mismatch",
+        action="store_true",
+        help="evaluate data of another control rate (data.fps) than the checkpoint trained at, with a warning "
+        "(refused otherwise: an action chunk then spans another time)",
+    )
     p.set_defaults(func=cmd_eval)

@@ -3,8 +3,9 @@
 Written by :func:`write_model_files` next to ``model.safetensors`` in every checkpoint (the full
 tree is drawn in :mod:`vla_ft.checkpoint`)::
 
-    model_meta.json     dims, cameras, image size, chunk, history, gripper convention, prompt
-                        template and the recipe's ``model`` section
+    model_meta.json     dims, cameras, image size, chunk, history, the training data's control
+                        rate (fps), gripper convention, prompt template and the recipe's
+                        ``model`` section
     language_model/     config.json of the LM: the LM is rebuilt from it, never re-downloaded
     adapter/            LM LoRA adapters in PEFT's format (only with model.lora.enabled)
     vision_adapter*/    vision LoRA adapters in PEFT's format (only with model.lora.vision;
@@ -81,6 +82,9 @@ def model_meta(model: VLA, recipe: Any, data: Any) -> dict[str, Any]:
         "action_dim": d["action_dim"],
         "chunk": d["chunk"],
         "history": d["n_history"],
+        # the control rate trained at: a chunk of actions spans chunk / fps seconds (older
+        # checkpoints lack it, so it is not in META_KEYS)
+        "fps": float(data.reader.fps),
         "vocab_size": d["vocab_size"],
         "cameras": list(data.cameras),
         "image_size": recipe.model.vision.img_size,

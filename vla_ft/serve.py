@@ -30,11 +30,13 @@ A request body needs a ``Content-Length`` (a chunked one is answered 411) of at 
 :data:`MAX_BODY` bytes (64 MiB: a batch of 64 uncompressed 480x640 frames; a larger one is answered
 413 before it is read, so a client's header cannot make the server allocate gigabytes), and its
 arrays may unpack to no more (a compressed npz, ``numpy.savez_compressed``, is read; one that
-unpacks to more is answered 413 before it is unpacked). An input the policy
-refuses is answered 400 with JSON ``{"error": message}`` (the client raises ValueError with the
-policy's message); a failure of the policy itself is 500 (RuntimeError). Connections stay open
-between requests (a server closes one idle for a minute; the client reconnects); predictions run
-one at a time (one model), in the thread that serves (:meth:`PolicyServer.serve`).
+unpacks to more is answered 413 before it is unpacked), nor may any array's ``.npy`` header
+declare more (413; an array declaring more bytes than it holds is 400; both before numpy allocates
+it). An input the policy refuses is answered 400 with JSON ``{"error": message}`` (the client
+raises ValueError with the policy's message); a failure of the policy itself is 500
+(RuntimeError). Connections stay open between requests (a server closes one idle for a minute;
+the client reconnects); predictions run one at a time (one model), in the thread that serves
+(:meth:`PolicyServer.serve`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import errno
 import http.client
 import io
 import json
+import math
 import queue
 import socket
 import sys
@@ -57,6 +60,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy
 
 from vla_ft.execution import PolicyShape
 
@@ -80,7 +84,8 @@ def decode(body: bytes, limit: int | None = None) -> dict[str, np.ndarray]:
     """The bytes of an ``.npz`` -> named arrays; no pickled objects are accepted. Anything else
     (empty, an ``.npy``, a damaged file) is a ValueError. ``limit``: the most bytes the arrays
     may unpack to (a compressed npz of zeros unpacks a thousandfold), else :class:`BodyTooLarge`,
-    checked on the sizes the zip declares (zipfile never unpacks a member past its declared size)."""
+    checked on the sizes the zip declares (zipfile never unpacks a member past its declared size)
+    and on the shape each array's ``.npy`` header declares (:func:`check_declared_size`)."""
     try:
         loaded = np.load(io.BytesIO(body), allow_pickle=False)
     except (EOFError, OSError, ValueError) as err:
@@ -91,10 +96,48 @@ def decode(body: bytes, limit: int | None = None) -> dict[str, np.ndarray]:
         unpacked = sum(info.file_size for info in npz.zip.infolist())
         if limit is not None and unpacked > limit:
             raise BodyTooLarge(f"body: unpacks to {unpacked} bytes, more than this server reads ({limit})")
+        for info in npz.zip.infolist():
+            check_declared_size(npz.zip, info, limit)
         try:
             return {name: npz[name] for name in npz.files}
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, MemoryError) as err:  # bad CRC, cut short
             raise ValueError(f"body: a damaged .npz ({type(err).__name__}: {err})") from None
+
+
+def check_declared_size(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int | None) -> None:
+    """An ``.npy`` member's header against what may be read, before numpy reads it: numpy allocates
+    the whole array its header declares before reading the data, so a few bytes declaring a shape
+    of gigabytes made the server reserve them (or a zero-width dtype billions of elements to loop
+    over). The declared size must fit ``limit`` (else :class:`BodyTooLarge`) and the bytes the
+    member holds (else ValueError); both name the array. Members that are not ``.npy`` (numpy
+    reads them as bytes of their declared size) pass."""
+    name = info.filename.removesuffix(".npy")
+    try:
+        with archive.open(info) as fp:
+            if fp.read(len(npy.MAGIC_PREFIX)) != npy.MAGIC_PREFIX:
+                return
+            fp.seek(0)
+            version = npy.read_magic(fp)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy format version {version}")
+            # 3.0 differs from 2.0 only in the header's text encoding (utf8: structured dtypes'
+            # field names), which changes neither the shape nor the item size
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read_header(fp)
+            holds = info.file_size - fp.tell()
+    except (zipfile.BadZipFile, EOFError, OSError) as err:  # a small member is read whole: its CRC fails here
+        raise ValueError(f"body: a damaged .npz ({type(err).__name__}: {err})") from None
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"body: array '{name}' has a damaged .npy header ({type(err).__name__}: {err})") from None
+    count = math.prod(shape)
+    declared = count * dtype.itemsize
+    what = f"array '{name}' declares shape {tuple(shape)} {dtype}"
+    # a zero-width dtype (<U0) holds no bytes: its elements count, one byte each, as loops run over them
+    if limit is not None and max(declared, count) > limit:
+        size = f"{declared} bytes" if declared >= count else f"{count} elements"
+        raise BodyTooLarge(f"body: {what}, {size}, more than this server reads ({limit})")
+    if declared > holds:
+        raise ValueError(f"body: {what}, {declared} bytes, but holds {holds}: a damaged .npz")
 
 
 def policy_info(policy: Any) -> dict[str, Any]:

@@ -31,16 +31,37 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+# How ``metrics.jsonl`` spells the infinities. Strict JSON has no token for them and null is NaN's
+# spelling: a loss that overflowed read back as undefined while TensorBoard showed inf. Strings keep
+# the file strict JSON; Python's float(), numpy and JavaScript's Number() read these two.
+INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """A ``metrics.jsonl`` line (no newline): strict JSON, NaN as null, +-inf as "Infinity"/"-Infinity"."""
+    spelled = {k: ("Infinity" if v > 0 else "-Infinity") if _is_inf(v) else v for k, v in row.items()}
+    return json.dumps(json_safe(spelled))
+
+
+def _is_inf(value: Any) -> bool:
+    return isinstance(value, float) and math.isinf(value)
+
+
+def row_values(row: dict[str, Any]) -> dict[str, Any]:
+    """A parsed ``metrics.jsonl`` row with its numbers back: null -> NaN, "Infinity"/"-Infinity" -> +-inf
+    (files written before the infinities were spelled out hold null for them: NaN)."""
+    return {k: math.nan if v is None else INFINITIES.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl``: null (a non-finite value) reads back as NaN, and a row
-    a crash cut short is skipped."""
+    """The rows of a ``metrics.jsonl`` (:func:`row_values`), and a row a crash cut short is skipped."""
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+        rows.append(row_values(row))
     return rows
 
 
@@ -215,7 +236,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(json_safe({"step": step, **values})) + "\n")
+            fh.write(row_line({"step": step, **values}) + "\n")
         if self.tensorboard:
             writer = self._writer()
             for key, value in values.items():
@@ -253,7 +274,7 @@ class MetricsLogger:
             for row in self.replay:
                 for key, value in row.items():
                     if key != "step":
-                        self.writer.add_scalar(key, math.nan if value is None else value, row["step"])
+                        self.writer.add_scalar(key, value, row["step"])
         return self.writer
 
     def start_fresh(self) -> Path | None:
@@ -287,7 +308,7 @@ class MetricsLogger:
             (dropped if _after(line, step, skipped) else rows).append(line)
         if any(_step_of(line) == step for line in dropped):
             self.purge_step = step
-            self.replay = [json.loads(line) for line in rows if _step_of(line) == step]
+            self.replay = [row_values(json.loads(line)) for line in rows if _step_of(line) == step]
         from vla_ft.checkpoint import write_atomically
 
         write_atomically(self.path, "".join(r + "\n" for r in rows))  # a crash here keeps the log
