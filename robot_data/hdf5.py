@@ -140,7 +140,9 @@ class HDF5Reader(Reader):
         self.camera_keys = self._find_cameras(first)
         self.cameras = list(self.camera_keys)
         holders = [first, first.parent, first.file]  # robomimic: demo, data group, file; ALOHA: the file
-        self.fps = float(fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), spec["fps"]))
+        recorded = fps or next((h.attrs["fps"] for h in holders if "fps" in h.attrs), None)
+        self.fps = float(recorded or spec["fps"])
+        self.fps_is_default = recorded is None  # the layout's usual rate, not this dataset's own
         action = first[self.action_key]  # before the lengths: opening every file closes the first
         action_dim = action.shape[1] if action.ndim > 1 else 1  # (T,): one action dim, as numeric() reads it
         lengths = {i: self._length(i) for i in self._sources}

@@ -509,6 +509,22 @@ def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(tmp
     assert "Traceback" not in err, err
     assert cli([*argv, f"data.fps={other:g}", "--allow-fps-mismatch"]) == 0
     assert "warning: data.fps:" in capsys.readouterr().err
+    # An HDF5 file that records no rate is read at its layout's usual one (robomimic: 20 Hz), a guess
+    # that is no ground for a refusal; the same file with its fps attribute is judged by it.
+    import h5py
+
+    from robot_data.hdf5_writer import write_robomimic
+
+    faster = SyntheticReader(episodes=4, episode_length=8, image_size=32, seed=0)
+    faster.fps = other
+    hdf5 = write_robomimic(faster, tmp_path / "r.hdf5")
+    on_hdf5 = ["eval", str(run_dir), "data.format=hdf5", f"data.path={hdf5}", "data.state_key=state"]
+    assert cli([*on_hdf5, "--out", str(tmp_path / "eval_h1")]) == 2
+    assert f"runs at {other:g} Hz" in capsys.readouterr().err
+    with h5py.File(hdf5, "a") as f:
+        del f["data"].attrs["fps"]
+    assert cli([*on_hdf5, "--out", str(tmp_path / "eval_h2")]) == 0
+    assert "data.fps" not in capsys.readouterr().err
     del meta["fps"]  # a checkpoint written before the rate was recorded
     meta_path.write_text(json.dumps(meta))
     assert cli([*argv, f"data.fps={other:g}"]) == 0

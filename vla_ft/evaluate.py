@@ -194,7 +194,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = (), allow_fps_m
     # Heavy imports live in the functions that run the model, so `vla-ft --help` stays fast.
     from vla_ft.data import build_data
     from vla_ft.metrics import trains_language
-    from vla_ft.model_files import load_model, load_saved_tokenizer, read_norm_stats, recorded_prompt_prefix
+    from vla_ft.model_files import known_fps, load_model, load_saved_tokenizer, read_norm_stats, recorded_prompt_prefix
     from vla_ft.policy import resolve_directory
     from vla_ft.runtime import init_runtime
 
@@ -205,7 +205,7 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = (), allow_fps_m
     model, meta = load_model(ckpt, rt.device)
     data = build_data(recipe, tokenizer, read_norm_stats(ckpt), recorded_prompt_prefix(meta))
     check_compatible(meta, data.state_dim, data.action_dim, list(data.cameras), recipe.data.chunk, recipe.data.history)
-    check_rate(meta, getattr(data.reader, "fps", None), allow_fps_mismatch)
+    check_rate(meta, known_fps(data.reader), allow_fps_mismatch)
     model.wants_language = trains_language(recipe)  # token accuracy, as validation logged it
     return Evaluation(ckpt, recipe, rt, model, data, tokenizer)
 

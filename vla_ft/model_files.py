@@ -71,6 +71,14 @@ def base_language_model(model: VLA) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
+def known_fps(reader: Any) -> float | None:
+    """The dataset's own control rate; None where it records none and the reader assumed its
+    format's usual one (an HDF5 file without an ``fps`` attribute): no grounds to compare rates."""
+    if getattr(reader, "fps_is_default", False) or getattr(reader, "fps", None) is None:
+        return None
+    return float(reader.fps)
+
+
 def model_meta(model: VLA, recipe: Any, data: Any) -> dict[str, Any]:
     """Everything besides weights that inference needs (JSON-safe); ``data`` is the run's DataBundle."""
     d = model.dims
@@ -84,7 +92,7 @@ def model_meta(model: VLA, recipe: Any, data: Any) -> dict[str, Any]:
         "history": d["n_history"],
         # the control rate trained at: a chunk of actions spans chunk / fps seconds (older
         # checkpoints lack it, so it is not in META_KEYS)
-        "fps": float(data.reader.fps),
+        "fps": known_fps(data.reader),
         "vocab_size": d["vocab_size"],
         "cameras": list(data.cameras),
         "image_size": recipe.model.vision.img_size,
