@@ -98,14 +98,23 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], faults: dict
 def _count_reduce_scatters(runs: list) -> list[int]:
     """Reduce-scatters (FSDP2's gradient reduction) in each training micro-batch, counted from its
     forward to the next one's (the step's update in between reduces nothing this way), in this
-    forked rank only. FSDP2 calls ``dist.reduce_scatter_single`` through the module at call time."""
+    forked rank only. FSDP2 calls ``dist.reduce_scatter_tensor`` (torch 2.11) or
+    ``dist.reduce_scatter_single`` (newer) through the module at call time: both are counted, a call
+    of one inside the other once."""
     counts: list[int] = []
-    real = dist.reduce_scatter_single
+    depth = [0]
 
-    def counted(*args, **kwargs):
-        if counts:
-            counts[-1] += 1
-        return real(*args, **kwargs)
+    def counting(real):
+        def counted(*args, **kwargs):
+            if counts and depth[0] == 0:
+                counts[-1] += 1
+            depth[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return counted
 
     def watch(run) -> None:
         forward = run.forward
@@ -117,7 +126,9 @@ def _count_reduce_scatters(runs: list) -> list[int]:
 
         run.forward = forward_counted
 
-    dist.reduce_scatter_single = counted
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            setattr(dist, name, counting(getattr(dist, name)))
     extensions.INSTALLERS.append(watch)
     return counts
 
