@@ -212,6 +212,7 @@ class LeRobotReader(Reader):
         self._by_index = {e.index: e for e in self.meta.episodes}
         self._decoder = VideoDecoder(video_tolerance_s)
         self._frame_cache = FrameCache(frame_cache) if frame_cache else None
+        self.decodes_video = any(features[c]["dtype"] == "video" for c in self.cameras)
         self._files: dict[Path, DataFile] = {}
         self._stamps: dict[int, str] = {}  # episode -> digest of its timestamps, read with its data file
         # (data file, camera, row group) -> that group's image cells, least recently used first

@@ -38,6 +38,7 @@ class MixtureReader(Reader):
         if not sources:
             raise ValueError("mixture: no source")
         self.sources = dict(sources)
+        self.decodes_video = any(r.decodes_video for r in self.sources.values())
         local = {name: reader.episodes() for name, reader in self.sources.items()}
         self.offsets = next_offsets({name: [e.index for e in eps] for name, eps in local.items()})
         self._episodes: list[Episode] = []

@@ -86,6 +86,10 @@ class Reader(ABC):
     cameras: list[str]
     fps: float
     gripper_dims: list[int]
+    decodes_video: bool = False
+    """True where frames come from a video decoder (FFmpeg): a DataLoader worker forked from a
+    process that decoded may hang in its first decode (seen on a GPU host), so loaders start such
+    workers from a clean process (``forkserver``)."""
 
     @abstractmethod
     def episodes(self) -> list[Episode]:

@@ -127,3 +127,36 @@ def test_a_writer_reopened_within_the_same_second_is_read_after_the_first(tmp_pa
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.parametrize("video", [True, False])
+def test_loader_workers_start_from_the_fork_server_for_video(tmp_path, video):
+    """``data.worker_start=auto``: a LeRobot dataset of MP4 cameras gets forkserver workers (a worker
+    forked after its parent decoded hung in its first decode on a GPU host), one of parquet images
+    fork's; either way, 2 workers train the numbers of the loading process itself, and an explicit
+    setting is kept."""
+    from conftest import TINY
+
+    from robot_data import SyntheticReader
+    from robot_data.lerobot_writer import write_lerobot
+    from vla_ft.config import load_recipe
+    from vla_ft.run_setup import setup, teardown
+
+    data = write_lerobot(SyntheticReader(episodes=6, episode_length=10, image_size=32), tmp_path / "data", video=video)
+    base = [*TINY, "data.format=lerobot", f"data.path={data}", "data.text_key=narration", "train.steps=2"]
+    base += ["logging.tensorboard=false", "train.val_every=0"]
+    wanted = "forkserver" if video else "fork"
+    losses = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"run{workers}"
+        assert cli(["train", str(QUICKSTART), *base, f"data.num_workers={workers}", f"output_dir={run_dir}"]) == 0
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[workers] = [r["loss"] for r in rows if "loss" in r]
+    assert losses[2] == losses[0] and len(losses[0]) == 2
+    for setting, method in (("auto", wanted), ("spawn", "spawn")):
+        overrides = [*base, "data.num_workers=2", f"data.worker_start={setting}", f"output_dir={tmp_path / 'r'}"]
+        run = setup(load_recipe(QUICKSTART, overrides))
+        try:
+            assert run.train_loader.multiprocessing_context.get_start_method() == method
+        finally:
+            teardown(run)

@@ -605,6 +605,16 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
+def worker_start(setting: str, reader: Any) -> str:
+    """The start method of a loader's workers. ``auto``: ``forkserver`` for a reader that decodes
+    video (a worker forked from a process that had decoded hung in its first decode on a GPU host;
+    one started from the fork server inherits no FFmpeg state, for a second or two per worker,
+    once per run with persistent workers), ``fork`` (no start cost, no pickling) otherwise."""
+    if setting != "auto":
+        return setting
+    return "forkserver" if getattr(reader, "decodes_video", False) else "fork"
+
+
 def make_loader(
     dataset: Dataset, recipe: Recipe, sampler: Sampler, pad_id: int, device: torch.device, train: bool
 ) -> DataLoader:
@@ -618,6 +628,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=d.pin_memory and device.type == "cuda",
         persistent_workers=d.persistent_workers and workers > 0,
+        multiprocessing_context=worker_start(d.worker_start, getattr(dataset, "reader", None)) if workers > 0 else None,
         prefetch_factor=d.prefetch_factor if workers > 0 else None,
         worker_init_fn=partial(_seed_worker, getattr(sampler, "rank", 0)) if workers > 0 else None,
         collate_fn=partial(collate, pad_id=pad_id, pad_to_multiple=8 if recipe.train.compile else 1),

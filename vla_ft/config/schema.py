@@ -204,6 +204,11 @@ class DataConfig:
     pin_memory: bool = doc("pinned host memory (CUDA only)", True)
     persistent_workers: bool = doc("keep workers alive between epochs", True)
     prefetch_factor: int = doc("batches prefetched per worker", 4)
+    worker_start: Literal["auto", "fork", "forkserver", "spawn"] = doc(
+        "how workers start: auto = forkserver for video datasets (a worker forked from a process "
+        "that decoded video may hang), fork (cheapest) otherwise",
+        "auto",
+    )
     frame_cache: str | None = doc(
         "directory for a decoded-frame cache of video and RLDS datasets (RLDS: also the numbers read at open)", None
     )
@@ -491,5 +496,11 @@ DATA_SPLIT = (
     "data.skip_bad_episodes",
 )
 """Which episodes train and which validate."""
-LOADER_KEYS = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
+LOADER_KEYS = (
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.prefetch_factor",
+    "data.worker_start",
+)
 """How batches are loaded, never what they hold."""
