@@ -19,6 +19,9 @@ from vla_ft.config import RecipeError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TWO = "ablation.variants={full: {}, frozen_vision: {freeze.vision_encoder: true}}"
+# Two variants, 4 updates, validated and checkpointed every 2 (a resume has a checkpoint to start from).
+SWEEP = ["ablate", str(QUICKSTART), *TINY, "train.steps=4", "train.val_every=2", "checkpoint.every=2"]
+SWEEP += ["checkpoint.keep_last=0", TWO]
 
 
 def test_grid_is_every_combination_with_yaml_values():
@@ -120,18 +123,7 @@ def test_best_by_is_among_the_finished_variants(tmp_path):
 
 def test_two_variant_ablation_table_plots_skip_and_resume(tmp_path, monkeypatch, capsys):
     root = tmp_path / "abl"
-    argv = [
-        "ablate",
-        str(QUICKSTART),
-        *TINY,
-        "train.steps=4",
-        "train.val_every=2",
-        "checkpoint.every=2",
-        "checkpoint.keep_last=0",
-        "logging.tensorboard=false",
-        TWO,
-        f"output_dir={root}",
-    ]
+    argv = [*SWEEP, "logging.tensorboard=false", f"output_dir={root}"]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "[ablate 1/2] full: training" in out and "[ablate 2/2] frozen_vision: training" in out
@@ -421,17 +413,7 @@ def test_the_table_of_a_resumed_sweep_agrees_with_tensorboard(tmp_path, monkeypa
     every number of the table is TensorBoard's (best and its step, final, steps, samples/s)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    argv = [
-        "ablate",
-        str(QUICKSTART),
-        *TINY,
-        "train.steps=4",
-        "train.val_every=2",
-        "checkpoint.every=2",
-        "checkpoint.keep_last=0",
-        TWO,
-        f"output_dir={tmp_path}",
-    ]
+    argv = [*SWEEP, f"output_dir={tmp_path}"]
     real_validate = train.validate
 
     def stale_at_step_4(run):

@@ -455,19 +455,26 @@ def test_eval_on_a_format_that_needs_data_fps_takes_it_or_names_it(tmp_path):
     assert eval_recipe(tmp_path, ["data.path=z", "data.fps=5"]).data.fps == 5  # another RLDS dataset's rate
 
 
-def test_a_lerobot_checkpoint_evaluated_on_its_rlds_copy_scores_the_same(tmp_path, capsys):
-    """The same episodes in two formats are the same samples: the metrics of the RLDS copy (given
-    data.fps) equal those of the LeRobot dataset the checkpoint trained on, number for number."""
-    from robot_data import SyntheticReader
+@pytest.fixture(scope="module")
+def lerobot_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(LeRobot dataset, its RLDS copy, a run trained 2 steps on the LeRobot one)."""
     from robot_data.lerobot_writer import write_lerobot
     from robot_data.rlds_writer import write_rlds
 
+    root = tmp_path_factory.mktemp("lerobot_run")
     source = SyntheticReader(episodes=6, episode_length=10, image_size=32, seed=0)
-    lerobot = write_lerobot(source, tmp_path / "lerobot", video=False)
-    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
-    run_dir = tmp_path / "run"
+    lerobot = write_lerobot(source, root / "lerobot", video=False)
+    rlds = write_rlds(source, root / "rlds" / "1.0.0")
+    run_dir = root / "run"
     data = ["data.format=lerobot", f"data.path={lerobot}", "data.text_key=narration"]
     train.main(load_recipe(QUICKSTART, [*TINY, *data, "train.steps=2", "checkpoint.every=2", f"output_dir={run_dir}"]))
+    return Path(lerobot), Path(rlds), run_dir
+
+
+def test_a_lerobot_checkpoint_evaluated_on_its_rlds_copy_scores_the_same(lerobot_run, tmp_path, capsys):
+    """The same episodes in two formats are the same samples: the metrics of the RLDS copy (given
+    data.fps) equal those of the LeRobot dataset the checkpoint trained on, number for number."""
+    _, rlds, run_dir = lerobot_run
     on_lerobot = evaluate_checkpoint(run_dir, out=tmp_path / "eval-lerobot", plot_episodes=0)
     other = ["data.format=rlds", f"data.path={rlds}"]
     assert cli(["eval", str(run_dir), *other, "--out", str(tmp_path / "eval-rlds")]) == 2
@@ -480,23 +487,16 @@ def test_a_lerobot_checkpoint_evaluated_on_its_rlds_copy_scores_the_same(tmp_pat
         assert on_rlds["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
 
 
-def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(tmp_path, capsys):
+def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(lerobot_run, tmp_path, capsys):
     """A checkpoint did not record its data's rate: evaluated on a copy read at another fps, each
     predicted chunk (chunk / fps seconds) was scored against frames of another time, silently.
     model_meta.json now holds the rate of the data trained on (here the LeRobot dataset's own,
     meta/info.json); eval refuses another one naming data.fps and both rates, unless
     --allow-fps-mismatch; a checkpoint written before the rate was recorded is evaluated as before."""
-    from robot_data.lerobot_writer import write_lerobot
-    from robot_data.rlds_writer import write_rlds
-
-    source = SyntheticReader(episodes=4, episode_length=8, image_size=32, seed=0)
-    lerobot = write_lerobot(source, tmp_path / "lerobot", video=False)
-    rlds = write_rlds(source, tmp_path / "rlds" / "1.0.0")
-    run_dir = tmp_path / "run"
-    data = ["data.format=lerobot", f"data.path={lerobot}", "data.text_key=narration"]
-    train.main(load_recipe(QUICKSTART, [*TINY, *data, "train.steps=1", "checkpoint.every=1", f"output_dir={run_dir}"]))
-    trained = json.loads((Path(lerobot) / "meta" / "info.json").read_text())["fps"]
-    meta_path = run_dir / "checkpoints" / "step_000001" / "model_meta.json"
+    lerobot, rlds, trained_run = lerobot_run
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")  # its model_meta.json is edited below
+    trained = json.loads((lerobot / "meta" / "info.json").read_text())["fps"]
+    meta_path = run_dir / "checkpoints" / "step_000002" / "model_meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["fps"] == trained
     other = trained * 2
@@ -515,7 +515,7 @@ def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(tmp
 
     from robot_data.hdf5_writer import write_robomimic
 
-    faster = SyntheticReader(episodes=4, episode_length=8, image_size=32, seed=0)
+    faster = SyntheticReader(episodes=6, episode_length=10, image_size=32, seed=0)
     faster.fps = other
     hdf5 = write_robomimic(faster, tmp_path / "r.hdf5")
     on_hdf5 = ["eval", str(run_dir), "data.format=hdf5", f"data.path={hdf5}", "data.state_key=state"]
