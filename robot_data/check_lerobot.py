@@ -26,6 +26,7 @@ from robot_data.lerobot import (
     is_list_type,
     leaf_type,
     null_index_cells,
+    storage_slack,
 )
 from robot_data.lerobot_meta import DatasetFormatError, EpisodeMeta, LeRobotMeta, is_v3, load_meta, read_json
 from robot_data.video import video_duration
@@ -129,12 +130,13 @@ def _check_data_file(
     nulls = null_index_cells(cols)
     if nulls:  # which episode a row with a null index belongs to is unknowable
         return [Problem("bad_feature", where, e.index, nulls) for e in episodes]
+    slack = storage_slack(cols["timestamp"], schema.field("timestamp").type)
     problems = []
     for ep in episodes:
         rows = np.flatnonzero(cols["episode_index"] == ep.index)
         rows = rows[np.argsort(cols["frame_index"][rows], kind="stable")]
         problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
-        problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol)
+        problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol + slack[rows])
         if text_key:
             problems += _null_text(table[text_key], rows, text_key, where, ep.index)
     return problems
@@ -155,8 +157,9 @@ def _episode_problems(
     ep: EpisodeMeta,
     keys: list[str],
     where: str,
-    tol: float,
+    tol: np.ndarray,
 ) -> list[Problem]:
+    """``tol`` (rows,): each timestamp's tolerance, the check's plus its storage rounding."""
     p = []
     if len(rows) != ep.length:
         p.append(Problem("index_gap", where, ep.index, f"{len(rows)} frames in the data, metadata says {ep.length}"))
@@ -169,6 +172,7 @@ def _episode_problems(
         k = int(np.flatnonzero(np.diff(index) != 1)[0])
         msg = f"global index jumps from {int(index[k])} to {int(index[k + 1])}"
         p.append(Problem("index_gap", where, ep.index, msg))
+    # float64 against k / fps; a float32 cell is off by up to half its step (in ``tol``) when right.
     off = ~(np.abs(cols["timestamp"][rows] - frames / meta.fps) <= tol)  # NaN (a null cell) is off too
     if off.any():
         k = int(np.argmax(off))

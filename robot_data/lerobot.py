@@ -95,12 +95,25 @@ def column_to_numpy(
     return out
 
 
+def storage_slack(values: np.ndarray, stored: pa.DataType) -> np.ndarray:
+    """Half a unit in the last place of each of ``values`` (float64) at the float precision of
+    ``stored`` (0 for float64 and integers): how far a stored value may lie from the exact one it
+    rounds. LeRobot stores ``timestamp`` as float32, whose steps pass 1e-4 s beyond 2048 s (a long
+    episode), more than a tight ``video_tolerance_s``: k / fps itself is stored that far off."""
+    stored = leaf_type(stored)
+    if not pa.types.is_floating(stored) or stored.bit_width >= 64:
+        return np.zeros(np.shape(values))
+    narrow = np.abs(np.asarray(values, np.float64)).astype(stored.to_pandas_dtype())
+    return np.spacing(narrow).astype(np.float64) / 2
+
+
 @dataclass
 class DataFile:
     """Numeric columns of one data parquet file; ``rows[episode]`` = row ids sorted by frame_index.
 
     ``group_starts`` (n_groups + 1,): the first row of each row group, then the row count;
-    ``metadata``: the footer, so image reads skip re-parsing it; ``text``: None for a null cell.
+    ``metadata``: the footer, so image reads skip re-parsing it; ``text``: None for a null cell;
+    ``stamp_slack`` (rows,): each timestamp's storage rounding (:func:`storage_slack`).
     """
 
     columns: dict[str, np.ndarray]
@@ -108,6 +121,7 @@ class DataFile:
     rows: dict[int, np.ndarray]
     group_starts: np.ndarray
     metadata: pq.FileMetaData
+    stamp_slack: np.ndarray
 
 
 def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | None) -> DataFile:
@@ -138,7 +152,9 @@ def read_data_file(path: Path, numeric: dict[str, int | None], text_key: str | N
     # A null cell is a frame without text (no language target), never the narration "None".
     text = [None if t is None else str(t) for t in table[text_key].to_pylist()] if text_key else None
     sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-    return DataFile(columns, text, rows, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), metadata)
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    slack = storage_slack(columns["timestamp"][:, 0], table.schema.field("timestamp").type)
+    return DataFile(columns, text, rows, starts, metadata, slack)
 
 
 def null_index_cells(columns: dict[str, np.ndarray]) -> str | None:
@@ -272,14 +288,23 @@ class LeRobotReader(Reader):
         if bad:
             raise IndexError(f"{episode.data_path}: episode {episode_index} has no frame {bad[0]}")
         if self.meta.features[camera]["dtype"] == "video":
-            return self._video_frames(episode, camera, data.columns["timestamp"][rows, 0], frame_indices)
+            stamps = data.columns["timestamp"][rows, 0]
+            return self._video_frames(episode, camera, stamps, data.stamp_slack[rows], frame_indices)
         return self._image_frames(episode, data, camera, rows[np.asarray(frame_indices, np.int64)])
 
     def _video_frames(
-        self, episode: EpisodeMeta, camera: str, timestamps: np.ndarray, frame_indices: Sequence[int]
+        self,
+        episode: EpisodeMeta,
+        camera: str,
+        timestamps: np.ndarray,
+        slack: np.ndarray,
+        frame_indices: Sequence[int],
     ) -> np.ndarray:
+        """``timestamps``, ``slack`` (T,): the episode's stored times and their storage rounding,
+        widening the tolerance per frame (float64 sums; from_timestamp is float64 in LeRobot)."""
         ref = episode.videos[camera]
-        wanted = ref.from_timestamp + timestamps[list(frame_indices)]
+        picked = list(frame_indices)
+        wanted = ref.from_timestamp + timestamps[picked]
         if ref.to_timestamp is not None:
             # In a shared file, a frame at or past the segment's end is the next episode's (half a
             # frame of slack, as for the video length in the checks): refuse it, never train on it.
@@ -292,12 +317,12 @@ class LeRobotReader(Reader):
                     "video shorter than the episode?"
                 )
         if self._frame_cache is None:
-            return self._decoder.decode(ref.path, wanted)
+            return self._decoder.decode(ref.path, wanted, slack[picked])
         whole = self._frame_cache.get(
             ref.path,
             camera,
             episode.index,
-            lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps),
+            lambda: self._decoder.decode(ref.path, ref.from_timestamp + timestamps, slack),
             extra=f"{ref.from_timestamp}|{self._stamps_digest(episode.index, timestamps)}",
         )
         return np.array(whole[list(frame_indices)])

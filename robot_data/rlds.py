@@ -377,6 +377,10 @@ class RLDSReader(Reader):
             return self._raw_frames(values, key, shape, episode_index, frame_indices)
         if values is None or len(values) != length:
             raise DatasetFormatError(f"{where}: {key} does not hold {length} frames")
+        if not len(frame_indices) and length:
+            # No frames, shaped as the episode's first decodes, as the other readers answer: the
+            # declared shape may leave a dim open (-1: any size), and frames may differ from it.
+            return self._decode(episode_index, camera, [0])[:0]
         rows = [_decode_image(values[i], f"{where}: {key} frame {i}") for i in frame_indices]
         return np.stack(rows) if rows else np.zeros((0, *(max(d, 0) for d in shape)), np.uint8)
 

@@ -106,15 +106,23 @@ class VideoDecoder:
         if hasattr(self, "_open"):
             self.close()
 
-    def decode(self, path: str | Path, timestamps: Sequence[float]) -> np.ndarray:
-        """Frames at ``timestamps`` (seconds from the file start) -> (n, H, W, 3) uint8, in the order asked."""
+    def decode(self, path: str | Path, timestamps: Sequence[float], slack: Sequence[float] | None = None) -> np.ndarray:
+        """Frames at ``timestamps`` (seconds from the file start) -> (n, H, W, 3) uint8, in the order asked.
+
+        ``slack`` (n,): seconds added to the tolerance of each timestamp, the rounding of a time
+        stored in lower precision (LeRobot's float32 timestamps, see ``lerobot.storage_slack``).
+        """
         path = str(path)
+        extra = np.zeros(len(timestamps)) if slack is None else np.asarray(slack, np.float64)
+        tolerances: dict[float, float] = {}
+        for t, s in zip(timestamps, extra, strict=True):
+            tolerances[float(t)] = max(tolerances.get(float(t), 0.0), self.tolerance_s + float(s))
         try:
             container = self._container(path)
             stream = video_stream(container, path)
             if not len(timestamps):  # the frame size from the header, as every reader answers no frames
                 return np.zeros((0, stream.codec_context.height, stream.codec_context.width, 3), np.uint8)
-            found = self._scan(container, stream, sorted({float(t) for t in timestamps}))
+            found = self._scan(container, stream, dict(sorted(tolerances.items())))
         except (av.error.FFmpegError, OSError) as err:
             broken = self._open.pop(path, None)
             if broken is not None:
@@ -123,26 +131,27 @@ class VideoDecoder:
         missing = [t for t in timestamps if float(t) not in found]
         if missing:
             raise VideoFrameError(
-                f"{path}: no frame within {self.tolerance_s}s of t={missing[0]:.4f}s "
+                f"{path}: no frame within {tolerances[float(missing[0])]:.3g}s of t={missing[0]:.4f}s "
                 f"({len(missing)} of {len(timestamps)} wanted frames missing; video shorter than the episode?)"
             )
         return np.stack([found[float(t)] for t in timestamps])
 
-    def _scan(self, container: Any, stream: Any, wanted: list[float]) -> dict[float, np.ndarray]:
-        """The nearest frame within the tolerance for each of ``wanted`` (sorted seconds) in ``stream``."""
-        tol, best = self.tolerance_s, {}
+    def _scan(self, container: Any, stream: Any, wanted: dict[float, float]) -> dict[float, np.ndarray]:
+        """The nearest frame within its tolerance for each of ``wanted`` (sorted seconds -> tolerance)."""
+        best: dict[float, tuple[float, np.ndarray]] = {}
+        first, last = next(iter(wanted)), next(reversed(wanted))
         # Times are pts * time_base, as LeRobot stores them; seek lands on the keyframe before.
-        container.seek(max(0, int((wanted[0] - tol) / float(stream.time_base))), stream=stream)
+        container.seek(max(0, int((first - wanted[first]) / float(stream.time_base))), stream=stream)
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
             t = float(frame.pts * frame.time_base)
             # Frames come in presentation order: one at or past w is the last that can be nearest to w.
-            nearer = [w for w in wanted if abs(w - t) <= tol and abs(w - t) < best.get(w, (np.inf,))[0]]
+            nearer = [w for w, tol in wanted.items() if abs(w - t) <= tol and abs(w - t) < best.get(w, (np.inf,))[0]]
             if nearer:
                 image = frame.to_ndarray(format="rgb24")
                 best.update({w: (abs(w - t), image) for w in nearer})
-            if t >= wanted[-1]:
+            if t >= last:
                 break
         return {w: image for w, (_, image) in best.items()}
 

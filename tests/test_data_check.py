@@ -18,7 +18,7 @@ from robot_data.hdf5 import OPEN_FILES
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.language import PromptTokenizer
 from robot_data.lerobot_writer import write_lerobot
-from robot_data.reader import DatasetFormatError
+from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader
 from robot_data.synthetic import CAMERA
 from robot_data.video import VideoFrameError, encode_video
 
@@ -539,3 +539,42 @@ def test_a_null_index_cell_is_named_by_the_check_and_the_reader(images, column):
     with pytest.raises(DatasetFormatError, match=f"file-000.parquet: column {column}: 1 null cell"):
         LeRobotReader(images).numeric(0)
     assert len(LeRobotReader(images).numeric(2).state) == 8  # the other file reads
+
+
+class _LongTimeline(Reader):
+    """A short episode then one past 2048 s at 0.9 fps (16x16 frames, each its own grey), for
+    timestamps whose float32 storage is off from k / fps by more than 1e-4 s."""
+
+    fps, cameras, gripper_dims = 0.9, ["observation.images.top"], []
+    lengths = (3, 1900)
+
+    def episodes(self) -> list[Episode]:
+        return [Episode(i, n, "wait") for i, n in enumerate(self.lengths)]
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        n = self.lengths[episode_index]
+        ramp = np.linspace(0, 1, n, dtype=np.float32)[:, None]
+        return EpisodeArrays(ramp, ramp, np.arange(n) / self.fps)
+
+    def frames(self, episode_index: int, camera: str, frame_indices) -> np.ndarray:
+        grey = [(37 * t + 90 * episode_index) % 200 + 20 for t in frame_indices]
+        return np.stack([np.full((16, 16, 3), g, np.uint8) for g in grey])
+
+
+def test_float32_timestamps_of_a_long_episode_are_within_a_tight_tolerance(tmp_path):
+    """LeRobot stores timestamps as float32: past 2048 s its steps are 2.4e-4 s, so k / fps itself is
+    stored up to 1.2e-4 s off. With video_tolerance_s 1e-4 the check passes such an episode and the
+    reader finds its frames (behind another episode in a shared v3 file); a wrong time still fails."""
+    source = _LongTimeline()
+    path = write_lerobot(source, tmp_path / "long", video=True, episodes_per_file=2)
+    k = np.arange(source.lengths[1])
+    rounding = np.abs(np.float32(k / source.fps).astype(np.float64) - k / source.fps)
+    assert rounding.max() > 1e-4  # the premise: LeRobot's own float32 timestamps exceed the tolerance
+    assert check_dataset(path, "lerobot", video_tolerance_s=1e-4, decode="all") == []
+    reader = LeRobotReader(path, video_tolerance_s=1e-4)
+    worst = [int(t) for t in np.argsort(rounding)[-5:]]
+    error = np.abs(reader.frames(1, source.cameras[0], worst).astype(int) - source.frames(1, "", worst)).max()
+    assert error <= 4, error
+    _edit_column(path / FILE0, "timestamp", lambda t: np.where(np.arange(len(t)) == 3 + 1880, t + 1e-3, t))
+    problems = check_dataset(path, "lerobot", video_tolerance_s=1e-4, decode="none")
+    assert _kinds(problems) == {("timestamp", 1)} and "at frame 1880 disagrees" in problems[0].message

@@ -676,3 +676,21 @@ def test_the_numbers_read_at_open_are_kept_in_the_frame_cache(synthetic_rlds, tm
     parsed.clear()
     open_()
     assert len(parsed) == len(first.episodes())  # read again: its numbers may have changed
+
+
+def test_no_frames_are_shaped_as_the_episodes_frames(synthetic_rlds, tmp_path):
+    """An image declared (-1, -1, 3) (TFDS: any size): asking for no frames gives (0, H, W, 3) with the
+    H, W of a decoded frame, as the LeRobot and HDF5 readers answer, not a width of 0."""
+    import shutil
+
+    open_dims = tmp_path / "1.0.0"
+    shutil.copytree(synthetic_rlds, open_dims)
+    features = open_dims / "features.json"
+    tree = json.loads(features.read_text())
+    top = _observation(tree)["top"]["image"]["shape"]
+    top["dimensions"] = ["-1", "-1", "3"]
+    features.write_text(json.dumps(tree))
+    for path in (synthetic_rlds, open_dims):
+        reader = RLDSReader(path, fps=10)
+        decoded = reader.frames(2, "observation/top", [3])
+        assert reader.frames(2, "observation/top", []).shape == (0, *decoded.shape[1:])
