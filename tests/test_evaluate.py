@@ -22,7 +22,14 @@ from robot_data import Normalizer, PerSourceNormalizer, SyntheticReader, split_e
 from vla_ft import train
 from vla_ft.cli import main as cli
 from vla_ft.config import GripperLossConfig, RecipeError, load_recipe, save_recipe
-from vla_ft.evaluate import check_compatible, eval_recipe, evaluate_checkpoint, select_episodes
+from vla_ft.evaluate import (
+    check_compatible,
+    eval_recipe,
+    evaluate_checkpoint,
+    keep_other_evaluation,
+    read_report,
+    select_episodes,
+)
 from vla_ft.metrics import ActionMetrics
 
 HEAD_OUTPUT = np.array([0.5, -1.0, 0.3])  # normalised; dim 2 (gripper) is replaced by the gripper head
@@ -118,6 +125,56 @@ def test_eval_metrics_match_a_hand_computation(checkpoint, tmp_path):
     assert sorted(result["trajectories"]) == held_out[:2] and traj["frames"].tolist() == list(range(10))
     np.testing.assert_allclose(traj["true"], reader.numeric(first).action, rtol=1e-5, atol=1e-6)
     assert np.ptp(traj["pred"], axis=0).max() < 1e-5  # the constant policy
+
+
+def _strict(text: str) -> object:
+    """``text`` parsed as strict JSON: Python's NaN/Infinity/-Infinity tokens are refused."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_infinite_metric_survives_evals_json_round_trip(checkpoint, tmp_path, monkeypatch):
+    """A perplexity that overflowed is inf, not undefined: eval/metrics.json keeps +-inf apart from NaN
+    (as metrics.jsonl does) in strict JSON, and read_report gives the metrics as they were computed."""
+    compute = ActionMetrics.compute
+    extreme = {"perplexity": math.inf, "action_l1/h9": -math.inf, "gripper_transition_acc": math.nan}
+    monkeypatch.setattr(ActionMetrics, "compute", lambda self, prefix="": {**compute(self, prefix), **extreme})
+    result = evaluate_checkpoint(checkpoint, out=tmp_path, plot_episodes=0)
+    text = (tmp_path / "metrics.json").read_text()
+    assert _strict(text)["metrics"]["perplexity"] == "Infinity"  # what a non-Python reader sees
+    saved = read_report(tmp_path / "metrics.json")
+    assert saved["metrics"].keys() == result["metrics"].keys()
+    for key, value in result["metrics"].items():  # the in-memory report the file was written from
+        assert saved["metrics"][key] == value or (math.isnan(value) and math.isnan(saved["metrics"][key])), key
+    assert saved["metrics"]["perplexity"] == math.inf and saved["metrics"]["action_l1/h9"] == -math.inf
+    assert {k: saved[k] for k in result if k not in ("metrics", "trajectories", "out")} == {
+        k: v for k, v in result.items() if k not in ("metrics", "trajectories", "out")
+    }
+
+
+def test_an_eval_file_written_with_null_for_every_non_finite_metric_still_reads(checkpoint, tmp_path):
+    """eval/metrics.json files written before the infinities were spelled out hold null for NaN and
+    inf alike: they read as NaN (undefined), the other metrics as written, and the same evaluation
+    run again still recognises the file as its own."""
+    out = tmp_path / "eval"
+    result = evaluate_checkpoint(checkpoint, out=out, plot_episodes=0)
+    old = {k: v for k, v in result.items() if k not in ("trajectories", "out")}
+    old["metrics"] = {**result["metrics"], "perplexity": math.inf, "gripper_transition_acc": math.nan}
+    # the old writer, plainly: every non-finite float -> None
+    old["metrics"] = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in old["metrics"].items()
+    }
+    (out / "metrics.json").write_text(json.dumps(old, indent=1))
+    saved = read_report(out / "metrics.json")
+    assert math.isnan(saved["metrics"]["perplexity"]) and math.isnan(saved["metrics"]["gripper_transition_acc"])
+    finite = {k: v for k, v in old["metrics"].items() if v is not None}
+    assert {k: saved["metrics"][k] for k in finite} == finite and saved["step"] == result["step"]
+    keep_other_evaluation(out, [], "val")  # the same evaluation: may be rewritten
+    with pytest.raises(RecipeError, match="holds another evaluation"):
+        keep_other_evaluation(out, ["data.val_episodes=[1]"], "val")
 
 
 @pytest.mark.parametrize("per_source", [False, True])

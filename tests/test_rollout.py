@@ -266,8 +266,13 @@ def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=2", "logging.tensorboard=false"]) == 0
     assert cli(["rollout", str(run), "--episodes", "2", "--max-steps", "5", "--videos", "1", "--execute", "2"]) == 0
-    assert "success 0% over 2 episodes (synthetic)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "success 0% over 2 episodes (synthetic)" in out
     report = json.loads((run / "checkpoints" / "step_000002" / "rollout" / "rollouts.json").read_text())
+    # the rate trained at is reported (the env protocol declares none to check it against)
+    trained = json.loads((run / "checkpoints" / "step_000002" / "model_meta.json").read_text())["fps"]
+    assert report["fps"] == trained == SyntheticReader(episodes=1).fps
+    assert f"the checkpoint trained at {trained:g} Hz" in out
     assert [r["seed"] for r in report["results"]] == [6, 7]  # the first scenes past the 6 training episodes
     # the same episodes, stepped here with the policy and the runner
     policy = VLAPolicy.from_pretrained(run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 from tiny_models import tiny_recipe
 
+from robot_data import SyntheticReader
 from vla_ft import ChunkRunner, VLAPolicy
 from vla_ft.serve import PolicyClient, PolicyServer, decode
 from vla_ft.train import main as train
@@ -144,7 +146,7 @@ class _SlowOnce:
     """A stand-in policy whose first prediction takes 2 s; the actions echo the state."""
 
     meta = {"state_dim": 1, "history": 1, "image_size": 8, "gripper": {"closed_is_high": True}}
-    cameras, chunk, action_dim, source, directory = ["cam"], 2, 1, None, "stub"
+    cameras, chunk, action_dim, fps, source, directory = ["cam"], 2, 1, None, None, "stub"
     calls = 0
 
     def gripper_range(self):
@@ -182,6 +184,45 @@ def test_a_chunk_runner_drives_the_served_policy_as_the_local_one(served):
         runner = ChunkRunner(source, ensemble=0.5)  # gripper snapping reads gripper_range()
         sent.append([runner.act(frames, TASKS[0], state) for _ in range(5)])
     np.testing.assert_array_equal(np.stack(sent[1]), np.stack(sent[0]))
+
+
+def _served_fps(policy) -> tuple[float | None, float | None]:
+    """(fps in ``GET /info`` read as plain JSON, fps of a PolicyClient) of ``policy`` served."""
+    server = PolicyServer(policy, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with urllib.request.urlopen(f"{url}/info") as response:
+            info = json.loads(response.read())
+        client = PolicyClient(url)
+        client.close()
+        return info["fps"], client.fps
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+
+
+def test_the_policy_the_server_and_the_client_give_the_checkpoints_control_rate(served):
+    """A robot-side loop runs a chunk at the rate the policy trained at: the local policy, /info and
+    the client all give model_meta.json's fps (the synthetic task's rate, which it trained on)."""
+    policy, url = served
+    recorded = json.loads((policy.directory / "model_meta.json").read_text())["fps"]
+    assert recorded == SyntheticReader(episodes=1).fps  # the rate of the data trained on
+    with urllib.request.urlopen(f"{url}/info") as response:
+        assert json.loads(response.read())["fps"] == recorded
+    assert policy.fps == recorded and PolicyClient(url).fps == recorded
+
+
+def test_a_checkpoint_that_records_no_control_rate_gives_none_everywhere(run_dir, tmp_path):
+    """A checkpoint written before fps was recorded: None locally, null in /info, None in the client."""
+    old = tmp_path / "old"
+    shutil.copytree(VLAPolicy.from_pretrained(run_dir).directory, old)
+    meta = json.loads((old / "model_meta.json").read_text())
+    del meta["fps"]
+    (old / "model_meta.json").write_text(json.dumps(meta))
+    policy = VLAPolicy.from_pretrained(old)
+    assert policy.fps is None and _served_fps(policy) == (None, None)
 
 
 def test_vla_ft_serve_on_the_command_line(run_dir):

@@ -11,7 +11,8 @@ gripper accuracy, F1 and accuracy at transitions (a NaN prediction counted in ``
 scored), L1 by chunk horizon, and token accuracy and perplexity when the LM has a language target. Output::
 
     <out>/                       default: CHECKPOINT/eval
-      metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null)
+      metrics.json               checkpoint, step, episodes, samples, overrides, metrics (NaN -> null,
+                                 +-inf -> "Infinity"/"-Infinity", as metrics.jsonl; see read_report)
       trajectories.png           predicted vs true chunk-step-0 action over a few episodes
 
 Which episodes: ``--episodes val`` (default: the checkpoint recipe's held-out split, or the split
@@ -285,10 +286,23 @@ def evaluate_checkpoint(
     from vla_ft.checkpoint import write_atomically
     from vla_ft.tracking import json_safe
 
-    write_atomically(out_dir / "metrics.json", json.dumps(json_safe(report), indent=1))
+    write_atomically(out_dir / "metrics.json", json.dumps(json_safe(report), indent=1))  # read_report reads it
     if trajectories:
         plots.plot_trajectories(trajectories, out_dir / "trajectories.png")
     return {**report, "trajectories": trajectories, "out": out_dir}
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """An ``eval/metrics.json`` with its metrics back as numbers: null -> NaN, "Infinity"/"-Infinity"
+    -> +-inf (:func:`vla_ft.tracking.json_numbers`; files written before the infinities were spelled
+    out hold null for them: NaN). Only ``metrics`` is decoded: elsewhere null means unknown (the
+    step of an export) and a string is a string (a checkpoint path)."""
+    from vla_ft.tracking import json_numbers
+
+    report = json.loads(Path(path).read_text())
+    if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
+        report["metrics"] = json_numbers(report["metrics"])
+    return report
 
 
 def keep_other_evaluation(out_dir: Path, overrides: Sequence[str], episodes: str) -> None:
@@ -298,7 +312,7 @@ def keep_other_evaluation(out_dir: Path, overrides: Sequence[str], episodes: str
     if not path.is_file():
         return
     try:
-        saved = json.loads(path.read_text())
+        saved = read_report(path)
         before = (saved["overrides"], saved.get("selection", "val"))  # older files: the default selection
     except (ValueError, KeyError, TypeError):
         before = None  # not written by vla-ft eval, or damaged: keep it too

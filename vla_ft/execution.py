@@ -47,6 +47,15 @@ class PolicyShape:
     def action_dim(self) -> int:
         return int(self.meta["action_dim"])
 
+    @property
+    def fps(self) -> float | None:
+        """The control rate (Hz) the policy trained at: send one action every ``1 / fps`` s, so a
+        chunk spans ``chunk / fps`` s. None where the checkpoint records none (one written before
+        the rate was recorded, or trained on data of no known rate: see
+        :func:`vla_ft.model_files.known_fps`), or the server is older than ``fps`` in ``/info``."""
+        fps = self.meta.get("fps")
+        return None if fps is None else float(fps)
+
 
 class ChunkRunner:
     """One action per :meth:`act` from ``policy`` (a :class:`vla_ft.VLAPolicy`); give exactly one of

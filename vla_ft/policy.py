@@ -9,6 +9,7 @@
     actions = policy.predict_action({"observation.images.top": frame}, "pick up the red block", state)
     # actions: (chunk, action_dim) float32 numpy, in the dataset's units
     # a run with data.normalize_per_source: VLAPolicy.from_pretrained(path, source="franka")
+    policy.fps  # the control rate it trained at (Hz): one action every 1 / fps s; None if unrecorded
 
 Inputs are prepared exactly as in training: frames are resized with :mod:`robot_data.images`,
 the state is normalised and the prompt tokenised with the checkpoint's own statistics,
@@ -150,7 +151,8 @@ def camera_frames(cameras: Sequence[str], images: ImagesLike) -> list[np.ndarray
 
 
 class VLAPolicy(PolicyShape):
-    """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units."""
+    """Camera frames + instruction + robot state -> a chunk of actions in the dataset's units, one
+    action per ``1 /`` :attr:`fps` seconds (the training data's control rate, None when unrecorded)."""
 
     def __init__(
         self,

@@ -11,8 +11,12 @@ synthetic task rolls out in :class:`robot_data.synthetic_env.SyntheticPickEnv` b
 scenes past the training episodes. Actions come from :class:`vla_ft.ChunkRunner` (receding
 horizon or temporal ensembling).
 
-Writes ``rollouts.json`` (per episode: seed, success, steps, return; the success rate) and MP4s
-of the first episodes (what the policy's first camera saw) to ``CHECKPOINT/rollout`` or ``--out``.
+Writes ``rollouts.json`` (per episode: seed, success, steps, return; the success rate; ``fps``, the
+control rate the checkpoint trained at, null where it records none) and MP4s of the first episodes
+(what the policy's first camera saw) to ``CHECKPOINT/rollout`` or ``--out``. The env protocol declares
+no control rate (gymnasium's ``metadata["render_fps"]`` is a rendering rate, used for the videos only),
+so the rate is reported, not checked: an env must step at ``fps`` for the policy's actions to mean
+what they meant in training.
 """
 
 from __future__ import annotations
@@ -421,6 +425,7 @@ def rollout_checkpoint(
         fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
         report = {
             "checkpoint": str(directory),
+            "fps": policy.fps,  # the control rate trained at, which the env must step at: reported, not checked
             "env": env_spec or "synthetic",
             "env_kwargs": env_kwargs or {},
             "runner": {"execute": runners[0].execute, "ensemble": runners[0].ensemble},
@@ -488,6 +493,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         for task, row in tasks.items():
             print(f"  {row['success_rate']:4.0%} of {row['episodes']:3d}  {task}")
     print(f"success {rate:.0%} over {n} episodes ({report['env']}); wrote {report['out'] / 'rollouts.json'}")
+    trained = "an unrecorded rate" if report["fps"] is None else f"{report['fps']:g} Hz"
+    print(f"the checkpoint trained at {trained}; the env's control rate is not checked (it declares none)")
     return 0
 
 

@@ -12,14 +12,16 @@ policy server, LeRobot's asynchronous inference).
     robot.send(runner.act(camera.read(), "insert the peg", robot.state()))
 
 :class:`PolicyClient` has :class:`~vla_ft.policy.VLAPolicy`'s interface (``predict_action``,
-``cameras``, ``chunk``, ``action_dim``, ``meta``, ``gripper_range``), so a control loop written
-for a local policy runs unchanged. The protocol is plain HTTP with numpy's ``.npz`` as the body
-(frames are large; JSON would be slow), so any language with an npz reader can be a client:
+``cameras``, ``chunk``, ``action_dim``, ``fps``, ``meta``, ``gripper_range``), so a control loop
+written for a local policy runs unchanged (at ``fps``, the rate the policy trained at). The protocol
+is plain HTTP with numpy's ``.npz`` as the body (frames are large; JSON would be slow), so any
+language with an npz reader can be a client:
 
 =====================  =======================================================================
 ``GET /info``          JSON: ``cameras``, ``chunk``, ``action_dim``, ``state_dim``, ``history``,
-                       ``image_size``, ``gripper`` (``dims``, ``closed_is_high``, ``low``,
-                       ``high``: the open/closed values), ``source``, ``directory``
+                       ``image_size``, ``fps`` (the control rate trained at, Hz; null where the
+                       checkpoint records none), ``gripper`` (``dims``, ``closed_is_high``,
+                       ``low``, ``high``: the open/closed values), ``source``, ``directory``
 ``POST /predict``      npz in: ``images/<camera>`` uint8 ``(H, W, 3)`` or ``(B, H, W, 3)`` for
                        each camera, ``state`` float (as ``predict_action`` takes it),
                        ``instruction`` a str array, ``()`` or ``(B,)``;
@@ -151,6 +153,7 @@ def policy_info(policy: Any) -> dict[str, Any]:
         "state_dim": int(meta["state_dim"]),
         "history": int(meta["history"]),
         "image_size": int(meta["image_size"]),
+        "fps": policy.fps,  # the control rate trained at; null where the checkpoint records none
         "gripper": {
             "dims": dims,
             "closed_is_high": bool(meta["gripper"]["closed_is_high"]),
@@ -328,7 +331,7 @@ class PolicyClient(PolicyShape):
         self.url = f"http://{parts.hostname}:{parts.port or 80}"
         self._conn = _Connection(parts.hostname, parts.port or 80, timeout=timeout)
         self.info = self._info()
-        self.meta = self.info  # cameras, chunk, action_dim, history, gripper: what control loops read
+        self.meta = self.info  # cameras, chunk, action_dim, fps, history, gripper: what control loops read
         self.directory = self.info["directory"]
 
     def _info(self) -> dict[str, Any]:

@@ -19,11 +19,18 @@ from typing import Any
 
 import torch
 
+# How our JSON files (``metrics.jsonl``, ``eval/metrics.json``) spell the infinities. Strict JSON has
+# no token for them and null is NaN's spelling: a loss that overflowed read back as undefined while
+# TensorBoard showed inf. Strings keep the files strict JSON; Python's float(), numpy and
+# JavaScript's Number() read these two.
+INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+
 
 def json_safe(obj: Any) -> Any:
-    """NaN/inf -> null (strict JSON, which other readers than Python's need), recursively."""
+    """``obj`` as strict JSON can hold it, recursively: NaN -> null, +-inf -> "Infinity"/"-Infinity"
+    (strict JSON, which other readers than Python's need). :func:`json_numbers` reads it back."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return None if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -31,37 +38,35 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-# How ``metrics.jsonl`` spells the infinities. Strict JSON has no token for them and null is NaN's
-# spelling: a loss that overflowed read back as undefined while TensorBoard showed inf. Strings keep
-# the file strict JSON; Python's float(), numpy and JavaScript's Number() read these two.
-INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+def json_numbers(obj: Any) -> Any:
+    """Parsed :func:`json_safe` numbers back, recursively: null -> NaN, "Infinity"/"-Infinity" -> +-inf
+    (files written before the infinities were spelled out hold null for them: NaN). For values that
+    are all numbers (metrics): a null or a string "Infinity" there is a number's spelling."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, str):
+        return INFINITIES.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: json_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_numbers(v) for v in obj]
+    return obj
 
 
 def row_line(row: dict[str, Any]) -> str:
     """A ``metrics.jsonl`` line (no newline): strict JSON, NaN as null, +-inf as "Infinity"/"-Infinity"."""
-    spelled = {k: ("Infinity" if v > 0 else "-Infinity") if _is_inf(v) else v for k, v in row.items()}
-    return json.dumps(json_safe(spelled))
-
-
-def _is_inf(value: Any) -> bool:
-    return isinstance(value, float) and math.isinf(value)
-
-
-def row_values(row: dict[str, Any]) -> dict[str, Any]:
-    """A parsed ``metrics.jsonl`` row with its numbers back: null -> NaN, "Infinity"/"-Infinity" -> +-inf
-    (files written before the infinities were spelled out hold null for them: NaN)."""
-    return {k: math.nan if v is None else INFINITIES.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+    return json.dumps(json_safe(row))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (:func:`row_values`), and a row a crash cut short is skipped."""
+    """The rows of a ``metrics.jsonl`` (:func:`json_numbers`), and a row a crash cut short is skipped."""
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        rows.append(row_values(row))
+        rows.append(json_numbers(row))
     return rows
 
 
@@ -308,7 +313,7 @@ class MetricsLogger:
             (dropped if _after(line, step, skipped) else rows).append(line)
         if any(_step_of(line) == step for line in dropped):
             self.purge_step = step
-            self.replay = [row_values(json.loads(line)) for line in rows if _step_of(line) == step]
+            self.replay = [json_numbers(json.loads(line)) for line in rows if _step_of(line) == step]
         from vla_ft.checkpoint import write_atomically
 
         write_atomically(self.path, "".join(r + "\n" for r in rows))  # a crash here keeps the log
