@@ -422,7 +422,8 @@ def rollout_checkpoint(
         except ValueError as err:  # an env whose observations or actions do not fit the policy
             raise RecipeError(f"{key}: {err}", key_source(key)) from None
         out_dir.mkdir(parents=True, exist_ok=True)
-        fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or 10.0)
+        # videos play at the env's rendering rate, else the rate the policy was trained at
+        fps = float(getattr(envs[0], "metadata", {}).get("render_fps") or policy.fps or 10.0)
         report = {
             "checkpoint": str(directory),
             "fps": policy.fps,  # the control rate trained at, which the env must step at: reported, not checked
