@@ -248,13 +248,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a raw mapping; all problems are reported at once."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", training: bool = True) -> Recipe:
+    """Build and validate a Recipe from a raw mapping; all problems are reported at once.
+    ``training=False``: a trained checkpoint's recipe read back, judged without the rules about how it
+    trains (:func:`~vla_ft.config.checks.validate`)."""
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
     # With type errors the cross-key rules would judge placeholder values; names of modules and terms
     # need only the keys, so they are reported with the type errors ("every problem at once").
-    problems += name_problems(recipe) if problems else validate(recipe)
+    problems += name_problems(recipe) if problems else validate(recipe, training)
     if problems:
         raise RecipeError(problems, source)
     return recipe
