@@ -127,9 +127,11 @@ def training_problems(r: Recipe) -> list[str]:
 
     p = []
     for name, spec in r.unfreeze.items():
-        if spec.at_step < 0 or spec.warmup_steps < 0:
-            p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
-        elif spec.at_step >= r.train.steps:  # the run would equal one with the module frozen throughout
+        if spec.at_step < 0:
+            p.append(f"unfreeze.{name}.at_step: must be >= 0 (the first step is 0), got {spec.at_step}")
+        if spec.warmup_steps < 0:
+            p.append(f"unfreeze.{name}.warmup_steps: must be >= 0, got {spec.warmup_steps}")
+        if spec.at_step >= 0 and spec.at_step >= r.train.steps:  # as if the module stayed frozen throughout
             p.append(
                 f"unfreeze.{name}.at_step: {spec.at_step} is not before train.steps ({r.train.steps}): "
                 f"the module would never train; lower at_step or raise train.steps"
@@ -137,6 +139,38 @@ def training_problems(r: Recipe) -> list[str]:
     p += ramp_step_problems(r.loss, r.train.steps)
     p += trained_term_problems(r)
     return p + early_stopping_problems(r)
+
+
+def training_warnings(r: Recipe) -> list[str]:
+    """Settings that train, but not as written: a learning-rate warmup as long as the run (the LR reaches
+    its peak at the last step at best, and the global decay, which starts after ``optim.warmup_steps``,
+    never does). Warnings, not errors: short runs (smoke tests, a ``train.steps`` override of a recipe)
+    are meant to run with the recipe's warmup. Of training only, like :func:`training_problems`."""
+    steps, o = r.train.steps, r.optim
+    w = []
+    if o.warmup_steps > 1 and o.warmup_steps >= steps:  # lr_factor: full LR from step warmup_steps - 1
+        decay = "" if o.scheduler == "constant" else f", and the {o.scheduler} decay never starts"
+        w.append(
+            f"optim.warmup_steps: {o.warmup_steps} is not below train.steps ({steps}): "
+            f"{_reaches('the LR (optim.lr)', o.warmup_steps, steps)}{decay}; lower optim.warmup_steps or raise "
+            "train.steps"
+        )
+    for name, spec in r.unfreeze.items():  # the module's group warms up from its at_step instead
+        end = spec.at_step + spec.warmup_steps
+        if spec.warmup_steps > 1 and end >= steps:
+            w.append(
+                f"unfreeze.{name}.warmup_steps: {spec.warmup_steps} steps from at_step {spec.at_step} do not end "
+                f"before train.steps ({steps}): {_reaches(f'the LR of {name}', end, steps)}; lower "
+                f"unfreeze.{name}.warmup_steps or raise train.steps"
+            )
+    return w
+
+
+def _reaches(lr: str, end: int, steps: int) -> str:
+    """When ``lr``, warmed up until ``end >= steps`` (full from step ``end - 1``), reaches its peak."""
+    if end == steps:
+        return f"{lr} reaches its peak only at the run's last step ({steps - 1})"
+    return f"{lr} never reaches its peak (it would at step {end - 1}; the run's last is {steps - 1})"
 
 
 def trained_term_problems(r: Recipe) -> list[str]:
