@@ -726,3 +726,64 @@ def test_a_recipe_that_is_not_utf8_is_one_error_naming_it(tmp_path):
     path.write_bytes(QUICKSTART.read_bytes() + "# r\xe9glage\n".encode("latin-1"))
     with pytest.raises(RecipeError, match=r"latin1.yaml: not a UTF-8 text file"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("loss.schedule.action.start_step", -1), ("unfreeze.vision_encoder.at_step", -1)],
+)
+def test_a_step_schedule_before_step_0_is_refused_naming_the_key(key, value):
+    """A negative unfreeze.<module>.at_step was refused while a negative loss.schedule.<term>.start_step
+    was accepted: both are refused, naming the key, and 0 (the first step) passes for both."""
+    base = ["loss.strategy=scheduled", "loss.schedule.action={end_step: 5}", "freeze.vision_encoder=true"]
+    base.append("unfreeze.vision_encoder={at_step: 0}")
+    with pytest.raises(RecipeError, match=re.escape(f"{key}: must be >= 0 (the first step is 0), got {value}")):
+        load_recipe(QUICKSTART, [*TINY, *base, f"{key}={value}"])
+    assert load_recipe(QUICKSTART, [*TINY, *base, f"{key}=0"])
+
+
+def _first_full_lr_step(recipe: Recipe, start: int, warmup: int) -> int | None:
+    """The reference: the first step of the run at which the LR schedule gives a group its full LR."""
+    from vla_ft.optim import lr_factor
+
+    return next((s for s in range(recipe.train.steps) if lr_factor(recipe, s, start, warmup) == 1.0), None)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 6])
+@pytest.mark.parametrize("warmup", [0, 1, 2, 3, 4, 5, 6, 9])
+def test_a_warmup_as_long_as_the_run_warns_naming_the_key_and_both_numbers(steps, warmup):
+    """optim.warmup_steps (or an unfreeze warmup from its at_step) that reaches the full LR at the last
+    step or never: warned about (not refused: short runs keep the recipe's warmup), exactly when the
+    LR schedule step by step (optim.lr_factor) first gives the full LR at the last step or never,
+    after a real warmup. Not in eval's read-back (training=False)."""
+    import warnings
+
+    cases = {  # key -> (overrides, the group's start, its warmup); constant: the warmup alone sets the LR
+        "optim.warmup_steps": ([f"optim.warmup_steps={warmup}"], 0, warmup),
+        "unfreeze.vision_encoder.warmup_steps": (
+            ["optim.warmup_steps=0", "optim.scheduler=constant", "freeze.vision_encoder=true"]
+            + [f"unfreeze.vision_encoder={{at_step: {steps // 2}, warmup_steps: {warmup}}}"],
+            steps // 2,
+            warmup,
+        ),
+    }
+    for key, (overrides, start, group_warmup) in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe = load_recipe(QUICKSTART, [*TINY, f"train.steps={steps}", "train.val_every=0", *overrides])
+        full = _first_full_lr_step(recipe, start, group_warmup)
+        expected = full is None or (full == steps - 1 and full > start)
+        ours = [str(w.message) for w in caught if key in str(w.message)]
+        assert bool(ours) == expected, (key, ours)
+        if expected:
+            assert f"{key}: {warmup} " in ours[0] and f"train.steps ({steps})" in ours[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # an evaluation's read-back of the recipe does not warn
+                recipe_from_dict(to_dict(recipe), training=False)
+
+
+def test_the_cli_prints_a_warmup_warning_as_one_line(tmp_path: Path):
+    done = _cli("validate", str(QUICKSTART), "train.steps=10", "optim.warmup_steps=30", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "vla-ft validate: warning: " in done.stderr
+    assert "optim.warmup_steps: 30 is not below train.steps (10)" in done.stderr and "Traceback" not in done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -449,6 +450,70 @@ def test_eval_refuses_an_incomplete_or_damaged_checkpoint(checkpoint, tmp_path, 
     (copy / "COMPLETE").unlink()
     assert cli(["eval", str(copy)]) == 2
     assert f"{copy} is an incomplete checkpoint" in capsys.readouterr().err
+
+
+# Recipe sections a checkpoint may have trained with before a training-only rule refused them: each
+# breaks one rule about how the run trains (train.steps is 2), none changes what eval reads.
+TRAINED_BEFORE_A_RULE = {
+    "a ramp that never moves, an unfreeze past the run, early stopping without validations": {
+        "loss": {
+            "strategy": "scheduled",
+            "schedule": {
+                "gripper": {"start_step": 50, "end_step": 100, "start": 0.0, "end": 1.0},
+                "action": {"start_step": -3, "end_step": 100, "start": 1.0, "end": 1.0},
+            },
+        },
+        "freeze": {"vision_encoder": True},
+        "unfreeze": {"vision_encoder": {"at_step": 50, "warmup_steps": 10}},
+        "train": {"early_stopping": {"patience": 5}},
+    },
+    "no loss term ever computed": {
+        "loss": {
+            "strategy": "scheduled",
+            "schedule": {"action": {"start_step": 0, "end_step": 10, "start": 0.0, "end": 0.0}},
+            "weights": {"gripper": 0.0, "language": 0.0},
+        }
+    },
+}
+
+
+def _merge(raw: dict, edits: dict) -> None:
+    for key, value in edits.items():
+        if isinstance(value, dict) and key != "schedule" and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = value
+
+
+@pytest.mark.parametrize("edits", TRAINED_BEFORE_A_RULE.values(), ids=TRAINED_BEFORE_A_RULE.keys())
+def test_eval_reads_a_checkpoint_whose_recipe_breaks_a_training_rule_added_since(checkpoint, tmp_path, edits):
+    """Eval re-validates the checkpoint's config.yaml: a checkpoint trained before a rule about how
+    training runs (a ramp that never moves, no loss term, an unfreeze past train.steps, ...) could no
+    longer be evaluated. Its metrics are the hand computation's, as for the unedited checkpoint; the
+    overrides are judged in full as before."""
+    import yaml
+
+    from vla_ft.config.loader import RecipeDumper, read_yaml
+
+    old = Path(
+        shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / "step_000002", ignore=lambda *_: ["eval"])
+    )
+    raw = read_yaml(old / "config.yaml")
+    _merge(raw, edits)
+    (old / "config.yaml").write_text(yaml.dump(raw, Dumper=RecipeDumper, sort_keys=False))
+    with pytest.raises(RecipeError):  # the edit does break a rule: training this recipe is refused
+        load_recipe(old / "config.yaml")
+
+    result = evaluate_checkpoint(old, out=tmp_path / "eval", plot_episodes=0)
+    _, held_out = split_episodes(range(6), 0.34, seed=0)
+    assert result["episodes"] == held_out
+    for key, value in expected_metrics(checkpoint, held_out).items():
+        assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert eval_recipe(old, ["data.val_ratio=0"]).data.val_ratio == 0  # --episodes all: no split needed
+    with pytest.raises(RecipeError, match=re.escape("data.val_ratio: must be in [0, 1), got 1.5")):
+        eval_recipe(old, ["data.val_ratio=1.5"])
+    with pytest.raises(RecipeError, match="refused loss.strategy: the checkpoint fixes it"):
+        eval_recipe(old, ["loss.strategy=static"])
 
 
 def test_eval_keeps_an_evaluation_of_other_data_in_the_default_directory(checkpoint, capsys):

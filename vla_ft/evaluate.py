@@ -117,7 +117,9 @@ def eval_recipe(checkpoint: Path, overrides: Sequence[str]) -> Recipe:
     trained_format = raw["data"].get("format")
     raw = apply_overrides(raw, overrides)
     drop_unread_format_keys(raw["data"], trained_format, keys)
-    return recipe_from_dict(raw, str(checkpoint / "config.yaml"))
+    # training=False: rules about how the run trained (its step schedules, ...) judge no key an evaluation
+    # reads, and one added after the checkpoint trained would refuse it; the overrides are judged in full
+    return recipe_from_dict(raw, str(checkpoint / "config.yaml"), training=False)
 
 
 def drop_unread_format_keys(data: dict[str, Any], trained_format: str | None, overridden: list[str]) -> None:

@@ -109,11 +109,16 @@ def ramp_step_problems(cfg: LossConfig, steps: int) -> list[str]:
     Such a ramp holds its term at ``start`` for the whole run, yet :func:`ever_weighted` (and with it
     validation's ``val/loss/<term>``, the metric names and the action-dim checks) reads it as weighted
     by ``max(start, end)``: a ramp from 0 starting past the run trains nothing it reports. Refused, as
-    ``unfreeze.<module>.at_step`` past the run is; a resume with more ``train.steps`` passes again.
+    ``unfreeze.<module>.at_step`` past the run is; a resume with more ``train.steps`` passes again. A
+    ``start_step`` before step 0 is refused, as a negative ``unfreeze.<module>.at_step`` is.
     """
     if cfg.strategy != "scheduled":
         return []
-    problems = []
+    problems = [
+        f"loss.schedule.{term}.start_step: must be >= 0 (the first step is 0), got {spec.start_step}"
+        for term, spec in cfg.schedule.items()
+        if term in TERMS and spec.start_step < 0
+    ]
     for term, spec in cfg.schedule.items():
         if term not in TERMS or spec.start == spec.end or spec.end_step < spec.start_step:
             continue  # a constant "ramp", or problems reported by check_weights

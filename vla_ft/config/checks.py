@@ -22,8 +22,13 @@ def suggest(name: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def validate(r: Recipe) -> list[str]:
-    """Checks that need more than types. Returns problems (empty = valid)."""
+def validate(r: Recipe, training: bool = True) -> list[str]:
+    """Checks that need more than types. Returns problems (empty = valid).
+
+    ``training=False``: the recipe of a trained checkpoint, read back to evaluate it (``vla-ft eval``).
+    The rules of :func:`training_problems`, about how the run trains, are skipped: the checkpoint
+    trained as it did, and a rule added since would refuse it. Every other rule, which judges what
+    the reader builds and reads (and the reader's overrides), still applies."""
     p: list[str] = []
     if r.data.format not in READERS:
         p.append(
@@ -62,27 +67,19 @@ def validate(r: Recipe) -> list[str]:
     if len(r.optim.betas) != 2:
         p.append(f"optim.betas: expected 2 values, got {len(r.optim.betas)}")
     absent = absent_modules(r)
-    for name, spec in r.unfreeze.items():
+    for name in r.unfreeze:
         lora = (name == "language_model" and r.model.lora.enabled) or (name == "vision_encoder" and r.model.lora.vision)
         if lora:
             p.append(f"unfreeze.{name}: module is LoRA-wrapped (its adapters train from the start)")
         elif name in MODULE_NAMES and name not in absent and not getattr(r.freeze, name):
             p.append(f"unfreeze.{name}: module is not frozen (set freeze.{name}: true)")
-        if spec.at_step < 0 or spec.warmup_steps < 0:
-            p.append(f"unfreeze.{name}: at_step and warmup_steps must be >= 0")
-        elif spec.at_step >= r.train.steps:  # the run would equal one with the module frozen throughout
-            p.append(
-                f"unfreeze.{name}.at_step: {spec.at_step} is not before train.steps ({r.train.steps}): "
-                f"the module would never train; lower at_step or raise train.steps"
-            )
     if not 0 < r.distributed.timeout_min < float("inf"):
         p.append(f"distributed.timeout_min: must be finite and > 0, got {r.distributed.timeout_min}")
-    from vla_ft.loss_weighting import check_weights, ramp_step_problems  # the loss's own rules
+    from vla_ft.loss_weighting import check_weights  # the loss's own rules
     from vla_ft.losses import check_loss_config
 
     p += check_weights(r.loss) + check_loss_config(r.loss, r.data.chunk, r.model.gripper_head)
-    p += ramp_step_problems(r.loss, r.train.steps)
-    p += trained_term_problems(r)
+    p += training_problems(r) if training else []
     if r.loss.strategy == "scheduled" and not r.loss.schedule:
         p.append("loss.schedule: strategy=scheduled needs at least one term ramp")
     normalised = sorted(set(r.loss.gripper.dims) - set(r.data.raw_dims or [])) if r.data.raw_dims is not None else []
@@ -103,7 +100,6 @@ def validate(r: Recipe) -> list[str]:
         p.append("data.val_filter and data.val_episodes both choose the validation episodes; set one")
     if r.data.language_target == "text" and r.data.format != "synthetic" and not r.data.text_key:
         p.append("data.text_key: required for data.language_target=text on recorded datasets")
-    p += early_stopping_problems(r)
     p += cache_problems(r)
     p += fsdp_problems(r)
     p += quantize_problems(r)
@@ -120,6 +116,61 @@ def validate(r: Recipe) -> list[str]:
 
         p += best_metric_problems(r)
     return list(dict.fromkeys(p))  # a rule checked by two owners (validate and the loss) is reported once
+
+
+def training_problems(r: Recipe) -> list[str]:
+    """Rules about how the run trains over its ``train.steps``: its step schedules (``unfreeze.<module>``,
+    ``loss.schedule.<term>``), that it computes some loss term, and early stopping's validations. A
+    checkpoint's recipe read back to evaluate it skips them (``validate(recipe, training=False)``):
+    none judges what an evaluation reads, and one added after the checkpoint trained would refuse it."""
+    from vla_ft.loss_weighting import ramp_step_problems
+
+    p = []
+    for name, spec in r.unfreeze.items():
+        if spec.at_step < 0:
+            p.append(f"unfreeze.{name}.at_step: must be >= 0 (the first step is 0), got {spec.at_step}")
+        if spec.warmup_steps < 0:
+            p.append(f"unfreeze.{name}.warmup_steps: must be >= 0, got {spec.warmup_steps}")
+        if spec.at_step >= 0 and spec.at_step >= r.train.steps:  # as if the module stayed frozen throughout
+            p.append(
+                f"unfreeze.{name}.at_step: {spec.at_step} is not before train.steps ({r.train.steps}): "
+                f"the module would never train; lower at_step or raise train.steps"
+            )
+    p += ramp_step_problems(r.loss, r.train.steps)
+    p += trained_term_problems(r)
+    return p + early_stopping_problems(r)
+
+
+def training_warnings(r: Recipe) -> list[str]:
+    """Settings that train, but not as written: a learning-rate warmup as long as the run (the LR reaches
+    its peak at the last step at best, and the global decay, which starts after ``optim.warmup_steps``,
+    never does). Warnings, not errors: short runs (smoke tests, a ``train.steps`` override of a recipe)
+    are meant to run with the recipe's warmup. Of training only, like :func:`training_problems`."""
+    steps, o = r.train.steps, r.optim
+    w = []
+    if o.warmup_steps > 1 and o.warmup_steps >= steps:  # lr_factor: full LR from step warmup_steps - 1
+        decay = "" if o.scheduler == "constant" else f", and the {o.scheduler} decay never starts"
+        w.append(
+            f"optim.warmup_steps: {o.warmup_steps} is not below train.steps ({steps}): "
+            f"{_reaches('the LR (optim.lr)', o.warmup_steps, steps)}{decay}; lower optim.warmup_steps or raise "
+            "train.steps"
+        )
+    for name, spec in r.unfreeze.items():  # the module's group warms up from its at_step instead
+        end = spec.at_step + spec.warmup_steps
+        if spec.warmup_steps > 1 and end >= steps:
+            w.append(
+                f"unfreeze.{name}.warmup_steps: {spec.warmup_steps} steps from at_step {spec.at_step} do not end "
+                f"before train.steps ({steps}): {_reaches(f'the LR of {name}', end, steps)}; lower "
+                f"unfreeze.{name}.warmup_steps or raise train.steps"
+            )
+    return w
+
+
+def _reaches(lr: str, end: int, steps: int) -> str:
+    """When ``lr``, warmed up until ``end >= steps`` (full from step ``end - 1``), reaches its peak."""
+    if end == steps:
+        return f"{lr} reaches its peak only at the run's last step ({steps - 1})"
+    return f"{lr} never reaches its peak (it would at step {end - 1}; the run's last is {steps - 1})"
 
 
 def trained_term_problems(r: Recipe) -> list[str]:

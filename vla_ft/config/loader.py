@@ -11,12 +11,13 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from vla_ft.config.checks import name_problems, suggest, validate
+from vla_ft.config.checks import name_problems, suggest, training_warnings, validate
 from vla_ft.config.schema import Recipe, RecipeError
 
 # PyYAML implements YAML 1.1; recipes are read as YAML 1.2 (core schema) reads them. 1.1's floats
@@ -248,15 +249,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a raw mapping; all problems are reported at once."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", training: bool = True) -> Recipe:
+    """Build and validate a Recipe from a raw mapping; all problems are reported at once, then the
+    warnings of a valid one (:func:`~vla_ft.config.checks.training_warnings`) as ``UserWarning``s.
+    ``training=False``: a trained checkpoint's recipe read back, judged without the rules and warnings
+    about how it trains (:func:`~vla_ft.config.checks.validate`)."""
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
     # With type errors the cross-key rules would judge placeholder values; names of modules and terms
     # need only the keys, so they are reported with the type errors ("every problem at once").
-    problems += name_problems(recipe) if problems else validate(recipe)
+    problems += name_problems(recipe) if problems else validate(recipe, training)
     if problems:
         raise RecipeError(problems, source)
+    for warning in training_warnings(recipe) if training else []:
+        warnings.warn(f"{source}: {warning}", stacklevel=2)
     return recipe
 
 

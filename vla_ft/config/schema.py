@@ -248,7 +248,7 @@ class LanguageLossConfig:
 
 @dataclass
 class ScheduledWeight:
-    start_step: int = doc("step (0-based update) where the ramp starts; the ramp must move before train.steps", 0)
+    start_step: int = doc("step (0-based update, >= 0) where the ramp starts; the ramp must move before train.steps", 0)
     end_step: int = doc("step where the ramp ends", 1000)
     start: float = doc("weight at start_step", 0.0)
     end: float = doc("weight at end_step", 1.0)
