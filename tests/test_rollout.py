@@ -309,6 +309,28 @@ def test_rollout_a_trained_policy(tmp_path, tiny_overrides, capsys):
         assert message in err and "Traceback" not in err, err
 
 
+def unrendered_env(**kwargs) -> SyntheticPickEnv:
+    """The synthetic env without gymnasium's ``render_fps`` (many simulators declare none)."""
+    env = SyntheticPickEnv(**kwargs)
+    env.metadata = {}
+    return env
+
+
+def test_videos_of_an_env_without_a_render_rate_play_at_the_checkpoints_control_rate(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    assert cli(["train", str(QUICKSTART), *tiny_overrides, "train.steps=1", "train.val_every=0"]) == 0
+    meta_path = run / "checkpoints" / "step_000001" / "model_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fps"] = 4.0  # not the synthetic env's 10 Hz, nor the fallback's
+    meta_path.write_text(json.dumps(meta))
+    env = ["--env", f"{__name__}:unrendered_env", "--env-kwargs", '{"image_size": 64}']
+    assert cli(["rollout", str(run), *env, "--episodes", "1", "--max-steps", "3", "--videos", "1"]) == 0
+    with av.open(
+        str(run / "checkpoints" / "step_000001" / "rollout" / "rollout_0.mp4")
+    ) as video:  # a user env starts at seed 0
+        assert float(video.streams.video[0].average_rate) == 4.0
+
+
 def test_a_bad_rollout_out_is_refused_before_any_episode_runs(tmp_path, tiny_overrides, capsys, monkeypatch):
     """Found when writing the report, a bad --out cost every episode's run; now before any env is made."""
     import vla_ft.rollout as rollout_module
