@@ -136,7 +136,7 @@ def _check_data_file(
         rows = np.flatnonzero(cols["episode_index"] == ep.index)
         rows = rows[np.argsort(cols["frame_index"][rows], kind="stable")]
         problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
-        problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol + slack[rows])
+        problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol, slack[rows])
         if text_key:
             problems += _null_text(table[text_key], rows, text_key, where, ep.index)
     return problems
@@ -157,9 +157,10 @@ def _episode_problems(
     ep: EpisodeMeta,
     keys: list[str],
     where: str,
-    tol: np.ndarray,
+    tol: float,
+    slack: np.ndarray,
 ) -> list[Problem]:
-    """``tol`` (rows,): each timestamp's tolerance, the check's plus its storage rounding."""
+    """``slack`` (rows,): each timestamp's storage rounding, added to the check's ``tol``."""
     p = []
     if len(rows) != ep.length:
         p.append(Problem("index_gap", where, ep.index, f"{len(rows)} frames in the data, metadata says {ep.length}"))
@@ -172,11 +173,18 @@ def _episode_problems(
         k = int(np.flatnonzero(np.diff(index) != 1)[0])
         msg = f"global index jumps from {int(index[k])} to {int(index[k + 1])}"
         p.append(Problem("index_gap", where, ep.index, msg))
-    # float64 against k / fps; a float32 cell is off by up to half its step (in ``tol``) when right.
-    off = ~(np.abs(cols["timestamp"][rows] - frames / meta.fps) <= tol)  # NaN (a null cell) is off too
+    # LeRobot's rule (check_timestamps_sync): each gap is 1 / fps within the tolerance, wherever the
+    # episode starts (t0 may be a recorder's clock: the videos hold its frames at those times). In
+    # float64; a float32 cell is off by up to half its step (``slack``), so a gap by both ends'.
+    stamps = cols["timestamp"][rows]
+    gaps = np.diff(stamps)
+    off = ~(np.abs(gaps - 1 / meta.fps) <= tol + slack[1:] + slack[:-1])  # NaN (a null cell) is off too
     if off.any():
-        k = int(np.argmax(off))
-        msg = f"timestamp {cols['timestamp'][rows][k]:.4f}s at frame {int(frames[k])} disagrees with fps {meta.fps}"
+        k = int(np.argmax(off)) + 1
+        msg = (
+            f"timestamp {stamps[k]:.4f}s at frame {int(frames[k])} disagrees with fps {meta.fps}: "
+            f"{gaps[k - 1]:.4f}s after frame {int(frames[k - 1])}'s, not 1/fps = {1 / meta.fps:.4f}s"
+        )
         p.append(Problem("timestamp", where, ep.index, msg))
     unknown = sorted({int(t) for t in cols["task_index"][rows]} - set(meta.tasks))
     unknown_text = [t for t in ep.tasks if t not in meta.tasks.values()]
@@ -258,28 +266,31 @@ def _check_camera(
     return decode_checks(frames, ep.length, expected_hwc(feature), decode, where, ep.index, camera)
 
 
-def _segment_problems(meta: LeRobotMeta, cameras: list[str], tol: float) -> list[Problem]:
-    """v3 episodes sharing a video file each own a segment [from_timestamp, to_timestamp) of it:
-    an empty segment, or one that starts inside the one before, gives an episode another's frames."""
+def _segment_problems(meta: LeRobotMeta, cameras: list[str], starts: dict[int, float], tol: float) -> list[Problem]:
+    """v3 episodes sharing a video file each own a segment of it, from their first frame (at
+    from_timestamp + its timestamp) to to_timestamp: an empty segment, or one that starts inside the
+    one before, gives an episode another's frames. ``starts``: each episode's first timestamp (0 when
+    unknown); from_timestamp alone is not where the segment starts when the timestamps do not
+    start at 0 (it maps the episode's times to the file's, as LeRobot reads it)."""
     p = []
     for camera in cameras:
-        by_file: dict[Path, list[EpisodeMeta]] = {}
+        by_file: dict[Path, list[tuple[float, EpisodeMeta]]] = {}
         for ep in meta.episodes:
             ref = ep.videos.get(camera)
             if ref is not None and ref.to_timestamp is not None:
-                by_file.setdefault(ref.path, []).append(ep)
+                by_file.setdefault(ref.path, []).append((ref.from_timestamp + starts.get(ep.index, 0.0), ep))
         for path, episodes in by_file.items():
-            episodes.sort(key=lambda e: e.videos[camera].from_timestamp)
-            for before, ep in zip([None, *episodes], episodes, strict=False):
-                ref = ep.videos[camera]
-                if ref.to_timestamp <= ref.from_timestamp:
-                    msg = f"camera {camera}: empty video segment [{ref.from_timestamp:.3f}s, {ref.to_timestamp:.3f}s)"
+            episodes.sort(key=lambda pair: pair[0])
+            for before, (start, ep) in zip([None, *episodes], episodes, strict=False):
+                end = ep.videos[camera].to_timestamp
+                if end <= start:
+                    msg = f"camera {camera}: empty video segment [{start:.3f}s, {end:.3f}s)"
                     p.append(Problem("timestamp", str(path), ep.index, msg))
-                elif before is not None and ref.from_timestamp < before.videos[camera].to_timestamp - tol:
-                    end = before.videos[camera].to_timestamp
+                elif before is not None and start < before[1].videos[camera].to_timestamp - tol:
+                    end = before[1].videos[camera].to_timestamp
                     msg = (
-                        f"camera {camera}: video segment starts at {ref.from_timestamp:.3f}s, inside episode "
-                        f"{before.index}'s (which ends at {end:.3f}s) in the same file"
+                        f"camera {camera}: video segment starts at {start:.3f}s, inside episode "
+                        f"{before[1].index}'s (which ends at {end:.3f}s) in the same file"
                     )
                     p.append(Problem("timestamp", str(path), ep.index, msg))
     return p
@@ -319,7 +330,6 @@ def check_lerobot(
     problems += _episode_gaps(meta)
     tol = max(video_tolerance_s, 1e-4)
     checked = checked_cameras(meta.cameras, cameras)
-    problems += _segment_problems(meta, checked, tol)
     by_file: dict[Path, list[EpisodeMeta]] = {}
     for ep in meta.episodes:
         by_file.setdefault(ep.data_path, []).append(ep)
@@ -327,6 +337,12 @@ def check_lerobot(
         problems += _check_data_file(meta, data_path, episodes, keys, text_key, tol)
     unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
+    starts = {
+        ep.index: float(reader.numeric(ep.index).timestamp[0])
+        for ep in meta.episodes
+        if ep.index not in unusable and ep.length and any(ep.videos.get(c) for c in checked)
+    }
+    problems += _segment_problems(meta, checked, starts, tol)
     durations: dict[Path, tuple[int, float] | Exception] = {}
     for ep in meta.episodes:
         if ep.index not in unusable:

@@ -231,6 +231,7 @@ class LeRobotReader(Reader):
         self.decodes_video = any(features[c]["dtype"] == "video" for c in self.cameras)
         self._files: dict[Path, DataFile] = {}
         self._stamps: dict[int, str] = {}  # episode -> digest of its timestamps, read with its data file
+        self._first_tasks: dict[int, str] = {}  # episode listing several tasks -> its first frame's
         # (data file, camera, row group) -> that group's image cells, least recently used first
         self._images: OrderedDict[tuple[Path, str, int], pa.ChunkedArray] = OrderedDict()
         self._image_bytes = 0
@@ -240,7 +241,23 @@ class LeRobotReader(Reader):
         return {**self.__dict__, "_files": {}, "_stamps": {}, "_images": OrderedDict(), "_image_bytes": 0}
 
     def episodes(self) -> list[Episode]:
-        return [Episode(e.index, e.length, e.tasks[0] if e.tasks else "") for e in self.meta.episodes]
+        """Each episode with its task: the one its metadata lists, or for an episode listing several
+        (LeRobot builds the list from a set: its order is arbitrary), its first frame's (``task_index``)."""
+        return [Episode(e.index, e.length, self._task(e)) for e in self.meta.episodes]
+
+    def _task(self, episode: EpisodeMeta) -> str:
+        if len(episode.tasks) <= 1:
+            return episode.tasks[0] if episode.tasks else ""
+        if episode.index not in self._first_tasks:
+            try:
+                data, rows = self._data(episode)
+            except DatasetFormatError:  # the check names the file; such an episode is skipped or refused
+                data, rows = None, np.zeros(0, np.int64)
+            first = None
+            if data is not None and "task_index" in data.columns and len(rows):
+                first = self.meta.tasks.get(int(data.columns["task_index"][rows[0], 0]))
+            self._first_tasks[episode.index] = first if first is not None else episode.tasks[0]
+        return self._first_tasks[episode.index]
 
     def _episode(self, episode_index: int) -> EpisodeMeta:
         if episode_index not in self._by_index:
@@ -276,7 +293,7 @@ class LeRobotReader(Reader):
         ids = data.columns["task_index"][rows, 0]
         if (ids == ids[0]).all():
             return None
-        fallback = episode.tasks[0] if episode.tasks else ""
+        fallback = self._task(episode)
         return [self.meta.tasks.get(int(i), fallback) for i in ids]
 
     def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:

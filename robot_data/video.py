@@ -186,8 +186,14 @@ def encode_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, cod
 
 
 def video_duration(path: str | Path) -> tuple[int, float]:
-    """(frames, seconds) of the first video stream, from the container header (0 when unknown)."""
+    """(frames, seconds) of the first video stream, from the container header (0 when unknown).
+
+    ``seconds`` is where the stream ends on the file's clock, its start time plus its duration: a
+    video whose first frame sits at t0 > 0 (a recorder's clock, as its timestamps) holds frames up
+    to t0 + duration, the times a reader asks for."""
     with av.open(str(path)) as container:
         stream = video_stream(container, path)
-        seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
-        return int(stream.frames or 0), seconds
+        if not stream.duration:
+            return int(stream.frames or 0), 0.0
+        start = stream.start_time if stream.start_time is not None and stream.start_time > 0 else 0
+        return int(stream.frames or 0), float((start + stream.duration) * stream.time_base)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import h5py
 import numpy as np
 import pyarrow as pa
@@ -147,6 +150,64 @@ def test_timestamps_disagree_with_fps(images):
     _edit_column(images / FILE1, "timestamp", lambda t: np.where(np.arange(len(t)) == 12, t + 0.05, t))
     problems = check_dataset(images, "lerobot")
     assert _kinds(problems) == {("timestamp", 3)}
+    assert "at frame 4 disagrees with fps 10.0" in problems[0].message
+
+
+T0 = 1234.56  # a recorder's clock at an episode's first frame: no multiple of 1 / fps
+
+
+def _shift_timestamps(path: Path, shift: float) -> None:
+    """Every data file's timestamps + ``shift`` seconds, stored as float32 as LeRobot stores them."""
+    for data in sorted((path / "data").rglob("*.parquet")):
+        _edit_column(data, "timestamp", lambda t: (t.astype(np.float64) + shift).astype(np.float32))
+
+
+def _encode_at(frames: list[np.ndarray], path: Path, times: np.ndarray) -> None:
+    """An MP4 whose frames sit at ``times`` (seconds on the file's clock, whole milliseconds)."""
+    path.unlink()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", *frames[0].shape[:2]
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for image, t in zip(frames, times, strict=True):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, version):
+    """LeRobot's check_timestamps_sync asks only that consecutive timestamps be 1 / fps apart: an
+    episode starting at t0 != 0 (converted from a recorder's clock) passes, its frames read from the
+    stored times (v3: from_timestamp + timestamp, the segment's from_timestamp absorbing t0; v2.1: the
+    timestamp, the video's frames at t0 + k / fps), and a frame off its neighbours is still named."""
+    source = _source()
+    path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2, version=version)
+    plain = LeRobotReader(shutil.copytree(path, tmp_path / "plain"))
+    _shift_timestamps(path, T0)
+    if version == "v3.0":
+        for meta in (path / "meta/episodes").rglob("*.parquet"):
+            _edit_column(meta, f"videos/{CAMERA}/from_timestamp", lambda t: t - T0)
+    else:
+        for ep in source.episodes():
+            video = path / f"videos/chunk-000/{CAMERA}/episode_{ep.index:06d}.mp4"
+            _encode_at(list(source.frames(ep.index, CAMERA, range(8))), video, T0 + np.arange(8) / source.fps)
+    assert check_dataset(path, "lerobot", decode="all") == []
+    reader = LeRobotReader(path)
+    for ep in (0, 3):
+        np.testing.assert_allclose(reader.numeric(ep).timestamp, T0 + np.arange(8) / source.fps, atol=1e-3)
+        frames = reader.frames(ep, CAMERA, range(8))
+        assert np.abs(frames.astype(int) - source.frames(ep, CAMERA, range(8))).mean() < 8.0
+        if version == "v3.0":  # the very frames the unshifted dataset reads
+            np.testing.assert_array_equal(frames, plain.frames(ep, CAMERA, range(8)))
+    data = path / (FILE1 if version == "v3.0" else "data/chunk-000/episode_000003.parquet")
+    row = 8 + 4 if version == "v3.0" else 4  # episode 3, frame 4
+    _edit_column(data, "timestamp", lambda t: np.where(np.arange(len(t)) == row, t + 0.05, t).astype(np.float32))
+    problems = check_dataset(path, "lerobot", decode="none")
+    assert _kinds(problems) == {("timestamp", 3)} and problems[0].file == str(data)
     assert "at frame 4 disagrees with fps 10.0" in problems[0].message
 
 

@@ -24,7 +24,7 @@ from robot_data.check import check_dataset
 from robot_data.hdf5_writer import write_aloha, write_robomimic
 from robot_data.lerobot_writer import write_lerobot
 from robot_data.normalize import compare_stats, resolve_stats
-from robot_data.reader import DatasetFormatError, UnknownFeatureError
+from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.synthetic import CAMERA
 
 N_EPISODES, LENGTH, SIZE = 5, 10, 32
@@ -584,6 +584,52 @@ def test_v3_tasks_cell_written_as_one_string(datasets, tmp_path):
     want = [e.task for e in _reader(datasets, "v3_image")[0].episodes()]
     assert [e.task for e in build_reader("lerobot", path=str(copy)).episodes()] == want
     assert all(len(task) > 1 for task in want)
+
+
+PICK, PLACE = "pick up the cube", "place it in the bin"
+
+
+class _TwoTasks(Reader):
+    """Two synthetic episodes: 0 picks then places (its instruction changes at frame 3), 1 places."""
+
+    def __init__(self):
+        self.inner = SyntheticReader(episodes=2, episode_length=6, image_size=16, seed=0)
+        self.fps, self.cameras, self.gripper_dims = self.inner.fps, self.inner.cameras, self.inner.gripper_dims
+
+    def episodes(self) -> list[Episode]:
+        return [Episode(0, 6, PICK), Episode(1, 6, PLACE)]
+
+    def numeric(self, episode_index: int) -> EpisodeArrays:
+        arrays = self.inner.numeric(episode_index)
+        arrays.tasks = [PICK] * 3 + [PLACE] * 3 if episode_index == 0 else None
+        return arrays
+
+    def frames(self, episode_index: int, camera: str, frame_indices) -> np.ndarray:
+        return self.inner.frames(episode_index, camera, frame_indices)
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_an_episode_listing_several_tasks_is_its_first_frames(tmp_path, version):
+    """LeRobot lists an episode's tasks from a set (any order): the episode's task is its first
+    frame's (task_index), whatever the order listed, also when the listing names a task no frame
+    has (then every frame's prompt is the episode's task)."""
+    source = _TwoTasks()
+    path = write_lerobot(source, tmp_path / "ds", video=False, version=version)
+    listed = {0: [PLACE, PICK], 1: [PICK, PLACE]}  # as a set may order them; episode 1 lists a stale one
+    if version == "v3.0":
+        for meta in (path / "meta/episodes").rglob("*.parquet"):
+            table = pq.read_table(meta)
+            cells = pa.array([listed[e] for e in table["episode_index"].to_pylist()], pa.list_(pa.string()))
+            pq.write_table(table.set_column(table.schema.get_field_index("tasks"), "tasks", cells), meta)
+    else:
+        rows = [json.loads(line) for line in (path / "meta/episodes.jsonl").read_text().splitlines()]
+        lines = [json.dumps({**row, "tasks": listed[row["episode_index"]]}) for row in rows]
+        (path / "meta/episodes.jsonl").write_text("\n".join(lines) + "\n")
+    reader = build_reader("lerobot", path=str(path))
+    assert [m.tasks for m in reader.meta.episodes] == [listed[0], listed[1]]  # the premise: the edit read back
+    first = [(source.numeric(e.index).tasks or [e.task])[0] for e in source.episodes()]
+    assert [e.task for e in reader.episodes()] == first == [PICK, PLACE]
+    assert reader.numeric(0).tasks == source.numeric(0).tasks and reader.numeric(1).tasks is None
 
 
 def test_data_rows_out_of_frame_order_read_in_frame_order(datasets, tmp_path):
