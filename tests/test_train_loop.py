@@ -595,3 +595,14 @@ def test_a_resume_replays_a_kept_infinity_to_tensorboard_as_inf(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, math.inf), (3, 0.5)]
     assert [(r["step"], r["loss"]) for r in read_rows(tmp_path / "metrics.jsonl")] == [(2, math.inf), (3, 0.5)]
+
+
+def test_read_rows_takes_a_string_path(tmp_path):
+    """The README shows ``vla_ft.tracking.read_rows(path)`` next to ``read_report(path)``, which
+    takes a string: ``read_rows("runs/x/metrics.jsonl")`` raised AttributeError ('str' has no is_file)."""
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": math.nan, "grad_norm": math.inf})
+    logger.close()
+    (row,) = read_rows(str(tmp_path / "metrics.jsonl"))
+    assert row["step"] == 1 and math.isnan(row["loss"]) and row["grad_norm"] == math.inf
+    assert read_rows(str(tmp_path / "missing.jsonl")) == []

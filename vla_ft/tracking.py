@@ -58,9 +58,10 @@ def row_line(row: dict[str, Any]) -> str:
     return json.dumps(json_safe(row))
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (:func:`json_numbers`), and a row a crash cut short is skipped."""
-    rows = []
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (:func:`json_numbers`), and a row a crash cut short is skipped.
+    ``path``: a str or a Path, as :func:`vla_ft.evaluate.read_report` takes."""
+    path, rows = Path(path), []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
