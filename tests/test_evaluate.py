@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -629,8 +630,15 @@ def test_eval_at_another_control_rate_than_trained_is_refused_unless_allowed(ler
     err = capsys.readouterr().err
     assert "data.fps:" in err and f"{other:g} Hz" in err and f"{trained:g} Hz" in err and "--allow-fps-mismatch" in err
     assert "Traceback" not in err, err
-    assert cli([*argv, f"data.fps={other:g}", "--allow-fps-mismatch"]) == 0
-    assert "warning: data.fps:" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"^data.fps: .*evaluating anyway \(--allow-fps-mismatch\)") as caught:
+        assert cli([*argv, f"data.fps={other:g}", "--allow-fps-mismatch"]) == 0
+    from vla_ft.cli import plain_warnings  # as the CLI prints it: one line, like its errors
+
+    with plain_warnings("eval"):
+        w = caught[0]
+        assert warnings.formatwarning(w.message, w.category, w.filename, w.lineno).startswith(
+            "vla-ft eval: warning: data.fps:"
+        )
     # An HDF5 file that records no rate is read at its layout's usual one (robomimic: 20 Hz), a guess
     # that is no ground for a refusal; the same file with its fps attribute is judged by it.
     import h5py

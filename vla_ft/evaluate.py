@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -373,7 +374,7 @@ def check_rate(meta: dict[str, Any], fps: float | None, allowed: bool = False) -
         f"(a chunk of {chunk} actions spans {chunk / trained:.3g} s; here it is scored over {chunk / fps:.3g} s)"
     )
     if allowed:
-        print(f"warning: {why}; evaluating anyway (--allow-fps-mismatch)", file=sys.stderr)
+        warnings.warn(f"{why}; evaluating anyway (--allow-fps-mismatch)", stacklevel=2)
         return
     raise RecipeError(
         f"{why}; evaluate data recorded at {trained:g} Hz, set data.fps=HZ if the dataset's recorded rate is "
