@@ -290,7 +290,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     text = "run the ablation variants of a recipe (ablation.variants and/or --grid), resumable, and compare them"
     p = sub.add_parser("ablate", help=text, description=text)
     p.add_argument("recipe", help="recipe YAML file (its ablation: section names the variants)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every variant")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the base recipe (a variant's own keys win)")
     p.add_argument(
         "--grid",
         action="append",
