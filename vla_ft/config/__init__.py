@@ -4,7 +4,9 @@
 - :mod:`vla_ft.config.loader`: YAML + ``key.sub=value`` overrides -> validated :class:`Recipe`,
   all problems reported at once with "did you mean" hints;
 - :mod:`vla_ft.config.checks`: cross-key rules (unknown module names, unfreeze of a module that
-  is not frozen, feature-cache refusals, ...).
+  is not frozen, feature-cache refusals, ...);
+- :mod:`vla_ft.config.training_checks`: the rules and warnings about how the run trains (step
+  schedules, early stopping, warmups), skipped for a checkpoint's recipe read back to evaluate it.
 """
 
 from vla_ft.config.checks import READERS, cache_problems, validate

@@ -17,8 +17,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from vla_ft.config.checks import name_problems, suggest, training_warnings, validate
+from vla_ft.config.checks import name_problems, suggest, validate
 from vla_ft.config.schema import Recipe, RecipeError
+from vla_ft.config.training_checks import training_warnings
 
 # PyYAML implements YAML 1.1; recipes are read as YAML 1.2 (core schema) reads them. 1.1's floats
 # need a dot, so 1e-6 would be the string '1e-6' in every key the schema does not type as float
@@ -251,7 +252,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", training: bool = True) -> Recipe:
     """Build and validate a Recipe from a raw mapping; all problems are reported at once, then the
-    warnings of a valid one (:func:`~vla_ft.config.checks.training_warnings`) as ``UserWarning``s.
+    warnings of a valid one (:func:`~vla_ft.config.training_checks.training_warnings`) as ``UserWarning``s.
     ``training=False``: a trained checkpoint's recipe read back, judged without the rules and warnings
     about how it trains (:func:`~vla_ft.config.checks.validate`)."""
     problems: list[str] = []
