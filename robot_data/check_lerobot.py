@@ -248,7 +248,7 @@ def _check_camera(
             msg = f"camera {camera}: unreadable video ({type(durations[ref.path]).__name__}: {durations[ref.path]})"
             return [Problem("undecodable", str(ref.path), ep.index, msg)]
         _, seconds = durations[ref.path]
-        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp.max()) if ep.length else 0.0
+        last = ref.from_timestamp + float(reader.stored_times(ep.index).max()) if ep.length else 0.0
         if seconds and last > seconds - 0.5 / reader.fps + tol:
             msg = f"camera {camera}: the episode needs t={last:.3f}s, the video lasts {seconds:.3f}s"
             return [Problem("video_short", str(ref.path), ep.index, msg)]
@@ -338,7 +338,7 @@ def check_lerobot(
     unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
     starts = {
-        ep.index: float(reader.numeric(ep.index).timestamp[0])
+        ep.index: float(reader.stored_times(ep.index)[0])
         for ep in meta.episodes
         if ep.index not in unusable and ep.length and any(ep.videos.get(c) for c in checked)
     }

@@ -278,13 +278,21 @@ class LeRobotReader(Reader):
         episode = self._episode(episode_index)
         data, rows = self._data(episode)
         text = [data.text[r] for r in rows] if data.text is not None else None
+        stamps = data.columns["timestamp"][rows, 0]
         return EpisodeArrays(
             data.columns[self.state_key][rows].astype(np.float32),
             data.columns[self.action_key][rows].astype(np.float32),
-            data.columns["timestamp"][rows, 0],
+            stamps - stamps[:1],  # from the episode start, as every reader's (the stored t0 may be a recorder's clock)
             text,
             self._frame_tasks(episode, data, rows),
         )
+
+    def stored_times(self, episode_index: int) -> np.ndarray:
+        """The episode's parquet ``timestamp`` column (T,) float64, as stored: with from_timestamp,
+        where its frames sit in the video (``numeric().timestamp`` counts from the episode start)."""
+        episode = self._episode(episode_index)
+        data, rows = self._data(episode)
+        return data.columns["timestamp"][rows, 0].copy()
 
     def _frame_tasks(self, episode: EpisodeMeta, data: DataFile, rows: np.ndarray) -> list[str] | None:
         """Per-frame instructions from ``task_index`` when it changes within the episode, else None."""
