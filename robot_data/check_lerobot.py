@@ -190,6 +190,13 @@ def _episode_problems(
     unknown_text = [t for t in ep.tasks if t not in meta.tasks.values()]
     if unknown or unknown_text:
         p.append(Problem("unknown_task", where, ep.index, f"unknown task index(es) {unknown} / task(s) {unknown_text}"))
+    # LeRobot lists an episode's tasks from its frames'; a list out of step with task_index gives the
+    # frames another prompt than the metadata says (training uses the frames' own, as LeRobot's ``task``).
+    listed = {t for t in ep.tasks if t in meta.tasks.values()}
+    framed = list(dict.fromkeys(meta.tasks[int(t)] for t in cols["task_index"][rows] if int(t) in meta.tasks))
+    if listed and framed and listed != set(framed):
+        msg = f"episode {ep.index}'s metadata lists task(s) {sorted(listed)}, its frames' task_index gives {framed}"
+        p.append(Problem("task_mismatch", where, ep.index, msg))
     for key in keys:
         bad = np.intersect1d(widths[key], rows)
         if len(bad):

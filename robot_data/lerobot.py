@@ -242,7 +242,9 @@ class LeRobotReader(Reader):
 
     def episodes(self) -> list[Episode]:
         """Each episode with its task: the one its metadata lists, or for an episode listing several
-        (LeRobot builds the list from a set: its order is arbitrary), its first frame's (``task_index``)."""
+        (LeRobot builds the list from a set: its order is arbitrary), its first frame's (``task_index``).
+        Frames whose own task is another (metadata out of step with ``task_index``) get theirs through
+        ``numeric().tasks``."""
         return [Episode(e.index, e.length, self._task(e)) for e in self.meta.episodes]
 
     def _task(self, episode: EpisodeMeta) -> str:
@@ -295,13 +297,15 @@ class LeRobotReader(Reader):
         return data.columns["timestamp"][rows, 0].copy()
 
     def _frame_tasks(self, episode: EpisodeMeta, data: DataFile, rows: np.ndarray) -> list[str] | None:
-        """Per-frame instructions from ``task_index`` when it changes within the episode, else None."""
+        """Per-frame instructions from ``task_index`` unless every frame's is the episode's task (None):
+        it changes within the episode, or the one task the metadata lists is not the frames'. A frame's
+        own task wins, as LeRobot's ``task`` is; ``data check`` names the mismatch (task_mismatch)."""
         if "task_index" not in data.columns or not len(rows):
             return None
         ids = data.columns["task_index"][rows, 0]
-        if (ids == ids[0]).all():
-            return None
         fallback = self._task(episode)
+        if (ids == ids[0]).all() and self.meta.tasks.get(int(ids[0]), fallback) == fallback:
+            return None
         return [self.meta.tasks.get(int(i), fallback) for i in ids]
 
     def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
