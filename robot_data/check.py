@@ -35,6 +35,7 @@ KINDS = (
     "video_short",
     "undecodable",
     "unknown_task",
+    "task_mismatch",
     "missing_text",
 )
 DECODE_MODES = ("ends", "all", "none")

@@ -190,6 +190,13 @@ def _episode_problems(
     unknown_text = [t for t in ep.tasks if t not in meta.tasks.values()]
     if unknown or unknown_text:
         p.append(Problem("unknown_task", where, ep.index, f"unknown task index(es) {unknown} / task(s) {unknown_text}"))
+    # LeRobot lists an episode's tasks from its frames'; a list out of step with task_index gives the
+    # frames another prompt than the metadata says (training uses the frames' own, as LeRobot's ``task``).
+    listed = {t for t in ep.tasks if t in meta.tasks.values()}
+    framed = list(dict.fromkeys(meta.tasks[int(t)] for t in cols["task_index"][rows] if int(t) in meta.tasks))
+    if listed and framed and listed != set(framed):
+        msg = f"episode {ep.index}'s metadata lists task(s) {sorted(listed)}, its frames' task_index gives {framed}"
+        p.append(Problem("task_mismatch", where, ep.index, msg))
     for key in keys:
         bad = np.intersect1d(widths[key], rows)
         if len(bad):
@@ -248,7 +255,7 @@ def _check_camera(
             msg = f"camera {camera}: unreadable video ({type(durations[ref.path]).__name__}: {durations[ref.path]})"
             return [Problem("undecodable", str(ref.path), ep.index, msg)]
         _, seconds = durations[ref.path]
-        last = ref.from_timestamp + float(reader.numeric(ep.index).timestamp.max()) if ep.length else 0.0
+        last = ref.from_timestamp + float(reader.stored_times(ep.index).max()) if ep.length else 0.0
         if seconds and last > seconds - 0.5 / reader.fps + tol:
             msg = f"camera {camera}: the episode needs t={last:.3f}s, the video lasts {seconds:.3f}s"
             return [Problem("video_short", str(ref.path), ep.index, msg)]
@@ -338,7 +345,7 @@ def check_lerobot(
     unusable = {p.episode for p in problems if p.kind in ("missing_file", "unreadable", "bad_feature", "index_gap")}
     reader = LeRobotReader(root, state_key, action_key, text_key, video_tolerance_s)
     starts = {
-        ep.index: float(reader.numeric(ep.index).timestamp[0])
+        ep.index: float(reader.stored_times(ep.index)[0])
         for ep in meta.episodes
         if ep.index not in unusable and ep.length and any(ep.videos.get(c) for c in checked)
     }

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from robot_data.reader import Reader
+from robot_data.reader import Episode, EpisodeArrays, Reader
 
 TEXT = "narration"
 
@@ -28,6 +28,12 @@ TEXT = "narration"
 def camera_name(camera: str) -> str:
     """Dataset-friendly camera name: the last dotted part (observation.images.top -> top)."""
     return camera.rsplit(".", 1)[-1]
+
+
+def _first_task(ep: Episode, arrays: EpisodeArrays) -> str:
+    """The one instruction an HDF5 episode holds: its first frame's (a frame's own task, where the
+    reader gives per-frame ones, is the prompt training uses)."""
+    return arrays.tasks[0] if arrays.tasks else ep.task
 
 
 def _strings(group: h5py.Group, name: str, text: list[str | None]) -> None:
@@ -48,7 +54,7 @@ def write_robomimic(reader: Reader, path: str | Path) -> Path:
         for ep in reader.episodes():
             arrays = reader.numeric(ep.index)
             demo = data.create_group(f"demo_{ep.index}")
-            demo.attrs["num_samples"], demo.attrs["task"] = ep.length, ep.task
+            demo.attrs["num_samples"], demo.attrs["task"] = ep.length, _first_task(ep, arrays)
             demo.create_dataset("actions", data=arrays.action)
             # robomimic's default train.dataset_keys: no reward is known, done only at the last step
             demo.create_dataset("rewards", data=np.zeros(ep.length))
@@ -84,7 +90,8 @@ def write_aloha(reader: Reader, directory: str | Path, compress: bool = False) -
     for ep in reader.episodes():
         arrays = reader.numeric(ep.index)
         with h5py.File(directory / f"episode_{ep.index}.hdf5", "w") as f:
-            f.attrs["sim"], f.attrs["compress"], f.attrs["fps"], f.attrs["task"] = True, compress, reader.fps, ep.task
+            f.attrs["sim"], f.attrs["compress"], f.attrs["fps"] = True, compress, reader.fps
+            f.attrs["task"] = _first_task(ep, arrays)
             f.create_dataset("action", data=arrays.action)
             f.create_dataset("observations/qpos", data=arrays.state)
             f.create_dataset("observations/qvel", data=np.zeros_like(arrays.state))  # ACT reads it; none known

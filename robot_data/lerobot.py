@@ -242,7 +242,9 @@ class LeRobotReader(Reader):
 
     def episodes(self) -> list[Episode]:
         """Each episode with its task: the one its metadata lists, or for an episode listing several
-        (LeRobot builds the list from a set: its order is arbitrary), its first frame's (``task_index``)."""
+        (LeRobot builds the list from a set: its order is arbitrary), its first frame's (``task_index``).
+        Frames whose own task is another (metadata out of step with ``task_index``) get theirs through
+        ``numeric().tasks``."""
         return [Episode(e.index, e.length, self._task(e)) for e in self.meta.episodes]
 
     def _task(self, episode: EpisodeMeta) -> str:
@@ -278,22 +280,32 @@ class LeRobotReader(Reader):
         episode = self._episode(episode_index)
         data, rows = self._data(episode)
         text = [data.text[r] for r in rows] if data.text is not None else None
+        stamps = data.columns["timestamp"][rows, 0]
         return EpisodeArrays(
             data.columns[self.state_key][rows].astype(np.float32),
             data.columns[self.action_key][rows].astype(np.float32),
-            data.columns["timestamp"][rows, 0],
+            stamps - stamps[:1],  # from the episode start, as every reader's (the stored t0 may be a recorder's clock)
             text,
             self._frame_tasks(episode, data, rows),
         )
 
+    def stored_times(self, episode_index: int) -> np.ndarray:
+        """The episode's parquet ``timestamp`` column (T,) float64, as stored: with from_timestamp,
+        where its frames sit in the video (``numeric().timestamp`` counts from the episode start)."""
+        episode = self._episode(episode_index)
+        data, rows = self._data(episode)
+        return data.columns["timestamp"][rows, 0].copy()
+
     def _frame_tasks(self, episode: EpisodeMeta, data: DataFile, rows: np.ndarray) -> list[str] | None:
-        """Per-frame instructions from ``task_index`` when it changes within the episode, else None."""
+        """Per-frame instructions from ``task_index`` unless every frame's is the episode's task (None):
+        it changes within the episode, or the one task the metadata lists is not the frames'. A frame's
+        own task wins, as LeRobot's ``task`` is; ``data check`` names the mismatch (task_mismatch)."""
         if "task_index" not in data.columns or not len(rows):
             return None
         ids = data.columns["task_index"][rows, 0]
-        if (ids == ids[0]).all():
-            return None
         fallback = self._task(episode)
+        if (ids == ids[0]).all() and self.meta.tasks.get(int(ids[0]), fallback) == fallback:
+            return None
         return [self.meta.tasks.get(int(i), fallback) for i in ids]
 
     def frames(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:

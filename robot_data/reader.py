@@ -60,7 +60,9 @@ class EpisodeArrays:
     """Numeric content of one episode of length T.
 
     state: (T, S) float32, action: (T, A) float32 (may hold NaN for missing steps),
-    timestamp: (T,) float64 seconds from the episode start, text: T per-frame strings or None
+    timestamp: (T,) float64 seconds from the episode start (0 at its first frame, whatever clock
+    the source stores: a format's own times, which locate its frames, stay its reader's business),
+    text: T per-frame strings or None
     (a frame's None: no text for that frame, e.g. a null cell, so no language target there),
     tasks: T per-frame instructions when the instruction changes within the episode (LeRobot's
     per-frame ``task_index``), else None (the episode's ``task`` holds for every frame).

@@ -198,7 +198,9 @@ def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, v
     assert check_dataset(path, "lerobot", decode="all") == []
     reader = LeRobotReader(path)
     for ep in (0, 3):
-        np.testing.assert_allclose(reader.numeric(ep).timestamp, T0 + np.arange(8) / source.fps, atol=1e-3)
+        # numeric() counts from the episode start, as every reader's; the stored times place the frames.
+        np.testing.assert_allclose(reader.numeric(ep).timestamp, np.arange(8) / source.fps, atol=1e-3)
+        np.testing.assert_allclose(reader.stored_times(ep), T0 + np.arange(8) / source.fps, atol=1e-3)
         frames = reader.frames(ep, CAMERA, range(8))
         assert np.abs(frames.astype(int) - source.frames(ep, CAMERA, range(8))).mean() < 8.0
         if version == "v3.0":  # the very frames the unshifted dataset reads
@@ -209,6 +211,37 @@ def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, v
     problems = check_dataset(path, "lerobot", decode="none")
     assert _kinds(problems) == {("timestamp", 3)} and problems[0].file == str(data)
     assert "at frame 4 disagrees with fps 10.0" in problems[0].message
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_an_offset_dataset_converted_and_back_keeps_its_frames_on_a_clock_from_0(tmp_path, version):
+    """LeRobot at t0 = T0 -> ALOHA -> LeRobot: every reader's timestamps are seconds from the episode
+    start (k / fps, whatever the stored t0), and each frame stays with its numbers through both ways."""
+    source = _source()
+    path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2, version=version)
+    _shift_timestamps(path, T0)
+    if version == "v3.0":
+        for meta in (path / "meta/episodes").rglob("*.parquet"):
+            _edit_column(meta, f"videos/{CAMERA}/from_timestamp", lambda t: t - T0)
+    else:
+        for ep in source.episodes():
+            video = path / f"videos/chunk-000/{CAMERA}/episode_{ep.index:06d}.mp4"
+            _encode_at(list(source.frames(ep.index, CAMERA, range(8))), video, T0 + np.arange(8) / source.fps)
+    offset = LeRobotReader(path)
+    aloha = HDF5Reader(write_aloha(offset, tmp_path / "aloha"), layout="aloha")
+    back = write_lerobot(aloha, tmp_path / "back", video=True, episodes_per_file=2)
+    assert check_dataset(back, "lerobot", decode="all") == []
+    final = LeRobotReader(back)
+    camera = final.cameras[0]
+    for reader in (offset, aloha, final):
+        for ep in source.episodes():
+            np.testing.assert_allclose(reader.numeric(ep.index).timestamp, np.arange(8) / source.fps, atol=1e-3)
+    for ep in source.episodes():
+        np.testing.assert_array_equal(final.numeric(ep.index).action, source.numeric(ep.index).action)
+        want = source.frames(ep.index, CAMERA, range(8)).astype(int)
+        for got in (aloha.frames(ep.index, aloha.cameras[0], range(8)), final.frames(ep.index, camera, range(8))):
+            # frame k is the source's frame k through h264 (a shift of one is off by 17 or more somewhere)
+            assert np.abs(got.astype(int) - want).mean(axis=(1, 2, 3)).max() < 8.0
 
 
 def test_video_shorter_than_episode(videos):
@@ -432,6 +465,51 @@ def test_hdf5_text_missing_or_short_is_a_problem_of_its_episode(tmp_path):
             reader.numeric(episode)
 
 
+def _list_tasks(path: Path, listed: dict[int, list[str]]) -> None:
+    """Set the ``tasks`` cell of the v3 episode metadata of each episode in ``listed``."""
+    for meta in (path / "meta/episodes").rglob("*.parquet"):
+        table = pq.read_table(meta)
+        old = zip(table["episode_index"].to_pylist(), table["tasks"].to_pylist(), strict=True)
+        cells = pa.array([listed.get(e, tasks) for e, tasks in old], pa.list_(pa.string()))
+        pq.write_table(table.set_column(table.schema.get_field_index("tasks"), "tasks", cells), meta)
+
+
+def test_a_listed_task_no_frame_has_is_named_and_frames_keep_their_own(images, tmp_path):
+    """Episode 1's metadata lists its task, its frames' task_index points to episode 0's: the check
+    names both (task_mismatch), and every frame's prompt is its own task, as LeRobot's ``task`` is
+    (it got the listed one), also through a conversion to ALOHA."""
+    listed, frames = "pick up the purple block", "pick up the blue block"  # the synthetic source's tasks 1, 0
+    reader = LeRobotReader(images)
+    assert reader.meta.tasks[0] == frames and reader.meta.episodes[1].tasks == [listed]  # the premise
+    _edit_column(images / FILE0, "task_index", lambda t: np.where(np.arange(len(t)) >= 8, 0, t))  # episode 1
+    problems = check_dataset(images, "lerobot", decode="none")
+    assert _kinds(problems) == {("task_mismatch", 1)} and problems[0].file.endswith(FILE0)
+    assert (
+        problems[0].message
+        == f"episode 1's metadata lists task(s) ['{listed}'], its frames' task_index gives ['{frames}']"
+    )
+    _list_tasks(images, {1: [frames]})
+    assert check_dataset(images, "lerobot", decode="none") == []  # listed as the frames say: no mismatch
+    _list_tasks(images, {1: [listed]})
+
+    class SeenTasks:
+        target, seen = "none", []
+
+        def __call__(self, task, text, actions, mask):
+            self.seen.append(task)
+            return np.zeros(1, np.int64), np.zeros(0, np.int64)
+
+    reader = LeRobotReader(images)
+    assert reader.numeric(1).tasks == [frames] * 8 and reader.numeric(0).tasks is None
+    prompts = SeenTasks()
+    dataset = RobotDataset(reader, [1], 2, 1, Normalizer(compute_stats(reader, [1]), "mean_std"), 16, prompts)
+    for t in (0, 7):
+        dataset[t]
+    assert prompts.seen == [frames, frames]
+    with h5py.File(write_aloha(reader, tmp_path / "aloha") / "episode_1.hdf5") as f:
+        assert f.attrs["task"] == frames
+
+
 def test_an_instruction_that_changes_within_an_episode_reaches_each_frame(images):
     """LeRobot keeps a task_index per frame: frames 4-7 of episode 0 get episode 1's task."""
     reader = LeRobotReader(images)
@@ -439,6 +517,7 @@ def test_an_instruction_that_changes_within_an_episode_reaches_each_frame(images
     assert first != second
     second_id = next(i for i, t in reader.meta.tasks.items() if t == second)
     _edit_column(images / FILE0, "task_index", lambda t: np.where(np.arange(len(t)) // 4 == 1, second_id, t))
+    _list_tasks(images, {0: [first, second]})  # as LeRobot lists them, from the frames'
     assert not check_dataset(images, "lerobot", decode="none")
     reader = LeRobotReader(images)
     assert reader.numeric(0).tasks == [first] * 4 + [second] * 4 and reader.numeric(1).tasks is None
