@@ -490,6 +490,8 @@ def test_a_listed_task_no_frame_has_is_named_and_frames_keep_their_own(images, t
     )
     _list_tasks(images, {1: [frames]})
     assert check_dataset(images, "lerobot", decode="none") == []  # listed as the frames say: no mismatch
+    _list_tasks(images, {1: [listed, frames]})
+    assert check_dataset(images, "lerobot", decode="none") == []  # a stale extra listing misleads no frame
     _list_tasks(images, {1: [listed]})
 
     class SeenTasks:
