@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -178,15 +177,12 @@ def _encode_at(frames: list[np.ndarray], path: Path, times: np.ndarray) -> None:
             container.mux(packet)
 
 
-@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
-def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, version):
-    """LeRobot's check_timestamps_sync asks only that consecutive timestamps be 1 / fps apart: an
-    episode starting at t0 != 0 (converted from a recorder's clock) passes, its frames read from the
-    stored times (v3: from_timestamp + timestamp, the segment's from_timestamp absorbing t0; v2.1: the
-    timestamp, the video's frames at t0 + k / fps), and a frame off its neighbours is still named."""
+def _offset_dataset(tmp_path: Path, version: str) -> tuple[SyntheticReader, Path]:
+    """The synthetic source written as LeRobot ``version`` with every timestamp moved to start at T0
+    (v3: the segments' from_timestamp lowered by T0; v2.1: the videos re-encoded with frames at
+    T0 + k / fps), as a recorder's clock would leave it. Returns (source, dataset path)."""
     source = _source()
     path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2, version=version)
-    plain = LeRobotReader(shutil.copytree(path, tmp_path / "plain"))
     _shift_timestamps(path, T0)
     if version == "v3.0":
         for meta in (path / "meta/episodes").rglob("*.parquet"):
@@ -195,6 +191,19 @@ def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, v
         for ep in source.episodes():
             video = path / f"videos/chunk-000/{CAMERA}/episode_{ep.index:06d}.mp4"
             _encode_at(list(source.frames(ep.index, CAMERA, range(8))), video, T0 + np.arange(8) / source.fps)
+    return source, path
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, version):
+    """LeRobot's check_timestamps_sync asks only that consecutive timestamps be 1 / fps apart: an
+    episode starting at t0 != 0 (converted from a recorder's clock) passes, its frames read from the
+    stored times (v3: from_timestamp + timestamp, the segment's from_timestamp absorbing t0; v2.1: the
+    timestamp, the video's frames at t0 + k / fps), and a frame off its neighbours is still named."""
+    plain = LeRobotReader(
+        write_lerobot(_source(), tmp_path / "plain", video=True, episodes_per_file=2, version=version)
+    )
+    source, path = _offset_dataset(tmp_path, version)
     assert check_dataset(path, "lerobot", decode="all") == []
     reader = LeRobotReader(path)
     for ep in (0, 3):
@@ -217,16 +226,7 @@ def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, v
 def test_an_offset_dataset_converted_and_back_keeps_its_frames_on_a_clock_from_0(tmp_path, version):
     """LeRobot at t0 = T0 -> ALOHA -> LeRobot: every reader's timestamps are seconds from the episode
     start (k / fps, whatever the stored t0), and each frame stays with its numbers through both ways."""
-    source = _source()
-    path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2, version=version)
-    _shift_timestamps(path, T0)
-    if version == "v3.0":
-        for meta in (path / "meta/episodes").rglob("*.parquet"):
-            _edit_column(meta, f"videos/{CAMERA}/from_timestamp", lambda t: t - T0)
-    else:
-        for ep in source.episodes():
-            video = path / f"videos/chunk-000/{CAMERA}/episode_{ep.index:06d}.mp4"
-            _encode_at(list(source.frames(ep.index, CAMERA, range(8))), video, T0 + np.arange(8) / source.fps)
+    source, path = _offset_dataset(tmp_path, version)
     offset = LeRobotReader(path)
     aloha = HDF5Reader(write_aloha(offset, tmp_path / "aloha"), layout="aloha")
     back = write_lerobot(aloha, tmp_path / "back", video=True, episodes_per_file=2)
