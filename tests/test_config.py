@@ -713,7 +713,7 @@ def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
 def test_validation_counts_global_batches():
     """1 process of batch 4 and 2 of batch 2 validate on the same samples (the best checkpoint and
     early stopping of the two agree)."""
-    from vla_ft.data import validation_samples
+    from vla_ft.samplers import validation_samples
 
     one = load_recipe(QUICKSTART, [*TINY, "train.val_batches=3", "train.batch_size=4"])
     two = load_recipe(QUICKSTART, [*TINY, "train.val_batches=3", "train.batch_size=2"])

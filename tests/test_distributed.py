@@ -217,7 +217,7 @@ def test_ddp_losses_equal_one_process_with_the_global_batch(single, ddp):
 
 
 def test_ddp_validation_metrics_are_those_of_one_process(single, ddp):
-    """Every rank validates the whole set (:class:`vla_ft.data.ValidationSampler`), so the logged mean
+    """Every rank validates the whole set (:class:`vla_ft.samplers.ValidationSampler`), so the logged mean
     over ranks is one process's value: perplexity, a ratio of token sums, included."""
     rows = {}
     for name, run_dir in (("single", single), ("ddp", ddp[0])):

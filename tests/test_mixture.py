@@ -20,9 +20,10 @@ from robot_data.lerobot_writer import write_lerobot
 from robot_data.reader import DatasetFormatError
 from vla_ft.cli import main as cli
 from vla_ft.config import RecipeError, load_recipe
-from vla_ft.data import EpochSampler, ValidationSampler, build_data, sample_sources, validation_samples
+from vla_ft.data import build_data
 from vla_ft.feature_cache import data_files
 from vla_ft.run_setup import _default_tokenizer, setup, teardown
+from vla_ft.samplers import EpochSampler, ValidationSampler, sample_sources, validation_samples
 from vla_ft.tokenizer import load_tokenizer
 
 LENGTH = 10
@@ -194,7 +195,7 @@ def test_a_sample_drawn_again_in_a_weighted_epoch_is_augmented_anew():
     """An up-weighted small source repeats its frames within an epoch: each repeat gets its own crop
     and jitter (seeded by how many times the frame was drawn before), still the same on a resume."""
     from robot_data import Normalizer, RobotDataset, compute_stats
-    from vla_ft.data import EpochDataset
+    from vla_ft.samplers import EpochDataset
 
     reader = SyntheticReader(episodes=4, episode_length=10, image_size=32)
     augment = {"crop_scale": (0.5, 1.0), "color_jitter": 0.3}
@@ -213,7 +214,7 @@ def test_a_sample_drawn_again_in_a_weighted_epoch_is_augmented_anew():
 def test_weighted_draws_beyond_torch_multinomials_limit():
     """More than 2^24 frames (torch.multinomial's limit): two indices on either side of it hold all the
     weight, 3 : 1; the draws follow it and repeat with the seed."""
-    from vla_ft.data import MULTINOMIAL_LIMIT, weighted_draws
+    from vla_ft.samplers import MULTINOMIAL_LIMIT, weighted_draws
 
     n = MULTINOMIAL_LIMIT + 3
     weights = torch.zeros(n, dtype=torch.float64)

@@ -217,8 +217,9 @@ def load_evaluation(path: str | Path, overrides: Sequence[str] = (), allow_fps_m
 def episode_loader(ev: Evaluation, episodes: list[int]):
     """A sequential DataLoader over ``episodes`` (any of the dataset's), built like validation's."""
     from robot_data import RobotDataset
-    from vla_ft.data import EpochSampler, make_loader
+    from vla_ft.data import make_loader
     from vla_ft.model import pad_token_id
+    from vla_ft.samplers import EpochSampler
 
     r, d = ev.recipe, ev.data
     dataset = RobotDataset(

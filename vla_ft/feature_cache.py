@@ -7,7 +7,7 @@ validation sets, and the loaders are swapped for ones that yield only what the h
 loss need: ``readout, actions, action_mask, episode_index, frame_index, index``. No image is
 decoded and no prompt tokenised after that; :meth:`vla_ft.model.VLA.forward` runs the heads only
 when a batch carries ``readout``. The training loop itself is unchanged: batches come in the
-order of the run's own :class:`vla_ft.data.EpochSampler`, so a cached run sees exactly the
+order of the run's own :class:`vla_ft.samplers.EpochSampler`, so a cached run sees exactly the
 samples, in the order, of the uncached run, and resumes the same way.
 
 In memory by default; with ``train.feature_cache_dir`` on disk, reused across runs while the
@@ -51,9 +51,10 @@ from torch import nn
 import vla_ft
 from vla_ft import checkpoint as ck
 from vla_ft.config import TRUNK_MODULES, RecipeError, cache_problems, to_dict
-from vla_ft.data import EpochSampler, ValidationSampler, data_sources, make_loader, to_device
+from vla_ft.data import data_sources, make_loader, to_device
 from vla_ft.model import pad_token_id
 from vla_ft.model_files import base_language_model
+from vla_ft.samplers import EpochSampler, ValidationSampler
 
 if TYPE_CHECKING:
     from robot_data import RobotDataset

@@ -19,15 +19,7 @@ from torch import nn
 from vla_ft import checkpoint as ck
 from vla_ft import optim
 from vla_ft.config import Recipe, RecipeError, save_recipe, to_dict
-from vla_ft.data import (
-    DataBundle,
-    EpochSampler,
-    ValidationSampler,
-    build_data,
-    make_loader,
-    sample_sources,
-    validation_samples,
-)
+from vla_ft.data import DataBundle, build_data, make_loader
 from vla_ft.ema import WeightEMA, weight_average
 from vla_ft.losses import CompositeLoss
 from vla_ft.model import VLA, build_model, pad_token_id
@@ -45,6 +37,7 @@ from vla_ft.run_state import (
     saved_validation_samples,
 )
 from vla_ft.runtime import Runtime, init_runtime, say, seed_everything, shutdown
+from vla_ft.samplers import EpochSampler, ValidationSampler, sample_sources, validation_samples
 from vla_ft.tokenizer import BUILTIN_TINY, load_tokenizer
 from vla_ft.tracking import MetricsLogger, Progress, TrainWindow
 

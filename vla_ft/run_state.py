@@ -210,7 +210,7 @@ def check_same_split(
 
 def saved_validation_samples(saved: dict[str, Any], state: dict[str, Any], current: Recipe) -> int | None:
     """The validation sample count of the run a checkpoint (``saved`` recipe, ``state`` trainer state)
-    belongs to (:func:`vla_ft.data.validation_samples`), or None where ``current`` sets another
+    belongs to (:func:`vla_ft.samplers.validation_samples`), or None where ``current`` sets another
     ``train.val_batches`` (allowed with a rollout's best metric). Checkpoints older than the count in
     the trainer state give their recipe's."""
     old = _flatten_saved(saved)
