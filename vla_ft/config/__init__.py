@@ -5,6 +5,8 @@
   all problems reported at once with "did you mean" hints;
 - :mod:`vla_ft.config.checks`: cross-key rules (unknown module names, unfreeze of a module that
   is not frozen, feature-cache refusals, ...);
+- :mod:`vla_ft.config.unread_keys`: keys the run would never read (an optimizer's setting under
+  another optimizer, a reader's key under another format, a group of a module that never trains);
 - :mod:`vla_ft.config.training_checks`: the rules and warnings about how the run trains (step
   schedules, early stopping, warmups), skipped for a checkpoint's recipe read back to evaluate it.
 """

@@ -109,6 +109,8 @@ def validate(r: Recipe, training: bool = True) -> list[str]:
     p += model_problems(r)
     p += tokenizer_problems(r)
     # After every range check (the loss's own included): a value out of range is not also "unread".
+    from vla_ft.config.unread_keys import unused_setting_problems  # it imports absent_modules from here
+
     named = {q.split(":")[0] for q in p}
     p += [q for q in unused_setting_problems(r) if q.split(":")[0] not in named]
     p += nonfinite_problems(r, reported=p)
@@ -260,95 +262,6 @@ def absent_module_problems(r: Recipe) -> list[str]:
             f"{key}: {switch} is false, so the model has no {name}; remove {key} or set {switch}: true" for key in keys
         ]
     return p
-
-
-def unused_setting_problems(r: Recipe) -> list[str]:
-    """Keys set for something the run never does: a module's group that never trains (frozen, never
-    unfrozen, no adapters), DWA's settings under another strategy, a cache directory without the cache."""
-    lora = r.model.lora
-    adapted = {name for name, on in (("language_model", lora.enabled), ("vision_encoder", lora.vision)) if on}
-    p = [
-        f"optim.groups.{name}: freeze.{name} is true and unfreeze.{name} unset, so {name} never trains; "
-        f"remove optim.groups.{name} or add unfreeze.{name}"
-        for name in r.optim.groups
-        if getattr(r.freeze, name, False) and name not in {*r.unfreeze, *adapted, *absent_modules(r)}
-    ]
-    defaults = type(r.loss)()
-    if r.loss.strategy != "dwa":
-        p += [
-            f"loss.{key}: only loss.strategy=dwa reads it (strategy is {r.loss.strategy})"
-            for key in ("dwa_temperature", "dwa_window")
-            if getattr(r.loss, key) != getattr(defaults, key)
-        ]
-    if r.loss.strategy == "dwa" and r.train.steps < 2 * r.loss.dwa_window:
-        p.append(
-            f"loss.dwa_window: DWA weighs the terms from its third window of {r.loss.dwa_window} steps on, and "
-            f"train.steps is {r.train.steps}: it would never engage; lower loss.dwa_window"
-        )
-    if r.train.feature_cache_dir is not None and not r.train.cache_features:
-        p.append("train.feature_cache_dir: only train.cache_features=true reads it")
-    return p + unread_optimizer_and_loss_keys(r) + unread_data_keys(r)
-
-
-def unread_optimizer_and_loss_keys(r: Recipe) -> list[str]:
-    """Optimizer and loss settings that the chosen optimizer, schedule or loss type never reads."""
-    o, od, loss = r.optim, type(r.optim)(), r.loss
-    adam = o.name != "sgd"
-    unread = [("optim.momentum", "only optim.name=sgd reads it", adam and o.momentum != od.momentum)]
-    unread += [
-        (f"optim.{k}", "optim.name=sgd reads no Adam setting", not adam and getattr(o, k) != getattr(od, k))
-        for k in ("betas", "eps")
-    ]
-    unread += [
-        (
-            "optim.min_lr_ratio",
-            "optim.scheduler=constant never decays",
-            o.scheduler == "constant" and o.min_lr_ratio != od.min_lr_ratio,
-        ),
-        (
-            "optim.groups.action_queries.weight_decay",
-            "action queries are a lookup table: never decayed",
-            "action_queries" in o.groups and o.groups["action_queries"].weight_decay is not None,
-        ),
-        (
-            "loss.action.beta",
-            f"only loss.action.type=smooth_l1 reads it (type is {loss.action.type})",
-            loss.action.type != "smooth_l1" and loss.action.beta != type(loss.action)().beta,
-        ),
-        (
-            "loss.gripper.pos_weight",
-            "model.gripper_head is false: no gripper BCE",
-            not r.model.gripper_head and loss.gripper.pos_weight is not None,
-        ),
-        (
-            "loss.schedule.gripper",
-            "model.gripper_head is false: no gripper term to ramp",
-            not r.model.gripper_head and "gripper" in loss.schedule,
-        ),
-    ]
-    return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
-
-
-def unread_data_keys(r: Recipe) -> list[str]:
-    """Data settings that the chosen reader never reads. The tuning keys of a feature switched off
-    (``train.compile_mode`` with ``train.compile=false``, ``train.ema_warmup`` with ``ema_decay: 0``)
-    are not refused: ``key=value`` overrides and ablation variants switch features off in recipes
-    that tune them."""
-    d, dd = r.data, type(r.data)()
-    own_rate = {"lerobot": "a LeRobot dataset records its own (meta/info.json)", "synthetic": "the task sets its own"}
-    unread = [
-        (
-            "data.fps",
-            f"data.format={d.format} never reads it: {own_rate.get(d.format)}",
-            d.format in own_rate and d.fps is not None,
-        ),
-        (
-            "data.layout",
-            f"only data.format=hdf5 reads it (format is {d.format})",
-            d.format != "hdf5" and d.layout != dd.layout,
-        ),
-    ]
-    return [f"{key}: {why}; remove it" for key, why, set_ in unread if set_]
 
 
 def model_problems(r: Recipe) -> list[str]:
