@@ -138,14 +138,9 @@ def _check_data_file(
         problems += [Problem("bad_feature", where, ep.index, m) for m in type_msgs]
         problems += _episode_problems(meta, table, cols, widths, rows, ep, keys, where, tol, slack[rows])
         if text_key:
-            problems += _null_text(table[text_key], rows, text_key, where, ep.index)
+            cells = table[text_key].take(pa.array(rows, pa.int64())).to_pylist()  # None: a null cell
+            problems += missing_text(cells, text_key, where, ep.index)
     return problems
-
-
-def _null_text(column: pa.ChunkedArray, rows: np.ndarray, text_key: str, where: str, episode: int) -> list[Problem]:
-    """Null cells of the text column: the reader gives those frames no language target."""
-    nulls = column.take(pa.array(rows, pa.int64())).is_null().to_numpy(zero_copy_only=False)
-    return missing_text([None if null else "" for null in nulls], text_key, where, episode)
 
 
 def _episode_problems(

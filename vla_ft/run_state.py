@@ -251,8 +251,8 @@ def save_training_checkpoint(run: Run) -> Path | None:
     them into the temporary directory, so the checkpoint still appears atomically.
     """
     path = None
-    windows = run.rt.gather_objects(run.window.state_dict())  # collective: each rank's own log window
-    rngs = run.rt.gather_objects(ck.rng_state())  # collective: each rank's own dropout stream
+    # collective: each rank's own log window and dropout stream
+    windows, rngs = map(list, zip(*run.rt.gather_objects((run.window.state_dict(), ck.rng_state())), strict=True))
     stage = run.hooks.stage_model_state
     staged = stage(run) if stage is not None else None  # collective: every rank takes part
     if run.rt.is_main:

@@ -58,4 +58,4 @@ def metric_terms(model_wants_language: bool, loss_fn) -> list[str]:
     """The terms with metrics a training step computes, from the recipe and the step alone (every
     rank gets the same list, whatever its batches hold)."""
     terms = ["language"] if model_wants_language else []
-    return terms + (["gripper"] if loss_fn.gripper_head and loss_fn.wants("gripper") else [])
+    return terms + (["gripper"] if loss_fn.wants("gripper") else [])  # wants: needs the gripper head
