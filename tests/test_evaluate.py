@@ -358,8 +358,6 @@ def test_eval_plot_episodes_is_a_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli(["eval", str(tmp_path), "--plot-episodes", "-1"])
     assert info.value.code == 2 and "argument --plot-episodes: must be an integer >= 0" in capsys.readouterr().err
-    from vla_ft.evaluate import evaluate_checkpoint
-
     with pytest.raises(ValueError, match="plot_episodes: a count of episodes, >= 0, got -1"):  # from Python too
         evaluate_checkpoint(tmp_path, plot_episodes=-1)
 

@@ -113,7 +113,7 @@ def _pixels_of(path: Path, hex_color: str, tolerance: int = 40) -> int:
 def test_the_overlay_png_holds_a_line_of_each_variants_colour(tmp_path):
     """The figure's Line2D objects say what was meant to be drawn; the saved file is what a reader
     sees: each variant's colour must be in its pixels (a long curve without markers included), and
-    a variant that logged nothing adds no colour."""
+    the pixel count tells a drawn colour from one not drawn (two variants leave the third unused)."""
     steps = [float(s) for s in range(1, 41)]
     curves = {"a": (steps, [1.0 / s for s in steps]), "b": ([2.0, 4.0], [0.9, 0.2])}
     plots.plot_overlay(curves, "val/action_l1", tmp_path / "two.png")

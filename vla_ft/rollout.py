@@ -286,7 +286,7 @@ def make_envs(
         for _ in range(count):
             if processes:
                 envs.append(EnvProcess(spec, kwargs, recipe, max_steps, key))
-                first = envs[0].first_seed
+                first = envs[0].first_seed  # (the same for every env of the spec)
             else:
                 env, first = make_env(spec, kwargs, recipe, max_steps, key)
                 envs.append(env)
