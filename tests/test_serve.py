@@ -25,6 +25,7 @@ from tiny_models import tiny_recipe
 
 from robot_data import SyntheticReader
 from vla_ft import ChunkRunner, VLAPolicy
+from vla_ft.policy import resolve_directory
 from vla_ft.serve import PolicyClient, PolicyServer, decode
 from vla_ft.train import main as train
 
@@ -217,7 +218,7 @@ def test_the_policy_the_server_and_the_client_give_the_checkpoints_control_rate(
 def test_a_checkpoint_that_records_no_control_rate_gives_none_everywhere(run_dir, tmp_path):
     """A checkpoint written before fps was recorded: None locally, null in /info, None in the client."""
     old = tmp_path / "old"
-    shutil.copytree(VLAPolicy.from_pretrained(run_dir).directory, old)
+    shutil.copytree(resolve_directory(run_dir), old)
     meta = json.loads((old / "model_meta.json").read_text())
     del meta["fps"]
     (old / "model_meta.json").write_text(json.dumps(meta))

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vla_ft.ablate_table import markdown_table, read_rows, read_summary, write_summary
+from vla_ft.ablate_table import SWEEP_FILES, markdown_table, read_rows, read_summary, write_summary
 from vla_ft.ablate_variants import RERUN_MAY_CHANGE, Variant, plan
 from vla_ft.config import Recipe, RecipeError, to_dict
 from vla_ft.config.checks import suggest
@@ -251,10 +251,7 @@ def _sweep(base: Recipe, planned: list[tuple[Variant, Recipe]], rt: Runtime) -> 
         behind = {v.name: why for v, r in planned if v.name in names and (why := short_of(r))}
         rows = write_summary(root, names, base.ablation.metric, base.ablation.mode, behind)
         print(markdown_table(rows, base.ablation.metric, base.ablation.mode), end="")
-        print(
-            f"summary: {root / 'summary.md'}, {root / 'summary.csv'}, {root / 'val_curves.png'}, "
-            f"{root / 'metric_bars.png'}"
-        )
+        print(f"summary: {', '.join(str(root / name) for name in SWEEP_FILES)}")
     if failed:
         say(f"failed: {', '.join(failed)} (error column of the summary); rerun the same command to retry")
     return 130 if stopped else (1 if failed else 0)

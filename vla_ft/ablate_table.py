@@ -12,6 +12,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+SWEEP_FILES = (MARKDOWN, CSV, CURVES, BARS) = ("summary.md", "summary.csv", "val_curves.png", "metric_bars.png")
+"""What :func:`write_summary` writes in the sweep's directory (no variant may be named so)."""
+
 HEADLINE = (
     "val/action_l1",
     "val/action_mse",
@@ -167,14 +170,14 @@ def write_summary(
 
     behind = behind or {}
     rows = [summary_row(name, root / name, metric, mode, behind.get(name)) for name in names]
-    write_csv(rows, root / "summary.csv")
+    write_csv(rows, root / CSV)
     from vla_ft.checkpoint import write_atomically
 
-    write_atomically(root / "summary.md", markdown_table(rows, metric, mode))
+    write_atomically(root / MARKDOWN, markdown_table(rows, metric, mode))
     curves = {name: metric_curve(read_rows(root / name), metric) for name in names}
-    plots.plot_overlay(curves, metric, root / "val_curves.png")
+    plots.plot_overlay(curves, metric, root / CURVES)
     values = {r["variant"]: r[f"best {metric}"] for r in rows}
     unfinished = [r["variant"] for r in rows if r["status"] != "finished"]
     best = best_variant(rows, metric, mode)
-    plots.plot_bars(values, f"best {metric}", mode, root / "metric_bars.png", best, unfinished)
+    plots.plot_bars(values, f"best {metric}", mode, root / BARS, best, unfinished)
     return rows

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vla_ft.ablate_table import SWEEP_FILES
 from vla_ft.config import LOADER_KEYS, Recipe, RecipeError, apply_overrides, read_yaml, recipe_from_dict, to_dict
 from vla_ft.config.loader import parse_value, set_key
 
 NAME_OK = re.compile(r"^[A-Za-z0-9_.=+-]+$")
-SWEEP_FILES = ("summary.csv", "summary.md", "val_curves.png", "metric_bars.png")  # ablate_table writes them
 # What ablate sets for every variant itself: a variant setting it would be silently undone.
 RESERVED = {
     "output_dir": "each variant runs in <output_dir>/<variant>; set output_dir once, for the whole sweep",

@@ -409,11 +409,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RecipeError(f"{listen_flag(err)}: cannot listen on {where} ({why})", "command line") from None
     try:
         policy = VLAPolicy.from_pretrained(args.checkpoint, args.device, dtype, ema=args.ema, source=args.source)
-    except ValueError as err:  # a device or dtype it cannot run on; per-source statistics and no or another --source
+    except BaseException as err:  # the bound port is given back whatever ends the load
         server.server_close()
-        raise RecipeError(f"--{err}", "command line") from None
-    except BaseException:
-        server.server_close()
+        if isinstance(err, ValueError):  # a device or dtype it cannot run on; per-source statistics and --source
+            raise RecipeError(f"--{err}", "command line") from None
         raise
     server.attach(policy)
     print(f"serving {policy.directory} at http://{args.host}:{server.server_port} (GET /info, POST /predict)")
