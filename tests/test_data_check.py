@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -177,12 +178,15 @@ def _encode_at(frames: list[np.ndarray], path: Path, times: np.ndarray) -> None:
             container.mux(packet)
 
 
-def _offset_dataset(tmp_path: Path, version: str) -> tuple[SyntheticReader, Path]:
+def _offset_dataset(tmp_path: Path, version: str, plain: Path | None = None) -> tuple[SyntheticReader, Path]:
     """The synthetic source written as LeRobot ``version`` with every timestamp moved to start at T0
     (v3: the segments' from_timestamp lowered by T0; v2.1: the videos re-encoded with frames at
-    T0 + k / fps), as a recorder's clock would leave it. Returns (source, dataset path)."""
+    T0 + k / fps), as a recorder's clock would leave it; ``plain``: where to copy it unshifted first (the
+    very videos: an encode is not repeatable bit for bit). Returns (source, dataset path)."""
     source = _source()
     path = write_lerobot(source, tmp_path / "ds", video=True, episodes_per_file=2, version=version)
+    if plain is not None:
+        shutil.copytree(path, plain)
     _shift_timestamps(path, T0)
     if version == "v3.0":
         for meta in (path / "meta/episodes").rglob("*.parquet"):
@@ -200,10 +204,8 @@ def test_timestamps_starting_at_an_offset_pass_and_read_their_frames(tmp_path, v
     episode starting at t0 != 0 (converted from a recorder's clock) passes, its frames read from the
     stored times (v3: from_timestamp + timestamp, the segment's from_timestamp absorbing t0; v2.1: the
     timestamp, the video's frames at t0 + k / fps), and a frame off its neighbours is still named."""
-    plain = LeRobotReader(
-        write_lerobot(_source(), tmp_path / "plain", video=True, episodes_per_file=2, version=version)
-    )
-    source, path = _offset_dataset(tmp_path, version)
+    source, path = _offset_dataset(tmp_path, version, plain=tmp_path / "plain")
+    plain = LeRobotReader(tmp_path / "plain")
     assert check_dataset(path, "lerobot", decode="all") == []
     reader = LeRobotReader(path)
     for ep in (0, 3):
