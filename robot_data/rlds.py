@@ -288,11 +288,10 @@ class RLDSReader(Reader):
     def _open_rows(
         self, flat: np.ndarray, key: str, shape: tuple[int, ...], episode_index: int, length: int | None
     ) -> np.ndarray:
-        """``flat`` of a feature declared with a -1 dim as (T, D): D = values / T, a multiple of the fixed dims."""
+        """``flat`` of a feature declared with a -1 dim as (T, D): D = values / T (see :func:`_per_step`)."""
         steps = self._step_count(episode_index) if length is None else length
-        fixed = math.prod(d for d in shape if d >= 0)
-        width = len(flat) // steps if steps else fixed
-        if steps * width != len(flat) or (fixed and width % fixed):
+        width = _per_step(len(flat), steps, shape)
+        if width is None:
             raise DatasetFormatError(
                 f"{self.location(episode_index)}: {key} holds {len(flat)} values, not {steps} steps of the "
                 f"declared shape {list(shape)}"
@@ -395,12 +394,23 @@ class RLDSReader(Reader):
                 f"{where}: {key} is a raw tensor declared {list(shape)}: with more than one open (-1) dim its "
                 "frames cannot be shaped (declare the height and width in features.json)"
             )
-        fixed = math.prod(d for d in shape if d >= 0)
-        per_step = len(values) // length if values is not None and length else fixed
-        if values is None or len(values) != length * per_step or (fixed and per_step % fixed):
+        per_step = None if values is None else _per_step(len(values), length, shape)
+        if per_step is None:
             raise DatasetFormatError(f"{where}: {key} does not hold {length} frames of shape {list(shape)}")
+        fixed = math.prod(d for d in shape if d >= 0)
         frames = values.reshape(length, *(per_step // max(fixed, 1) if d < 0 else d for d in shape))
         return np.ascontiguousarray(frames[list(frame_indices)], np.uint8)
+
+
+def _per_step(size: int, steps: int, shape: tuple[int, ...]) -> int | None:
+    """Values per step of a feature declared ``shape`` with a -1 dim (TFDS: any size) that holds
+    ``size`` values over ``steps`` steps: ``size / steps``, which must be a whole multiple of the
+    declared dims' product (the product alone for no steps); None when the values do not fit."""
+    fixed = math.prod(d for d in shape if d >= 0)
+    per_step = size // steps if steps else fixed
+    if steps * per_step != size or (fixed and per_step % fixed):
+        return None
+    return per_step
 
 
 def _widths(arrays: EpisodeArrays) -> list[int]:
