@@ -46,7 +46,7 @@ from PIL import Image
 
 from robot_data.frame_cache import FrameCache
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.tfrecord import data_checksum_error, parse_example, read_record, record_spans
+from robot_data.tfrecord import parse_example, read_checked_record, read_record, record_spans
 
 DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
@@ -246,24 +246,39 @@ class RLDSReader(Reader):
 
     def checksum_error(self, episode_index: int) -> str | None:
         """Why the episode's record fails its data checksum, or None. Not checked when reading for
-        training: it costs a pass over every byte (see :mod:`robot_data.tfrecord`)."""
-        return data_checksum_error(*self._records[episode_index][:3])
+        training: it costs a pass over every byte (see :mod:`robot_data.tfrecord`). A sound record is
+        parsed and kept from this one read, so a check going on to its frames reads it once."""
+        data, error = read_checked_record(*self._records[episode_index][:3])
+        if error is None and episode_index not in self.unreadable:  # unreadable: it may not even parse
+            self._keep(episode_index, data)
+        return error
 
     def _example(self, episode_index: int) -> dict[str, Any]:
         """The episode's parsed Example (the last few kept per process)."""
-        if os.getpid() != self._pid:  # a forked DataLoader worker starts its own cache
-            self._parsed, self._pid = OrderedDict(), os.getpid()
-        if episode_index not in self._parsed:
+        if episode_index not in self._cache():
             if not 0 <= episode_index < len(self._records):
                 raise IndexError(f"{self.path}: no episode {episode_index}")
-            try:
-                self._parsed[episode_index] = parse_example(read_record(*self._records[episode_index][:3]))
-            except Exception as err:  # protobuf's DecodeError and the like: name the record
-                raise DatasetFormatError(f"{self.location(episode_index)}: not a tf.train.Example ({err})") from None
-            if len(self._parsed) > PARSED_EPISODES:
-                self._parsed.popitem(last=False)
+            self._keep(episode_index, read_record(*self._records[episode_index][:3]))
         self._parsed.move_to_end(episode_index)
         return self._parsed[episode_index]
+
+    def _cache(self) -> OrderedDict[int, dict[str, Any]]:
+        """This process's parsed Examples: a forked DataLoader worker starts its own."""
+        if os.getpid() != self._pid:
+            self._parsed, self._pid = OrderedDict(), os.getpid()
+        return self._parsed
+
+    def _keep(self, episode_index: int, data: bytes) -> None:
+        """Parse the episode's record ``data`` into the cache, dropping the oldest beyond PARSED_EPISODES."""
+        try:
+            parsed = parse_example(data)
+        except Exception as err:  # protobuf's DecodeError and the like: name the record
+            raise DatasetFormatError(f"{self.location(episode_index)}: not a tf.train.Example ({err})") from None
+        cache = self._cache()
+        cache[episode_index] = parsed
+        cache.move_to_end(episode_index)
+        if len(cache) > PARSED_EPISODES:
+            cache.popitem(last=False)
 
     def _rows(self, example: dict[str, Any], key: str, episode_index: int, length: int | None) -> np.ndarray:
         """A numeric per-step feature as (T, D) float32, its size checked against its declared shape.

@@ -8,7 +8,7 @@ A TFRecord file is a sequence of records, each framed as::
 lies, so a reader seeks straight to one episode; it checks every length's checksum (8 bytes each,
 cheap), so a file cut short or a damaged header is an error naming the file, record and byte.
 The data's checksum costs a pass over every byte (:mod:`robot_data.checksum`, about 100 MB/s), so
-reading a record for training does not check it; :func:`data_checksum_error` does, and
+reading a record for training does not check it; :func:`read_checked_record` does, and
 ``vla-ft data check`` (and the check training runs first) call it on every record.
 
 ``Example`` is TensorFlow's ``tensorflow/core/example/{example,feature}.proto`` built from its
@@ -61,18 +61,19 @@ def read_record(path: Path, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
-def data_checksum_error(path: Path, offset: int, length: int) -> str | None:
-    """Why the data of the record at ``offset`` (a span of :func:`record_spans`) fails its checksum
-    (naming the byte where the record's data starts), or None when it passes."""
+def read_checked_record(path: Path, offset: int, length: int) -> tuple[bytes, str | None]:
+    """The data of the record at ``offset`` (a span of :func:`record_spans`) and why it fails its
+    checksum (naming the byte where the record's data starts), or None when it passes: one read
+    serves the check and the parse."""
     with open(path, "rb") as f:
         f.seek(offset)
         data, footer = f.read(length), f.read(FOOTER)
     (stored,) = struct.unpack("<I", footer)
     computed = masked_crc(data)
     if computed == stored:
-        return None
+        return data, None
     sums = f"stored {stored:#010x}, computed {computed:#010x}"
-    return f"data at byte {offset} fails its checksum ({sums}): damaged record"
+    return data, f"data at byte {offset} fails its checksum ({sums}): damaged record"
 
 
 def _example_class() -> type:

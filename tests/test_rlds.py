@@ -94,6 +94,50 @@ def test_a_damaged_record_that_still_parses_is_found_by_the_check(synthetic_rlds
     assert problems[0].message.startswith("data at byte 12 fails its checksum (stored 0x")
 
 
+@pytest.mark.parametrize("decode", ["all", "none"])
+def test_the_check_reads_each_record_once(synthetic_rlds, monkeypatch, decode):
+    """The check computes a record's checksum and decodes its frames from one read of it (it read
+    twice: once for the checksum, again for the frames), so with the reader training opened each
+    record is read once, and a check opening its own reader reads it once more than the open."""
+    import builtins
+    from collections import Counter
+
+    import robot_data.tfrecord as tfrecord
+
+    reads: Counter[tuple[str, int]] = Counter()
+
+    class Seeks:
+        """A file of tfrecord's that counts where it seeks: each record's read starts at its data
+        (``with open(...)``: the only way tfrecord opens a file)."""
+
+        def __init__(self, path, mode):
+            self.path, self.mode = str(path), mode
+
+        def __enter__(self):
+            self.file = builtins.open(self.path, self.mode)
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def seek(self, offset):
+            reads[self.path, offset] += 1
+            return self.file.seek(offset)
+
+        def read(self, n):
+            return self.file.read(n)
+
+    shards = sorted(synthetic_rlds.glob("*.tfrecord-*"))
+    records = [(str(shard), offset) for shard in shards for offset, _ in record_spans(shard)]
+    reader = RLDSReader(synthetic_rlds, fps=10)
+    monkeypatch.setattr(tfrecord, "open", Seeks, raising=False)
+    assert check_dataset(synthetic_rlds, "rlds", decode=decode, opened=reader, fps=10) == []
+    assert len(records) == len(SYNTH.episodes()) > 2 and reads == Counter(records)  # more than the reader keeps
+    reads.clear()
+    assert check_dataset(synthetic_rlds, "rlds", decode=decode, fps=10) == []
+    assert {r: reads[r] for r in records} == {r: 2 for r in records}  # (the open also seeks to each header)
+
+
 def test_an_example_written_byte_by_byte_parses():
     """features { feature { key: "a" value { float_list { value: [1.5, -2] } } } } on the wire."""
     floats = b"\x0a\x08" + struct.pack("<2f", 1.5, -2.0)
