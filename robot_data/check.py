@@ -23,7 +23,8 @@ from robot_data.hdf5 import HDF5Reader
 from robot_data.mixture import next_offsets, robomimic_files
 from robot_data.reader import DatasetFormatError, EpisodeArrays, Reader, UnknownFeatureError
 from robot_data.registry import build_reader, is_robomimic_dir
-from robot_data.rlds import RLDSReader, version_dir
+from robot_data.rlds import RLDSReader
+from robot_data.rlds_meta import version_dir
 
 KINDS = (
     "missing_file",

@@ -26,6 +26,7 @@ Opening reads every episode once (lengths, state, action and text are kept; fram
 from the episode's record when asked, or from the decoded-frame cache). With a frame cache
 (``data.frame_cache``) those numbers are saved there too (``rlds_index/``, keyed by the shards'
 sizes and times and the keys), so a later open of an unchanged dataset skips the pass.
+The two JSON files are read by :mod:`robot_data.rlds_meta`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from PIL import Image
 
 from robot_data.frame_cache import FrameCache
 from robot_data.reader import DatasetFormatError, Episode, EpisodeArrays, Reader, UnknownFeatureError
-from robot_data.tfrecord import parse_example, read_checked_record, read_record, record_spans
+from robot_data.rlds_meta import feature_shape, is_camera, read_json, shard_records, step_features, version_dir
+from robot_data.tfrecord import parse_example, read_checked_record, read_record
 
-DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 INSTRUCTION = "language_instruction"
 # Where the datasets keep it, first found wins: most of Open X, then RT-1 (fractal) and its kin.
 INSTRUCTIONS = (INSTRUCTION, "observation/natural_language_instruction")
@@ -56,31 +57,6 @@ STEPS = "steps/"
 PARSED_EPISODES = 2  # per process: the cameras and history of one sample come from one record
 NUMBERS_FORMAT = 3  # of the saved numbers (rlds_index/ in the frame cache); a change makes new entries
 # (3: features declared with a -1 dim read, where 2 saved their episodes as unreadable; flat, with widths)
-
-
-def _shard_names(template: str, dataset: str, split: str, file_format: str, shards: int) -> list[str]:
-    return [
-        template.replace("{DATASET}", dataset)
-        .replace("{SPLIT}", split)
-        .replace("{FILEFORMAT}", file_format)
-        .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{shards:05d}")
-        .replace("{SHARD_INDEX}", f"{i:05d}")
-        .replace("{NUM_SHARDS}", f"{shards:05d}")
-        for i in range(shards)
-    ]
-
-
-def _shape(leaf: dict[str, Any]) -> tuple[int, ...]:
-    body = leaf.get("tensor") or leaf.get("image") or {}
-    return tuple(int(d) for d in body.get("shape", {}).get("dimensions", []))
-
-
-def _is_camera(leaf: dict[str, Any]) -> bool:
-    """An RGB frame per step: an Image feature or a uint8 (H, W, 3) tensor; depth maps and masks
-    (one channel) are not cameras."""
-    shape = _shape(leaf)
-    rgb = len(shape) == 3 and shape[2] == 3
-    return rgb and ("image" in leaf or ("tensor" in leaf and leaf["tensor"].get("dtype") == "uint8"))
 
 
 def _text(value: bytes) -> str:
@@ -106,17 +82,17 @@ class RLDSReader(Reader):
             )
         self.fps = float(fps)
         self.gripper_dims: list[int] = []
-        info = _json(self.path / "dataset_info.json")
-        steps = _step_features(_json(self.path / "features.json"), self.path)
+        info = read_json(self.path / "dataset_info.json")
+        steps = step_features(read_json(self.path / "features.json"), self.path)
         self.state_keys = [self._feature(k, "state_key", steps) for k in state_key.split(",")]
         self.action_key = self._feature(action_key, "action_key", steps)
         self.text_key = None if text_key is None else self._feature(text_key, "text_key", steps)
         self._steps = steps
         self.instruction_key = next((STEPS + k for k in INSTRUCTIONS if k in steps), None)
-        self.camera_keys = {name: STEPS + name for name, leaf in steps.items() if _is_camera(leaf)}
+        self.camera_keys = {name: STEPS + name for name, leaf in steps.items() if is_camera(leaf)}
         self.cameras = list(self.camera_keys)
-        self.camera_shapes = {name: _shape(steps[name]) for name in self.cameras}  # (H, W, 3) as declared
-        self._records, self._filters = self._index(info)
+        self.camera_shapes = {name: feature_shape(steps[name]) for name in self.cameras}  # (H, W, 3) as declared
+        self._records, self._filters = shard_records(self.path, info)
         self._frame_cache = FrameCache(frame_cache) if frame_cache else None
         self._parsed: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._pid = os.getpid()
@@ -207,38 +183,6 @@ class RLDSReader(Reader):
             raise UnknownFeatureError(role, key, self.path, sorted(steps))
         return STEPS + name
 
-    def _index(self, info: dict[str, Any]) -> tuple[list[tuple[Path, int, int, int]], dict[str, list[int]]]:
-        """(shard file, offset, length, record number in the shard) of every episode's record, and the
-        episode ids of each split."""
-        records, filters = [], {}
-        info_file = self.path / "dataset_info.json"
-        file_format = _field(info, "fileFormat", str, str(info_file), "tfrecord")
-        if file_format != "tfrecord":
-            raise DatasetFormatError(f"{info_file}: fileFormat {file_format}; only tfrecord is read")
-        dataset = _field(info, "name", str, str(info_file))
-        for i, split in enumerate(_field(info, "splits", list, str(info_file), [])):
-            where = f"{info_file}: splits[{i}]"
-            split_name = _field(split, "name", str, where)
-            lengths = _shard_lengths(split, where)
-            template = _field(split, "filepathTemplate", str, where, DEFAULT_TEMPLATE)
-            names = _shard_names(template, dataset, split_name, file_format, len(lengths))
-            first = len(records)
-            for name, expected in zip(names, lengths, strict=True):
-                file = self.path / name
-                if not file.is_file():
-                    raise DatasetFormatError(f"{self.path}: shard {name} listed in dataset_info.json is missing")
-                try:
-                    spans = record_spans(file)
-                except ValueError as err:
-                    raise DatasetFormatError(str(err)) from None
-                if len(spans) != expected:
-                    raise DatasetFormatError(f"{file}: {len(spans)} episodes, dataset_info.json says {expected}")
-                records += [(file, offset, length, k) for k, (offset, length) in enumerate(spans)]
-            filters[split_name] = list(range(first, len(records)))
-        if not records:
-            raise DatasetFormatError(f"{self.path}: dataset_info.json lists no episodes")
-        return records, filters
-
     def location(self, episode_index: int) -> str:
         """'<shard file>, record k' of an episode, for messages."""
         file, _, _, k = self._records[episode_index]
@@ -290,7 +234,7 @@ class RLDSReader(Reader):
         flat = example[key]
         if isinstance(flat, list):
             raise DatasetFormatError(f"{self.location(episode_index)}: {key} is not numeric")
-        shape = _shape(self._steps[key.removeprefix(STEPS)])
+        shape = feature_shape(self._steps[key.removeprefix(STEPS)])
         if any(d < 0 for d in shape):
             return self._open_rows(flat, key, shape, episode_index, length)
         width = math.prod(shape)
@@ -318,7 +262,7 @@ class RLDSReader(Reader):
         whose size per step is known (a Text or encoded Image: one value; a tensor declared without -1)."""
         example, where = self._example(episode_index), self.location(episode_index)
         for name, leaf in self._steps.items():
-            values, shape = example.get(STEPS + name), _shape(leaf)
+            values, shape = example.get(STEPS + name), feature_shape(leaf)
             if values is None or any(d < 0 for d in shape):
                 continue
             per_step = 1 if isinstance(values, list) and ("image" in leaf or "text" in leaf) else math.prod(shape)
@@ -386,7 +330,7 @@ class RLDSReader(Reader):
     def _decode(self, episode_index: int, camera: str, frame_indices: Sequence[int]) -> np.ndarray:
         key, where = self.camera_keys[camera], self.location(episode_index)
         leaf, values = self._steps[camera], self._example(episode_index).get(self.camera_keys[camera])
-        length, shape = self._episodes[episode_index].length, _shape(leaf)
+        length, shape = self._episodes[episode_index].length, feature_shape(leaf)
         if "image" not in leaf:  # a raw uint8 tensor per step: (T, H, W, 3)
             return self._raw_frames(values, key, shape, episode_index, frame_indices)
         if values is None or len(values) != length:
@@ -439,92 +383,3 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except OSError as err:
         raise DatasetFormatError(f"{where}: undecodable image ({err})") from None
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DatasetFormatError(f"{path.parent}: no {path.name}; not an RLDS (TFDS) dataset version directory")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DatasetFormatError(f"{path}: unreadable ({err})") from None
-
-
-_REQUIRED = object()
-
-
-def _field(obj: Any, key: str, kind: type, where: str, default: Any = _REQUIRED) -> Any:
-    """``obj[key]``, a ``kind``; ``default`` when absent and given. A DatasetFormatError naming
-    ``where`` (the file and the place in it) and the key otherwise: a malformed dataset_info.json
-    is the dataset's fault, not a KeyError in the reader."""
-    if not isinstance(obj, dict):
-        raise DatasetFormatError(f"{where}: {type(obj).__name__}, not a JSON object")
-    if key not in obj:
-        if default is _REQUIRED:
-            raise DatasetFormatError(f"{where}: missing key '{key}'")
-        return default
-    value = obj[key]
-    if not isinstance(value, kind):
-        raise DatasetFormatError(f"{where}: '{key}' is {json.dumps(value)}, not a {kind.__name__}")
-    return value
-
-
-def _shard_lengths(split: dict[str, Any], where: str) -> list[int]:
-    """A split's ``shardLengths`` (TFDS writes the counts as strings) as ints."""
-    lengths = _field(split, "shardLengths", list, where, [])
-    bad = [n for n in lengths if not (isinstance(n, int) or (isinstance(n, str) and n.isdigit()))]
-    if bad:
-        raise DatasetFormatError(f"{where}: 'shardLengths' holds {json.dumps(bad[0])}, not an episode count")
-    return [int(n) for n in lengths]
-
-
-def version_dir(path: Path) -> Path:
-    """The directory holding dataset_info.json: ``path``, or its only version subdirectory.
-    :class:`DatasetFormatError` when there is none (no RLDS dataset) or several (name one)."""
-    if not path.exists():
-        raise FileNotFoundError(f"RLDS dataset not found: {path}")
-    if (path / "dataset_info.json").is_file() or not path.is_dir():
-        return path
-    versions = sorted(p for p in path.iterdir() if (p / "dataset_info.json").is_file())
-    if len(versions) == 1:
-        return versions[0]
-    if not versions:
-        raise DatasetFormatError(f"{path}: no dataset_info.json here or in a version subdirectory (1.0.0/)")
-    raise DatasetFormatError(f"{path}: several versions ({', '.join(p.name for p in versions)}); name one")
-
-
-def _step_features(features: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    """The per-step leaf features of features.json, by path under ``steps``; a malformed tree is a
-    DatasetFormatError naming the file and the feature (not a KeyError from deep in the reader)."""
-    where = f"{path}/features.json"
-    steps = _nested(features, "featuresDict", "features", "steps", "sequence", "feature")
-    if not isinstance(steps, dict):
-        raise DatasetFormatError(f"{where}: no 'steps' Dataset feature; not an RLDS dataset")
-    leaves = _leaves(steps, where)
-    for name, leaf in leaves.items():
-        try:
-            _shape(leaf)
-        except (AttributeError, TypeError, ValueError):
-            raise DatasetFormatError(f"{where}: steps/{name}: its shape is not a list of integers") from None
-    return leaves
-
-
-def _nested(tree: Any, *keys: str) -> Any:
-    """``tree[k0][k1]...``, or None where a level is missing or not a JSON object."""
-    for key in keys:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-
-
-def _leaves(spec: Any, where: str, prefix: str = "") -> dict[str, dict[str, Any]]:
-    """A features.json FeaturesDict -> {path: leaf spec} (nested names joined with '/'), each level
-    checked to be a JSON object (``where``: the file, for messages)."""
-    if not isinstance(spec, dict):
-        raise DatasetFormatError(f"{where}: feature steps/{prefix} is {json.dumps(spec)}, not a JSON object")
-    if "featuresDict" not in spec:
-        return {prefix: spec}
-    subs = _field(spec["featuresDict"], "features", dict, f"{where}: steps/{prefix} featuresDict")
-    out = {}
-    for name, sub in subs.items():
-        out.update(_leaves(sub, where, f"{prefix}/{name}" if prefix else name))
-    return out

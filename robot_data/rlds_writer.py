@@ -23,7 +23,8 @@ from PIL import Image
 from robot_data.checksum import masked_crc
 from robot_data.hdf5_writer import TEXT, camera_name
 from robot_data.reader import Episode, Reader
-from robot_data.rlds import DEFAULT_TEMPLATE, INSTRUCTION, _shard_names
+from robot_data.rlds import INSTRUCTION
+from robot_data.rlds_meta import DEFAULT_TEMPLATE, shard_names
 from robot_data.tfrecord import Example
 
 
@@ -129,7 +130,7 @@ def write_rlds(
     info_splits = []
     for split, ids in splits.items():
         parts = [list(part) for part in np.array_split(np.asarray(ids, dtype=np.int64), shards) if len(part)]
-        for file, part in zip(_shard_names(DEFAULT_TEMPLATE, name, split, "tfrecord", len(parts)), parts, strict=True):
+        for file, part in zip(shard_names(DEFAULT_TEMPLATE, name, split, "tfrecord", len(parts)), parts, strict=True):
             (directory / file).write_bytes(b"".join(frame_record(episode_example(reader, episodes[i])) for i in part))
         info_splits.append(
             {"name": split, "shardLengths": [str(len(p)) for p in parts], "filepathTemplate": DEFAULT_TEMPLATE}
